@@ -1,0 +1,22 @@
+"""fastcl: fast, memory-flat contrastive losses for PyTorch.
+
+    >>> import torch, fastcl
+    >>> loss = fastcl.NTXentLoss(temperature=0.5)(torch.randn(16, 128), torch.randn(16, 128))
+"""
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from fastcl import functional
+from fastcl.dispatch import available_backends
+from fastcl.modules import DirectCLRLoss, InfoNCELoss, NTXentLoss, SupConLoss
+
+__all__ = [
+    "NTXentLoss",
+    "InfoNCELoss",
+    "DirectCLRLoss",
+    "SupConLoss",
+    "functional",
+    "available_backends",
+    "__version__",
+]

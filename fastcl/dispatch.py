@@ -1,0 +1,88 @@
+"""The one place that decides which backend computes a loss.
+
+A backend is a module exposing, for each loss, a ``*_forward`` and ``*_backward`` pair over prepared
+(sliced, normalized) embeddings — see ``fastcl/torch_backend/__init__.py`` for the contract.
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+import importlib.util
+import os
+from types import ModuleType
+
+import torch
+
+BACKENDS = ("torch", "triton", "cuda")
+_CHOICES = BACKENDS + ("auto",)
+
+
+def _triton_interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_importable() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_extension_error() -> str | None:
+    """None when the compiled csrc extension can run here, else the reason it cannot."""
+    if not torch.cuda.is_available():
+        return "it needs a CUDA device and torch.cuda.is_available() is False"
+    if importlib.util.find_spec("fastcl._C") is None:
+        return "the CUDA extension (csrc/) is not built in this install"
+    return None
+
+
+def unavailable_reason(backend: str, device: torch.device | None = None) -> str | None:
+    """Why ``backend`` cannot run tensors on ``device`` here (None when it can)."""
+    if backend == "torch":
+        return None
+    if backend == "triton":
+        if not _triton_importable():
+            return "the 'triton' package is not installed"
+        on_cuda = device.type == "cuda" if device is not None else torch.cuda.is_available()
+        if on_cuda or _triton_interpreted():
+            return None
+        if device is not None:
+            return f"it needs CUDA tensors (got device {device}); set TRITON_INTERPRET=1 to run it on the CPU interpreter"
+        return "no CUDA device (set TRITON_INTERPRET=1 to run it on the CPU interpreter)"
+    if backend == "cuda":
+        reason = _cuda_extension_error()
+        if reason is None and device is not None and device.type != "cuda":
+            reason = f"it needs CUDA tensors, got device {device}"
+        return reason
+    raise ValueError(f"backend: expected one of {list(_CHOICES)}, got {backend!r}")
+
+
+def available_backends() -> list[str]:
+    """Backends that can run on this machine, e.g. ``["torch", "triton"]`` on a GPU machine."""
+    return [b for b in BACKENDS if unavailable_reason(b) is None]
+
+
+def resolve(backend: str, device: torch.device) -> str:
+    """Maps ``backend`` (possibly "auto", possibly overridden by ``FASTCL_BACKEND``) to a concrete one."""
+    if not isinstance(backend, str) or backend not in _CHOICES:
+        raise ValueError(f"backend: expected one of {list(_CHOICES)}, got {backend!r}")
+    if backend == "auto":
+        backend = os.environ.get("FASTCL_BACKEND", "auto") or "auto"
+        if backend not in _CHOICES:
+            raise ValueError(f"FASTCL_BACKEND: expected one of {list(_CHOICES)}, got {backend!r}")
+    if backend == "auto":
+        if device.type == "cuda" and unavailable_reason("triton", device) is None:
+            return "triton"
+        return "torch"
+    reason = unavailable_reason(backend, device)
+    if reason is not None:
+        available = [b for b in BACKENDS if unavailable_reason(b, device) is None]
+        raise RuntimeError(f"backend={backend!r} cannot run here: {reason}. Available for {device}: {available}")
+    return backend
+
+
+_MODULES = {"torch": "fastcl.torch_backend", "triton": "fastcl.kernels", "cuda": "fastcl._C"}
+
+
+def module(backend: str) -> ModuleType:
+    return importlib.import_module(_MODULES[backend])

@@ -1,0 +1,178 @@
+"""Functional API (SPEC.md §4): validate, pick a backend, prepare the rows, call the op.
+
+Preparation is the only O(M·D) work outside the backends: ``sub_dim`` takes a strided view of the first
+D' features (no copy; the gradient on the rest of the row is exactly zero), and ``normalize`` writes the
+L2-normalized prefix (``torch.nn.functional.normalize``, eps 1e-12) that the backend reads.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from fastcl import _validate, distributed as _distributed, dispatch, ops
+from fastcl._validate import Temperature
+
+__all__ = ["nt_xent", "info_nce", "supcon"]
+
+
+def _prepare(z: Tensor, d: int, normalize: bool) -> Tensor:
+    z = z[..., :d]
+    return F.normalize(z, dim=-1, eps=1e-12) if normalize else z
+
+
+def _temperature_tensor(value: Temperature, like: Tensor) -> Tensor:
+    acc = ops.accumulation_dtype(like.dtype)
+    if isinstance(value, Tensor):
+        return value.to(device=like.device, dtype=acc)
+    return torch.full((), float(value), dtype=acc, device=like.device)
+
+
+def _check_finite_default(check_finite: Optional[bool], backend: str) -> bool:
+    # Reading the data costs a device sync; on by default only on the torch (reference / CPU) backend,
+    # and never while torch.compile traces (it would be a data-dependent branch).
+    if torch.compiler.is_compiling():
+        return False
+    return backend == "torch" if check_finite is None else check_finite
+
+
+def nt_xent(
+    z1: Tensor,
+    z2: Tensor,
+    temperature: Temperature = 0.5,
+    *,
+    sub_dim: Optional[int] = None,
+    normalize: bool = True,
+    backend: str = "auto",
+    distributed: str = "auto",
+    check_finite: Optional[bool] = None,
+) -> Tensor:
+    """SimCLR's 2N-way NT-Xent (SPEC §1) over the rows of ``[z1; z2]``.
+
+    Example:
+        >>> z1, z2 = torch.randn(8, 16), torch.randn(8, 16)
+        >>> loss = nt_xent(z1, z2, temperature=0.5)
+        >>> loss.shape, loss.dtype
+        (torch.Size([]), torch.float32)
+    """
+    _validate.embeddings("z1", z1, 2)
+    _validate.embeddings("z2", z2, 2)
+    _validate.same_layout(("z1", "z2"), (z1, z2))
+    d = _validate.sub_dim(sub_dim, z1.shape[1])
+    backend = dispatch.resolve(backend, z1.device)
+    mode = _distributed.resolve_mode(distributed)
+    if z1.shape[0] == 1 and mode == "local":
+        raise ValueError("z1: NT-Xent needs N >= 2 rows per view (N = 1 leaves no negatives), got shape (1, D)")
+    checking = _check_finite_default(check_finite, backend)
+    _validate.temperature("temperature", temperature, z1.device, checking)
+    if checking:
+        _validate.finite("z1", z1)
+        _validate.finite("z2", z2)
+    p1, p2 = _prepare(z1, d, normalize), _prepare(z2, d, normalize)
+    tau = _temperature_tensor(temperature, z1)
+    if mode != "local":
+        return _distributed.nt_xent(p1, p2, tau, mode=mode, backend=backend)
+    return ops.ntxent(torch.cat([p1, p2]), tau, backend)[0]
+
+
+def info_nce(
+    q: Tensor,
+    k: Tensor,
+    temperature: Temperature = 0.1,
+    *,
+    sub_dim: Optional[int] = None,
+    normalize: bool = True,
+    symmetric: bool = True,
+    backend: str = "auto",
+    distributed: str = "auto",
+    check_finite: Optional[bool] = None,
+) -> Tensor:
+    """Cross-view InfoNCE (SPEC §2): ``q_i`` against all ``k_j``, no same-view negatives.
+
+    ``symmetric=True`` averages both directions (DirectCLR, CLIP with τ = 1/logit_scale).
+
+    Example:
+        >>> q, k = torch.randn(8, 32), torch.randn(8, 32)
+        >>> bool(info_nce(q, k, 0.1, sub_dim=16) > 0)
+        True
+    """
+    _validate.embeddings("q", q, 2)
+    _validate.embeddings("k", k, 2)
+    _validate.same_layout(("q", "k"), (q, k))
+    d = _validate.sub_dim(sub_dim, q.shape[1])
+    if not isinstance(symmetric, bool):
+        raise TypeError(f"symmetric: expected a bool, got {type(symmetric).__name__}")
+    backend = dispatch.resolve(backend, q.device)
+    mode = _distributed.resolve_mode(distributed)
+    checking = _check_finite_default(check_finite, backend)
+    _validate.temperature("temperature", temperature, q.device, checking)
+    if checking:
+        _validate.finite("q", q)
+        _validate.finite("k", k)
+    pq, pk = _prepare(q, d, normalize), _prepare(k, d, normalize)
+    tau = _temperature_tensor(temperature, q)
+    if mode != "local":
+        return _distributed.info_nce(pq, pk, tau, symmetric=symmetric, mode=mode, backend=backend)
+    return ops.infonce(pq, pk, tau, symmetric, backend)[0]
+
+
+def supcon(
+    features: Tensor,
+    labels: Optional[Tensor] = None,
+    mask: Optional[Tensor] = None,
+    temperature: Temperature = 0.07,
+    *,
+    base_temperature: float = 0.07,
+    contrast_mode: str = "all",
+    sub_dim: Optional[int] = None,
+    normalize: bool = True,
+    backend: str = "auto",
+    distributed: str = "auto",
+    check_finite: Optional[bool] = None,
+) -> Tensor:
+    """Supervised contrastive loss L_out (SPEC §3), SupContrast's semantics.
+
+    ``features`` is [N, V, D]; give ``labels`` [N] or ``mask`` [N, N] (nonzero = positive) or neither
+    (SimCLR with V views). Anchors without positives are left out of the mean.
+
+    Example:
+        >>> feats, y = torch.randn(6, 2, 16), torch.tensor([0, 1, 0, 1, 2, 2])
+        >>> supcon(feats, y).dtype
+        torch.float32
+    """
+    _validate.embeddings("features", features, 3)
+    n, views, dim = features.shape
+    if views == 0:
+        raise ValueError(f"features: expected at least one view (V >= 1), got shape {tuple(features.shape)}")
+    d = _validate.sub_dim(sub_dim, dim)
+    _validate.choice("contrast_mode", contrast_mode, ("all", "one"))
+    if labels is not None and mask is not None:
+        raise ValueError("labels, mask: give at most one of them (SupContrast semantics), got both")
+    if labels is not None:
+        _validate.labels(labels, n, features.device)
+    if mask is not None:
+        _validate.mask(mask, n, features.device)
+    if isinstance(base_temperature, Tensor):
+        raise TypeError("base_temperature: expected a Python float, got a tensor")
+    _validate.temperature("base_temperature", base_temperature, features.device, True)
+    backend = dispatch.resolve(backend, features.device)
+    mode = _distributed.resolve_mode(distributed)
+    checking = _check_finite_default(check_finite, backend)
+    _validate.temperature("temperature", temperature, features.device, checking)
+    if checking:
+        _validate.finite("features", features)
+    if labels is None and mask is None:
+        labels = torch.arange(n, device=features.device)
+    if mask is not None:
+        mask = mask != 0
+    # View-major rows (row v·N + n), as SupContrast's torch.cat(torch.unbind(features, dim=1)).
+    z = _prepare(features, d, normalize).transpose(0, 1).reshape(views * n, d)
+    tau = _temperature_tensor(temperature, features)
+    n_anchors = n if contrast_mode == "one" else views * n
+    if mode != "local":
+        return _distributed.supcon(
+            z, labels, mask, tau, base_temperature=float(base_temperature), n_anchors=n_anchors, mode=mode, backend=backend
+        )
+    return ops.supcon(z, labels, mask, tau, float(base_temperature), n_anchors, backend)[0]
