@@ -52,9 +52,18 @@ def upcast(x: Tensor) -> Tensor:
     return x.to(accumulation_dtype(x.dtype))
 
 
-def logits(rows: Tensor, cols: Tensor, tau: Tensor) -> Tensor:
-    """s = rows · colsᵀ / τ, computed the same way in every forward and backward pass."""
-    return (rows @ cols.T) / tau
+def logits(scaled_rows: Tensor, cols: Tensor) -> Tensor:
+    """s = (rows/τ) · colsᵀ, computed the same way in every forward and backward pass.
+
+    Rows are scaled by 1/τ before the GEMM (R·D work) rather than dividing the R×M tile.
+    """
+    return scaled_rows @ cols.T
+
+
+def row_logsumexp(s: Tensor) -> Tensor:
+    """log Σ_j exp(s_ij) with the row max subtracted; overwrites ``s`` to save a tile-sized temporary."""
+    row_max = s.amax(dim=1, keepdim=True)
+    return row_max.squeeze(1) + s.sub_(row_max).exp_().sum(dim=1).log_()
 
 
 def mask_self(s: Tensor, start: int) -> Tensor:

@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from fastcl.torch_backend._tiles import blocks, logits, mask_self, upcast
+from fastcl.torch_backend._tiles import blocks, logits, mask_self, row_logsumexp, upcast
 
 
 def _positive_tile(labels: Optional[Tensor], mask: Optional[Tensor], start: int, stop: int, m: int) -> Tensor:
@@ -50,15 +50,17 @@ def supcon_forward(
     z: Tensor, labels: Optional[Tensor], mask: Optional[Tensor], tau: Tensor, base_temperature: float, n_anchors: int
 ) -> tuple[Tensor, Tensor]:
     zc = upcast(z)
+    zs = zc / tau
     m = zc.shape[0]
     counts = positive_counts(labels, mask, m)
     lse = zc.new_empty(n_anchors)
     positive_mean = zc.new_zeros(n_anchors)
     for start, stop in blocks(n_anchors, m):
-        s = mask_self(logits(zc[start:stop], zc, tau), start)
-        lse[start:stop] = torch.logsumexp(s, dim=1)
-        positives = mask_self(_positive_tile(labels, mask, start, stop, m).to(zc.dtype), start).clamp(min=0)
-        positive_mean[start:stop] = (s.nan_to_num(neginf=0.0) * positives).sum(dim=1) / counts[start:stop].clamp(min=1)
+        s = logits(zs[start:stop], zc)
+        positives = _positive_tile(labels, mask, start, stop, m)
+        positives.diagonal(offset=start).fill_(False)
+        positive_mean[start:stop] = torch.where(positives, s, 0.0).sum(dim=1) / counts[start:stop].clamp(min=1)
+        lse[start:stop] = row_logsumexp(mask_self(s, start))
     weights = _anchor_weights(counts, n_anchors, tau / base_temperature)[:n_anchors]
     return (weights * (lse - positive_mean)).sum(), lse
 
@@ -74,6 +76,7 @@ def supcon_backward(
     lse: Tensor,
 ) -> Tensor:
     zc = upcast(z)
+    zs = zc / tau
     m = zc.shape[0]
     counts = positive_counts(labels, mask, m)
     weights = _anchor_weights(counts, n_anchors, tau / base_temperature)
@@ -85,12 +88,12 @@ def supcon_backward(
     dz = torch.empty_like(zc)
     scale = grad.to(zc.dtype) / tau
     for start, stop in blocks(m, m):
-        s = mask_self(logits(zc[start:stop], zc, tau), start)
+        s = mask_self(logits(zs[start:stop], zc), start)
         positives = _positive_tile(labels, mask, start, stop, m).to(zc.dtype)
         positives_t = positives if mask is None else _positive_tile(None, transposed_mask, start, stop, m).to(zc.dtype)
         rows = slice(start, stop)
-        g = weights[rows, None] * (torch.exp(s - lse_all[rows, None]) - positives * inv_counts[rows, None])
-        g += weights[None, :] * (torch.exp(s - lse_all[None, :]) - positives_t * inv_counts[None, :])
+        g = weights[rows, None] * (torch.sub(s, lse_all[rows, None]).exp_() - positives * inv_counts[rows, None])
+        g += weights[None, :] * (s.sub_(lse_all[None, :]).exp_() - positives_t * inv_counts[None, :])
         g.diagonal(offset=start).zero_()
         dz[start:stop] = (g @ zc) * scale
     return dz.to(z.dtype)
