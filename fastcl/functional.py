@@ -1,8 +1,8 @@
-"""Functional API (SPEC.md §4): validate, pick a backend, prepare the rows, call the op.
+"""Functional API (SPEC.md §4): validate, pick a backend, call the op on the rows as given.
 
-Preparation is the only O(M·D) work outside the backends: ``sub_dim`` takes a strided view of the first
-D' features (no copy; the gradient on the rest of the row is exactly zero), and ``normalize`` writes the
-L2-normalized prefix (``torch.nn.functional.normalize``, eps 1e-12) that the backend reads.
+The backends read the first ``sub_dim`` features through strides (the gradient on the rest of the row is
+exactly zero) and fuse the L2 normalization, so nothing here copies the embeddings. Only the
+distributed paths prepare rows here (sliced, normalized) before they travel between ranks.
 """
 from __future__ import annotations
 
@@ -70,11 +70,10 @@ def nt_xent(
     if checking:
         _validate.finite("z1", z1)
         _validate.finite("z2", z2)
-    p1, p2 = _prepare(z1, d, normalize), _prepare(z2, d, normalize)
     tau = _temperature_tensor(temperature, z1)
     if mode != "local":
-        return _distributed.nt_xent(p1, p2, tau, mode=mode, backend=backend)
-    return ops.ntxent(torch.cat([p1, p2]), tau, backend)[0]
+        return _distributed.nt_xent(_prepare(z1, d, normalize), _prepare(z2, d, normalize), tau, mode=mode, backend=backend)
+    return ops.ntxent(z1, z2, tau, d, normalize, backend)[0]
 
 
 def info_nce(
@@ -111,11 +110,11 @@ def info_nce(
     if checking:
         _validate.finite("q", q)
         _validate.finite("k", k)
-    pq, pk = _prepare(q, d, normalize), _prepare(k, d, normalize)
     tau = _temperature_tensor(temperature, q)
     if mode != "local":
+        pq, pk = _prepare(q, d, normalize), _prepare(k, d, normalize)
         return _distributed.info_nce(pq, pk, tau, symmetric=symmetric, mode=mode, backend=backend)
-    return ops.infonce(pq, pk, tau, symmetric, backend)[0]
+    return ops.infonce(q, k, tau, d, normalize, symmetric, backend)[0]
 
 
 def supcon(
@@ -167,12 +166,12 @@ def supcon(
         labels = torch.arange(n, device=features.device)
     if mask is not None:
         mask = mask != 0
-    # View-major rows (row v·N + n), as SupContrast's torch.cat(torch.unbind(features, dim=1)).
-    z = _prepare(features, d, normalize).transpose(0, 1).reshape(views * n, d)
     tau = _temperature_tensor(temperature, features)
     n_anchors = n if contrast_mode == "one" else views * n
     if mode != "local":
+        # View-major rows (row v·N + n), as SupContrast's torch.cat(torch.unbind(features, dim=1)).
+        z = _prepare(features, d, normalize).transpose(0, 1).reshape(views * n, d)
         return _distributed.supcon(
             z, labels, mask, tau, base_temperature=float(base_temperature), n_anchors=n_anchors, mode=mode, backend=backend
         )
-    return ops.supcon(z, labels, mask, tau, float(base_temperature), n_anchors, backend)[0]
+    return ops.supcon(features, labels, mask, tau, float(base_temperature), n_anchors, d, normalize, backend)[0]

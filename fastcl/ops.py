@@ -1,13 +1,16 @@
 """The three losses as ``torch.library`` custom ops with registered autograd.
 
-The ops take prepared embeddings (already sliced to ``sub_dim`` and, when asked, L2-normalized) and a
-0-dim temperature tensor, and hand the work to the backend named by ``backend``. Registering them as
-custom ops makes them opaque to ``torch.compile`` (no graph break with ``fullgraph=True``) and gives all
-backends one autograd path: the forward stores only per-row log-sum-exps, the backward recomputes.
+The ops take the user's rows as they are (any strides), with ``sub_dim`` (D', the prefix the loss uses)
+and ``normalize``; the backend reads the prefix through strides and fuses the L2 normalization
+(ẑ = z / max(‖z[:D']‖, 1e-12), saving only the O(M) inverse norms), so no O(M·D) copy is made outside
+the backend. Registering them as custom ops makes them opaque to ``torch.compile`` (no graph break with
+``fullgraph=True``) and gives every backend one autograd path: the forward stores per-row
+log-sum-exps, the backward recomputes.
 
-The temperature gradient costs O(M·D), never an extra pass over the similarity: since s_ij = ẑ_i·ẑ_j/τ,
-Σ_ij G_ij s_ij = ½ Σ_i ⟨z_i, dz_i⟩ for the self-similarity losses (and the mean of ⟨q, dq⟩ and ⟨k, dk⟩
-for the cross-view loss), and dL/dτ = −Σ_ij G_ij s_ij / τ (+ L/τ for SupCon's τ/τ_b prefactor).
+Each backward also returns Σ_ij G_ij s_ij (G = ∂L/∂S, already times the upstream gradient), which the
+backends get for free from the tiles they recompute (it is also what the normalization's backward
+needs). Since s_ij = ẑ_i·ẑ_j/τ, dL/dτ = −Σ_ij G_ij s_ij / τ, plus L/τ for SupCon's τ/τ_b prefactor:
+the temperature gradient costs O(1) extra.
 """
 from __future__ import annotations
 
@@ -24,37 +27,39 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _temperature_grad(tau: Tensor, pairs: list[tuple[Tensor, Tensor]], count: int) -> Tensor:
-    """−Σ_ij G_ij s_ij / τ from the embedding gradients (see module docstring)."""
-    inner = sum((x.to(tau.dtype) * dx.to(tau.dtype)).sum() for x, dx in pairs)
-    return -inner / (count * tau)
+def _norms_fake(x: Tensor, rows: int, normalize: bool) -> Tensor:
+    return x.new_empty((rows if normalize else 0,), dtype=accumulation_dtype(x.dtype))
 
 
 # --- NT-Xent -------------------------------------------------------------------------------------------
 
 @torch.library.custom_op("fastcl::ntxent", mutates_args=())
-def ntxent(z: Tensor, tau: Tensor, backend: str) -> tuple[Tensor, Tensor]:
-    """z: [M, D'] = [z1; z2] prepared rows. Returns (loss, lse[M])."""
-    return dispatch.module(backend).ntxent_forward(z, tau)
+def ntxent(z1: Tensor, z2: Tensor, tau: Tensor, sub_dim: int, normalize: bool, backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    """Rows Z = [z1; z2]. Returns (loss, lse[2N], inverse norms[2N] or [0])."""
+    return dispatch.module(backend).ntxent_forward(z1, z2, tau, sub_dim, normalize)
 
 
 @ntxent.register_fake
-def _(z, tau, backend):
-    acc = accumulation_dtype(z.dtype)
-    return z.new_empty((), dtype=acc), z.new_empty((z.shape[0],), dtype=acc)
+def _(z1, z2, tau, sub_dim, normalize, backend):
+    acc = accumulation_dtype(z1.dtype)
+    m = 2 * z1.shape[0]
+    return z1.new_empty((), dtype=acc), z1.new_empty((m,), dtype=acc), _norms_fake(z1, m, normalize)
 
 
 def _ntxent_setup(ctx, inputs, output):
-    z, tau, backend = inputs
-    ctx.backend = backend
-    ctx.save_for_backward(z, tau, output[1])
+    z1, z2, tau, sub_dim, normalize, backend = inputs
+    ctx.options = (sub_dim, normalize, backend)
+    ctx.save_for_backward(z1, z2, tau, output[1], output[2])
 
 
-def _ntxent_backward(ctx, grad_loss, _grad_lse):
-    z, tau, lse = ctx.saved_tensors
-    dz = dispatch.module(ctx.backend).ntxent_backward(grad_loss, z, tau, lse)
-    dtau = _temperature_grad(tau, [(z, dz)], 2) if ctx.needs_input_grad[1] else None
-    return dz, dtau, None
+def _ntxent_backward(ctx, grad_loss, _grad_lse, _grad_norms):
+    z1, z2, tau, lse, inv_norms = ctx.saved_tensors
+    sub_dim, normalize, backend = ctx.options
+    dz1, dz2, grad_dot_logits = dispatch.module(backend).ntxent_backward(
+        grad_loss, z1, z2, tau, sub_dim, normalize, lse, inv_norms
+    )
+    dtau = -grad_dot_logits.to(tau.dtype) / tau if ctx.needs_input_grad[2] else None
+    return dz1, dz2, dtau, None, None, None
 
 
 torch.library.register_autograd("fastcl::ntxent", _ntxent_backward, setup_context=_ntxent_setup)
@@ -63,29 +68,40 @@ torch.library.register_autograd("fastcl::ntxent", _ntxent_backward, setup_contex
 # --- cross-view InfoNCE --------------------------------------------------------------------------------
 
 @torch.library.custom_op("fastcl::infonce", mutates_args=())
-def infonce(q: Tensor, k: Tensor, tau: Tensor, symmetric: bool, backend: str) -> tuple[Tensor, Tensor, Tensor]:
-    """q, k: [N, D'] prepared rows. Returns (loss, row lse[N], column lse[N] or [0] when not symmetric)."""
-    return dispatch.module(backend).infonce_forward(q, k, tau, symmetric)
+def infonce(
+    q: Tensor, k: Tensor, tau: Tensor, sub_dim: int, normalize: bool, symmetric: bool, backend: str
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Returns (loss, row lse[N], column lse[N] or [0] when not symmetric, inverse norms of q and k)."""
+    return dispatch.module(backend).infonce_forward(q, k, tau, sub_dim, normalize, symmetric)
 
 
 @infonce.register_fake
-def _(q, k, tau, symmetric, backend):
+def _(q, k, tau, sub_dim, normalize, symmetric, backend):
     acc = accumulation_dtype(q.dtype)
     n = q.shape[0]
-    return q.new_empty((), dtype=acc), q.new_empty((n,), dtype=acc), q.new_empty((n if symmetric else 0,), dtype=acc)
+    return (
+        q.new_empty((), dtype=acc),
+        q.new_empty((n,), dtype=acc),
+        q.new_empty((n if symmetric else 0,), dtype=acc),
+        _norms_fake(q, n, normalize),
+        _norms_fake(k, n, normalize),
+    )
 
 
 def _infonce_setup(ctx, inputs, output):
-    q, k, tau, symmetric, backend = inputs
-    ctx.backend, ctx.symmetric = backend, symmetric
-    ctx.save_for_backward(q, k, tau, output[1], output[2])
+    q, k, tau, sub_dim, normalize, symmetric, backend = inputs
+    ctx.options = (sub_dim, normalize, symmetric, backend)
+    ctx.save_for_backward(q, k, tau, *output[1:])
 
 
-def _infonce_backward(ctx, grad_loss, _grad_lse_rows, _grad_lse_cols):
-    q, k, tau, lse_rows, lse_cols = ctx.saved_tensors
-    dq, dk = dispatch.module(ctx.backend).infonce_backward(grad_loss, q, k, tau, ctx.symmetric, lse_rows, lse_cols)
-    dtau = _temperature_grad(tau, [(q, dq), (k, dk)], 2) if ctx.needs_input_grad[2] else None
-    return dq, dk, dtau, None, None
+def _infonce_backward(ctx, grad_loss, *_grad_aux):
+    q, k, tau, lse_rows, lse_cols, inv_norms_q, inv_norms_k = ctx.saved_tensors
+    sub_dim, normalize, symmetric, backend = ctx.options
+    dq, dk, grad_dot_logits = dispatch.module(backend).infonce_backward(
+        grad_loss, q, k, tau, sub_dim, normalize, symmetric, lse_rows, lse_cols, inv_norms_q, inv_norms_k
+    )
+    dtau = -grad_dot_logits.to(tau.dtype) / tau if ctx.needs_input_grad[2] else None
+    return dq, dk, dtau, None, None, None, None
 
 
 torch.library.register_autograd("fastcl::infonce", _infonce_backward, setup_context=_infonce_setup)
@@ -95,41 +111,46 @@ torch.library.register_autograd("fastcl::infonce", _infonce_backward, setup_cont
 
 @torch.library.custom_op("fastcl::supcon", mutates_args=())
 def supcon(
-    z: Tensor,
+    features: Tensor,
     labels: Optional[Tensor],
     mask: Optional[Tensor],
     tau: Tensor,
     base_temperature: float,
     n_anchors: int,
+    sub_dim: int,
+    normalize: bool,
     backend: str,
-) -> tuple[Tensor, Tensor]:
-    """z: [V·N, D'] view-major prepared rows; row r is sample r mod N. Exactly one of labels [N] /
-    mask [N, N] is given. Anchors are rows 0..n_anchors-1. Returns (loss, lse[n_anchors])."""
-    return dispatch.module(backend).supcon_forward(z, labels, mask, tau, base_temperature, n_anchors)
+) -> tuple[Tensor, Tensor, Tensor]:
+    """features [N, V, D]; rows are view-major (row v·N + n = features[n, v]). Exactly one of labels [N] /
+    bool mask [N, N] is given. Anchors are rows 0..n_anchors-1. Returns (loss, lse[n_anchors], inverse
+    norms[V·N] or [0])."""
+    return dispatch.module(backend).supcon_forward(features, labels, mask, tau, base_temperature, n_anchors, sub_dim, normalize)
 
 
 @supcon.register_fake
-def _(z, labels, mask, tau, base_temperature, n_anchors, backend):
-    acc = accumulation_dtype(z.dtype)
-    return z.new_empty((), dtype=acc), z.new_empty((n_anchors,), dtype=acc)
+def _(features, labels, mask, tau, base_temperature, n_anchors, sub_dim, normalize, backend):
+    acc = accumulation_dtype(features.dtype)
+    m = features.shape[0] * features.shape[1]
+    return features.new_empty((), dtype=acc), features.new_empty((n_anchors,), dtype=acc), _norms_fake(features, m, normalize)
 
 
 def _supcon_setup(ctx, inputs, output):
-    z, labels, mask, tau, base_temperature, n_anchors, backend = inputs
-    ctx.backend, ctx.base_temperature, ctx.n_anchors = backend, base_temperature, n_anchors
-    ctx.save_for_backward(z, labels, mask, tau, output[0], output[1])
+    features, labels, mask, tau, base_temperature, n_anchors, sub_dim, normalize, backend = inputs
+    ctx.options = (base_temperature, n_anchors, sub_dim, normalize, backend)
+    ctx.save_for_backward(features, labels, mask, tau, *output)
 
 
-def _supcon_backward(ctx, grad_loss, _grad_lse):
-    z, labels, mask, tau, loss, lse = ctx.saved_tensors
-    dz = dispatch.module(ctx.backend).supcon_backward(
-        grad_loss, z, labels, mask, tau, ctx.base_temperature, ctx.n_anchors, lse
+def _supcon_backward(ctx, grad_loss, _grad_lse, _grad_norms):
+    features, labels, mask, tau, loss, lse, inv_norms = ctx.saved_tensors
+    base_temperature, n_anchors, sub_dim, normalize, backend = ctx.options
+    dfeatures, grad_dot_logits = dispatch.module(backend).supcon_backward(
+        grad_loss, features, labels, mask, tau, base_temperature, n_anchors, sub_dim, normalize, lse, inv_norms
     )
     dtau = None
     if ctx.needs_input_grad[3]:
         # L = (τ/τ_b)·F(S): the prefactor adds L/τ to the similarity term.
-        dtau = _temperature_grad(tau, [(z, dz)], 2) + grad_loss.to(tau.dtype) * loss.to(tau.dtype) / tau
-    return dz, None, None, dtau, None, None, None
+        dtau = (grad_loss.to(tau.dtype) * loss.to(tau.dtype) - grad_dot_logits.to(tau.dtype)) / tau
+    return dfeatures, None, None, dtau, None, None, None, None, None
 
 
 torch.library.register_autograd("fastcl::supcon", _supcon_backward, setup_context=_supcon_setup)

@@ -1,17 +1,26 @@
 """The ``torch`` backend: chunked pure PyTorch, every device, never allocates an M×M tensor.
 
 Backend contract (the Triton backend in ``fastcl.kernels`` implements the same six functions). Inputs
-are prepared rows (sliced to D', maybe L2-normalized; possibly strided), ``tau`` is a 0-dim float32
-(float64 for float64 rows) tensor on the rows' device, ``grad`` the 0-dim upstream gradient.
+are the user's tensors as given (any strides, any floating dtype); the loss uses the first ``sub_dim``
+features of each row (read through strides, never copied by the fused backends) and, when
+``normalize``, the rows divided by max(‖row[:sub_dim]‖, 1e-12). ``tau`` is a 0-dim float32 (float64
+for float64 rows) tensor on the rows' device, ``grad`` the 0-dim upstream gradient.
 
-    ntxent_forward(z[M, D'], tau) -> (loss, lse[M])
-    ntxent_backward(grad, z, tau, lse) -> dz
-    infonce_forward(q[N, D'], k[N, D'], tau, symmetric) -> (loss, lse_rows[N], lse_cols[N] or [0])
-    infonce_backward(grad, q, k, tau, symmetric, lse_rows, lse_cols) -> (dq, dk)
-    supcon_forward(z[V·N, D'], labels[N] | None, mask[N, N] bool | None, tau, base_temperature, n_anchors)
-        -> (loss, lse[n_anchors])
-    supcon_backward(grad, z, labels, mask, tau, base_temperature, n_anchors, lse) -> dz
+    ntxent_forward(z1[N, D], z2[N, D], tau, sub_dim, normalize) -> (loss, lse[2N], inv_norms[2N] | [0])
+    ntxent_backward(grad, z1, z2, tau, sub_dim, normalize, lse, inv_norms) -> (dz1, dz2, gs)
+    infonce_forward(q[N, D], k[N, D], tau, sub_dim, normalize, symmetric)
+        -> (loss, lse_rows[N], lse_cols[N] | [0] when not symmetric, inv_norms_q[N] | [0], inv_norms_k[N] | [0])
+    infonce_backward(grad, q, k, tau, sub_dim, normalize, symmetric, lse_rows, lse_cols, inv_norms_q, inv_norms_k)
+        -> (dq, dk, gs)
+    supcon_forward(features[N, V, D], labels[N] | None, bool mask[N, N] | None, tau, base_temperature,
+                   n_anchors, sub_dim, normalize) -> (loss, lse[n_anchors], inv_norms[V·N] | [0])
+    supcon_backward(grad, features, labels, mask, tau, base_temperature, n_anchors, sub_dim, normalize,
+                    lse, inv_norms) -> (dfeatures, gs)
 
+Rows are Z = [z1; z2] for NT-Xent and view-major (row v·N + n = features[n, v]) for SupCon, whose
+anchors are rows 0..n_anchors-1. ``inv_norms`` are 1/max(‖row[:sub_dim]‖, 1e-12) (empty when not
+normalizing). Gradients have the inputs' shapes and dtypes and are exactly zero after ``sub_dim``.
+``gs`` = Σ_ij G_ij s_ij with G = grad·∂L/∂S, a 0-dim tensor the op turns into dL/dτ.
 Losses and log-sum-exps are float32 (float64 for float64 rows); gradients have the rows' dtype.
 Each pass walks anchor row blocks of ``rows_per_chunk`` rows against all columns, so the largest
 temporary is a few ``rows × M`` float32 tiles (see :func:`chunk_rows`).

@@ -70,3 +70,40 @@ def mask_self(s: Tensor, start: int) -> Tensor:
     """Sets s[i, start + i] = −inf in place (a row block's diagonal against all columns)."""
     s.diagonal(offset=start).fill_(float("-inf"))
     return s
+
+
+NORM_EPS = 1e-12  # as torch.nn.functional.normalize
+
+
+def prepare_rows(x: Tensor, sub_dim: int, normalize: bool) -> tuple[Tensor, Tensor]:
+    """The rows the loss compares: x[:, :sub_dim] in the accumulation dtype, L2-normalized when asked.
+
+    Returns (rows, norms); norms is empty when not normalizing. This copy is the torch backend's own
+    working set (the fused backends read the prefix through strides instead).
+    """
+    rows = upcast(x[:, :sub_dim])
+    if not normalize:
+        return rows, rows.new_empty(0)
+    norms = rows.norm(dim=1)
+    return rows / norms.clamp_min(NORM_EPS)[:, None], norms
+
+
+def rows_backward(d_rows: Tensor, rows: Tensor, norms: Tensor) -> Tensor:
+    """dL/dx[:, :sub_dim] from dL/d(rows): F.normalize's gradient (dẑ − ẑ⟨ẑ, dẑ⟩)/‖x‖, where the norm
+    was clamped to eps only the 1/eps scale remains; the identity when not normalizing."""
+    if norms.numel() == 0:
+        return d_rows
+    radial = torch.where(norms > NORM_EPS, (rows * d_rows).sum(dim=1), 0.0)
+    return (d_rows - rows * radial[:, None]) / norms.clamp_min(NORM_EPS)[:, None]
+
+
+def full_gradient(d_prefix: Tensor, like: Tensor) -> Tensor:
+    """A gradient shaped like ``like``: ``d_prefix`` on the first features, exactly zero after them."""
+    grad = torch.zeros_like(like, memory_format=torch.contiguous_format)
+    grad[..., : d_prefix.shape[-1]] = d_prefix
+    return grad
+
+
+def grad_dot_logits(pairs: list[tuple[Tensor, Tensor]], count: int) -> Tensor:
+    """Σ_ij G_ij s_ij from rows and their gradients: Σ_i ⟨ẑ_i, dẑ_i⟩ counts every pair ``count`` times."""
+    return sum((rows * d_rows).sum() for rows, d_rows in pairs) / count

@@ -9,38 +9,49 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from fastcl.torch_backend._tiles import blocks, logits, mask_self, row_logsumexp, upcast
+from fastcl.torch_backend._tiles import (
+    blocks, full_gradient, grad_dot_logits, logits, mask_self, prepare_rows, row_logsumexp, rows_backward,
+)
 
 
 def _positives(start: int, stop: int, m: int, device) -> Tensor:
     return (torch.arange(start, stop, device=device) + m // 2) % m
 
 
-def ntxent_forward(z: Tensor, tau: Tensor) -> tuple[Tensor, Tensor]:
-    zc = upcast(z)
-    zs = zc / tau
-    m = zc.shape[0]
-    lse = zc.new_empty(m)
-    positive = zc.new_empty(m)
+def _rows(z1: Tensor, z2: Tensor, sub_dim: int, normalize: bool) -> tuple[Tensor, Tensor]:
+    return prepare_rows(torch.cat([z1, z2]), sub_dim, normalize)
+
+
+def ntxent_forward(z1: Tensor, z2: Tensor, tau: Tensor, sub_dim: int, normalize: bool) -> tuple[Tensor, Tensor, Tensor]:
+    z, norms = _rows(z1, z2, sub_dim, normalize)
+    zs = z / tau
+    m = z.shape[0]
+    lse = z.new_empty(m)
+    positive = z.new_empty(m)
     for start, stop in blocks(m, m):
-        s = mask_self(logits(zs[start:stop], zc), start)
+        s = mask_self(logits(zs[start:stop], z), start)
         positive[start:stop] = s.gather(1, _positives(start, stop, m, z.device)[:, None]).squeeze(1)
         lse[start:stop] = row_logsumexp(s)
-    return (lse - positive).mean(), lse
+    return (lse - positive).mean(), lse, 1.0 / norms.clamp_min(1e-12)
 
 
-def ntxent_backward(grad: Tensor, z: Tensor, tau: Tensor, lse: Tensor) -> Tensor:
-    zc = upcast(z)
-    zs = zc / tau
-    m = zc.shape[0]
-    dz = torch.empty_like(zc)
-    scale = grad.to(zc.dtype) / (m * tau)
+def ntxent_backward(
+    grad: Tensor, z1: Tensor, z2: Tensor, tau: Tensor, sub_dim: int, normalize: bool, lse: Tensor, inv_norms: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    z, norms = _rows(z1, z2, sub_dim, normalize)
+    zs = z / tau
+    m = z.shape[0]
+    dz = torch.empty_like(z)
+    scale = grad.to(z.dtype) / (m * tau)
     for start, stop in blocks(m, m):
-        s = mask_self(logits(zs[start:stop], zc), start)
-        # G_Ij + G_jI = (softmax over row I + softmax over row j, read at (I, j) − 2·[j = pos(I)]) / M
+        s = mask_self(logits(zs[start:stop], z), start)
+        # M·(G_Ij + G_jI) = softmax of row I at j + softmax of row j at I − 2·[j = pos(I)]
         g = torch.sub(s, lse[start:stop, None]).exp_()
         g += s.sub_(lse[None, :]).exp_()
         rows = torch.arange(stop - start, device=z.device)
         g[rows, _positives(start, stop, m, z.device)] -= 2.0
-        dz[start:stop] = (g @ zc) * scale
-    return dz.to(z.dtype)
+        dz[start:stop] = (g @ z) * scale
+    gs = grad_dot_logits([(z, dz)], 2)
+    dz = rows_backward(dz, z, norms)
+    n = z1.shape[0]
+    return full_gradient(dz[:n], z1), full_gradient(dz[n:], z2), gs

@@ -13,7 +13,9 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from fastcl.torch_backend._tiles import blocks, logits, mask_self, row_logsumexp, upcast
+from fastcl.torch_backend._tiles import (
+    blocks, full_gradient, grad_dot_logits, logits, mask_self, prepare_rows, row_logsumexp, rows_backward,
+)
 
 
 def _positive_tile(labels: Optional[Tensor], mask: Optional[Tensor], start: int, stop: int, m: int) -> Tensor:
@@ -46,10 +48,16 @@ def _anchor_weights(counts: Tensor, n_anchors: int, kappa: Tensor) -> Tensor:
     return valid * kappa / valid.sum().clamp(min=1)
 
 
+def _view_major_rows(features: Tensor, sub_dim: int, normalize: bool) -> tuple[Tensor, Tensor]:
+    n, views, _ = features.shape
+    return prepare_rows(features.transpose(0, 1).reshape(views * n, -1), sub_dim, normalize)
+
+
 def supcon_forward(
-    z: Tensor, labels: Optional[Tensor], mask: Optional[Tensor], tau: Tensor, base_temperature: float, n_anchors: int
-) -> tuple[Tensor, Tensor]:
-    zc = upcast(z)
+    features: Tensor, labels: Optional[Tensor], mask: Optional[Tensor], tau: Tensor, base_temperature: float,
+    n_anchors: int, sub_dim: int, normalize: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    zc, norms = _view_major_rows(features, sub_dim, normalize)
     zs = zc / tau
     m = zc.shape[0]
     counts = positive_counts(labels, mask, m)
@@ -62,20 +70,23 @@ def supcon_forward(
         positive_mean[start:stop] = torch.where(positives, s, 0.0).sum(dim=1) / counts[start:stop].clamp(min=1)
         lse[start:stop] = row_logsumexp(mask_self(s, start))
     weights = _anchor_weights(counts, n_anchors, tau / base_temperature)[:n_anchors]
-    return (weights * (lse - positive_mean)).sum(), lse
+    return (weights * (lse - positive_mean)).sum(), lse, 1.0 / norms.clamp_min(1e-12)
 
 
 def supcon_backward(
     grad: Tensor,
-    z: Tensor,
+    features: Tensor,
     labels: Optional[Tensor],
     mask: Optional[Tensor],
     tau: Tensor,
     base_temperature: float,
     n_anchors: int,
+    sub_dim: int,
+    normalize: bool,
     lse: Tensor,
-) -> Tensor:
-    zc = upcast(z)
+    inv_norms: Tensor,
+) -> tuple[Tensor, Tensor]:
+    zc, norms = _view_major_rows(features, sub_dim, normalize)
     zs = zc / tau
     m = zc.shape[0]
     counts = positive_counts(labels, mask, m)
@@ -96,4 +107,7 @@ def supcon_backward(
         g += weights[None, :] * (s.sub_(lse_all[None, :]).exp_() - positives_t * inv_counts[None, :])
         g.diagonal(offset=start).zero_()
         dz[start:stop] = (g @ zc) * scale
-    return dz.to(z.dtype)
+    gs = grad_dot_logits([(zc, dz)], 2)
+    n, views, _ = features.shape
+    dz = rows_backward(dz, zc, norms).reshape(views, n, -1).transpose(0, 1)
+    return full_gradient(dz, features), gs
