@@ -163,7 +163,8 @@ def supcon(
     if checking:
         _validate.finite("features", features)
     if labels is None and mask is None:
-        labels = torch.arange(n, device=features.device)
+        # Instance labels, global across ranks so that sample i of two ranks is not one class.
+        labels = torch.arange(n, device=features.device) + _distributed.sample_offset(n, mode, features.device)
     if mask is not None:
         mask = mask != 0
     tau = _temperature_tensor(temperature, features)

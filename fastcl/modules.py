@@ -39,7 +39,7 @@ class NTXentLoss(nn.Module):
         )
 
     def extra_repr(self) -> str:
-        return f"temperature={self.temperature}, sub_dim={self.sub_dim}, normalize={self.normalize}, backend={self.backend!r}"
+        return f"temperature={self.temperature}, sub_dim={self.sub_dim}, normalize={self.normalize}, backend={self.backend!r}, distributed={self.distributed!r}"
 
 
 class InfoNCELoss(nn.Module):
@@ -72,7 +72,7 @@ class InfoNCELoss(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"temperature={self.temperature}, sub_dim={self.sub_dim}, normalize={self.normalize}, "
-            f"symmetric={self.symmetric}, backend={self.backend!r}"
+            f"symmetric={self.symmetric}, backend={self.backend!r}, distributed={self.distributed!r}"
         )
 
 
@@ -122,5 +122,5 @@ class SupConLoss(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"temperature={self.temperature}, base_temperature={self.base_temperature}, "
-            f"contrast_mode={self.contrast_mode!r}, sub_dim={self.sub_dim}, backend={self.backend!r}"
+            f"contrast_mode={self.contrast_mode!r}, sub_dim={self.sub_dim}, backend={self.backend!r}, distributed={self.distributed!r}"
         )

@@ -70,7 +70,9 @@ def supcon_forward(
         positive_mean[start:stop] = torch.where(positives, s, 0.0).sum(dim=1) / counts[start:stop].clamp(min=1)
         lse[start:stop] = row_logsumexp(mask_self(s, start))
     weights = _anchor_weights(counts, n_anchors, tau / base_temperature)[:n_anchors]
-    return (weights * (lse - positive_mean)).sum(), lse, 1.0 / norms.clamp_min(1e-12)
+    # An anchor with no other row has lse = −inf; it has no positive either, and must add 0, not 0·(−inf).
+    per_anchor = torch.where(weights > 0, weights * (lse - positive_mean), 0.0)
+    return per_anchor.sum(), lse, 1.0 / norms.clamp_min(1e-12)
 
 
 def supcon_backward(

@@ -1,0 +1,142 @@
+"""Shared test plumbing for the loss tests: random batches, running a loss with gradients, error measures.
+
+Every comparison runs fastcl and the float64 SPEC formulas of ``reference.py`` on the same values (the
+reference sees the input rounded to the tested dtype, then widened to float64), and compares the loss,
+the gradient of every input and, for a tensor temperature, dL/dτ.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor
+
+import fastcl
+import reference
+
+LOSSES = ("nt_xent", "info_nce", "supcon")
+
+OURS: dict[str, Callable[..., Tensor]] = {
+    name: functools.partial(getattr(fastcl.functional, name), backend="torch") for name in LOSSES
+}
+REFERENCE: dict[str, Callable[..., Tensor]] = {name: getattr(reference, name) for name in LOSSES}
+
+
+@dataclass
+class Batch:
+    """Embeddings of one loss call ((z1, z2), (q, k) or (features,)) and SupCon's labels / mask."""
+
+    tensors: tuple[Tensor, ...]
+    targets: dict = field(default_factory=dict)
+
+
+def make_batch(
+    loss: str,
+    n: int,
+    d: int,
+    *,
+    views: int = 2,
+    targets: Optional[str] = "labels",
+    n_classes: Optional[int] = None,
+    seed: int = 0,
+) -> Batch:
+    """Float64 random rows (not normalized, varied norms). ``targets``: "labels", "mask" or None (SupCon)."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def rows(*shape):
+        scale = torch.rand(*shape[:-1], 1, generator=gen, dtype=torch.float64) * 3 + 0.1
+        return torch.randn(*shape, generator=gen, dtype=torch.float64) * scale
+
+    if loss != "supcon":
+        return Batch((rows(n, d), rows(n, d)))
+    batch = Batch((rows(n, views, d),))
+    classes = n_classes or max(2, n // 3)
+    if targets == "labels":
+        batch.targets["labels"] = torch.randint(0, classes, (n,), generator=gen)
+    elif targets == "mask":
+        # An arbitrary, asymmetric 0/1 mask (SupContrast allows it); the diagonal is random too.
+        batch.targets["mask"] = (torch.rand(n, n, generator=gen) < 0.3).to(torch.float32)
+    elif targets is not None:
+        raise ValueError(f"targets: expected 'labels', 'mask' or None, got {targets!r}")
+    return batch
+
+
+@dataclass
+class Result:
+    loss: Tensor
+    grads: list[Tensor]
+    tau_grad: Optional[Tensor]
+
+
+def run(fn: Callable[..., Tensor], batch: Batch, temperature, dtype: torch.dtype, **options) -> Result:
+    """Calls ``fn`` on fresh leaves of ``batch`` in ``dtype`` and back-propagates the loss.
+
+    ``temperature`` is a float, or a tensor: then a fresh leaf requiring grad (float64 for float64 runs,
+    else float32) is passed and dL/dτ returned.
+    """
+    leaves = [t.detach().to(dtype, copy=True).requires_grad_() for t in batch.tensors]
+    tau = temperature
+    if isinstance(temperature, Tensor):
+        tau_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+        tau = temperature.detach().to(tau_dtype).requires_grad_()
+    loss = fn(*leaves, temperature=tau, **batch.targets, **options)
+    if not loss.requires_grad:  # the reference's constant 0 when no SupCon anchor has a positive
+        return Result(loss, [torch.zeros_like(x) for x in leaves], torch.zeros_like(tau) if isinstance(tau, Tensor) else None)
+    loss.backward()
+    return Result(loss.detach(), [x.grad for x in leaves], tau.grad if isinstance(tau, Tensor) else None)
+
+
+def relative_error(actual: Tensor, expected: Tensor, floor: float = 0.0) -> float:
+    """max |actual − expected| / max(max |expected|, floor): the ∞-norm relative error.
+
+    ``floor`` is the scale to measure against where the exact value is 0 (e.g. the gradient through
+    normalizing a single feature, x/|x|, which is locally constant).
+    """
+    actual, expected = actual.double(), expected.double()
+    scale = max(expected.abs().max().item(), floor)
+    err = (actual - expected).abs().max().item()
+    return err / scale if scale > 0 else err
+
+
+def reference_of(loss: str, batch: Batch, temperature, dtype: torch.dtype, **options) -> Result:
+    """The float64 SPEC formula on the batch rounded to ``dtype`` (what fastcl actually receives)."""
+    rounded = Batch(tuple(t.detach().to(dtype).double() for t in batch.tensors), batch.targets)
+    return run(REFERENCE[loss], rounded, temperature, torch.float64, **options)
+
+
+def assert_matches_reference(
+    loss: str,
+    batch: Batch,
+    temperature,
+    dtype: torch.dtype,
+    rtol: float,
+    grad_floor: float = 0.0,
+    tau_grad_against_loss: bool = False,
+    **options,
+) -> Result:
+    """fastcl's torch backend vs the float64 formula: loss dtype, value, input gradients, dL/dτ.
+
+    The loss is measured against max(|L|, 1): a loss far below 1 is a difference lse − s_pos of logits
+    of size up to 1/τ ≥ 1 (well-separated rows), which no float formula resolves beyond eps/τ.
+    ``grad_floor``: see :func:`relative_error`; 0 except where the exact input gradient is 0 (then
+    dL/dτ, a sum of logits of size 1/τ weighted by gradients, is measured against grad_floor/τ).
+    ``tau_grad_against_loss``: measure dL/dτ against max(|dL/dτ|, |L|/τ) — the size of the two terms
+    of SupCon's dL/dτ = L/τ − Σ G·s/τ, which nearly cancel for peaked softmaxes (small τ, raw rows).
+    """
+    ours = run(OURS[loss], batch, temperature, dtype, **options)
+    truth = reference_of(loss, batch, temperature, dtype, **options)
+    assert ours.loss.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert ours.loss.shape == ()
+    assert relative_error(ours.loss, truth.loss, floor=1.0) <= rtol, (ours.loss.item(), truth.loss.item())
+    for i, (g, g_ref) in enumerate(zip(ours.grads, truth.grads)):
+        assert g.dtype == dtype
+        error = relative_error(g, g_ref, grad_floor)
+        assert error <= rtol, f"input {i}: relative error {error:.3g}"
+    if truth.tau_grad is not None:
+        tau_floor = grad_floor / float(temperature)
+        if tau_grad_against_loss:
+            tau_floor = max(tau_floor, abs(truth.loss.item()) / float(temperature))
+        assert relative_error(ours.tau_grad, truth.tau_grad, tau_floor) <= rtol, (ours.tau_grad.item(), truth.tau_grad.item())
+    return ours

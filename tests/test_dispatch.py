@@ -1,0 +1,97 @@
+"""Backend selection: available_backends(), backend=, the FASTCL_BACKEND override, "auto" on CPU."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fastcl
+from fastcl import dispatch
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture
+def backend_calls(monkeypatch):
+    """Records which backend module each loss call is routed to (the ops look it up per call)."""
+    calls = []
+    real_module = dispatch.module
+
+    def recording_module(backend):
+        calls.append(backend)
+        return real_module(backend)
+
+    monkeypatch.setattr(dispatch, "module", recording_module)
+    return calls
+
+
+def test_available_backends_lists_runnable_names():
+    available = fastcl.available_backends()
+    assert isinstance(available, list)
+    assert available[0] == "torch"
+    assert set(available) <= {"torch", "triton", "cuda"}
+    for name in available:
+        assert dispatch.unavailable_reason(name) is None
+    for name in {"triton", "cuda"} - set(available):
+        assert isinstance(dispatch.unavailable_reason(name), str)
+
+
+def test_triton_available_under_the_interpreter(monkeypatch):
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert "triton" in fastcl.available_backends()
+    if not torch.cuda.is_available():
+        monkeypatch.setenv("TRITON_INTERPRET", "0")
+        assert "triton" not in fastcl.available_backends()
+
+
+def test_cuda_backend_unavailable_without_a_gpu():
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    assert "cuda" not in fastcl.available_backends()
+
+
+def test_auto_picks_torch_for_cpu_tensors(monkeypatch, backend_calls):
+    monkeypatch.delenv("FASTCL_BACKEND", raising=False)
+    assert dispatch.resolve("auto", CPU) == "torch"
+    z = torch.randn(6, 8, requires_grad=True)
+    fastcl.functional.nt_xent(z, z.flip(0)).backward()
+    assert backend_calls == ["torch", "torch"]  # forward and backward
+
+
+def test_fastcl_backend_env_overrides_auto(monkeypatch, backend_calls):
+    monkeypatch.setenv("FASTCL_BACKEND", "torch")
+    assert dispatch.resolve("auto", CPU) == "torch"
+    q = torch.randn(5, 4, requires_grad=True)
+    fastcl.InfoNCELoss()(q, torch.randn(5, 4)).backward()
+    assert backend_calls == ["torch", "torch"]  # forward and backward
+
+
+def test_fastcl_backend_env_does_not_override_an_explicit_backend(monkeypatch):
+    monkeypatch.setenv("FASTCL_BACKEND", "cuda")
+    assert dispatch.resolve("torch", CPU) == "torch"
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="backend='cuda'"):
+            dispatch.resolve("auto", CPU)
+
+
+def test_fastcl_backend_env_with_an_unknown_name(monkeypatch):
+    monkeypatch.setenv("FASTCL_BACKEND", "numpy")
+    with pytest.raises(ValueError, match="FASTCL_BACKEND.*'numpy'"):
+        fastcl.functional.nt_xent(torch.randn(4, 3), torch.randn(4, 3))
+
+
+def test_empty_fastcl_backend_means_auto(monkeypatch):
+    monkeypatch.setenv("FASTCL_BACKEND", "")
+    assert dispatch.resolve("auto", CPU) == "torch"
+
+
+def test_every_backend_name_resolves_or_explains():
+    """Each valid name either resolves to itself here or raises RuntimeError listing what is available."""
+    for name in dispatch.BACKENDS:
+        reason = dispatch.unavailable_reason(name, CPU)
+        if reason is None:
+            assert dispatch.resolve(name, CPU) == name
+        else:
+            with pytest.raises(RuntimeError) as info:
+                dispatch.resolve(name, CPU)
+            assert reason in str(info.value) and "Available for cpu" in str(info.value)

@@ -1,0 +1,265 @@
+"""Global-batch losses across ranks (fastcl.distributed), multi-process on CPU with gloo.
+
+Each world (2 and 3 ranks, uneven local batches in some cases) is spawned once; its ranks run every case
+(loss × scheme × dtype): a tiny model wrapped in DistributedDataParallel, a learnable temperature, one
+backward. The tests compare every rank's loss and DDP-averaged parameter gradients with single-process
+training of the same model on the rank-major concatenated batch through the float64 SPEC formulas of
+tests/reference.py: ≤ 1e-10 relative in float64, ≤ 1e-5 in float32. They also check, by watching every
+tensor the ops produce, that the ring never holds more than one rank's rows and sends the bytes that
+``scaling_model`` predicts.
+"""
+from __future__ import annotations
+
+import functools
+import math
+import multiprocessing
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+import reference
+from fastcl import distributed as fdist, functional
+from loss_cases import relative_error
+
+LOCAL_SIZES = {2: {"even": [4, 4], "uneven": [3, 5]}, 3: {"even": [4, 4, 4], "uneven": [4, 1, 5]}}
+SCHEMES = ("gather", "ring")
+DTYPES = (torch.float64, torch.float32)
+RTOL = {torch.float64: 1e-10, torch.float32: 1e-5}
+D_IN, D_OUT = 6, 7  # D_OUT differs from every row count below, so embedding-shaped tensors are recognisable
+N_CLASSES = 3
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    loss: str
+    options: dict = field(default_factory=dict, hash=False)
+    views: int = 2
+    sizes: str = "even"
+    targets: str = "none"  # SupCon: "labels" (class ids), "samples" (labels=None: each sample its own class)
+
+
+CASES = [
+    Case("ntxent", "nt_xent"),
+    Case("ntxent-subdim-uneven", "nt_xent", {"sub_dim": 5}, sizes="uneven"),
+    Case("infonce-uneven", "info_nce", sizes="uneven"),
+    Case("infonce-oneway", "info_nce", {"symmetric": False}),
+    Case("supcon-labels-uneven", "supcon", targets="labels", sizes="uneven"),
+    Case("supcon-one-3views", "supcon", {"contrast_mode": "one", "base_temperature": 0.1}, views=3, targets="labels"),
+    Case("supcon-nolabels-uneven", "supcon", targets="samples", sizes="uneven"),
+]
+
+
+class TinyNet(nn.Module):
+    """A linear embedding and a learnable log-temperature, both averaged by DDP."""
+
+    def __init__(self):
+        super().__init__()
+        gen = torch.Generator().manual_seed(1234)
+        self.linear = nn.Linear(D_IN, D_OUT, dtype=torch.float64)
+        with torch.no_grad():
+            self.linear.weight.copy_(torch.randn(D_OUT, D_IN, generator=gen, dtype=torch.float64))
+            self.linear.bias.copy_(torch.randn(D_OUT, generator=gen, dtype=torch.float64))
+        self.log_tau = nn.Parameter(torch.tensor(math.log(0.3), dtype=torch.float64))
+
+    def forward(self, x):
+        return self.linear(x), self.log_tau.exp()
+
+
+def global_batch(case: Case, world: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs [N_global, V, D_IN] (varied scales) and class labels [N_global], same on every process."""
+    gen = torch.Generator().manual_seed(CASES.index(case) * 10 + world)
+    n = sum(LOCAL_SIZES[world][case.sizes])
+    scale = torch.rand(n, case.views, 1, generator=gen, dtype=torch.float64) * 2 + 0.2
+    x = torch.randn(n, case.views, D_IN, generator=gen, dtype=torch.float64) * scale
+    return x, torch.randint(0, N_CLASSES, (n,), generator=gen)
+
+
+def loss_of(case: Case, fn, embeddings, tau, labels, **extra):
+    if case.loss == "supcon":
+        return fn(embeddings, labels, temperature=tau, **case.options, **extra)
+    return fn(embeddings[:, 0], embeddings[:, 1], temperature=tau, **case.options, **extra)
+
+
+# --- what each rank runs ---------------------------------------------------------------------------------
+
+def _train_step(case: Case, scheme: str, dtype: torch.dtype, rank: int, world: int):
+    sizes = LOCAL_SIZES[world][case.sizes]
+    start = sum(sizes[:rank])
+    x, labels = global_batch(case, world)
+    x, labels = x[start : start + sizes[rank]].to(dtype), labels[start : start + sizes[rank]]
+    if case.targets == "samples":
+        # What functional.supcon must do for labels=None across ranks: globally unique sample ids.
+        labels = torch.arange(sizes[rank]) + fdist.sample_offset(sizes[rank], scheme, x.device)
+    net = DistributedDataParallel(TinyNet().to(dtype))
+    embeddings, tau = net(x)
+    loss = loss_of(case, getattr(functional, case.loss), embeddings, tau, labels, distributed=scheme)
+    loss.backward()
+    return loss.detach(), {name: p.grad.detach().clone() for name, p in net.module.named_parameters()}
+
+
+class _Footprint(TorchDispatchMode):
+    """Largest embedding-shaped tensor (last dim ``dim``) any op produces, in rows, and bytes sent."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.dim, self.rows_held, self.sent_bytes = dim, 0, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func.name() == "c10d::send":
+            self.sent_bytes += sum(t.numel() * t.element_size() for t in tree_flatten(args)[0] if isinstance(t, torch.Tensor))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[-1] == self.dim:
+                self.rows_held = max(self.rows_held, t.numel() // self.dim)
+        return out
+
+
+def _footprint(scheme: str, rank: int, world: int, n: int = 4) -> dict:
+    """NT-Xent forward + backward on float32 rows under the footprint tracker."""
+    gen = torch.Generator().manual_seed(7)
+    z1, z2 = (torch.randn(world * n, D_OUT, generator=gen)[rank * n : (rank + 1) * n].requires_grad_() for _ in range(2))
+    tau = torch.tensor(0.2, requires_grad=True)
+    with _Footprint(D_OUT) as footprint:
+        functional.nt_xent(z1, z2, tau, distributed=scheme).backward()
+    return {"rows_held": footprint.rows_held, "sent_bytes": footprint.sent_bytes}
+
+
+def _rejected(call) -> str:
+    try:
+        call()
+    except ValueError as error:
+        return str(error)
+    return "no error"
+
+
+def _rank_main(rank: int, world: int, port: int, out_dir: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        results = {"auto": fdist.resolve_mode("auto")}
+        for case in CASES:
+            for scheme in SCHEMES:
+                for dtype in DTYPES:
+                    results[case.name, scheme, dtype] = _train_step(case, scheme, dtype, rank, world)
+        results["footprint"] = {scheme: _footprint(scheme, rank, world) for scheme in SCHEMES}
+        features = torch.randn(3, 2, D_OUT)
+        results["mask"] = _rejected(lambda: functional.supcon(features, mask=torch.eye(3), distributed="ring"))
+        torch.save(results, Path(out_dir) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@functools.lru_cache(maxsize=None)
+def world_results(world: int) -> list[dict]:
+    """Spawns the world once and returns every rank's results."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    # A fork server that has imported torch (and torch._dynamo, which DDP imports) once starts the ranks
+    # of both worlds; spawning would re-import them in every rank (seconds each on a small machine).
+    multiprocessing.set_forkserver_preload(["torch", "torch._dynamo", __name__])
+    with tempfile.TemporaryDirectory() as out_dir:
+        mp.start_processes(_rank_main, args=(world, port, out_dir), nprocs=world, join=True, start_method="forkserver")
+        return [torch.load(Path(out_dir) / f"rank{r}.pt") for r in range(world)]
+
+
+@functools.lru_cache(maxsize=None)
+def single_process(case: Case, dtype: torch.dtype, world: int):
+    """The same model trained on the whole concatenated batch, through the float64 SPEC formula; the
+    model and inputs are first rounded to ``dtype``, as the ranks see them."""
+    x, labels = global_batch(case, world)
+    net = TinyNet().to(dtype).double()
+    embeddings, tau = net(x.to(dtype).double())
+    loss = loss_of(case, getattr(reference, case.loss), embeddings, tau, None if case.targets == "samples" else labels)
+    loss.backward()
+    return loss.detach(), {name: p.grad for name, p in net.named_parameters()}
+
+
+# --- tests -----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("scheme", SCHEMES)
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+def test_ddp_matches_single_process(case, scheme, dtype, world):
+    expected_loss, expected_grads = single_process(case, dtype, world)
+    for rank, results in enumerate(world_results(world)):
+        loss, grads = results[case.name, scheme, dtype]
+        assert loss.dtype == dtype
+        assert relative_error(loss, expected_loss) <= RTOL[dtype], (rank, loss.item(), expected_loss.item())
+        for name, expected in expected_grads.items():
+            error = relative_error(grads[name], expected)
+            assert error <= RTOL[dtype], f"rank {rank}, {name}: relative error {error:.3g}"
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_auto_is_gather_under_a_process_group(world):
+    assert all(results["auto"] == "gather" for results in world_results(world))
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_ring_holds_only_local_rows(world):
+    n = 4
+    local_rows, global_rows = 2 * n, 2 * n * world
+    for results in world_results(world):
+        assert results["footprint"]["ring"]["rows_held"] <= local_rows
+        # The tracker does see global tensors: gather holds all ranks' rows.
+        assert results["footprint"]["gather"]["rows_held"] >= global_rows
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_ring_sends_what_the_scaling_model_says(world):
+    model = fdist.scaling_model(2 * 4 * world, world, D_OUT, element_bytes=4, grad_bytes=4)
+    for results in world_results(world):
+        assert results["footprint"]["ring"]["sent_bytes"] == model["ring"]["sent_bytes"]
+
+
+def test_mask_is_rejected_across_ranks():
+    message = world_results(2)[0]["mask"]
+    assert message.startswith("mask:") and "distributed='local'" in message and "labels" in message
+
+
+def test_single_process_falls_back_to_local():
+    # Without a process group every mode is the local loss, bit for bit.
+    z1, z2 = torch.randn(5, 8), torch.randn(5, 8)
+    local = functional.nt_xent(z1, z2, distributed="local")
+    for scheme in ("auto",) + SCHEMES:
+        assert fdist.resolve_mode(scheme) == "local"
+        assert torch.equal(functional.nt_xent(z1, z2, distributed=scheme), local)
+    with pytest.raises(ValueError, match="distributed: expected one of"):
+        fdist.resolve_mode("allgather")
+
+
+def test_scaling_model_orders():
+    # At a fixed per-rank batch, ring memory stays flat as the world grows; gather's grows with the world.
+    small, large = (fdist.scaling_model((1 << 14) * w, w, 128) for w in (8, 64))
+    assert small["ring"]["held_bytes"] == large["ring"]["held_bytes"]
+    assert large["gather"]["held_bytes"] > 6 * small["gather"]["held_bytes"]
+
+
+def test_torchrun_smoke():
+    """tests/torchrun_smoke.py under torchrun: DDP + DistributedSampler + the losses' defaults."""
+    script = Path(__file__).with_name("torchrun_smoke.py")
+    root = str(Path(__file__).resolve().parents[1])
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
+    run = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)],
+        capture_output=True, text=True, timeout=180, env=env,
+    )
+    assert run.returncode == 0, run.stderr[-4000:]
+    assert "torchrun smoke ok: world 2" in run.stdout
