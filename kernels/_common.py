@@ -1,0 +1,360 @@
+"""Helpers shared by the similarity kernels (NT-Xent, SupCon, cross-view InfoNCE).
+
+Host side (plain Python, stable names):
+
+- :func:`interpreted` — True when Triton runs through ``TRITON_INTERPRET=1`` (CPU).
+- :func:`dot_precision` — the ``input_precision`` of every ``tl.dot`` for a given input dtype:
+  ``"tf32"`` for float32 only when ``torch.backends.cuda.matmul.allow_tf32`` is True, else ``"ieee"``
+  (16-bit inputs multiply exactly into the fp32 accumulator either way; float64 uses ``"ieee"``).
+- :func:`accumulator` — the Triton accumulation dtype (``tl.float64`` for float64 rows, else fp32).
+- :func:`autotune_configs` — ``triton.Config`` lists for ``"forward"`` kernels (meta-parameters
+  ``BLOCK_M``, ``BLOCK_N``, ``BLOCK_D``) and ``"backward"`` kernels (adds ``BLOCK_DO``, the width of the
+  slice of output features one program accumulates). Entries for sm90 (H100/H200), sm80 (A100) and a
+  small fallback; under the interpreter ONE small config (16×16 tiles), since autotuning there is
+  far too slow. Use with ``triton.autotune(configs=..., key=["D"], prune_configs_by=PRUNE)``: Triton
+  adds the dtypes of all tensor arguments to the key, so the tuning is keyed on D and dtype. Kernels
+  must name the feature dimension argument ``D``.
+- :func:`gradient_prescale` — factor applied to a gradient tile (|values| ≤ 2) before it is cast to
+  float16 for the second GEMM, so softmax weights ~1/M stay out of fp16's subnormal range; divide the
+  result by it (it is a power of two: exact).
+- :data:`PRUNE` — ``prune_configs_by`` dict that drops feature tiles far wider than D.
+- :func:`scalar_tensor` — a 0-dim float tensor on a device, for values kernels read by pointer
+  (no host sync, safe under CUDA graphs).
+- :func:`pair_rows` / :func:`view_major_rows` — a *stacked-rows descriptor*: the 8 kernel arguments
+  ``(first, first_stride_m, first_stride_d, rest, rest_stride_block, rest_stride_m, rest_stride_d, N)``
+  of a virtual [M, D] matrix whose row r = b·N + n is ``first[n]`` for b = 0, else ``rest[n]`` shifted by
+  b·rest_stride_block elements: ``[z1; z2]`` from two tensors, or SupCon's view-major rows of
+  features [N, V, D], read in place through the user's strides (no cat, no reshape copy).
+- :func:`inverse_norms` — the fused normalization's O(M·D') pre-pass: 1/max(‖row[:D']‖, 1e-12) per
+  stacked row (one launch), in the accumulation dtype.
+- :func:`remember_forward_config` / :func:`backward_meta` — the backward recomputes S under the
+  forward's autotuned tile config (same tiles, D chunks, warps: the same bits), plus ``BLOCK_DO``.
+- :func:`launch_with_fewer_stages` — launches with the forward's pipeline depth, or fewer stages when
+  the backward's extra tiles do not fit in shared memory (stages only overlap loads: same bits).
+
+Device side (``@triton.jit``):
+
+- :func:`similarity_tile` — ``A[rows] · B[cols]ᵀ`` in the accumulator dtype, looping over D in
+  ``BLOCK_D`` chunks; every load is masked on rows, columns and D, rows may have any strides (row
+  offsets in int64: M × stride may pass 2³¹). Forward
+  and backward call it with the same operands so the recomputed tile matches the forward's bits
+  (for the same config).
+- :func:`mma` — ``tl.dot(a, b, acc)`` with the given precision and accumulator. Triton 3.9's
+  interpreter multiplies bfloat16 operands as their raw uint16 bits, so under the interpreter (only)
+  bfloat16 operands are widened to float32 first — exact, and the same products and fp32 accumulation
+  the GPU's bf16 MMA computes. Use it for every dot.
+- :func:`online_logsumexp` / :func:`finish_logsumexp` — the running (max, sum) update of one tile
+  along axis 1, safe for rows whose columns so far are all −inf, and the final ``max + log(sum)``.
+- :func:`stacked_pointers` / :func:`load_stacked` — element pointers / masked loads of rows × features
+  of a stacked-rows descriptor ``src`` (a tuple; rows int64).
+- :func:`stacked_logits` — s = (Z[rows]·Z[cols]ᵀ)·row_scale·col_scale for a stacked Z: the raw rows go
+  into the GEMM, the fused normalization and 1/τ scale the accumulated tile (16-bit operands stay raw).
+- :func:`load_inverse_norms` — stored inverse norms, or ones when the loss does not normalize.
+- :func:`store_row_gradient` — dL/dz from dL/dẑ for ẑ = z·r: F.normalize's backward
+  r·(dẑ − ẑ⟨ẑ, dẑ⟩), only r·dẑ where the norm was clamped, identity without normalization.
+
+Example (host side):
+    >>> import torch
+    >>> from fastcl.kernels._common import dot_precision
+    >>> dot_precision(torch.bfloat16)
+    'ieee'
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+from triton.runtime.errors import OutOfResources
+
+
+def interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+_INTERPRETED = tl.constexpr(interpreted())
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
+        return "tf32"
+    return "ieee"
+
+
+def accumulator(dtype: torch.dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def gradient_prescale(dtype: torch.dtype) -> float:
+    return 4096.0 if dtype == torch.float16 else 1.0
+
+
+def scalar_tensor(value, device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    if isinstance(value, torch.Tensor):
+        return value.detach().to(device=device, dtype=dtype).reshape(())
+    return torch.full((), float(value), device=device, dtype=dtype)
+
+
+# (BLOCK_M, BLOCK_N, BLOCK_D, num_warps, num_stages); backward entries add BLOCK_DO before num_warps.
+_FORWARD = {
+    "sm90": [(128, 128, 64, 8, 3), (128, 64, 64, 4, 4), (128, 128, 128, 8, 2), (64, 128, 64, 4, 4), (64, 64, 32, 4, 3)],
+    "sm80": [(128, 64, 64, 4, 3), (128, 128, 32, 8, 3), (64, 64, 64, 4, 3), (64, 64, 32, 4, 4)],
+    "fallback": [(64, 64, 32, 4, 2), (32, 32, 32, 4, 2)],
+}
+_BACKWARD = {
+    "sm90": [(128, 64, 64, 128, 8, 3), (64, 64, 64, 128, 4, 3), (128, 64, 64, 256, 8, 2), (64, 64, 32, 64, 4, 3)],
+    "sm80": [(64, 64, 64, 128, 4, 3), (128, 64, 32, 128, 8, 2), (64, 64, 32, 64, 4, 3)],
+    "fallback": [(64, 32, 32, 64, 4, 2), (32, 32, 32, 32, 4, 2)],
+}
+_INTERPRETER = {"forward": (16, 16, 16, 1, 1), "backward": (16, 16, 16, 16, 1, 1)}
+
+
+def _architecture() -> str:
+    if not torch.cuda.is_available():
+        return "fallback"
+    major, _ = torch.cuda.get_device_capability()
+    return "sm90" if major >= 9 else "sm80" if major == 8 else "fallback"
+
+
+def _config(kind: str, entry: tuple) -> triton.Config:
+    names = ("BLOCK_M", "BLOCK_N", "BLOCK_D") + (("BLOCK_DO",) if kind == "backward" else ())
+    *blocks, warps, stages = entry
+    return triton.Config(dict(zip(names, blocks)), num_warps=warps, num_stages=stages)
+
+
+@functools.lru_cache(maxsize=None)
+def autotune_configs(kind: str) -> list:
+    """Configs for ``kind`` in {"forward", "backward"} on this machine (see module docstring)."""
+    if kind not in _INTERPRETER:
+        raise ValueError(f"kind: expected 'forward' or 'backward', got {kind!r}")
+    if interpreted():
+        return [_config(kind, _INTERPRETER[kind])]
+    table = _FORWARD if kind == "forward" else _BACKWARD
+    arch = _architecture()
+    entries = table[arch] + ([] if arch == "fallback" else table["fallback"])
+    return [_config(kind, e) for e in entries]
+
+
+def _prune_wide_tiles(configs, named_args, **kwargs):
+    """Drops configs whose feature tiles are wider than D needs (they only add masked work)."""
+    width = max(16, triton.next_power_of_2(int(named_args["D"])))
+    kept = [c for c in configs if c.kwargs["BLOCK_D"] <= width and c.kwargs.get("BLOCK_DO", 0) <= max(width, 64)]
+    return kept or configs[-1:]
+
+
+PRUNE = {"early_config_prune": _prune_wide_tiles}
+
+
+@triton.jit
+def similarity_tile(
+    a_ptr, stride_am, stride_ad, rows, row_mask,
+    b_ptr, stride_bm, stride_bd, cols, col_mask,
+    D,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    PRECISION: tl.constexpr, ACC: tl.constexpr,
+):
+    """[BLOCK_M, BLOCK_N] tile of A[rows] · B[cols]ᵀ (not divided by τ), accumulated in ACC."""
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
+    offs_d = tl.arange(0, BLOCK_D)
+    for d0 in range(0, D, BLOCK_D):
+        d = d0 + offs_d
+        d_mask = d < D
+        a = tl.load(a_ptr + rows.to(tl.int64)[:, None] * stride_am + d[None, :] * stride_ad,
+                    mask=row_mask[:, None] & d_mask[None, :], other=0.0)
+        b = tl.load(b_ptr + cols.to(tl.int64)[:, None] * stride_bm + d[None, :] * stride_bd,
+                    mask=col_mask[:, None] & d_mask[None, :], other=0.0)
+        acc = mma(a, tl.trans(b), acc, PRECISION, ACC)
+    return acc
+
+
+@triton.jit
+def mma(a, b, acc, PRECISION: tl.constexpr, ACC: tl.constexpr):
+    """acc + a @ b (see module docstring for the interpreter's bfloat16 workaround)."""
+    if _INTERPRETED and a.dtype == tl.bfloat16:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, acc, input_precision=PRECISION, out_dtype=ACC)
+
+
+@triton.jit
+def online_logsumexp(running_max, running_sum, s):
+    """Folds tile ``s`` ([rows, cols], −inf = excluded) into the per-row running (max, sum)."""
+    new_max = tl.maximum(running_max, tl.max(s, axis=1))
+    # Rows with no finite entry yet keep max −inf; shift by 0 there so exp(−inf − shift) = 0, not NaN.
+    shift = tl.where(new_max == float("-inf"), 0.0, new_max)
+    running_sum = running_sum * tl.exp(running_max - shift) + tl.sum(tl.exp(s - shift[:, None]), axis=1)
+    return new_max, running_sum
+
+
+@triton.jit
+def finish_logsumexp(running_max, running_sum):
+    """log Σ exp from the running (max, sum); −inf for rows that saw no finite entry."""
+    return running_max + tl.log(running_sum)
+
+
+# --- stacked rows, fused normalization, forward/backward tile configs ---------------------------------
+
+NORM_EPS = 1e-12  # torch.nn.functional.normalize's eps
+_NORM_EPS = tl.constexpr(NORM_EPS)
+# 1/max(‖z‖, eps) equals this exactly (fp32 and fp64) iff the norm was clamped.
+_CLAMPED_INV_NORM = tl.constexpr(1.0 / NORM_EPS)
+
+
+def pair_rows(first: torch.Tensor, second: torch.Tensor) -> tuple:
+    """Stacked-rows descriptor of [first; second] for two [N, D] tensors with any strides.
+
+    Example:
+        >>> z1, z2 = torch.randn(4, 8), torch.randn(8, 4).T  # z2: a transposed view
+        >>> pair_rows(z1, z2)[1:3], pair_rows(z1, z2)[4:]
+        ((8, 1), (0, 1, 4, 4))
+    """
+    return (first, first.stride(0), first.stride(1), second, 0, second.stride(0), second.stride(1), first.shape[0])
+
+
+def view_major_rows(features: torch.Tensor) -> tuple:
+    """Stacked-rows descriptor of features [N, V, D] in view-major order (row v·N + n = features[n, v]).
+
+    Example:
+        >>> rows = view_major_rows(torch.randn(5, 2, 8))
+        >>> rows[1:3], rows[4:]  # row v·5 + n at n·16 + v·8
+        ((16, 1), (8, 16, 1, 5))
+    """
+    stride_n, stride_v, stride_d = features.stride()
+    return (features, stride_n, stride_d, features, stride_v, stride_n, stride_d, features.shape[0])
+
+
+@triton.jit
+def stacked_pointers(src, rows, d):
+    """Pointers to the [rows, d] elements of the stacked rows ``src`` (see :func:`pair_rows`)."""
+    first_ptr, first_stride_m, first_stride_d, rest_ptr, rest_stride_block, rest_stride_m, rest_stride_d, n = src
+    block = rows // n
+    local = rows - block * n
+    first = first_ptr + local[:, None] * first_stride_m + d[None, :] * first_stride_d
+    rest = rest_ptr + block[:, None] * rest_stride_block + local[:, None] * rest_stride_m + d[None, :] * rest_stride_d
+    # One load through selected pointers: the select is constant along d, so loads stay vectorized.
+    return tl.where((block == 0)[:, None], first, rest)
+
+
+@triton.jit
+def load_stacked(src, rows, row_mask, d, d_mask):
+    """src[rows, d] in the rows' dtype, 0 outside the masks."""
+    return tl.load(stacked_pointers(src, rows, d), mask=row_mask[:, None] & d_mask[None, :], other=0.0)
+
+
+@triton.jit
+def stacked_logits(
+    src, rows, row_mask, row_scale, cols, col_mask, col_scale, D,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    PRECISION: tl.constexpr, ACC: tl.constexpr,
+):
+    """[BLOCK_M, BLOCK_N] tile s = (Z[rows] · Z[cols]ᵀ) · row_scale · col_scale of the stacked rows Z.
+
+    The raw rows (first D features) are the GEMM operands; the scales (inverse norms, 1/τ) multiply
+    the accumulated tile. Every pass of a loss computes its tiles with this one formula.
+    """
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
+    offs_d = tl.arange(0, BLOCK_D)
+    for d0 in range(0, D, BLOCK_D):
+        d = d0 + offs_d
+        d_mask = d < D
+        a = load_stacked(src, rows, row_mask, d, d_mask)
+        b = load_stacked(src, cols, col_mask, d, d_mask)
+        acc = mma(a, tl.trans(b), acc, PRECISION, ACC)
+    return acc * row_scale[:, None] * col_scale[None, :]
+
+
+@triton.jit
+def load_inverse_norms(inv_ptr, idx, mask, NORMALIZE: tl.constexpr, ACC: tl.constexpr):
+    """The rows' stored inverse norms, or ones when the loss does not normalize (×1 is exact)."""
+    if NORMALIZE:
+        inv = tl.load(inv_ptr + idx, mask=mask, other=1.0)
+    else:
+        inv = tl.full(idx.shape, 1.0, dtype=ACC)
+    return inv
+
+
+@triton.jit
+def store_row_gradient(
+    src, dst, rows, row_mask, out_d, out_mask, inv, d_hat, radial, NORMALIZE: tl.constexpr, ACC: tl.constexpr
+):
+    """dst[rows, out_d] = dL/dz from d_hat = dL/dẑ ([rows, out_d], ACC) and radial = ⟨ẑ, dẑ⟩ per row.
+
+    With ẑ = z·r: r·dẑ − ⟨ẑ, dẑ⟩·r²·z (F.normalize's backward); only r·dẑ where the norm was clamped.
+    """
+    dz = d_hat
+    if NORMALIZE:
+        z = load_stacked(src, rows, row_mask, out_d, out_mask).to(ACC)
+        radial = tl.where(inv < _CLAMPED_INV_NORM, radial, 0.0)
+        dz = d_hat * inv[:, None] - (radial * inv * inv)[:, None] * z
+    tl.store(stacked_pointers(dst, rows, out_d), dz.to(dst[0].dtype.element_ty),
+             mask=row_mask[:, None] & out_mask[None, :])
+
+
+@triton.jit
+def _inverse_norms_kernel(
+    first_ptr, first_stride_m, first_stride_d, rest_ptr, rest_stride_block, rest_stride_m, rest_stride_d, N,
+    out_ptr, M, D, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr,
+):
+    src = (first_ptr, first_stride_m, first_stride_d, rest_ptr, rest_stride_block, rest_stride_m, rest_stride_d, N)
+    rows = (tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)).to(tl.int64)
+    row_mask = rows < M
+    squares = tl.zeros((BLOCK,), dtype=ACC)
+    for d0 in range(0, D, BLOCK_D):
+        d = d0 + tl.arange(0, BLOCK_D)
+        z = load_stacked(src, rows, row_mask, d, d < D).to(ACC)
+        squares += tl.sum(z * z, axis=1)
+    tl.store(out_ptr + rows, 1.0 / tl.maximum(tl.sqrt(squares), _NORM_EPS), mask=row_mask)
+
+
+def inverse_norms(rows: tuple, m: int, sub_dim: int) -> torch.Tensor:
+    """1/max(‖row[:sub_dim]‖, 1e-12) for the m stacked rows ``rows``, float32 (float64 for float64 rows)."""
+    like = rows[0]
+    dtype = torch.float64 if like.dtype == torch.float64 else torch.float32
+    out = torch.empty(m, dtype=dtype, device=like.device)
+    block = 16 if interpreted() else 128
+    _inverse_norms_kernel[(triton.cdiv(m, block),)](
+        *rows, out, m, sub_dim,
+        BLOCK=block, BLOCK_D=max(16, min(64, triton.next_power_of_2(sub_dim))), ACC=accumulator(like.dtype),
+    )
+    return out
+
+
+# The forward's tile config per (kernel, device, D', dtype, precision, flags), recorded at every forward.
+_forward_configs: dict = {}
+# Backward accumulator registers per thread: BLOCK_M · BLOCK_DO ≤ 64 · 32 · num_warps.
+_ACCUMULATOR_REGISTERS = 64
+
+
+def remember_forward_config(key: tuple, kernel) -> None:
+    """Records the config the autotuned forward ``kernel`` just ran with, under ``key``."""
+    _forward_configs[key] = kernel.best_config
+
+
+def backward_meta(key: tuple, sub_dim: int) -> dict:
+    """Meta-parameters for a backward: the forward's tile config under ``key`` plus ``BLOCK_DO``.
+
+    Without a recorded forward (a hand-made call, or torch.compile tracing the backward before any
+    forward ran) the last forward config, the one pruning keeps for every D.
+    """
+    config = _forward_configs.get(key) or autotune_configs("forward")[-1]
+    widest = _INTERPRETER["backward"][3] if interpreted() else (
+        _ACCUMULATOR_REGISTERS * 32 * config.num_warps // config.kwargs["BLOCK_M"])
+    return dict(
+        **config.kwargs,
+        BLOCK_DO=max(16, min(widest, triton.next_power_of_2(sub_dim))),
+        num_warps=config.num_warps,
+        num_stages=config.num_stages,
+    )
+
+
+def launch_with_fewer_stages(kernel, grid, args: tuple, meta: dict) -> None:
+    """kernel[grid](*args, **meta), retried with fewer pipeline stages on OutOfResources."""
+    for stages in range(meta["num_stages"], 0, -1):
+        try:
+            kernel[grid](*args, **{**meta, "num_stages": stages})
+            return
+        except OutOfResources:
+            if stages == 1:
+                raise
