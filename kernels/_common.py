@@ -20,11 +20,12 @@ Host side (plain Python, stable names):
 - :data:`PRUNE` — ``prune_configs_by`` dict that drops feature tiles far wider than D.
 - :func:`scalar_tensor` — a 0-dim float tensor on a device, for values kernels read by pointer
   (no host sync, safe under CUDA graphs).
-- :func:`pair_rows` / :func:`view_major_rows` — a *stacked-rows descriptor*: the 8 kernel arguments
+- :func:`pair_rows` / :func:`view_major_rows` (device side: :func:`single_rows`) — a *stacked-rows descriptor*: the 8 kernel arguments
   ``(first, first_stride_m, first_stride_d, rest, rest_stride_block, rest_stride_m, rest_stride_d, N)``
   of a virtual [M, D] matrix whose row r = b·N + n is ``first[n]`` for b = 0, else ``rest[n]`` shifted by
   b·rest_stride_block elements: ``[z1; z2]`` from two tensors, or SupCon's view-major rows of
-  features [N, V, D], read in place through the user's strides (no cat, no reshape copy).
+  features [N, V, D], read in place through the user's strides (no cat, no reshape copy); one matrix x
+  is ``pair_rows(x, x)`` with m = N (InfoNCE's q and k).
 - :func:`inverse_norms` — the fused normalization's O(M·D') pre-pass: 1/max(‖row[:D']‖, 1e-12) per
   stacked row (one launch), in the accumulation dtype.
 - :func:`remember_forward_config` / :func:`backward_meta` — the backward recomputes S under the
@@ -52,6 +53,8 @@ Device side (``@triton.jit``):
 - :func:`load_inverse_norms` — stored inverse norms, or ones when the loss does not normalize.
 - :func:`store_row_gradient` — dL/dz from dL/dẑ for ẑ = z·r: F.normalize's backward
   r·(dẑ − ẑ⟨ẑ, dẑ⟩), only r·dẑ where the norm was clamped, identity without normalization.
+- :func:`accumulate_gradient_tile` / :func:`finish_row_gradient` — the stacked-rows backward's second
+  GEMM per tile (T·diag(r)·Z, fp16-safe) and its epilogue (scales, ⟨ẑ, dẑ⟩ store, dL/dz store).
 
 Example (host side):
     >>> import torch
@@ -226,6 +229,12 @@ def view_major_rows(features: torch.Tensor) -> tuple:
 
 
 @triton.jit
+def single_rows(ptr, stride_m, stride_d, n):
+    """Device-side stacked-rows descriptor of one [n, D] matrix: the host's ``pair_rows(x, x)`` (m = n)."""
+    return (ptr, stride_m, stride_d, ptr, 0, stride_m, stride_d, n)
+
+
+@triton.jit
 def stacked_pointers(src, rows, d):
     """Pointers to the [rows, d] elements of the stacked rows ``src`` (see :func:`pair_rows`)."""
     first_ptr, first_stride_m, first_stride_d, rest_ptr, rest_stride_block, rest_stride_m, rest_stride_d, n = src
@@ -293,6 +302,39 @@ def store_row_gradient(
 
 
 @triton.jit
+def accumulate_gradient_tile(
+    d_hat, t, src, cols, col_mask, inv_cols, out_d, out_mask,
+    PRECISION: tl.constexpr, ACC: tl.constexpr, PRESCALE: tl.constexpr, SCALE_OPERAND: tl.constexpr,
+):
+    """d_hat + (T·PRESCALE)·diag(r_cols)·Z[cols, out_d]: a backward's second GEMM on one tile of T.
+
+    The GEMM runs in the rows' dtype. SCALE_OPERAND (float16): T·r·PRESCALE could overflow, so
+    ẑ = r·z (|ẑ| ≤ 1) is the operand instead of the raw z.
+    """
+    z_cols = load_stacked(src, cols, col_mask, out_d, out_mask)
+    if SCALE_OPERAND:
+        g = (t * PRESCALE).to(z_cols.dtype)
+        z_cols = (z_cols.to(ACC) * inv_cols[:, None]).to(z_cols.dtype)
+    else:
+        g = (t * (inv_cols * PRESCALE)[None, :]).to(z_cols.dtype)
+    return mma(g, z_cols, d_hat, PRECISION, ACC)
+
+
+@triton.jit
+def finish_row_gradient(
+    src, dst, rows, row_mask, out_d, out_mask, inv_rows, d_hat, radial, scale_ptr, radial_scale_ptr, radial_ptr,
+    NORMALIZE: tl.constexpr, ACC: tl.constexpr,
+):
+    """Scales dẑ by *scale_ptr and ⟨ẑ, dẑ⟩ by *radial_scale_ptr, stores the latter (output slice 0 only:
+    the host sums it for dL/dτ) and dL/dz through :func:`store_row_gradient`."""
+    radial *= tl.load(radial_scale_ptr)
+    if tl.program_id(1) == 0:
+        tl.store(radial_ptr + rows, radial, mask=row_mask)
+    store_row_gradient(src, dst, rows, row_mask, out_d, out_mask, inv_rows, d_hat * tl.load(scale_ptr), radial,
+                       NORMALIZE, ACC)
+
+
+@triton.jit
 def _inverse_norms_kernel(
     first_ptr, first_stride_m, first_stride_d, rest_ptr, rest_stride_block, rest_stride_m, rest_stride_d, N,
     out_ptr, M, D, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr,
@@ -323,7 +365,9 @@ def inverse_norms(rows: tuple, m: int, sub_dim: int) -> torch.Tensor:
 
 # The forward's tile config per (kernel, device, D', dtype, precision, flags), recorded at every forward.
 _forward_configs: dict = {}
-# Backward accumulator registers per thread: BLOCK_M · BLOCK_DO ≤ 64 · 32 · num_warps.
+# Backward accumulator registers per thread: BLOCK_M · BLOCK_DO ≤ 64 · 32 · num_warps. At this budget
+# ptxas (sm90, bf16) reported no spills for InfoNCE's 128×128/8 warps, 128×64/4 warps and 64×64/4 warps
+# tiles before normalization was fused; at twice the budget it spilled (see docs/kernels-infonce.md).
 _ACCUMULATOR_REGISTERS = 64
 
 

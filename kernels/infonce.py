@@ -23,7 +23,9 @@ Both GEMMs multiply by the normalized rows (raw slice × inverse norm, cast to t
 epilogue applies F.normalize's backward with ⟨x̂_i, dx̂_i⟩ = Σ_j G_ij s_ij, summed from the same tiles,
 whose total is also the Σ G·s that ``fastcl.ops`` turns into dL/dτ.
 Every pass computes S with :func:`similarity_tile` under the forward's own tile config (BLOCK_M,
-BLOCK_N, BLOCK_D, warps, stages), so the recomputed tiles are the forward's bits. GEMM-units (SPEC §6):
+BLOCK_N, BLOCK_D, warps, stages; ``_common.backward_meta``), so the recomputed tiles are the forward's
+bits. The inverse norms, F.normalize's backward epilogue and the launch helpers are ``_common``'s (q and k
+are one-matrix stacked-rows descriptors there). GEMM-units (SPEC §6):
 1 (forward) + 2 (dQ: recompute + GEMM) + 2 (dK: recompute + GEMM) = 5 for D' ≤ BLOCK_DO; wider D'
 re-walks the tiles once per BLOCK_DO slice of output features. See docs/kernels-infonce.md.
 """
@@ -35,56 +37,32 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from triton.runtime.errors import OutOfResources
 
 from fastcl.kernels._common import (
     PRUNE,
     accumulator,
     autotune_configs,
+    backward_meta,
     dot_precision,
     finish_logsumexp,
     gradient_prescale,
     interpreted,
+    inverse_norms,
+    launch_with_fewer_stages,
+    load_inverse_norms,
     mma,
     online_logsumexp,
+    pair_rows,
+    remember_forward_config,
     similarity_tile,
+    single_rows,
+    store_row_gradient,
 )
 from fastcl.ops import accumulation_dtype
 
 # Programs per forward launch under the interpreter (on a GPU: about two per SM). Two row groups and two
 # column splits there, so the interpreter tests exercise every partial merge.
 _INTERPRETER_PROGRAMS = 4
-_NORM_EPS = tl.constexpr(1e-12)  # as torch.nn.functional.normalize
-_INV_NORM_EPS = tl.constexpr(1e12)
-# Backward accumulator registers per thread: BLOCK_M · BLOCK_DO ≤ 64 · 32 · num_warps. At this budget
-# ptxas (sm90, bf16) reports no spills for 128×128/8 warps, 128×64/4 warps and 64×64/4 warps tiles;
-# at twice the budget it spills (see docs/kernels-infonce.md).
-_ACCUMULATOR_REGISTERS = 64
-
-
-@triton.jit
-def _inverse_norms_kernel(x_ptr, stride_n, stride_d, out_ptr, N, D, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr,
-                          ACC: tl.constexpr):
-    """out[i] = 1 / max(‖x[i, :D]‖₂, 1e-12) (torch.nn.functional.normalize's eps), in ACC."""
-    rows = (tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)).to(tl.int64)
-    row_mask = rows < N
-    squares = tl.zeros((BLOCK,), dtype=ACC)
-    for d0 in range(0, D, BLOCK_D):
-        d = d0 + tl.arange(0, BLOCK_D)
-        x = tl.load(x_ptr + rows[:, None] * stride_n + d[None, :] * stride_d,
-                    mask=row_mask[:, None] & (d < D)[None, :], other=0.0).to(ACC)
-        squares += tl.sum(x * x, axis=1)
-    tl.store(out_ptr + rows, 1.0 / tl.maximum(tl.sqrt(squares), _NORM_EPS), mask=row_mask)
-
-
-@triton.jit
-def _inverse_norms(inv_ptr, idx, mask, NORMALIZE: tl.constexpr, ACC: tl.constexpr):
-    """The rows' stored inverse norms, or ones when the loss does not normalize (×1 is exact)."""
-    if NORMALIZE:
-        inv = tl.load(inv_ptr + idx, mask=mask, other=1.0)
-    else:
-        inv = tl.full(idx.shape, 1.0, dtype=ACC)
-    return inv
 
 
 @triton.jit
@@ -120,14 +98,14 @@ def _infonce_forward_kernel(
     for block in range(first_block, last_block):
         rows = (block * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
         row_mask = rows < N
-        inv_q = _inverse_norms(inv_q_ptr, rows, row_mask, NORMALIZE, ACC)
+        inv_q = load_inverse_norms(inv_q_ptr, rows, row_mask, NORMALIZE, ACC)
         running_max = tl.full((BLOCK_M,), float("-inf"), dtype=ACC)
         running_sum = tl.zeros((BLOCK_M,), dtype=ACC)
         for tile in range(first_tile, last_tile):
             cols = (tile * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
             col_mask = cols < N
             s = _logits(q_ptr, stride_qn, stride_qd, rows, row_mask, inv_q, k_ptr, stride_kn, stride_kd, cols, col_mask,
-                        _inverse_norms(inv_k_ptr, cols, col_mask, NORMALIZE, ACC), tau, D,
+                        load_inverse_norms(inv_k_ptr, cols, col_mask, NORMALIZE, ACC), tau, D,
                         BLOCK_M, BLOCK_N, BLOCK_D, PRECISION, ACC)
             running_max, running_sum = online_logsumexp(
                 running_max, running_sum, tl.where(col_mask[None, :], s, float("-inf")))
@@ -181,8 +159,8 @@ def _infonce_finish_kernel(
         a = tl.load(q_ptr + rows[:, None] * stride_qn + d[None, :] * stride_qd, mask=mask, other=0.0)
         b = tl.load(k_ptr + rows[:, None] * stride_kn + d[None, :] * stride_kd, mask=mask, other=0.0)
         positive += tl.sum(a.to(ACC) * b.to(ACC), axis=1)
-    positive = positive * _inverse_norms(inv_q_ptr, rows, row_mask, NORMALIZE, ACC)
-    positive = positive * _inverse_norms(inv_k_ptr, rows, row_mask, NORMALIZE, ACC) / tl.load(tau_ptr)
+    positive = positive * load_inverse_norms(inv_q_ptr, rows, row_mask, NORMALIZE, ACC)
+    positive = positive * load_inverse_norms(inv_k_ptr, rows, row_mask, NORMALIZE, ACC) / tl.load(tau_ptr)
     lse_rows = _merge_partials(row_partial_ptr, SPLITS, N, rows, row_mask, ACC)
     tl.store(lse_rows_ptr + rows, lse_rows, mask=row_mask)
     terms = lse_rows - positive
@@ -207,25 +185,21 @@ def _gradient_tile(s, rows, row_mask, cols, col_mask, lse_rows, lse_cols, SYMMET
 
 
 @triton.jit
+def _column_lse(lse_cols_ptr, cols, col_mask, SYMMETRIC: tl.constexpr, ACC: tl.constexpr):
+    """The columns' log-sum-exp for a symmetric loss; zeros (which _gradient_tile never reads) otherwise."""
+    if SYMMETRIC:
+        lse_cols = tl.load(lse_cols_ptr + cols, mask=col_mask, other=0.0)
+    else:
+        lse_cols = tl.zeros(cols.shape, dtype=ACC)
+    return lse_cols
+
+
+@triton.jit
 def _normalized_slice(x_ptr, stride_n, stride_d, idx, mask, inv, out, out_mask, ACC: tl.constexpr):
     """x[idx, out] · inv[idx] (the normalized rows' slice) in the input dtype, as a GEMM operand."""
     x = tl.load(x_ptr + idx[:, None] * stride_n + out[None, :] * stride_d, mask=mask[:, None] & out_mask[None, :],
                 other=0.0)
     return (x.to(ACC) * inv[:, None]).to(x.dtype)
-
-
-@triton.jit
-def _store_row_gradient(x_ptr, stride_n, stride_d, idx, mask, inv, out, out_mask, d_hat, radial, dx_ptr,
-                        stride_dn, stride_dd, NORMALIZE: tl.constexpr, ACC: tl.constexpr):
-    """dx = inv·dx̂ − ⟨x̂, dx̂⟩·inv²·x (F.normalize's backward; no radial term where the norm was clamped)."""
-    dx = d_hat
-    if NORMALIZE:
-        x = tl.load(x_ptr + idx[:, None] * stride_n + out[None, :] * stride_d, mask=mask[:, None] & out_mask[None, :],
-                    other=0.0).to(ACC)
-        radial = tl.where(inv < _INV_NORM_EPS, radial, 0.0)
-        dx = d_hat * inv[:, None] - (radial * inv * inv)[:, None] * x
-    tl.store(dx_ptr + idx[:, None] * stride_dn + out[None, :] * stride_dd, dx.to(dx_ptr.dtype.element_ty),
-             mask=mask[:, None] & out_mask[None, :])
 
 
 @triton.jit
@@ -243,20 +217,17 @@ def _infonce_dq_kernel(
     out = tl.program_id(1) * BLOCK_DO + tl.arange(0, BLOCK_DO)
     out_mask = out < D
     tau = tl.load(tau_ptr)
-    inv_q = _inverse_norms(inv_q_ptr, rows, row_mask, NORMALIZE, ACC)
+    inv_q = load_inverse_norms(inv_q_ptr, rows, row_mask, NORMALIZE, ACC)
     lse_rows = tl.load(lse_rows_ptr + rows, mask=row_mask, other=0.0)
     dq = tl.zeros((BLOCK_M, BLOCK_DO), dtype=ACC)
     radial = tl.zeros((BLOCK_M,), dtype=ACC)
     for start in range(0, N, BLOCK_N):
         cols = (start + tl.arange(0, BLOCK_N)).to(tl.int64)
         col_mask = cols < N
-        inv_k = _inverse_norms(inv_k_ptr, cols, col_mask, NORMALIZE, ACC)
+        inv_k = load_inverse_norms(inv_k_ptr, cols, col_mask, NORMALIZE, ACC)
         s = _logits(q_ptr, stride_qn, stride_qd, rows, row_mask, inv_q, k_ptr, stride_kn, stride_kd, cols, col_mask,
                     inv_k, tau, D, BLOCK_M, BLOCK_N, BLOCK_D, PRECISION, ACC)
-        if SYMMETRIC:
-            lse_cols = tl.load(lse_cols_ptr + cols, mask=col_mask, other=0.0)
-        else:
-            lse_cols = tl.zeros((BLOCK_N,), dtype=ACC)  # unused
+        lse_cols = _column_lse(lse_cols_ptr, cols, col_mask, SYMMETRIC, ACC)
         g = _gradient_tile(s, rows, row_mask, cols, col_mask, lse_rows, lse_cols, SYMMETRIC, PRESCALE)
         radial += tl.sum(g * s, axis=1)
         k_hat = _normalized_slice(k_ptr, stride_kn, stride_kd, cols, col_mask, inv_k, out, out_mask, ACC)
@@ -265,8 +236,8 @@ def _infonce_dq_kernel(
     radial *= scale * tau
     if tl.program_id(1) == 0:
         tl.store(radial_ptr + rows, radial, mask=row_mask)
-    _store_row_gradient(q_ptr, stride_qn, stride_qd, rows, row_mask, inv_q, out, out_mask, dq * scale, radial,
-                        dq_ptr, stride_dn, stride_dd, NORMALIZE, ACC)
+    store_row_gradient(single_rows(q_ptr, stride_qn, stride_qd, N), single_rows(dq_ptr, stride_dn, stride_dd, N),
+                       rows, row_mask, out, out_mask, inv_q, dq * scale, radial, NORMALIZE, ACC)
 
 
 @triton.jit
@@ -284,17 +255,14 @@ def _infonce_dk_kernel(
     out = tl.program_id(1) * BLOCK_DO + tl.arange(0, BLOCK_DO)
     out_mask = out < D
     tau = tl.load(tau_ptr)
-    inv_k = _inverse_norms(inv_k_ptr, cols, col_mask, NORMALIZE, ACC)
-    if SYMMETRIC:
-        lse_cols = tl.load(lse_cols_ptr + cols, mask=col_mask, other=0.0)
-    else:
-        lse_cols = tl.zeros((BLOCK_N,), dtype=ACC)  # unused
+    inv_k = load_inverse_norms(inv_k_ptr, cols, col_mask, NORMALIZE, ACC)
+    lse_cols = _column_lse(lse_cols_ptr, cols, col_mask, SYMMETRIC, ACC)
     dk = tl.zeros((BLOCK_N, BLOCK_DO), dtype=ACC)
     radial = tl.zeros((BLOCK_N,), dtype=ACC)
     for start in range(0, N, BLOCK_M):
         rows = (start + tl.arange(0, BLOCK_M)).to(tl.int64)
         row_mask = rows < N
-        inv_q = _inverse_norms(inv_q_ptr, rows, row_mask, NORMALIZE, ACC)
+        inv_q = load_inverse_norms(inv_q_ptr, rows, row_mask, NORMALIZE, ACC)
         s = _logits(q_ptr, stride_qn, stride_qd, rows, row_mask, inv_q, k_ptr, stride_kn, stride_kd, cols, col_mask,
                     inv_k, tau, D, BLOCK_M, BLOCK_N, BLOCK_D, PRECISION, ACC)
         lse_rows = tl.load(lse_rows_ptr + rows, mask=row_mask, other=0.0)
@@ -303,19 +271,15 @@ def _infonce_dk_kernel(
         q_hat = _normalized_slice(q_ptr, stride_qn, stride_qd, rows, row_mask, inv_q, out, out_mask, ACC)
         dk = mma(tl.trans(g).to(q_hat.dtype), q_hat, dk, PRECISION, ACC)
     scale = tl.load(scale_ptr)
-    _store_row_gradient(k_ptr, stride_kn, stride_kd, cols, col_mask, inv_k, out, out_mask, dk * scale,
-                        radial * (scale * tau), dk_ptr, stride_dn, stride_dd, NORMALIZE, ACC)
+    store_row_gradient(single_rows(k_ptr, stride_kn, stride_kd, N), single_rows(dk_ptr, stride_dn, stride_dd, N),
+                       cols, col_mask, out, out_mask, inv_k, dk * scale, radial * (scale * tau), NORMALIZE, ACC)
 
 
 # --- host side ------------------------------------------------------------------------------------------
 
-# The forward's tile config per (device, D, dtype, precision, symmetric), recorded at every forward so
-# that the backward recomputes S with the same tiles, D chunks and warps (hence the same bits).
-_forward_configs: dict[tuple, triton.Config] = {}
-
-
 def _config_key(x: Tensor, sub_dim: int, symmetric: bool) -> tuple:
-    return (x.device, sub_dim, x.dtype, dot_precision(x.dtype), symmetric)
+    """Key of the forward's tile config, which the backward replays (the forward's autotune key)."""
+    return ("infonce", x.device, sub_dim, x.dtype, dot_precision(x.dtype), symmetric)
 
 
 def _programs_per_launch(device: torch.device) -> int:
@@ -345,26 +309,15 @@ def forward_grid(n: int, symmetric: bool, device: torch.device) -> tuple[int, in
     return groups, splits
 
 
-def _inverse_norms_of(x: Tensor, sub_dim: int, normalize: bool) -> Tensor:
-    """1 / max(‖x[i, :sub_dim]‖, 1e-12) per row in the accumulation dtype; empty when not normalizing."""
-    n = x.shape[0]
-    out = torch.empty(n if normalize else 0, dtype=accumulation_dtype(x.dtype), device=x.device)
-    if normalize:
-        block = 16 if interpreted() else 128
-        _inverse_norms_kernel[(triton.cdiv(n, block),)](
-            x, x.stride(0), x.stride(1), out, n, sub_dim,
-            BLOCK=block, BLOCK_D=max(16, min(64, triton.next_power_of_2(sub_dim))), ACC=accumulator(x.dtype),
-        )
-    return out
-
-
 def infonce_forward(
     q: Tensor, k: Tensor, tau: Tensor, sub_dim: int, normalize: bool, symmetric: bool
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     n, d = q.shape[0], sub_dim
     acc_dtype = accumulation_dtype(q.dtype)
     acc, precision = accumulator(q.dtype), dot_precision(q.dtype)
-    inv_q, inv_k = _inverse_norms_of(q, d, normalize), _inverse_norms_of(k, d, normalize)
+    # Each input is a stacked-rows descriptor of one matrix (m = N): pair_rows(x, x).
+    inv_q, inv_k = (inverse_norms(pair_rows(x, x), n, d) if normalize else torch.empty(0, dtype=acc_dtype, device=x.device)
+                    for x in (q, k))
     # Without normalization the kernels never read the inverse norms; they get a valid buffer instead.
     norms = (inv_q, inv_k) if normalize else (tau, tau)
     groups, splits = forward_grid(n, symmetric, q.device)
@@ -376,7 +329,7 @@ def infonce_forward(
         *rows, row_partial, col_partial, n, d, groups, splits,
         SYMMETRIC=symmetric, NORMALIZE=normalize, PRECISION=precision, ACC=acc,
     )
-    _forward_configs[_config_key(q, d, symmetric)] = _infonce_forward_kernel.best_config
+    remember_forward_config(_config_key(q, d, symmetric), _infonce_forward_kernel)
 
     lse_rows = torch.empty(n, dtype=acc_dtype, device=q.device)
     lse_cols = torch.empty(n if symmetric else 0, dtype=acc_dtype, device=q.device)
@@ -391,23 +344,6 @@ def infonce_forward(
     return loss, lse_rows, lse_cols, inv_q, inv_k
 
 
-def _backward_launch(x: Tensor, sub_dim: int, symmetric: bool) -> dict:
-    """Meta-parameters of the backward passes: the forward's tile config plus the output-feature width."""
-    config = _forward_configs.get(_config_key(x, sub_dim, symmetric))
-    if config is None:
-        # No forward ran in this process for this shape (e.g. a hand-made call): the last entry of the
-        # table, the one pruning keeps for every D.
-        config = autotune_configs("forward")[-1]
-    widest = autotune_configs("backward")[0].kwargs["BLOCK_DO"] if interpreted() else (
-        _ACCUMULATOR_REGISTERS * 32 * config.num_warps // config.kwargs["BLOCK_M"])
-    return dict(
-        **config.kwargs,
-        BLOCK_DO=max(16, min(widest, triton.next_power_of_2(sub_dim))),
-        num_warps=config.num_warps,
-        num_stages=config.num_stages,
-    )
-
-
 def infonce_backward(
     grad: Tensor, q: Tensor, k: Tensor, tau: Tensor, sub_dim: int, normalize: bool, symmetric: bool,
     lse_rows: Tensor, lse_cols: Tensor, inv_norms_q: Tensor, inv_norms_k: Tensor,
@@ -420,27 +356,16 @@ def infonce_backward(
     new = torch.zeros if d < q.shape[1] else torch.empty
     dq, dk = new(q.shape, dtype=q.dtype, device=q.device), new(k.shape, dtype=k.dtype, device=k.device)
     radial = torch.empty(n, dtype=tau.dtype, device=q.device)
-    meta = _backward_launch(q, d, symmetric)
+    meta = backward_meta(_config_key(q, d, symmetric), d)
     common = dict(SYMMETRIC=symmetric, NORMALIZE=normalize, PRECISION=dot_precision(q.dtype), ACC=accumulator(q.dtype),
                   PRESCALE=prescale, **meta)
     out_slices = triton.cdiv(d, meta["BLOCK_DO"])
     operands = (q, q.stride(0), q.stride(1), k, k.stride(0), k.stride(1),
                 *((inv_norms_q, inv_norms_k) if normalize else (tau, tau)), tau, scale, lse_rows,
                 lse_cols if symmetric else lse_rows)
-    _launch_with_fewer_stages(_infonce_dq_kernel, (triton.cdiv(n, meta["BLOCK_M"]), out_slices),
-                              (*operands, dq, dq.stride(0), dq.stride(1), radial, n, d), common)
-    _launch_with_fewer_stages(_infonce_dk_kernel, (triton.cdiv(n, meta["BLOCK_N"]), out_slices),
-                              (*operands, dk, dk.stride(0), dk.stride(1), n, d), common)
+    launch_with_fewer_stages(_infonce_dq_kernel, (triton.cdiv(n, meta["BLOCK_M"]), out_slices),
+                             (*operands, dq, dq.stride(0), dq.stride(1), radial, n, d), common)
+    launch_with_fewer_stages(_infonce_dk_kernel, (triton.cdiv(n, meta["BLOCK_N"]), out_slices),
+                             (*operands, dk, dk.stride(0), dk.stride(1), n, d), common)
     return dq, dk, radial.sum()
 
-
-def _launch_with_fewer_stages(kernel, grid, args, meta: dict) -> None:
-    """Launches with the forward's pipeline depth, or fewer stages if the backward's extra tiles do not
-    fit in shared memory (stages only overlap loads: the arithmetic, hence the bits, stay the same)."""
-    for stages in range(meta["num_stages"], 0, -1):
-        try:
-            kernel[grid](*args, **{**meta, "num_stages": stages})
-            return
-        except OutOfResources:
-            if stages == 1:
-                raise

@@ -28,22 +28,21 @@ from torch.library import triton_op, wrap_triton
 
 from fastcl.kernels._common import (
     PRUNE,
+    accumulate_gradient_tile,
     accumulator,
     autotune_configs,
     backward_meta,
     dot_precision,
     finish_logsumexp,
+    finish_row_gradient,
     gradient_prescale,
     inverse_norms,
     launch_with_fewer_stages,
     load_inverse_norms,
-    load_stacked,
-    mma,
     online_logsumexp,
     pair_rows,
     remember_forward_config,
     stacked_logits,
-    store_row_gradient,
 )
 from fastcl.ops import accumulation_dtype
 
@@ -114,19 +113,10 @@ def _ntxent_backward_kernel(
         t = tl.exp(excluded - lse_rows[:, None]) + tl.exp(excluded - lse_cols[None, :])
         t -= tl.where(contrast & (cols[None, :] == partner[:, None]), 2.0, 0.0)
         radial += tl.sum(t * tl.where(contrast, s, 0.0), axis=1)
-        z_cols = load_stacked(z, cols, col_mask, out_d, out_mask)
-        if SCALE_OPERAND:
-            # float16: T·r_j·PRESCALE could overflow; ẑ_j = r_j z_j (|ẑ_j| ≤ 1) is the operand instead.
-            g = (t * PRESCALE).to(z_cols.dtype)
-            z_cols = (z_cols.to(ACC) * inv_cols[:, None]).to(z_cols.dtype)
-        else:
-            g = (t * (inv_cols * PRESCALE)[None, :]).to(z_cols.dtype)
-        d_hat = mma(g, z_cols, d_hat, PRECISION, ACC)
-    radial *= tl.load(radial_scale_ptr)
-    if tl.program_id(1) == 0:
-        tl.store(radial_ptr + rows, radial, mask=row_mask)
-    store_row_gradient(z, dz_out, rows, row_mask, out_d, out_mask, inv_rows, d_hat * tl.load(scale_ptr), radial,
-                       NORMALIZE, ACC)
+        d_hat = accumulate_gradient_tile(d_hat, t, z, cols, col_mask, inv_cols, out_d, out_mask,
+                                         PRECISION, ACC, PRESCALE, SCALE_OPERAND)
+    finish_row_gradient(z, dz_out, rows, row_mask, out_d, out_mask, inv_rows, d_hat, radial,
+                        scale_ptr, radial_scale_ptr, radial_ptr, NORMALIZE, ACC)
 
 
 def _config_key(z1: Tensor, sub_dim: int, normalize: bool) -> tuple:
