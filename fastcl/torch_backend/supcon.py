@@ -5,6 +5,10 @@ Rows are view-major (row r is sample r mod N). For anchor a with |P(a)| ≥ 1 (t
     G_ac = ∂L/∂s_ac = κ/|A⁺| · (softmax_a(c) − 1[c∈P(a)]/|P(a)|)
 The backward walks row blocks of all rows and, like NT-Xent's, adds the transposed term G_cr of the
 anchors c from the same recomputed tile, so each block owns its rows of dZ.
+
+With labels, the positive terms need no N² work (SPEC §3): with per-class row sums C_y,
+Σ_{p∈P(a)} s_ap = ẑ_a·(C_{y_a} − ẑ_a)/τ, and the positive part of dZ is a class-sum lookup too, so the
+tiles only carry the softmax. A mask is read tile by tile.
 """
 from __future__ import annotations
 
@@ -18,14 +22,11 @@ from fastcl.torch_backend._tiles import (
 )
 
 
-def _positive_tile(labels: Optional[Tensor], mask: Optional[Tensor], start: int, stop: int, m: int) -> Tensor:
-    """P for rows start..stop against all m rows (self included; callers mask it)."""
-    n = labels.shape[0] if labels is not None else mask.shape[0]
-    device = labels.device if labels is not None else mask.device
-    rows = torch.arange(start, stop, device=device) % n
-    cols = torch.arange(m, device=device) % n
-    if labels is not None:
-        return labels[rows][:, None] == labels[cols][None, :]
+def _positive_tile(mask: Tensor, start: int, stop: int, m: int) -> Tensor:
+    """mask[r mod N, c mod N] for rows start..stop against all m rows (self included; callers clear it)."""
+    n = mask.shape[0]
+    rows = torch.arange(start, stop, device=mask.device) % n
+    cols = torch.arange(m, device=mask.device) % n
     return mask[rows][:, cols]
 
 
@@ -48,6 +49,16 @@ def _anchor_weights(counts: Tensor, n_anchors: int, kappa: Tensor) -> Tensor:
     return valid * kappa / valid.sum().clamp(min=1)
 
 
+def _class_sums(values: Tensor, row_class: Tensor, n_classes: int) -> Tensor:
+    return values.new_zeros(n_classes, values.shape[1]).index_add_(0, row_class, values)
+
+
+def _row_classes(labels: Tensor, views: int) -> tuple[Tensor, int]:
+    """Each row's class as an index 0..n_classes-1, and n_classes."""
+    classes, inverse = torch.unique(labels, return_inverse=True)
+    return inverse.repeat(views), classes.shape[0]
+
+
 def _view_major_rows(features: Tensor, sub_dim: int, normalize: bool) -> tuple[Tensor, Tensor]:
     n, views, _ = features.shape
     return prepare_rows(features.transpose(0, 1).reshape(views * n, -1), sub_dim, normalize)
@@ -62,14 +73,21 @@ def supcon_forward(
     m = zc.shape[0]
     counts = positive_counts(labels, mask, m)
     lse = zc.new_empty(n_anchors)
-    positive_mean = zc.new_zeros(n_anchors)
+    if labels is not None:
+        row_class, n_classes = _row_classes(labels, features.shape[1])
+        others = _class_sums(zc, row_class, n_classes)[row_class[:n_anchors]] - zc[:n_anchors]
+        positive_sum = (zs[:n_anchors] * others).sum(dim=1)
+    else:
+        positive_sum = zc.new_empty(n_anchors)
     for start, stop in blocks(n_anchors, m):
         s = logits(zs[start:stop], zc)
-        positives = _positive_tile(labels, mask, start, stop, m)
-        positives.diagonal(offset=start).fill_(False)
-        positive_mean[start:stop] = torch.where(positives, s, 0.0).sum(dim=1) / counts[start:stop].clamp(min=1)
+        if mask is not None:
+            positives = _positive_tile(mask, start, stop, m)
+            positives.diagonal(offset=start).fill_(False)
+            positive_sum[start:stop] = torch.where(positives, s, 0.0).sum(dim=1)
         lse[start:stop] = row_logsumexp(mask_self(s, start))
     weights = _anchor_weights(counts, n_anchors, tau / base_temperature)[:n_anchors]
+    positive_mean = positive_sum / counts[:n_anchors].clamp(min=1)
     # An anchor with no other row has lse = −inf; it has no positive either, and must add 0, not 0·(−inf).
     per_anchor = torch.where(weights > 0, weights * (lse - positive_mean), 0.0)
     return per_anchor.sum(), lse, 1.0 / norms.clamp_min(1e-12)
@@ -93,22 +111,29 @@ def supcon_backward(
     m = zc.shape[0]
     counts = positive_counts(labels, mask, m)
     weights = _anchor_weights(counts, n_anchors, tau / base_temperature)
-    inv_counts = 1.0 / counts.clamp(min=1).to(zc.dtype)
-    # Non-anchor columns get lse = +inf (softmax 0) and weight 0.
+    positive_weights = weights / counts.clamp(min=1).to(zc.dtype)  # κ/(|A⁺|·|P(r)|)
+    # w·softmax = exp(s − (lse − log w)); rows that are not anchors with a positive get +inf (weight 0).
     lse_all = torch.cat([lse, lse.new_full((m - n_anchors,), float("inf"))])
-    # The transposed term needs P(c) ∋ r, i.e. the positive tile of the columns against the rows.
-    transposed_mask = mask.T if mask is not None else None
+    shift = torch.where(weights > 0, lse_all - weights.log(), float("inf"))
     dz = torch.empty_like(zc)
-    scale = grad.to(zc.dtype) / tau
     for start, stop in blocks(m, m):
         s = mask_self(logits(zs[start:stop], zc), start)
-        positives = _positive_tile(labels, mask, start, stop, m).to(zc.dtype)
-        positives_t = positives if mask is None else _positive_tile(None, transposed_mask, start, stop, m).to(zc.dtype)
-        rows = slice(start, stop)
-        g = weights[rows, None] * (torch.sub(s, lse_all[rows, None]).exp_() - positives * inv_counts[rows, None])
-        g += weights[None, :] * (s.sub_(lse_all[None, :]).exp_() - positives_t * inv_counts[None, :])
-        g.diagonal(offset=start).zero_()
-        dz[start:stop] = (g @ zc) * scale
+        g = torch.sub(s, shift[start:stop, None]).exp_()
+        g += s.sub_(shift[None, :]).exp_()
+        if mask is not None:
+            # Row term −1[c∈P(r)]/|P(r)| and transposed term −1[r∈P(c)]/|P(c)| (the mask may be asymmetric).
+            positive = positive_weights[start:stop, None] * _positive_tile(mask, start, stop, m)
+            positive += positive_weights[None, :] * _positive_tile(mask.T, start, stop, m)
+            positive.diagonal(offset=start).zero_()
+            g -= positive
+        dz[start:stop] = g @ zc
+    if labels is not None:
+        # Σ_{c∈P(r)} (a_r + a_c) ẑ_c with a = positive_weights: class sums minus the row itself.
+        row_class, n_classes = _row_classes(labels, features.shape[1])
+        weighted = positive_weights[:, None] * zc
+        dz -= positive_weights[:, None] * (_class_sums(zc, row_class, n_classes)[row_class] - zc)
+        dz -= _class_sums(weighted, row_class, n_classes)[row_class] - weighted
+    dz *= grad.to(zc.dtype) / tau
     gs = grad_dot_logits([(zc, dz)], 2)
     n, views, _ = features.shape
     dz = rows_backward(dz, zc, norms).reshape(views, n, -1).transpose(0, 1)
