@@ -11,6 +11,9 @@ Each backward also returns Σ_ij G_ij s_ij (G = ∂L/∂S, already times the ups
 backends get for free from the tiles they recompute (it is also what the normalization's backward
 needs). Since s_ij = ẑ_i·ẑ_j/τ, dL/dτ = −Σ_ij G_ij s_ij / τ, plus L/τ for SupCon's τ/τ_b prefactor:
 the temperature gradient costs O(1) extra.
+
+Autocast is switched off inside the ops: a loss computes in the dtype of the embeddings it receives
+(autocast has already chosen that dtype for the layers that produced them), with fp32 reductions.
 """
 from __future__ import annotations
 
@@ -27,6 +30,11 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _backend(name: str, like: Tensor):
+    """The backend module, entered with autocast off for ``like``'s device."""
+    return torch.autocast(like.device.type, enabled=False), dispatch.module(name)
+
+
 def _norms_fake(x: Tensor, rows: int, normalize: bool) -> Tensor:
     return x.new_empty((rows if normalize else 0,), dtype=accumulation_dtype(x.dtype))
 
@@ -36,7 +44,9 @@ def _norms_fake(x: Tensor, rows: int, normalize: bool) -> Tensor:
 @torch.library.custom_op("fastcl::ntxent", mutates_args=())
 def ntxent(z1: Tensor, z2: Tensor, tau: Tensor, sub_dim: int, normalize: bool, backend: str) -> tuple[Tensor, Tensor, Tensor]:
     """Rows Z = [z1; z2]. Returns (loss, lse[2N], inverse norms[2N] or [0])."""
-    return dispatch.module(backend).ntxent_forward(z1, z2, tau, sub_dim, normalize)
+    no_autocast, impl = _backend(backend, z1)
+    with no_autocast:
+        return impl.ntxent_forward(z1, z2, tau, sub_dim, normalize)
 
 
 @ntxent.register_fake
@@ -55,9 +65,9 @@ def _ntxent_setup(ctx, inputs, output):
 def _ntxent_backward(ctx, grad_loss, _grad_lse, _grad_norms):
     z1, z2, tau, lse, inv_norms = ctx.saved_tensors
     sub_dim, normalize, backend = ctx.options
-    dz1, dz2, grad_dot_logits = dispatch.module(backend).ntxent_backward(
-        grad_loss, z1, z2, tau, sub_dim, normalize, lse, inv_norms
-    )
+    no_autocast, impl = _backend(backend, z1)
+    with no_autocast:
+        dz1, dz2, grad_dot_logits = impl.ntxent_backward(grad_loss, z1, z2, tau, sub_dim, normalize, lse, inv_norms)
     dtau = -grad_dot_logits.to(tau.dtype) / tau if ctx.needs_input_grad[2] else None
     return dz1, dz2, dtau, None, None, None
 
@@ -72,7 +82,9 @@ def infonce(
     q: Tensor, k: Tensor, tau: Tensor, sub_dim: int, normalize: bool, symmetric: bool, backend: str
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Returns (loss, row lse[N], column lse[N] or [0] when not symmetric, inverse norms of q and k)."""
-    return dispatch.module(backend).infonce_forward(q, k, tau, sub_dim, normalize, symmetric)
+    no_autocast, impl = _backend(backend, q)
+    with no_autocast:
+        return impl.infonce_forward(q, k, tau, sub_dim, normalize, symmetric)
 
 
 @infonce.register_fake
@@ -97,9 +109,11 @@ def _infonce_setup(ctx, inputs, output):
 def _infonce_backward(ctx, grad_loss, *_grad_aux):
     q, k, tau, lse_rows, lse_cols, inv_norms_q, inv_norms_k = ctx.saved_tensors
     sub_dim, normalize, symmetric, backend = ctx.options
-    dq, dk, grad_dot_logits = dispatch.module(backend).infonce_backward(
-        grad_loss, q, k, tau, sub_dim, normalize, symmetric, lse_rows, lse_cols, inv_norms_q, inv_norms_k
-    )
+    no_autocast, impl = _backend(backend, q)
+    with no_autocast:
+        dq, dk, grad_dot_logits = impl.infonce_backward(
+            grad_loss, q, k, tau, sub_dim, normalize, symmetric, lse_rows, lse_cols, inv_norms_q, inv_norms_k
+        )
     dtau = -grad_dot_logits.to(tau.dtype) / tau if ctx.needs_input_grad[2] else None
     return dq, dk, dtau, None, None, None, None
 
@@ -124,7 +138,9 @@ def supcon(
     """features [N, V, D]; rows are view-major (row v·N + n = features[n, v]). Exactly one of labels [N] /
     bool mask [N, N] is given. Anchors are rows 0..n_anchors-1. Returns (loss, lse[n_anchors], inverse
     norms[V·N] or [0])."""
-    return dispatch.module(backend).supcon_forward(features, labels, mask, tau, base_temperature, n_anchors, sub_dim, normalize)
+    no_autocast, impl = _backend(backend, features)
+    with no_autocast:
+        return impl.supcon_forward(features, labels, mask, tau, base_temperature, n_anchors, sub_dim, normalize)
 
 
 @supcon.register_fake
@@ -143,9 +159,11 @@ def _supcon_setup(ctx, inputs, output):
 def _supcon_backward(ctx, grad_loss, _grad_lse, _grad_norms):
     features, labels, mask, tau, loss, lse, inv_norms = ctx.saved_tensors
     base_temperature, n_anchors, sub_dim, normalize, backend = ctx.options
-    dfeatures, grad_dot_logits = dispatch.module(backend).supcon_backward(
-        grad_loss, features, labels, mask, tau, base_temperature, n_anchors, sub_dim, normalize, lse, inv_norms
-    )
+    no_autocast, impl = _backend(backend, features)
+    with no_autocast:
+        dfeatures, grad_dot_logits = impl.supcon_backward(
+            grad_loss, features, labels, mask, tau, base_temperature, n_anchors, sub_dim, normalize, lse, inv_norms
+        )
     dtau = None
     if ctx.needs_input_grad[3]:
         # L = (τ/τ_b)·F(S): the prefactor adds L/τ to the similarity term.

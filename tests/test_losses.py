@@ -226,3 +226,20 @@ def test_gradcheck_float64(loss, options):
         return OURS[loss](*args[:-1], temperature=args[-1], **batch.targets, **loss_options)
 
     assert torch.autograd.gradcheck(fn, (*inputs, tau), eps=1e-6, atol=1e-8, rtol=1e-6)
+
+
+@pytest.mark.parametrize("loss", ["ntxent", "infonce", "supcon"])
+def test_autocast_does_not_lower_the_loss_precision(loss):
+    """Inside the op autocast is off: fp32 embeddings give the fp32 result under a bf16 autocast region."""
+    gen = torch.Generator().manual_seed(11)
+    a, b = torch.randn(24, 16, generator=gen), torch.randn(24, 16, generator=gen)
+    labels = torch.randint(0, 4, (24,), generator=gen)
+    compute = {
+        "ntxent": lambda: fastcl.functional.nt_xent(a, b, 0.1, backend="torch"),
+        "infonce": lambda: fastcl.functional.info_nce(a, b, 0.1, backend="torch"),
+        "supcon": lambda: fastcl.functional.supcon(torch.stack([a, b], 1), labels, backend="torch"),
+    }[loss]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under_autocast = compute()
+    assert under_autocast.dtype == torch.float32
+    assert torch.equal(under_autocast, compute())
