@@ -7,12 +7,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import importlib.util
 import re
 import shlex
 import sys
 from pathlib import Path
-from types import ModuleType
 from typing import Optional, Sequence
 
 import torch
@@ -144,28 +142,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return 0
 
 
-def _augment_helper() -> Optional[ModuleType]:
-    """The augmentation benchmark: ``fastcl.augment.bench`` if installed, else ``bench/bench_augment.py`` of a
-    source checkout; either provides ``run(device, quick, min_time)``, ``environment`` and ``to_markdown``."""
-    try:
-        return importlib.import_module("fastcl.augment.bench")
-    except ModuleNotFoundError:
-        pass
-    script = Path(__file__).resolve().parents[2] / "bench" / "bench_augment.py"
-    if not script.exists():
-        return None
-    spec = importlib.util.spec_from_file_location("fastcl_bench_augment", script)
-    helper = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(helper)
-    return helper
-
-
 def _augment(args: argparse.Namespace) -> int:
-    helper = _augment_helper()
-    if helper is None:
-        print("fastcl bench --augment: no augmentation benchmark here (needs fastcl.augment.bench or a source "
-              "checkout's bench/bench_augment.py)", file=sys.stderr)
-        return 1
+    helper = importlib.import_module("fastcl.augment.bench")
     device = torch.device(args.device)
     rows = helper.run(device, False, _AUGMENT_SECONDS_PER_CASE)
     env = helper.environment(device)
