@@ -22,11 +22,12 @@ test: $(STAMP)
 	$(PY) -m pytest -q tests
 
 demo: $(STAMP)
-	$(VENV)/bin/fastcl train --dataset spirograph --method simclr --encoder convnet --epochs 2 --train-size 4096 --test-size 1024 --batch-size 256 --out runs/demo
-	$(VENV)/bin/fastcl bench --device cpu --loss all --impl torch,naive --sizes 1024,4096 --dim 128 --repeats 3
+	$(VENV)/bin/fastcl train --dataset spirograph --method simclr --encoder convnet --train-size 8192 \
+		--test-size 1024 --epochs 3 --batch-size 128 --lr 0.5 --eval-every 0 --out runs/demo
+	$(VENV)/bin/fastcl bench --loss all --impl torch,triton,naive --sizes 1024,2048 --dim 128 --repeats 3
 
 bench: $(STAMP)
-	$(VENV)/bin/fastcl bench --device cpu --loss all --sizes 1024,4096,8192 --dim 128 --json bench/results/cpu.json
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH bench/run_cpu.sh
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
