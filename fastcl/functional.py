@@ -38,6 +38,22 @@ def _check_finite_default(check_finite: Optional[bool], backend: str) -> bool:
     return backend == "torch" if check_finite is None else check_finite
 
 
+def _check_two_views(names, a: Tensor, b: Tensor, sub_dim, temperature, backend, distributed, check_finite):
+    """Validates a pair of [N, D] views; returns (D', concrete backend, distributed mode, τ tensor)."""
+    for name, t in zip(names, (a, b)):
+        _validate.embeddings(name, t, 2)
+    _validate.same_layout(names, (a, b))
+    d = _validate.sub_dim(sub_dim, a.shape[1])
+    backend = dispatch.resolve(backend, a.device)
+    mode = _distributed.resolve_mode(distributed)
+    checking = _check_finite_default(check_finite, backend)
+    _validate.temperature("temperature", temperature, a.device, checking)
+    if checking:
+        for name, t in zip(names, (a, b)):
+            _validate.finite(name, t)
+    return d, backend, mode, _temperature_tensor(temperature, a)
+
+
 def nt_xent(
     z1: Tensor,
     z2: Tensor,
@@ -57,20 +73,9 @@ def nt_xent(
         >>> loss.shape, loss.dtype
         (torch.Size([]), torch.float32)
     """
-    _validate.embeddings("z1", z1, 2)
-    _validate.embeddings("z2", z2, 2)
-    _validate.same_layout(("z1", "z2"), (z1, z2))
-    d = _validate.sub_dim(sub_dim, z1.shape[1])
-    backend = dispatch.resolve(backend, z1.device)
-    mode = _distributed.resolve_mode(distributed)
+    d, backend, mode, tau = _check_two_views(("z1", "z2"), z1, z2, sub_dim, temperature, backend, distributed, check_finite)
     if z1.shape[0] == 1 and mode == "local":
-        raise ValueError("z1: NT-Xent needs N >= 2 rows per view (N = 1 leaves no negatives), got shape (1, D)")
-    checking = _check_finite_default(check_finite, backend)
-    _validate.temperature("temperature", temperature, z1.device, checking)
-    if checking:
-        _validate.finite("z1", z1)
-        _validate.finite("z2", z2)
-    tau = _temperature_tensor(temperature, z1)
+        raise ValueError(f"z1: NT-Xent needs N >= 2 rows per view (N = 1 leaves no negatives), got shape {tuple(z1.shape)}")
     if mode != "local":
         return _distributed.nt_xent(_prepare(z1, d, normalize), _prepare(z2, d, normalize), tau, mode=mode, backend=backend)
     return ops.ntxent(z1, z2, tau, d, normalize, backend)[0]
@@ -97,20 +102,9 @@ def info_nce(
         >>> bool(info_nce(q, k, 0.1, sub_dim=16) > 0)
         True
     """
-    _validate.embeddings("q", q, 2)
-    _validate.embeddings("k", k, 2)
-    _validate.same_layout(("q", "k"), (q, k))
-    d = _validate.sub_dim(sub_dim, q.shape[1])
     if not isinstance(symmetric, bool):
         raise TypeError(f"symmetric: expected a bool, got {type(symmetric).__name__}")
-    backend = dispatch.resolve(backend, q.device)
-    mode = _distributed.resolve_mode(distributed)
-    checking = _check_finite_default(check_finite, backend)
-    _validate.temperature("temperature", temperature, q.device, checking)
-    if checking:
-        _validate.finite("q", q)
-        _validate.finite("k", k)
-    tau = _temperature_tensor(temperature, q)
+    d, backend, mode, tau = _check_two_views(("q", "k"), q, k, sub_dim, temperature, backend, distributed, check_finite)
     if mode != "local":
         pq, pk = _prepare(q, d, normalize), _prepare(k, d, normalize)
         return _distributed.info_nce(pq, pk, tau, symmetric=symmetric, mode=mode, backend=backend)
