@@ -66,8 +66,8 @@ def sub_dim(value: Optional[int], dim: int) -> int:
     return value
 
 
-def temperature(name: str, value: Temperature, device: torch.device, check_values: bool) -> None:
-    if isinstance(value, torch.Tensor):
+def temperature(name: str, value: Temperature, device: torch.device, check_values: bool, allow_tensor: bool = True) -> None:
+    if isinstance(value, torch.Tensor) and allow_tensor:
         if value.dim() != 0:
             raise ValueError(f"{name}: expected a Python float or a 0-dim tensor, got shape {tuple(value.shape)}")
         if not value.is_floating_point():
@@ -80,7 +80,8 @@ def temperature(name: str, value: Temperature, device: torch.device, check_value
                 raise ValueError(f"{name}: expected a finite value > 0, got {v}")
         return
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name}: expected a float or a 0-dim tensor, got {type(value).__name__}")
+        expected = "a float or a 0-dim tensor" if allow_tensor else "a Python float"
+        raise TypeError(f"{name}: expected {expected} > 0, got {type(value).__name__}")
     if not (math.isfinite(value) and value > 0):
         raise ValueError(f"{name}: expected a finite value > 0, got {value}")
 

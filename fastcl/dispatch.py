@@ -17,7 +17,8 @@ BACKENDS = ("torch", "triton", "cuda")
 _CHOICES = BACKENDS + ("auto",)
 
 
-def _triton_interpreted() -> bool:
+def triton_interpreted() -> bool:
+    """True when Triton runs through its CPU interpreter (``TRITON_INTERPRET=1``)."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
@@ -44,7 +45,7 @@ def unavailable_reason(backend: str, device: torch.device | None = None) -> str 
         if not _triton_importable():
             return "the 'triton' package is not installed"
         on_cuda = device.type == "cuda" if device is not None else torch.cuda.is_available()
-        if on_cuda or _triton_interpreted():
+        if on_cuda or triton_interpreted():
             return None
         if device is not None:
             return f"it needs CUDA tensors (got device {device}); set TRITON_INTERPRET=1 to run it on the CPU interpreter"

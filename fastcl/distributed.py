@@ -23,7 +23,8 @@ reporting) and backpropagates W·(upstream gradient)·L_r, whose key part reache
 DDP's 1/W average gives exactly dL/dθ. Each rank's upstream gradient weights the anchors it holds.
 
 The loss math is the chunked PyTorch of :mod:`fastcl.torch_backend` (``logits``, ``blocks``,
-``mask_self``) on the rows' device, CPU or CUDA, whatever ``backend`` says for the local path.
+``mask_self``) on the rows' device, CPU or CUDA: the fused Triton kernels serve ``distributed="local"``
+only (a rectangular anchors × key-block kernel is future work), so ``backend`` does not apply here.
 """
 from __future__ import annotations
 
@@ -336,7 +337,7 @@ def _sample_labels(n: int, sizes: list[int], device: torch.device) -> Tensor:
     return torch.arange(n, device=device) + sum(sizes[: dist.get_rank()])
 
 
-def nt_xent(p1: Tensor, p2: Tensor, tau: Tensor, *, mode: str, backend: str) -> Tensor:
+def nt_xent(p1: Tensor, p2: Tensor, tau: Tensor, *, mode: str) -> Tensor:
     """NT-Xent over the global batch [z1 of all ranks; z2 of all ranks] from prepared local rows."""
     n = p1.shape[0]
     sizes = local_sizes(n, p1.device)
@@ -344,7 +345,7 @@ def nt_xent(p1: Tensor, p2: Tensor, tau: Tensor, *, mode: str, backend: str) -> 
     return _GlobalLoss.apply(torch.cat([p1, p2]), _sample_labels(n, sizes, p1.device), tau, layout, mode, sizes)
 
 
-def info_nce(pq: Tensor, pk: Tensor, tau: Tensor, *, symmetric: bool, mode: str, backend: str) -> Tensor:
+def info_nce(pq: Tensor, pk: Tensor, tau: Tensor, *, symmetric: bool, mode: str) -> Tensor:
     """Cross-view InfoNCE: local q rows against the global k rows (and k against q when symmetric)."""
     n = pq.shape[0]
     sizes = local_sizes(n, pq.device)
@@ -365,7 +366,6 @@ def supcon(
     base_temperature: float,
     n_anchors: int,
     mode: str,
-    backend: str,
 ) -> Tensor:
     """SupCon L_out over the global batch; z is view-major [V·N_local, D'], labels [N_local] class ids
     that mean the same class on every rank."""

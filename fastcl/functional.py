@@ -23,11 +23,15 @@ def _prepare(z: Tensor, d: int, normalize: bool) -> Tensor:
     return F.normalize(z, dim=-1, eps=1e-12) if normalize else z
 
 
-def _temperature_tensor(value: Temperature, like: Tensor) -> Tensor:
+def _temperature_tensor(value: Temperature, like: Tensor, checked: bool) -> Tensor:
     acc = ops.accumulation_dtype(like.dtype)
-    if isinstance(value, Tensor):
-        return value.to(device=like.device, dtype=acc)
-    return torch.full((), float(value), dtype=acc, device=like.device)
+    if not isinstance(value, Tensor):
+        return torch.full((), float(value), dtype=acc, device=like.device)
+    tau = value.to(device=like.device, dtype=acc)
+    if not checked:
+        # No host sync: the device raises if a learnable τ has drifted to ≤ 0 or NaN.
+        torch._assert_async((tau > 0) & torch.isfinite(tau), "temperature: expected a finite value > 0")
+    return tau
 
 
 def _check_finite_default(check_finite: Optional[bool], backend: str) -> bool:
@@ -51,7 +55,7 @@ def _check_two_views(names, a: Tensor, b: Tensor, sub_dim, temperature, backend,
     if checking:
         for name, t in zip(names, (a, b)):
             _validate.finite(name, t)
-    return d, backend, mode, _temperature_tensor(temperature, a)
+    return d, backend, mode, _temperature_tensor(temperature, a, checking)
 
 
 def nt_xent(
@@ -77,7 +81,7 @@ def nt_xent(
     if z1.shape[0] == 1 and mode == "local":
         raise ValueError(f"z1: NT-Xent needs N >= 2 rows per view (N = 1 leaves no negatives), got shape {tuple(z1.shape)}")
     if mode != "local":
-        return _distributed.nt_xent(_prepare(z1, d, normalize), _prepare(z2, d, normalize), tau, mode=mode, backend=backend)
+        return _distributed.nt_xent(_prepare(z1, d, normalize), _prepare(z2, d, normalize), tau, mode=mode)
     return ops.ntxent(z1, z2, tau, d, normalize, backend)[0]
 
 
@@ -107,7 +111,7 @@ def info_nce(
     d, backend, mode, tau = _check_two_views(("q", "k"), q, k, sub_dim, temperature, backend, distributed, check_finite)
     if mode != "local":
         pq, pk = _prepare(q, d, normalize), _prepare(k, d, normalize)
-        return _distributed.info_nce(pq, pk, tau, symmetric=symmetric, mode=mode, backend=backend)
+        return _distributed.info_nce(pq, pk, tau, symmetric=symmetric, mode=mode)
     return ops.infonce(q, k, tau, d, normalize, symmetric, backend)[0]
 
 
@@ -147,9 +151,7 @@ def supcon(
         _validate.labels(labels, n, features.device)
     if mask is not None:
         _validate.mask(mask, n, features.device)
-    if isinstance(base_temperature, Tensor):
-        raise TypeError("base_temperature: expected a Python float, got a tensor")
-    _validate.temperature("base_temperature", base_temperature, features.device, True)
+    _validate.temperature("base_temperature", base_temperature, features.device, True, allow_tensor=False)
     backend = dispatch.resolve(backend, features.device)
     mode = _distributed.resolve_mode(distributed)
     checking = _check_finite_default(check_finite, backend)
@@ -161,12 +163,12 @@ def supcon(
         labels = torch.arange(n, device=features.device) + _distributed.sample_offset(n, mode, features.device)
     if mask is not None:
         mask = mask != 0
-    tau = _temperature_tensor(temperature, features)
+    tau = _temperature_tensor(temperature, features, checking)
     n_anchors = n if contrast_mode == "one" else views * n
     if mode != "local":
         # View-major rows (row v·N + n), as SupContrast's torch.cat(torch.unbind(features, dim=1)).
         z = _prepare(features, d, normalize).transpose(0, 1).reshape(views * n, d)
         return _distributed.supcon(
-            z, labels, mask, tau, base_temperature=float(base_temperature), n_anchors=n_anchors, mode=mode, backend=backend
+            z, labels, mask, tau, base_temperature=float(base_temperature), n_anchors=n_anchors, mode=mode
         )
     return ops.supcon(features, labels, mask, tau, float(base_temperature), n_anchors, d, normalize, backend)[0]

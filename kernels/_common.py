@@ -18,8 +18,6 @@ Host side (plain Python, stable names):
   float16 for the second GEMM, so softmax weights ~1/M stay out of fp16's subnormal range; divide the
   result by it (it is a power of two: exact).
 - :data:`PRUNE` — ``prune_configs_by`` dict that drops feature tiles far wider than D.
-- :func:`scalar_tensor` — a 0-dim float tensor on a device, for values kernels read by pointer
-  (no host sync, safe under CUDA graphs).
 - :func:`pair_rows` / :func:`view_major_rows` (device side: :func:`single_rows`) — a *stacked-rows descriptor*: the 8 kernel arguments
   ``(first, first_stride_m, first_stride_d, rest, rest_stride_block, rest_stride_m, rest_stride_d, N)``
   of a virtual [M, D] matrix whose row r = b·N + n is ``first[n]`` for b = 0, else ``rest[n]`` shifted by
@@ -65,16 +63,14 @@ Example (host side):
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import triton
 import triton.language as tl
 from triton.runtime.errors import OutOfResources
 
-
-def interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+from fastcl.dispatch import triton_interpreted as interpreted
+from fastcl.torch_backend._tiles import NORM_EPS
 
 
 _INTERPRETED = tl.constexpr(interpreted())
@@ -92,12 +88,6 @@ def accumulator(dtype: torch.dtype):
 
 def gradient_prescale(dtype: torch.dtype) -> float:
     return 4096.0 if dtype == torch.float16 else 1.0
-
-
-def scalar_tensor(value, device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    if isinstance(value, torch.Tensor):
-        return value.detach().to(device=device, dtype=dtype).reshape(())
-    return torch.full((), float(value), device=device, dtype=dtype)
 
 
 # (BLOCK_M, BLOCK_N, BLOCK_D, num_warps, num_stages); backward entries add BLOCK_DO before num_warps.
@@ -199,7 +189,6 @@ def finish_logsumexp(running_max, running_sum):
 
 # --- stacked rows, fused normalization, forward/backward tile configs ---------------------------------
 
-NORM_EPS = 1e-12  # torch.nn.functional.normalize's eps
 _NORM_EPS = tl.constexpr(NORM_EPS)
 # 1/max(‖z‖, eps) equals this exactly (fp32 and fp64) iff the norm was clamped.
 _CLAMPED_INV_NORM = tl.constexpr(1.0 / NORM_EPS)
@@ -367,7 +356,8 @@ def inverse_norms(rows: tuple, m: int, sub_dim: int) -> torch.Tensor:
 _forward_configs: dict = {}
 # Backward accumulator registers per thread: BLOCK_M · BLOCK_DO ≤ 64 · 32 · num_warps. At this budget
 # ptxas (sm90, bf16) reported no spills for InfoNCE's 128×128/8 warps, 128×64/4 warps and 64×64/4 warps
-# tiles before normalization was fused; at twice the budget it spilled (see docs/kernels-infonce.md).
+# tiles before normalization was fused; with fused normalization dQ spills 84 B and dK 720 B at
+# 128×128/8 warps, BLOCK_DO = 128 (docs/kernels-infonce.md) — to be profiled on a GPU.
 _ACCUMULATOR_REGISTERS = 64
 
 

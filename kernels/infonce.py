@@ -37,6 +37,7 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from torch.library import triton_op, wrap_triton
 
 from fastcl.kernels._common import (
     PRUNE,
@@ -344,6 +345,7 @@ def infonce_forward(
     return loss, lse_rows, lse_cols, inv_q, inv_k
 
 
+@triton_op("fastcl::triton_infonce_backward", mutates_args=())
 def infonce_backward(
     grad: Tensor, q: Tensor, k: Tensor, tau: Tensor, sub_dim: int, normalize: bool, symmetric: bool,
     lse_rows: Tensor, lse_cols: Tensor, inv_norms_q: Tensor, inv_norms_k: Tensor,
@@ -363,9 +365,9 @@ def infonce_backward(
     operands = (q, q.stride(0), q.stride(1), k, k.stride(0), k.stride(1),
                 *((inv_norms_q, inv_norms_k) if normalize else (tau, tau)), tau, scale, lse_rows,
                 lse_cols if symmetric else lse_rows)
-    launch_with_fewer_stages(_infonce_dq_kernel, (triton.cdiv(n, meta["BLOCK_M"]), out_slices),
+    launch_with_fewer_stages(wrap_triton(_infonce_dq_kernel), (triton.cdiv(n, meta["BLOCK_M"]), out_slices),
                              (*operands, dq, dq.stride(0), dq.stride(1), radial, n, d), common)
-    launch_with_fewer_stages(_infonce_dk_kernel, (triton.cdiv(n, meta["BLOCK_N"]), out_slices),
+    launch_with_fewer_stages(wrap_triton(_infonce_dk_kernel), (triton.cdiv(n, meta["BLOCK_N"]), out_slices),
                              (*operands, dk, dk.stride(0), dk.stride(1), n, d), common)
     return dq, dk, radial.sum()
 

@@ -51,6 +51,7 @@ from fastcl.kernels._common import (
     view_major_rows,
 )
 from fastcl.ops import accumulation_dtype
+from fastcl.torch_backend.supcon import positive_counts
 
 
 @triton.jit
@@ -172,21 +173,6 @@ def _positive_source(labels: Optional[Tensor], mask: Optional[Tensor]) -> tuple:
     return labels, labels.stride(0), None, 0, 0, False
 
 
-def _anchor_counts(labels: Optional[Tensor], mask: Optional[Tensor], m: int, n_anchors: int) -> Tensor:
-    """|P(a)| for the anchor rows: V·#{samples positive to a's sample} − [a's sample is positive to itself].
-
-    Class sizes by sort + searchsorted (static shapes, so torch.compile can trace it; ``unique`` cannot).
-    """
-    if labels is not None:
-        ordered = labels.sort().values
-        per_sample = torch.searchsorted(ordered, labels, right=True) - torch.searchsorted(ordered, labels)
-        self_positive = 1
-    else:
-        per_sample, self_positive = mask.sum(dim=1), mask.diagonal().long()
-    views = m // per_sample.shape[0]
-    return (views * per_sample - self_positive).to(torch.int32).repeat(views)[:n_anchors]
-
-
 def _config_key(features: Tensor, sub_dim: int, normalize: bool, has_mask: bool) -> tuple:
     return ("supcon", features.device, sub_dim, features.dtype, dot_precision(features.dtype), normalize, has_mask)
 
@@ -211,7 +197,7 @@ def supcon_forward(
         ACC=accumulator(features.dtype),
     )
     remember_forward_config(_config_key(features, sub_dim, normalize, has_mask), _supcon_forward_kernel)
-    counts = _anchor_counts(labels, mask, m, n_anchors)
+    counts = positive_counts(labels, mask, m)[:n_anchors].to(torch.int32)
     weighted = counts > 0
     per_anchor = torch.where(weighted, lse - positive_sum / counts.clamp(min=1).to(acc), 0.0)
     loss = (tau / base_temperature) * per_anchor.sum() / weighted.sum().clamp(min=1).to(acc)
@@ -235,7 +221,7 @@ def supcon_backward(
     """dL/dfeatures shaped like features (exactly zero beyond sub_dim) and Σ_ij G_ij s_ij."""
     n, views, dim = features.shape
     m = n * views
-    counts = _anchor_counts(labels, mask, m, n_anchors)
+    counts = positive_counts(labels, mask, m)[:n_anchors].to(torch.int32)
     prescale = gradient_prescale(features.dtype)
     n_weighted = (counts > 0).sum().clamp(min=1).to(tau.dtype)
     grad = grad.to(tau.dtype)

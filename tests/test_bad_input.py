@@ -147,3 +147,11 @@ def test_defined_inputs_never_give_nan(loss, z1, z2):
     value.backward()
     assert torch.isfinite(value)
     assert torch.isfinite(z1.grad).all() and torch.isfinite(z2.grad).all()
+
+
+@pytest.mark.parametrize("value", [-0.5, 0.0, float("nan")])
+def test_tensor_temperature_is_checked_on_the_device_when_value_checks_are_off(value):
+    """With check_finite=False (the fused backends' default) a bad tensor τ still raises, without a host sync."""
+    z = torch.randn(6, 4)
+    with pytest.raises(RuntimeError, match="temperature: expected a finite value > 0"):
+        fastcl.functional.nt_xent(z, z + 1, torch.tensor(value), backend="torch", check_finite=False)

@@ -243,3 +243,10 @@ def test_autocast_does_not_lower_the_loss_precision(loss):
         under_autocast = compute()
     assert under_autocast.dtype == torch.float32
     assert torch.equal(under_autocast, compute())
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f64", "f32"])
+def test_smallest_nt_xent_batch(dtype):
+    """N = 2 (even, the smallest legal NT-Xent batch: each row has 2 negatives)."""
+    batch = make_batch("nt_xent", 2, 5, seed=21)
+    assert_matches_reference("nt_xent", batch, torch.tensor(0.1), dtype, 1e-10 if dtype == torch.float64 else 1e-5)

@@ -102,6 +102,12 @@ def test_matches_reference_and_torch_backend(dim, tau, options, dtype, triton_de
     assert_triton_matches("nt_xent", batch, tau, dtype, triton_device, RTOL[dtype], **options)
 
 
+def test_smallest_batch(triton_device):
+    """N = 2: every tile is mostly padding; each row has two negatives."""
+    assert_triton_matches("nt_xent", make_batch("nt_xent", 2, 5, seed=21), 0.1, torch.float32, triton_device,
+                          RTOL[torch.float32])
+
+
 def test_strided_inputs_match_contiguous(triton_device):
     """A transposed buffer and every other column of a wider one: strides ≠ (D, 1), read in place."""
     batch = on_device(make_batch("nt_xent", 11, 17, seed=5), triton_device)
@@ -200,7 +206,7 @@ _TRACE_BACKWARDS = textwrap.dedent(
     """
     import torch
     from torch.fx.experimental.proxy_tensor import make_fx
-    from fastcl.kernels import ntxent_backward, supcon_backward
+    from fastcl.kernels import infonce_backward, ntxent_backward, supcon_backward
 
     z1, z2, lse, inv = torch.randn(13, 40), torch.randn(40, 13).T, torch.randn(26), torch.rand(26)
     tau, grad = torch.tensor(0.5), torch.tensor(1.0)
@@ -211,6 +217,10 @@ _TRACE_BACKWARDS = textwrap.dedent(
     trace = lambda g, f, y, t, l, r: supcon_backward(g, f, y, None, t, 0.07, 26, 17, True, l, r)
     graph = make_fx(trace, tracing_mode="fake")(grad, features, labels, tau, lse, inv)
     assert "fastcl.triton_supcon_backward" in graph.code, graph.code
+    q, k, lse_cols, inv_k = torch.randn(13, 40), torch.randn(40, 13).T, torch.randn(13), torch.rand(13)
+    trace = lambda g, a, b, t, l, c, r, s: infonce_backward(g, a, b, t, 17, True, True, l, c, r, s)
+    graph = make_fx(trace, tracing_mode="fake")(grad, q, k, tau, lse[:13], lse_cols, inv[:13], inv_k)
+    assert "fastcl.triton_infonce_backward" in graph.code, graph.code
     """
 )
 

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from fastcl.torch_backend._tiles import (
-    blocks, full_gradient, grad_dot_logits, logits, prepare_rows, row_logsumexp, rows_backward,
+    NORM_EPS, blocks, full_gradient, grad_dot_logits, logits, prepare_rows, row_logsumexp, rows_backward,
 )
 
 
@@ -36,7 +36,7 @@ def infonce_forward(
     lse_cols = col_max + torch.log(col_sum)
     if symmetric:
         loss = 0.5 * loss + 0.5 * (lse_cols - diagonal).mean()
-    return loss, lse_rows, lse_cols, 1.0 / q_norms.clamp_min(1e-12), 1.0 / k_norms.clamp_min(1e-12)
+    return loss, lse_rows, lse_cols, 1.0 / q_norms.clamp_min(NORM_EPS), 1.0 / k_norms.clamp_min(NORM_EPS)
 
 
 def infonce_backward(

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from fastcl.torch_backend._tiles import (
-    blocks, full_gradient, grad_dot_logits, logits, mask_self, prepare_rows, row_logsumexp, rows_backward,
+    NORM_EPS, blocks, full_gradient, grad_dot_logits, logits, mask_self, prepare_rows, row_logsumexp, rows_backward,
 )
 
 
@@ -19,7 +19,7 @@ def _positives(start: int, stop: int, m: int, device) -> Tensor:
 
 
 def _rows(z1: Tensor, z2: Tensor, sub_dim: int, normalize: bool) -> tuple[Tensor, Tensor]:
-    return prepare_rows(torch.cat([z1, z2]), sub_dim, normalize)
+    return prepare_rows(torch.cat([z1[:, :sub_dim], z2[:, :sub_dim]]), sub_dim, normalize)
 
 
 def ntxent_forward(z1: Tensor, z2: Tensor, tau: Tensor, sub_dim: int, normalize: bool) -> tuple[Tensor, Tensor, Tensor]:
@@ -32,7 +32,7 @@ def ntxent_forward(z1: Tensor, z2: Tensor, tau: Tensor, sub_dim: int, normalize:
         s = mask_self(logits(zs[start:stop], z), start)
         positive[start:stop] = s.gather(1, _positives(start, stop, m, z.device)[:, None]).squeeze(1)
         lse[start:stop] = row_logsumexp(s)
-    return (lse - positive).mean(), lse, 1.0 / norms.clamp_min(1e-12)
+    return (lse - positive).mean(), lse, 1.0 / norms.clamp_min(NORM_EPS)
 
 
 def ntxent_backward(

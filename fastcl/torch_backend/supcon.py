@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from fastcl.torch_backend._tiles import (
-    blocks, full_gradient, grad_dot_logits, logits, mask_self, prepare_rows, row_logsumexp, rows_backward,
+    NORM_EPS, blocks, full_gradient, grad_dot_logits, logits, mask_self, prepare_rows, row_logsumexp, rows_backward,
 )
 
 
@@ -31,14 +31,17 @@ def _positive_tile(mask: Tensor, start: int, stop: int, m: int) -> Tensor:
 
 
 def positive_counts(labels: Optional[Tensor], mask: Optional[Tensor], m: int) -> Tensor:
-    """|P(r)| for every row r: V·#{samples positive to r's sample} − [r's sample is positive to itself]."""
+    """|P(r)| for every row r: V·#{samples positive to r's sample} − [r's sample is positive to itself].
+
+    Class sizes by sort + searchsorted (static shapes, so torch.compile can trace it; ``unique`` cannot).
+    """
     if labels is not None:
-        _, inverse, counts = torch.unique(labels, return_inverse=True, return_counts=True)
-        per_sample, self_positive = counts[inverse], torch.ones_like(inverse)
+        ordered = labels.sort().values
+        per_sample = torch.searchsorted(ordered, labels, right=True) - torch.searchsorted(ordered, labels)
+        self_positive = 1
     else:
         per_sample, self_positive = mask.sum(dim=1), mask.diagonal().long()
-    n = per_sample.shape[0]
-    views = m // n
+    views = m // per_sample.shape[0]
     return (views * per_sample - self_positive).repeat(views)
 
 
@@ -90,7 +93,7 @@ def supcon_forward(
     positive_mean = positive_sum / counts[:n_anchors].clamp(min=1)
     # An anchor with no other row has lse = −inf; it has no positive either, and must add 0, not 0·(−inf).
     per_anchor = torch.where(weights > 0, weights * (lse - positive_mean), 0.0)
-    return per_anchor.sum(), lse, 1.0 / norms.clamp_min(1e-12)
+    return per_anchor.sum(), lse, 1.0 / norms.clamp_min(NORM_EPS)
 
 
 def supcon_backward(
