@@ -67,17 +67,6 @@ def local_sizes(n_local: int, device: torch.device) -> list[int]:
     return [int(n) for n in every]
 
 
-def sample_offset(n_local: int, mode: str, device: torch.device) -> int:
-    """Global index of this rank's first sample in the rank-major concatenated batch (0 when local).
-
-    SupCon without labels treats every sample as its own class; across ranks the class ids must be
-    global: ``labels = torch.arange(n) + sample_offset(n, mode, device)``.
-    """
-    if mode == "local":
-        return 0
-    return sum(local_sizes(n_local, device)[: dist.get_rank()])
-
-
 # --- which rows are anchors and keys ---------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -262,7 +251,7 @@ class _GlobalLoss(torch.autograd.Function):
         terms = [kappa * (l - ps / pc.clamp(min=1)) for l, ps, pc in zip(lse, positive_sum, positive_count)]
         valid = [pc > 0 for pc in positive_count]
         totals = torch.stack(
-            [t[v].sum() for t, v in zip(terms, valid)] + [v.sum().to(local.dtype) for v in valid]
+            [torch.where(v, t, 0.0).sum() for t, v in zip(terms, valid)] + [v.sum().to(local.dtype) for v in valid]
         )
         local_totals = totals.clone()
         dist.all_reduce(totals)
@@ -359,25 +348,27 @@ def info_nce(pq: Tensor, pk: Tensor, tau: Tensor, *, symmetric: bool, mode: str)
 
 def supcon(
     z: Tensor,
-    labels: Tensor,
+    labels: Optional[Tensor],
     mask: Optional[Tensor],
     tau: Tensor,
     *,
     base_temperature: float,
     n_anchors: int,
+    views: int,
     mode: str,
 ) -> Tensor:
     """SupCon L_out over the global batch; z is view-major [V·N_local, D'], labels [N_local] class ids
-    that mean the same class on every rank."""
+    that mean the same class on every rank, or None: every global sample its own class."""
     if mask is not None:
         raise ValueError(
             f"mask: a per-rank [N, N] mask cannot say which rows on other ranks are positives, so it is "
             f"only supported with distributed='local' (got distributed={mode!r}); pass global class ids "
             f"as labels instead, or distributed='local'"
         )
-    n = labels.shape[0]
-    views = z.shape[0] // n
+    n = z.shape[0] // views
     sizes = local_sizes(n, z.device)
+    if labels is None:
+        labels = _sample_labels(n, sizes, z.device)
     anchors = (0, 1) if n_anchors == n else (0, views)
     layout = _Layout(
         parts=views, passes=(_Pass(anchors, (0, views), exclude_self=True, weight=1.0),),

@@ -158,9 +158,8 @@ def supcon(
     _validate.temperature("temperature", temperature, features.device, checking)
     if checking:
         _validate.finite("features", features)
-    if labels is None and mask is None:
-        # Instance labels, global across ranks so that sample i of two ranks is not one class.
-        labels = torch.arange(n, device=features.device) + _distributed.sample_offset(n, mode, features.device)
+    if labels is None and mask is None and mode == "local":
+        labels = torch.arange(n, device=features.device)  # SimCLR with V views (the distributed path makes global ids)
     if mask is not None:
         mask = mask != 0
     tau = _temperature_tensor(temperature, features, checking)
@@ -169,6 +168,6 @@ def supcon(
         # View-major rows (row v·N + n), as SupContrast's torch.cat(torch.unbind(features, dim=1)).
         z = _prepare(features, d, normalize).transpose(0, 1).reshape(views * n, d)
         return _distributed.supcon(
-            z, labels, mask, tau, base_temperature=float(base_temperature), n_anchors=n_anchors, mode=mode
+            z, labels, mask, tau, base_temperature=float(base_temperature), n_anchors=n_anchors, views=views, mode=mode
         )
     return ops.supcon(features, labels, mask, tau, float(base_temperature), n_anchors, d, normalize, backend)[0]

@@ -102,8 +102,7 @@ def _train_step(case: Case, scheme: str, dtype: torch.dtype, rank: int, world: i
     x, labels = global_batch(case, world)
     x, labels = x[start : start + sizes[rank]].to(dtype), labels[start : start + sizes[rank]]
     if case.targets == "samples":
-        # What functional.supcon must do for labels=None across ranks: globally unique sample ids.
-        labels = torch.arange(sizes[rank]) + fdist.sample_offset(sizes[rank], scheme, x.device)
+        labels = None  # SupCon without labels: each global sample is its own class, across ranks too
     net = DistributedDataParallel(TinyNet().to(dtype))
     embeddings, tau = net(x)
     loss = loss_of(case, getattr(functional, case.loss), embeddings, tau, labels, distributed=scheme)
