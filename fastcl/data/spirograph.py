@@ -30,7 +30,6 @@ TARGET_RANGES: dict[str, tuple[float, float]] = {
 NUISANCE_RANGES: dict[str, tuple[float, float]] = {
     "h": (0.5, 2.5), "f_g": (0.4, 1.0), "f_b": (0.4, 1.0), "b_r": (0.0, 0.6), "b_g": (0.0, 0.6), "b_b": (0.0, 0.6),
 }
-TRAIN_SIZE, TEST_SIZE = 100_000, 20_000
 
 
 def sample_uniform(

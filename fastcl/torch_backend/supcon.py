@@ -64,7 +64,7 @@ def _row_classes(labels: Tensor, views: int) -> tuple[Tensor, int]:
 
 def _view_major_rows(features: Tensor, sub_dim: int, normalize: bool) -> tuple[Tensor, Tensor]:
     n, views, _ = features.shape
-    return prepare_rows(features.transpose(0, 1).reshape(views * n, -1), sub_dim, normalize)
+    return prepare_rows(features[:, :, :sub_dim].transpose(0, 1).reshape(views * n, sub_dim), sub_dim, normalize)
 
 
 def supcon_forward(
