@@ -419,6 +419,8 @@ def main(argv: list[str] | None = None) -> int:
         except (ValueError, FileNotFoundError) as error:
             parser.error(str(error))
         trainer.fit()
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()  # rank 0 evaluates and saves last: no rank tears its connections down before that
     finally:
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()

@@ -123,11 +123,13 @@ def test_bad_cli_input_is_a_clear_error(tmp_path, capsys, argv, message):
 
 def test_ddp_under_torchrun_on_cpu(tmp_path):
     # Two gloo ranks on the CPU: DistributedSampler splits the data, the loss gathers negatives across ranks.
+    # --standalone takes a free port: the default fixed port 29500 can meet another job's ranks on a shared host.
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "fastcl.train", *TINY,
-           "--train-size", "128", "--eval-every", "0", "--out", str(out)]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+           "fastcl.train", *TINY, "--train-size", "128", "--eval-every", "0", "--out", str(out)]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-2000:]
+    # The rank's own error (e.g. a C++ "what():") comes before the launcher's long summary: show both ends.
+    assert result.returncode == 0, result.stderr[:3000] + "\n...\n" + result.stderr[-1500:]
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [entry["epoch"] for entry in lines] == [0, 1] and lines[-1]["loss"] > 0
     assert torch.load(out / "checkpoint.pt", weights_only=False)["global_step"] == 4  # 64 items per rank / 16 per rank
