@@ -100,6 +100,21 @@ def relative_error(actual: Tensor, expected: Tensor, floor: float = 0.0) -> floa
     return err / scale if scale > 0 else err
 
 
+def assert_no_worse_than_naive(ours: Result, baseline: Result, truth: Result, dtype: torch.dtype,
+                               check_tau_grad: bool = False, slack: float = 1e-2) -> None:
+    """16-bit inputs: fastcl's fp32 loss, its input gradients (in ``dtype``, finite) and optionally dL/dτ
+    are no further from the float64 truth than the naive PyTorch loss in the same dtype, plus ``slack``."""
+    assert ours.loss.dtype == torch.float32
+    assert relative_error(ours.loss.cpu(), truth.loss) <= relative_error(baseline.loss.cpu(), truth.loss) + slack
+    if check_tau_grad:
+        assert (relative_error(ours.tau_grad.cpu(), truth.tau_grad)
+                <= relative_error(baseline.tau_grad.cpu(), truth.tau_grad) + slack)
+    assert len(ours.grads) == len(baseline.grads) == len(truth.grads)
+    for g, g_naive, g_ref in zip(ours.grads, baseline.grads, truth.grads):
+        assert g.dtype == dtype and torch.isfinite(g).all()
+        assert relative_error(g.cpu(), g_ref) <= relative_error(g_naive.cpu(), g_ref) + slack
+
+
 def reference_of(loss: str, batch: Batch, temperature, dtype: torch.dtype, **options) -> Result:
     """The float64 SPEC formula on the batch rounded to ``dtype`` (what fastcl actually receives)."""
     rounded = Batch(tuple(t.detach().to(dtype).double() for t in batch.tensors), batch.targets)
