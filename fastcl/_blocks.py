@@ -1,0 +1,84 @@
+"""The block primitive's shared vocabulary: the :class:`Layout` of one block and the constants every
+backend agrees on. A leaf module: it imports torch only, so every backend (``fastcl.torch_backend``,
+``fastcl.kernels``, ``fastcl._C``'s Python side) and the layers above them can import it.
+
+docs/block-engine.md is the contract these names belong to.
+
+    >>> import torch
+    >>> layout = Layout(positives="index", self_offset=0, pos_index=torch.tensor([1, 0]))
+    >>> layout.positives, layout.self_offset
+    ('index', 0)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+NORM_EPS = 1e-12  # as torch.nn.functional.normalize: ẑ = z / max(‖z‖, NORM_EPS)
+POSITIVES = ("none", "index", "labels", "mask")
+EPILOGUES = ("softmax", "sigmoid")
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Reductions run in float32, or float64 for float64 inputs."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def inverse_norms(x: Tensor, sub_dim: int) -> Tensor:
+    """1 / max(‖x[i, :sub_dim]‖, NORM_EPS) per row, in the accumulation dtype, without copying x.
+
+    Example:
+        >>> inverse_norms(torch.tensor([[3.0, 4.0, 9.0]]), 2)
+        tensor([0.2000])
+    """
+    norms = torch.linalg.vector_norm(x[:, :sub_dim], dim=1, dtype=accumulation_dtype(x.dtype))
+    return 1.0 / norms.clamp_min(NORM_EPS)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Which entries of one anchors × keys block are positives, and which are left out.
+
+    Attributes:
+        positives: "none" (no positive in this block), "index" (``pos_index``), "labels" (``a_labels`` ==
+            ``k_labels``) or "mask" (weights ``mask[a mod Na, c mod Nk]``, soft values allowed).
+        self_offset: anchor ``a`` is key ``a + self_offset`` (the same row): that entry is excluded from
+            the denominator and from the positives. None: no anchor is one of the keys.
+        pos_index: [A] int64, the key index of anchor ``a``'s positive in this block, −1 for none here.
+        a_labels, k_labels: [A] / [K] int64 labels; P_ac = 1[a_labels[a] == k_labels[c]].
+        mask: [Na, Nk] floating weights; P_ac = mask[a mod Na, c mod Nk].
+        exclude_positives: remove the positives from the denominator too (DCL).
+        epilogue: "softmax" (log-sum-exp statistics) or "sigmoid" (SigLIP's per-pair sigmoid, logit
+            s_ac + ``bias``).
+        bias: 0-dim tensor, the sigmoid epilogue's logit bias b (accumulation dtype); None = 0.
+
+    Raises:
+        ValueError: a field that contradicts ``positives`` / ``epilogue`` (named in the message).
+    """
+
+    positives: str = "none"
+    self_offset: Optional[int] = None
+    pos_index: Optional[Tensor] = None
+    a_labels: Optional[Tensor] = None
+    k_labels: Optional[Tensor] = None
+    mask: Optional[Tensor] = None
+    exclude_positives: bool = False
+    epilogue: str = "softmax"
+    bias: Optional[Tensor] = None
+
+    def __post_init__(self):
+        if self.positives not in POSITIVES:
+            raise ValueError(f"positives: expected one of {list(POSITIVES)}, got {self.positives!r}")
+        if self.epilogue not in EPILOGUES:
+            raise ValueError(f"epilogue: expected one of {list(EPILOGUES)}, got {self.epilogue!r}")
+        needs = {"index": ("pos_index",), "labels": ("a_labels", "k_labels"), "mask": ("mask",), "none": ()}
+        for name in ("pos_index", "a_labels", "k_labels", "mask"):
+            given = getattr(self, name) is not None
+            if given != (name in needs[self.positives]):
+                state = "is required" if not given else "must be None"
+                raise ValueError(f"{name}: {state} with positives={self.positives!r}")
+        if self.bias is not None and self.epilogue != "sigmoid":
+            raise ValueError(f"bias: only the sigmoid epilogue has a logit bias, got epilogue={self.epilogue!r}")
