@@ -4,8 +4,8 @@ Host side (plain Python, stable names):
 
 - :func:`interpreted` — True when Triton runs through ``TRITON_INTERPRET=1`` (CPU).
 - :func:`dot_precision` — the ``input_precision`` of every ``tl.dot`` for a given input dtype:
-  ``"tf32"`` for float32 only when ``torch.backends.cuda.matmul.allow_tf32`` is True, else ``"ieee"``
-  (16-bit inputs multiply exactly into the fp32 accumulator either way; float64 uses ``"ieee"``).
+  float32 on tensor cores by default (``"tf32x3"``), ``"tf32"`` / ``"ieee"`` when PyTorch's fp32
+  matmul precision was set to that; ``"ieee"`` for 16-bit and float64 rows.
 - :func:`accumulator` — the Triton accumulation dtype (``tl.float64`` for float64 rows, else fp32).
 - :func:`autotune_configs` — ``triton.Config`` lists for ``"forward"`` kernels (meta-parameters
   ``BLOCK_M``, ``BLOCK_N``, ``BLOCK_D``) and ``"backward"`` kernels (adds ``BLOCK_DO``, the width of the
@@ -76,10 +76,46 @@ from fastcl.torch_backend._tiles import NORM_EPS
 _INTERPRETED = tl.constexpr(interpreted())
 
 
+def _fp32_matmul_setting() -> str:
+    """PyTorch's fp32 matmul precision: "tf32", "ieee" (either set by the user) or "none" (never set).
+
+    The ``fp32_precision`` API (torch ≥ 2.9) wins; "none" on the cuda matmul backend inherits the global
+    ``torch.backends.fp32_precision``. Older torch has only ``allow_tf32`` (default False = never set).
+    Reading ``allow_tf32`` raises once the new API set TF32, so it is read only without the new API.
+    """
+    matmul = torch.backends.cuda.matmul
+    setting = getattr(matmul, "fp32_precision", None)
+    if setting is None:
+        return "tf32" if matmul.allow_tf32 else "none"
+    if setting == "none":
+        setting = getattr(torch.backends, "fp32_precision", "none")
+    return setting if setting in ("tf32", "ieee") else "none"
+
+
 def dot_precision(dtype: torch.dtype) -> str:
-    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
-        return "tf32"
-    return "ieee"
+    """The ``tl.dot`` input precision for rows of ``dtype``.
+
+    float32 runs on tensor cores by default: ``"tf32x3"`` (three TF32 products, the low-order terms of
+    both operands included, about fp32 accuracy); ``"tf32"`` when PyTorch's fp32 matmuls were set to
+    TF32 (``torch.backends.cuda.matmul.fp32_precision = "tf32"``, ``torch.set_float32_matmul_precision
+    ("high")`` or the legacy ``allow_tf32 = True``); ``"ieee"`` (FMA, no tensor cores) only when
+    requested: ``torch.backends.cuda.matmul.fp32_precision = "ieee"`` or
+    ``torch.set_float32_matmul_precision("highest")``. Other dtypes: ``"ieee"`` (16-bit operands
+    multiply exactly into the fp32 accumulator; float64 has no tensor-core path here).
+
+    Args:
+        dtype: the dtype of the rows that go into the dot.
+
+    Returns:
+        One of ``"tf32x3"``, ``"tf32"``, ``"ieee"``.
+
+    Example:
+        >>> dot_precision(torch.bfloat16)
+        'ieee'
+    """
+    if dtype != torch.float32:
+        return "ieee"
+    return {"tf32": "tf32", "ieee": "ieee"}.get(_fp32_matmul_setting(), "tf32x3")
 
 
 def accumulator(dtype: torch.dtype):
