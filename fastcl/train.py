@@ -223,20 +223,25 @@ def print_summary(history: list[dict], task, file=sys.stdout) -> None:
 
 class Trainer:
     """Everything a run needs, built from parsed flags; ``__init__`` raises ``ValueError`` /
-    ``FileNotFoundError`` for bad configurations before any training, ``fit()`` trains."""
+    ``FileNotFoundError`` for bad configurations before any training, ``fit()`` trains.
 
-    def __init__(self, args: argparse.Namespace):
+    ``source`` / ``encoder`` (optional) replace the ones ``--dataset`` / ``--encoder`` would build: a view
+    source as in :mod:`fastcl.data.sources` and an encoder with attribute ``dim`` (``fastcl.repro`` uses
+    them for its own data and smaller models)."""
+
+    def __init__(self, args: argparse.Namespace, source=None, encoder: torch.nn.Module | None = None):
         self.args = args = resolve_defaults(args)
         self.rank, self.world, self.device = _setup_distributed(args)
         device = self.device
         torch.manual_seed(args.seed + self.rank)
         self.out = Path(args.out)
-        self.source = build_source(args.dataset, args.data_dir, args.train_size, args.test_size, device,
-                                   seed=args.seed + self.rank, aug_preset=args.aug_preset,
-                                   aug_strength=args.aug_strength)
+        self.source = source if source is not None else build_source(
+            args.dataset, args.data_dir, args.train_size, args.test_size, device, seed=args.seed + self.rank,
+            aug_preset=args.aug_preset, aug_strength=args.aug_strength)
         if args.method == "supcon" and self.source.task.kind != "classification":
             raise ValueError(f"--method supcon needs class labels; --dataset {args.dataset} has none")
-        self.model = ContrastiveModel(build_encoder(args.encoder), args.head, args.proj_dim, args.kappa).to(device)
+        encoder = encoder if encoder is not None else build_encoder(args.encoder)
+        self.model = ContrastiveModel(encoder, args.head, args.proj_dim, args.kappa).to(device)
         self.loss_fn = build_loss(args, self.model.dim if args.method == "directclr" else self.model.proj_dim)
 
         self.local_batch = args.batch_size // self.world
