@@ -1,7 +1,9 @@
-"""The one place that decides which backend computes a loss.
+"""The one place that decides which backend computes a loss, and looks up its implementation.
 
-A backend is a module exposing, for each loss, a ``*_forward`` and ``*_backward`` pair over prepared
-(sliced, normalized) embeddings — see ``fastcl/torch_backend/__init__.py`` for the contract.
+A backend is a module exposing the block primitive ``block_forward`` / ``block_backward`` (docs/block-
+engine.md; the engine runs it in every distributed mode) and, for the local fast paths, each loss's
+``*_forward`` / ``*_backward`` pair (``fastcl/torch_backend/__init__.py``). Nothing else imports a
+backend module by name.
 """
 from __future__ import annotations
 
@@ -86,4 +88,39 @@ _MODULES = {"torch": "fastcl.torch_backend", "triton": "fastcl.kernels", "cuda":
 
 
 def module(backend: str) -> ModuleType:
+    """The module implementing ``backend`` (a concrete name from :func:`resolve`)."""
     return importlib.import_module(_MODULES[backend])
+
+
+def block_primitive_error(backend: str) -> str | None:
+    """Why ``backend``'s module has no block primitive (None when it has ``block_forward`` and ``block_backward``)."""
+    try:
+        impl = module(backend)
+    except ImportError as error:
+        return f"its module {_MODULES[backend]} cannot be imported ({error})"
+    missing = [name for name in ("block_forward", "block_backward") if not hasattr(impl, name)]
+    if missing:
+        return f"its module {_MODULES[backend]} does not expose {' / '.join(missing)} (docs/block-engine.md)"
+    return None
+
+
+def resolve_block(backend: str, device: torch.device) -> str:
+    """Like :func:`resolve`, for the block engine: the backend must also expose the block primitive.
+
+    "auto" on CUDA picks triton when its primitive is there, else torch; an explicit backend without the
+    primitive raises a ``RuntimeError`` that says why.
+    """
+    explicit = backend if backend != "auto" else (os.environ.get("FASTCL_BACKEND", "auto") or "auto")
+    concrete = resolve(backend, device)
+    reason = block_primitive_error(concrete)
+    if reason is None:
+        return concrete
+    if explicit == "auto":
+        return "torch"
+    raise RuntimeError(f"backend={concrete!r} cannot run this loss as blocks (gather/ring mode or a block-only option): {reason}")
+
+
+def block_primitive(backend: str):
+    """(block_forward, block_backward) of a backend that :func:`resolve_block` accepted."""
+    impl = module(backend)
+    return impl.block_forward, impl.block_backward

@@ -23,11 +23,7 @@ import torch
 from torch import Tensor
 
 from fastcl import dispatch
-
-
-def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Reductions run in float32, or float64 for float64 inputs."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
+from fastcl._blocks import accumulation_dtype
 
 
 def _backend(name: str, like: Tensor):

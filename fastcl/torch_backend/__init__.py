@@ -1,6 +1,10 @@
 """The ``torch`` backend: chunked pure PyTorch, every device, never allocates an M×M tensor.
 
-Backend contract (the Triton backend in ``fastcl.kernels`` implements the same six functions). Inputs
+Every backend exposes the block primitive ``block_forward`` / ``block_backward`` (docs/block-engine.md;
+this backend's reference is :mod:`fastcl.torch_backend.block`) that the engine runs in every mode, and
+the fused local fast paths below.
+
+Fast-path contract (the Triton backend in ``fastcl.kernels`` implements the same six functions). Inputs
 are the user's tensors as given (any strides, any floating dtype); the loss uses the first ``sub_dim``
 features of each row (read through strides, never copied by the fused backends) and, when
 ``normalize``, the rows divided by max(‖row[:sub_dim]‖, 1e-12). ``tau`` is a 0-dim float32 (float64
@@ -26,11 +30,14 @@ Each pass walks anchor row blocks of ``rows_per_chunk`` rows against all columns
 temporary is a few ``rows × M`` float32 tiles (see :func:`chunk_rows`).
 """
 from fastcl.torch_backend._tiles import chunk_rows, chunk_size
+from fastcl.torch_backend.block import block_backward, block_forward
 from fastcl.torch_backend.infonce import infonce_backward, infonce_forward
 from fastcl.torch_backend.ntxent import ntxent_backward, ntxent_forward
 from fastcl.torch_backend.supcon import supcon_backward, supcon_forward
 
 __all__ = [
+    "block_forward",
+    "block_backward",
     "chunk_rows",
     "chunk_size",
     "ntxent_forward",

@@ -7,7 +7,7 @@ from typing import Iterator, Optional
 import torch
 from torch import Tensor
 
-from fastcl.ops import accumulation_dtype
+from fastcl._blocks import NORM_EPS, accumulation_dtype
 
 # A tile of rows × M float32 logits is about 8 MiB; the backward holds ~4 such temporaries.
 _TILE_ELEMENTS = 1 << 21
@@ -70,9 +70,6 @@ def mask_self(s: Tensor, start: int) -> Tensor:
     """Sets s[i, start + i] = −inf in place (a row block's diagonal against all columns)."""
     s.diagonal(offset=start).fill_(float("-inf"))
     return s
-
-
-NORM_EPS = 1e-12  # as torch.nn.functional.normalize
 
 
 def prepare_rows(x: Tensor, sub_dim: int, normalize: bool) -> tuple[Tensor, Tensor]:

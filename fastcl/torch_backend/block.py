@@ -1,0 +1,162 @@
+"""The block primitive on the torch backend: the readable reference of docs/block-engine.md.
+
+One block is A anchor rows × K key rows. Anchors are walked in chunks of ``chunk_rows(K)`` rows, so the
+largest temporary is a few chunk × K tiles in the accumulation dtype; the key rows are copied once into
+the accumulation dtype (this backend's working set; the fused backends read them in place).
+
+    >>> import torch
+    >>> from fastcl._blocks import Layout, inverse_norms
+    >>> a, k = torch.randn(3, 8), torch.randn(5, 8)
+    >>> tau = torch.tensor(0.5)
+    >>> lse, pos_sum, pos_weight = block_forward(a, inverse_norms(a, 8), k, inverse_norms(k, 8), tau, 8, Layout())
+    >>> lse.shape, bool(pos_weight.eq(0).all())
+    (torch.Size([3]), True)
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from fastcl._blocks import NORM_EPS, Layout, accumulation_dtype
+from fastcl.torch_backend._tiles import blocks
+
+__all__ = ["block_forward", "block_backward"]
+
+
+def _unit_rows(x: Tensor, inv: Optional[Tensor], sub_dim: int) -> Tensor:
+    """x[:, :sub_dim] in the accumulation dtype, times its inverse norms when given."""
+    rows = x[:, :sub_dim].to(accumulation_dtype(x.dtype))
+    return rows if inv is None else rows * inv[:, None]
+
+
+def _positive_weights(layout: Layout, start: int, stop: int, n_keys: int, like: Tensor) -> Optional[Tensor]:
+    """P for anchors start..stop against all keys (self entry cleared), or None when the block has none."""
+    device = like.device
+    if layout.positives == "none":
+        return None
+    if layout.positives == "index":
+        p = layout.pos_index[start:stop, None] == torch.arange(n_keys, device=device)[None, :]
+    elif layout.positives == "labels":
+        p = layout.a_labels[start:stop, None] == layout.k_labels[None, :]
+    else:
+        na, nk = layout.mask.shape
+        rows = torch.arange(start, stop, device=device) % na
+        cols = torch.arange(n_keys, device=device) % nk
+        p = layout.mask[rows][:, cols]
+    p = p.to(like.dtype)
+    if layout.self_offset is not None:
+        p.diagonal(offset=start + layout.self_offset).zero_()
+    return p
+
+
+def _excluded(layout: Layout, start: int, stop: int, n_keys: int, p: Optional[Tensor], like: Tensor) -> Optional[Tensor]:
+    """Entries left out of the denominator: the self entry, and the positives when ``exclude_positives``."""
+    excluded = None
+    if layout.exclude_positives and p is not None:
+        excluded = p != 0
+    if layout.self_offset is not None:
+        if excluded is None:
+            excluded = torch.zeros(stop - start, n_keys, dtype=torch.bool, device=like.device)
+        excluded.diagonal(offset=start + layout.self_offset).fill_(True)
+    return excluded
+
+
+def _tile(layout, a_hat, k_hat, tau, start, stop):
+    """Logits, positive weights and exclusions of one anchor chunk."""
+    s = (a_hat[start:stop] / tau) @ k_hat.T
+    p = _positive_weights(layout, start, stop, k_hat.shape[0], s)
+    return s, p, _excluded(layout, start, stop, k_hat.shape[0], p, s)
+
+
+def _bias(layout: Layout, like: Tensor) -> Tensor:
+    return like.new_zeros(()) if layout.bias is None else layout.bias.to(like.dtype)
+
+
+def block_forward(
+    a: Tensor, a_inv: Optional[Tensor], k: Tensor, k_inv: Optional[Tensor], tau: Tensor, sub_dim: int, layout: Layout
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-anchor statistics of one block: (lse[A], pos_sum[A], pos_weight[A]).
+
+    Args:
+        a, k: anchor rows [A, D] and key rows [K, D] (any strides, same floating dtype).
+        a_inv, k_inv: inverse norms [A] / [K] in the accumulation dtype, or None (no normalization).
+        tau: 0-dim temperature tensor in the accumulation dtype.
+        sub_dim: the number of leading features used.
+        layout: positives and exclusions of the block.
+
+    Returns:
+        softmax epilogue: log Σ exp(s) over the entries not excluded (−inf if none); sigmoid epilogue:
+        Σ softplus(s + b) over them. Then Σ_c P_ac s_ac and Σ_c P_ac. All in the accumulation dtype.
+    """
+    a_hat, k_hat = _unit_rows(a, a_inv, sub_dim), _unit_rows(k, k_inv, sub_dim)
+    n_anchors = a_hat.shape[0]
+    stat, pos_sum, pos_weight = (a_hat.new_zeros(n_anchors) for _ in range(3))
+    bias = _bias(layout, a_hat)
+    for start, stop in blocks(n_anchors, k_hat.shape[0]):
+        s, p, excluded = _tile(layout, a_hat, k_hat, tau, start, stop)
+        if p is not None:
+            pos_sum[start:stop] = (p * s).sum(dim=1)
+            pos_weight[start:stop] = p.sum(dim=1)
+        if layout.epilogue == "sigmoid":
+            per_pair = F.softplus(s + bias)
+            stat[start:stop] = (per_pair if excluded is None else per_pair.masked_fill(excluded, 0.0)).sum(dim=1)
+        else:
+            stat[start:stop] = torch.logsumexp(s if excluded is None else s.masked_fill(excluded, float("-inf")), dim=1)
+    return stat, pos_sum, pos_weight
+
+
+def _raw_gradient(d_hat: Tensor, hat: Tensor, inv: Optional[Tensor]) -> Tensor:
+    """dL/dz from dL/dẑ for ẑ = z·inv: inv·(dẑ − ẑ⟨ẑ, dẑ⟩); only inv·dẑ where the norm was clamped."""
+    if inv is None:
+        return d_hat
+    radial = torch.where(inv < 1.0 / NORM_EPS, (hat * d_hat).sum(dim=1), 0.0)
+    return (d_hat - hat * radial[:, None]) * inv[:, None]
+
+
+def block_backward(
+    a: Tensor, a_inv: Optional[Tensor], k: Tensor, k_inv: Optional[Tensor], tau: Tensor, sub_dim: int,
+    layout: Layout, lse: Tensor, alpha: Tensor, beta: Tensor,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients of one block given the global per-anchor statistics.
+
+    With G_ac = alpha_a·exp(s_ac − lse_a) − beta_a·P_ac (sigmoid epilogue: alpha_a·σ(s_ac + b) − beta_a·P_ac;
+    0 on excluded entries' first term and on the self entry), dâ = G k̂/τ and dk̂ = Gᵀ â/τ.
+
+    Args:
+        a, a_inv, k, k_inv, tau, sub_dim, layout: as :func:`block_forward`.
+        lse: [A] the anchors' merged statistic over all blocks (unused by the sigmoid epilogue).
+        alpha, beta: [A] per-anchor coefficients (accumulation dtype).
+
+    Returns:
+        (d_a [A, sub_dim], d_k [K, sub_dim], gs): gradients with respect to the raw rows' prefix in the
+        accumulation dtype, and gs = Σ G·s (0-dim; the sigmoid epilogue returns [Σ G·s, Σ G]).
+    """
+    a_hat, k_hat = _unit_rows(a, a_inv, sub_dim), _unit_rows(k, k_inv, sub_dim)
+    n_anchors = a_hat.shape[0]
+    d_a_hat, d_k_hat = torch.empty_like(a_hat), torch.zeros_like(k_hat)
+    gs = a_hat.new_zeros(2 if layout.epilogue == "sigmoid" else 1)
+    bias = _bias(layout, a_hat)
+    # An anchor that the block leaves nothing has lse = −inf; its excluded entries must give exp(−inf) = 0.
+    finite_lse = torch.where(torch.isneginf(lse), 0.0, lse)
+    for start, stop in blocks(n_anchors, k_hat.shape[0]):
+        s, p, excluded = _tile(layout, a_hat, k_hat, tau, start, stop)
+        if layout.epilogue == "sigmoid":
+            g = torch.sigmoid(s + bias)
+        else:
+            g = torch.exp(s - finite_lse[start:stop, None])
+        if excluded is not None:
+            g = g.masked_fill(excluded, 0.0)
+        g = g * alpha[start:stop, None]
+        if p is not None:
+            g = g - beta[start:stop, None] * p
+        d_a_hat[start:stop] = g @ k_hat / tau
+        d_k_hat += g.T @ a_hat[start:stop] / tau
+        gs[0] += (g * s).sum()
+        if layout.epilogue == "sigmoid":
+            gs[1] += g.sum()
+    d_a = _raw_gradient(d_a_hat, a_hat, a_inv)
+    d_k = _raw_gradient(d_k_hat, k_hat, k_inv)
+    return d_a, d_k, gs if layout.epilogue == "sigmoid" else gs[0]
