@@ -1,0 +1,632 @@
+// CUDA kernels of the block primitive (docs/block-engine.md): one anchors × keys block.
+//
+//   forward:  one CTA per anchor tile walks the key tiles: S tile = A·Kᵀ (tensor cores, D in chunks), then
+//             each anchor row folds the tile into its running max / sum / positive sums (block_math.cuh).
+//   backward: dâ pass — one CTA per (anchor tile, output-feature slice) recomputes S per key tile, forms
+//             T = G·prescale in the rows' dtype and accumulates T·K̂[:, slice]; dk̂ pass — one CTA per (key
+//             tile, slice) walks the anchor tiles and accumulates Tᵀ·Â[:, slice]. Each output element is
+//             owned by one CTA and summed in a fixed order: deterministic, no atomics. Both passes compute
+//             S through the same function over the same tiles, so G is the same in both.
+//             A row pass then applies the normalization's backward in place.
+//
+// Math paths: float16 / bfloat16 rows → WMMA 16×16×16 (fp32 accumulation); float32 rows → WMMA TF32
+// 16×16×8 when PyTorch allows TF32 for matmuls, else FMA on the CUDA cores; float64 → FMA. sm_80 and
+// sm_90 run the same mma.sync code (no wgmma).
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <mma.h>
+
+#include <type_traits>
+
+#include "block_launch.h"
+#include "block_math.cuh"
+
+namespace fastcl {
+namespace {
+
+using namespace nvcuda;
+
+constexpr int kThreads = 128;  // 4 warps; every tile shape below assumes it
+
+enum MathPath { kFma = 0, kWmma16 = 1, kWmmaTf32 = 2 };
+
+// Tile shapes per path. kRows: anchor and key tile (equal, so the dk̂ pass reuses the warp layout);
+// kChunk: features per S chunk; kSlice: output features per backward CTA. Shared memory stays under the
+// 48 KiB static limit (README table).
+template <typename scalar_t, int kPath>
+struct Config {
+  using scalar = scalar_t;
+  using acc = typename std::conditional<std::is_same<scalar_t, double>::value, double, float>::type;
+  static constexpr int path = kPath;
+  static constexpr int kRows = std::is_same<scalar_t, double>::value ? 32 : 64;
+  static constexpr int kChunk = kPath == kFma ? 16 : 32;
+  static constexpr int kSlice = kPath == kWmma16 ? 64 : 32;
+  static constexpr int kPad = 16 / sizeof(scalar_t);  // keeps WMMA leading dimensions multiples of 16 bytes
+  static constexpr int kAccPad = 16 / sizeof(acc);
+  static constexpr int kLdChunk = kChunk + kPad;
+  static constexpr int kLdScores = kRows + kAccPad;
+  static constexpr int kLdSlice = kSlice + kPad;
+  static constexpr int kThreadsPerRow = kThreads / kRows;   // the row epilogue splits a row's columns
+  static constexpr int kColsPerThread = kRows / kThreadsPerRow;
+  // T (the second GEMM's operand) gets its own buffer only when it is narrower than the accumulator.
+  static constexpr bool kSeparateT = !std::is_same<scalar_t, acc>::value;
+  static constexpr int kLdT = kSeparateT ? kRows + kPad : kLdScores;
+  static_assert(kRows % 16 == 0 && kSlice % 16 == 0 && kChunk % 16 == 0, "tiles are multiples of 16");
+  static_assert(kThreads % kRows == 0, "whole rows per thread group");
+};
+
+template <class Cfg>
+struct Smem {
+  using scalar_t = typename Cfg::scalar;
+  using acc_t = typename Cfg::acc;
+  alignas(128) scalar_t a[Cfg::kRows * Cfg::kLdChunk];
+  alignas(128) scalar_t k[Cfg::kRows * Cfg::kLdChunk];
+  alignas(128) acc_t scores[Cfg::kRows * Cfg::kLdScores];  // S, then T when kSeparateT is false
+  alignas(128) scalar_t t[Cfg::kSeparateT ? Cfg::kRows * Cfg::kLdT : 1];
+  alignas(128) scalar_t slice[Cfg::kRows * Cfg::kLdSlice];
+};
+
+template <typename scalar_t, typename acc_t>
+__device__ __forceinline__ acc_t to_acc(scalar_t x) {
+  return static_cast<acc_t>(x);
+}
+template <>
+__device__ __forceinline__ float to_acc<__half, float>(__half x) {
+  return __half2float(x);
+}
+template <>
+__device__ __forceinline__ float to_acc<__nv_bfloat16, float>(__nv_bfloat16 x) {
+  return __bfloat162float(x);
+}
+
+template <typename scalar_t>
+struct ToOperand {
+  template <typename acc_t>
+  __device__ scalar_t operator()(acc_t x) const { return static_cast<scalar_t>(x); }
+};
+template <>
+struct ToOperand<__half> {
+  __device__ __half operator()(float x) const { return __float2half_rn(x); }
+};
+template <>
+struct ToOperand<__nv_bfloat16> {
+  __device__ __nv_bfloat16 operator()(float x) const { return __float2bfloat16_rn(x); }
+};
+
+template <typename scalar_t, typename acc_t>
+struct Rows {
+  const scalar_t* data;
+  int64_t count;
+  int64_t stride_row;
+  int64_t stride_dim;
+  const acc_t* inv;
+};
+
+// tile[r][c] = rows[row0 + r][col0 + c] (scaled by the row's inverse norm when `scaled`), zero outside the
+// rows and the sub_dim prefix. Consecutive threads read consecutive features (coalesced for unit stride).
+template <class Cfg, int kTileRows, int kTileCols, int kLd, bool kScaled>
+__device__ __forceinline__ void load_tile(typename Cfg::scalar* tile, const Rows<typename Cfg::scalar, typename Cfg::acc>& rows,
+                                          int64_t row0, int64_t col0, int64_t sub_dim) {
+  using scalar_t = typename Cfg::scalar;
+  using acc_t = typename Cfg::acc;
+  for (int i = threadIdx.x; i < kTileRows * kTileCols; i += kThreads) {
+    const int r = i / kTileCols;
+    const int c = i % kTileCols;
+    const int64_t row = row0 + r;
+    const int64_t col = col0 + c;
+    scalar_t value = ToOperand<scalar_t>()(acc_t(0));
+    if (row < rows.count && col < sub_dim) {
+      value = rows.data[row * rows.stride_row + col * rows.stride_dim];
+      if (kScaled && rows.inv) value = ToOperand<scalar_t>()(to_acc<scalar_t, acc_t>(value) * rows.inv[row]);
+    }
+    tile[r * kLd + c] = value;
+  }
+}
+
+// --- WMMA fragments ---------------------------------------------------------------------------------------
+
+template <typename scalar_t>
+struct Wmma {
+  using element = scalar_t;
+  static constexpr int kStep = 16;
+};
+template <>
+struct Wmma<float> {
+  using element = wmma::precision::tf32;
+  static constexpr int kStep = 8;
+};
+
+template <typename scalar_t, typename Use, typename Layout>
+using Operand = wmma::fragment<Use, 16, 16, Wmma<scalar_t>::kStep, typename Wmma<scalar_t>::element, Layout>;
+template <typename scalar_t>
+using Accumulator = wmma::fragment<wmma::accumulator, 16, 16, Wmma<scalar_t>::kStep, float>;
+
+template <typename Fragment, typename scalar_t>
+__device__ __forceinline__ void load_operand(Fragment& fragment, const scalar_t* pointer, int ld) {
+  wmma::load_matrix_sync(fragment, pointer, ld);
+  if constexpr (std::is_same<scalar_t, float>::value) {
+    for (int i = 0; i < fragment.num_elements; ++i) fragment.x[i] = wmma::__float_to_tf32(fragment.x[i]);
+  }
+}
+
+// --- S = A·Kᵀ for one (anchor tile, key tile) into shared memory -----------------------------------------
+
+// Raw dot products of anchors a0.. against keys k0.., all sub_dim features in kChunk steps, written to
+// smem.scores[r * kLdScores + c]. Every thread calls it; returns after a barrier (S readable).
+template <class Cfg>
+__device__ void similarity_tile(Smem<Cfg>& smem, const Rows<typename Cfg::scalar, typename Cfg::acc>& a,
+                                const Rows<typename Cfg::scalar, typename Cfg::acc>& k, int64_t a0, int64_t k0,
+                                int64_t sub_dim) {
+  using scalar_t = typename Cfg::scalar;
+  using acc_t = typename Cfg::acc;
+  constexpr int R = Cfg::kRows;
+  if constexpr (Cfg::path == kFma) {
+    constexpr int kRowsPerThread = R / 16, kColsPerThread = R / 8;
+    const int ty = threadIdx.x / 8, tx = threadIdx.x % 8;
+    acc_t dots[kRowsPerThread][kColsPerThread] = {};
+    for (int64_t d0 = 0; d0 < sub_dim; d0 += Cfg::kChunk) {
+      load_tile<Cfg, R, Cfg::kChunk, Cfg::kLdChunk, false>(smem.a, a, a0, d0, sub_dim);
+      load_tile<Cfg, R, Cfg::kChunk, Cfg::kLdChunk, false>(smem.k, k, k0, d0, sub_dim);
+      __syncthreads();
+#pragma unroll 4
+      for (int d = 0; d < Cfg::kChunk; ++d) {
+        acc_t av[kRowsPerThread], kv[kColsPerThread];
+#pragma unroll
+        for (int i = 0; i < kRowsPerThread; ++i) av[i] = smem.a[(ty + 16 * i) * Cfg::kLdChunk + d];
+#pragma unroll
+        for (int j = 0; j < kColsPerThread; ++j) kv[j] = smem.k[(tx + 8 * j) * Cfg::kLdChunk + d];
+#pragma unroll
+        for (int i = 0; i < kRowsPerThread; ++i)
+#pragma unroll
+          for (int j = 0; j < kColsPerThread; ++j) dots[i][j] = fma(av[i], kv[j], dots[i][j]);
+      }
+      __syncthreads();
+    }
+#pragma unroll
+    for (int i = 0; i < kRowsPerThread; ++i)
+#pragma unroll
+      for (int j = 0; j < kColsPerThread; ++j) smem.scores[(ty + 16 * i) * Cfg::kLdScores + tx + 8 * j] = dots[i][j];
+  } else {
+    const int warp = threadIdx.x / 32;
+    Accumulator<scalar_t> dots[R / 16];
+#pragma unroll
+    for (int j = 0; j < R / 16; ++j) wmma::fill_fragment(dots[j], 0.0f);
+    for (int64_t d0 = 0; d0 < sub_dim; d0 += Cfg::kChunk) {
+      load_tile<Cfg, R, Cfg::kChunk, Cfg::kLdChunk, false>(smem.a, a, a0, d0, sub_dim);
+      load_tile<Cfg, R, Cfg::kChunk, Cfg::kLdChunk, false>(smem.k, k, k0, d0, sub_dim);
+      __syncthreads();
+#pragma unroll
+      for (int kk = 0; kk < Cfg::kChunk; kk += Wmma<scalar_t>::kStep) {
+        Operand<scalar_t, wmma::matrix_a, wmma::row_major> lhs;
+        load_operand(lhs, smem.a + warp * 16 * Cfg::kLdChunk + kk, Cfg::kLdChunk);
+#pragma unroll
+        for (int j = 0; j < R / 16; ++j) {
+          Operand<scalar_t, wmma::matrix_b, wmma::col_major> rhs;  // Kᵀ: element (d, c) at k[c][d]
+          load_operand(rhs, smem.k + j * 16 * Cfg::kLdChunk + kk, Cfg::kLdChunk);
+          wmma::mma_sync(dots[j], lhs, rhs, dots[j]);
+        }
+      }
+      __syncthreads();
+    }
+#pragma unroll
+    for (int j = 0; j < R / 16; ++j)
+      wmma::store_matrix_sync(smem.scores + warp * 16 * Cfg::kLdScores + j * 16, dots[j], Cfg::kLdScores,
+                              wmma::mem_row_major);
+  }
+  __syncthreads();
+}
+
+// --- second GEMM: out[R, kSlice] += T·slice (dâ pass) or Tᵀ·slice (dk̂ pass) ---------------------------
+
+template <class Cfg>
+__device__ __forceinline__ typename Cfg::scalar* operand_t(Smem<Cfg>& smem) {
+  if constexpr (Cfg::kSeparateT) {
+    return smem.t;
+  } else {
+    return smem.scores;
+  }
+}
+
+template <class Cfg, bool kFmaPath = Cfg::path == kFma>
+struct SliceAccumulator;
+
+template <class Cfg>
+struct SliceAccumulator<Cfg, true> {
+  using acc_t = typename Cfg::acc;
+  static constexpr int kRowsPerThread = Cfg::kRows / 16, kColsPerThread = Cfg::kSlice / 8;
+  acc_t sums[kRowsPerThread][kColsPerThread] = {};
+
+  template <bool kTransposed>
+  __device__ __forceinline__ void add(Smem<Cfg>& smem) {
+    const int ty = threadIdx.x / 8, tx = threadIdx.x % 8;
+    const acc_t* t = operand_t(smem);
+    constexpr int ld = Cfg::kLdT;
+#pragma unroll 4
+    for (int inner = 0; inner < Cfg::kRows; ++inner) {
+      acc_t tv[kRowsPerThread], sv[kColsPerThread];
+#pragma unroll
+      for (int i = 0; i < kRowsPerThread; ++i) {
+        const int row = ty + 16 * i;
+        tv[i] = kTransposed ? t[inner * ld + row] : t[row * ld + inner];
+      }
+#pragma unroll
+      for (int j = 0; j < kColsPerThread; ++j) sv[j] = smem.slice[inner * Cfg::kLdSlice + tx + 8 * j];
+#pragma unroll
+      for (int i = 0; i < kRowsPerThread; ++i)
+#pragma unroll
+        for (int j = 0; j < kColsPerThread; ++j) sums[i][j] = fma(tv[i], sv[j], sums[i][j]);
+    }
+  }
+
+  // out[row0 + r][col0 + c] = sums · scale for rows < count, columns < sub_dim.
+  __device__ __forceinline__ void store(Smem<Cfg>&, acc_t* out, int64_t row0, int64_t count, int64_t col0,
+                                        int64_t sub_dim, acc_t scale) {
+    const int ty = threadIdx.x / 8, tx = threadIdx.x % 8;
+#pragma unroll
+    for (int i = 0; i < kRowsPerThread; ++i)
+#pragma unroll
+      for (int j = 0; j < kColsPerThread; ++j) {
+        const int64_t row = row0 + ty + 16 * i, col = col0 + tx + 8 * j;
+        if (row < count && col < sub_dim) out[row * sub_dim + col] = sums[i][j] * scale;
+      }
+  }
+};
+
+template <class Cfg>
+struct SliceAccumulator<Cfg, false> {
+  using scalar_t = typename Cfg::scalar;
+  using acc_t = typename Cfg::acc;
+  Accumulator<scalar_t> sums[Cfg::kSlice / 16];
+
+  __device__ SliceAccumulator() {
+#pragma unroll
+    for (int j = 0; j < Cfg::kSlice / 16; ++j) wmma::fill_fragment(sums[j], 0.0f);
+  }
+
+  template <bool kTransposed>
+  __device__ __forceinline__ void add(Smem<Cfg>& smem) {
+    const int warp = threadIdx.x / 32;
+    const scalar_t* t = operand_t(smem);
+    constexpr int ld = Cfg::kLdT;
+#pragma unroll
+    for (int kk = 0; kk < Cfg::kRows; kk += Wmma<scalar_t>::kStep) {
+      using LhsLayout = typename std::conditional<kTransposed, wmma::col_major, wmma::row_major>::type;
+      Operand<scalar_t, wmma::matrix_a, LhsLayout> lhs;
+      // Tᵀ[warp rows][kk..]: element (row, inner) of Tᵀ is t[inner][row], i.e. column-major with ld.
+      load_operand(lhs, kTransposed ? t + kk * ld + warp * 16 : t + warp * 16 * ld + kk, ld);
+#pragma unroll
+      for (int j = 0; j < Cfg::kSlice / 16; ++j) {
+        Operand<scalar_t, wmma::matrix_b, wmma::row_major> rhs;
+        load_operand(rhs, smem.slice + kk * Cfg::kLdSlice + j * 16, Cfg::kLdSlice);
+        wmma::mma_sync(sums[j], lhs, rhs, sums[j]);
+      }
+    }
+  }
+
+  // Stages the fragments through smem.scores (free after the last tile), then stores with masks.
+  __device__ __forceinline__ void store(Smem<Cfg>& smem, acc_t* out, int64_t row0, int64_t count, int64_t col0,
+                                        int64_t sub_dim, acc_t scale) {
+    const int warp = threadIdx.x / 32;
+    __syncthreads();
+#pragma unroll
+    for (int j = 0; j < Cfg::kSlice / 16; ++j)
+      wmma::store_matrix_sync(smem.scores + warp * 16 * Cfg::kLdScores + j * 16, sums[j], Cfg::kLdScores,
+                              wmma::mem_row_major);
+    __syncthreads();
+    for (int i = threadIdx.x; i < Cfg::kRows * Cfg::kSlice; i += kThreads) {
+      const int r = i / Cfg::kSlice, c = i % Cfg::kSlice;
+      const int64_t row = row0 + r, col = col0 + c;
+      if (row < count && col < sub_dim) out[row * sub_dim + col] = smem.scores[r * Cfg::kLdScores + c] * scale;
+    }
+  }
+};
+
+// --- kernel arguments ---------------------------------------------------------------------------------------
+
+template <class Cfg>
+struct KernelArgs {
+  using scalar_t = typename Cfg::scalar;
+  using acc_t = typename Cfg::acc;
+  Rows<scalar_t, acc_t> a;
+  Rows<scalar_t, acc_t> k;
+  int64_t sub_dim;
+  const acc_t* tau;
+  const acc_t* bias;
+  BlockLayout<acc_t> layout;
+  // forward outputs
+  acc_t* lse;
+  acc_t* pos_sum;
+  acc_t* pos_weight;
+  // backward inputs and outputs
+  const acc_t* lse_in;
+  const acc_t* alpha;
+  const acc_t* beta;
+  acc_t* d_a;
+  acc_t* d_k;
+  acc_t* grad_sums;
+};
+
+template <class Cfg>
+__device__ __forceinline__ BlockLayout<typename Cfg::acc> device_layout(const KernelArgs<Cfg>& args) {
+  BlockLayout<typename Cfg::acc> layout = args.layout;
+  layout.bias = args.bias ? *args.bias : typename Cfg::acc(0);
+  return layout;
+}
+
+// Combines the statistics of one row's kThreadsPerRow neighbouring threads (same warp) by shuffles.
+template <class Cfg, typename acc_t>
+__device__ __forceinline__ void merge_row_threads(RowStats<acc_t>& stats, int epilogue) {
+#pragma unroll
+  for (int lane_mask = 1; lane_mask < Cfg::kThreadsPerRow; lane_mask <<= 1) {
+    RowStats<acc_t> other;
+    other.max = __shfl_xor_sync(0xffffffffu, stats.max, lane_mask);
+    other.sum = __shfl_xor_sync(0xffffffffu, stats.sum, lane_mask);
+    other.pos_sum = __shfl_xor_sync(0xffffffffu, stats.pos_sum, lane_mask);
+    other.pos_weight = __shfl_xor_sync(0xffffffffu, stats.pos_weight, lane_mask);
+    stats.merge(other, epilogue);
+  }
+}
+
+template <class Cfg, typename acc_t>
+__device__ __forceinline__ acc_t sum_row_threads(acc_t value) {
+#pragma unroll
+  for (int lane_mask = 1; lane_mask < Cfg::kThreadsPerRow; lane_mask <<= 1)
+    value += __shfl_xor_sync(0xffffffffu, value, lane_mask);
+  return value;
+}
+
+// --- forward ------------------------------------------------------------------------------------------------
+
+template <class Cfg>
+__global__ void __launch_bounds__(kThreads, 1) block_forward_kernel(const KernelArgs<Cfg> args) {
+  using acc_t = typename Cfg::acc;
+  __shared__ Smem<Cfg> smem;
+  const BlockLayout<acc_t> layout = device_layout(args);
+  const int64_t a0 = int64_t(blockIdx.x) * Cfg::kRows;
+  const int row = threadIdx.x / Cfg::kThreadsPerRow;
+  const int first_col = (threadIdx.x % Cfg::kThreadsPerRow) * Cfg::kColsPerThread;
+  const int64_t anchor = a0 + row;
+  const bool valid = anchor < args.a.count;
+  const acc_t scale = valid ? row_scale<acc_t>(args.a.inv, anchor, acc_t(1) / *args.tau) : acc_t(0);
+  RowStats<acc_t> stats = RowStats<acc_t>::empty();
+  for (int64_t k0 = 0; k0 < args.k.count; k0 += Cfg::kRows) {
+    similarity_tile(smem, args.a, args.k, a0, k0, args.sub_dim);
+    const int64_t c0 = k0 + first_col;
+    const int n = int(min(int64_t(Cfg::kColsPerThread), args.k.count - c0));
+    if (valid && n > 0)
+      accumulate_row_tile<acc_t>(stats, layout, anchor, c0, n, smem.scores + row * Cfg::kLdScores + first_col, 1, scale,
+                                 args.k.inv);
+    __syncthreads();
+  }
+  merge_row_threads<Cfg>(stats, layout.epilogue);
+  if (valid && first_col == 0) {
+    args.lse[anchor] = stats.finish(layout.epilogue);
+    args.pos_sum[anchor] = stats.pos_sum;
+    args.pos_weight[anchor] = stats.pos_weight;
+  }
+}
+
+// --- backward -----------------------------------------------------------------------------------------------
+
+// T[row][first_col ..] for one anchor row of the current S tile (zeros outside the block, so the GEMM
+// over the whole tile adds nothing for them); returns Σ G·s and Σ G over the entries.
+template <class Cfg>
+__device__ __forceinline__ void gradient_tile_row(Smem<Cfg>& smem, const KernelArgs<Cfg>& args,
+                                                  const BlockLayout<typename Cfg::acc>& layout,
+                                                  const RowGradient<typename Cfg::acc>& grad, int64_t anchor, bool valid,
+                                                  int row, int first_col, int64_t k0, typename Cfg::acc& grad_dot_logits,
+                                                  typename Cfg::acc& grad_sum) {
+  using scalar_t = typename Cfg::scalar;
+  using acc_t = typename Cfg::acc;
+  constexpr acc_t prescale = gradient_prescale<std::is_same<scalar_t, __half>::value>();
+  scalar_t* t = operand_t(smem) + row * Cfg::kLdT + first_col;
+  const acc_t* dots = smem.scores + row * Cfg::kLdScores + first_col;
+  const int64_t c0 = k0 + first_col;
+  const int n = valid ? int(max(int64_t(0), min(int64_t(Cfg::kColsPerThread), args.k.count - c0))) : 0;
+  if (n > 0)
+    gradient_row_tile<acc_t>(layout, grad, anchor, c0, n, dots, 1, args.k.inv, prescale, t, grad_dot_logits, grad_sum,
+                             ToOperand<scalar_t>());
+  for (int j = n; j < Cfg::kColsPerThread; ++j) t[j] = ToOperand<scalar_t>()(acc_t(0));
+}
+
+template <class Cfg>
+__device__ __forceinline__ RowGradient<typename Cfg::acc> row_gradient(const KernelArgs<Cfg>& args, int64_t anchor,
+                                                                        bool valid, typename Cfg::acc inv_tau) {
+  using acc_t = typename Cfg::acc;
+  if (!valid) return {acc_t(0), acc_t(0), acc_t(0), acc_t(0)};
+  return {row_scale<acc_t>(args.a.inv, anchor, inv_tau), args.lse_in[anchor], args.alpha[anchor], args.beta[anchor]};
+}
+
+// dâ[anchor tile, slice] = Σ_key tiles T·K̂[:, slice] / (τ·prescale); slice 0 also stores Σ G·s, Σ G.
+template <class Cfg>
+__global__ void __launch_bounds__(kThreads, 1) block_backward_anchor_kernel(const KernelArgs<Cfg> args) {
+  using acc_t = typename Cfg::acc;
+  __shared__ Smem<Cfg> smem;
+  const BlockLayout<acc_t> layout = device_layout(args);
+  const int64_t a0 = int64_t(blockIdx.x) * Cfg::kRows;
+  const int64_t slice0 = int64_t(blockIdx.y) * Cfg::kSlice;
+  const int row = threadIdx.x / Cfg::kThreadsPerRow;
+  const int first_col = (threadIdx.x % Cfg::kThreadsPerRow) * Cfg::kColsPerThread;
+  const int64_t anchor = a0 + row;
+  const bool valid = anchor < args.a.count;
+  const acc_t inv_tau = acc_t(1) / *args.tau;
+  const RowGradient<acc_t> grad = row_gradient(args, anchor, valid, inv_tau);
+  acc_t grad_dot_logits = 0, grad_sum = 0;
+  SliceAccumulator<Cfg> out;
+  for (int64_t k0 = 0; k0 < args.k.count; k0 += Cfg::kRows) {
+    similarity_tile(smem, args.a, args.k, a0, k0, args.sub_dim);
+    gradient_tile_row(smem, args, layout, grad, anchor, valid, row, first_col, k0, grad_dot_logits, grad_sum);
+    load_tile<Cfg, Cfg::kRows, Cfg::kSlice, Cfg::kLdSlice, true>(smem.slice, args.k, k0, slice0, args.sub_dim);
+    __syncthreads();
+    out.template add<false>(smem);
+    __syncthreads();
+  }
+  constexpr acc_t prescale = gradient_prescale<std::is_same<typename Cfg::scalar, __half>::value>();
+  out.store(smem, args.d_a, a0, args.a.count, slice0, args.sub_dim, inv_tau / prescale);
+  grad_dot_logits = sum_row_threads<Cfg>(grad_dot_logits);
+  grad_sum = sum_row_threads<Cfg>(grad_sum);
+  if (blockIdx.y == 0 && valid && first_col == 0) {
+    args.grad_sums[2 * anchor] = grad_dot_logits;
+    args.grad_sums[2 * anchor + 1] = grad_sum;
+  }
+}
+
+// dk̂[key tile, slice] = Σ_anchor tiles Tᵀ·Â[:, slice] / (τ·prescale): the CTA owns its keys' gradient.
+template <class Cfg>
+__global__ void __launch_bounds__(kThreads, 1) block_backward_key_kernel(const KernelArgs<Cfg> args) {
+  using acc_t = typename Cfg::acc;
+  __shared__ Smem<Cfg> smem;
+  const BlockLayout<acc_t> layout = device_layout(args);
+  const int64_t k0 = int64_t(blockIdx.x) * Cfg::kRows;
+  const int64_t slice0 = int64_t(blockIdx.y) * Cfg::kSlice;
+  const int row = threadIdx.x / Cfg::kThreadsPerRow;
+  const int first_col = (threadIdx.x % Cfg::kThreadsPerRow) * Cfg::kColsPerThread;
+  const acc_t inv_tau = acc_t(1) / *args.tau;
+  acc_t unused_dot = 0, unused_sum = 0;  // Σ G·s comes from the anchor pass
+  SliceAccumulator<Cfg> out;
+  for (int64_t a0 = 0; a0 < args.a.count; a0 += Cfg::kRows) {
+    const int64_t anchor = a0 + row;
+    const bool valid = anchor < args.a.count;
+    const RowGradient<acc_t> grad = row_gradient(args, anchor, valid, inv_tau);
+    similarity_tile(smem, args.a, args.k, a0, k0, args.sub_dim);
+    gradient_tile_row(smem, args, layout, grad, anchor, valid, row, first_col, k0, unused_dot, unused_sum);
+    load_tile<Cfg, Cfg::kRows, Cfg::kSlice, Cfg::kLdSlice, true>(smem.slice, args.a, a0, slice0, args.sub_dim);
+    __syncthreads();
+    out.template add<true>(smem);
+    __syncthreads();
+  }
+  constexpr acc_t prescale = gradient_prescale<std::is_same<typename Cfg::scalar, __half>::value>();
+  out.store(smem, args.d_k, k0, args.k.count, slice0, args.sub_dim, inv_tau / prescale);
+}
+
+// In place: d[r, :] = dL/dz from dL/dẑ (normalization backward), one warp per row, fixed reduction tree.
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kThreads, 1) normalize_backward_kernel(const Rows<scalar_t, acc_t> rows, int64_t sub_dim,
+                                                                      acc_t* d) {
+  const int64_t r = int64_t(blockIdx.x) * (kThreads / 32) + threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  if (r >= rows.count) return;
+  const scalar_t* z = rows.data + r * rows.stride_row;
+  acc_t* dr = d + r * sub_dim;
+  acc_t z_dot_d = 0;
+  for (int64_t i = lane; i < sub_dim; i += 32) z_dot_d += to_acc<scalar_t, acc_t>(z[i * rows.stride_dim]) * dr[i];
+#pragma unroll
+  for (int lane_mask = 16; lane_mask > 0; lane_mask >>= 1) z_dot_d += __shfl_xor_sync(0xffffffffu, z_dot_d, lane_mask);
+  const acc_t inv = rows.inv[r];
+  const acc_t coefficient = radial_coefficient<acc_t>(z_dot_d, inv);
+  for (int64_t i = lane; i < sub_dim; i += 32)
+    dr[i] = normalized_gradient<acc_t>(dr[i], to_acc<scalar_t, acc_t>(z[i * rows.stride_dim]), inv, coefficient);
+}
+
+// --- host launchers -----------------------------------------------------------------------------------------
+
+template <class Cfg>
+KernelArgs<Cfg> kernel_args(const BlockArgs& b) {
+  using scalar_t = typename Cfg::scalar;
+  using acc_t = typename Cfg::acc;
+  KernelArgs<Cfg> k{};
+  k.a = {static_cast<const scalar_t*>(b.a.data), b.a.count, b.a.stride_row, b.a.stride_dim,
+         static_cast<const acc_t*>(b.a.inv)};
+  k.k = {static_cast<const scalar_t*>(b.k.data), b.k.count, b.k.stride_row, b.k.stride_dim,
+         static_cast<const acc_t*>(b.k.inv)};
+  k.sub_dim = b.sub_dim;
+  k.tau = static_cast<const acc_t*>(b.tau);
+  k.bias = static_cast<const acc_t*>(b.layout.bias);
+  const LayoutArg& l = b.layout;
+  k.layout = {l.has_self, l.self_offset, l.positives, l.exclude_positives, l.epilogue, acc_t(0), l.pos_index,
+              l.a_labels, l.k_labels, static_cast<const acc_t*>(l.mask), l.mask_rows, l.mask_cols};
+  return k;
+}
+
+inline unsigned tiles(int64_t n, int tile) { return unsigned((n + tile - 1) / tile); }
+
+template <class Cfg>
+const char* forward(const BlockArgs& b, void* lse, void* pos_sum, void* pos_weight, cudaStream_t stream) {
+  using acc_t = typename Cfg::acc;
+  KernelArgs<Cfg> args = kernel_args<Cfg>(b);
+  args.lse = static_cast<acc_t*>(lse);
+  args.pos_sum = static_cast<acc_t*>(pos_sum);
+  args.pos_weight = static_cast<acc_t*>(pos_weight);
+  block_forward_kernel<Cfg><<<tiles(b.a.count, Cfg::kRows), kThreads, 0, stream>>>(args);
+  const cudaError_t status = cudaGetLastError();
+  return status == cudaSuccess ? nullptr : cudaGetErrorString(status);
+}
+
+template <class Cfg>
+const char* backward(const BlockArgs& b, const void* lse, const void* alpha, const void* beta, void* d_a, void* d_k,
+                     void* grad_sums, cudaStream_t stream) {
+  using scalar_t = typename Cfg::scalar;
+  using acc_t = typename Cfg::acc;
+  KernelArgs<Cfg> args = kernel_args<Cfg>(b);
+  args.lse_in = static_cast<const acc_t*>(lse);
+  args.alpha = static_cast<const acc_t*>(alpha);
+  args.beta = static_cast<const acc_t*>(beta);
+  args.d_a = static_cast<acc_t*>(d_a);
+  args.d_k = static_cast<acc_t*>(d_k);
+  args.grad_sums = static_cast<acc_t*>(grad_sums);
+  const unsigned slices = tiles(b.sub_dim, Cfg::kSlice);
+  block_backward_anchor_kernel<Cfg><<<dim3(tiles(b.a.count, Cfg::kRows), slices), kThreads, 0, stream>>>(args);
+  block_backward_key_kernel<Cfg><<<dim3(tiles(b.k.count, Cfg::kRows), slices), kThreads, 0, stream>>>(args);
+  constexpr int kRowsPerCta = kThreads / 32;
+  if (args.a.inv)
+    normalize_backward_kernel<scalar_t, acc_t><<<tiles(b.a.count, kRowsPerCta), kThreads, 0, stream>>>(args.a, b.sub_dim,
+                                                                                                        args.d_a);
+  if (args.k.inv)
+    normalize_backward_kernel<scalar_t, acc_t><<<tiles(b.k.count, kRowsPerCta), kThreads, 0, stream>>>(args.k, b.sub_dim,
+                                                                                                        args.d_k);
+  const cudaError_t status = cudaGetLastError();
+  return status == cudaSuccess ? nullptr : cudaGetErrorString(status);
+}
+
+// launch.template run<Cfg>() with the tile configuration of the rows' dtype and math path.
+template <typename Launch>
+const char* with_config(const BlockArgs& b, const Launch& launch) {
+  switch (b.dtype) {
+    case ScalarType::kHalf: return launch.template run<Config<__half, kWmma16>>();
+    case ScalarType::kBFloat16: return launch.template run<Config<__nv_bfloat16, kWmma16>>();
+    case ScalarType::kFloat:
+      return b.allow_tf32 ? launch.template run<Config<float, kWmmaTf32>>() : launch.template run<Config<float, kFma>>();
+    case ScalarType::kDouble: return launch.template run<Config<double, kFma>>();
+  }
+  return "fastcl: unsupported dtype";
+}
+
+struct ForwardLaunch {
+  const BlockArgs& b;
+  void* lse;
+  void* pos_sum;
+  void* pos_weight;
+  cudaStream_t stream;
+  template <class Cfg>
+  const char* run() const { return forward<Cfg>(b, lse, pos_sum, pos_weight, stream); }
+};
+
+struct BackwardLaunch {
+  const BlockArgs& b;
+  const void* lse;
+  const void* alpha;
+  const void* beta;
+  void* d_a;
+  void* d_k;
+  void* grad_sums;
+  cudaStream_t stream;
+  template <class Cfg>
+  const char* run() const { return backward<Cfg>(b, lse, alpha, beta, d_a, d_k, grad_sums, stream); }
+};
+
+}  // namespace
+
+const char* launch_block_forward(const BlockArgs& b, void* lse, void* pos_sum, void* pos_weight, void* stream) {
+  if (b.a.count == 0) return nullptr;
+  return with_config(b, ForwardLaunch{b, lse, pos_sum, pos_weight, static_cast<cudaStream_t>(stream)});
+}
+
+// Callers pass zero-filled d_a / d_k: an empty key block leaves them untouched.
+const char* launch_block_backward(const BlockArgs& b, const void* lse, const void* alpha, const void* beta, void* d_a,
+                                  void* d_k, void* grad_sums, void* stream) {
+  if (b.a.count == 0 || b.k.count == 0) return nullptr;
+  return with_config(b, BackwardLaunch{b, lse, alpha, beta, d_a, d_k, grad_sums, static_cast<cudaStream_t>(stream)});
+}
+
+}  // namespace fastcl
