@@ -31,12 +31,8 @@ def _triton_importable() -> bool:
 
 @functools.lru_cache(maxsize=None)
 def _cuda_extension_error() -> str | None:
-    """None when the compiled csrc extension can run here, else the reason it cannot."""
-    if not torch.cuda.is_available():
-        return "it needs a CUDA device and torch.cuda.is_available() is False"
-    if importlib.util.find_spec("fastcl._C") is None:
-        return "the CUDA extension (csrc/) is not built in this install"
-    return None
+    """None when the csrc extension can run here (built, or buildable just in time), else the reason it cannot."""
+    return importlib.import_module(_MODULES["cuda"]).unavailable_reason()
 
 
 def unavailable_reason(backend: str, device: torch.device | None = None) -> str | None:
@@ -84,7 +80,7 @@ def resolve(backend: str, device: torch.device) -> str:
     return backend
 
 
-_MODULES = {"torch": "fastcl.torch_backend", "triton": "fastcl.kernels", "cuda": "fastcl._C"}
+_MODULES = {"torch": "fastcl.torch_backend", "triton": "fastcl.kernels", "cuda": "fastcl.cuda_backend"}
 
 
 def module(backend: str) -> ModuleType:
