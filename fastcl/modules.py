@@ -1,8 +1,24 @@
-"""Drop-in ``nn.Module`` losses (SPEC.md §4): thin wrappers over :mod:`fastcl.functional`."""
+"""Drop-in ``nn.Module`` losses: thin wrappers over :mod:`fastcl.functional` (the math is in ``docs/spec.md``).
+
+Every module takes its temperature at construction and, optionally, per call
+(``loss_fn(z1, z2, temperature=tau)``), so a learnable temperature or a CLIP logit scale that changes
+every step needs no new module. The options shared by all of them:
+
+* ``sub_dim``: use only the first ``sub_dim`` features of every row (DirectCLR); the backends read the
+  prefix through strides and the gradient on the rest of the row is exactly zero.
+* ``normalize``: L2-normalize the rows inside the loss (``True``), or use them as given (``False``).
+* ``backend``: ``"auto"`` (Triton for CUDA tensors, the chunked PyTorch backend otherwise), ``"torch"``
+  or ``"triton"``; ``FASTCL_BACKEND`` overrides ``"auto"``.
+* ``distributed``: ``"auto"`` (the global batch under an initialized process group of world size > 1),
+  ``"local"``, ``"gather"`` or ``"ring"``; see ``docs/distributed.md``.
+* ``check_finite``: raise on NaN/Inf embeddings or a non-positive tensor temperature. ``None`` (the
+  default) checks on the torch backend only, because the check costs a device sync.
+"""
 from __future__ import annotations
 
 from typing import Optional
 
+import torch
 from torch import Tensor, nn
 
 from fastcl import functional
@@ -11,13 +27,83 @@ from fastcl._validate import Temperature
 __all__ = ["NTXentLoss", "InfoNCELoss", "DirectCLRLoss", "SupConLoss"]
 
 
-class NTXentLoss(nn.Module):
-    """SimCLR's NT-Xent over two views; replaces lightly's ``NTXentLoss(memory_bank_size=0)``.
+def _as_scalar(tau: Temperature) -> Temperature:
+    """A one-element ``[1]`` tensor (how ``nn.Parameter(torch.ones([1]))`` scales are often built) as 0-dim."""
+    if isinstance(tau, Tensor) and tau.dim() == 1 and tau.numel() == 1:
+        return tau.reshape(())
+    return tau
+
+
+class _TemperatureMixin:
+    """Stores the construction-time temperature so that it keeps working on every step."""
+
+    def _store_temperature(self, temperature: Temperature) -> None:
+        if isinstance(temperature, nn.Parameter):
+            self.temperature = temperature  # registered: in parameters(), state_dict() and moved by .to()
+            return
+        if isinstance(temperature, Tensor):
+            if temperature.grad_fn is not None:
+                # A tensor computed from a parameter (1 / logit_scale.exp()) is one step's graph: the first
+                # backward frees it and every later step would fail deep inside autograd.
+                raise ValueError(
+                    "temperature: got a tensor computed from other tensors "
+                    f"(grad_fn={type(temperature.grad_fn).__name__}); its graph is freed by the first backward. "
+                    "Pass it per call instead, loss_fn(a, b, temperature=1 / logit_scale.exp()), or give an nn.Parameter"
+                )
+            self.register_buffer("temperature", temperature, persistent=False)
+            return
+        self.temperature = temperature
+
+    def _temperature(self, temperature: Optional[Temperature]) -> Temperature:
+        return _as_scalar(self.temperature if temperature is None else temperature)
+
+    def _temperature_repr(self) -> str:
+        tau = self.temperature
+        return f"temperature={tau.detach().tolist() if isinstance(tau, Tensor) else tau}"
+
+
+class NTXentLoss(_TemperatureMixin, nn.Module):
+    """SimCLR's NT-Xent over two views (Chen et al. 2020, https://arxiv.org/abs/2002.05709).
+
+    The rows of ``[z1; z2]`` (M = 2N) are anchors; row i's positive is the other view of the same
+    sample and the other M − 2 rows are its negatives:
+    ``L = mean_i [ −s(i, pos(i)) + log Σ_{j≠i} exp s(i, j) ]`` with ``s = ẑ_i · ẑ_j / τ``.
+
+    Args:
+        temperature: τ > 0, a float, a 0-dim tensor, or an ``nn.Parameter`` (learned; registered on the
+            module). A tensor computed from other tensors is refused (pass it per call instead).
+        sub_dim: use only the first ``sub_dim`` features (DirectCLR); ``None``: all D.
+        normalize: L2-normalize the rows inside the loss.
+        backend: ``"auto"``, ``"torch"`` or ``"triton"``.
+        distributed: ``"auto"``, ``"local"``, ``"gather"`` or ``"ring"`` (see ``docs/distributed.md``).
+        check_finite: raise on NaN/Inf inputs; ``None``: on the torch backend only.
+
+    Shape:
+        z1, z2: ``[N, D]``, same shape, dtype and device. Output: ``[]``.
+
+    Returns:
+        The mean loss, 0-dim float32 (float64 for float64 inputs).
+
+    Raises:
+        ValueError: bad shapes, τ ≤ 0, NaN/Inf inputs with ``check_finite``; the message names the argument.
+        TypeError: integer embeddings, a temperature that is not a number or tensor.
+        RuntimeError: a backend that cannot run on these tensors.
 
     Example:
         >>> import torch
         >>> loss_fn = NTXentLoss(temperature=0.5)
-        >>> loss = loss_fn(torch.randn(8, 32), torch.randn(8, 32))
+        >>> z1, z2 = torch.randn(8, 32), torch.randn(8, 32)
+        >>> loss = loss_fn(z1, z2)
+        >>> loss.shape
+        torch.Size([])
+        >>> tau = torch.nn.Parameter(torch.tensor(0.2))     # learned temperature, built once
+        >>> loss_fn = NTXentLoss(temperature=tau)
+        >>> for _ in range(2):
+        ...     loss_fn(z1, z2).backward()
+        >>> tau.grad is not None
+        True
+        >>> bool(loss_fn(z1, z2, temperature=0.1) > 0)       # per-call temperature
+        True
     """
 
     def __init__(
@@ -27,27 +113,68 @@ class NTXentLoss(nn.Module):
         normalize: bool = True,
         backend: str = "auto",
         distributed: str = "auto",
+        check_finite: Optional[bool] = None,
     ):
         super().__init__()
-        self.temperature, self.sub_dim, self.normalize = temperature, sub_dim, normalize
+        self._store_temperature(temperature)
+        self.sub_dim, self.normalize, self.check_finite = sub_dim, normalize, check_finite
         self.backend, self.distributed = backend, distributed
 
-    def forward(self, z1: Tensor, z2: Tensor) -> Tensor:
+    def forward(self, z1: Tensor, z2: Tensor, temperature: Optional[Temperature] = None) -> Tensor:
+        """Args: z1, z2: the two views ``[N, D]``; temperature: this call's τ (``None``: the module's)."""
         return functional.nt_xent(
-            z1, z2, self.temperature, sub_dim=self.sub_dim, normalize=self.normalize,
-            backend=self.backend, distributed=self.distributed,
+            z1, z2, self._temperature(temperature), sub_dim=self.sub_dim, normalize=self.normalize,
+            backend=self.backend, distributed=self.distributed, check_finite=self.check_finite,
         )
 
     def extra_repr(self) -> str:
-        return f"temperature={self.temperature}, sub_dim={self.sub_dim}, normalize={self.normalize}, backend={self.backend!r}, distributed={self.distributed!r}"
+        return (
+            f"{self._temperature_repr()}, sub_dim={self.sub_dim}, normalize={self.normalize}, "
+            f"backend={self.backend!r}, distributed={self.distributed!r}, check_finite={self.check_finite}"
+        )
 
 
-class InfoNCELoss(nn.Module):
-    """Cross-view InfoNCE (DirectCLR / CLIP form), symmetric by default.
+class InfoNCELoss(_TemperatureMixin, nn.Module):
+    """Cross-view InfoNCE (van den Oord et al. 2018, https://arxiv.org/abs/1807.03748), the form of
+    CLIP (Radford et al. 2021, https://arxiv.org/abs/2103.00020) and DirectCLR: ``q_i`` against every
+    ``k_j``, positive ``k_i``, no same-view negatives:
+    ``ℓ(q, k) = mean_i [ −s(q_i, k_i) + log Σ_j exp s(q_i, k_j) ]``; ``symmetric=True`` returns
+    ``(ℓ(q, k) + ℓ(k, q)) / 2``.
+
+    For CLIP, τ = 1 / logit_scale: pass ``temperature=1 / model.logit_scale.exp()`` per call (the
+    gradient reaches the logit scale), or use :class:`fastcl.compat.open_clip.ClipLoss`.
+
+    Args:
+        temperature: τ > 0, a float, a 0-dim tensor or an ``nn.Parameter``.
+        sub_dim: use only the first ``sub_dim`` features; ``None``: all D.
+        normalize: L2-normalize the rows inside the loss (CLIP models normalize before the loss:
+            ``normalize=False`` then skips the redundant work).
+        symmetric: average both directions (``True``) or return ``ℓ(q, k)`` only.
+        backend: ``"auto"``, ``"torch"`` or ``"triton"``.
+        distributed: ``"auto"``, ``"local"``, ``"gather"`` or ``"ring"``.
+        check_finite: raise on NaN/Inf inputs; ``None``: on the torch backend only.
+
+    Shape:
+        q, k: ``[N, D]``, same shape, dtype and device. Output: ``[]``.
+
+    Returns:
+        The mean loss, 0-dim float32 (float64 for float64 inputs).
+
+    Raises:
+        ValueError: bad shapes, τ ≤ 0, NaN/Inf inputs with ``check_finite``.
+        TypeError: integer embeddings, a non-bool ``symmetric``.
+        RuntimeError: a backend that cannot run on these tensors.
 
     Example:
         >>> import torch
-        >>> loss = InfoNCELoss(temperature=0.1)(torch.randn(8, 32), torch.randn(8, 32))
+        >>> logit_scale = torch.nn.Parameter(torch.tensor(2.659))   # log(1 / 0.07), as CLIP
+        >>> loss_fn = InfoNCELoss(normalize=False)
+        >>> img = torch.nn.functional.normalize(torch.randn(8, 32), dim=1)
+        >>> txt = torch.nn.functional.normalize(torch.randn(8, 32), dim=1)
+        >>> loss = loss_fn(img, txt, temperature=1 / logit_scale.exp())
+        >>> loss.backward()
+        >>> logit_scale.grad is not None
+        True
     """
 
     def __init__(
@@ -58,44 +185,106 @@ class InfoNCELoss(nn.Module):
         symmetric: bool = True,
         backend: str = "auto",
         distributed: str = "auto",
+        check_finite: Optional[bool] = None,
     ):
         super().__init__()
-        self.temperature, self.sub_dim, self.normalize = temperature, sub_dim, normalize
-        self.symmetric, self.backend, self.distributed = symmetric, backend, distributed
+        self._store_temperature(temperature)
+        self.sub_dim, self.normalize, self.symmetric = sub_dim, normalize, symmetric
+        self.backend, self.distributed, self.check_finite = backend, distributed, check_finite
 
-    def forward(self, q: Tensor, k: Tensor) -> Tensor:
+    def forward(self, q: Tensor, k: Tensor, temperature: Optional[Temperature] = None) -> Tensor:
+        """Args: q, k: ``[N, D]`` (queries and keys, e.g. image and text); temperature: this call's τ."""
         return functional.info_nce(
-            q, k, self.temperature, sub_dim=self.sub_dim, normalize=self.normalize,
+            q, k, self._temperature(temperature), sub_dim=self.sub_dim, normalize=self.normalize,
             symmetric=self.symmetric, backend=self.backend, distributed=self.distributed,
+            check_finite=self.check_finite,
         )
 
     def extra_repr(self) -> str:
         return (
-            f"temperature={self.temperature}, sub_dim={self.sub_dim}, normalize={self.normalize}, "
-            f"symmetric={self.symmetric}, backend={self.backend!r}, distributed={self.distributed!r}"
+            f"{self._temperature_repr()}, sub_dim={self.sub_dim}, normalize={self.normalize}, "
+            f"symmetric={self.symmetric}, backend={self.backend!r}, distributed={self.distributed!r}, "
+            f"check_finite={self.check_finite}"
         )
 
 
 class DirectCLRLoss(InfoNCELoss):
-    """DirectCLR (Jing et al. 2022): symmetric InfoNCE on the first ``sub_dim`` features of the
-    representation, no projector. The kernel reads the prefix through strides.
+    """DirectCLR (Jing et al. 2022, https://arxiv.org/abs/2110.09348): symmetric InfoNCE on the first
+    ``sub_dim`` features of the normalized representation prefix, no projector. The backends read the
+    prefix in place; the gradient on features ``sub_dim:`` is exactly zero.
+
+    Args:
+        sub_dim: length of the prefix d0 (360 in the paper's code).
+        temperature: τ > 0 (0.1 in the paper's code).
+        backend, distributed, check_finite: as :class:`InfoNCELoss`.
+
+    Shape:
+        r1, r2: ``[N, D]`` representations with D ≥ ``sub_dim``. Output: ``[]``.
+
+    Returns:
+        ``(ℓ(z1, z2) + ℓ(z2, z1)) / 2`` with ``z = normalize(r[:, :sub_dim])``.
+
+    Raises:
+        ValueError: ``sub_dim`` > D or < 1, and the cases of :class:`InfoNCELoss`.
 
     Example:
         >>> import torch
         >>> loss = DirectCLRLoss(sub_dim=360)(torch.randn(8, 2048), torch.randn(8, 2048))
+        >>> loss.dtype
+        torch.float32
     """
 
-    def __init__(self, sub_dim: int = 360, temperature: Temperature = 0.1, backend: str = "auto", distributed: str = "auto"):
-        super().__init__(temperature, sub_dim=sub_dim, normalize=True, symmetric=True, backend=backend, distributed=distributed)
+    def __init__(
+        self,
+        sub_dim: int = 360,
+        temperature: Temperature = 0.1,
+        backend: str = "auto",
+        distributed: str = "auto",
+        check_finite: Optional[bool] = None,
+    ):
+        super().__init__(
+            temperature, sub_dim=sub_dim, normalize=True, symmetric=True, backend=backend,
+            distributed=distributed, check_finite=check_finite,
+        )
 
 
-class SupConLoss(nn.Module):
-    """Supervised contrastive loss with SupContrast's signature and semantics.
+class SupConLoss(_TemperatureMixin, nn.Module):
+    """Supervised contrastive loss L_out (Khosla et al. 2020, https://arxiv.org/abs/2004.11362).
+
+    ``features`` is ``[N, V, D]`` (V views). Rows are stacked view-major; anchor a's positives P(a)
+    are the other rows with its label (or ``mask[n_a, n_p] != 0``), its contrast set every other row:
+    ``ℓ_a = −(τ/τ_b) · mean_{p∈P(a)} [ s_ap − log Σ_{c≠a} exp s_ac ]``; the loss is the mean over
+    anchors that have a positive (an anchor without one is left out of the mean, never NaN; with no
+    such anchor the loss is 0). Without labels and mask every sample is its own class (SimCLR with
+    V views). For SupContrast's own conventions (unnormalized features, anchors without positives
+    averaged in as 0, soft masks, positional ``contrast_mode``) use
+    :class:`fastcl.compat.supcontrast.SupConLoss`.
+
+    Args:
+        temperature: τ > 0, a float, a 0-dim tensor or an ``nn.Parameter``.
+        base_temperature: τ_b > 0, a float (the loss is scaled by τ/τ_b).
+        contrast_mode: ``"all"`` (every row is an anchor) or ``"one"`` (view 0 only).
+        sub_dim: use only the first ``sub_dim`` features; ``None``: all D.
+        normalize: L2-normalize the rows inside the loss.
+        backend, distributed, check_finite: as :class:`NTXentLoss`.
+
+    Shape:
+        features: ``[N, V, D]``; labels: ``[N]`` integer; mask: ``[N, N]`` (nonzero = positive).
+        Output: ``[]``.
+
+    Returns:
+        The mean loss over anchors with a positive, 0-dim float32 (float64 for float64 inputs).
+
+    Raises:
+        ValueError: bad shapes, both ``labels`` and ``mask``, an unknown ``contrast_mode``, τ ≤ 0.
+        TypeError: float labels, integer features.
 
     Example:
         >>> import torch
         >>> feats, labels = torch.randn(8, 2, 32), torch.randint(0, 3, (8,))
         >>> loss = SupConLoss(temperature=0.07)(feats, labels)
+        >>> loss.shape
+        torch.Size([])
     """
 
     def __init__(
@@ -107,20 +296,31 @@ class SupConLoss(nn.Module):
         normalize: bool = True,
         backend: str = "auto",
         distributed: str = "auto",
+        check_finite: Optional[bool] = None,
     ):
         super().__init__()
-        self.temperature, self.base_temperature, self.contrast_mode = temperature, base_temperature, contrast_mode
+        self._store_temperature(temperature)
+        self.base_temperature, self.contrast_mode = base_temperature, contrast_mode
         self.sub_dim, self.normalize, self.backend, self.distributed = sub_dim, normalize, backend, distributed
+        self.check_finite = check_finite
 
-    def forward(self, features: Tensor, labels: Optional[Tensor] = None, mask: Optional[Tensor] = None) -> Tensor:
+    def forward(
+        self,
+        features: Tensor,
+        labels: Optional[Tensor] = None,
+        mask: Optional[Tensor] = None,
+        temperature: Optional[Temperature] = None,
+    ) -> Tensor:
+        """Args: features ``[N, V, D]``; labels ``[N]`` or mask ``[N, N]`` (or neither); temperature: this call's τ."""
         return functional.supcon(
-            features, labels, mask, self.temperature, base_temperature=self.base_temperature,
+            features, labels, mask, self._temperature(temperature), base_temperature=self.base_temperature,
             contrast_mode=self.contrast_mode, sub_dim=self.sub_dim, normalize=self.normalize,
-            backend=self.backend, distributed=self.distributed,
+            backend=self.backend, distributed=self.distributed, check_finite=self.check_finite,
         )
 
     def extra_repr(self) -> str:
         return (
-            f"temperature={self.temperature}, base_temperature={self.base_temperature}, "
-            f"contrast_mode={self.contrast_mode!r}, sub_dim={self.sub_dim}, backend={self.backend!r}, distributed={self.distributed!r}"
+            f"{self._temperature_repr()}, base_temperature={self.base_temperature}, "
+            f"contrast_mode={self.contrast_mode!r}, sub_dim={self.sub_dim}, normalize={self.normalize}, "
+            f"backend={self.backend!r}, distributed={self.distributed!r}, check_finite={self.check_finite}"
         )

@@ -1,0 +1,52 @@
+"""Helpers shared by the compat modules: collectives with the peers' gradient rules, logit scales."""
+from __future__ import annotations
+
+from typing import Union
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from fastcl.distributed import world_size
+
+
+def all_gather_rows(x: Tensor, with_grad: bool) -> Tensor:
+    """The rows of every rank, rank-major. ``with_grad``: the backward sums every rank's gradient for
+    this rank's rows (the GatherLayer of SimCLR-style code bases); otherwise a plain, gradient-free copy."""
+    if with_grad:
+        return torch.cat(torch.distributed.nn.functional.all_gather(x), dim=0)
+    parts = [torch.empty_like(x) for _ in range(world_size())]
+    dist.all_gather(parts, x.detach().contiguous())
+    return torch.cat(parts, dim=0)
+
+
+class _ScaleGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, factor: float) -> Tensor:
+        ctx.factor = factor
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return grad * ctx.factor, None
+
+
+def scale_grad(x: Tensor, factor: float) -> Tensor:
+    """``x`` unchanged in the forward; its gradient multiplied by ``factor`` in the backward."""
+    return _ScaleGrad.apply(x, factor)
+
+
+def temperature_from_scale(scale: Union[float, Tensor]) -> Union[float, Tensor]:
+    """τ = 1 / logit_scale for an already exponentiated scale (float, 0-dim or ``[1]`` tensor); the
+    gradient reaches the scale."""
+    if isinstance(scale, Tensor):
+        if scale.numel() != 1:
+            raise ValueError(f"logit_scale: expected a scalar or a one-element tensor, got shape {tuple(scale.shape)}")
+        return 1.0 / scale.reshape(())
+    return 1.0 / float(scale)
+
+
+def zero_loss(*rows: Tensor) -> Tensor:
+    """An exact 0 connected to the inputs' graph (zero gradients, never NaN even for NaN rows)."""
+    acc = torch.float64 if rows[0].dtype == torch.float64 else torch.float32
+    return sum(r[:0].sum().to(acc) for r in rows)

@@ -1,0 +1,101 @@
+"""DirectCLR's losses (github.com/facebookresearch/directclr, ``directclr/main.py``): change only the import.
+
+    from main import infoNCE                               # before
+    from fastcl.compat.directclr import infoNCE             # after
+
+* ``infoNCE(nn, p, temperature=0.1)``: one-way InfoNCE of normalized ``nn`` against normalized ``p``;
+  under DDP over the rows of all ranks, as DirectCLR's ``gather_from_all`` (fastcl's
+  ``distributed="gather"``: the same value on every rank and, after DDP's average, the same gradients).
+* ``directclr_loss(r1, r2, dim=360, temperature=0.1)``: the ``--mode directclr`` loss,
+  ``infoNCE(z1, z2) / 2 + infoNCE(z2, z1) / 2`` with ``z = r[:, :dim]``; the prefix is read in place.
+* ``group_loss(r1, r2, idx=None, groups=8, temperature=0.1)``: the ``--mode group`` loss, the sum over
+  ``groups`` random disjoint feature subsets of the symmetric InfoNCE; ``idx=None`` draws the
+  permutation from NumPy's global generator exactly as DirectCLR does (``np.random.shuffle``).
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from fastcl import functional
+
+__all__ = ["infoNCE", "directclr_loss", "group_loss"]
+
+
+def infoNCE(nn: Tensor, p: Tensor, temperature: float = 0.1) -> Tensor:  # noqa: N802 (DirectCLR's name)
+    """DirectCLR's one-way InfoNCE (van den Oord et al. 2018, https://arxiv.org/abs/1807.03748).
+
+    Args:
+        nn: ``[N, D]`` queries. p: ``[N, D]`` keys; ``p[i]`` is the positive of ``nn[i]``.
+        temperature: τ > 0.
+
+    Returns:
+        ``mean_i [ −s(nn_i, p_i) + log Σ_j exp s(nn_i, p_j) ]`` on normalized rows (0-dim).
+
+    Example:
+        >>> import torch
+        >>> loss = infoNCE(torch.randn(8, 16), torch.randn(8, 16))
+        >>> loss.shape
+        torch.Size([])
+    """
+    return functional.info_nce(nn, p, temperature, symmetric=False, distributed="gather")
+
+
+def directclr_loss(r1: Tensor, r2: Tensor, dim: int = 360, temperature: float = 0.1) -> Tensor:
+    """DirectCLR (Jing et al. 2022, https://arxiv.org/abs/2110.09348): symmetric InfoNCE on ``r[:, :dim]``.
+
+    Args:
+        r1, r2: ``[N, D]`` representations of the two views, D ≥ ``dim``.
+        dim: prefix length (DirectCLR's ``--dim``).
+        temperature: τ > 0.
+
+    Returns:
+        ``infoNCE(z1, z2) / 2 + infoNCE(z2, z1) / 2`` (0-dim).
+
+    Example:
+        >>> import torch
+        >>> loss = directclr_loss(torch.randn(8, 2048), torch.randn(8, 2048))
+    """
+    return functional.info_nce(r1, r2, temperature, sub_dim=dim, symmetric=True, distributed="gather")
+
+
+def group_loss(
+    r1: Tensor, r2: Tensor, idx: Optional[Sequence[int]] = None, groups: int = 8, temperature: float = 0.1
+) -> Tensor:
+    """DirectCLR's ``--mode group``: Σ over ``groups`` disjoint random feature subsets of the symmetric InfoNCE.
+
+    Args:
+        r1, r2: ``[N, D]`` representations; D must be divisible by ``groups`` (2048 / 8 = 256 in DirectCLR).
+        idx: a permutation of ``range(D)``; ``None`` draws ``np.random.permutation(D)``, the same
+            permutation as DirectCLR's ``np.random.shuffle(np.arange(D))`` for the same NumPy state.
+        groups: number of subsets.
+        temperature: τ > 0.
+
+    Returns:
+        The summed loss (0-dim).
+
+    Raises:
+        ValueError: D not divisible by ``groups``, or ``idx`` not of length D.
+
+    Example:
+        >>> import torch
+        >>> loss = group_loss(torch.randn(8, 64), torch.randn(8, 64), idx=torch.randperm(64), groups=8)
+    """
+    d = r1.shape[1]
+    if groups < 1 or d % groups:
+        raise ValueError(f"groups: expected a divisor of D = {d}, got {groups}")
+    if idx is None:
+        import numpy as np
+
+        idx = np.random.permutation(d)
+    idx = torch.as_tensor(idx, dtype=torch.long, device=r1.device)
+    if idx.shape != (d,):
+        raise ValueError(f"idx: expected a permutation of range({d}), got shape {tuple(idx.shape)}")
+    size = d // groups
+    loss = 0
+    for start in range(0, d, size):
+        cols = idx[start : start + size]
+        loss = loss + functional.info_nce(r1[:, cols], r2[:, cols], temperature, symmetric=True, distributed="gather")
+    return loss

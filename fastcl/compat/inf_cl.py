@@ -1,0 +1,128 @@
+"""Inf-CL (github.com/DAMO-NLP-SG/Inf-CLIP, package ``inf_cl``): change only the import line.
+
+    from inf_cl import cal_inf_loss                   # before
+    from fastcl.compat.inf_cl import cal_inf_loss      # after
+
+Same functions ``cal_inf_loss`` / ``cal_ring_loss`` (mean) and ``cal_flash_loss`` (per-row losses), same
+arguments ``(q, k, labels=None, scale=None, head_dim=256)`` and values: one direction (q against k), rows
+used as given (no normalization), ``scale`` (an exponentiated logit scale, or None for 1) multiplies the
+logits, ``labels[i]`` is the index of q_i's positive in k (default ``arange``), and k may hold more rows
+than q. ``head_dim`` only shapes Inf-CL's kernels; the value does not depend on it (accepted, unused).
+
+Under an initialized process group (as Inf-CL checks), ``cal_inf_loss`` / ``cal_ring_loss`` compute this
+rank's q against the k of every rank (``labels`` index this rank's k, as in Inf-CL), each rank's key
+gradient summed over ranks and the scale's gradient all-reduced, as Inf-CL's ring does.
+
+With the default labels and as many keys as queries on one process, the loss runs on fastcl's fused
+cross-view InfoNCE; explicit labels, more keys, or several ranks run as row blocks in PyTorch.
+"""
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from fastcl import functional
+from fastcl.compat._common import all_gather_rows, temperature_from_scale
+from fastcl.compat._rowblocks import cross_entropy_rows
+from fastcl.distributed import world_size
+
+__all__ = ["cal_inf_loss", "cal_ring_loss", "cal_flash_loss"]
+
+Scale = Optional[Union[float, Tensor]]
+
+
+class _AllReduceGrad(torch.autograd.Function):
+    """Identity whose gradient is summed over ranks (Inf-CL's GradientGather on the scale)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        grad = grad.clone()
+        dist.all_reduce(grad)
+        return grad
+
+
+def _tau(scale: Scale):
+    return 1.0 if scale is None else temperature_from_scale(scale)
+
+
+def _local_rows(q: Tensor, k: Tensor, labels: Optional[Tensor], scale: Scale) -> Tensor:
+    positive = torch.arange(q.shape[0], device=q.device) if labels is None else labels.to(q.device)
+    return cross_entropy_rows(q, k, positive, _tau(scale))
+
+
+def cal_flash_loss(q: Tensor, k: Tensor, labels: Optional[Tensor] = None, scale: Scale = None, head_dim: int = 256) -> Tensor:
+    """Per-row InfoNCE losses of q against k on one process (Inf-CL's ``cal_flash_loss``).
+
+    Args:
+        q: ``[B, D]`` queries. k: ``[K, D]`` keys (K ≥ B allowed).
+        labels: ``[B]`` index of each query's positive key; default ``arange(B)``.
+        scale: logit scale (already exponentiated), float or one-element tensor; None: 1.
+        head_dim: unused (Inf-CL's kernel tiling).
+
+    Returns:
+        ``[B]``: ``log Σ_j exp(scale q_i·k_j) − scale q_i·k_{labels_i}``, float32 (float64 for float64).
+
+    Example:
+        >>> import torch
+        >>> q, k = torch.randn(4, 8), torch.randn(6, 8)
+        >>> cal_flash_loss(q, k, labels=torch.tensor([5, 0, 2, 2])).shape
+        torch.Size([4])
+    """
+    return _local_rows(q, k, labels, scale)
+
+
+def cal_inf_loss(q: Tensor, k: Tensor, labels: Optional[Tensor] = None, scale: Scale = None, head_dim: int = 256) -> Tensor:
+    """Mean InfoNCE loss of q against k (Inf-CL's ``cal_inf_loss``; Cheng et al. 2024,
+    https://arxiv.org/abs/2410.17243), across ranks under an initialized process group.
+
+    Args:
+        q: ``[B, D]`` queries. k: ``[K, D]`` keys (K ≥ B allowed).
+        labels: ``[B]`` index of each query's positive in this rank's k; default ``arange(B)``.
+        scale: logit scale (already exponentiated), float or one-element tensor; None: 1.
+        head_dim: unused (Inf-CL's kernel tiling).
+
+    Returns:
+        The 0-dim mean over this rank's queries.
+
+    Raises:
+        ValueError: bad shapes or a non-positive scale (fastcl's messages name the argument).
+
+    Example:
+        >>> import torch
+        >>> import torch.nn.functional as F
+        >>> q, k = F.normalize(torch.randn(8, 16), dim=1), F.normalize(torch.randn(8, 16), dim=1)
+        >>> scale = torch.tensor(1 / 0.07, requires_grad=True)
+        >>> loss = cal_inf_loss(q, k, scale=scale)
+        >>> loss.backward()
+        >>> scale.grad is not None
+        True
+    """
+    if dist.is_available() and dist.is_initialized() and world_size() > 1:
+        if isinstance(scale, Tensor):
+            scale = _AllReduceGrad.apply(scale)
+        keys = all_gather_rows(k, with_grad=True)
+        positive = torch.arange(q.shape[0], device=q.device) if labels is None else labels.to(q.device)
+        return cross_entropy_rows(q, keys, positive + k.shape[0] * dist.get_rank(), _tau(scale)).mean()
+    if labels is None and q.dim() == 2 and q.shape == k.shape:
+        return functional.info_nce(q, k, _tau(scale), normalize=False, symmetric=False, distributed="local")
+    return _local_rows(q, k, labels, scale).mean()
+
+
+def cal_ring_loss(q: Tensor, k: Tensor, labels: Optional[Tensor] = None, scale: Scale = None, head_dim: int = 256) -> Tensor:
+    """Inf-CL's ``cal_ring_loss``: the same loss as :func:`cal_inf_loss` (Inf-CL's ring variant
+    differs only in how its kernels tile the keys).
+
+    Example:
+        >>> import torch
+        >>> q, k = torch.randn(8, 16), torch.randn(8, 16)
+        >>> bool(torch.isclose(cal_ring_loss(q, k), cal_inf_loss(q, k)))
+        True
+    """
+    return cal_inf_loss(q, k, labels, scale, head_dim)

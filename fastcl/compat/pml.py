@@ -1,0 +1,211 @@
+"""pytorch-metric-learning's ``NTXentLoss``, ``SupConLoss`` and ``SelfSupervisedLoss``: change only the import.
+
+    from pytorch_metric_learning.losses import NTXentLoss, SupConLoss, SelfSupervisedLoss   # before
+    from fastcl.compat.pml import NTXentLoss, SupConLoss, SelfSupervisedLoss               # after
+
+Same constructors (``NTXentLoss(temperature=0.07)``, ``SupConLoss(temperature=0.1)``,
+``SelfSupervisedLoss(loss, symmetric=True)``), same ``forward(embeddings, labels=None, indices_tuple=None,
+ref_emb=None, ref_labels=None)`` and values, with pml's defaults (cosine similarity: rows normalized;
+NT-Xent averaged over positive pairs, SupCon over anchors with a positive; a batch without positive or
+without negative pairs gives 0). Labels are compared by equality (any dtype).
+
+pml's NT-Xent with labels scores each positive pair against the anchor's negatives only:
+``−log(e^{s_ap} / (e^{s_ap} + Σ_{n: y_n ≠ y_a} e^{s_an}))``. Where every anchor has at most one positive
+(instance labels of two views, ``SelfSupervisedLoss``) that is fastcl's NT-Xent / SupCon / cross-view
+InfoNCE and runs on the fused losses; with several positives per anchor it runs as row blocks in
+PyTorch (pml itself builds a positive-pairs × negative-pairs matrix there).
+
+Not supported (``NotImplementedError`` naming the argument): ``indices_tuple`` (miners) and pml's
+keyword options (``distance``, ``reducer``, ``embedding_regularizer``, ...). Per-rank under DDP, as pml
+(its ``DistributedLossWrapper`` is not mirrored).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from fastcl import functional
+from fastcl.compat._common import zero_loss
+from fastcl.compat._rowblocks import block_sum, masked_logsumexp
+
+__all__ = ["NTXentLoss", "SupConLoss", "SelfSupervisedLoss"]
+
+
+def _refuse_options(kwargs: dict) -> None:
+    if kwargs:
+        raise NotImplementedError(
+            f"{', '.join(sorted(kwargs))}: pml's keyword options are not supported by fastcl.compat.pml "
+            "(cosine similarity and pml's default reducers only)"
+        )
+
+
+class _PairLoss(nn.Module):
+    def __init__(self, temperature: float, kwargs: dict):
+        super().__init__()
+        _refuse_options(kwargs)
+        self.temperature = temperature
+
+    def forward(
+        self,
+        embeddings: Tensor,
+        labels: Optional[Tensor] = None,
+        indices_tuple=None,
+        ref_emb: Optional[Tensor] = None,
+        ref_labels: Optional[Tensor] = None,
+    ) -> Tensor:
+        if indices_tuple is not None:
+            raise NotImplementedError("indices_tuple: miners are not supported by fastcl.compat.pml; pass labels")
+        if labels is None:
+            raise ValueError("labels: fastcl.compat.pml needs labels (pml's indices_tuple is not supported)")
+        if labels.dim() != 1 or labels.shape[0] != embeddings.shape[0]:
+            raise ValueError(f"labels: expected shape ({embeddings.shape[0]},), got {tuple(labels.shape)}")
+        if ref_emb is None:
+            ids = torch.unique(labels.to(embeddings.device), return_inverse=True)[1]
+            return self._same_rows(embeddings, ids)
+        if ref_labels is None or ref_labels.dim() != 1 or ref_labels.shape[0] != ref_emb.shape[0]:
+            raise ValueError(f"ref_labels: expected shape ({ref_emb.shape[0]},) with ref_emb")
+        both = torch.unique(torch.cat([labels.to(embeddings.device), ref_labels.to(embeddings.device)]), return_inverse=True)[1]
+        return self._cross_rows(embeddings, both[: labels.shape[0]], ref_emb, both[labels.shape[0] :])
+
+    def _cross_rows(self, embeddings: Tensor, ids: Tensor, ref_emb: Tensor, ref_ids: Tensor) -> Tensor:
+        positive = ids[:, None] == ref_ids[None, :]  # [A, K] bool: small next to the rows, never a float matrix
+        if not positive.any() or positive.all():
+            return zero_loss(embeddings, ref_emb)
+        if positive.shape[0] == positive.shape[1] and torch.equal(positive, torch.eye(positive.shape[0], dtype=torch.bool, device=positive.device)):
+            # Each anchor's positive is the ref row of the same index, all others are negatives.
+            return functional.info_nce(embeddings, ref_emb, self.temperature, symmetric=False, distributed="local")
+        anchors, keys = F.normalize(embeddings, dim=1), F.normalize(ref_emb, dim=1)
+        return self._pair_rows(anchors, keys, ids, ref_ids, None)
+
+    def extra_repr(self) -> str:
+        return f"temperature={self.temperature}"
+
+
+class NTXentLoss(_PairLoss):
+    """pml's ``NTXentLoss`` (NT-Xent with labels; Chen et al. 2020, https://arxiv.org/abs/2002.05709).
+
+    Args:
+        temperature: τ > 0.
+        **kwargs: pml's options; any given raises ``NotImplementedError``.
+
+    Shape:
+        embeddings: ``[B, D]``; labels: ``[B]``; ref_emb: ``[K, D]``; ref_labels: ``[K]``. Output: ``[]``.
+
+    Returns:
+        The mean over positive pairs of ``−log(e^{s_ap} / (e^{s_ap} + Σ_{negatives n of a} e^{s_an}))``;
+        0 without positive or negative pairs.
+
+    Raises:
+        ValueError: missing or mis-shaped labels. NotImplementedError: ``indices_tuple``, pml options.
+
+    Example:
+        >>> import torch
+        >>> z1, z2 = torch.randn(8, 16), torch.randn(8, 16)
+        >>> loss = NTXentLoss(temperature=0.1)(torch.cat([z1, z2]), torch.arange(8).repeat(2))
+        >>> float(NTXentLoss()(torch.randn(4, 16), torch.zeros(4)))     # all labels equal: no negatives
+        0.0
+    """
+
+    def __init__(self, temperature=0.07, **kwargs):
+        super().__init__(temperature, kwargs)
+
+    def _same_rows(self, embeddings: Tensor, ids: Tensor) -> Tensor:
+        counts = torch.bincount(ids)
+        if counts.max() < 2 or counts.max() == embeddings.shape[0]:
+            return zero_loss(embeddings)  # no positive pair, or no negative pair
+        if counts.max() == 2:
+            # At most one positive per anchor: each pair's denominator is every other row (SupCon, τ_b = τ).
+            return functional.supcon(
+                embeddings[:, None], ids, None, self.temperature, base_temperature=self.temperature, distributed="local"
+            )
+        z = F.normalize(embeddings, dim=1)
+        return self._pair_rows(z, z, ids, ids, torch.arange(z.shape[0], device=z.device))
+
+    def _pair_rows(self, anchors: Tensor, keys: Tensor, ids: Tensor, key_ids: Tensor, self_index: Optional[Tensor]) -> Tensor:
+        def term(s: Tensor, rows: slice) -> Tensor:
+            same = ids[rows, None] == key_ids[None, :]
+            positive = same & torch.isfinite(s)  # the anchor itself (s = −inf) is not a positive
+            negative_lse = masked_logsumexp(s, ~same)
+            pair_losses = F.softplus(negative_lse[:, None] - s)
+            return torch.where(positive, pair_losses, 0.0).sum()
+
+        n_pairs = (ids[:, None] == key_ids[None, :]).sum() - (0 if self_index is None else anchors.shape[0])
+        return block_sum(anchors, keys, self.temperature, term, self_index=self_index) / n_pairs
+
+
+class SupConLoss(_PairLoss):
+    """pml's ``SupConLoss`` (Khosla et al. 2020, https://arxiv.org/abs/2004.11362): SupCon L_out with
+    τ_b = τ, normalized rows, the mean over anchors with a positive.
+
+    Args:
+        temperature: τ > 0.
+        **kwargs: pml's options; any given raises ``NotImplementedError``.
+
+    Returns:
+        The loss (0-dim); 0 without positive or negative pairs.
+
+    Example:
+        >>> import torch
+        >>> loss = SupConLoss(temperature=0.1)(torch.randn(12, 16), torch.randint(0, 3, (12,)))
+        >>> loss.shape
+        torch.Size([])
+    """
+
+    def __init__(self, temperature=0.1, **kwargs):
+        super().__init__(temperature, kwargs)
+
+    def _same_rows(self, embeddings: Tensor, ids: Tensor) -> Tensor:
+        counts = torch.bincount(ids)
+        if counts.max() < 2 or counts.max() == embeddings.shape[0]:
+            return zero_loss(embeddings)
+        return functional.supcon(
+            embeddings[:, None], ids, None, self.temperature, base_temperature=self.temperature, distributed="local"
+        )
+
+    def _pair_rows(self, anchors: Tensor, keys: Tensor, ids: Tensor, key_ids: Tensor, self_index: Optional[Tensor]) -> Tensor:
+        def term(s: Tensor, rows: slice) -> Tensor:
+            positive = ids[rows, None] == key_ids[None, :]
+            n_positive = positive.sum(dim=1)
+            positive_logits = torch.where(positive, s, 0.0).sum(dim=1)
+            per_anchor = torch.logsumexp(s, dim=1) - positive_logits / n_positive.clamp(min=1)
+            return torch.where(n_positive > 0, per_anchor, 0.0).sum()
+
+        with_positive = (ids[:, None] == key_ids[None, :]).any(dim=1).sum()
+        return block_sum(anchors, keys, self.temperature, term, self_index=self_index) / with_positive
+
+
+class SelfSupervisedLoss(nn.Module):
+    """pml's ``SelfSupervisedLoss``: ``embeddings[i]`` and ``ref_emb[i]`` are two views of sample i.
+
+    ``symmetric=True`` is NT-Xent over the 2N rows; ``symmetric=False`` the one-way cross-view InfoNCE
+    of embeddings against ref_emb. Both run on fastcl's fused losses.
+
+    Args:
+        loss: a :class:`NTXentLoss` or :class:`SupConLoss` of this module.
+        symmetric: see above.
+
+    Raises:
+        TypeError: another loss. NotImplementedError: pml keyword options.
+
+    Example:
+        >>> import torch
+        >>> loss_fn = SelfSupervisedLoss(NTXentLoss(temperature=0.2))
+        >>> loss = loss_fn(torch.randn(8, 16), torch.randn(8, 16))
+    """
+
+    def __init__(self, loss, symmetric=True, **kwargs):
+        super().__init__()
+        _refuse_options(kwargs)
+        if not isinstance(loss, (NTXentLoss, SupConLoss)):
+            raise TypeError(f"loss: expected fastcl.compat.pml.NTXentLoss or SupConLoss, got {type(loss).__name__}")
+        self.loss = loss
+        self.symmetric = symmetric
+
+    def forward(self, embeddings: Tensor, ref_emb: Tensor) -> Tensor:
+        labels = torch.arange(embeddings.shape[0], device=embeddings.device)
+        if self.symmetric:
+            return self.loss(torch.cat([embeddings, ref_emb], dim=0), torch.cat([labels, labels], dim=0))
+        return self.loss(embeddings=embeddings, labels=labels, ref_emb=ref_emb, ref_labels=labels.clone())

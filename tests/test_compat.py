@@ -1,0 +1,494 @@
+"""fastcl.compat: every peer swap gives the peer's loss and gradients (float64, ≤ 1e-9 relative).
+
+The peers are pytorch-metric-learning itself (installed) and, where the peer's package cannot be
+installed or loaded here, transcriptions of the peer's own code below, each naming its file: they
+follow the peer line by line (its N×N logits, its masks, its reductions) and share nothing with fastcl.
+SupContrast's transcription is the one in ``test_parity.py``. The DDP behaviour of the lightly and
+open_clip flags is tested in ``test_compat_ddp.py`` with these same transcriptions.
+"""
+from __future__ import annotations
+
+import inspect
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from pytorch_metric_learning import losses as pml_losses
+from torch import Tensor, nn
+
+import fastcl
+from fastcl.compat import directclr, inf_cl, lightly, open_clip, pml, solo_learn, supcontrast
+from loss_cases import relative_error
+from test_parity import supcontrast as supcontrast_reference
+
+RTOL = 1e-9
+TAUS = (0.01, 0.07, 0.5, 1.0)
+
+
+def rows(*shape, seed: int, scale: bool = True) -> Tensor:
+    """Float64 random rows with varied norms (the peers that normalize must do it themselves)."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(*shape, generator=gen, dtype=torch.float64)
+    return x * (torch.rand(*shape[:-1], 1, generator=gen, dtype=torch.float64) * 3 + 0.1) if scale else x
+
+
+def evaluate(fn, inputs):
+    leaves = [x.detach().clone().requires_grad_() if isinstance(x, Tensor) and x.is_floating_point() else x for x in inputs]
+    loss = fn(*leaves)
+    wrt = [x for x in leaves if isinstance(x, Tensor) and x.requires_grad]
+    if not loss.requires_grad:
+        return loss.detach(), [torch.zeros_like(x) for x in wrt]
+    grads = torch.autograd.grad(loss, wrt, allow_unused=True)
+    return loss.detach(), [torch.zeros_like(x) if g is None else g for x, g in zip(wrt, grads)]
+
+
+def assert_same(ours, theirs, *inputs, rtol: float = RTOL) -> Tensor:
+    """Loss and the gradient of every floating input agree; returns the loss."""
+    (loss, grads), (expected, expected_grads) = evaluate(ours, inputs), evaluate(theirs, inputs)
+    assert loss.dtype == expected.dtype
+    assert relative_error(loss, expected) <= rtol, (loss.item(), expected.item())
+    for g, h in zip(grads, expected_grads):
+        assert torch.isfinite(g).all() and relative_error(g, h) <= rtol
+    return loss
+
+
+# --- transcriptions of the peers' code ----------------------------------------------------------------
+
+def open_clip_reference(image_features, text_features, logit_scale, local_loss=False, gather_with_grad=False, rank=0, world_size=1):
+    """open_clip ``ClipLoss.forward`` with ``gather_features`` (mlfoundations/open_clip,
+    src/open_clip/loss.py, torch.distributed branch)."""
+    if world_size > 1:
+        if gather_with_grad:
+            all_image = torch.cat(torch.distributed.nn.all_gather(image_features), dim=0)
+            all_text = torch.cat(torch.distributed.nn.all_gather(text_features), dim=0)
+        else:
+            gathered_image = [torch.zeros_like(image_features) for _ in range(world_size)]
+            gathered_text = [torch.zeros_like(text_features) for _ in range(world_size)]
+            dist.all_gather(gathered_image, image_features)
+            dist.all_gather(gathered_text, text_features)
+            if not local_loss:
+                gathered_image[rank] = image_features
+                gathered_text[rank] = text_features
+            all_image, all_text = torch.cat(gathered_image, dim=0), torch.cat(gathered_text, dim=0)
+        if local_loss:
+            logits_per_image = logit_scale * image_features @ all_text.T
+            logits_per_text = logit_scale * text_features @ all_image.T
+        else:
+            logits_per_image = logit_scale * all_image @ all_text.T
+            logits_per_text = logits_per_image.T
+    else:
+        logits_per_image = logit_scale * image_features @ text_features.T
+        logits_per_text = logit_scale * text_features @ image_features.T
+    num_logits = logits_per_image.shape[0]
+    labels = torch.arange(num_logits, dtype=torch.long)
+    if world_size > 1 and local_loss:
+        labels = labels + num_logits * rank
+    return (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)) / 2
+
+
+class _LightlyGatherLayer(torch.autograd.Function):
+    """lightly/utils/dist.py ``GatherLayer`` (lightly 1.6.0)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        output = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(output, x)
+        return tuple(output)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        all_gradients = torch.stack(grads)
+        dist.all_reduce(all_gradients)
+        return all_gradients[dist.get_rank()]
+
+
+def lightly_reference(out0, out1, temperature=0.5, gather_distributed=False):
+    """lightly ``NTXentLoss.forward`` with ``memory_bank_size=0`` (lightly 1.6.0, lightly/loss/ntx_ent_loss.py)."""
+    batch_size, _ = out0.shape
+    out0, out1 = F.normalize(out0, dim=1), F.normalize(out1, dim=1)
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    if gather_distributed and world > 1:
+        out0_large = torch.cat(_LightlyGatherLayer.apply(out0), 0)
+        out1_large = torch.cat(_LightlyGatherLayer.apply(out1), 0)
+        rank = dist.get_rank()
+        diag_mask = torch.zeros(batch_size, batch_size * world, dtype=torch.bool)
+        diag_mask[:, rank * batch_size : (rank + 1) * batch_size] = torch.eye(batch_size, dtype=torch.bool)
+    else:
+        out0_large, out1_large = out0, out1
+        diag_mask = torch.eye(batch_size, dtype=torch.bool)
+    logits_00 = torch.einsum("nc,mc->nm", out0, out0_large) / temperature
+    logits_01 = torch.einsum("nc,mc->nm", out0, out1_large) / temperature
+    logits_10 = torch.einsum("nc,mc->nm", out1, out0_large) / temperature
+    logits_11 = torch.einsum("nc,mc->nm", out1, out1_large) / temperature
+    logits_00 = logits_00[~diag_mask].view(batch_size, -1)
+    logits_11 = logits_11[~diag_mask].view(batch_size, -1)
+    logits = torch.cat([torch.cat([logits_01, logits_00], dim=1), torch.cat([logits_10, logits_11], dim=1)], dim=0)
+    labels = torch.arange(batch_size, dtype=torch.long)
+    if gather_distributed:
+        labels = labels + (dist.get_rank() if dist.is_initialized() else 0) * batch_size
+    return nn.CrossEntropyLoss(reduction="mean")(logits, labels.repeat(2))
+
+
+def solo_reference(z, indexes, temperature=0.1):
+    """solo-learn ``simclr_loss_func`` (vturrisi/solo-learn, solo/losses/simclr.py), one process
+    (``full_gather`` is the identity there)."""
+    z = F.normalize(z, dim=-1)
+    sim = torch.exp(torch.einsum("if, jf -> ij", z, z) / temperature)
+    indexes = indexes.unsqueeze(0)
+    pos_mask = indexes.t() == indexes
+    pos_mask.fill_diagonal_(0)
+    neg_mask = indexes.t() != indexes
+    pos = torch.sum(sim * pos_mask, 1)
+    neg = torch.sum(sim * neg_mask, 1)
+    return -(torch.mean(torch.log(pos / (pos + neg))))
+
+
+def inf_cl_reference(q, k, labels=None, scale=None):
+    """Inf-CL ``cal_flash_loss`` / ``_cal_flash_loss`` (inf_cl 1.2.1, inf_cl/flash.py): its Triton
+    log-sum-exp is ``log Σ_j exp(q_i · k_j)``; returns the per-row losses."""
+    if labels is None:
+        labels = torch.arange(q.shape[0])
+    q = (1.0 if scale is None else scale) * q
+    lse = torch.logsumexp(q @ k.T, dim=1)
+    numerator = torch.einsum("md,md->m", q, k[labels])
+    return -numerator + lse
+
+
+def directclr_reference(nn_, p, temperature=0.1):
+    """DirectCLR ``infoNCE`` (facebookresearch/directclr, directclr/main.py), one process."""
+    nn_, p = F.normalize(nn_, dim=1), F.normalize(p, dim=1)
+    logits = nn_ @ p.T
+    logits /= temperature
+    return F.cross_entropy(logits, torch.arange(0, p.shape[0], dtype=torch.long))
+
+
+# --- SupContrast ------------------------------------------------------------------------------------
+
+def _supcontrast_theirs(contrast_mode, tau, base, **targets):
+    def theirs(features):
+        flat = features.reshape(features.shape[0], features.shape[1], -1)  # SupContrast's features.view(bsz, n_views, -1)
+        return supcontrast_reference(flat, **targets, temperature=tau, contrast_mode=contrast_mode, base_temperature=base)
+    return theirs
+
+
+@pytest.mark.parametrize("tau", TAUS)
+@pytest.mark.parametrize(
+    "n, views, targets, mode",
+    [(7, 2, "labels", "all"), (13, 3, "labels", "one"), (9, 1, "labels", "all"), (11, 1, "mask", "all"),
+     (8, 2, "soft", "all"), (10, 3, "soft", "one"), (6, 2, None, "all"), (5, 1, None, "all")],
+)
+def test_supcontrast_values_and_gradients(n, views, targets, mode, tau):
+    """Raw (unnormalized) features; V = 1 with singleton labels and masks with empty rows give anchors
+    without positives (averaged in as 0); soft masks weight the positives."""
+    gen = torch.Generator().manual_seed(n * 7 + views)
+    features = rows(n, views, 17, seed=n + views)
+    features = features / features.norm(dim=-1).max()  # norms ≤ 1: SupContrast's max shift stays finite in float64
+    kw = {}
+    if targets == "labels":
+        kw["labels"] = torch.randint(0, max(2, n // 2), (n,), generator=gen)
+    elif targets == "mask":
+        mask = (torch.rand(n, n, generator=gen) < 0.3).double()
+        mask[0] = 0  # an anchor without positives
+        kw["mask"] = mask
+    elif targets == "soft":
+        kw["mask"] = torch.rand(n, n, generator=gen, dtype=torch.float64) * (torch.rand(n, n, generator=gen) < 0.6)
+    base = 0.07 if tau != 1.0 else 0.5
+    loss_fn = supcontrast.SupConLoss(tau, mode, base)
+    assert_same(lambda f: loss_fn(f, **kw), _supcontrast_theirs(mode, tau, base, **kw), features)
+
+
+def test_supcontrast_anchors_without_positives_count_zero():
+    """The issue's case: V = 1 with singleton classes; fastcl's core drops those anchors, SupContrast
+    (and the compat class) average their zeros in."""
+    features = F.normalize(rows(4, 1, 6, seed=8), dim=2)
+    labels = torch.tensor([0, 1, 1, 2])
+    ours = supcontrast.SupConLoss(0.1)(features, labels)
+    assert relative_error(ours, supcontrast_reference(features, labels, temperature=0.1)) <= RTOL
+    core = fastcl.SupConLoss(temperature=0.1, base_temperature=0.07)(features, labels)
+    assert relative_error(ours, core / 2) <= RTOL  # 2 of 4 anchors have a positive
+
+
+@pytest.mark.parametrize("labels", [
+    torch.tensor([[0], [1], [0], [2], [1], [2], [0]]),               # [N, 1]
+    torch.tensor([0.5, 1.5, 0.5, -2.0, 1.5, -2.0, 0.5]),             # float
+])
+def test_supcontrast_label_shapes_and_dtypes(labels):
+    features = rows(7, 2, 2, 3, seed=3)  # [N, V, 2, 3]: flattened to D = 6
+    loss_fn = supcontrast.SupConLoss(0.2, "all", 0.07)
+    assert_same(lambda f: loss_fn(f, labels), _supcontrast_theirs("all", 0.2, 0.07, labels=labels), features)
+
+
+def test_supcontrast_signature_and_errors():
+    assert list(inspect.signature(supcontrast.SupConLoss).parameters) == ["temperature", "contrast_mode", "base_temperature"]
+    assert [p.default for p in inspect.signature(supcontrast.SupConLoss).parameters.values()] == [0.07, "all", 0.07]
+    assert list(inspect.signature(supcontrast.SupConLoss.forward).parameters) == ["self", "features", "labels", "mask"]
+    loss_fn = supcontrast.SupConLoss(0.1, "one", 0.2)  # positional, SupContrast's order
+    assert (loss_fn.temperature, loss_fn.contrast_mode, loss_fn.base_temperature) == (0.1, "one", 0.2)
+    with pytest.raises(ValueError, match="features"):
+        loss_fn(torch.randn(4, 8))
+    with pytest.raises(ValueError, match="labels, mask"):
+        loss_fn(torch.randn(4, 2, 8), torch.arange(4), torch.eye(4))
+    with pytest.raises(ValueError, match="labels"):
+        loss_fn(torch.randn(4, 2, 8), torch.arange(5))
+    with pytest.raises(ValueError, match="contrast_mode"):
+        supcontrast.SupConLoss(0.1, "both")(torch.randn(4, 2, 8), torch.arange(4))
+
+
+def test_supcontrast_float32_small_temperature_stays_finite():
+    """SupContrast's row-max shift includes the self logit: with four rows at pairwise cos −1/3 and
+    τ = 0.01, every other exp underflows in float32 and its loss is NaN. The compat loss is finite and
+    equals SupContrast's float64 value."""
+    tetrahedron = torch.tensor([[1, 1, 1], [1, -1, -1], [-1, 1, -1], [-1, -1, 1]], dtype=torch.float32) / math.sqrt(3)
+    features = tetrahedron.view(2, 2, 3)
+    assert not torch.isfinite(supcontrast_reference(features, temperature=0.01))
+    ours = supcontrast.SupConLoss(0.01)(features)
+    exact = supcontrast_reference(features.double(), temperature=0.01)
+    assert torch.isfinite(ours) and relative_error(ours, exact) <= 1e-5
+
+
+# --- open_clip --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("scale_shape", [(), (1,), None], ids=["0-dim", "[1]", "float"])
+@pytest.mark.parametrize("n, d, tau", [(7, 17, 0.01), (16, 3, 0.07), (5, 32, 1.0)])
+def test_open_clip_values_and_gradients(n, d, tau, scale_shape):
+    img, txt = F.normalize(rows(n, d, seed=n), dim=1), F.normalize(rows(n, d, seed=n + 1), dim=1)
+    scale = 1 / tau if scale_shape is None else torch.full(scale_shape, 1 / tau, dtype=torch.float64)
+    loss_fn = open_clip.ClipLoss()
+    ours = assert_same(loss_fn, open_clip_reference, img, txt, scale)
+    assert torch.equal(loss_fn(img, txt, scale, output_dict=True)["contrastive_loss"], ours)
+
+
+def test_open_clip_logit_scale_at_call_time_every_step():
+    """CLIP training: one loss module, a logit-scale parameter exponentiated at every step."""
+    logit_scale = nn.Parameter(torch.ones([1], dtype=torch.float64) * math.log(1 / 0.07))
+    loss_fn = open_clip.ClipLoss()
+    for step in range(3):
+        img, txt = F.normalize(rows(6, 8, seed=step), dim=1), F.normalize(rows(6, 8, seed=step + 9), dim=1)
+        logit_scale.grad = None
+        loss_fn(img, txt, logit_scale.exp()).backward()
+        ours = logit_scale.grad.clone()
+        logit_scale.grad = None
+        open_clip_reference(img, txt, logit_scale.exp()).backward()
+        assert relative_error(ours, logit_scale.grad) <= RTOL
+
+
+def test_open_clip_signature():
+    params = inspect.signature(open_clip.ClipLoss).parameters
+    assert list(params) == ["local_loss", "gather_with_grad", "cache_labels", "rank", "world_size", "use_horovod"]
+    assert [p.default for p in params.values()] == [False, False, False, 0, 1, False]
+    assert list(inspect.signature(open_clip.ClipLoss.forward).parameters)[1:] == [
+        "image_features", "text_features", "logit_scale", "output_dict"]
+
+
+# --- lightly ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("n, d, tau", [(1, 5, 0.5), (2, 3, 0.01), (9, 17, 0.1), (16, 64, 1.0)])
+def test_lightly_values_and_gradients(n, d, tau):
+    """Raw rows (lightly normalizes inside); N = 1 is lightly's exact 0 with zero gradients."""
+    loss_fn = lightly.NTXentLoss(tau)
+    ours = assert_same(loss_fn, lambda a, b: lightly_reference(a, b, tau), rows(n, d, seed=n), rows(n, d, seed=n + 3))
+    if n == 1:
+        assert ours.item() == 0.0
+
+
+def test_lightly_signature_and_options():
+    params = inspect.signature(lightly.NTXentLoss).parameters
+    assert list(params) == ["temperature", "memory_bank_size", "gather_distributed"]
+    assert [p.default for p in params.values()] == [0.5, 0, False]
+    with pytest.raises(NotImplementedError, match="memory_bank_size"):
+        lightly.NTXentLoss(0.1, 4096)
+    with pytest.raises(NotImplementedError, match="memory_bank_size"):
+        lightly.NTXentLoss(memory_bank_size=(4096, 128))
+    lightly.NTXentLoss(memory_bank_size=(0, 128))  # size 0: no bank
+    with pytest.raises(ValueError, match="Illegal temperature"):
+        lightly.NTXentLoss(temperature=0.0)
+    # gather_distributed=True in one process is lightly's single-process loss.
+    a, b = rows(5, 7, seed=1), rows(5, 7, seed=2)
+    assert relative_error(lightly.NTXentLoss(0.2, gather_distributed=True)(a, b), lightly_reference(a, b, 0.2)) <= RTOL
+
+
+# --- pytorch-metric-learning ------------------------------------------------------------------------
+
+def _labels(n: int, classes: int, seed: int) -> Tensor:
+    return torch.randint(0, classes, (n,), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("tau", [0.01, 0.07, 1.0])
+@pytest.mark.parametrize(
+    "labels",
+    [torch.arange(7).repeat(2), _labels(13, 4, 1), _labels(9, 9, 2), torch.zeros(6, dtype=torch.long),
+     torch.arange(5), torch.tensor([0.5, 0.5, 2.0, 3.0, 3.0, 3.0, -1.0])],
+    ids=["instance-2-views", "classes", "some-singletons", "all-equal", "no-positive", "float-labels"],
+)
+def test_pml_ntxent_and_supcon_with_labels(labels, tau):
+    """The issue's cases: labels instead of two views (several positives per anchor), all labels equal
+    (no negatives: pml returns 0), no positives at all."""
+    emb = rows(labels.shape[0], 17, seed=labels.shape[0])
+    for ours, theirs in [(pml.NTXentLoss(tau), pml_losses.NTXentLoss(tau)), (pml.SupConLoss(tau), pml_losses.SupConLoss(tau))]:
+        assert_same(lambda e: ours(e, labels), lambda e: theirs(e, labels), emb)
+
+
+@pytest.mark.parametrize("ref", ["permutation", "classes", "identity"])
+def test_pml_ref_emb(ref):
+    emb, ref_emb = rows(8, 5, seed=4), rows(11 if ref == "classes" else 8, 5, seed=5)
+    labels = {"permutation": torch.arange(8), "classes": _labels(8, 3, 6), "identity": torch.arange(8)}[ref]
+    ref_labels = {"permutation": torch.randperm(8, generator=torch.Generator().manual_seed(1)),
+                  "classes": _labels(11, 3, 7), "identity": torch.arange(8)}[ref]
+    for ours, theirs in [(pml.NTXentLoss(0.1), pml_losses.NTXentLoss(0.1)), (pml.SupConLoss(0.1), pml_losses.SupConLoss(0.1))]:
+        assert_same(lambda e, r: ours(e, labels, ref_emb=r, ref_labels=ref_labels),
+                    lambda e, r: theirs(e, labels, ref_emb=r, ref_labels=ref_labels), emb, ref_emb)
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("loss", ["NTXentLoss", "SupConLoss"])
+@pytest.mark.parametrize("n", [1, 9])
+def test_pml_self_supervised_wrapper(loss, symmetric, n):
+    ours = pml.SelfSupervisedLoss(getattr(pml, loss)(0.2), symmetric=symmetric)
+    theirs = pml_losses.SelfSupervisedLoss(getattr(pml_losses, loss)(0.2), symmetric=symmetric)
+    assert_same(ours, theirs, rows(n, 6, seed=n), rows(n, 6, seed=n + 1))
+
+
+def test_pml_signatures_and_unsupported_options():
+    assert inspect.signature(pml.NTXentLoss).parameters["temperature"].default == 0.07
+    assert inspect.signature(pml.SupConLoss).parameters["temperature"].default == 0.1
+    assert list(inspect.signature(pml.NTXentLoss.forward).parameters)[1:] == [
+        "embeddings", "labels", "indices_tuple", "ref_emb", "ref_labels"]
+    with pytest.raises(NotImplementedError, match="reducer"):
+        pml.NTXentLoss(0.1, reducer=None)
+    with pytest.raises(NotImplementedError, match="indices_tuple"):
+        pml.NTXentLoss()(torch.randn(4, 3), torch.arange(4), indices_tuple=(torch.arange(2),) * 4)
+
+
+# --- solo-learn -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("tau", [0.01, 0.1, 1.0])
+@pytest.mark.parametrize(
+    "indexes",
+    [torch.arange(7).repeat(2), torch.arange(5).repeat(4), _labels(9, 3, 3).repeat(2)],
+    ids=["2-crops", "multi-crop", "supervised"],
+)
+def test_solo_learn_values_and_gradients(indexes, tau):
+    assert_same(lambda z: solo_learn.simclr_loss_func(z, indexes, tau), lambda z: solo_reference(z, indexes, tau),
+                rows(indexes.shape[0], 17, seed=indexes.shape[0]))
+
+
+def test_solo_learn_lone_crop_is_left_out_not_inf():
+    z, indexes = rows(7, 5, seed=2), torch.tensor([0, 1, 2, 0, 1, 2, 3])  # crop 6 has no positive
+    assert torch.isinf(solo_reference(z, indexes, 0.1))
+    ours = solo_learn.simclr_loss_func(z, indexes, 0.1)
+    assert relative_error(ours, solo_reference(z[:6], indexes[:6], 0.1) * 6 / 6) > 0  # z[6] still a negative
+    per_row = []
+    for i in range(6):  # the mean of solo's per-row terms over the rows that have a positive
+        zn = F.normalize(z, dim=-1)
+        s = zn[i] @ zn.T / 0.1
+        others = torch.arange(7) != i
+        pos = others & (indexes == indexes[i])
+        per_row.append(torch.logsumexp(s[others], 0) - torch.logsumexp(s[pos], 0))
+    assert relative_error(ours, torch.stack(per_row).mean()) <= RTOL
+
+
+# --- Inf-CL -----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(
+    "nq, nk, labels, scale",
+    [(8, 8, None, None), (7, 7, None, 1 / 0.01), (6, 11, "random", 1 / 0.07), (5, 5, "permutation", (1,))],
+    ids=["default", "tau-0.01", "more-keys", "permutation-[1]-scale"],
+)
+def test_inf_cl_values_and_gradients(nq, nk, labels, scale):
+    q, k = F.normalize(rows(nq, 16, seed=nq), dim=1), F.normalize(rows(nk, 16, seed=nk + 1), dim=1)
+    gen = torch.Generator().manual_seed(0)
+    idx = {None: None, "random": torch.randint(0, nk, (nq,), generator=gen), "permutation": torch.randperm(nq, generator=gen)}[labels]
+    if isinstance(scale, tuple):
+        scale = torch.full(scale, 12.5, dtype=torch.float64)
+    inputs = (q, k) if scale is None else (q, k, scale)
+    for ours in (inf_cl.cal_inf_loss, inf_cl.cal_ring_loss):
+        assert_same(lambda *x: ours(*x[:2], idx, *x[2:]), lambda *x: inf_cl_reference(*x[:2], idx, *x[2:]).mean(), *inputs)
+    assert_same(lambda *x: inf_cl.cal_flash_loss(*x[:2], idx, *x[2:]).sum(), lambda *x: inf_cl_reference(*x[:2], idx, *x[2:]).sum(), *inputs)
+
+
+# --- DirectCLR --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("n, d, tau", [(7, 17, 0.01), (12, 40, 0.1), (5, 3, 1.0)])
+def test_directclr_infonce_and_prefix(n, d, tau):
+    a, b = rows(n, d, seed=n), rows(n, d, seed=n + 2)
+    assert_same(lambda x, y: directclr.infoNCE(x, y, tau), lambda x, y: directclr_reference(x, y, tau), a, b)
+    dim = max(2, d // 3)
+    assert_same(
+        lambda x, y: directclr.directclr_loss(x, y, dim, tau),
+        lambda x, y: directclr_reference(x[:, :dim], y[:, :dim], tau) / 2 + directclr_reference(y[:, :dim], x[:, :dim], tau) / 2,
+        a, b,
+    )
+
+
+def test_directclr_group_mode_draws_directclrs_permutation():
+    r1, r2 = rows(6, 64, seed=1), rows(6, 64, seed=2)
+
+    def theirs(r1, r2):  # directclr/main.py, --mode group, with 64 features in 8 groups of 8
+        idx = np.arange(64)
+        np.random.shuffle(idx)
+        loss = 0
+        for i in range(8):
+            z1, z2 = r1[:, idx[i * 8 : i * 8 + 8]], r2[:, idx[i * 8 : i * 8 + 8]]
+            loss = loss + directclr_reference(z1, z2) / 2 + directclr_reference(z2, z1) / 2
+        return loss
+
+    def ours(r1, r2):
+        return directclr.group_loss(r1, r2, groups=8)
+
+    np.random.seed(5)
+    expected = evaluate(theirs, (r1, r2))
+    np.random.seed(5)
+    loss, grads = evaluate(ours, (r1, r2))
+    assert relative_error(loss, expected[0]) <= RTOL
+    assert all(relative_error(g, h) <= RTOL for g, h in zip(grads, expected[1]))
+
+
+# --- fastcl's own modules: per-call temperature, tensor temperatures, check_finite ------------------
+
+@pytest.mark.parametrize("module, inputs", [
+    (fastcl.NTXentLoss, lambda: (rows(6, 5, seed=1), rows(6, 5, seed=2))),
+    (fastcl.InfoNCELoss, lambda: (rows(6, 5, seed=1), rows(6, 5, seed=2))),
+    (fastcl.SupConLoss, lambda: (rows(6, 2, 5, seed=3), _labels(6, 3, 0))),
+])
+def test_modules_per_call_temperature(module, inputs):
+    args = inputs()
+    logit_scale = torch.tensor([math.log(1 / 0.07)], dtype=torch.float64, requires_grad=True)  # [1]-shaped
+    per_call = module()(*args, temperature=1 / logit_scale.exp())
+    per_call.backward()
+    tau = (1 / logit_scale.exp()).detach().reshape(()).requires_grad_()
+    fixed = module(temperature=tau)(*args)
+    fixed.backward()
+    assert relative_error(per_call.detach(), fixed.detach()) <= RTOL
+    # dL/d(log scale) = dL/dτ · dτ/d(log scale) = −τ dL/dτ
+    assert relative_error(logit_scale.grad.reshape(()), -tau.detach() * tau.grad) <= RTOL
+
+
+def test_modules_tensor_temperature_built_once():
+    tau = nn.Parameter(torch.tensor(0.2, dtype=torch.float64))
+    loss_fn = fastcl.InfoNCELoss(temperature=tau)
+    assert [name for name, _ in loss_fn.named_parameters()] == ["temperature"]
+    for step in range(3):
+        loss_fn(rows(5, 4, seed=step), rows(5, 4, seed=step + 5)).backward()
+    assert tau.grad is not None and torch.isfinite(tau.grad)
+    buffer_tau = fastcl.NTXentLoss(temperature=torch.tensor(0.3))
+    assert "temperature" in dict(buffer_tau.named_buffers())
+    logit_scale = nn.Parameter(torch.tensor(2.0))
+    with pytest.raises(ValueError, match="temperature.*per call"):
+        fastcl.InfoNCELoss(temperature=1 / logit_scale.exp())
+
+
+@pytest.mark.parametrize("module, make", [
+    (fastcl.NTXentLoss, lambda x: (x, x.clone())),
+    (fastcl.InfoNCELoss, lambda x: (x, x.clone())),
+    (fastcl.DirectCLRLoss, lambda x: (x, x.clone())),
+    (fastcl.SupConLoss, lambda x: (x.view(2, 2, 400),)),
+])
+def test_modules_check_finite(module, make):
+    x = torch.randn(4, 400)
+    x[1, 2] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        module(check_finite=True)(*make(x))
+    assert not torch.isfinite(module(check_finite=False, backend="torch")(*make(x)))
