@@ -7,14 +7,31 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench install clean
+.PHONY: demo test bench install clean constraints
 
-$(STAMP): pyproject.toml
+# Tests and the demo install from pinned versions (constraints/test.txt), so a registry release cannot
+# change what CI runs; pyproject's ranges stay loose for users. `make constraints` refreshes the pins.
+CONSTRAINTS := constraints/test.txt
+
+$(STAMP): pyproject.toml $(CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)"
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q -c $(CONSTRAINTS) -e ".[dev]"
 	touch $(STAMP)
+
+# Re-resolves the newest versions that pyproject allows in a scratch venv and pins them (torch stays
+# whatever TORCH says). Review the diff, run `make test`, commit.
+constraints:
+	rm -rf .venv-constraints
+	$(PYTHON) -m venv .venv-constraints
+	.venv-constraints/bin/python -m pip install -q --upgrade pip
+	.venv-constraints/bin/python -m pip install -q "$(TORCH)"
+	.venv-constraints/bin/python -m pip install -q -e ".[dev]"
+	( echo "# Pinned versions for make test / make demo / CI. Regenerate with: make constraints"; \
+	  .venv-constraints/bin/python -m pip freeze --exclude-editable | grep -v -i -E '^(torch|pip|setuptools)==' ) \
+	  > $(CONSTRAINTS)
+	rm -rf .venv-constraints
 
 install: $(STAMP)
 

@@ -1,4 +1,4 @@
-"""Input checks shared by every loss (SPEC.md §5).
+"""Input checks shared by every loss (docs/spec.md, "Bad input").
 
 Every failure is a ``ValueError`` (``TypeError`` for wrong types) whose message names the argument, what
 was expected and what was received. Shape checks are free; value checks (finite inputs, τ > 0 for a tensor
@@ -7,6 +7,7 @@ was expected and what was received. Shape checks are free; value checks (finite 
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Optional, Sequence, Union
 
 import torch
@@ -79,11 +80,19 @@ def temperature(name: str, value: Temperature, device: torch.device, check_value
             if not (math.isfinite(v) and v > 0):
                 raise ValueError(f"{name}: expected a finite value > 0, got {v}")
         return
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    # numbers.Real admits NumPy scalars (numpy.float32 is not a float subclass) and Python ints.
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         expected = "a float or a 0-dim tensor" if allow_tensor else "a Python float"
         raise TypeError(f"{name}: expected {expected} > 0, got {type(value).__name__}")
+    value = float(value)
     if not (math.isfinite(value) and value > 0):
         raise ValueError(f"{name}: expected a finite value > 0, got {value}")
+
+
+def flag(name: str, value) -> None:
+    """A Python bool (a string such as "yes" is refused rather than read as True)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name}: expected a bool (True or False), got {type(value).__name__} {value!r}")
 
 
 def finite(name: str, t: torch.Tensor) -> None:
@@ -100,6 +109,18 @@ def labels(value, n: int, device: torch.device) -> None:
         raise ValueError(f"labels: expected shape ({n},) (one label per sample), got {tuple(value.shape)}")
     if value.device != device:
         raise ValueError(f"labels: expected device {device} (as features), got {value.device}")
+
+
+def targets(value, n: int, device: torch.device) -> None:
+    """InfoNCE's explicit positives: [N] integer key indices, one per query."""
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"targets: expected a torch.Tensor of integer key indices, got {type(value).__name__}")
+    if value.is_floating_point() or value.is_complex() or value.dtype == torch.bool:
+        raise TypeError(f"targets: expected an integer dtype, got {value.dtype}")
+    if value.dim() != 1 or value.shape[0] != n:
+        raise ValueError(f"targets: expected shape ({n},) (one key index per query), got {tuple(value.shape)}")
+    if value.device != device:
+        raise ValueError(f"targets: expected device {device} (as q), got {value.device}")
 
 
 def mask(value, n: int, device: torch.device) -> None:

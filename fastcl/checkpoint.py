@@ -15,7 +15,9 @@ import os
 import random
 from pathlib import Path
 
-import numpy as np
+from fastcl._extras import require
+
+np = require("numpy", "train", "fastcl.checkpoint")
 import torch
 
 

@@ -2,7 +2,8 @@
 
 - ``linear_probe``: accuracy (classification, multinomial logistic regression, L-BFGS, as Foster et
   al.) or per-target MSE (regression, ridge; Spirograph) on standardized features.
-- ``knn_accuracy``: k-NN (k = 200, cosine, votes weighted exp(sim / 0.1), as Wu et al. 2018).
+- ``knn_accuracy``: k-NN (cosine, votes weighted exp(sim / 0.1), as Wu et al. 2018; k = 200 capped at the
+  mean class size of the training set, see ``knn_k``; the k used is reported as ``knn_k``).
 - ``singular_values`` / ``effective_rank``: the collapse monitor of Jing et al. 2022 -- singular values of
   the covariance of L2-normalized features, and exp(entropy of the normalized singular values).
 - ``encode``: features of a split, optionally averaged over M random transformations (Foster et al.).
@@ -39,10 +40,25 @@ def effective_rank(singular: torch.Tensor) -> float:
     return float(torch.exp(-(p * p.log()).sum()))
 
 
+def knn_k(n_train: int, num_classes: int) -> int:
+    """The k used by default: 200 (Wu et al. 2018, on 50k images), capped at the mean class size of the
+    training set. A fixed k = 200 on a few hundred training points makes every vote span several
+    classes and drives the accuracy toward the majority class."""
+    return max(1, min(KNN_K, n_train // max(num_classes, 1)))
+
+
 def knn_accuracy(train_features, train_labels, test_features, test_labels, num_classes: int,
-                 k: int = KNN_K, temperature: float = KNN_TEMPERATURE, chunk: int = 1024) -> float:
-    """Weighted k-NN accuracy: each of the k nearest (cosine) training points votes exp(sim / T)."""
+                 k: int | None = None, temperature: float = KNN_TEMPERATURE, chunk: int = 1024) -> float:
+    """Weighted k-NN accuracy: each of the k nearest (cosine) training points votes exp(sim / T).
+
+    ``k=None`` uses :func:`knn_k`; an explicit k larger than the mean class size warns, since the
+    accuracy then falls toward chance."""
     bank = torch.nn.functional.normalize(train_features.float(), dim=1)
+    if k is None:
+        k = knn_k(len(bank), num_classes)
+    elif k > len(bank) // max(num_classes, 1):
+        warnings.warn(f"knn_accuracy: k = {k} exceeds the mean class size of the {len(bank)}-point training "
+                      f"set ({len(bank) // max(num_classes, 1)}); the accuracy tends toward chance", stacklevel=2)
     k = min(k, len(bank))
     correct = 0
     for start in range(0, len(test_features), chunk):
@@ -131,6 +147,7 @@ def evaluate(model, source, batch_size: int = 512, feature_averaging: int = 1, e
                              target_names=task.target_names)
         out.update({key.replace("probe", "probe" + space, 1): value for key, value in probe.items()})
         if task.kind == "classification":
+            out["knn_k"] = knn_k(len(train_f), task.num_classes)
             out["knn" + space] = knn_accuracy(
                 train_f, source.targets["train"], test_f, source.targets["test"], task.num_classes
             )

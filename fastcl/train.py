@@ -23,11 +23,16 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DistributedSampler
 
-from fastcl.checkpoint import rng_state, save_atomic, set_rng_state
-from fastcl.data import DATASETS, build_source
-from fastcl.evaluation import evaluate, plot_spectra
-from fastcl.models import ENCODERS, HEADS, ContrastiveModel, build_encoder
-from fastcl.optim import LARS, parameter_groups, warmup_cosine
+from fastcl._extras import require
+
+for _module in ("numpy", "tqdm", "sklearn", "matplotlib", "kornia"):
+    require(_module, "train", "fastcl train")
+
+from fastcl.checkpoint import rng_state, save_atomic, set_rng_state  # noqa: E402
+from fastcl.data import DATASETS, build_source  # noqa: E402
+from fastcl.evaluation import evaluate, plot_spectra  # noqa: E402
+from fastcl.models import ENCODERS, HEADS, ContrastiveModel, build_encoder  # noqa: E402
+from fastcl.optim import LARS, parameter_groups, warmup_cosine  # noqa: E402
 
 METHODS = ("simclr", "supcon", "directclr")
 DEFAULT_TEMPERATURE = {"simclr": 0.5, "supcon": 0.07, "directclr": 0.1}

@@ -3,7 +3,9 @@ import numpy as np
 import pytest
 import torch
 
-from fastcl.evaluation import effective_rank, encode, knn_accuracy, linear_probe, plot_spectra, singular_values
+from fastcl.evaluation import (
+    effective_rank, encode, knn_accuracy, knn_k, linear_probe, plot_spectra, singular_values,
+)
 
 
 def test_singular_values_match_numpy():
@@ -48,9 +50,22 @@ def test_knn_matches_reference(k):
     train, test = torch.randn(83, 9, generator=g), torch.randn(31, 9, generator=g)
     train_y, test_y = torch.randint(0, 4, (83,), generator=g), torch.randint(0, 4, (31,), generator=g)
     train[train_y == 2] += 1.5  # some structure, so accuracy is not trivial
-    ours = knn_accuracy(train, train_y, test, test_y, 4, k=k, temperature=0.1, chunk=8)
+    if k > 83 // 4:  # more neighbours than the mean class size: the result is computed, and warned about
+        with pytest.warns(UserWarning, match="mean class size"):
+            ours = knn_accuracy(train, train_y, test, test_y, 4, k=k, temperature=0.1, chunk=8)
+    else:
+        ours = knn_accuracy(train, train_y, test, test_y, 4, k=k, temperature=0.1, chunk=8)
     ref = _knn_reference(train.double().numpy(), train_y.numpy(), test.double().numpy(), test_y.numpy(), 4, min(k, 83), 0.1)
     assert ours == pytest.approx(ref)
+
+
+def test_default_knn_k_is_capped_at_the_mean_class_size():
+    assert knn_k(50_000, 10) == 200  # Wu et al.'s setting keeps k = 200
+    assert knn_k(256, 10) == 25 and knn_k(5, 10) == 1
+    g = torch.Generator().manual_seed(0)
+    train, train_y = torch.randn(40, 5, generator=g), torch.randint(0, 4, (40,), generator=g)
+    default = knn_accuracy(train, train_y, train[:9], train_y[:9], 4)
+    assert default == knn_accuracy(train, train_y, train[:9], train_y[:9], 4, k=10)
 
 
 def test_linear_probe_classification_separable():

@@ -16,11 +16,15 @@ from __future__ import annotations
 
 import torch
 
-from .cifar import load_cifar
-from .digits import load_digits
-from .folder import load_folder
-from .sources import VIEWS, ImageSource, SpirographSource, Task
-from .spirograph import NUISANCE_RANGES, TARGET_RANGES, render_spirograph, sample_uniform, unit_targets
+from fastcl._extras import require
+
+require("numpy", "train", "fastcl.data")
+
+from .cifar import load_cifar  # noqa: E402
+from .digits import load_digits  # noqa: E402
+from .folder import load_folder  # noqa: E402
+from .sources import VIEWS, ImageSource, SpirographSource, Task  # noqa: E402
+from .spirograph import NUISANCE_RANGES, TARGET_RANGES, render_spirograph, sample_uniform, unit_targets  # noqa: E402
 
 DATASETS = ("spirograph", "digits", "cifar10", "cifar100", "folder", "synthetic")
 _DEFAULT_SIZES = {"spirograph": (100_000, 20_000), "synthetic": (50_000, 10_000)}
