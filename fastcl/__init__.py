@@ -10,6 +10,7 @@ __version__ = "0.1.0"
 from fastcl import functional
 from fastcl.dispatch import available_backends
 from fastcl.modules import DirectCLRLoss, InfoNCELoss, NTXentLoss, SupConLoss
+from fastcl import compat  # drop-in replacements for other code bases' losses
 
 __all__ = [
     "NTXentLoss",
@@ -17,6 +18,7 @@ __all__ = [
     "DirectCLRLoss",
     "SupConLoss",
     "functional",
+    "compat",
     "available_backends",
     "__version__",
 ]
