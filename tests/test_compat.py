@@ -492,3 +492,31 @@ def test_modules_check_finite(module, make):
     with pytest.raises(ValueError, match="NaN"):
         module(check_finite=True)(*make(x))
     assert not torch.isfinite(module(check_finite=False, backend="torch")(*make(x)))
+
+
+# --- float32 ------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("peer", ["supcontrast", "open_clip", "lightly", "pml-multi-positive", "solo-multi-crop", "inf_cl-more-keys"])
+def test_float32_against_the_float64_peer(peer):
+    """float32 inputs: the loss (float32) and gradients within 1e-5 of the peer run in float64."""
+    a, b = rows(9, 24, seed=31), rows(9, 24, seed=32)
+    labels = _labels(9, 3, 4)
+    cases = {
+        "supcontrast": (lambda x, y: supcontrast.SupConLoss(0.1)(F.normalize(torch.stack([x, y], 1), dim=2), labels),
+                        lambda x, y: supcontrast_reference(F.normalize(torch.stack([x, y], 1), dim=2), labels, temperature=0.1)),
+        "open_clip": (lambda x, y: open_clip.ClipLoss()(F.normalize(x, dim=1), F.normalize(y, dim=1), 10.0),
+                      lambda x, y: open_clip_reference(F.normalize(x, dim=1), F.normalize(y, dim=1), 10.0)),
+        "lightly": (lightly.NTXentLoss(0.1), lambda x, y: lightly_reference(x, y, 0.1)),
+        "pml-multi-positive": (lambda x, y: pml.NTXentLoss(0.1)(torch.cat([x, y]), labels.repeat(2)),
+                               lambda x, y: pml_losses.NTXentLoss(0.1)(torch.cat([x, y]), labels.repeat(2))),
+        "solo-multi-crop": (lambda x, y: solo_learn.simclr_loss_func(torch.cat([x, y]), labels.repeat(2)),
+                            lambda x, y: solo_reference(torch.cat([x, y]), labels.repeat(2))),
+        "inf_cl-more-keys": (lambda x, y: inf_cl.cal_inf_loss(x[:5], y, labels[:5] * 2, 10.0),
+                             lambda x, y: inf_cl_reference(x[:5], y, labels[:5] * 2, 10.0).mean()),
+    }
+    ours, theirs = cases[peer]
+    loss, grads = evaluate(ours, (a.float(), b.float()))
+    expected, expected_grads = evaluate(theirs, (a.float().double(), b.float().double()))
+    assert loss.dtype == torch.float32 and relative_error(loss, expected) <= 1e-5
+    for g, h in zip(grads, expected_grads):
+        assert g.dtype == torch.float32 and relative_error(g, h) <= 1e-5
