@@ -1,23 +1,23 @@
-"""What one benchmark case is: the loss, how ``M`` maps to inputs, the implementation, and its FLOP count.
+"""What one benchmark case is, and the implementations a case can run.
 
-``M`` is always the number of rows of the similarity matrix:
+The losses come from the loss registry (``fastcl.registry``): their names, default temperatures, FLOP
+models, naive PyTorch forms and input makers. ``M`` is always the number of rows of the similarity
+matrix; the registry's input maker says which tensors that means (NT-Xent: two views of M/2 rows;
+InfoNCE: q and k of M rows; SupCon: M/2 samples × 2 views with labels).
 
-============  ==========================================  =====================================
-loss          inputs built for a given M                  FLOP model (SPEC.md §6)
-============  ==========================================  =====================================
-``ntxent``    z1, z2: [M/2, D] (N = M/2 per view)         3 GEMM-units of M×M: 6·M²·D'
-``infonce``   q, k: [M, D] (N = M, similarity M×M)        4 GEMM-units of M×M: 8·M²·D'
-``supcon``    features [M/2, 2, D], labels in 0..9        3 GEMM-units of M×M: 6·M²·D'
-============  ==========================================  =====================================
+Implementations (``IMPLS``):
 
-D' is ``sub_dim`` when given, else D. Temperatures are the SPEC defaults (0.5, 0.1, 0.07). SupCon labels
-are drawn uniformly from 10 classes (CIFAR-10-like, SupContrast's main setting); with two views every
-anchor has at least one positive, so all implementations compute the same value.
+- ``torch``, ``triton``, ``cuda``: the fastcl functional with ``backend=`` that name;
+- ``naive``: the registry's naive PyTorch loss, which materialises the M×M logits;
+- ``compile``: ``torch.compile(naive, dynamic=False)``;
+- ``pml``, ``infcl``: the peer libraries, where installed and where they implement the loss.
 
-    >>> flops("infonce", m=1024, dim=128)
+    >>> case = Case("info_nce", "naive", m=64, dim=8)
+    >>> call, leaves = build_workload(case)
+    >>> bool(call() > 0), [tuple(t.shape) for t in leaves]
+    (True, [(64, 8), (64, 8)])
+    >>> loss_entry("info_nce").flops(1024, 128)
     1073741824
-    >>> [t.shape for t in make_inputs("supcon", 8, 4, torch.float32, "cpu")]
-    [torch.Size([4, 2, 4]), torch.Size([4])]
 """
 from __future__ import annotations
 
@@ -28,34 +28,51 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
+try:  # the loss registry; until it exists in this install, the profiler's own table stands in for it
+    from fastcl import registry as _registry
+except ImportError:
+    from fastcl.profiler import _fallback_losses as _registry
+
 __all__ = [
-    "LOSSES", "IMPLS", "DTYPES", "Case", "ImplUnavailable", "flops", "make_inputs", "build_loss_fn", "check_size",
+    "LOSSES", "IMPLS", "FUSED", "PEERS", "DTYPES", "Case", "ImplUnavailable", "loss_entry", "unavailable_reason",
+    "build_workload", "check_size",
 ]
 
-LOSSES = ("ntxent", "infonce", "supcon")
-FASTCL_BACKENDS = ("torch", "triton", "cuda")
-IMPLS = FASTCL_BACKENDS + ("naive", "compile", "pml", "infcl")
+LOSSES = tuple(_registry.LOSSES)
+FUSED = ("torch", "triton", "cuda")
+PEERS = ("pml", "infcl")
+IMPLS = ("naive", *FUSED, "compile", *PEERS)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-TEMPERATURE = {"ntxent": 0.5, "infonce": 0.1, "supcon": 0.07}
-# GEMM-units of M×M per fwd+bwd (SPEC §6).
-GEMM_UNITS = {"ntxent": 3, "infonce": 4, "supcon": 3}
-SUPCON_VIEWS = 2
-SUPCON_CLASSES = 10
 
 
 @dataclass(frozen=True)
 class Case:
-    """One measurement: everything the worker subprocess needs, JSON-serialisable."""
+    """One measurement, JSON-serialisable so a worker process can receive it.
+
+    Args:
+        loss: a registry name (``LOSSES``).
+        impl: one of ``IMPLS``.
+        m: rows of the similarity matrix.
+        dim: embedding width D.
+        sub_dim: the prefix D' the loss reads (None: all of D).
+        dtype: a key of ``DTYPES``.
+        device: ``"cpu"`` or ``"cuda"``.
+        repeats: timed forward+backward runs (0: memory only).
+        warmup: untimed runs first (compilation happens here).
+        mem_limit: bytes the case may allocate beyond what the process holds (None: no limit).
+        profile_path: write a chrome trace of one run there.
+        seed: inputs' seed.
+    """
 
     loss: str
     impl: str
     m: int
     dim: int
-    sub_dim: Optional[int]
-    dtype: str
-    device: str
-    repeats: int
-    warmup: int
+    sub_dim: Optional[int] = None
+    dtype: str = "fp32"
+    device: str = "cpu"
+    repeats: int = 3
+    warmup: int = 1
     mem_limit: Optional[int] = None
     profile_path: Optional[str] = None
     seed: int = 0
@@ -63,54 +80,46 @@ class Case:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    @property
+    def width(self) -> int:
+        """D', the width the similarity GEMMs run over."""
+        return self.sub_dim or self.dim
+
+    def label(self) -> str:
+        return f"{self.loss} · {self.impl} · M={self.m}"
+
 
 class ImplUnavailable(Exception):
     """The implementation cannot run here (not installed, wrong device, not applicable to the loss)."""
 
 
+def loss_entry(name: str):
+    """The registry entry of loss ``name``.
+
+    Raises:
+        ValueError: ``name`` is not a registered loss (the message lists them).
+    """
+    if name not in _registry.LOSSES:
+        raise ValueError(f"--loss: expected one of {list(LOSSES)}, got {name!r}")
+    return _registry.LOSSES[name]
+
+
+def _input_shapes(loss: str, m: int) -> list[tuple[int, ...]]:
+    tensors, _ = loss_entry(loss).make_inputs(m, 1, dtype=torch.float32, device="cpu")
+    return [tuple(t.shape) for t in tensors]
+
+
 def check_size(loss: str, m: int) -> None:
-    """Rejects an M that has no input shape for ``loss`` (ValueError naming ``--sizes``)."""
+    """Rejects an M for which ``loss`` has no inputs with exactly M similarity rows.
+
+    Raises:
+        ValueError: naming ``--sizes`` (e.g. an odd M for a two-view loss, whose inputs hold M/2 rows per view).
+    """
     if m < 2:
         raise ValueError(f"--sizes: expected M >= 2 (rows of the similarity), got {m}")
-    if loss in ("ntxent", "supcon") and m % 2:
-        raise ValueError(f"--sizes: {loss} uses M = 2·N (two views), so M must be even, got {m}")
-
-
-def flops(loss: str, m: int, dim: int) -> int:
-    """FLOPs of one forward + backward by the SPEC §6 model (one GEMM-unit = 2·M·M·D')."""
-    return GEMM_UNITS[loss] * 2 * m * m * dim
-
-
-def make_inputs(loss: str, m: int, dim: int, dtype: torch.dtype, device: str, seed: int = 0) -> list[Tensor]:
-    """Random inputs whose similarity has ``m`` rows; floating tensors are leaves that require grad."""
-    check_size(loss, m)
-    gen = torch.Generator().manual_seed(seed)
-
-    def leaf(*shape: int) -> Tensor:
-        return torch.randn(*shape, generator=gen).to(device=device, dtype=dtype).requires_grad_()
-
-    if loss == "ntxent":
-        return [leaf(m // 2, dim), leaf(m // 2, dim)]
-    if loss == "infonce":
-        return [leaf(m, dim), leaf(m, dim)]
-    if loss == "supcon":
-        labels = torch.randint(0, SUPCON_CLASSES, (m // SUPCON_VIEWS,), generator=gen).to(device)
-        return [leaf(m // SUPCON_VIEWS, SUPCON_VIEWS, dim), labels]
-    raise ValueError(f"--loss: expected one of {list(LOSSES)}, got {loss!r}")
-
-
-def _fastcl_fn(loss: str, backend: str, sub_dim: Optional[int], device: str) -> Callable[..., Tensor]:
-    from fastcl import dispatch, functional
-
-    reason = dispatch.unavailable_reason(backend, torch.device(device))
-    if reason is not None:
-        raise ImplUnavailable(f"fastcl backend {backend!r}: {reason}")
-    tau = TEMPERATURE[loss]
-    if loss == "ntxent":
-        return lambda z1, z2: functional.nt_xent(z1, z2, tau, sub_dim=sub_dim, backend=backend)
-    if loss == "infonce":
-        return lambda q, k: functional.info_nce(q, k, tau, sub_dim=sub_dim, backend=backend)
-    return lambda feats, labels: functional.supcon(feats, labels, temperature=tau, sub_dim=sub_dim, backend=backend)
+    if _input_shapes(loss, m) == _input_shapes(loss, m - 1):
+        raise ValueError(f"--sizes: {loss} has no inputs with exactly M = {m} similarity rows (two views of M/2 "
+                         f"rows each, so M must be even); try {m + 1}")
 
 
 def _prefix(sub_dim: Optional[int]) -> Callable[[Tensor], Tensor]:
@@ -118,73 +127,100 @@ def _prefix(sub_dim: Optional[int]) -> Callable[[Tensor], Tensor]:
     return (lambda z: z) if sub_dim is None else (lambda z: z[..., :sub_dim])
 
 
-def _naive_fn(loss: str, sub_dim: Optional[int]) -> Callable[..., Tensor]:
-    from fastcl.profiler import naive
-
-    cut, tau = _prefix(sub_dim), TEMPERATURE[loss]
-    if loss == "ntxent":
-        return lambda z1, z2: naive.nt_xent(cut(z1), cut(z2), tau)
-    if loss == "infonce":
-        return lambda q, k: naive.info_nce(cut(q), cut(k), tau)
-    return lambda feats, labels: naive.supcon(cut(feats), labels, tau)
-
-
-def _pml_fn(loss: str, sub_dim: Optional[int]) -> Callable[..., Tensor]:
-    if importlib.util.find_spec("pytorch_metric_learning") is None:
-        raise ImplUnavailable("pml: pytorch-metric-learning is not installed (pip install pytorch-metric-learning)")
+def _pml(loss: str, tau: float) -> Callable[..., Tensor]:
     from pytorch_metric_learning import losses
 
-    cut, tau = _prefix(sub_dim), TEMPERATURE[loss]
-    if loss == "ntxent":
+    if loss == "nt_xent":
         # Two views with instance labels: pml's own SimCLR recipe (SelfSupervisedLoss, symmetric).
-        ntxent = losses.SelfSupervisedLoss(losses.NTXentLoss(temperature=tau), symmetric=True)
-        return lambda z1, z2: ntxent(cut(z1), cut(z2))
-    if loss == "infonce":
+        return losses.SelfSupervisedLoss(losses.NTXentLoss(temperature=tau), symmetric=True)
+    if loss == "info_nce":
         # Cross-view only: q against k (ref_emb), then k against q, averaged.
         one_way = losses.SelfSupervisedLoss(losses.NTXentLoss(temperature=tau), symmetric=False)
-        return lambda q, k: (one_way(cut(q), cut(k)) + one_way(cut(k), cut(q))) / 2
+        return lambda q, k: (one_way(q, k) + one_way(k, q)) / 2
     supcon = losses.SupConLoss(temperature=tau)
-
-    def pml_supcon(feats: Tensor, labels: Tensor) -> Tensor:
-        views = feats.shape[1]
-        return supcon(torch.cat(torch.unbind(cut(feats), dim=1)), labels.repeat(views))
-
-    return pml_supcon
+    return lambda feats, labels: supcon(torch.cat(torch.unbind(feats, dim=1)), labels.repeat(feats.shape[1]))
 
 
-def _infcl_fn(loss: str, sub_dim: Optional[int], device: str) -> Callable[..., Tensor]:
-    if loss != "infonce":
-        raise ImplUnavailable("infcl: inf-cl implements only the cross-view (CLIP) form, i.e. --loss infonce")
-    if importlib.util.find_spec("inf_cl") is None:
-        raise ImplUnavailable("infcl: the inf-cl package is not installed (pip install inf_cl)")
-    if not device.startswith("cuda"):
-        raise ImplUnavailable("infcl: inf-cl's Triton kernels need a CUDA device")
+def _infcl(loss: str, tau: float) -> Callable[..., Tensor]:
     import torch.nn.functional as F
     from inf_cl import cal_inf_loss
-
-    cut, tau = _prefix(sub_dim), TEMPERATURE["infonce"]
 
     def infcl_info_nce(q: Tensor, k: Tensor) -> Tensor:
         # inf-cl takes the logit scale 1/τ; averaging both argument orders gives the symmetric form whether
         # cal_inf_loss computes one direction or both (its API could not be exercised without a GPU).
-        q, k = F.normalize(cut(q), dim=-1), F.normalize(cut(k), dim=-1)
+        q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
         return (cal_inf_loss(q, k, scale=1.0 / tau).mean() + cal_inf_loss(k, q, scale=1.0 / tau).mean()) / 2
 
     return infcl_info_nce
 
 
-def build_loss_fn(loss: str, impl: str, sub_dim: Optional[int], device: str) -> Callable[..., Tensor]:
-    """The callable ``fn(*make_inputs(...)) -> 0-dim loss`` for ``impl``; raises ImplUnavailable if it cannot run."""
-    if loss not in LOSSES:
-        raise ValueError(f"--loss: expected one of {list(LOSSES)}, got {loss!r}")
-    if impl in FASTCL_BACKENDS:
-        return _fastcl_fn(loss, impl, sub_dim, device)
-    if impl == "naive":
-        return _naive_fn(loss, sub_dim)
-    if impl == "compile":
-        return torch.compile(_naive_fn(loss, sub_dim), dynamic=False)
-    if impl == "pml":
-        return _pml_fn(loss, sub_dim)
-    if impl == "infcl":
-        return _infcl_fn(loss, sub_dim, device)
-    raise ValueError(f"--impl: expected names from {list(IMPLS)}, got {impl!r}")
+# Peer adapters: which losses each peer implements, how to install it, and fn(*tensors, **targets) given τ.
+_PEER_ADAPTERS = {
+    "pml": (("nt_xent", "info_nce", "supcon"), "pytorch_metric_learning", "pip install pytorch-metric-learning", _pml),
+    "infcl": (("info_nce",), "inf_cl", "pip install inf_cl", _infcl),
+}
+
+
+def unavailable_reason(impl: str, loss: str, device: str) -> Optional[str]:
+    """Why ``impl`` cannot run ``loss`` on ``device`` here, or None when it can. Imports nothing heavy.
+
+    Raises:
+        ValueError: ``impl`` or ``loss`` is unknown.
+
+    Example:
+        >>> unavailable_reason("infcl", "nt_xent", "cpu")
+        'infcl implements only info_nce'
+    """
+    loss_entry(loss)
+    if impl in FUSED:
+        from fastcl import dispatch
+
+        reason = dispatch.unavailable_reason(impl, torch.device(device))
+        return None if reason is None else f"fastcl backend {impl!r}: {reason}"
+    if impl in ("naive", "compile"):
+        return None
+    if impl not in _PEER_ADAPTERS:
+        raise ValueError(f"--impl: expected names from {list(IMPLS)}, got {impl!r}")
+    losses, module, install, _ = _PEER_ADAPTERS[impl]
+    if loss not in losses:
+        return f"{impl} implements only {', '.join(losses)}"
+    if importlib.util.find_spec(module) is None:
+        return f"{impl}: {module} is not installed ({install})"
+    if impl == "infcl" and not device.startswith("cuda"):
+        return "infcl: inf-cl's Triton kernels need a CUDA device"
+    return None
+
+
+def build_workload(case: Case) -> tuple[Callable[[], Tensor], list[Tensor]]:
+    """``(call, leaves)``: ``call()`` runs the forward of ``case`` and returns the 0-dim loss; ``leaves`` are
+    the input tensors that receive gradients.
+
+    Raises:
+        ImplUnavailable: the implementation cannot run here (the message says why).
+        ValueError: unknown loss, implementation or dtype, or an M the loss has no inputs for.
+    """
+    entry = loss_entry(case.loss)
+    check_size(case.loss, case.m)
+    if case.dtype not in DTYPES:
+        raise ValueError(f"--dtype: expected one of {sorted(DTYPES)}, got {case.dtype!r}")
+    reason = unavailable_reason(case.impl, case.loss, case.device)
+    if reason is not None:
+        raise ImplUnavailable(reason)
+    tensors, targets = entry.make_inputs(case.m, case.dim, dtype=DTYPES[case.dtype], device=case.device, seed=case.seed)
+    leaves = [t.detach().requires_grad_() for t in tensors]
+    tau, cut = entry.default_temperature, _prefix(case.sub_dim)
+    if case.impl in FUSED:
+        backend, sub_dim = case.impl, case.sub_dim
+        return (lambda: entry.functional(*leaves, temperature=tau, sub_dim=sub_dim, backend=backend, **targets)), leaves
+    if case.impl in ("naive", "compile"):
+        def naive_loss(*tensors: Tensor) -> Tensor:
+            return entry.naive(*(cut(t) for t in tensors), temperature=tau, **targets)
+
+        if case.impl == "compile":
+            # A fresh dynamo cache per case: dynamic=False recompiles per shape, and past the recompile
+            # limit dynamo would silently fall back to eager.
+            torch._dynamo.reset()
+            naive_loss = torch.compile(naive_loss, dynamic=False)
+        return (lambda: naive_loss(*leaves)), leaves
+    peer = _PEER_ADAPTERS[case.impl][3](case.loss, tau)
+    return (lambda: peer(*(cut(t) for t in leaves), **targets)), leaves

@@ -1,34 +1,44 @@
-"""Output of a benchmark run: the stdout / markdown table, the JSON file and the log-log plot."""
+"""Output of a benchmark run: streamed table rows, the side-by-side summary, JSON, markdown and the plot.
+
+    >>> row = dict.fromkeys(RECORD_FIELDS)
+    >>> row.update(loss="nt_xent", impl="torch", M=1024, status="ok", total_ms=1.5, fraction_of_matmul=1.2,
+    ...            above_ceiling=True)
+    >>> "120.0!" in format_row(row)
+    True
+"""
 from __future__ import annotations
 
 import json
-import statistics
 from pathlib import Path
 from typing import Optional, Sequence
 
-__all__ = ["RECORD_FIELDS", "format_table", "write_json", "write_markdown", "write_plot"]
+__all__ = [
+    "RECORD_FIELDS", "format_header", "format_row", "format_table", "format_summary", "write_json",
+    "write_markdown", "write_plot",
+]
 
 # Every record carries these keys (None where a value does not exist, e.g. for a skipped impl).
 RECORD_FIELDS = (
     "loss", "impl", "M", "D", "sub_dim", "dtype", "device", "status", "note",
-    "fwd_ms", "bwd_ms", "total_ms", "peak_mem_bytes", "flops", "tflops",
-    "ratio_vs_naive", "mem_ratio_vs_naive", "matmul_tflops", "fraction_of_matmul", "loadavg_1min",
+    "fwd_ms", "bwd_ms", "total_ms", "runs", "peak_mem_bytes", "flops", "tflops",
+    "ratio_vs_naive", "mem_ratio_vs_naive", "matmul_tflops", "fraction_of_matmul", "above_ceiling", "loadavg_1min",
 )
 
+# (record key, title, width in the streamed table, format)
 _COLUMNS = (
-    ("loss", "loss", "{}"),
-    ("impl", "impl", "{}"),
-    ("M", "M", "{}"),
-    ("fwd_ms", "fwd ms", "{:.2f}"),
-    ("bwd_ms", "bwd ms", "{:.2f}"),
-    ("total_ms", "total ms", "{:.2f}"),
-    ("peak_mem_bytes", "peak MiB", None),
-    ("tflops", "TFLOP/s", "{:.4f}"),
-    ("ratio_vs_naive", "time ×naive", "{:.2f}"),
-    ("mem_ratio_vs_naive", "mem ×naive", "{:.3f}"),
-    ("fraction_of_matmul", "% of matmul", None),
-    ("loadavg_1min", "load", "{:.1f}"),
-    ("status", "status", "{}"),
+    ("loss", "loss", 8, "{}"),
+    ("impl", "impl", 7, "{}"),
+    ("M", "M", 6, "{}"),
+    ("fwd_ms", "fwd ms", 9, "{:.2f}"),
+    ("bwd_ms", "bwd ms", 9, "{:.2f}"),
+    ("total_ms", "total ms", 9, "{:.2f}"),
+    ("peak_mem_bytes", "peak MiB", 8, None),
+    ("tflops", "TFLOP/s", 8, "{:.4f}"),
+    ("ratio_vs_naive", "time ×naive", 11, "{:.2f}"),
+    ("mem_ratio_vs_naive", "mem ×naive", 10, "{:.3f}"),
+    ("fraction_of_matmul", "% of matmul", 11, None),
+    ("loadavg_1min", "load", 5, "{:.1f}"),
+    ("status", "status", 0, "{}"),
 )
 
 
@@ -38,52 +48,111 @@ def _cell(record: dict, key: str, fmt: Optional[str]) -> str:
         return "—"
     if key == "peak_mem_bytes":
         return f"{value / 2**20:.1f}"
-    if key == "fraction_of_matmul":
-        return f"{100 * value:.1f}"
+    if key == "fraction_of_matmul":  # "!" marks a rate above the matmul ceiling (see the row's note)
+        return f"{100 * value:.1f}" + ("!" if record.get("above_ceiling") else "")
     if key == "status" and record.get("note"):
-        note = record["note"]
-        return f"{value}: {note if len(note) <= 90 else note[:87] + '...'}"
+        return f"{value}: {record['note']}"
     return fmt.format(value)
 
 
+def _line(cells: Sequence[str]) -> str:
+    # The free-text status column goes last and is not padded.
+    return "  ".join(c.rjust(w) for c, (_, _, w, _) in zip(cells[:-1], _COLUMNS)) + "  " + cells[-1]
+
+
+def format_header() -> str:
+    """The streamed table's header line."""
+    return _line([title for _, title, _, _ in _COLUMNS])
+
+
+def format_row(record: dict) -> str:
+    """One record as a line of the streamed table (fixed widths, so rows can be printed as they finish)."""
+    return _line([_cell(record, key, fmt) for key, _, _, fmt in _COLUMNS])
+
+
+def _sorted(records: Sequence[dict]) -> list[dict]:
+    losses = list(dict.fromkeys(r["loss"] for r in records))
+    impls = list(dict.fromkeys(r["impl"] for r in records))
+    return sorted(records, key=lambda r: (losses.index(r["loss"]), r["M"], impls.index(r["impl"])))
+
+
 def format_table(records: Sequence[dict], markdown: bool = False) -> str:
-    """Side-by-side table, one row per (loss, impl, M)."""
-    header = [title for _, title, _ in _COLUMNS]
-    rows = [[_cell(r, key, fmt) for key, _, fmt in _COLUMNS] for r in records]
+    """Every record, grouped by (loss, M); a markdown table when ``markdown``."""
+    rows = _sorted(records)
+    if not markdown:
+        return "\n".join([format_header()] + [format_row(r) for r in rows])
+    header = [title for _, title, _, _ in _COLUMNS]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    for r in rows:
+        cells = [_cell(r, key, fmt).replace("|", "\\|") for key, _, _, fmt in _COLUMNS]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _summary_cell(record: Optional[dict]) -> str:
+    if record is None:
+        return ""
+    if record["status"] != "ok" or record.get("total_ms") is None:
+        return record["status"]
+    parts = [f"{record['total_ms']:.2f} ms"]
+    if record.get("ratio_vs_naive") is not None and record["impl"] != "naive":
+        parts.append(f"{record['ratio_vs_naive']:.2f}×")
+    if record.get("fraction_of_matmul") is not None:
+        parts.append(f"{100 * record['fraction_of_matmul']:.0f}%" + ("!" if record.get("above_ceiling") else ""))
+    return " ".join(parts)
+
+
+def format_summary(records: Sequence[dict], markdown: bool = False) -> str:
+    """Side by side per (loss, M): each implementation's fwd+bwd time, its ratio to naive, its % of matmul."""
+    impls = list(dict.fromkeys(r["impl"] for r in records))
+    keys = list(dict.fromkeys((r["loss"], r["M"]) for r in _sorted(records)))
+    by_key = {(r["loss"], r["M"], r["impl"]): r for r in records}
+    header = ["loss", "M", *impls]
+    rows = [[loss, str(m), *(_summary_cell(by_key.get((loss, m, impl))) for impl in impls)] for loss, m in keys]
     if markdown:
         lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-        lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in rows]
-        return "\n".join(lines)
-    # The free-text status column goes last and is not padded.
-    widths = [max(len(h), *(len(row[i]) for row in rows)) if rows else len(h) for i, h in enumerate(header)]
-    fmt_row = lambda cells: "  ".join(c.rjust(w) for c, w in zip(cells[:-1], widths)) + "  " + cells[-1]  # noqa: E731
-    return "\n".join([fmt_row(header)] + [fmt_row(row) for row in rows])
+        return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
+    widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(header)]
+    return "\n".join("  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in [header, *rows])
 
 
 def write_json(path: str | Path, meta: dict, records: Sequence[dict]) -> None:
+    """``{"meta": meta, "records": records}``, indented; parent folders are created."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(json.dumps({"meta": meta, "records": list(records)}, indent=2) + "\n")
 
 
-def write_markdown(path: str | Path, meta: dict, records: Sequence[dict], command: str) -> None:
-    """The results file committed under bench/results/: provenance, then the table."""
+def write_markdown(path: str | Path, meta: dict, records: Sequence[dict]) -> None:
+    """Provenance, the side-by-side summary, then every record."""
+    peers = ", ".join(f"{name} {version}" for name, version in meta.get("peers", {}).items())
+    limit = meta.get("mem_limit")
     lines = [
         f"# fastcl bench — {meta['device_name']} — {meta['date']}",
         "",
+        f"- command: `{meta.get('command', '')}`",
         f"- device: {meta['device']} ({meta['device_name']}), threads: {meta['threads']}",
-        f"- versions: python {meta['python']}, torch {meta['torch']}, fastcl {meta['fastcl']}, "
-        + ", ".join(f"{name} {version}" for name, version in meta["peers"].items()),
-        f"- D = {meta['dim']}, sub_dim = {meta['sub_dim']}, dtype = {meta['dtype']}, "
-        f"median of {meta['repeats']} after {meta['warmup']} warm-up",
-        f"- command: `{command}`",
-        f"- M mapping: {meta['size_mapping']}",
+        f"- versions: python {meta['python']}, torch {meta['torch']}, fastcl {meta['fastcl']}"
+        + (f", {peers}" if peers else ""),
+        (
+            f"- D = {meta['dim']}, sub_dim = {meta['sub_dim']}, dtype = {meta['dtype']}, median of at least "
+            f"{meta['repeats']} runs after {meta['warmup']} warm-up; isolation: {meta['isolate']}"
+        ),
+        "- M = rows of the similarity matrix; temperatures: "
+        + ", ".join(f"{loss} {tau}" for loss, tau in meta.get("temperatures", {}).items()),
         f"- FLOP model: {meta['flop_model']}",
+        f"- ceiling: {meta['ceiling_method']}",
         f"- memory: {meta['memory_method']}; limit per case: "
-        + (f"{meta['mem_limit'] / 2**30:.1f} GiB (beyond it: OOM)" if meta["mem_limit"] else "none"),
-        f"- 1-min load average before / after the run: {meta['loadavg_1min_before']} / {meta['loadavg_1min_after']} "
-        f"(above the thread count, other processes competed for the CPU during the run)",
-        "- matmul ceiling, [M, D'] @ [D', M] timed in each case's worker (median over cases): "
-        + ", ".join(f"M={m}: {t:.4f} TFLOP/s" if t else f"M={m}: —" for m, t in meta["matmul_tflops"].items()),
+        + (f"{limit / 2**30:.1f} GiB (beyond it: OOM)" if limit else "none"),
+        (
+            f"- 1-min load average before / after: {meta.get('loadavg_1min_before')} / "
+            f"{meta.get('loadavg_1min_after')} (above the thread count, other processes competed for the CPU)"
+        ),
+        "",
+        "## Side by side (fwd+bwd time, × naive, % of matmul; ! = above the ceiling)",
+        "",
+        format_summary(records, markdown=True),
+        "",
+        "## Every case",
         "",
         format_table(records, markdown=True),
         "",
@@ -93,7 +162,8 @@ def write_markdown(path: str | Path, meta: dict, records: Sequence[dict], comman
 
 
 def write_plot(path: str | Path, records: Sequence[dict], title: str) -> None:
-    """Log-log time and peak memory vs M, one line per impl, one row of panels per loss."""
+    """Log-log time and peak memory vs M, one line per implementation, one row of panels per loss; the matmul
+    ceiling is the dashed line. Needs matplotlib (the ``plot`` extra)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -107,16 +177,11 @@ def write_plot(path: str | Path, records: Sequence[dict], title: str) -> None:
         for impl in dict.fromkeys(r["impl"] for r in ok):
             points = sorted((r["M"], r) for r in ok if r["impl"] == impl)
             ms = [m for m, _ in points]
-            if any(r.get("total_ms") is not None for _, r in points):
-                ax_time.plot(ms, [r["total_ms"] for _, r in points], marker="o", label=impl)
-            ax_mem.plot(ms, [max(r["peak_mem_bytes"], 1) / 2**20 for _, r in points], marker="o", label=impl)
-        ceiling_ms: dict[int, list[float]] = {}
-        for r in ok:
-            if r.get("matmul_tflops"):
-                ceiling_ms.setdefault(r["M"], []).append(r["flops"] / (r["matmul_tflops"] * 1e9))
-        if ceiling_ms:
-            ms = sorted(ceiling_ms)
-            ax_time.plot(ms, [statistics.median(ceiling_ms[m]) for m in ms], "k--", label="matmul, same FLOPs")
+            style = {"color": "k", "linestyle": "--"} if impl == "matmul" else {"marker": "o"}
+            if all(r.get("total_ms") is not None for _, r in points):
+                ax_time.plot(ms, [r["total_ms"] for _, r in points], label=impl, **style)
+            if all(r.get("peak_mem_bytes") is not None for _, r in points):
+                ax_mem.plot(ms, [max(r["peak_mem_bytes"], 1) / 2**20 for _, r in points], label=impl, **style)
         for ax, ylabel in ((ax_time, "fwd+bwd median [ms]"), (ax_mem, "peak extra memory [MiB]")):
             ax.set_xscale("log", base=2)
             ax.set_yscale("log")
@@ -131,3 +196,4 @@ def write_plot(path: str | Path, records: Sequence[dict], title: str) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
+

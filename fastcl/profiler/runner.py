@@ -1,43 +1,62 @@
-"""Runs a grid of cases and turns raw measurements into records (ratios, TFLOP/s, matmul ceiling).
+"""Runs a grid of cases and turns measurements into records (TFLOP/s, ratios, the matmul ceiling).
 
-    >>> meta, records = run_bench(["infonce"], ["naive", "infcl"], [64], dim=16, repeats=1, progress=False)
+Order of a run: first the matmul ceiling of every (loss, M) in this process, then the implementations one
+after the other, ``naive`` first, so a row's ratios are known when it is reported. Where each
+implementation runs (``isolate``):
+
+- ``"impl"`` (default): one worker process per implementation measures all its cases, so a crash, an
+  out-of-memory kill or a timeout costs one case (the worker is restarted for the rest), torch is imported
+  once per implementation, and no implementation's caches or allocations affect another's;
+- ``"case"``: a fresh worker per case (slowest; nothing at all is shared between cases);
+- ``"none"``: everything in this process (fastest; ``timeout`` cannot interrupt a case, and a case killed
+  by the kernel's OOM killer ends the run).
+
+    >>> meta, records = run_bench(["info_nce"], ["naive", "infcl"], [64], dim=16, repeats=1, isolate="none")
     >>> [(r["impl"], r["status"]) for r in records]
-    [('naive', 'ok'), ('infcl', 'skipped')]
+    [('matmul', 'ok'), ('naive', 'ok'), ('infcl', 'skipped')]
 """
 from __future__ import annotations
 
 import datetime as _dt
 import importlib.metadata
+import json
 import os
 import platform
-import statistics
+import queue
+import signal
+import subprocess
 import sys
+import tempfile
+import threading
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 import torch
-from tqdm import tqdm
 
-from fastcl.profiler.cases import GEMM_UNITS, Case, ImplUnavailable, build_loss_fn, check_size, flops
-from fastcl.profiler.measure import run_case
+from fastcl.profiler.cases import Case, check_size, loss_entry, unavailable_reason
+from fastcl.profiler.measure import gemm_plan, loadavg, matmul_ceiling, measure_case
 from fastcl.profiler.report import RECORD_FIELDS
 
-__all__ = ["run_bench", "environment", "default_mem_limit"]
+__all__ = ["run_bench", "measure_in_workers", "environment", "default_mem_limit", "ISOLATION", "CEILING", "FLOP_MODEL"]
 
-SIZE_MAPPING = (
-    "M = rows of the similarity matrix; ntxent: z1, z2 of [M/2, D]; infonce: q, k of [M, D] (M×M logits); "
-    "supcon: features [M/2, 2, D] with labels from 10 classes"
-)
+ISOLATION = ("impl", "case", "none")
+CEILING = "matmul"
 FLOP_MODEL = (
-    "SPEC §6: GEMM-unit = 2·M·M·D'; ntxent and supcon 3 units, infonce 4 units per fwd+bwd; "
-    "TFLOP/s = model FLOPs / median fwd+bwd time"
+    "one GEMM-unit = 2·M·M·D' FLOPs; each loss counts its similarity GEMMs of one forward + backward "
+    "(NT-Xent and SupCon 3 units, InfoNCE 4); TFLOP/s = model FLOPs / median fwd+bwd time"
+)
+CEILING_METHOD = (
+    "matmul = the loss's own similarity GEMMs alone (2×[M,D']@[D',M] + the gradient [M,M]@[M,D'] products), "
+    "the faster of whole M×M matrices and row blocks, timed in the same run; same FLOPs as the loss, so "
+    "'% of matmul' above 100 is flagged"
 )
 MEMORY_METHOD = {
-    "cpu": "peak RSS of one fwd+bwd minus RSS right before it (fresh subprocess per case, VmHWM reset via "
-    "/proc/self/clear_refs, malloc mmap threshold 64 KiB + malloc_trim before the call)",
+    "cpu": "peak RSS of one fwd+bwd minus RSS right before it (VmHWM reset via /proc/self/clear_refs; large "
+    "buffers mmap'd and free heap trimmed for that call)",
     "cuda": "torch.cuda.max_memory_allocated during the call minus memory_allocated before it",
 }
-_PEERS = ("pytorch-metric-learning", "triton", "inf-cl")
+_PEER_DISTRIBUTIONS = ("pytorch-metric-learning", "triton", "inf-cl")
+_RESULT_PREFIX = '{"index": '
 
 
 def _cpu_name() -> str:
@@ -54,7 +73,7 @@ def environment(device: str) -> dict:
     import fastcl
 
     peers = {}
-    for name in _PEERS:
+    for name in _PEER_DISTRIBUTIONS:
         try:
             peers[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
@@ -72,8 +91,8 @@ def environment(device: str) -> dict:
         "fastcl": getattr(fastcl, "__version__", "unknown"),
         "platform": platform.platform(),
         "peers": peers,
-        "size_mapping": SIZE_MAPPING,
         "flop_model": FLOP_MODEL,
+        "ceiling_method": CEILING_METHOD,
         "memory_method": MEMORY_METHOD["cuda" if is_cuda else "cpu"],
     }
 
@@ -90,6 +109,113 @@ def default_mem_limit(device: str) -> Optional[int]:
     return None
 
 
+def _worker_env() -> dict:
+    env = dict(os.environ)
+    # The worker imports fastcl from the same tree as this process, installed or not.
+    package_root = str(Path(__file__).resolve().parents[2])
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH", "")) if p)
+    return env
+
+
+def _pump(stream, lines: queue.Queue) -> None:
+    for line in stream:
+        if line.startswith(_RESULT_PREFIX):
+            lines.put(line)
+    lines.put(None)
+
+
+def _dead_worker_result(returncode: int, stderr_text: str) -> dict:
+    if returncode == -signal.SIGKILL:
+        return {"status": "oom", "note": "worker killed by SIGKILL (the kernel's OOM killer, most likely)"}
+    tail = (stderr_text.strip().splitlines() or ["no output"])[-1]
+    return {"status": "error", "note": f"worker exited with {returncode}: {tail[:300]}"}
+
+
+def measure_in_workers(
+    cases: list[Case], timeout: Optional[float], on_start: Callable[[Case], None]
+) -> Iterator[tuple[Case, dict]]:
+    """Measures ``cases`` in order in one worker process, restarted after a crash, a kill or a timeout."""
+    pending = list(enumerate(cases))
+    while pending:
+        with tempfile.TemporaryFile(mode="w+") as stderr:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "fastcl.profiler._worker"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                stderr=stderr, text=True, env=_worker_env(),
+            )
+            proc.stdin.write(json.dumps([(i, c.to_dict()) for i, c in pending]))
+            proc.stdin.close()
+            lines: queue.Queue = queue.Queue()
+            threading.Thread(target=_pump, args=(proc.stdout, lines), daemon=True).start()
+            alive = True
+            while pending and alive:
+                index, case = pending.pop(0)
+                on_start(case)
+                try:
+                    line = lines.get(timeout=timeout)
+                except queue.Empty:
+                    proc.kill()
+                    alive, result = False, {"status": "error", "note": f"timed out after {timeout:g} s"}
+                else:
+                    if line is None:
+                        proc.wait()
+                        stderr.seek(0)
+                        alive, result = False, _dead_worker_result(proc.returncode, stderr.read())
+                    else:
+                        message = json.loads(line)
+                        assert message["index"] == index, (message["index"], index)
+                        result = message["result"]
+                yield case, result
+            if proc.poll() is None and not alive:
+                proc.kill()
+            proc.wait()
+
+
+def _measured(
+    cases: list[Case], isolate: str, timeout: Optional[float], on_start: Callable[[Case], None]
+) -> Iterator[tuple[Case, dict]]:
+    if isolate == "none":
+        for case in cases:
+            on_start(case)
+            yield case, measure_case(case)
+    elif isolate == "case":
+        for case in cases:
+            yield from measure_in_workers([case], timeout, on_start)
+    else:
+        yield from measure_in_workers(cases, timeout, on_start)
+
+
+def _record(case: Case, measured: dict) -> dict:
+    record = dict.fromkeys(RECORD_FIELDS)
+    record.update(loss=case.loss, impl=case.impl, M=case.m, D=case.dim, sub_dim=case.sub_dim, dtype=case.dtype,
+                  device=case.device)
+    record.update(measured)
+    record["flops"] = loss_entry(case.loss).flops(case.m, case.width)
+    if record.get("total_ms"):
+        record["tflops"] = record["flops"] / (record["total_ms"] * 1e9)
+    if record["status"] == "ok" and case.profile_path:
+        record["trace"] = case.profile_path
+    return record
+
+
+def _relate(record: dict, ceiling: Optional[dict], naive: Optional[dict]) -> None:
+    """Fills the ratios to the naive loss and the fraction of the matmul ceiling; flags a fraction above 1."""
+    if record["status"] != "ok":
+        return
+    if naive is not None and naive.get("total_ms") and record.get("total_ms"):
+        record["ratio_vs_naive"] = record["total_ms"] / naive["total_ms"]
+    if naive is not None and naive.get("peak_mem_bytes") and record.get("peak_mem_bytes") is not None:
+        record["mem_ratio_vs_naive"] = record["peak_mem_bytes"] / naive["peak_mem_bytes"]
+    if record["impl"] == CEILING or ceiling is None or not ceiling.get("tflops"):
+        return
+    record["matmul_tflops"] = ceiling["tflops"]
+    if record.get("tflops"):
+        record["fraction_of_matmul"] = record["tflops"] / ceiling["tflops"]
+        record["above_ceiling"] = record["fraction_of_matmul"] > 1.0
+        if record["above_ceiling"]:
+            flag = "faster than the same GEMMs alone (timing noise or a memory-bound ceiling: check the load)"
+            record["note"] = f"{record['note']}; {flag}" if record["note"] else flag
+
+
 def run_bench(
     losses: Sequence[str],
     impls: Sequence[str],
@@ -102,68 +228,99 @@ def run_bench(
     repeats: int = 10,
     warmup: int = 1,
     mem_limit: Optional[int] = -1,
+    isolate: str = "impl",
     profile_dir: Optional[str] = None,
     timeout: Optional[float] = None,
-    progress: bool = True,
+    on_start: Optional[Callable[[Case, int, int], None]] = None,
+    on_record: Optional[Callable[[dict, dict, list], None]] = None,
 ) -> tuple[dict, list[dict]]:
-    """Measures every (loss, M, impl); returns (meta, records) with every key of RECORD_FIELDS.
+    """Measures every (loss, M, impl) plus the matmul ceiling of every (loss, M).
 
-    ``mem_limit``: bytes per case; -1 (default) = :func:`default_mem_limit`, None = no limit.
+    Args:
+        losses: registry names.
+        impls: implementation names (``cases.IMPLS``); ``naive`` runs first wherever it appears.
+        sizes: values of M (rows of the similarity).
+        dim, sub_dim, dtype, device, repeats, warmup: as in :class:`~fastcl.profiler.cases.Case`.
+        mem_limit: bytes per case; -1 (default) = :func:`default_mem_limit`, None = no limit.
+        isolate: ``"impl"``, ``"case"`` or ``"none"`` (see the module docstring).
+        profile_dir: write a chrome trace per case there (``<loss>-<impl>-M<M>.json``).
+        timeout: seconds one case may take in a worker before it is reported as an error.
+        on_start: called with (case, number, total) before each case runs (progress display).
+        on_record: called with (record, meta, records so far) as soon as a record is complete (streaming
+            output; ``meta["complete"]`` is False until the run ends).
+
+    Returns:
+        ``(meta, records)``: provenance, and one record per case with every key of ``RECORD_FIELDS``;
+        ceiling records have ``impl == "matmul"``. Their ratios to the naive loss are filled in at the end.
+
+    Raises:
+        ValueError: an unknown loss, implementation or isolation, or a size the loss cannot take.
     """
+    if isolate not in ISOLATION:
+        raise ValueError(f"--isolate: expected one of {list(ISOLATION)}, got {isolate!r}")
     if mem_limit == -1:
         mem_limit = default_mem_limit(device)
-    load_before = os.getloadavg() if hasattr(os, "getloadavg") else None
     for loss in losses:
         for m in sizes:
             check_size(loss, m)
-    effective_dim = sub_dim or dim
-    grid = [(loss, m, impl) for loss in losses for m in sizes for impl in impls]
-    records = []
-    for loss, m, impl in tqdm(grid, desc="fastcl bench", disable=not progress, file=sys.stderr):
-        trace = None if profile_dir is None else str(Path(profile_dir) / f"{loss}-{impl}-M{m}.json")
-        case = Case(loss, impl, m, dim, sub_dim, dtype, device, repeats, warmup, mem_limit, trace)
-        try:
-            build_loss_fn(loss, impl, sub_dim, device)  # cheap; saves a worker start for impls that cannot run
-            measured = run_case(case, timeout=timeout)
-        except ImplUnavailable as why:
-            measured = {"status": "skipped", "note": str(why)}
-        record = dict.fromkeys(RECORD_FIELDS)
-        record.update(loss=loss, impl=impl, M=m, D=dim, sub_dim=sub_dim, dtype=dtype, device=device)
-        record.update(measured)
-        record["flops"] = flops(loss, m, effective_dim)
-        if record.get("total_ms"):
-            record["tflops"] = record["flops"] / (record["total_ms"] * 1e9)
-        if trace is not None and record["status"] == "ok":
-            record["trace"] = trace
-        records.append(record)
-    _add_ratios(records)
+        for impl in impls:
+            unavailable_reason(impl, loss, device)  # raises on an unknown name before anything runs
+    order = sorted(dict.fromkeys(impls), key=lambda impl: impl != "naive")
+    total = len(losses) * len(sizes) * (len(order) + 1)
+    started = 0
+    records: list[dict] = []
+    ceilings: dict = {}
+    naive: dict = {}
     meta = environment(device)
     meta.update(dim=dim, sub_dim=sub_dim, dtype=dtype, repeats=repeats, warmup=warmup, mem_limit=mem_limit,
-                gemm_units=GEMM_UNITS, matmul_tflops=_median_ceilings(records),
+                isolate=isolate, gemm_units={loss: loss_entry(loss).gemm_units for loss in losses},
+                temperatures={loss: loss_entry(loss).default_temperature for loss in losses},
                 # Other work on the machine slows every case; the 1-minute load average says how much there was.
-                loadavg_1min_before=round(load_before[0], 2) if load_before else None,
-                loadavg_1min_after=round(os.getloadavg()[0], 2) if load_before else None)
+                loadavg_1min_before=loadavg(), loadavg_1min_after=None, complete=False)
+
+    def start(case: Case) -> None:
+        nonlocal started
+        started += 1
+        if on_start is not None:
+            on_start(case, started, total)
+
+    def keep(record: dict) -> None:
+        records.append(record)
+        if on_record is not None:
+            on_record(record, meta, records)
+
+    width = sub_dim or dim
+    by_plan: dict = {}  # losses with the same GEMM plan share one ceiling measurement per M
+    for loss in losses:
+        for m in sizes:
+            case = Case(loss, CEILING, m, dim, sub_dim, dtype, device, repeats, warmup)
+            start(case)
+            key = (gemm_plan(loss, m), m)
+            if key not in by_plan:
+                by_plan[key] = matmul_ceiling(loss, m, width, dtype, device, max(repeats, 3))
+            ceilings[(loss, m)] = record = _record(case, by_plan[key])
+            keep(record)
+    for impl in order:
+        runnable = []
+        for loss in losses:
+            reason = unavailable_reason(impl, loss, device)
+            for m in sizes:
+                trace = None if profile_dir is None else str(Path(profile_dir) / f"{loss}-{impl}-M{m}.json")
+                case = Case(loss, impl, m, dim, sub_dim, dtype, device, repeats, warmup, mem_limit, trace)
+                if reason is None:
+                    runnable.append(case)
+                else:  # no worker is started for an implementation that cannot run
+                    start(case)
+                    keep(_record(case, {"status": "skipped", "note": reason}))
+        for case, measured in _measured(runnable, isolate, timeout, start):
+            record = _record(case, measured)
+            if impl == "naive" and record["status"] == "ok":
+                naive[(case.loss, case.m)] = record
+            _relate(record, ceilings.get((case.loss, case.m)), naive.get((case.loss, case.m)))
+            keep(record)
+    for (loss, m), ceiling in ceilings.items():  # the ceiling ran before the naive loss it is compared with
+        base = naive.get((loss, m))
+        if ceiling["status"] == "ok" and base is not None and base.get("total_ms"):
+            ceiling["ratio_vs_naive"] = ceiling["total_ms"] / base["total_ms"]
+    meta.update(loadavg_1min_after=loadavg(), complete=True)
     return meta, records
-
-
-def _median_ceilings(records: list[dict]) -> dict[int, Optional[float]]:
-    """Per M, the median matmul rate over the cases (each worker times it next to its own case)."""
-    rates: dict[int, list[float]] = {}
-    for r in records:
-        if r.get("matmul_tflops"):
-            rates.setdefault(r["M"], []).append(r["matmul_tflops"])
-    return {m: statistics.median(v) for m, v in sorted(rates.items())}
-
-
-def _add_ratios(records: list[dict]) -> None:
-    naive = {(r["loss"], r["M"]): r for r in records if r["impl"] == "naive" and r["status"] == "ok"}
-    for r in records:
-        if r["status"] != "ok":
-            continue
-        base = naive.get((r["loss"], r["M"]))
-        if base is not None and r.get("total_ms") and base.get("total_ms"):
-            r["ratio_vs_naive"] = r["total_ms"] / base["total_ms"]
-        if base is not None and base["peak_mem_bytes"] > 0:
-            r["mem_ratio_vs_naive"] = r["peak_mem_bytes"] / base["peak_mem_bytes"]
-        if r.get("matmul_tflops") and r.get("tflops"):
-            r["fraction_of_matmul"] = r["tflops"] / r["matmul_tflops"]
