@@ -41,7 +41,7 @@ test: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/fastcl train --dataset spirograph --method simclr --encoder convnet --train-size 8192 \
 		--test-size 1024 --epochs 3 --batch-size 128 --lr 0.5 --eval-every 0 --out runs/demo
-	$(VENV)/bin/fastcl bench --loss all --impl torch,triton,naive --sizes 1024,2048 --dim 128 --repeats 3
+	$(VENV)/bin/fastcl bench --quick
 
 bench: $(STAMP)
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH bench/run_cpu.sh
