@@ -7,18 +7,22 @@ import sys
 _COMMANDS = {
     "train": ("fastcl.train", "train a SimCLR / SupCon / DirectCLR model (fastcl train --help)"),
     "bench": ("fastcl.profiler", "time and profile the losses side by side (fastcl bench --help)"),
+    "repro": ("fastcl.repro", "reproduce a paper's finding, with verdicts (fastcl repro --list)"),
 }
 
 
 def _usage() -> str:
-    lines = ["usage: fastcl {train,bench} [options]", "", "commands:"]
+    lines = ["usage: fastcl {train,bench,repro} [options]", "", "commands:"]
     lines += [f"  {name:<6} {help_}" for name, (_, help_) in _COMMANDS.items()]
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if not argv or argv[0] in ("-h", "--help"):
+    if not argv:  # a bare `fastcl` is a usage error, as argparse treats a missing subcommand
+        print(_usage(), file=sys.stderr)
+        return 2
+    if argv[0] in ("-h", "--help"):
         print(_usage())
         return 0
     if argv[0] in ("-V", "--version"):

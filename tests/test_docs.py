@@ -1,0 +1,130 @@
+"""The documentation is executable and self-contained.
+
+- Every docstring example in the package runs (doctest, one test per module).
+- Every ```python block of README.md and docs/*.md runs as written, in a fresh namespace. A block that
+  cannot run on a CPU machine (needs a GPU or several processes) is preceded by a line
+  ``<!-- snippet: no-run (reason) -->`` and is only compiled.
+- Nothing in the repository cites a file outside it.
+- The core install is lean (importing fastcl imports torch and nothing optional), and the CLI behaves.
+"""
+from __future__ import annotations
+
+import doctest
+import importlib
+import pkgutil
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import fastcl
+
+ROOT = Path(__file__).resolve().parent.parent
+NO_RUN = re.compile(r"<!--\s*snippet:\s*no-run\b")
+
+
+def _modules() -> list[str]:
+    names = []
+    for package in ("fastcl", "fastcl.kernels"):
+        path = importlib.import_module(package).__path__
+        names.append(package)
+        names += [m.name for m in pkgutil.walk_packages(path, prefix=package + ".") if not m.name.endswith("__main__")]
+    return sorted(set(names))
+
+
+@pytest.mark.parametrize("name", _modules())
+def test_docstring_examples_run(name):
+    module = importlib.import_module(name)
+    finder = doctest.DocTestFinder(exclude_empty=True)
+    runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+    globs = {"torch": importlib.import_module("torch"), "fastcl": fastcl}
+    for test in finder.find(module, name, globs=dict(globs, **vars(module))):
+        runner.run(test)
+    result = runner.summarize(verbose=False)
+    assert result.failed == 0, f"{result.failed} of {result.attempted} doctest examples failed in {name}"
+
+
+def _snippets() -> list:
+    found = []
+    for path in [ROOT / "README.md", *sorted((ROOT / "docs").glob("**/*.md"))]:
+        lines = path.read_text().splitlines()
+        i = 0
+        while i < len(lines):
+            if lines[i].strip() == "```python":
+                start = i + 1
+                end = next(j for j in range(start, len(lines)) if lines[j].strip() == "```")
+                runnable = not (i > 0 and NO_RUN.search(lines[i - 1]))
+                where = f"{path.relative_to(ROOT)}:{start + 1}"
+                found.append(pytest.param(where, "\n".join(lines[start:end]), runnable, id=where))
+                i = end
+            i += 1
+    return found
+
+
+@pytest.mark.parametrize("where, code, runnable", _snippets())
+def test_markdown_python_snippets_run(where, code, runnable, tmp_path, monkeypatch):
+    compiled = compile(code, where, "exec")
+    if runnable:
+        monkeypatch.chdir(tmp_path)
+        exec(compiled, {"__name__": "__snippet__"})
+
+
+_OUTSIDE = re.compile(r"SPEC\.md|PAPERS\.md|SPEC §|\.\./shared|shared/SPEC|shared/PAPERS")
+
+
+def test_nothing_cites_a_file_outside_the_repository():
+    tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True)
+    if tracked.returncode != 0:
+        pytest.skip("not a git checkout")
+    offenders = []
+    for name in tracked.stdout.split():
+        path = ROOT / name
+        if path.suffix in {".png", ".json", ".so"} or not path.is_file():
+            continue
+        for number, text in enumerate(path.read_text(errors="replace").splitlines(), 1):
+            if _OUTSIDE.search(text):
+                offenders.append(f"{name}:{number}: {text.strip()[:100]}")
+    assert not offenders, "references to files outside the repository:\n" + "\n".join(offenders)
+
+
+def test_importing_fastcl_loads_no_extra():
+    # torch itself may import numpy, tqdm or triton (torch._dynamo) when they are installed; what fastcl
+    # adds must be none of the extras' packages and none of the modules that need them.
+    extras = ("kornia", "sklearn", "matplotlib", "PIL", "fastcl.kernels", "fastcl.augment", "fastcl.profiler",
+              "fastcl.train", "fastcl.data")
+    code = (
+        "import sys, fastcl, torch; "
+        "fastcl.functional.nt_xent(torch.randn(4, 8), torch.randn(4, 8)); "
+        f"print(sorted(m for m in {extras!r} if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_core_dependencies_are_torch_only():
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert [d.split(">")[0].split("=")[0].strip() for d in project["dependencies"]] == ["torch"]
+
+
+def test_missing_extra_names_it(monkeypatch):
+    from fastcl._extras import require
+
+    monkeypatch.setitem(sys.modules, "kornia", None)  # makes `import kornia` raise ImportError
+    with pytest.raises(ImportError, match=r"pip install 'fastcl\[augment\]'"):
+        require("kornia", "augment", "fastcl.augment")
+
+
+@pytest.mark.parametrize("argv, code, stream, text", [
+    ([], 2, "stderr", "usage: fastcl"),
+    (["--help"], 0, "stdout", "usage: fastcl"),
+    (["nonsense"], 2, "stderr", "unknown command 'nonsense'"),
+    (["--version"], 0, "stdout", f"fastcl {fastcl.__version__}"),
+])
+def test_cli_entry_point(argv, code, stream, text):
+    result = subprocess.run([sys.executable, "-m", "fastcl", *argv], capture_output=True, text=True)
+    assert result.returncode == code
+    assert text in getattr(result, stream)
