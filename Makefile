@@ -7,7 +7,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench install clean constraints
+.PHONY: demo test bench install clean cuda-check constraints
 
 # Tests and the demo install from pinned versions (constraints/test.txt), so a registry release cannot
 # change what CI runs; pyproject's ranges stay loose for users. `make constraints` refreshes the pins.
@@ -45,6 +45,10 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH bench/run_cpu.sh
+
+# nvcc compiles every CUDA kernel for sm_80 and sm_90 with the ptxas report; fails on any spill (no GPU needed).
+cuda-check: $(STAMP)
+	$(PY) csrc/cuda_check.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
