@@ -3,13 +3,14 @@
 Where conventions meet, fastcl must give the same loss and gradients (float64, ≤ 1e-10 relative):
 
 - pml ``NTXentLoss(τ)`` on ``cat(z1, z2)`` with instance labels ``cat(arange N, arange N)`` (and pml's
-  ``SelfSupervisedLoss`` wrapper) is SPEC §1; ``SelfSupervisedLoss(..., symmetric=False)`` is the
-  one-way cross-view InfoNCE of SPEC §2.
+  ``SelfSupervisedLoss`` wrapper) is NT-Xent (docs/spec.md); ``SelfSupervisedLoss(..., symmetric=False)`` is the
+  one-way cross-view InfoNCE.
 - pml ``SupConLoss(τ)`` on the view-major rows with labels repeated per view is L_out with
   τ/τ_b = 1 (pml has no base temperature), ``contrast_mode="all"``; its ``AvgNonZeroReducer`` leaves
-  anchors without positives out of the mean, as SPEC §3 does, so those cases match too.
+  anchors without positives out of the mean, as fastcl's SupCon does, so those cases match too.
 - SupContrast's ``SupConLoss`` (transcribed below) wherever every anchor has a positive; where one has
-  none, SupContrast counts a 0 in its mean and fastcl leaves the anchor out (SPEC §3).
+  none, SupContrast counts a 0 in its mean and fastcl leaves the anchor out (``fastcl.compat.supcontrast``
+  keeps SupContrast's convention: tests/test_compat.py).
 """
 from __future__ import annotations
 
