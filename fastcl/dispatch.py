@@ -88,6 +88,7 @@ def module(backend: str) -> ModuleType:
     return importlib.import_module(_MODULES[backend])
 
 
+@torch.compiler.assume_constant_result  # an import and attribute lookups: constant for a traced graph
 def block_primitive_error(backend: str) -> str | None:
     """Why ``backend``'s module has no block primitive (None when it has ``block_forward`` and ``block_backward``)."""
     try:

@@ -1,30 +1,41 @@
-"""Functional API (SPEC.md §4): validate, pick a backend, call the op on the rows as given.
+"""Functional API: validate, pick a backend and a distributed mode, run the loss (the math is in docs/spec.md).
 
-The backends read the first ``sub_dim`` features through strides (the gradient on the rest of the row is
-exactly zero) and fuse the L2 normalization, so nothing here copies the embeddings. Only the
-distributed paths prepare rows here (sliced, normalized) before they travel between ranks.
+Options every loss takes:
+
+* ``sub_dim``: use only the first ``sub_dim`` features of each row (DirectCLR); the gradient on the rest
+  of the row is exactly zero. The fused backends read the prefix through strides.
+* ``normalize``: L2-normalize the rows inside the loss, ẑ = z / max(‖z[:sub_dim]‖, 1e-12).
+* ``backend``: "auto" (Triton for CUDA tensors, the chunked PyTorch backend otherwise; ``FASTCL_BACKEND``
+  overrides it), "torch", "triton" or "cuda". A backend that cannot run here raises ``RuntimeError``.
+* ``distributed``: "auto" ("gather" under an initialized process group of world size > 1, else
+  "local"), "local", "gather" or "ring" (docs/distributed.md). The backend is honoured in every mode.
+* ``check_finite``: raise ``ValueError`` on NaN/Inf embeddings or a non-positive tensor temperature;
+  None (default) checks on the torch backend only, since reading the data costs a device sync.
+
+Which code runs (docs/block-engine.md): a single-process call the fused local fast paths cover runs
+:mod:`fastcl.ops`; gather/ring mode and the options only the block engine has (soft masks,
+``positives_missing="zero"``, explicit InfoNCE targets or more keys than queries) run
+:func:`fastcl.engine.block_loss` on the backend's block primitive.
 """
 from __future__ import annotations
 
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from fastcl import _validate, distributed as _distributed, dispatch, ops
+from fastcl import _validate, dispatch, distributed as _distributed, ops
+from fastcl._blocks import accumulation_dtype
 from fastcl._validate import Temperature
+from fastcl.engine import Pass, Plan, block_loss
 
 __all__ = ["nt_xent", "info_nce", "supcon"]
 
-
-def _prepare(z: Tensor, d: int, normalize: bool) -> Tensor:
-    z = z[..., :d]
-    return F.normalize(z, dim=-1, eps=1e-12) if normalize else z
+MISSING_POLICIES = ("drop", "zero")
 
 
 def _temperature_tensor(value: Temperature, like: Tensor, checked: bool) -> Tensor:
-    acc = ops.accumulation_dtype(like.dtype)
+    acc = accumulation_dtype(like.dtype)
     if not isinstance(value, Tensor):
         return torch.full((), float(value), dtype=acc, device=like.device)
     tau = value.to(device=like.device, dtype=acc)
@@ -42,20 +53,54 @@ def _check_finite_default(check_finite: Optional[bool], backend: str) -> bool:
     return backend == "torch" if check_finite is None else check_finite
 
 
-def _check_two_views(names, a: Tensor, b: Tensor, sub_dim, temperature, backend, distributed, check_finite):
-    """Validates a pair of [N, D] views; returns (D', concrete backend, distributed mode, τ tensor)."""
+def _resolve(backend: str, device: torch.device, on_engine: bool) -> str:
+    return dispatch.resolve_block(backend, device) if on_engine else dispatch.resolve(backend, device)
+
+
+def _check_two_views(names, a: Tensor, b: Tensor, sub_dim, *, paired: bool = True) -> int:
+    """Validates two [N, D] inputs (the same N when ``paired``); returns D' (sub_dim or D)."""
     for name, t in zip(names, (a, b)):
         _validate.embeddings(name, t, 2)
-    _validate.same_layout(names, (a, b))
-    d = _validate.sub_dim(sub_dim, a.shape[1])
-    backend = dispatch.resolve(backend, a.device)
-    mode = _distributed.resolve_mode(distributed)
+    if paired or a.shape[0] == b.shape[0]:
+        _validate.same_layout(names, (a, b))
+    else:  # the same checks but N
+        _validate.same_layout(names, (a[: b.shape[0]], b[: a.shape[0]]))
+    return _validate.sub_dim(sub_dim, a.shape[1])
+
+
+def _finish_checks(names, tensors, temperature, backend, check_finite, device, like):
     checking = _check_finite_default(check_finite, backend)
-    _validate.temperature("temperature", temperature, a.device, checking)
+    _validate.temperature("temperature", temperature, device, checking)
     if checking:
-        for name, t in zip(names, (a, b)):
+        for name, t in zip(names, tensors):
             _validate.finite(name, t)
-    return d, backend, mode, _temperature_tensor(temperature, a, checking)
+    return _temperature_tensor(temperature, like, checking)
+
+
+# The plans are built outside the traced graph (torch.compile sees their encoded strings as constants).
+
+@torch.compiler.assume_constant_result
+def _nt_xent_plan() -> str:
+    return Plan(passes=(Pass((0, 2), (0, 2), "pairs", exclude_self=True),)).encode()
+
+
+@torch.compiler.assume_constant_result
+def _info_nce_plan(targets: bool, symmetric: bool) -> str:
+    if targets:
+        return Plan(passes=(Pass((0, 1), (1, 2), "labels"),), labels="targets").encode()
+    if symmetric:
+        return Plan(passes=(Pass((0, 1), (1, 2), "diagonal", weight=0.5), Pass((1, 2), (0, 1), "diagonal", weight=0.5))).encode()
+    return Plan(passes=(Pass((0, 1), (1, 2), "diagonal"),)).encode()
+
+
+@torch.compiler.assume_constant_result
+def _supcon_plan(views: int, contrast_mode: str, given: str, base_temperature: float, missing: str) -> str:
+    """``given``: "labels", "mask" or "none" (every sample its own class)."""
+    anchors = (0, 1) if contrast_mode == "one" else (0, views)
+    positives = "mask" if given == "mask" else "labels"
+    row_labels = {"labels": "given", "mask": "none", "none": "samples"}[given]
+    return Plan(passes=(Pass(anchors, (0, views), positives, exclude_self=True),), labels=row_labels,
+                base_temperature=base_temperature, missing=missing).encode()
 
 
 def nt_xent(
@@ -69,20 +114,39 @@ def nt_xent(
     distributed: str = "auto",
     check_finite: Optional[bool] = None,
 ) -> Tensor:
-    """SimCLR's 2N-way NT-Xent (SPEC §1) over the rows of ``[z1; z2]``.
+    """SimCLR's 2N-way NT-Xent over the rows of Z = [z1; z2] (M = 2N).
+
+    ℓ_i = −s_{i,pos(i)} + log Σ_{j≠i} exp(s_ij) with pos(i) = i ± N and s_ij = ẑ_i·ẑ_j/τ; L = mean over
+    the M rows. N = 1 is well defined: each row's only other row is its positive, so L = 0.
+
+    Args:
+        z1, z2: [N, D] the two views (same shape, dtype and device; any strides, any float dtype).
+        temperature: τ > 0, a float or a 0-dim tensor (dL/dτ when it requires grad).
+        sub_dim, normalize, backend, distributed, check_finite: see the module docstring.
+
+    Returns:
+        The 0-dim loss, float32 (float64 for float64 inputs); under gather/ring the global-batch loss.
+
+    Raises:
+        TypeError, ValueError: bad input, naming the argument. RuntimeError: a backend that cannot run here.
 
     Example:
         >>> z1, z2 = torch.randn(8, 16), torch.randn(8, 16)
         >>> loss = nt_xent(z1, z2, temperature=0.5)
         >>> loss.shape, loss.dtype
         (torch.Size([]), torch.float32)
+        >>> float(nt_xent(torch.randn(1, 4), torch.randn(1, 4)))  # one pair: nothing to contrast
+        0.0
     """
-    d, backend, mode, tau = _check_two_views(("z1", "z2"), z1, z2, sub_dim, temperature, backend, distributed, check_finite)
-    if z1.shape[0] == 1 and mode == "local":
-        raise ValueError(f"z1: NT-Xent needs N >= 2 rows per view (N = 1 leaves no negatives), got shape {tuple(z1.shape)}")
-    if mode != "local":
-        return _distributed.nt_xent(_prepare(z1, d, normalize), _prepare(z2, d, normalize), tau, mode=mode)
-    return ops.ntxent(z1, z2, tau, d, normalize, backend)[0]
+    d = _check_two_views(("z1", "z2"), z1, z2, sub_dim)
+    mode = _distributed.resolve_mode(distributed)
+    backend = _resolve(backend, z1.device, mode != "local")
+    tau = _finish_checks(("z1", "z2"), (z1, z2), temperature, backend, check_finite, z1.device, z1)
+    if mode == "local":
+        return ops.ntxent(z1, z2, tau, d, normalize, backend)[0]
+    n = z1.shape[0]
+    rows = torch.cat([z1[:, :d], z2[:, :d]])
+    return block_loss(rows, _nt_xent_plan(), [n, n], tau, normalize=normalize, mode=mode, backend=backend)
 
 
 def info_nce(
@@ -90,6 +154,7 @@ def info_nce(
     k: Tensor,
     temperature: Temperature = 0.1,
     *,
+    targets: Optional[Tensor] = None,
     sub_dim: Optional[int] = None,
     normalize: bool = True,
     symmetric: bool = True,
@@ -97,22 +162,60 @@ def info_nce(
     distributed: str = "auto",
     check_finite: Optional[bool] = None,
 ) -> Tensor:
-    """Cross-view InfoNCE (SPEC §2): ``q_i`` against all ``k_j``, no same-view negatives.
+    """Cross-view InfoNCE: ``q_i`` against all keys ``k_j``, no same-view negatives.
 
-    ``symmetric=True`` averages both directions (DirectCLR, CLIP with τ = 1/logit_scale).
+    ℓ(q, k) = mean_i [−s(q_i, k_{t(i)}) + log Σ_j exp(s(q_i, k_j))] with t(i) = i unless ``targets`` are
+    given. ``symmetric=True`` averages ℓ(q, k) and ℓ(k, q) (DirectCLR; CLIP with τ = 1/logit_scale).
+
+    Args:
+        q: [Nq, D] queries. k: [Nk, D] keys, same D, dtype and device; Nk = Nq unless ``symmetric=False``.
+        temperature: τ > 0, a float or a 0-dim tensor.
+        targets: [Nq] int64, the index of each query's positive key (Inf-CL's ``cal_inf_loss`` labels);
+            under gather/ring an index into the rank-major concatenation of every rank's keys. A query
+            whose target matches no key has no positive and is left out of the mean. Needs
+            ``symmetric=False``. None: query i's positive is key i (of the same rank under gather/ring),
+            which needs Nq ≤ Nk.
+        symmetric: average both directions (needs Nq = Nk and no ``targets``).
+        sub_dim, normalize, backend, distributed, check_finite: see the module docstring.
+
+    Returns:
+        The 0-dim loss, float32 (float64 for float64 inputs).
+
+    Raises:
+        TypeError, ValueError: bad input, naming the argument. RuntimeError: a backend that cannot run here.
 
     Example:
         >>> q, k = torch.randn(8, 32), torch.randn(8, 32)
         >>> bool(info_nce(q, k, 0.1, sub_dim=16) > 0)
         True
+        >>> keys = torch.randn(12, 32)  # more keys than queries, explicit positives
+        >>> info_nce(q, keys, 0.1, targets=torch.arange(8) + 4, symmetric=False).shape
+        torch.Size([])
     """
     if not isinstance(symmetric, bool):
         raise TypeError(f"symmetric: expected a bool, got {type(symmetric).__name__}")
-    d, backend, mode, tau = _check_two_views(("q", "k"), q, k, sub_dim, temperature, backend, distributed, check_finite)
-    if mode != "local":
-        pq, pk = _prepare(q, d, normalize), _prepare(k, d, normalize)
-        return _distributed.info_nce(pq, pk, tau, symmetric=symmetric, mode=mode)
-    return ops.infonce(q, k, tau, d, normalize, symmetric, backend)[0]
+    d = _check_two_views(("q", "k"), q, k, sub_dim, paired=False)
+    n_q, n_k = q.shape[0], k.shape[0]
+    if symmetric and n_q != n_k:
+        raise ValueError(
+            f"k: expected N = {n_q} rows (as q) for symmetric InfoNCE, got shape {tuple(k.shape)}; "
+            f"more keys than queries needs symmetric=False"
+        )
+    if symmetric and targets is not None:
+        raise ValueError("targets: explicit positives define one direction only; pass symmetric=False with them")
+    if targets is not None:
+        _validate.targets(targets, n_q, q.device)
+    elif n_q > n_k:
+        raise ValueError(f"k: query i's positive is key i, so Nk >= Nq is needed; got Nq = {n_q}, Nk = {n_k} (or pass targets)")
+    mode = _distributed.resolve_mode(distributed)
+    on_engine = mode != "local" or targets is not None or n_q != n_k
+    backend = _resolve(backend, q.device, on_engine)
+    tau = _finish_checks(("q", "k"), (q, k), temperature, backend, check_finite, q.device, q)
+    if not on_engine:
+        return ops.infonce(q, k, tau, d, normalize, symmetric, backend)[0]
+    rows = torch.cat([q[:, :d], k[:, :d]])
+    plan = _info_nce_plan(targets is not None, symmetric)
+    return block_loss(rows, plan, [n_q, n_k], tau, labels=targets, normalize=normalize, mode=mode, backend=backend)
 
 
 def supcon(
@@ -123,21 +226,44 @@ def supcon(
     *,
     base_temperature: float = 0.07,
     contrast_mode: str = "all",
+    positives_missing: str = "drop",
     sub_dim: Optional[int] = None,
     normalize: bool = True,
     backend: str = "auto",
     distributed: str = "auto",
     check_finite: Optional[bool] = None,
 ) -> Tensor:
-    """Supervised contrastive loss L_out (SPEC §3), SupContrast's semantics.
+    """Supervised contrastive loss L_out with SupContrast's semantics.
 
-    ``features`` is [N, V, D]; give ``labels`` [N] or ``mask`` [N, N] (nonzero = positive) or neither
-    (SimCLR with V views). Anchors without positives are left out of the mean.
+    Rows are view-major (row v·N + n = features[n, v]). For anchor a, P(a) are the other rows of the
+    same class (``labels``) or with positive weight ``mask[n_a, n_p]``, A(a) all other rows:
+    ℓ_a = −(τ/τ_b) Σ_p w_ap [s_ap − log Σ_{c∈A(a)} exp(s_ac)] / Σ_p w_ap.
+
+    Args:
+        features: [N, V, D] V views of N samples.
+        labels: [N] integer class ids (under gather/ring: ids meaning the same class on every rank).
+        mask: [N, N] positive weights, single process only. A bool or integer mask is a set (nonzero =
+            positive); a floating mask gives soft weights w_ap = mask[n_a, n_p] (SupContrast's weighted mask).
+            Neither labels nor mask: every sample its own class (SimCLR with V views).
+        temperature: τ > 0, a float or a 0-dim tensor. base_temperature: τ_b > 0, a float.
+        contrast_mode: "all" (every row is an anchor) or "one" (view 0 only).
+        positives_missing: anchors without positives are left out of the mean ("drop") or count as 0 in
+            it ("zero", SupContrast's mean over all anchors). If no anchor has a positive, L = 0.
+        sub_dim, normalize, backend, distributed, check_finite: see the module docstring.
+
+    Returns:
+        The 0-dim loss, float32 (float64 for float64 inputs).
+
+    Raises:
+        TypeError, ValueError: bad input, naming the argument. RuntimeError: a backend that cannot run here.
 
     Example:
         >>> feats, y = torch.randn(6, 2, 16), torch.tensor([0, 1, 0, 1, 2, 2])
         >>> supcon(feats, y).dtype
         torch.float32
+        >>> soft = torch.rand(6, 6)
+        >>> supcon(feats, mask=soft, positives_missing="zero").shape
+        torch.Size([])
     """
     _validate.embeddings("features", features, 3)
     n, views, dim = features.shape
@@ -145,6 +271,7 @@ def supcon(
         raise ValueError(f"features: expected at least one view (V >= 1), got shape {tuple(features.shape)}")
     d = _validate.sub_dim(sub_dim, dim)
     _validate.choice("contrast_mode", contrast_mode, ("all", "one"))
+    _validate.choice("positives_missing", positives_missing, MISSING_POLICIES)
     if labels is not None and mask is not None:
         raise ValueError("labels, mask: give at most one of them (SupContrast semantics), got both")
     if labels is not None:
@@ -152,22 +279,27 @@ def supcon(
     if mask is not None:
         _validate.mask(mask, n, features.device)
     _validate.temperature("base_temperature", base_temperature, features.device, True, allow_tensor=False)
-    backend = dispatch.resolve(backend, features.device)
     mode = _distributed.resolve_mode(distributed)
-    checking = _check_finite_default(check_finite, backend)
-    _validate.temperature("temperature", temperature, features.device, checking)
-    if checking:
-        _validate.finite("features", features)
-    if labels is None and mask is None and mode == "local":
-        labels = torch.arange(n, device=features.device)  # SimCLR with V views (the distributed path makes global ids)
-    if mask is not None:
-        mask = mask != 0
-    tau = _temperature_tensor(temperature, features, checking)
-    n_anchors = n if contrast_mode == "one" else views * n
-    if mode != "local":
-        # View-major rows (row v·N + n), as SupContrast's torch.cat(torch.unbind(features, dim=1)).
-        z = _prepare(features, d, normalize).transpose(0, 1).reshape(views * n, d)
-        return _distributed.supcon(
-            z, labels, mask, tau, base_temperature=float(base_temperature), n_anchors=n_anchors, views=views, mode=mode
+    if mask is not None and mode != "local":
+        raise ValueError(
+            f"mask: a per-rank [N, N] mask cannot say which rows on other ranks are positives, so it is "
+            f"only supported with distributed='local' (got distributed={mode!r}); pass global class ids "
+            f"as labels instead, or distributed='local'"
         )
-    return ops.supcon(features, labels, mask, tau, float(base_temperature), n_anchors, d, normalize, backend)[0]
+    soft_mask = mask is not None and mask.is_floating_point()
+    on_engine = mode != "local" or soft_mask or positives_missing == "zero"
+    backend = _resolve(backend, features.device, on_engine)
+    tau = _finish_checks(("features",), (features,), temperature, backend, check_finite, features.device, features)
+    n_anchors = n if contrast_mode == "one" else views * n
+    if not on_engine:
+        if labels is None and mask is None:
+            labels = torch.arange(n, device=features.device)
+        if mask is not None:
+            mask = mask != 0
+        return ops.supcon(features, labels, mask, tau, float(base_temperature), n_anchors, d, normalize, backend)[0]
+    rows = features[:, :, :d].transpose(0, 1).reshape(views * n, d)
+    if mask is not None:
+        mask = mask.to(accumulation_dtype(features.dtype))
+    given = "mask" if mask is not None else "labels" if labels is not None else "none"
+    plan = _supcon_plan(views, contrast_mode, given, float(base_temperature), positives_missing)
+    return block_loss(rows, plan, [n] * views, tau, labels=labels, mask=mask, normalize=normalize, mode=mode, backend=backend)

@@ -131,18 +131,20 @@ def _self_entries(case: Case) -> torch.Tensor:
     return selfish
 
 
-def reference(case: Case, a, k, fields, alpha, beta):
-    """Dense float64 statistics and the surrogate's gradients (see the module docstring)."""
-    a64, k64 = a.detach().double().requires_grad_(), k.detach().double().requires_grad_()
-    tau = torch.tensor(case.tau, dtype=torch.float64, requires_grad=True)
-    bias = torch.tensor(case.bias or 0.0, dtype=torch.float64, requires_grad=True)
+def reference(case: Case, a, k, fields, alpha, beta, dtype=torch.float64):
+    """Dense statistics and the surrogate's gradients (see the module docstring), in float64 — or in
+    ``dtype`` throughout: the naive PyTorch evaluation that 16-bit results are measured against."""
+    a64, k64 = a.detach().to(dtype).requires_grad_(), k.detach().to(dtype).requires_grad_()
+    tau = torch.tensor(case.tau, dtype=dtype, requires_grad=True)
+    bias = torch.tensor(case.bias or 0.0, dtype=dtype, requires_grad=True)
+    alpha, beta = alpha.to(dtype), beta.to(dtype)
     d = case.sub_dim or case.dim
     ah, kh = a64[:, :d], k64[:, :d]
     if case.normalize:
         ah, kh = F.normalize(ah, dim=1, eps=1e-12), F.normalize(kh, dim=1, eps=1e-12)
     s = ah @ kh.T / tau
     selfish = _self_entries(case)
-    p = _dense_positives(case, fields).masked_fill(selfish, 0.0)
+    p = _dense_positives(case, fields).to(dtype).masked_fill(selfish, 0.0)
     excluded = selfish | ((p != 0) if case.exclude_positives else torch.zeros_like(selfish))
     if case.epilogue == "sigmoid":
         stat = F.softplus(s + bias).masked_fill(excluded, 0.0).sum(dim=1)
@@ -179,13 +181,25 @@ def test_primitive_matches_float64(backend, case, dtype):
     if dtype == torch.bfloat16:  # the reference sees what the backend receives
         a, k = a.to(dtype).double(), k.to(dtype).double()
     rtol = {torch.float64: 1e-9, torch.float32: 1e-5, torch.bfloat16: 1e-4}[dtype]
-    stats, grads = run_primitive(backend, case, a, k, fields, alpha, beta, dtype, "cpu")
+    try:
+        stats, grads = run_primitive(backend, case, a, k, fields, alpha, beta, dtype, "cpu")
+    except NotImplementedError as error:  # allowed by the contract; the engine turns it into a RuntimeError
+        pytest.skip(f"{backend}: {error}")
     ref_stats, ref_grads = reference(case, a, k, fields, alpha, beta)
+    naive = None
+    if dtype == torch.bfloat16:  # fused backends feed G to the gradient MMAs as a 16-bit operand
+        naive_stats, naive_grads = reference(case, a, k, fields, alpha, beta, dtype)
+        naive = (*naive_stats, *naive_grads)
     acc = torch.float64 if dtype == torch.float64 else torch.float32
-    for name, got, want in zip(("stat", "pos_sum", "pos_weight", "d_a", "d_k", "gs"), (*stats, *grads), (*ref_stats, *ref_grads)):
+    names = ("stat", "pos_sum", "pos_weight", "d_a", "d_k", "gs")
+    for i, (name, got, want) in enumerate(zip(names, (*stats, *grads), (*ref_stats, *ref_grads))):
         assert got.dtype == acc, name
         assert got.shape == want.shape, (name, got.shape, want.shape)
-        assert relative_error(got, want, floor=1.0 if name == "stat" else 0.0) <= rtol, (name, relative_error(got, want))
+        floor = 1.0 if name == "stat" else 0.0
+        error = relative_error(got, want, floor)
+        # 16-bit: within rtol, or no worse than naive PyTorch in that dtype plus 1e-2 (the project's bar).
+        tolerance = rtol if naive is None else max(rtol, relative_error(naive[i].detach(), want, floor) + 1e-2)
+        assert error <= tolerance, (name, error, tolerance)
 
 
 def test_torch_primitive_chunks_anchors():

@@ -1,12 +1,15 @@
-"""Global-batch losses across ranks (fastcl.distributed), multi-process on CPU with gloo.
+"""Global-batch losses across ranks (the block engine's gather and ring modes), multi-process on CPU with gloo.
 
 Each world (2 and 3 ranks, uneven local batches in some cases) is spawned once; its ranks run every case
-(loss × scheme × dtype): a tiny model wrapped in DistributedDataParallel, a learnable temperature, one
-backward. The tests compare every rank's loss and DDP-averaged parameter gradients with single-process
-training of the same model on the rank-major concatenated batch through the float64 SPEC formulas of
-tests/reference.py: ≤ 1e-10 relative in float64, ≤ 1e-5 in float32. They also check, by watching every
-tensor the ops produce, that the ring never holds more than one rank's rows and sends the bytes that
-``scaling_model`` predicts.
+(loss × scheme × backend × dtype): a tiny model wrapped in DistributedDataParallel, a learnable
+temperature, one backward. The tests compare every rank's loss and DDP-averaged parameter gradients with
+single-process training of the same model on the rank-major concatenated batch through the float64
+formulas of tests/reference.py: ≤ 1e-10 relative in float64, ≤ 1e-5 in float32. Every case counts the
+block-primitive calls of each backend to prove that the chosen one ran (Triton through TRITON_INTERPRET=1
+as soon as ``fastcl.kernels`` exposes the primitive). They also check, by watching every tensor the
+engine produces, that the ring never holds more than one rank's rows and sends the bytes that
+``scaling_model`` predicts, and that ``torch.compile(fullgraph=True)`` captures a model calling a loss
+in gather and ring mode.
 """
 from __future__ import annotations
 
@@ -31,7 +34,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 import reference
-from fastcl import distributed as fdist, functional
+from fastcl import dispatch, distributed as fdist, engine, functional
+from fastcl.engine import Pass
 from loss_cases import relative_error
 
 LOCAL_SIZES = {2: {"even": [4, 4], "uneven": [3, 5]}, 3: {"even": [4, 4, 4], "uneven": [4, 1, 5]}}
@@ -42,6 +46,14 @@ D_IN, D_OUT = 6, 7  # D_OUT differs from every row count below, so embedding-sha
 N_CLASSES = 3
 
 
+def _block_backends() -> list[str]:
+    """Backends whose block primitive can run here (triton through the interpreter once it exists)."""
+    return [b for b in ("torch", "triton") if dispatch.unavailable_reason(b) is None and dispatch.block_primitive_error(b) is None]
+
+
+BACKENDS = _block_backends()
+
+
 @dataclass(frozen=True)
 class Case:
     name: str
@@ -49,7 +61,7 @@ class Case:
     options: dict = field(default_factory=dict, hash=False)
     views: int = 2
     sizes: str = "even"
-    targets: str = "none"  # SupCon: "labels" (class ids), "samples" (labels=None: each sample its own class)
+    targets: str = "none"  # SupCon: "labels" / "samples" (labels=None); InfoNCE: "keys" (explicit targets)
 
 
 CASES = [
@@ -57,9 +69,11 @@ CASES = [
     Case("ntxent-subdim-uneven", "nt_xent", {"sub_dim": 5}, sizes="uneven"),
     Case("infonce-uneven", "info_nce", sizes="uneven"),
     Case("infonce-oneway", "info_nce", {"symmetric": False}),
+    Case("infonce-targets-more-keys", "info_nce", {"symmetric": False}, views=3, sizes="uneven", targets="keys"),
     Case("supcon-labels-uneven", "supcon", targets="labels", sizes="uneven"),
     Case("supcon-one-3views", "supcon", {"contrast_mode": "one", "base_temperature": 0.1}, views=3, targets="labels"),
     Case("supcon-nolabels-uneven", "supcon", targets="samples", sizes="uneven"),
+    Case("supcon-zero-missing", "supcon", {"positives_missing": "zero"}, views=1, targets="labels", sizes="uneven"),
 ]
 
 
@@ -88,15 +102,49 @@ def global_batch(case: Case, world: int) -> tuple[torch.Tensor, torch.Tensor]:
     return x, torch.randint(0, N_CLASSES, (n,), generator=gen)
 
 
-def loss_of(case: Case, fn, embeddings, tau, labels, **extra):
+def _key_targets(sizes: list[int]) -> list[torch.Tensor]:
+    """Per rank: each query's positive is the second of its sample's two keys, as a global key index
+    (rank r's keys are [view 1; view 2] of its samples, ranks concatenated in order)."""
+    targets, first = [], 0
+    for n in sizes:
+        targets.append(first + n + torch.arange(n))
+        first += 2 * n
+    return targets
+
+
+def loss_of(case: Case, fn, embeddings, tau, labels, targets=None, **extra):
     if case.loss == "supcon":
         return fn(embeddings, labels, temperature=tau, **case.options, **extra)
+    if case.targets == "keys":
+        keys = torch.cat([embeddings[:, 1], embeddings[:, 2]])
+        return fn(embeddings[:, 0], keys, temperature=tau, targets=targets, **case.options, **extra)
     return fn(embeddings[:, 0], embeddings[:, 1], temperature=tau, **case.options, **extra)
 
 
 # --- what each rank runs ---------------------------------------------------------------------------------
 
-def _train_step(case: Case, scheme: str, dtype: torch.dtype, rank: int, world: int):
+class _LaunchCounter:
+    """Counts calls of every backend's block primitive (dispatch looks them up on the module each call)."""
+
+    def __init__(self):
+        self.calls = {b: 0 for b in BACKENDS}
+        for backend in BACKENDS:
+            impl = dispatch.module(backend)
+            for name in ("block_forward", "block_backward"):
+                setattr(impl, name, self._wrap(backend, getattr(impl, name)))
+
+    def _wrap(self, backend, fn):
+        def counted(*args, **kwargs):
+            self.calls[backend] += 1
+            return fn(*args, **kwargs)
+        return counted
+
+    def take(self) -> dict:
+        calls, self.calls = self.calls, {b: 0 for b in BACKENDS}
+        return calls
+
+
+def _train_step(case: Case, scheme: str, backend: str, dtype: torch.dtype, rank: int, world: int):
     sizes = LOCAL_SIZES[world][case.sizes]
     start = sum(sizes[:rank])
     x, labels = global_batch(case, world)
@@ -105,7 +153,8 @@ def _train_step(case: Case, scheme: str, dtype: torch.dtype, rank: int, world: i
         labels = None  # SupCon without labels: each global sample is its own class, across ranks too
     net = DistributedDataParallel(TinyNet().to(dtype))
     embeddings, tau = net(x)
-    loss = loss_of(case, getattr(functional, case.loss), embeddings, tau, labels, distributed=scheme)
+    loss = loss_of(case, getattr(functional, case.loss), embeddings, tau, labels, _key_targets(sizes)[rank],
+                   distributed=scheme, backend=backend)
     loss.backward()
     return loss.detach(), {name: p.grad.detach().clone() for name, p in net.module.named_parameters()}
 
@@ -128,13 +177,42 @@ class _Footprint(TorchDispatchMode):
 
 
 def _footprint(scheme: str, rank: int, world: int, n: int = 4) -> dict:
-    """NT-Xent forward + backward on float32 rows under the footprint tracker."""
+    """NT-Xent forward + backward of the engine on float32 rows under the footprint tracker (the engine's
+    functions themselves: the custom op hides its insides from dispatch modes)."""
     gen = torch.Generator().manual_seed(7)
-    z1, z2 = (torch.randn(world * n, D_OUT, generator=gen)[rank * n : (rank + 1) * n].requires_grad_() for _ in range(2))
-    tau = torch.tensor(0.2, requires_grad=True)
+    rows = torch.randn(world * 2 * n, D_OUT, generator=gen)[rank * 2 * n : (rank + 1) * 2 * n]
+    tau = torch.tensor(0.2)
+    plan = Pass((0, 2), (0, 2), "pairs", exclude_self=True)
+    plan = engine.Plan(passes=(plan,)).encode()
     with _Footprint(D_OUT) as footprint:
-        functional.nt_xent(z1, z2, tau, distributed=scheme).backward()
+        loss, lse, weight, scalars = engine._forward(rows, None, None, tau, None, plan, [n, n], True, scheme, "torch")
+        engine._backward(torch.ones(()), rows, None, None, tau, None, lse, weight, scalars, plan, [n, n], True, scheme, "torch")
     return {"rows_held": footprint.rows_held, "sent_bytes": footprint.sent_bytes}
+
+
+class Encoder(nn.Module):
+    """A linear encoder with a learnable temperature calling NT-Xent in a distributed mode."""
+
+    def __init__(self, scheme: str):
+        super().__init__()
+        self.net, self.scheme = TinyNet().float(), scheme
+
+    def forward(self, x):
+        z, tau = self.net(x)
+        return functional.nt_xent(z[:, 0], z[:, 1], tau, distributed=self.scheme, backend="torch")
+
+
+def _compiled_step(scheme: str, rank: int) -> dict:
+    """torch.compile(fullgraph=True) of a model calling the loss in ``scheme`` mode vs eager."""
+    x = torch.randn(3 + rank, 2, D_IN, generator=torch.Generator().manual_seed(rank))
+    model = Encoder(scheme)
+    results = {}
+    for name, fn in (("eager", model), ("compiled", torch.compile(model, backend="aot_eager", fullgraph=True))):
+        model.zero_grad()
+        loss = fn(x)
+        loss.backward()
+        results[name] = (loss.detach(), [p.grad.clone() for p in model.parameters()])
+    return results
 
 
 def _rejected(call) -> str:
@@ -151,11 +229,17 @@ def _rank_main(rank: int, world: int, port: int, out_dir: str) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         results = {"auto": fdist.resolve_mode("auto")}
+        counter = _LaunchCounter()
         for case in CASES:
             for scheme in SCHEMES:
-                for dtype in DTYPES:
-                    results[case.name, scheme, dtype] = _train_step(case, scheme, dtype, rank, world)
+                for backend in BACKENDS:
+                    for dtype in DTYPES:
+                        key = (case.name, scheme, backend, dtype)
+                        results[key] = _train_step(case, scheme, backend, dtype, rank, world)
+                        results["calls", *key] = counter.take()
         results["footprint"] = {scheme: _footprint(scheme, rank, world) for scheme in SCHEMES}
+        if world == 2:
+            results["compile"] = {scheme: _compiled_step(scheme, rank) for scheme in SCHEMES}
         features = torch.randn(3, 2, D_OUT)
         results["mask"] = _rejected(lambda: functional.supcon(features, mask=torch.eye(3), distributed="ring"))
         torch.save(results, Path(out_dir) / f"rank{rank}.pt")
@@ -179,12 +263,20 @@ def world_results(world: int) -> list[dict]:
 
 @functools.lru_cache(maxsize=None)
 def single_process(case: Case, dtype: torch.dtype, world: int):
-    """The same model trained on the whole concatenated batch, through the float64 SPEC formula; the
-    model and inputs are first rounded to ``dtype``, as the ranks see them."""
+    """The same model trained on the whole concatenated batch, through the float64 formula; the model
+    and inputs are first rounded to ``dtype``, as the ranks see them."""
     x, labels = global_batch(case, world)
     net = TinyNet().to(dtype).double()
     embeddings, tau = net(x.to(dtype).double())
-    loss = loss_of(case, getattr(reference, case.loss), embeddings, tau, None if case.targets == "samples" else labels)
+    if case.targets == "keys":  # rank-major keys: [view 1; view 2] of each rank's samples
+        sizes, starts = LOCAL_SIZES[world][case.sizes], [0]
+        for n in sizes:
+            starts.append(starts[-1] + n)
+        q = embeddings[:, 0]
+        keys = torch.cat([embeddings[a:b, v] for a, b in zip(starts, starts[1:]) for v in (1, 2)])
+        loss = reference.info_nce(q, keys, tau, targets=torch.cat(_key_targets(sizes)), **case.options)
+    else:
+        loss = loss_of(case, getattr(reference, case.loss), embeddings, tau, None if case.targets == "samples" else labels)
     loss.backward()
     return loss.detach(), {name: p.grad for name, p in net.named_parameters()}
 
@@ -193,17 +285,37 @@ def single_process(case: Case, dtype: torch.dtype, world: int):
 
 @pytest.mark.parametrize("world", [2, 3])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("scheme", SCHEMES)
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
-def test_ddp_matches_single_process(case, scheme, dtype, world):
+def test_ddp_matches_single_process(case, scheme, backend, dtype, world):
     expected_loss, expected_grads = single_process(case, dtype, world)
     for rank, results in enumerate(world_results(world)):
-        loss, grads = results[case.name, scheme, dtype]
+        loss, grads = results[case.name, scheme, backend, dtype]
         assert loss.dtype == dtype
         assert relative_error(loss, expected_loss) <= RTOL[dtype], (rank, loss.item(), expected_loss.item())
         for name, expected in expected_grads.items():
             error = relative_error(grads[name], expected)
             assert error <= RTOL[dtype], f"rank {rank}, {name}: relative error {error:.3g}"
+        calls = results["calls", case.name, scheme, backend, dtype]
+        # One forward and one backward primitive call per pass and block: the chosen backend ran, no other.
+        assert calls[backend] >= 2 * world and all(n == 0 for b, n in calls.items() if b != backend), calls
+
+
+def test_triton_block_primitive_is_exercised_when_present():
+    """Says so when the Triton cases above were not collected (no primitive in fastcl.kernels yet)."""
+    if "triton" not in BACKENDS:
+        pytest.skip(f"triton block primitive unavailable: {dispatch.block_primitive_error('triton') or dispatch.unavailable_reason('triton')}")
+    assert "triton" in BACKENDS
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_compile_fullgraph_in_distributed_modes(scheme):
+    for results in world_results(2):
+        (eager_loss, eager_grads), (loss, grads) = results["compile"][scheme]["eager"], results["compile"][scheme]["compiled"]
+        torch.testing.assert_close(loss, eager_loss, rtol=1e-6, atol=0)
+        for g, expected in zip(grads, eager_grads):
+            torch.testing.assert_close(g, expected, rtol=1e-5, atol=1e-7)
 
 
 @pytest.mark.parametrize("world", [2, 3])
@@ -224,6 +336,7 @@ def test_ring_holds_only_local_rows(world):
 @pytest.mark.parametrize("world", [2, 3])
 def test_ring_sends_what_the_scaling_model_says(world):
     model = fdist.scaling_model(2 * 4 * world, world, D_OUT, element_bytes=4, grad_bytes=4)
+    assert model["ring"]["sent_bytes"] > 0
     for results in world_results(world):
         assert results["footprint"]["ring"]["sent_bytes"] == model["ring"]["sent_bytes"]
 

@@ -1,0 +1,371 @@
+"""The block engine: any loss of docs/block-engine.md as blocks of the backend's primitive, in every mode.
+
+A :class:`Plan` says which of a rank's rows are anchors and keys (``passes`` over consecutive *parts* of
+the rows, e.g. [z1; z2] or SupCon's views), how positives are given, and how per-anchor statistics make
+the loss. :func:`block_loss` runs it: ``"local"`` as one block of this process's rows, ``"gather"`` against
+every rank's rows after one all-gather, ``"ring"`` against key blocks rotating around the ranks
+(:mod:`fastcl.distributed` holds the exchanges). The backend comes from :func:`fastcl.dispatch.block_primitive`.
+
+The op is a ``torch.library`` custom op pair (forward and backward), so ``torch.compile(fullgraph=True)``
+captures a model calling it in any mode without a graph break: the collectives run inside the opaque op.
+Nothing but O(anchors) statistics is saved between the two: the backward exchanges the rows again
+(gather: a second all-gather; ring: a second rotation, which the ring needs anyway to carry key grads).
+
+Per-anchor loss (softmax epilogue), from the statistics merged over all blocks:
+
+    ℓ_a = κ · (lse_a − pos_sum_a / pos_weight_a)      κ = τ/τ_b (SupCon) else 1
+    L = Σ_passes weight_p · Σ_{a counted} ℓ_a / #counted
+
+and for the sigmoid epilogue (SigLIP) ℓ_a = Σ_c softplus(z_ac) − Σ_c P_ac z_ac with z = s + b. Anchors
+without positives add 0 and are dropped from the count (``missing="drop"``) or counted (``"zero"``).
+
+Gradient contract (gather/ring): with W ranks, when every rank backpropagates the returned loss and DDP
+averages the gradients, the parameter gradients (temperature included) equal single-process training
+on the rank-major concatenated batch. Rank r's anchors contribute L_r with Σ_r L_r = L; the op returns L
+and backpropagates W·(upstream gradient)·L_r, whose key part reaches the owning ranks, so DDP's 1/W
+average gives exactly dL/dθ.
+"""
+from __future__ import annotations
+
+import functools
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from fastcl import dispatch, distributed as _distributed
+from fastcl._blocks import Layout, accumulation_dtype, inverse_norms
+
+__all__ = ["Pass", "Plan", "block_loss"]
+
+ROW_LABELS = ("none", "given", "samples", "targets")
+
+
+@dataclass(frozen=True)
+class Pass:
+    """One anchors × keys sweep over [first, last) part ranges of the local rows / of every block.
+
+    ``positives``: "pairs" (NT-Xent: row i's positive is row (i + n) mod 2n of the own block), "diagonal"
+    (row i of the anchor part ↔ row i of the key part, own block), "labels" (row labels equal), "mask"
+    (SupCon's [N, N] sample mask, single process only) or "none". ``exclude_self``: on the own block
+    the anchor row is also a key row and is left out.
+    """
+
+    anchors: tuple[int, int]
+    keys: tuple[int, int]
+    positives: str
+    exclude_self: bool = False
+    weight: float = 1.0
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A loss as passes. ``labels``: how per-row labels are made from the op's ``labels`` argument:
+    "none"; "given" (per-sample class ids, repeated per part); "samples" (each global sample its own
+    class); "targets" (part 0 rows carry the given global key indices, part 1 rows their own global index)."""
+
+    passes: tuple[Pass, ...]
+    labels: str = "none"
+    base_temperature: Optional[float] = None  # SupCon's κ = τ/τ_b; None: κ = 1
+    exclude_positives: bool = False  # DCL
+    epilogue: str = "softmax"
+    missing: str = "drop"
+
+    def encode(self) -> str:
+        """The plan as a string, the form the custom op takes."""
+        return json.dumps(asdict(self), sort_keys=True)
+
+
+@functools.lru_cache(maxsize=256)
+def _decode(plan: str) -> Plan:
+    fields = json.loads(plan)
+    fields["passes"] = tuple(Pass(tuple(p.pop("anchors")), tuple(p.pop("keys")), **p) for p in fields["passes"])
+    return Plan(**fields)
+
+
+def _part_start(sizes: list[int], part: int) -> int:
+    return sum(sizes[:part])
+
+
+def _rows_of(sizes: list[int], span: tuple[int, int]) -> tuple[int, int]:
+    return _part_start(sizes, span[0]), _part_start(sizes, span[1])
+
+
+def _row_labels(plan: Plan, labels: Optional[Tensor], sizes: list[list[int]], rank: int, device) -> Optional[Tensor]:
+    """Per-row int64 labels of this rank's rows (they travel with the rows), or None."""
+    mine = sizes[rank]
+    if plan.labels == "none":
+        return None
+    if plan.labels == "given":
+        return labels.to(torch.int64).repeat(len(mine))
+    if plan.labels == "samples":
+        first = sum(s[0] for s in sizes[:rank])
+        return (torch.arange(mine[0], device=device) + first).repeat(len(mine))
+    first_key = sum(s[1] for s in sizes[:rank])
+    return torch.cat([labels.to(torch.int64), torch.arange(mine[1], device=device) + first_key])
+
+
+def _layout(plan: Plan, p: Pass, own: bool, local_sizes: list[int], block_sizes: list[int],
+            anchor_labels: Optional[Tensor], key_labels: Optional[Tensor], mask: Optional[Tensor],
+            bias: Optional[Tensor], device: torch.device) -> Layout:
+    """The primitive's layout for pass ``p`` against one block (``own``: this rank's own rows)."""
+    a0, a1 = _rows_of(local_sizes, p.anchors)
+    k0, _ = _rows_of(block_sizes, p.keys)
+    common = dict(exclude_positives=plan.exclude_positives, epilogue=plan.epilogue, bias=bias,
+                  self_offset=a0 - k0 if own and p.exclude_self else None)
+    if p.positives == "labels":
+        return Layout(positives="labels", a_labels=anchor_labels, k_labels=key_labels, **common)
+    if p.positives == "mask":
+        return Layout(positives="mask", mask=mask, **common)
+    if own and p.positives == "pairs":
+        rows = sum(local_sizes)
+        index = (torch.arange(rows, device=device) + local_sizes[0]) % rows
+        return Layout(positives="index", pos_index=index, **common)
+    if own and p.positives == "diagonal":
+        return Layout(positives="index", pos_index=torch.arange(a1 - a0, device=device), **common)
+    return Layout(**common)
+
+
+@dataclass(frozen=True)
+class _Sweep:
+    """One pass against one block: the primitive's arguments and where its outputs go."""
+
+    index: int
+    anchors: tuple[int, int]  # row span of the local rows
+    keys: tuple[int, int]  # row span of the block's rows
+    layout: Layout
+
+
+class _Run:
+    """What the forward and the backward share: the exchange, the rows' inverse norms, the layouts."""
+
+    def __init__(self, rows, labels, mask, tau, bias, plan: Plan, part_sizes, normalize, mode, backend):
+        self.plan, self.normalize, self.tau, self.mask, self.backend = plan, normalize, tau, mask, backend
+        self.bias = None if bias is None else bias.to(tau.dtype)
+        self.forward_fn, self.backward_fn = dispatch.block_primitive(backend)
+        self.sizes = [list(part_sizes)] if mode == "local" else _distributed.local_sizes(list(part_sizes), rows.device)
+        self.rank = 0 if mode == "local" else dist.get_rank()
+        self.world = len(self.sizes)
+        self.row_labels = _row_labels(plan, labels, self.sizes, self.rank, rows.device)
+        self.rows = rows
+        self.exchange = _distributed.EXCHANGES[mode](rows, self.row_labels, [sum(s) for s in self.sizes])
+        self.inv = self._inv(rows)
+
+    def _inv(self, rows: Tensor) -> Optional[Tensor]:
+        return inverse_norms(rows, rows.shape[1]) if self.normalize else None
+
+    def anchor_spans(self) -> list[tuple[int, int]]:
+        return [_rows_of(self.sizes[self.rank], p.anchors) for p in self.plan.passes]
+
+    def blocks(self):
+        """(owner, block rows, their inverse norms, the sweeps of every pass), block by block."""
+        mine = self.sizes[self.rank]
+        for owner, block_rows, block_labels in self.exchange.blocks():
+            own = owner == self.rank
+            sweeps = []
+            for i, p in enumerate(self.plan.passes):
+                a0, a1 = _rows_of(mine, p.anchors)
+                k0, k1 = _rows_of(self.sizes[owner], p.keys)
+                layout = _layout(
+                    self.plan, p, own, mine, self.sizes[owner],
+                    None if self.row_labels is None else self.row_labels[a0:a1],
+                    None if block_labels is None else block_labels[k0:k1],
+                    self.mask, self.bias, self.rows.device,
+                )
+                sweeps.append(_Sweep(i, (a0, a1), (k0, k1), layout))
+            yield owner, block_rows, self.inv if own else self._inv(block_rows), sweeps
+
+    def primitive(self, fn, sweep: _Sweep, block_rows: Tensor, block_inv: Optional[Tensor], *extra):
+        """Runs the forward or backward primitive on one sweep; a layout the backend lacks is a RuntimeError."""
+        (a0, a1), (k0, k1) = sweep.anchors, sweep.keys
+        try:
+            return fn(self.rows[a0:a1], _slice(self.inv, a0, a1), block_rows[k0:k1], _slice(block_inv, k0, k1),
+                      self.tau, self.rows.shape[1], sweep.layout, *extra)
+        except NotImplementedError as error:
+            raise RuntimeError(f"backend={self.backend!r} cannot run this block: {error}") from error
+
+
+def _slice(x: Optional[Tensor], start: int, stop: int) -> Optional[Tensor]:
+    return None if x is None else x[start:stop]
+
+
+def _anchor_terms(plan: Plan, lse: Tensor, pos_sum: Tensor, pos_weight: Tensor, kappa, bias) -> tuple[Tensor, Tensor]:
+    """(ℓ_a with 0 for uncounted anchors, counted_a as 0/1) from merged statistics."""
+    if plan.epilogue == "sigmoid":
+        b = 0.0 if bias is None else bias
+        return lse - pos_sum - b * pos_weight, torch.ones_like(lse)
+    has_positive = pos_weight > 0
+    terms = torch.where(has_positive, kappa * (lse - pos_sum / torch.where(has_positive, pos_weight, 1.0)), 0.0)
+    counted = torch.ones_like(lse) if plan.missing == "zero" else has_positive.to(lse.dtype)
+    return terms, counted
+
+
+def _forward(rows, labels, mask, tau, bias, plan_str, part_sizes, normalize, mode, backend):
+    plan = _decode(plan_str)
+    run = _Run(rows, labels, mask, tau, bias, plan, part_sizes, normalize, mode, backend)
+    spans = run.anchor_spans()
+    acc = tau.dtype
+    merged = [[rows.new_full((s1 - s0,), float("-inf") if plan.epilogue == "softmax" else 0.0, dtype=acc),
+               rows.new_zeros((s1 - s0,), dtype=acc), rows.new_zeros((s1 - s0,), dtype=acc)] for s0, s1 in spans]
+    for _, block_rows, block_inv, sweeps in run.blocks():
+        for sweep in sweeps:
+            lse, pos_sum, pos_weight = run.primitive(run.forward_fn, sweep, block_rows, block_inv)
+            m = merged[sweep.index]
+            m[0] = torch.logaddexp(m[0], lse) if plan.epilogue == "softmax" else m[0] + lse
+            m[1] += pos_sum
+            m[2] += pos_weight
+    kappa = tau / plan.base_temperature if plan.base_temperature is not None else 1.0
+    sums, counts = [], []
+    for lse, pos_sum, pos_weight in merged:
+        terms, counted = _anchor_terms(plan, lse, pos_sum, pos_weight, kappa, run.bias)
+        sums.append(terms.sum())
+        counts.append(counted.sum())
+    local_totals = torch.stack(sums + counts)
+    totals = local_totals.clone()
+    if mode != "local":
+        dist.all_reduce(totals)
+    n_passes = len(plan.passes)
+    global_counts = totals[n_passes:].clamp(min=1)
+    weights = torch.tensor([p.weight for p in plan.passes], dtype=acc, device=rows.device)
+    loss = (weights * totals[:n_passes] / global_counts).sum()
+    own_share = (weights * local_totals[:n_passes] / global_counts).sum()
+    lse_all = torch.cat([m[0] for m in merged])
+    weight_all = torch.cat([m[2] for m in merged])
+    return loss, lse_all, weight_all, torch.cat([global_counts, own_share[None]])
+
+
+def _backward(grad, rows, labels, mask, tau, bias, lse_all, weight_all, scalars, plan_str, part_sizes, normalize, mode, backend):
+    plan = _decode(plan_str)
+    run = _Run(rows, labels, mask, tau, bias, plan, part_sizes, normalize, mode, backend)
+    acc = tau.dtype
+    n_passes = len(plan.passes)
+    counts, own_share = scalars[:n_passes], scalars[n_passes]
+    scale = grad.to(acc) * run.world
+    kappa = tau / plan.base_temperature if plan.base_temperature is not None else 1.0
+    alphas, betas, lses, offset = [], [], [], 0
+    for i, (s0, s1) in enumerate(run.anchor_spans()):
+        lse, pos_weight = lse_all[offset : offset + s1 - s0], weight_all[offset : offset + s1 - s0]
+        offset += s1 - s0
+        coefficient = scale * plan.passes[i].weight / counts[i]
+        if plan.epilogue == "sigmoid":
+            alpha = coefficient.expand_as(lse)
+            beta = alpha
+        else:
+            has_positive = pos_weight > 0
+            alpha = torch.where(has_positive, coefficient * kappa, 0.0)
+            beta = alpha / torch.where(has_positive, pos_weight, 1.0)
+        alphas.append(alpha)
+        betas.append(beta)
+        lses.append(lse)
+    d_rows = rows.new_zeros(rows.shape, dtype=acc)
+    gs = rows.new_zeros((2,), dtype=acc)  # Σ G·s and, for the sigmoid epilogue, Σ G
+    for owner, block_rows, block_inv, sweeps in run.blocks():
+        d_block = rows.new_zeros(block_rows.shape, dtype=acc)
+        for sweep in sweeps:
+            i = sweep.index
+            d_a, d_k, block_gs = run.primitive(run.backward_fn, sweep, block_rows, block_inv, lses[i], alphas[i], betas[i])
+            d_rows[sweep.anchors[0] : sweep.anchors[1]] += d_a
+            d_block[sweep.keys[0] : sweep.keys[1]] += d_k
+            gs[: block_gs.numel()] += block_gs.reshape(-1)
+        run.exchange.push_key_grad(owner, d_block)
+    d_rows += run.exchange.collect_key_grad()
+    d_tau = -gs[0] / tau
+    if plan.base_temperature is not None:
+        d_tau = d_tau + scale * own_share / tau  # L = (τ/τ_b)·F(S): the prefactor's share
+    d_bias = gs[1] if plan.epilogue == "sigmoid" else torch.zeros_like(gs[1])
+    return d_rows.to(rows.dtype), d_tau, d_bias
+
+
+# --- the custom ops ---------------------------------------------------------------------------------------
+
+@torch.library.custom_op("fastcl::block_loss", mutates_args=())
+def _block_loss_op(
+    rows: Tensor, labels: Optional[Tensor], mask: Optional[Tensor], tau: Tensor, bias: Optional[Tensor],
+    plan: str, part_sizes: list[int], normalize: bool, mode: str, backend: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Returns (loss, merged per-anchor statistic, pos_weight, [counts per pass..., own share])."""
+    with torch.autocast(rows.device.type, enabled=False):
+        return _forward(rows, labels, mask, tau, bias, plan, part_sizes, normalize, mode, backend)
+
+
+@_block_loss_op.register_fake
+def _(rows, labels, mask, tau, bias, plan, part_sizes, normalize, mode, backend):
+    decoded = _decode(plan)
+    anchors = sum(_rows_of(part_sizes, p.anchors)[1] - _rows_of(part_sizes, p.anchors)[0] for p in decoded.passes)
+    acc = tau.dtype
+    return (rows.new_empty((), dtype=acc), rows.new_empty((anchors,), dtype=acc),
+            rows.new_empty((anchors,), dtype=acc), rows.new_empty((len(decoded.passes) + 1,), dtype=acc))
+
+
+@torch.library.custom_op("fastcl::block_loss_backward", mutates_args=())
+def _block_loss_backward_op(
+    grad: Tensor, rows: Tensor, labels: Optional[Tensor], mask: Optional[Tensor], tau: Tensor, bias: Optional[Tensor],
+    lse: Tensor, pos_weight: Tensor, scalars: Tensor, plan: str, part_sizes: list[int], normalize: bool, mode: str,
+    backend: str,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Returns (d_rows, dL/dτ, dL/db)."""
+    with torch.autocast(rows.device.type, enabled=False):
+        return _backward(grad, rows, labels, mask, tau, bias, lse, pos_weight, scalars, plan, part_sizes, normalize, mode, backend)
+
+
+@_block_loss_backward_op.register_fake
+def _(grad, rows, labels, mask, tau, bias, lse, pos_weight, scalars, plan, part_sizes, normalize, mode, backend):
+    return torch.empty_like(rows), tau.new_empty(()), tau.new_empty(())
+
+
+def _setup(ctx, inputs, output):
+    rows, labels, mask, tau, bias, plan, part_sizes, normalize, mode, backend = inputs
+    ctx.options = (plan, part_sizes, normalize, mode, backend)
+    ctx.save_for_backward(rows, labels, mask, tau, bias, *output[1:])
+
+
+def _op_backward(ctx, grad_loss, *_grad_aux):
+    rows, labels, mask, tau, bias, lse, pos_weight, scalars = ctx.saved_tensors
+    d_rows, d_tau, d_bias = _block_loss_backward_op(grad_loss, rows, labels, mask, tau, bias, lse, pos_weight, scalars, *ctx.options)
+    return (d_rows, None, None, d_tau.to(tau.dtype) if ctx.needs_input_grad[3] else None,
+            d_bias.to(bias.dtype) if bias is not None and ctx.needs_input_grad[4] else None,
+            None, None, None, None, None)
+
+
+torch.library.register_autograd("fastcl::block_loss", _op_backward, setup_context=_setup)
+
+
+def block_loss(
+    rows: Tensor, plan: Plan | str, part_sizes: list[int], tau: Tensor, *, labels: Optional[Tensor] = None,
+    mask: Optional[Tensor] = None, bias: Optional[Tensor] = None, normalize: bool = True, mode: str = "local",
+    backend: str = "torch",
+) -> Tensor:
+    """The loss of ``plan`` over ``rows`` (this rank's parts, stacked), its anchors against every block.
+
+    Args:
+        rows: [R, D'] this rank's rows, the parts of ``part_sizes`` one after the other; every feature
+            is used (slice ``sub_dim`` before).
+        plan: the loss's passes, a :class:`Plan` or its :meth:`Plan.encode` string (what a function
+            traced by torch.compile passes: build it in a ``torch.compiler.assume_constant_result``
+            function).
+        part_sizes: rows per part on this rank.
+        tau: 0-dim temperature in the accumulation dtype.
+        labels: per-sample labels (``plan.labels`` "given") or per-anchor global key indices ("targets").
+        mask: [N, N] floating positive weights (passes with positives="mask"; single process).
+        bias: 0-dim logit bias of the sigmoid epilogue.
+        normalize: L2-normalize the rows (fused into the primitive through inverse norms).
+        mode: "local", "gather" or "ring" (already resolved).
+        backend: a concrete backend that exposes the block primitive.
+
+    Returns:
+        The 0-dim loss in the accumulation dtype (the global loss on every rank).
+
+    Example:
+        >>> z = torch.randn(6, 4)
+        >>> plan = Plan(passes=(Pass((0, 2), (0, 2), "pairs", exclude_self=True),))
+        >>> float(block_loss(z, plan, [3, 3], torch.tensor(0.5))) > 0
+        True
+    """
+    acc = accumulation_dtype(rows.dtype)
+    if bias is not None:
+        bias = bias.to(acc)
+    encoded = plan.encode() if isinstance(plan, Plan) else plan
+    return _block_loss_op(rows, labels, mask, tau.to(acc), bias, encoded, list(part_sizes), normalize, mode, backend)[0]
