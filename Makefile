@@ -43,6 +43,10 @@ demo: $(STAMP)
 		--test-size 1024 --epochs 3 --batch-size 128 --lr 0.5 --eval-every 0 --out runs/demo
 	$(VENV)/bin/fastcl bench --quick
 
+# The API reference, rendered from the docstrings into site/api/ (open site/api/index.html).
+docs: $(STAMP)
+	TRITON_INTERPRET=1 $(VENV)/bin/pdoc -o site/api fastcl
+
 bench: $(STAMP)
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH bench/run_cpu.sh
 
@@ -51,4 +55,4 @@ cuda-check: $(STAMP)
 	$(PY) csrc/cuda_check.py
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) runs site .pytest_cache
