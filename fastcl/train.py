@@ -207,7 +207,7 @@ def _truncate_metrics(path: Path, last_epoch: int) -> None:
         path.write_text("".join(line + "\n" for line in kept))
 
 
-def print_summary(history: list[dict], task, file=sys.stdout) -> None:
+def print_summary(history: list[dict], task, file=None) -> None:
     """One row per evaluation: loss, probe on h and z (per target for regression), kNN, effective ranks."""
     probe_name = "acc" if task.kind == "classification" else "MSE"
     columns = [("epoch", "epoch", "{:d}"), ("loss", "train loss", "{:.4f}"),
@@ -223,7 +223,7 @@ def print_summary(history: list[dict], task, file=sys.stdout) -> None:
     widths = [max(len(row[i]) for row in rows) for i in range(len(columns))]
     lines = ["| " + " | ".join(cell.rjust(w) for cell, w in zip(row, widths)) + " |" for row in rows]
     lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    print("\n".join(lines), file=file)
+    print("\n".join(lines), file=file or sys.stdout)  # resolved at call time: redirect_stdout applies
 
 
 class Trainer:
