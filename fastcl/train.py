@@ -155,7 +155,7 @@ def build_loss(args: argparse.Namespace, dim: int):
 
 
 def gradient_penalty(encoder, source, idx, draws: int, clamp: float, autocast) -> torch.Tensor:
-    """Foster et al.'s estimate of the conditional variance of h/|h| over transformations (PAPERS.md B):
+    """Foster et al.'s estimate of the conditional variance of h/|h| over transformations (Foster et al. 2021):
     GP = mean_{m,i} (g_i . (alpha'_{m,i} - alpha_i))^2 with g_i = d/d alpha_i sum_k v_ik hhat_ik."""
     alpha, render, alpha_prime = source.gp_inputs(idx, draws)
     with autocast:

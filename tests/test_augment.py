@@ -219,7 +219,7 @@ def test_unnormalized_views_and_foster_gradient_penalty_recipe():
     assert raw.min() >= 0 and raw.max() <= 1
     normalized = MultiViewAugment("colour", size=16, views=1, backend="kornia", **overrides).replay(x, params)
     torch.testing.assert_close(raw_aug.normalize(raw), normalized, atol=1e-6, rtol=0)
-    # PAPERS.md B: leaf factors, encode, grad w.r.t. factors with create_graph, penalty, backprop to weights.
+    # Foster et al.'s penalty: leaf factors, encode, grad w.r.t. factors with create_graph, penalty, backprop to weights.
     g = torch.Generator().manual_seed(1)
     torch.manual_seed(0)
     encoder = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 16 * 16, 8), torch.nn.Tanh())

@@ -13,7 +13,7 @@ from fastcl.data import (
 
 
 def _spirograph_reference(m, b, sigma, f_r, h, f_g, f_b, b_r, b_g, b_b, size=32):
-    """The formula of Foster et al. (PAPERS.md B), pixel by pixel, in float64."""
+    """The formula of Foster et al. 2021, pixel by pixel, in float64."""
     ts = [2 * math.pi * k / 39 for k in range(40)]
     xs = [(m - h) * math.cos(t) + h * math.cos((m - h) * t / b) for t in ts]
     ys = [(m - h) * math.sin(t) - h * math.sin((m - h) * t / b) for t in ts]

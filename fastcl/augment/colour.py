@@ -1,4 +1,4 @@
-"""Differentiable colour distortion of Foster et al. (PAPERS.md B), and the per-step colour ops.
+"""Differentiable colour distortion of Foster et al. (Foster et al. 2021, https://arxiv.org/abs/2010.09515), and the per-step colour ops.
 
 Brightness, contrast and saturation are kornia's torchvision-compatible functions (``x·b``;
 ``x·c + mean(gray(x))·(1−c)``; ``x·s + gray(x)·(1−s)``; each clamped to [0, 1]), which are exactly

@@ -1,6 +1,6 @@
 """Augmentation presets (values at strength s = 1) and the strength mapping.
 
-The mapping of the one strength knob s ≥ 0 onto every op (Cosentino et al.; PAPERS.md D):
+The mapping of the one strength knob s ≥ 0 onto every op (Cosentino et al. 2022, https://arxiv.org/abs/2205.06926):
 
 | op | at s | s = 0 | s = 1 |
 |---|---|---|---|
