@@ -68,6 +68,8 @@ class NTXentLoss(_TemperatureMixin, nn.Module):
     The rows of ``[z1; z2]`` (M = 2N) are anchors; row i's positive is the other view of the same
     sample and the other M − 2 rows are its negatives:
     ``L = mean_i [ −s(i, pos(i)) + log Σ_{j≠i} exp s(i, j) ]`` with ``s = ẑ_i · ẑ_j / τ``.
+    With N = 1 the positive is the only other row: the loss is exactly 0 (a trailing batch of one pair
+    does not stop a training loop).
 
     Args:
         temperature: τ > 0, a float, a 0-dim tensor, or an ``nn.Parameter`` (learned; registered on the
@@ -139,7 +141,8 @@ class InfoNCELoss(_TemperatureMixin, nn.Module):
     CLIP (Radford et al. 2021, https://arxiv.org/abs/2103.00020) and DirectCLR: ``q_i`` against every
     ``k_j``, positive ``k_i``, no same-view negatives:
     ``ℓ(q, k) = mean_i [ −s(q_i, k_i) + log Σ_j exp s(q_i, k_j) ]``; ``symmetric=True`` returns
-    ``(ℓ(q, k) + ℓ(k, q)) / 2``.
+    ``(ℓ(q, k) + ℓ(k, q)) / 2``. With ``symmetric=False``, k may have more rows than q and
+    ``targets`` (per call) give each query's positive key index (Inf-CL's labels).
 
     For CLIP, τ = 1 / logit_scale: pass ``temperature=1 / model.logit_scale.exp()`` per call (the
     gradient reaches the logit scale), or use :class:`fastcl.compat.open_clip.ClipLoss`.
@@ -155,7 +158,8 @@ class InfoNCELoss(_TemperatureMixin, nn.Module):
         check_finite: raise on NaN/Inf inputs; ``None``: on the torch backend only.
 
     Shape:
-        q, k: ``[N, D]``, same shape, dtype and device. Output: ``[]``.
+        q: ``[N, D]``; k: ``[N, D]`` (``[K, D]``, K ≥ N, with ``symmetric=False``); targets: ``[N]``
+        int64. Output: ``[]``.
 
     Returns:
         The mean loss, 0-dim float32 (float64 for float64 inputs).
@@ -192,10 +196,13 @@ class InfoNCELoss(_TemperatureMixin, nn.Module):
         self.sub_dim, self.normalize, self.symmetric = sub_dim, normalize, symmetric
         self.backend, self.distributed, self.check_finite = backend, distributed, check_finite
 
-    def forward(self, q: Tensor, k: Tensor, temperature: Optional[Temperature] = None) -> Tensor:
-        """Args: q, k: ``[N, D]`` (queries and keys, e.g. image and text); temperature: this call's τ."""
+    def forward(
+        self, q: Tensor, k: Tensor, temperature: Optional[Temperature] = None, targets: Optional[Tensor] = None
+    ) -> Tensor:
+        """Args: q, k: queries and keys (e.g. image and text); temperature: this call's τ; targets: the
+        index of each query's positive key (``symmetric=False`` only), default ``arange(N)``."""
         return functional.info_nce(
-            q, k, self._temperature(temperature), sub_dim=self.sub_dim, normalize=self.normalize,
+            q, k, self._temperature(temperature), targets=targets, sub_dim=self.sub_dim, normalize=self.normalize,
             symmetric=self.symmetric, backend=self.backend, distributed=self.distributed,
             check_finite=self.check_finite,
         )
@@ -253,11 +260,13 @@ class SupConLoss(_TemperatureMixin, nn.Module):
 
     ``features`` is ``[N, V, D]`` (V views). Rows are stacked view-major; anchor a's positives P(a)
     are the other rows with its label (or ``mask[n_a, n_p] != 0``), its contrast set every other row:
-    ``ℓ_a = −(τ/τ_b) · mean_{p∈P(a)} [ s_ap − log Σ_{c≠a} exp s_ac ]``; the loss is the mean over
-    anchors that have a positive (an anchor without one is left out of the mean, never NaN; with no
-    such anchor the loss is 0). Without labels and mask every sample is its own class (SimCLR with
-    V views). For SupContrast's own conventions (unnormalized features, anchors without positives
-    averaged in as 0, soft masks, positional ``contrast_mode``) use
+    ``ℓ_a = −(τ/τ_b) · Σ_p w_ap [ s_ap − log Σ_{c≠a} exp s_ac ] / Σ_p w_ap`` (w = 1 for labels and
+    binary masks, the mask's values for a floating mask); the loss is the mean over anchors that have
+    a positive (``positives_missing="drop"``: an anchor without one is left out of the mean, never NaN)
+    or over all anchors, those without positives counting 0 (``"zero"``, SupContrast's convention);
+    with no anchor with a positive the loss is 0. Without labels and mask every sample is its own
+    class (SimCLR with V views). For SupContrast's exact signature and conventions (positional
+    ``contrast_mode``, unnormalized features, ``[N, 1]`` labels) use
     :class:`fastcl.compat.supcontrast.SupConLoss`.
 
     Args:
@@ -267,16 +276,19 @@ class SupConLoss(_TemperatureMixin, nn.Module):
         sub_dim: use only the first ``sub_dim`` features; ``None``: all D.
         normalize: L2-normalize the rows inside the loss.
         backend, distributed, check_finite: as :class:`NTXentLoss`.
+        positives_missing: ``"drop"`` or ``"zero"`` (see above).
 
     Shape:
-        features: ``[N, V, D]``; labels: ``[N]`` integer; mask: ``[N, N]`` (nonzero = positive).
+        features: ``[N, V, D]``; labels: ``[N]`` integer; mask: ``[N, N]`` (bool/integer: nonzero =
+        positive; floating: positive weights).
         Output: ``[]``.
 
     Returns:
         The mean loss over anchors with a positive, 0-dim float32 (float64 for float64 inputs).
 
     Raises:
-        ValueError: bad shapes, both ``labels`` and ``mask``, an unknown ``contrast_mode``, τ ≤ 0.
+        ValueError: bad shapes, both ``labels`` and ``mask``, an unknown ``contrast_mode`` or
+            ``positives_missing``, τ ≤ 0.
         TypeError: float labels, integer features.
 
     Example:
@@ -297,12 +309,13 @@ class SupConLoss(_TemperatureMixin, nn.Module):
         backend: str = "auto",
         distributed: str = "auto",
         check_finite: Optional[bool] = None,
+        positives_missing: str = "drop",
     ):
         super().__init__()
         self._store_temperature(temperature)
         self.base_temperature, self.contrast_mode = base_temperature, contrast_mode
         self.sub_dim, self.normalize, self.backend, self.distributed = sub_dim, normalize, backend, distributed
-        self.check_finite = check_finite
+        self.check_finite, self.positives_missing = check_finite, positives_missing
 
     def forward(
         self,
@@ -314,13 +327,14 @@ class SupConLoss(_TemperatureMixin, nn.Module):
         """Args: features ``[N, V, D]``; labels ``[N]`` or mask ``[N, N]`` (or neither); temperature: this call's τ."""
         return functional.supcon(
             features, labels, mask, self._temperature(temperature), base_temperature=self.base_temperature,
-            contrast_mode=self.contrast_mode, sub_dim=self.sub_dim, normalize=self.normalize,
-            backend=self.backend, distributed=self.distributed, check_finite=self.check_finite,
+            contrast_mode=self.contrast_mode, positives_missing=self.positives_missing, sub_dim=self.sub_dim,
+            normalize=self.normalize, backend=self.backend, distributed=self.distributed, check_finite=self.check_finite,
         )
 
     def extra_repr(self) -> str:
         return (
             f"{self._temperature_repr()}, base_temperature={self.base_temperature}, "
             f"contrast_mode={self.contrast_mode!r}, sub_dim={self.sub_dim}, normalize={self.normalize}, "
-            f"backend={self.backend!r}, distributed={self.distributed!r}, check_finite={self.check_finite}"
+            f"backend={self.backend!r}, distributed={self.distributed!r}, check_finite={self.check_finite}, "
+            f"positives_missing={self.positives_missing!r}"
         )

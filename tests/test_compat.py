@@ -194,7 +194,8 @@ def test_supcontrast_values_and_gradients(n, views, targets, mode, tau):
         mask[0] = 0  # an anchor without positives
         kw["mask"] = mask
     elif targets == "soft":
-        kw["mask"] = torch.rand(n, n, generator=gen, dtype=torch.float64) * (torch.rand(n, n, generator=gen) < 0.6)
+        # Weights in multiples of 1/8: SupContrast sums them in float32, exactly for these.
+        kw["mask"] = torch.randint(0, 9, (n, n), generator=gen).double() / 8 * (torch.rand(n, n, generator=gen) < 0.6)
     base = 0.07 if tau != 1.0 else 0.5
     loss_fn = supcontrast.SupConLoss(tau, mode, base)
     assert_same(lambda f: loss_fn(f, **kw), _supcontrast_theirs(mode, tau, base, **kw), features)
@@ -520,3 +521,36 @@ def test_float32_against_the_float64_peer(peer):
     assert loss.dtype == torch.float32 and relative_error(loss, expected) <= 1e-5
     for g, h in zip(grads, expected_grads):
         assert g.dtype == torch.float32 and relative_error(g, h) <= 1e-5
+
+
+@pytest.mark.parametrize("call, argument", [
+    (lambda: pml.NTXentLoss(0.1)(torch.randn(4, 3, 2), torch.arange(4)), "embeddings"),
+    (lambda: pml.NTXentLoss(0.1)(torch.randn(4, 3), torch.arange(4), ref_emb=torch.randn(5, 2), ref_labels=torch.arange(5)), "ref_emb"),
+    (lambda: pml.NTXentLoss(-1.0)(torch.randn(4, 3), torch.arange(4) % 2), "temperature"),
+    (lambda: solo_learn.simclr_loss_func(torch.randn(6, 3), torch.arange(5)), "indexes"),
+    (lambda: solo_learn.simclr_loss_func(torch.randn(6, 3).long(), torch.arange(6)), "z"),
+    (lambda: inf_cl.cal_flash_loss(torch.randn(4, 3), torch.randn(6, 5)), "k"),
+    (lambda: inf_cl.cal_inf_loss(torch.randn(4, 3), torch.randn(6, 3), labels=torch.arange(3)), "targets"),
+    (lambda: open_clip.ClipLoss()(torch.randn(4, 3), torch.randn(4, 3), torch.ones(2)), "logit_scale"),
+    (lambda: open_clip.ClipLoss()(torch.randn(4, 3), torch.randn(5, 3), 10.0), "text_features"),
+    (lambda: lightly.NTXentLoss()(torch.randn(4, 3), torch.randn(4, 2)), "out1"),
+    (lambda: directclr.group_loss(torch.randn(4, 64), torch.randn(4, 64), groups=7), "groups"),
+])
+def test_bad_input_names_the_argument(call, argument):
+    with pytest.raises((ValueError, TypeError), match=argument):
+        call()
+
+
+def test_modules_expose_the_core_options():
+    """N = 1 NT-Xent is 0 with zero gradients; SupCon's positives_missing="zero" is SupContrast's mean;
+    InfoNCE takes explicit targets into more keys than queries (Inf-CL's labels) per call."""
+    z1 = rows(1, 5, seed=1).requires_grad_()
+    loss = fastcl.NTXentLoss()(z1, rows(1, 5, seed=2))
+    loss.backward()
+    assert loss.item() == 0.0 and torch.count_nonzero(z1.grad) == 0
+    features, labels = F.normalize(rows(6, 1, 5, seed=3), dim=2), torch.tensor([0, 1, 1, 2, 3, 3])
+    zero = fastcl.SupConLoss(0.1, positives_missing="zero")(features, labels)
+    assert relative_error(zero, supcontrast_reference(features, labels, temperature=0.1)) <= RTOL
+    q, k, targets = rows(5, 4, seed=4), rows(9, 4, seed=5), torch.tensor([8, 0, 3, 3, 7])
+    one_way = fastcl.InfoNCELoss(0.1, normalize=False, symmetric=False)
+    assert_same(lambda a, b: one_way(a, b, targets=targets), lambda a, b: inf_cl_reference(a, b, targets, 10.0).mean(), q, k)

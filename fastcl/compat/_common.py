@@ -1,13 +1,26 @@
 """Helpers shared by the compat modules: collectives with the peers' gradient rules, logit scales."""
 from __future__ import annotations
 
-from typing import Union
+from typing import Sequence, Union
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from fastcl import _validate
 from fastcl.distributed import world_size
+
+
+def check_rows(names: Sequence[str], tensors: Sequence[Tensor], temperature, same_n: bool = True) -> None:
+    """fastcl's input checks for the losses the compat layer evaluates itself: ``[N, D]`` floating rows
+    of one dtype, device and D (and N when ``same_n``), a temperature > 0 (None: not checked here, e.g.
+    a tensor the loss checks without a host sync); errors name the argument."""
+    for name, t in zip(names, tensors):
+        _validate.embeddings(name, t, 2)
+    rows = min(t.shape[0] for t in tensors)
+    _validate.same_layout(names, tensors if same_n else [t[:rows] for t in tensors])
+    if temperature is not None:
+        _validate.temperature("temperature", temperature, tensors[0].device, True)
 
 
 def all_gather_rows(x: Tensor, with_grad: bool) -> Tensor:

@@ -83,9 +83,3 @@ def cross_entropy_rows(
 
     return block_sum(anchors, keys, tau, term, self_index=self_index, per_row=True)
 
-
-def cross_entropy_sum(
-    anchors: Tensor, keys: Tensor, positive: Tensor, tau: Union[float, Tensor], self_index: Optional[Tensor] = None
-) -> Tensor:
-    """Σ_i of :func:`cross_entropy_rows`."""
-    return cross_entropy_rows(anchors, keys, positive, tau, self_index).sum()

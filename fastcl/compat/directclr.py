@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from fastcl import functional
+from fastcl.compat._common import check_rows
 
 __all__ = ["infoNCE", "directclr_loss", "group_loss"]
 
@@ -40,6 +41,7 @@ def infoNCE(nn: Tensor, p: Tensor, temperature: float = 0.1) -> Tensor:  # noqa:
         >>> loss.shape
         torch.Size([])
     """
+    check_rows(("nn", "p"), (nn, p), None)
     return functional.info_nce(nn, p, temperature, symmetric=False, distributed="gather")
 
 
@@ -58,6 +60,7 @@ def directclr_loss(r1: Tensor, r2: Tensor, dim: int = 360, temperature: float = 
         >>> import torch
         >>> loss = directclr_loss(torch.randn(8, 2048), torch.randn(8, 2048))
     """
+    check_rows(("r1", "r2"), (r1, r2), None)
     return functional.info_nce(r1, r2, temperature, sub_dim=dim, symmetric=True, distributed="gather")
 
 
@@ -83,6 +86,7 @@ def group_loss(
         >>> import torch
         >>> loss = group_loss(torch.randn(8, 64), torch.randn(8, 64), idx=torch.randperm(64), groups=8)
     """
+    check_rows(("r1", "r2"), (r1, r2), None)
     d = r1.shape[1]
     if groups < 1 or d % groups:
         raise ValueError(f"groups: expected a divisor of D = {d}, got {groups}")

@@ -13,8 +13,8 @@ Under an initialized process group (as Inf-CL checks), ``cal_inf_loss`` / ``cal_
 rank's q against the k of every rank (``labels`` index this rank's k, as in Inf-CL), each rank's key
 gradient summed over ranks and the scale's gradient all-reduced, as Inf-CL's ring does.
 
-With the default labels and as many keys as queries on one process, the loss runs on fastcl's fused
-cross-view InfoNCE; explicit labels, more keys, or several ranks run as row blocks in PyTorch.
+The mean losses run on fastcl's cross-view InfoNCE (explicit ``targets`` for labels and more keys);
+``cal_flash_loss``, which returns every row's loss, runs as row blocks in PyTorch.
 """
 from __future__ import annotations
 
@@ -24,8 +24,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from fastcl import functional
-from fastcl.compat._common import all_gather_rows, temperature_from_scale
+from fastcl import _validate, functional
+from fastcl.compat._common import all_gather_rows, check_rows, temperature_from_scale
 from fastcl.compat._rowblocks import cross_entropy_rows
 from fastcl.distributed import world_size
 
@@ -52,11 +52,6 @@ def _tau(scale: Scale):
     return 1.0 if scale is None else temperature_from_scale(scale)
 
 
-def _local_rows(q: Tensor, k: Tensor, labels: Optional[Tensor], scale: Scale) -> Tensor:
-    positive = torch.arange(q.shape[0], device=q.device) if labels is None else labels.to(q.device)
-    return cross_entropy_rows(q, k, positive, _tau(scale))
-
-
 def cal_flash_loss(q: Tensor, k: Tensor, labels: Optional[Tensor] = None, scale: Scale = None, head_dim: int = 256) -> Tensor:
     """Per-row InfoNCE losses of q against k on one process (Inf-CL's ``cal_flash_loss``).
 
@@ -75,7 +70,10 @@ def cal_flash_loss(q: Tensor, k: Tensor, labels: Optional[Tensor] = None, scale:
         >>> cal_flash_loss(q, k, labels=torch.tensor([5, 0, 2, 2])).shape
         torch.Size([4])
     """
-    return _local_rows(q, k, labels, scale)
+    check_rows(("q", "k"), (q, k), _tau(scale), same_n=False)
+    positive = torch.arange(q.shape[0], device=q.device) if labels is None else labels.to(q.device)
+    _validate.targets(positive, q.shape[0], q.device)
+    return cross_entropy_rows(q, k, positive, _tau(scale))
 
 
 def cal_inf_loss(q: Tensor, k: Tensor, labels: Optional[Tensor] = None, scale: Scale = None, head_dim: int = 256) -> Tensor:
@@ -104,16 +102,14 @@ def cal_inf_loss(q: Tensor, k: Tensor, labels: Optional[Tensor] = None, scale: S
         >>> scale.grad is not None
         True
     """
+    positive = torch.arange(q.shape[0], device=q.device) if labels is None else labels.to(q.device)
     if dist.is_available() and dist.is_initialized() and world_size() > 1:
         if isinstance(scale, Tensor):
             scale = _AllReduceGrad.apply(scale)
-        keys = all_gather_rows(k, with_grad=True)
-        positive = torch.arange(q.shape[0], device=q.device) if labels is None else labels.to(q.device)
-        return cross_entropy_rows(q, keys, positive + k.shape[0] * dist.get_rank(), _tau(scale)).mean()
-    if labels is None and q.dim() == 2 and q.shape == k.shape:
-        return functional.info_nce(q, k, _tau(scale), normalize=False, symmetric=False, distributed="local")
-    return _local_rows(q, k, labels, scale).mean()
-
+        k, positive = all_gather_rows(k, with_grad=True), positive + k.shape[0] * dist.get_rank()
+    elif labels is None and q.shape[0] == k.shape[0]:
+        positive = None  # query i's positive is key i: the fused cross-view InfoNCE
+    return functional.info_nce(q, k, _tau(scale), targets=positive, normalize=False, symmetric=False, distributed="local")
 
 def cal_ring_loss(q: Tensor, k: Tensor, labels: Optional[Tensor] = None, scale: Scale = None, head_dim: int = 256) -> Tensor:
     """Inf-CL's ``cal_ring_loss``: the same loss as :func:`cal_inf_loss` (Inf-CL's ring variant

@@ -27,8 +27,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastcl import functional
-from fastcl.compat._common import all_gather_rows, zero_loss
-from fastcl.compat._rowblocks import cross_entropy_sum
+from fastcl.compat._common import all_gather_rows, check_rows
+from fastcl.compat._rowblocks import cross_entropy_rows
 from fastcl.distributed import world_size
 
 __all__ = ["NTXentLoss"]
@@ -87,10 +87,9 @@ class NTXentLoss(nn.Module):
             )
 
     def forward(self, out0: Tensor, out1: Tensor) -> Tensor:
+        check_rows(("out0", "out1"), (out0, out1), self.temperature)
         if self.gather_distributed and world_size() > 1:
             return self._gathered(out0, out1)
-        if out0.dim() == 2 and out0.shape[0] == 1 and out1.shape == out0.shape:
-            return zero_loss(out0, out1)
         return functional.nt_xent(out0, out1, self.temperature, distributed="local")
 
     def _gathered(self, out0: Tensor, out1: Tensor) -> Tensor:
@@ -105,7 +104,7 @@ class NTXentLoss(nn.Module):
         anchors = torch.cat([out0, out1])
         self_index = torch.cat([own, own + m])
         positive = torch.cat([own + m, own])
-        return cross_entropy_sum(anchors, keys, positive, self.temperature, self_index=self_index) / (2 * n)
+        return cross_entropy_rows(anchors, keys, positive, self.temperature, self_index=self_index).mean()
 
     def extra_repr(self) -> str:
         return (

@@ -14,7 +14,7 @@ flags                           loss on each rank                           runs
 ==============================  ==========================================  ==============================
 world_size=1 (default)          this rank's batch only                      fused cross-view InfoNCE
 local_loss=False                global batch, the same value on every rank  ``distributed="gather"``
-local_loss=True                 this rank's rows against every rank's rows  row blocks (explicit positives)
+local_loss=True                 this rank's rows against every rank's rows  InfoNCE with explicit targets 
 gather_with_grad=False          gradients only through this rank's rows     (open_clip's 1/W scaling kept)
 ==============================  ==========================================  ==============================
 
@@ -28,8 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from fastcl import functional
-from fastcl.compat._common import all_gather_rows, scale_grad, temperature_from_scale
-from fastcl.compat._rowblocks import cross_entropy_sum
+from fastcl.compat._common import all_gather_rows, check_rows, scale_grad, temperature_from_scale
 from fastcl.distributed import world_size as process_world_size
 
 __all__ = ["ClipLoss"]
@@ -87,6 +86,7 @@ class ClipLoss(nn.Module):
         self.use_horovod = use_horovod
 
     def forward(self, image_features: Tensor, text_features: Tensor, logit_scale: Union[float, Tensor], output_dict=False):
+        check_rows(("image_features", "text_features"), (image_features, text_features), None)
         tau = temperature_from_scale(logit_scale)
         if self.world_size > 1:
             loss = self._distributed_loss(image_features, text_features, tau)
@@ -112,9 +112,9 @@ class ClipLoss(nn.Module):
         all_text = all_gather_rows(text_features, self.gather_with_grad)
         n = image_features.shape[0]
         positive = torch.arange(n, device=image_features.device) + n * self.rank
-        per_image = cross_entropy_sum(image_features, all_text, positive, tau)
-        per_text = cross_entropy_sum(text_features, all_image, positive, tau)
-        return (per_image + per_text) / (2 * n)
+        per_image = functional.info_nce(image_features, all_text, tau, targets=positive, normalize=False, symmetric=False, distributed="local")
+        per_text = functional.info_nce(text_features, all_image, tau, targets=positive, normalize=False, symmetric=False, distributed="local")
+        return (per_image + per_text) / 2
 
     def extra_repr(self) -> str:
         return (

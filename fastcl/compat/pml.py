@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastcl import functional
-from fastcl.compat._common import zero_loss
+from fastcl.compat._common import check_rows, zero_loss
 from fastcl.compat._rowblocks import block_sum, masked_logsumexp
 
 __all__ = ["NTXentLoss", "SupConLoss", "SelfSupervisedLoss"]
@@ -60,6 +60,10 @@ class _PairLoss(nn.Module):
             raise NotImplementedError("indices_tuple: miners are not supported by fastcl.compat.pml; pass labels")
         if labels is None:
             raise ValueError("labels: fastcl.compat.pml needs labels (pml's indices_tuple is not supported)")
+        if ref_emb is None:
+            check_rows(("embeddings",), (embeddings,), self.temperature)
+        else:
+            check_rows(("embeddings", "ref_emb"), (embeddings, ref_emb), self.temperature, same_n=False)
         if labels.dim() != 1 or labels.shape[0] != embeddings.shape[0]:
             raise ValueError(f"labels: expected shape ({embeddings.shape[0]},), got {tuple(labels.shape)}")
         if ref_emb is None:

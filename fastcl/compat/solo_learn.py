@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fastcl import functional
-from fastcl.compat._common import all_gather_rows, zero_loss
+from fastcl.compat._common import all_gather_rows, check_rows, zero_loss
 from fastcl.compat._rowblocks import block_sum, masked_logsumexp
 from fastcl.distributed import world_size
 
@@ -50,6 +50,7 @@ def simclr_loss_func(z: Tensor, indexes: Tensor, temperature: float = 0.1) -> Te
         >>> loss.shape
         torch.Size([])
     """
+    check_rows(("z",), (z,), temperature)
     if indexes.dim() != 1 or indexes.shape[0] != z.shape[0]:
         raise ValueError(f"indexes: expected shape ({z.shape[0]},) (one per row of z), got {tuple(indexes.shape)}")
     indexes = indexes.to(z.device)

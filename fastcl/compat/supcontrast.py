@@ -12,8 +12,9 @@ SupContrast's conventions where fastcl's core :class:`fastcl.SupConLoss` differs
 * labels may be ``[bsz]`` or ``[bsz, 1]``, of any dtype (compared by equality);
 * ``labels``/``mask`` may live on another device than the features (moved, as SupContrast does);
 * an anchor without positives adds a 0 to the mean over all anchors (SupContrast's current master);
-* a soft (non-binary) mask weights the positives: ``Σ_p m_ap log p_ap / Σ_p m_ap``, with SupContrast's
-  guard (a weight sum below 1e-6 divides by 1);
+* a soft (non-binary) mask weights the positives: ``Σ_p m_ap log p_ap / Σ_p m_ap``, the weights
+  rounded to float32 as SupContrast's ``mask.float()`` (their sum is then accumulated in float32 or
+  wider, not in float32 as SupContrast does; an anchor whose weights sum to 0 counts 0);
 * per-rank under DDP (SupContrast never gathers).
 
 One deliberate difference: SupContrast subtracts a row maximum that includes the anchor's own logit
@@ -29,7 +30,6 @@ import torch
 from torch import Tensor, nn
 
 from fastcl import functional
-from fastcl.compat._rowblocks import block_sum
 
 __all__ = ["SupConLoss"]
 
@@ -82,7 +82,7 @@ class SupConLoss(nn.Module):
             )
         if features.dim() > 3:
             features = features.reshape(features.shape[0], features.shape[1], -1)
-        n, views = features.shape[0], features.shape[1]
+        n = features.shape[0]
         if labels is not None and mask is not None:
             raise ValueError("labels, mask: cannot define both `labels` and `mask`")
         if labels is not None:
@@ -92,50 +92,12 @@ class SupConLoss(nn.Module):
             # Any dtype, compared by equality as SupContrast's torch.eq: dense integer class ids.
             labels = torch.unique(labels.to(features.device), return_inverse=True)[1]
         if mask is not None:
-            mask = mask.to(features.device)
-            if mask.dtype != torch.bool and not bool(((mask == 0) | (mask == 1)).all()):
-                return self._soft_mask_loss(features, mask)
-        loss = functional.supcon(
+            mask = mask.to(features.device).float()  # SupContrast's mask.float(): float32 weights
+        return functional.supcon(
             features, labels, mask, self.temperature, base_temperature=self.base_temperature,
-            contrast_mode=self.contrast_mode, normalize=False, distributed="local",
+            contrast_mode=self.contrast_mode, positives_missing="zero", normalize=False, distributed="local",
         )
-        # fastcl leaves anchors without positives out of its mean; SupContrast averages them in as 0.
-        with_positive = _samples_with_positive(n, views, labels, mask)
-        return loss * with_positive.sum().to(loss) / n
-
-    def _soft_mask_loss(self, features: Tensor, mask: Tensor) -> Tensor:
-        n, views = features.shape[0], features.shape[1]
-        if self.contrast_mode not in ("all", "one"):
-            raise ValueError(f"contrast_mode: expected one of ['all', 'one'], got {self.contrast_mode!r}")
-        contrast = torch.cat(torch.unbind(features, dim=1), dim=0)
-        anchors = contrast if self.contrast_mode == "all" else features[:, 0]
-        weights = mask.float()  # SupContrast's mask.float(): its weights and their sums are float32
-        kappa = self.temperature / self.base_temperature
-
-        def term(s: Tensor, rows: slice) -> Tensor:
-            anchor = torch.arange(rows.start, rows.stop, device=s.device)
-            w = weights[anchor % n].repeat(1, views)  # [rows, V·N], as SupContrast's mask.repeat
-            w[torch.arange(w.shape[0], device=s.device), anchor] = 0.0  # the anchor itself is never a positive
-            log_prob = s - torch.logsumexp(s, dim=1, keepdim=True)
-            weight_sum = w.sum(dim=1)
-            weighted = torch.where(w != 0, w * log_prob, 0.0).sum(dim=1)
-            return -(weighted / torch.where(weight_sum < 1e-6, 1.0, weight_sum)).sum()
-
-        total = block_sum(anchors, contrast, self.temperature, term, self_index=torch.arange(anchors.shape[0], device=anchors.device))
-        return kappa * total / anchors.shape[0]
 
     def extra_repr(self) -> str:
         return f"temperature={self.temperature}, contrast_mode={self.contrast_mode!r}, base_temperature={self.base_temperature}"
 
-
-def _samples_with_positive(n: int, views: int, labels: Optional[Tensor], mask: Optional[Tensor]) -> Tensor:
-    """[N] bool: does sample n's anchor have a positive (the same for each of its views)."""
-    if views > 1 and mask is None:
-        return torch.ones(n, dtype=torch.bool)
-    if mask is not None:
-        off_diagonal = mask.bool() & ~torch.eye(n, dtype=torch.bool, device=mask.device)
-        return off_diagonal.any(dim=1) | (mask.diagonal().bool() & (views > 1))
-    if labels is None:
-        return torch.zeros(n, dtype=torch.bool)  # one view, every sample its own class
-    counts = torch.bincount(labels)
-    return counts[labels] > 1
