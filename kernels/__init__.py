@@ -1,7 +1,8 @@
 """Triton kernels, installed as ``fastcl.kernels`` (the ``triton`` backend of :mod:`fastcl.dispatch`).
 
 Each loss's file holds its kernels, host launchers and backward; this package re-exports the backend
-contract (``<loss>_forward`` / ``<loss>_backward``, see ``fastcl/torch_backend/__init__.py``) lazily, so
+contract (``<loss>_forward`` / ``<loss>_backward``, see ``fastcl/torch_backend/__init__.py``) and the block
+primitive (``block_forward`` / ``block_backward``, docs/block-engine.md) lazily, so
 that importing it does not import triton.
 """
 import importlib
@@ -13,7 +14,18 @@ _EXPORTS = {
     "infonce_backward": "infonce",
     "supcon_forward": "supcon",
     "supcon_backward": "supcon",
+    "block_forward": "block",
+    "block_backward": "block",
 }
+
+
+def compile_specs(dtype, precision: str, sub_dim: int) -> list:
+    """Every shipped tile kernel as ``kernels._common.CompileSpec`` rows, for the compile-only report
+    (``fastcl.profiler.compile_report``): rows of ``dtype``, dots in ``precision``, width ``sub_dim``."""
+    specs = []
+    for module in ("ntxent", "supcon", "infonce", "block"):
+        specs += importlib.import_module(f"{__name__}.{module}").compile_specs(dtype, precision, sub_dim)
+    return specs
 
 
 def __getattr__(name):

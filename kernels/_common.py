@@ -11,9 +11,12 @@ Host side (plain Python, stable names):
   ``BLOCK_M``, ``BLOCK_N``, ``BLOCK_D``) and ``"backward"`` kernels (adds ``BLOCK_DO``, the width of the
   slice of output features one program accumulates). Entries for sm90 (H100/H200), sm80 (A100) and a
   small fallback; under the interpreter ONE small config (16×16 tiles), since autotuning there is
-  far too slow. Use with ``triton.autotune(configs=..., key=["D"], prune_configs_by=PRUNE)``: Triton
-  adds the dtypes of all tensor arguments to the key, so the tuning is keyed on D and dtype. Kernels
-  must name the feature dimension argument ``D``.
+  far too slow. Use with ``triton.autotune(configs=..., key=["D", "SHAPE_BUCKET", ...],
+  prune_configs_by=PRUNE)``: Triton adds the dtypes of all tensor arguments to the key, so the tuning is
+  keyed on D, the size bucket and dtype. Forward and backward kernels are tuned independently (the
+  backward never waits for a forward's choice, e.g. under torch.compile). Kernels must name the feature
+  dimension argument ``D``. :func:`tile_configs` gives one architecture's table (the compile-only
+  report compiles exactly these).
 - :func:`gradient_prescale` — factor applied to a gradient tile (|values| ≤ 2) before it is cast to
   float16 for the second GEMM, so softmax weights ~1/M stay out of fp16's subnormal range; divide the
   result by it (it is a power of two: exact).
@@ -26,10 +29,7 @@ Host side (plain Python, stable names):
   is ``pair_rows(x, x)`` with m = N (InfoNCE's q and k).
 - :func:`inverse_norms` — the fused normalization's O(M·D') pre-pass: 1/max(‖row[:D']‖, 1e-12) per
   stacked row (one launch), in the accumulation dtype.
-- :func:`remember_forward_config` / :func:`backward_meta` — the backward recomputes S under the
-  forward's autotuned tile config (same tiles, D chunks, warps: the same bits), plus ``BLOCK_DO``.
-- :func:`launch_with_fewer_stages` — launches with the forward's pipeline depth, or fewer stages when
-  the backward's extra tiles do not fit in shared memory (stages only overlap loads: same bits).
+- :func:`shape_bucket` — the size bucket every autotune key holds (``SHAPE_BUCKET`` kernel argument).
 
 Device side (``@triton.jit``):
 
@@ -63,6 +63,7 @@ Example (host side):
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import torch
 import triton
@@ -127,14 +128,16 @@ def gradient_prescale(dtype: torch.dtype) -> float:
 
 
 # (BLOCK_M, BLOCK_N, BLOCK_D, num_warps, num_stages); backward entries add BLOCK_DO before num_warps.
+# Chosen by the compile-only report (docs/kernels.md): no spills, shared memory within the limit. The
+# sm90 backward keeps 64-row tiles (128-row ones sit at 255 registers and spill).
 _FORWARD = {
-    "sm90": [(128, 128, 64, 8, 3), (128, 64, 64, 4, 4), (128, 128, 128, 8, 2), (64, 128, 64, 4, 4), (64, 64, 32, 4, 3)],
+    "sm90": [(128, 128, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (64, 64, 32, 4, 3)],
     "sm80": [(128, 64, 64, 4, 3), (128, 128, 32, 8, 3), (64, 64, 64, 4, 3), (64, 64, 32, 4, 4)],
     "fallback": [(64, 64, 32, 4, 2), (32, 32, 32, 4, 2)],
 }
 _BACKWARD = {
-    "sm90": [(128, 64, 64, 128, 8, 3), (64, 64, 64, 128, 4, 3), (128, 64, 64, 256, 8, 2), (64, 64, 32, 64, 4, 3)],
-    "sm80": [(64, 64, 64, 128, 4, 3), (128, 64, 32, 128, 8, 2), (64, 64, 32, 64, 4, 3)],
+    "sm90": [(64, 64, 64, 64, 8, 3), (64, 64, 32, 64, 8, 3)],
+    "sm80": [(64, 64, 64, 64, 8, 3), (64, 64, 32, 64, 8, 3)],
     "fallback": [(64, 32, 32, 64, 4, 2), (32, 32, 32, 32, 4, 2)],
 }
 _INTERPRETER = {"forward": (16, 16, 16, 1, 1), "backward": (16, 16, 16, 16, 1, 1)}
@@ -153,6 +156,33 @@ def _config(kind: str, entry: tuple) -> triton.Config:
     return triton.Config(dict(zip(names, blocks)), num_warps=warps, num_stages=stages)
 
 
+def _fits_wide_operands(config) -> bool:
+    """Tiles small enough for 4-byte operands: fp32 dots (tf32x3 keeps high and low parts of both
+    operands in registers) spill above 64 × 64 tiles or a 64-wide gradient slice."""
+    blocks = config.kwargs
+    return blocks["BLOCK_M"] * blocks["BLOCK_N"] <= 64 * 64 and blocks.get("BLOCK_DO", 0) <= 64
+
+
+def tile_configs(kind: str, arch: str, dtype: torch.dtype | None = None) -> list:
+    """The autotune table of ``kind`` ("forward" / "backward") for ``arch`` ("sm90", "sm80", "fallback"),
+    for rows of ``dtype`` (4-byte rows keep the small tiles only). The compile-only report compiles
+    exactly these.
+
+    Example:
+        >>> [c.kwargs["BLOCK_M"] for c in tile_configs("forward", "fallback")]
+        [64, 32]
+    """
+    if kind not in _INTERPRETER:
+        raise ValueError(f"kind: expected 'forward' or 'backward', got {kind!r}")
+    table = _FORWARD if kind == "forward" else _BACKWARD
+    if arch not in table:
+        raise ValueError(f"arch: expected one of {list(table)}, got {arch!r}")
+    configs = [_config(kind, e) for e in table[arch]]
+    if dtype is not None and dtype.itemsize >= 4:
+        configs = [c for c in configs if _fits_wide_operands(c)]
+    return configs
+
+
 @functools.lru_cache(maxsize=None)
 def autotune_configs(kind: str) -> list:
     """Configs for ``kind`` in {"forward", "backward"} on this machine (see module docstring)."""
@@ -160,16 +190,29 @@ def autotune_configs(kind: str) -> list:
         raise ValueError(f"kind: expected 'forward' or 'backward', got {kind!r}")
     if interpreted():
         return [_config(kind, _INTERPRETER[kind])]
-    table = _FORWARD if kind == "forward" else _BACKWARD
-    arch = _architecture()
-    entries = table[arch] + ([] if arch == "fallback" else table["fallback"])
-    return [_config(kind, e) for e in entries]
+    return tile_configs(kind, _architecture())
+
+
+class CompileSpec(NamedTuple):
+    """One kernel as the compile-only report compiles it: a name, its config table ("forward" /
+    "backward"), the ``@triton.jit`` function, launch arguments (CPU tensors of the real shapes: only
+    their dtype, strides and alignment matter) and the constexprs other than the tile config."""
+
+    name: str
+    kind: str
+    fn: object
+    args: tuple
+    constexprs: dict
 
 
 def _prune_wide_tiles(configs, named_args, **kwargs):
-    """Drops configs whose feature tiles are wider than D needs (they only add masked work)."""
+    """Drops configs whose feature tiles are wider than D needs (they only add masked work), and tiles too
+    large for 4-byte rows (see :func:`tile_configs`)."""
     width = max(16, triton.next_power_of_2(int(named_args["D"])))
     kept = [c for c in configs if c.kwargs["BLOCK_D"] <= width and c.kwargs.get("BLOCK_DO", 0) <= max(width, 64)]
+    rows = next(v for v in named_args.values() if isinstance(v, torch.Tensor))
+    if rows.dtype.itemsize >= 4:
+        kept = [c for c in kept if _fits_wide_operands(c)]
     return kept or configs[-1:]
 
 
@@ -388,43 +431,12 @@ def inverse_norms(rows: tuple, m: int, sub_dim: int) -> torch.Tensor:
     return out
 
 
-# The forward's tile config per (kernel, device, D', dtype, precision, flags), recorded at every forward.
-_forward_configs: dict = {}
-# Backward accumulator registers per thread: BLOCK_M · BLOCK_DO ≤ 64 · 32 · num_warps. At this budget
-# ptxas (sm90, bf16) reported no spills for InfoNCE's 128×128/8 warps, 128×64/4 warps and 64×64/4 warps
-# tiles before normalization was fused; with fused normalization dQ spills 84 B and dK 720 B at
-# 128×128/8 warps, BLOCK_DO = 128 (docs/kernels-infonce.md) — to be profiled on a GPU.
-_ACCUMULATOR_REGISTERS = 64
+def shape_bucket(rows: int) -> int:
+    """The autotune key's size bucket for ``rows`` similarity rows: the next power of two, so one config
+    is tuned per octave of batch sizes (the first call's size does not fix it for all sizes).
 
-
-def remember_forward_config(key: tuple, kernel) -> None:
-    """Records the config the autotuned forward ``kernel`` just ran with, under ``key``."""
-    _forward_configs[key] = kernel.best_config
-
-
-def backward_meta(key: tuple, sub_dim: int) -> dict:
-    """Meta-parameters for a backward: the forward's tile config under ``key`` plus ``BLOCK_DO``.
-
-    Without a recorded forward (a hand-made call, or torch.compile tracing the backward before any
-    forward ran) the last forward config, the one pruning keeps for every D.
+    Example:
+        >>> shape_bucket(3000), shape_bucket(4096)
+        (4096, 4096)
     """
-    config = _forward_configs.get(key) or autotune_configs("forward")[-1]
-    widest = _INTERPRETER["backward"][3] if interpreted() else (
-        _ACCUMULATOR_REGISTERS * 32 * config.num_warps // config.kwargs["BLOCK_M"])
-    return dict(
-        **config.kwargs,
-        BLOCK_DO=max(16, min(widest, triton.next_power_of_2(sub_dim))),
-        num_warps=config.num_warps,
-        num_stages=config.num_stages,
-    )
-
-
-def launch_with_fewer_stages(kernel, grid, args: tuple, meta: dict) -> None:
-    """kernel[grid](*args, **meta), retried with fewer pipeline stages on OutOfResources."""
-    for stages in range(meta["num_stages"], 0, -1):
-        try:
-            kernel[grid](*args, **{**meta, "num_stages": stages})
-            return
-        except OutOfResources:
-            if stages == 1:
-                raise
+    return triton.next_power_of_2(max(1, int(rows)))

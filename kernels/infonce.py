@@ -22,10 +22,10 @@ Backward — G = ∂L/∂S, N·G_ij/w = e^{s_ij − lse_i} (+ e^{s_ij − lsecol
 Both GEMMs multiply by the normalized rows (raw slice × inverse norm, cast to the input dtype); the
 epilogue applies F.normalize's backward with ⟨x̂_i, dx̂_i⟩ = Σ_j G_ij s_ij, summed from the same tiles,
 whose total is also the Σ G·s that ``fastcl.ops`` turns into dL/dτ.
-Every pass computes S with :func:`similarity_tile` under the forward's own tile config (BLOCK_M,
-BLOCK_N, BLOCK_D, warps, stages; ``_common.backward_meta``), so the recomputed tiles are the forward's
-bits. The inverse norms, F.normalize's backward epilogue and the launch helpers are ``_common``'s (q and k
-are one-matrix stacked-rows descriptors there). GEMM-units (SPEC §6):
+Every pass computes S with :func:`similarity_tile` (same operands and order); the backward passes are
+autotuned on their own (``_common.autotune_configs("backward")``, size bucket in the key). The inverse
+norms and F.normalize's backward epilogue are ``_common``'s (q and k are one-matrix stacked-rows
+descriptors there). GEMM-units (SPEC §6):
 1 (forward) + 2 (dQ: recompute + GEMM) + 2 (dK: recompute + GEMM) = 5 for D' ≤ BLOCK_DO; wider D'
 re-walks the tiles once per BLOCK_DO slice of output features. See docs/kernels-infonce.md.
 """
@@ -41,20 +41,19 @@ from torch.library import triton_op, wrap_triton
 
 from fastcl.kernels._common import (
     PRUNE,
+    CompileSpec,
     accumulator,
     autotune_configs,
-    backward_meta,
     dot_precision,
     finish_logsumexp,
     gradient_prescale,
     interpreted,
     inverse_norms,
-    launch_with_fewer_stages,
     load_inverse_norms,
     mma,
     online_logsumexp,
     pair_rows,
-    remember_forward_config,
+    shape_bucket,
     similarity_tile,
     single_rows,
     store_row_gradient,
@@ -77,11 +76,12 @@ def _logits(
     return s * inv_q[:, None] * inv_k[None, :] / tau
 
 
-@triton.autotune(configs=autotune_configs("forward"), key=["D", "SYMMETRIC", "PRECISION"], prune_configs_by=PRUNE)
+@triton.autotune(configs=autotune_configs("forward"), key=["D", "SHAPE_BUCKET", "SYMMETRIC", "PRECISION"],
+                 prune_configs_by=PRUNE)
 @triton.jit
 def _infonce_forward_kernel(
     q_ptr, stride_qn, stride_qd, k_ptr, stride_kn, stride_kd, inv_q_ptr, inv_k_ptr, tau_ptr,
-    row_partial_ptr, col_partial_ptr, N, D, GROUPS, SPLITS,
+    row_partial_ptr, col_partial_ptr, N, D, GROUPS, SPLITS, SHAPE_BUCKET,
     SYMMETRIC: tl.constexpr, NORMALIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
 ):
@@ -203,10 +203,12 @@ def _normalized_slice(x_ptr, stride_n, stride_d, idx, mask, inv, out, out_mask, 
     return (x.to(ACC) * inv[:, None]).to(x.dtype)
 
 
+@triton.autotune(configs=autotune_configs("backward"), key=["D", "SHAPE_BUCKET", "SYMMETRIC", "PRECISION"],
+                 prune_configs_by=PRUNE)
 @triton.jit
 def _infonce_dq_kernel(
     q_ptr, stride_qn, stride_qd, k_ptr, stride_kn, stride_kd, inv_q_ptr, inv_k_ptr, tau_ptr, scale_ptr,
-    lse_rows_ptr, lse_cols_ptr, dq_ptr, stride_dn, stride_dd, radial_ptr, N, D,
+    lse_rows_ptr, lse_cols_ptr, dq_ptr, stride_dn, stride_dd, radial_ptr, N, D, SHAPE_BUCKET,
     SYMMETRIC: tl.constexpr, NORMALIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
     PRESCALE: tl.constexpr,
@@ -241,10 +243,12 @@ def _infonce_dq_kernel(
                        rows, row_mask, out, out_mask, inv_q, dq * scale, radial, NORMALIZE, ACC)
 
 
+@triton.autotune(configs=autotune_configs("backward"), key=["D", "SHAPE_BUCKET", "SYMMETRIC", "PRECISION"],
+                 prune_configs_by=PRUNE)
 @triton.jit
 def _infonce_dk_kernel(
     q_ptr, stride_qn, stride_qd, k_ptr, stride_kn, stride_kd, inv_q_ptr, inv_k_ptr, tau_ptr, scale_ptr,
-    lse_rows_ptr, lse_cols_ptr, dk_ptr, stride_dn, stride_dd, N, D,
+    lse_rows_ptr, lse_cols_ptr, dk_ptr, stride_dn, stride_dd, N, D, SHAPE_BUCKET,
     SYMMETRIC: tl.constexpr, NORMALIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
     PRESCALE: tl.constexpr,
@@ -277,11 +281,6 @@ def _infonce_dk_kernel(
 
 
 # --- host side ------------------------------------------------------------------------------------------
-
-def _config_key(x: Tensor, sub_dim: int, symmetric: bool) -> tuple:
-    """Key of the forward's tile config, which the backward replays (the forward's autotune key)."""
-    return ("infonce", x.device, sub_dim, x.dtype, dot_precision(x.dtype), symmetric)
-
 
 def _programs_per_launch(device: torch.device) -> int:
     if interpreted() or device.type != "cuda":
@@ -327,10 +326,9 @@ def infonce_forward(
     col_partial = torch.empty((groups, n), dtype=acc_dtype, device=q.device) if symmetric else row_partial
     rows = (q, q.stride(0), q.stride(1), k, k.stride(0), k.stride(1), *norms, tau)
     _infonce_forward_kernel[(groups, splits)](
-        *rows, row_partial, col_partial, n, d, groups, splits,
+        *rows, row_partial, col_partial, n, d, groups, splits, shape_bucket(n),
         SYMMETRIC=symmetric, NORMALIZE=normalize, PRECISION=precision, ACC=acc,
     )
-    remember_forward_config(_config_key(q, d, symmetric), _infonce_forward_kernel)
 
     lse_rows = torch.empty(n, dtype=acc_dtype, device=q.device)
     lse_cols = torch.empty(n if symmetric else 0, dtype=acc_dtype, device=q.device)
@@ -358,16 +356,39 @@ def infonce_backward(
     new = torch.zeros if d < q.shape[1] else torch.empty
     dq, dk = new(q.shape, dtype=q.dtype, device=q.device), new(k.shape, dtype=k.dtype, device=k.device)
     radial = torch.empty(n, dtype=tau.dtype, device=q.device)
-    meta = backward_meta(_config_key(q, d, symmetric), d)
     common = dict(SYMMETRIC=symmetric, NORMALIZE=normalize, PRECISION=dot_precision(q.dtype), ACC=accumulator(q.dtype),
-                  PRESCALE=prescale, **meta)
-    out_slices = triton.cdiv(d, meta["BLOCK_DO"])
+                  PRESCALE=prescale)
     operands = (q, q.stride(0), q.stride(1), k, k.stride(0), k.stride(1),
                 *((inv_norms_q, inv_norms_k) if normalize else (tau, tau)), tau, scale, lse_rows,
                 lse_cols if symmetric else lse_rows)
-    launch_with_fewer_stages(wrap_triton(_infonce_dq_kernel), (triton.cdiv(n, meta["BLOCK_M"]), out_slices),
-                             (*operands, dq, dq.stride(0), dq.stride(1), radial, n, d), common)
-    launch_with_fewer_stages(wrap_triton(_infonce_dk_kernel), (triton.cdiv(n, meta["BLOCK_N"]), out_slices),
-                             (*operands, dk, dk.stride(0), dk.stride(1), n, d), common)
+    wrap_triton(_infonce_dq_kernel)[lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), triton.cdiv(d, meta["BLOCK_DO"]))](
+        *operands, dq, dq.stride(0), dq.stride(1), radial, n, d, shape_bucket(n), **common)
+    wrap_triton(_infonce_dk_kernel)[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(d, meta["BLOCK_DO"]))](
+        *operands, dk, dk.stride(0), dk.stride(1), n, d, shape_bucket(n), **common)
     return dq, dk, radial.sum()
 
+
+
+def compile_specs(dtype: torch.dtype, precision: str, sub_dim: int, n: int = 4096) -> list[CompileSpec]:
+    """Symmetric and one-directional forward, dQ and dK, on contiguous [n, sub_dim] q and k (normalized)."""
+    acc_dtype = accumulation_dtype(dtype)
+    q, k = (torch.empty(n, sub_dim, dtype=dtype) for _ in range(2))
+    vector = lambda: torch.empty(n, dtype=acc_dtype)  # noqa: E731
+    tau = torch.empty((), dtype=acc_dtype)
+    operands = (q, q.stride(0), q.stride(1), k, k.stride(0), k.stride(1), vector(), vector(), tau)
+    specs = []
+    for symmetric in (True, False):
+        name = "infonce" if symmetric else "infonce_onedir"
+        common = dict(SYMMETRIC=symmetric, NORMALIZE=True, PRECISION=precision, ACC=accumulator(dtype))
+        partials = torch.empty(16, n, dtype=acc_dtype)
+        specs.append(CompileSpec(f"{name}_forward", "forward", _infonce_forward_kernel.fn,
+                                 (*operands, partials, partials, n, sub_dim, 16, 16, shape_bucket(n)), common))
+        backward = dict(common, PRESCALE=gradient_prescale(dtype))
+        lse = (tau, vector(), vector())
+        specs += [
+            CompileSpec(f"{name}_dq", "backward", _infonce_dq_kernel.fn, (*operands, *lse, torch.empty_like(q), q.stride(0),
+                        q.stride(1), vector(), n, sub_dim, shape_bucket(n)), backward),
+            CompileSpec(f"{name}_dk", "backward", _infonce_dk_kernel.fn, (*operands, *lse, torch.empty_like(k), k.stride(0),
+                        k.stride(1), n, sub_dim, shape_bucket(n)), backward),
+        ]
+    return specs

@@ -12,7 +12,8 @@ the positive logits; the loss is the torch mean of ``lse − positive`` (determi
 Backward — with G = ∂L/∂S (symmetric positions, M·G_ij = softmax_i(j) − 1[j = pos(i)]),
     T_ij = M·(G_ij + G_ji) = e^{s_ij − lse_i} + e^{s_ij − lse_j} − 2·1[j = pos(i)]
     dẑ_i = Σ_j T_ij r_j z_j / (M τ),   c_i = ⟨ẑ_i, dẑ_i⟩ = Σ_j T_ij s_ij / M,   dz_i = r_i (dẑ_i − c_i r_i z_i)
-All from ONE recomputed tile (same helper, operands, config and precision as the forward) and the stored
+All from ONE recomputed tile (the forward's helper, operands and precision; the backward's own autotuned
+tile config, so the last bits of s may differ from the forward's) and the stored
 lse of the rows and columns; one GEMM multiplies T (columns scaled by r_j) by the raw z_J. Each program
 owns BLOCK_M rows × BLOCK_DO output features of dz1/dz2 and writes them once; programs of output slice
 0 also store c (Σ_i c_i / 2 = Σ_ij G_ij s_ij is what dL/dτ needs). For D' ≤ BLOCK_DO that is 3 GEMM-units
@@ -28,30 +29,30 @@ from torch.library import triton_op, wrap_triton
 
 from fastcl.kernels._common import (
     PRUNE,
+    CompileSpec,
     accumulate_gradient_tile,
     accumulator,
     autotune_configs,
-    backward_meta,
     dot_precision,
     finish_logsumexp,
     finish_row_gradient,
     gradient_prescale,
     inverse_norms,
-    launch_with_fewer_stages,
     load_inverse_norms,
     online_logsumexp,
     pair_rows,
-    remember_forward_config,
+    shape_bucket,
     stacked_logits,
 )
 from fastcl.ops import accumulation_dtype
 
 
-@triton.autotune(configs=autotune_configs("forward"), key=["D", "PRECISION", "NORMALIZE"], prune_configs_by=PRUNE)
+@triton.autotune(configs=autotune_configs("forward"), key=["D", "SHAPE_BUCKET", "PRECISION", "NORMALIZE"],
+                 prune_configs_by=PRUNE)
 @triton.jit
 def _ntxent_forward_kernel(
     z1_ptr, stride_1m, stride_1d, z2_ptr, stride_2b, stride_2m, stride_2d, N,
-    inv_ptr, tau_ptr, lse_ptr, positive_ptr, D,
+    inv_ptr, tau_ptr, lse_ptr, positive_ptr, D, SHAPE_BUCKET,
     NORMALIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     PRECISION: tl.constexpr, ACC: tl.constexpr,
 ):
@@ -77,11 +78,13 @@ def _ntxent_forward_kernel(
     tl.store(positive_ptr + rows, positive, mask=row_mask)
 
 
+@triton.autotune(configs=autotune_configs("backward"), key=["D", "SHAPE_BUCKET", "PRECISION", "NORMALIZE"],
+                 prune_configs_by=PRUNE)
 @triton.jit
 def _ntxent_backward_kernel(
     z1_ptr, stride_1m, stride_1d, z2_ptr, stride_2b, stride_2m, stride_2d, N,
     dz1_ptr, stride_d1m, stride_d1d, dz2_ptr, stride_d2b, stride_d2m, stride_d2d, N_OUT,
-    inv_ptr, tau_ptr, lse_ptr, scale_ptr, radial_scale_ptr, radial_ptr, D,
+    inv_ptr, tau_ptr, lse_ptr, scale_ptr, radial_scale_ptr, radial_ptr, D, SHAPE_BUCKET,
     NORMALIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_DO: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr, PRESCALE: tl.constexpr,
     SCALE_OPERAND: tl.constexpr,
@@ -119,10 +122,6 @@ def _ntxent_backward_kernel(
                         scale_ptr, radial_scale_ptr, radial_ptr, NORMALIZE, ACC)
 
 
-def _config_key(z1: Tensor, sub_dim: int, normalize: bool) -> tuple:
-    return ("ntxent", z1.device, sub_dim, z1.dtype, dot_precision(z1.dtype), normalize)
-
-
 def ntxent_forward(z1: Tensor, z2: Tensor, tau: Tensor, sub_dim: int, normalize: bool) -> tuple[Tensor, Tensor, Tensor]:
     m, acc = 2 * z1.shape[0], accumulation_dtype(z1.dtype)
     rows = pair_rows(z1, z2)
@@ -132,10 +131,9 @@ def ntxent_forward(z1: Tensor, z2: Tensor, tau: Tensor, sub_dim: int, normalize:
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]),)  # noqa: E731
     # Without normalization the kernel never reads the inverse norms; it gets a valid buffer instead.
     _ntxent_forward_kernel[grid](
-        *rows, inv if normalize else tau, tau, lse, positive, sub_dim,
+        *rows, inv if normalize else tau, tau, lse, positive, sub_dim, shape_bucket(m),
         NORMALIZE=normalize, PRECISION=dot_precision(z1.dtype), ACC=accumulator(z1.dtype),
     )
-    remember_forward_config(_config_key(z1, sub_dim, normalize), _ntxent_forward_kernel)
     return (lse - positive).mean(), lse, inv
 
 
@@ -155,12 +153,28 @@ def ntxent_backward(
     dz1 = new(z1.shape, dtype=z1.dtype, device=z1.device)
     dz2 = new(z2.shape, dtype=z2.dtype, device=z2.device)
     radial = torch.empty(m, dtype=tau.dtype, device=z1.device)
-    meta = backward_meta(_config_key(z1, sub_dim, normalize), sub_dim)
-    grid = (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(sub_dim, meta["BLOCK_DO"]))
-    args = (*pair_rows(z1, z2), *pair_rows(dz1, dz2), inv_norms if normalize else tau, tau, lse, scale,
-            radial_scale, radial, sub_dim)
-    launch_with_fewer_stages(wrap_triton(_ntxent_backward_kernel), grid, args, dict(
+    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(sub_dim, meta["BLOCK_DO"]))  # noqa: E731
+    wrap_triton(_ntxent_backward_kernel)[grid](
+        *pair_rows(z1, z2), *pair_rows(dz1, dz2), inv_norms if normalize else tau, tau, lse, scale,
+        radial_scale, radial, sub_dim, shape_bucket(m),
         NORMALIZE=normalize, PRECISION=dot_precision(z1.dtype), ACC=accumulator(z1.dtype), PRESCALE=prescale,
-        SCALE_OPERAND=z1.dtype == torch.float16, **meta,
-    ))
+        SCALE_OPERAND=z1.dtype == torch.float16,
+    )
     return dz1, dz2, radial.sum() / 2
+
+
+def compile_specs(dtype: torch.dtype, precision: str, sub_dim: int, n: int = 2048) -> list[CompileSpec]:
+    """The forward and backward kernels as launched on contiguous [n, sub_dim] rows (normalized)."""
+    acc = accumulation_dtype(dtype)
+    z1, z2 = (torch.empty(n, sub_dim, dtype=dtype) for _ in range(2))
+    vector = lambda: torch.empty(2 * n, dtype=acc)  # noqa: E731
+    tau = torch.empty((), dtype=acc)
+    common = dict(NORMALIZE=True, PRECISION=precision, ACC=accumulator(dtype))
+    forward = (*pair_rows(z1, z2), vector(), tau, vector(), vector(), sub_dim, shape_bucket(2 * n))
+    backward = (*pair_rows(z1, z2), *pair_rows(torch.empty_like(z1), torch.empty_like(z2)), vector(), tau, vector(),
+                tau, tau, vector(), sub_dim, shape_bucket(2 * n))
+    return [
+        CompileSpec("ntxent_forward", "forward", _ntxent_forward_kernel.fn, forward, common),
+        CompileSpec("ntxent_backward", "backward", _ntxent_backward_kernel.fn, backward,
+                    dict(common, PRESCALE=gradient_prescale(dtype), SCALE_OPERAND=dtype == torch.float16)),
+    ]

@@ -34,19 +34,18 @@ from torch.library import triton_op, wrap_triton
 
 from fastcl.kernels._common import (
     PRUNE,
+    CompileSpec,
     accumulate_gradient_tile,
     accumulator,
     autotune_configs,
-    backward_meta,
     dot_precision,
     finish_logsumexp,
     finish_row_gradient,
     gradient_prescale,
     inverse_norms,
-    launch_with_fewer_stages,
     load_inverse_norms,
     online_logsumexp,
-    remember_forward_config,
+    shape_bucket,
     stacked_logits,
     view_major_rows,
 )
@@ -70,13 +69,13 @@ def _positive_tile(labels_ptr, stride_label, mask_ptr, stride_mask_a, stride_mas
     return valid & same
 
 
-@triton.autotune(configs=autotune_configs("forward"), key=["D", "PRECISION", "NORMALIZE", "HAS_MASK"],
-                 prune_configs_by=PRUNE)
+@triton.autotune(configs=autotune_configs("forward"),
+                 key=["D", "SHAPE_BUCKET", "PRECISION", "NORMALIZE", "HAS_MASK"], prune_configs_by=PRUNE)
 @triton.jit
 def _supcon_forward_kernel(
     f_ptr, stride_n, stride_d, rest_ptr, stride_v, rest_stride_n, rest_stride_d, N,
     labels_ptr, stride_label, mask_ptr, stride_mask_0, stride_mask_1,
-    inv_ptr, tau_ptr, lse_ptr, positive_sum_ptr, M, n_anchors, D,
+    inv_ptr, tau_ptr, lse_ptr, positive_sum_ptr, M, n_anchors, D, SHAPE_BUCKET,
     HAS_MASK: tl.constexpr, NORMALIZE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     PRECISION: tl.constexpr, ACC: tl.constexpr,
@@ -105,12 +104,14 @@ def _supcon_forward_kernel(
     tl.store(positive_sum_ptr + rows, positive_sum, mask=row_mask)
 
 
+@triton.autotune(configs=autotune_configs("backward"),
+                 key=["D", "SHAPE_BUCKET", "PRECISION", "NORMALIZE", "HAS_MASK"], prune_configs_by=PRUNE)
 @triton.jit
 def _supcon_backward_kernel(
     f_ptr, stride_n, stride_d, rest_ptr, stride_v, rest_stride_n, rest_stride_d, N,
     df_ptr, stride_dfn, stride_dfd, df_rest_ptr, stride_dfv, df_rest_stride_n, df_rest_stride_d, N_OUT,
     labels_ptr, stride_label, mask_ptr, stride_mask_0, stride_mask_1,
-    inv_ptr, tau_ptr, lse_ptr, counts_ptr, scale_ptr, radial_scale_ptr, radial_ptr, M, n_anchors, D,
+    inv_ptr, tau_ptr, lse_ptr, counts_ptr, scale_ptr, radial_scale_ptr, radial_ptr, M, n_anchors, D, SHAPE_BUCKET,
     HAS_MASK: tl.constexpr, NORMALIZE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr,
     PRECISION: tl.constexpr, ACC: tl.constexpr, PRESCALE: tl.constexpr, SCALE_OPERAND: tl.constexpr,
@@ -173,10 +174,6 @@ def _positive_source(labels: Optional[Tensor], mask: Optional[Tensor]) -> tuple:
     return labels, labels.stride(0), None, 0, 0, False
 
 
-def _config_key(features: Tensor, sub_dim: int, normalize: bool, has_mask: bool) -> tuple:
-    return ("supcon", features.device, sub_dim, features.dtype, dot_precision(features.dtype), normalize, has_mask)
-
-
 def supcon_forward(
     features: Tensor, labels: Optional[Tensor], mask: Optional[Tensor], tau: Tensor, base_temperature: float,
     n_anchors: int, sub_dim: int, normalize: bool,
@@ -192,11 +189,10 @@ def supcon_forward(
     # Without normalization the kernel never reads the inverse norms; it gets a valid buffer instead.
     _supcon_forward_kernel[grid](
         *rows, labels_ptr, stride_label, mask_ptr, stride_mask_0, stride_mask_1,
-        inv if normalize else tau, tau, lse, positive_sum, m, n_anchors, sub_dim,
+        inv if normalize else tau, tau, lse, positive_sum, m, n_anchors, sub_dim, shape_bucket(m),
         HAS_MASK=has_mask, NORMALIZE=normalize, PRECISION=dot_precision(features.dtype),
         ACC=accumulator(features.dtype),
     )
-    remember_forward_config(_config_key(features, sub_dim, normalize, has_mask), _supcon_forward_kernel)
     counts = positive_counts(labels, mask, m)[:n_anchors].to(torch.int32)
     weighted = counts > 0
     per_anchor = torch.where(weighted, lse - positive_sum / counts.clamp(min=1).to(acc), 0.0)
@@ -232,13 +228,38 @@ def supcon_backward(
     dfeatures = new(features.shape, dtype=features.dtype, device=features.device)
     radial = torch.empty(m, dtype=tau.dtype, device=features.device)
     labels_ptr, stride_label, mask_ptr, stride_mask_0, stride_mask_1, has_mask = _positive_source(labels, mask)
-    meta = backward_meta(_config_key(features, sub_dim, normalize, has_mask), sub_dim)
-    grid = (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(sub_dim, meta["BLOCK_DO"]))
-    args = (*view_major_rows(features), *view_major_rows(dfeatures),
-            labels_ptr, stride_label, mask_ptr, stride_mask_0, stride_mask_1,
-            inv_norms if normalize else tau, tau, lse, counts, scale, radial_scale, radial, m, n_anchors, sub_dim)
-    launch_with_fewer_stages(wrap_triton(_supcon_backward_kernel), grid, args, dict(
+    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(sub_dim, meta["BLOCK_DO"]))  # noqa: E731
+    wrap_triton(_supcon_backward_kernel)[grid](
+        *view_major_rows(features), *view_major_rows(dfeatures),
+        labels_ptr, stride_label, mask_ptr, stride_mask_0, stride_mask_1,
+        inv_norms if normalize else tau, tau, lse, counts, scale, radial_scale, radial, m, n_anchors, sub_dim,
+        shape_bucket(m),
         HAS_MASK=has_mask, NORMALIZE=normalize, PRECISION=dot_precision(features.dtype),
-        ACC=accumulator(features.dtype), PRESCALE=prescale, SCALE_OPERAND=features.dtype == torch.float16, **meta,
-    ))
+        ACC=accumulator(features.dtype), PRESCALE=prescale, SCALE_OPERAND=features.dtype == torch.float16,
+    )
     return dfeatures, radial.sum() / 2
+
+
+def compile_specs(dtype: torch.dtype, precision: str, sub_dim: int, n: int = 2048) -> list[CompileSpec]:
+    """Forward and backward with labels and with a bool mask, on contiguous features [n, 2, sub_dim]."""
+    acc = accumulation_dtype(dtype)
+    m = 2 * n
+    features = torch.empty(n, 2, sub_dim, dtype=dtype)
+    vector = lambda: torch.empty(m, dtype=acc)  # noqa: E731
+    tau = torch.empty((), dtype=acc)
+    specs = []
+    for name, labels, mask in (("labels", torch.empty(n, dtype=torch.int64), None),
+                               ("mask", None, torch.empty(n, n, dtype=torch.bool))):
+        positives = _positive_source(labels, mask)[:5]
+        common = dict(HAS_MASK=mask is not None, NORMALIZE=True, PRECISION=precision, ACC=accumulator(dtype))
+        forward = (*view_major_rows(features), *positives, vector(), tau, vector(), vector(), m, m, sub_dim,
+                   shape_bucket(m))
+        backward = (*view_major_rows(features), *view_major_rows(torch.empty_like(features)), *positives,
+                    vector(), tau, vector(), torch.empty(m, dtype=torch.int32), tau, tau, vector(), m, m, sub_dim,
+                    shape_bucket(m))
+        specs += [
+            CompileSpec(f"supcon_{name}_forward", "forward", _supcon_forward_kernel.fn, forward, common),
+            CompileSpec(f"supcon_{name}_backward", "backward", _supcon_backward_kernel.fn, backward,
+                        dict(common, PRESCALE=gradient_prescale(dtype), SCALE_OPERAND=dtype == torch.float16)),
+        ]
+    return specs

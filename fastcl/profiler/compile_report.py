@@ -1,0 +1,194 @@
+"""Compile-only kernel report: what the shipped Triton kernels cost on a GPU, read without one.
+
+Every shipped tile kernel (``fastcl.kernels.compile_specs()``) × tile config (the autotune table of each
+architecture) × dtype is compiled with ``triton.compile(ASTSource(...), target=GPUTarget("cuda", 80|90,
+32))``: the same specialization the JIT would use for contiguous rows (16-byte aligned pointers, unit
+feature stride), the same ptxas. No GPU is needed. Each row reports, all **compile-time, not measured**:
+
+- ``registers`` per thread and ``spill_stores`` / ``spill_loads`` bytes (``ptxas -v`` on the kernel's PTX,
+  with Triton's own ptxas flags);
+- ``shared_bytes`` (Triton's metadata) against the architecture's per-block limit (``fits``: a config
+  whose shared memory passes the limit can never launch);
+- ``mma``: ``wgmma`` (SASS ``HGMMA``), ``mma.sync`` (``HMMA``), ``dmma`` (fp64) or ``fma`` (no tensor
+  core instruction at all);
+- ``loop_instructions``: the static SASS instructions of the *element loop* — the innermost loop that
+  contains the ``MUFU.EX2`` instructions (the walk over the similarity tiles; the feature-chunk GEMM loop
+  nested in it is counted once) — and per similarity element
+  ``instructions_per_element = loop_instructions × 32 × num_warps / (BLOCK_M × BLOCK_N)``: a warp
+  instruction does the work of 32 threads, and a tile has BLOCK_M × BLOCK_N elements. ``ex2_per_element``
+  counts ``MUFU.EX2`` the same way. These are static counts: a branch not taken still counts.
+
+Usage (``fastcl bench --compile-only`` calls :func:`main`)::
+
+    python -m fastcl.profiler.compile_report --arch sm80,sm90 --json report.json --markdown report.md
+    python -m fastcl.profiler.compile_report --quick          # a small set, for CI
+
+Results are cached per compiled kernel (Triton's hash) next to Triton's cache, so a second run is fast.
+
+Example:
+    >>> args = parse_args(["--quick"])
+    >>> args.arch, args.dtypes, args.kernels
+    (['sm90'], ['bf16'], ['ntxent'])
+"""
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import datetime
+import json
+import multiprocessing
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from fastcl.kernels.compile_only import ARCHES, DTYPES, REGISTER_LIMIT, compile_one, init_worker, list_tasks
+
+COLUMNS = ("kernel", "arch", "dtype", "config", "D", "registers", "spill_stores", "spill_loads", "shared_bytes",
+           "fits", "mma", "loop_instructions", "instructions_per_element", "ex2_per_element")
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    """The report's command line (see the module docstring)."""
+    parser = argparse.ArgumentParser(prog="fastcl bench --compile-only", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--arch", default="sm80,sm90", help="comma-separated: sm80, sm90")
+    parser.add_argument("--dtypes", default="bf16,fp16,fp32,fp32-tf32",
+                        help=f"comma-separated, of {', '.join(DTYPES)}")
+    parser.add_argument("--dims", default="128,512", help="comma-separated feature widths D'")
+    parser.add_argument("--kernels", default="", help="comma-separated substrings; only kernels whose name has one")
+    parser.add_argument("--configs", type=int, default=0, help="only the first N configs of each table (0: all)")
+    parser.add_argument("--quick", action="store_true",
+                        help="CI set: sm90, bf16, D' = 128, the first config of the NT-Xent kernels (or --kernels)")
+    parser.add_argument("--jobs", type=int, default=1, help="parallel compile processes")
+    parser.add_argument("--json", dest="json_path", help="write the rows and metadata as JSON")
+    parser.add_argument("--markdown", dest="markdown_path", help="write a markdown table")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.arch, args.dtypes, args.dims, args.configs = "sm90", "bf16", "128", args.configs or 1
+        args.kernels = args.kernels or "ntxent"
+    args.arch = _split(args.arch, ARCHES, "--arch")
+    args.dtypes = _split(args.dtypes, DTYPES, "--dtypes")
+    args.dims = [int(d) for d in args.dims.split(",") if d]
+    args.kernels = [k for k in args.kernels.split(",") if k]
+    return args
+
+
+def _split(text: str, allowed: dict, flag: str) -> list[str]:
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    unknown = [t for t in items if t not in allowed]
+    if unknown or not items:
+        raise SystemExit(f"{flag}: expected a comma-separated subset of {list(allowed)}, got {text!r}")
+    return items
+
+
+# --- driver ----------------------------------------------------------------------------------------------
+
+def run_report(args: argparse.Namespace, progress=None) -> list[dict]:
+    """Report rows for the selection in ``args``, in task order. Compiles in ``args.jobs`` fresh processes
+    (spawned, ``TRITON_INTERPRET=0``): the kernels must be compiled, not interpreted."""
+    # Spawned workers inherit the environment: compiled kernels, not interpreted ones (the worker imports
+    # fastcl before its initializer runs, so the variable must be set here, for the pool's lifetime).
+    previous = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "0"
+    try:
+        context = multiprocessing.get_context("spawn")
+        with concurrent.futures.ProcessPoolExecutor(max(1, args.jobs), mp_context=context,
+                                                    initializer=init_worker) as pool:
+            # Listed in a worker too: this process may have imported the kernels in interpreter mode.
+            tasks = pool.submit(list_tasks, args.arch, args.dtypes, args.dims, args.kernels, args.configs).result()
+            rows = []
+            for row in pool.map(compile_one, tasks):
+                rows.append(row)
+                if progress:
+                    progress(row)
+    finally:
+        if previous is None:
+            os.environ.pop("TRITON_INTERPRET", None)
+        else:
+            os.environ["TRITON_INTERPRET"] = previous
+    return rows
+
+
+def metadata() -> dict:
+    """What produced the report: versions of Triton, ptxas, torch; the date; the evidence kind."""
+    import platform
+
+    import torch
+    import triton
+    from triton.backends.nvidia.compiler import get_ptxas
+    versions = {arch: subprocess.run([get_ptxas(arch).path, "--version"], capture_output=True,
+                                     text=True).stdout.strip().splitlines()[-1] for arch in (80, 90)}
+    return dict(kind="compile-time (not measured): static SASS/ptxas figures, no kernel ran",
+                date=datetime.date.today().isoformat(), triton=triton.__version__, torch=torch.__version__,
+                ptxas=versions, host=platform.node() and "cpu-only")
+
+
+def to_markdown(rows: list[dict], meta: dict) -> str:
+    """The rows as a markdown table under a header saying what kind of evidence they are."""
+    lines = [f"# Compile-only kernel report ({meta['date']})", "",
+             f"**{meta['kind']}.** Triton {meta['triton']}, ptxas {meta['ptxas'][90]}. "
+             "Instructions and ex2 are static SASS counts of the element loop per similarity element "
+             "(see `fastcl/profiler/compile_report.py`).", "",
+             "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    for row in rows:
+        if "error" in row:
+            cells = [str(row.get(c, "")) for c in COLUMNS[:5]] + [f"error: {row['error']}"] + [""] * (len(COLUMNS) - 6)
+        else:
+            cells = [str(row.get(c, "")) for c in COLUMNS]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def summarize(rows: list[dict]) -> list[str]:
+    """One line per finding that misses a target: spills, shared memory over the limit, no tensor cores."""
+    findings = []
+    for row in rows:
+        where = f"{row['kernel']} {row['arch']} {row['dtype']} D={row['D']} {row['config']}"
+        if "error" in row:
+            findings.append(f"{where}: compile error {row['error']}")
+            continue
+        if row["spill_stores"] or row["spill_loads"]:
+            findings.append(f"{where}: spills {row['spill_stores']} B stores / {row['spill_loads']} B loads")
+        if not row["fits"]:
+            findings.append(f"{where}: shared memory {row['shared_bytes']} B > {row['shared_limit']} B")
+        if row["mma"] == "fma" and row["precision"] != "ieee":
+            findings.append(f"{where}: no tensor-core instruction")
+    return findings
+
+
+def main(argv: list[str]) -> int:
+    """Runs the report; prints one line per kernel and the findings; 0 when every row compiled.
+
+    Args:
+        argv: command-line arguments without the program name (see :func:`parse_args`).
+
+    Returns:
+        The exit status: 0, or 1 when a kernel failed to compile.
+    """
+    args = parse_args(argv)
+
+    def progress(row):
+        if "error" in row:
+            print(f"{row['kernel']:<28} {row['arch']} {row['dtype']:<9} D={row['D']:<5} {row['config']:<22} "
+                  f"ERROR {row['error']}", flush=True)
+        else:
+            print(f"{row['kernel']:<28} {row['arch']} {row['dtype']:<9} D={row['D']:<5} {row['config']:<22} "
+                  f"regs {row['registers']:>3} spill {row['spill_stores']:>5} smem {row['shared_bytes']:>6} "
+                  f"{row['mma']:<8} instr/elem {row['instructions_per_element']} ex2/elem {row['ex2_per_element']}",
+                  flush=True)
+
+    rows = run_report(args, progress)
+    meta = metadata()
+    if args.json_path:
+        Path(args.json_path).write_text(json.dumps(dict(meta=meta, rows=rows), indent=1) + "\n")
+    if args.markdown_path:
+        Path(args.markdown_path).write_text(to_markdown(rows, meta))
+    findings = summarize(rows)
+    print(f"{len(rows)} kernels compiled (compile-time figures, not measured); {len(findings)} findings")
+    for line in findings:
+        print("  " + line)
+    return 1 if any("error" in row for row in rows) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,67 @@
+"""The compile-only kernel report (``fastcl.profiler.compile_report``): the shipped Triton kernels compiled
+for sm90 / sm80 without a GPU, read back from ptxas and the SASS. A small set (the NT-Xent kernels, one
+config), since every compile costs seconds of CPU; the full table is bench/results/compile-*.
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+pytest.importorskip("triton")
+from fastcl.kernels.compile_only import analyze_sass  # noqa: E402
+from fastcl.profiler import compile_report  # noqa: E402
+
+
+def test_quick_report_rows_json_and_markdown(tmp_path):
+    json_path, markdown_path = tmp_path / "report.json", tmp_path / "report.md"
+    status = compile_report.main(["--quick", "--json", str(json_path), "--markdown", str(markdown_path)])
+    assert status == 0
+    report = json.loads(json_path.read_text())
+    assert "not measured" in report["meta"]["kind"]
+    rows = {row["kernel"]: row for row in report["rows"]}
+    assert set(rows) == {"ntxent_forward", "ntxent_backward"}
+    for row in rows.values():
+        assert row["arch"] == "sm90" and row["dtype"] == "bf16" and row["D"] == 128
+        assert row["mma"] == "wgmma"  # bf16 on Hopper tensor cores
+        assert 0 < row["registers"] <= compile_report.REGISTER_LIMIT
+        assert row["spill_stores"] == 0 and row["spill_loads"] == 0
+        assert row["fits"] and 0 < row["shared_bytes"] <= row["shared_limit"]
+        assert row["loop_instructions"] > 0 and row["instructions_per_element"] > 0
+    assert rows["ntxent_forward"]["ex2_per_element"] == pytest.approx(1.0, abs=0.1)
+    assert rows["ntxent_backward"]["ex2_per_element"] == pytest.approx(2.0, abs=0.1)
+    table = markdown_path.read_text()
+    assert "not measured" in table and "ntxent_backward" in table
+
+
+@pytest.mark.slow
+def test_fp32_default_uses_tensor_cores_on_sm80(tmp_path):
+    """fp32 rows compile to tf32x3 MMA (mma.sync on Ampere) by default, not FMA."""
+    json_path = tmp_path / "report.json"
+    assert compile_report.main(["--arch", "sm80", "--dtypes", "fp32", "--dims", "128", "--configs", "1",
+                                "--kernels", "ntxent_forward", "--json", str(json_path)]) == 0
+    (row,) = json.loads(json_path.read_text())["rows"]
+    assert row["precision"] == "tf32x3" and row["mma"] == "mma.sync"
+
+
+def test_bad_arguments_name_the_flag():
+    with pytest.raises(SystemExit, match="--arch"):
+        compile_report.parse_args(["--arch", "sm75"])
+
+
+def test_sass_element_loop_is_the_innermost_loop_with_ex2():
+    sass = """
+    /*0000*/                   MOV R1, R2 ;
+.L_x_1:
+    /*0010*/                   FMUL R3, R3, R4 ;
+.L_x_2:
+    /*0020*/                   HMMA.16816.F32.BF16 R4, R8, R12, R4 ;
+    /*0030*/              @!P1 BRA `(.L_x_2) ;
+    /*0040*/                   MUFU.EX2 R5, R5 ;
+    /*0050*/                   MUFU.EX2 R6, R6 ;
+    /*0060*/              @!P0 BRA `(.L_x_1) ;
+    /*0070*/                   EXIT ;
+    /*0080*/                   NOP ;
+"""
+    assert analyze_sass(sass) == dict(mma="mma.sync", loop_instructions=6, loop_ex2=2, loop_mma=1)
+    assert analyze_sass("    /*0000*/                   FFMA R1, R2, R3, R1 ;\n")["mma"] == "fma"

@@ -1,0 +1,201 @@
+"""The Triton block primitive (kernels/block.py, through TRITON_INTERPRET=1 on CPU) vs float64 formulas
+written here from docs/block-engine.md, and vs the torch reference primitive.
+
+Odd shapes (A = 23 anchors ≠ K = 37 keys: no multiple of the interpreter's 16-row tiles), D ∈ {3, 17},
+sub_dim prefixes of strided rows, τ = 0.01, every positives kind with and without a self entry,
+exclude_positives (DCL), a global lse that differs from the block's own, bf16 and float64.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastcl._blocks import Layout, inverse_norms
+from loss_cases import relative_error
+
+pytestmark = pytest.mark.triton
+block = pytest.importorskip("fastcl.kernels.block")
+torch_block = pytest.importorskip("fastcl.torch_backend.block")
+
+A, K = 23, 37
+
+
+def _layout(kind: str, self_offset, generator: torch.Generator, exclude: bool = False) -> Layout:
+    if kind == "index":
+        index = torch.randint(0, K, (A,), generator=generator)
+        index[::5] = -1  # anchors without a positive in this block
+        if self_offset is not None:  # the positive is never the anchor itself
+            index = torch.where(index == torch.arange(A) + self_offset, -1, index)
+        return Layout(positives="index", self_offset=self_offset, pos_index=index, exclude_positives=exclude)
+    if kind == "labels":
+        return Layout(positives="labels", self_offset=self_offset, a_labels=torch.randint(0, 4, (A,), generator=generator),
+                      k_labels=torch.randint(0, 4, (K,), generator=generator), exclude_positives=exclude)
+    if kind == "mask":  # soft weights on a 7 × 11 sample mask, read as mask[a mod 7, c mod 11]
+        weights = torch.rand(7, 11, generator=generator) * (torch.rand(7, 11, generator=generator) < 0.4)
+        return Layout(positives="mask", self_offset=self_offset, mask=weights, exclude_positives=exclude)
+    return Layout(positives="none", self_offset=self_offset)
+
+
+def _positives(layout: Layout) -> torch.Tensor:
+    """P [A, K] in float64 (0 on the self entry)."""
+    if layout.positives == "index":
+        p = (torch.arange(K)[None, :] == layout.pos_index[:, None]).double()
+    elif layout.positives == "labels":
+        p = (layout.a_labels[:, None] == layout.k_labels[None, :]).double()
+    elif layout.positives == "mask":
+        p = layout.mask.double()[torch.arange(A) % layout.mask.shape[0]][:, torch.arange(K) % layout.mask.shape[1]]
+    else:
+        p = torch.zeros(A, K, dtype=torch.float64)
+    if layout.self_offset is not None:
+        p[torch.arange(A), torch.arange(A) + layout.self_offset] = 0.0
+    return p
+
+
+def _reference(a, k, tau, sub_dim, layout, normalize, lse_shift, alpha, beta):
+    """float64: forward statistics, then G with the given global lse and gradients of the RAW rows."""
+    a64 = a.detach().double().requires_grad_()
+    k64 = k.detach().double().requires_grad_()
+    a_hat = F.normalize(a64[:, :sub_dim], dim=1, eps=1e-12) if normalize else a64[:, :sub_dim]
+    k_hat = F.normalize(k64[:, :sub_dim], dim=1, eps=1e-12) if normalize else k64[:, :sub_dim]
+    s = a_hat @ k_hat.T / tau
+    p = _positives(layout)
+    kept = torch.ones(A, K, dtype=torch.bool)
+    if layout.self_offset is not None:
+        kept[torch.arange(A), torch.arange(A) + layout.self_offset] = False
+    denominator = kept & (p == 0) if layout.exclude_positives else kept
+    lse = torch.logsumexp(s.detach().masked_fill(~denominator, float("-inf")), dim=1)
+    pos_sum = (p * s.detach()).sum(1)
+    global_lse = lse + lse_shift
+    g = alpha[:, None] * torch.exp(s.detach() - global_lse[:, None]) * denominator - beta[:, None] * p
+    g = g * kept
+    (g * s).sum().backward()
+    return lse, pos_sum, p.sum(1), global_lse, a64.grad[:, :sub_dim], k64.grad[:, :sub_dim], (g * s.detach()).sum()
+
+
+def _rows(dtype, depth, sub_dim, normalize, strided, generator):
+    a = torch.randn(A, depth, generator=generator, dtype=torch.float64)
+    k = torch.randn(K, depth, generator=generator, dtype=torch.float64)
+    if normalize:
+        a[3] *= 1e-3  # a short row: its normalization backward is ~1e3 larger
+    else:  # raw rows of norm ≤ ~0.3 keep |s| ≤ ~10 at τ = 0.01 (fp32 cannot resolve exp(s) of |s| ~ 1000)
+        a, k = a * 0.3 / depth ** 0.5, k * 0.3 / depth ** 0.5
+    if strided:  # a: a transposed buffer; k: every other column of a twice-as-wide one
+        a = a.T.contiguous().T
+        wide = torch.zeros(K, 2 * depth, dtype=torch.float64)
+        wide[:, ::2] = k
+        k = wide[:, ::2]
+    return a.to(dtype), k.to(dtype)
+
+
+def _run(dtype, depth, sub_dim, tau, kind, self_offset, normalize, strided=False, exclude=False, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    a, k = _rows(dtype, depth, sub_dim, normalize, strided, generator)
+    layout = _layout(kind, self_offset, generator, exclude)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    tau_t = torch.tensor(tau, dtype=acc)
+    a_inv = inverse_norms(a, sub_dim) if normalize else None
+    k_inv = inverse_norms(k, sub_dim) if normalize else None
+    alpha = torch.rand(A, generator=generator, dtype=torch.float64) / A
+    beta = torch.rand(A, generator=generator, dtype=torch.float64) / A
+    lse_shift = torch.rand(A, generator=generator, dtype=torch.float64) * 0.5
+    ref = _reference(a, k, tau, sub_dim, layout, normalize, lse_shift, alpha, beta)
+    forward = block.block_forward(a, a_inv, k, k_inv, tau_t, sub_dim, layout)
+    backward = block.block_backward(a, a_inv, k, k_inv, tau_t, sub_dim, layout, ref[3].to(acc), alpha.to(acc),
+                                    beta.to(acc))
+    return a, k, a_inv, k_inv, tau_t, layout, ref, forward, backward, (ref[3].to(acc), alpha.to(acc), beta.to(acc))
+
+
+def _close(got, want, rtol):
+    got, want = got.double(), want.double()
+    finite = torch.isfinite(want)
+    assert torch.equal(finite, torch.isfinite(got))
+    assert relative_error(got[finite], want[finite]) <= rtol
+
+
+CASES = [  # (kind, self_offset, normalize, depth, sub_dim, strided, exclude)
+    ("index", 0, True, 17, 17, False, False),
+    ("index", 5, False, 3, 3, True, False),
+    ("labels", 0, True, 17, 9, True, False),
+    ("labels", None, True, 3, 3, False, True),
+    ("mask", 2, True, 17, 17, False, False),
+    ("mask", None, False, 17, 13, True, True),
+    ("none", 0, True, 17, 17, True, False),
+]
+
+
+@pytest.mark.parametrize("kind,self_offset,normalize,depth,sub_dim,strided,exclude", CASES,
+                         ids=[f"{c[0]}-self{c[1]}-norm{int(c[2])}-D{c[3]}-sub{c[4]}-strided{int(c[5])}-dcl{int(c[6])}"
+                              for c in CASES])
+@pytest.mark.parametrize("tau", [0.01, 0.5])
+def test_fp32_matches_float64(kind, self_offset, normalize, depth, sub_dim, strided, exclude, tau):
+    *_, ref, forward, backward, _ = _run(torch.float32, depth, sub_dim, tau, kind, self_offset, normalize,
+                                         strided, exclude)
+    for got, want in zip(forward, ref[:3]):
+        _close(got, want, 1e-5)
+    d_a, d_k, gs = backward
+    assert d_a.dtype == torch.float32 and d_a.shape == (A, sub_dim) and d_k.shape == (K, sub_dim)
+    _close(d_a, ref[4], 1e-5)
+    _close(d_k, ref[5], 1e-5)
+    assert abs(gs.item() - ref[6].item()) <= 1e-5 * max(1.0, ref[4].abs().max().item())
+
+
+def test_float64_and_torch_reference_primitive():
+    """float64 rows (fp64 dots) at 1e-10, and the same numbers as the torch backend's primitive."""
+    a, k, a_inv, k_inv, tau, layout, ref, forward, backward, coefficients = _run(
+        torch.float64, 17, 13, 0.01, "labels", 0, True, strided=True)
+    for got, want in zip(forward, ref[:3]):
+        _close(got, want, 1e-10)
+    for got, want in zip(backward[:2], ref[4:6]):
+        _close(got, want, 1e-10)
+    expected_forward = torch_block.block_forward(a, a_inv, k, k_inv, tau, 13, layout)
+    expected_backward = torch_block.block_backward(a, a_inv, k, k_inv, tau, 13, layout, *coefficients)
+    for got, want in zip((*forward, *backward), (*expected_forward, *expected_backward)):
+        _close(got, want, 1e-10)
+
+
+@pytest.mark.parametrize("kind", ["index", "mask"])
+def test_bf16_no_worse_than_naive(kind):
+    """bf16 rows: errors vs float64 within naive bf16 PyTorch's (the same formula in bf16) + 1e-2."""
+    a, k, a_inv, k_inv, tau, layout, ref, forward, backward, _ = _run(torch.bfloat16, 17, 17, 0.05, kind, 0, True)
+    a_hat = F.normalize(a.float(), dim=1).bfloat16()
+    k_hat = F.normalize(k.float(), dim=1).bfloat16()
+    s_naive = (a_hat @ k_hat.T).float() / 0.05
+    kept = torch.ones(A, K, dtype=torch.bool)
+    kept[torch.arange(A), torch.arange(A)] = False
+    naive_lse = torch.logsumexp(s_naive.masked_fill(~kept, float("-inf")), dim=1)
+    naive_error = relative_error(naive_lse.double(), ref[0])
+    assert relative_error(forward[0].double(), ref[0]) <= naive_error + 1e-2
+    assert relative_error(forward[1].double(), ref[1]) <= naive_error + 1e-2
+    for got, want in zip(backward[:2], ref[4:6]):
+        assert relative_error(got.double(), want) <= naive_error + 2e-2
+
+
+def test_empty_anchor_gives_minus_inf_and_no_nan():
+    """An anchor whose only key is itself: lse = −inf, and its backward terms are 0, not NaN."""
+    a = torch.randn(1, 8)
+    layout = Layout(positives="none", self_offset=0)
+    lse, pos_sum, pos_weight = block.block_forward(a, None, a, None, torch.tensor(0.1), 8, layout)
+    assert lse.item() == float("-inf") and pos_sum.item() == 0 and pos_weight.item() == 0
+    d_a, d_k, gs = block.block_backward(a, None, a, None, torch.tensor(0.1), 8, layout, lse, torch.ones(1),
+                                        torch.ones(1))
+    assert torch.equal(d_a, torch.zeros(1, 8)) and torch.equal(d_k, torch.zeros(1, 8)) and gs.item() == 0
+
+
+def test_deterministic():
+    first = _run(torch.float32, 17, 17, 0.1, "labels", 0, True)
+    second = _run(torch.float32, 17, 17, 0.1, "labels", 0, True)
+    for got, want in zip((*first[7], *first[8]), (*second[7], *second[8])):
+        assert torch.equal(got, want)
+
+
+def test_bad_input_names_the_argument():
+    a, k, tau = torch.randn(4, 8), torch.randn(5, 8), torch.tensor(0.1)
+    with pytest.raises(ValueError, match="sub_dim"):
+        block.block_forward(a, None, k, None, tau, 9, Layout())
+    with pytest.raises(ValueError, match="k: expected the dtype"):
+        block.block_forward(a, None, k.double(), None, tau, 8, Layout())
+    with pytest.raises(ValueError, match="pos_index"):
+        block.block_forward(a, None, k, None, tau, 8, Layout(positives="index", pos_index=torch.zeros(3, dtype=torch.long)))
+    with pytest.raises(NotImplementedError, match="epilogue"):
+        block.block_forward(a, None, k, None, tau, 8, Layout(epilogue="sigmoid"))
