@@ -94,7 +94,8 @@ class _Progress:
 
     def _run(self):
         while not self._done.wait(self._every):
-            print(f"fastcl: still compiling the CUDA extension ({time.monotonic() - self._start:.0f} s)", file=sys.stderr)
+            elapsed = time.monotonic() - self._start
+            print(f"fastcl: still compiling the CUDA extension ({elapsed:.0f} s)", file=sys.stderr)
 
     def __exit__(self, *exc):
         self._done.set()
