@@ -132,11 +132,12 @@ def lightly_reference(out0, out1, temperature=0.5, gather_distributed=False):
     return nn.CrossEntropyLoss(reduction="mean")(logits, labels.repeat(2))
 
 
-def solo_reference(z, indexes, temperature=0.1):
-    """solo-learn ``simclr_loss_func`` (vturrisi/solo-learn, solo/losses/simclr.py), one process
-    (``full_gather`` is the identity there)."""
-    z = F.normalize(z, dim=-1)
+def solo_reference(z, indexes, temperature=0.1, full_gather=lambda x: x):
+    """solo-learn ``simclr_loss_func`` (vturrisi/solo-learn, solo/losses/simclr.py); ``full_gather`` is
+    the identity on one process (solo/utils/misc.py)."""
+    z = full_gather(F.normalize(z, dim=-1))
     sim = torch.exp(torch.einsum("if, jf -> ij", z, z) / temperature)
+    indexes = full_gather(indexes)
     indexes = indexes.unsqueeze(0)
     pos_mask = indexes.t() == indexes
     pos_mask.fill_diagonal_(0)

@@ -22,10 +22,10 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from fastcl.compat import directclr, inf_cl, lightly, open_clip
+from fastcl.compat import directclr, inf_cl, lightly, open_clip, solo_learn
 from loss_cases import relative_error
 from test_compat import (
-    RTOL, _LightlyGatherLayer, directclr_reference, inf_cl_reference, lightly_reference, open_clip_reference,
+    RTOL, _LightlyGatherLayer, directclr_reference, lightly_reference, open_clip_reference, solo_reference,
 )
 
 WORLD, N_LOCAL, D_IN, D_OUT = 2, 5, 6, 7
@@ -81,7 +81,24 @@ def _cases():
         lambda a, b, s: directclr_reference(torch.cat(_LightlyGatherLayer.apply(a)), torch.cat(_LightlyGatherLayer.apply(b)), 0.2),
         1.0, False,
     )
+    for name, classes in (("solo-learn-2-crops", None), ("solo-learn-supervised", 3)):
+        cases[name] = (
+            lambda a, b, s, c=classes: solo_learn.simclr_loss_func(torch.cat([a, b]), _solo_indexes(c), 0.2),
+            lambda a, b, s, c=classes: solo_reference(torch.cat([a, b]), _solo_indexes(c), 0.2, _full_gather),
+            1.0, False,
+        )
     return cases
+
+
+def _solo_indexes(classes):
+    """Global sample ids of this rank's two crops, or their classes."""
+    ids = torch.arange(N_LOCAL) + N_LOCAL * dist.get_rank()
+    return (ids if classes is None else ids % classes).repeat(2)
+
+
+def _full_gather(x):
+    """solo-learn's ``full_gather`` (solo/utils/misc.py): its FullGatherLayer is lightly's GatherLayer."""
+    return torch.cat(_LightlyGatherLayer.apply(x))
 
 
 class _InfClGradientGather(torch.autograd.Function):
@@ -134,6 +151,7 @@ def _world_results() -> list[dict]:
 CASE_NAMES = [
     *(f"open_clip-local_loss={ll}-gather_with_grad={wg}" for ll in (False, True) for wg in (False, True)),
     "lightly-gather_distributed=False", "lightly-gather_distributed=True", "inf_cl", "directclr-infoNCE",
+    "solo-learn-2-crops", "solo-learn-supervised",
 ]
 
 
