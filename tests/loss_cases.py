@@ -1,6 +1,6 @@
 """Shared test plumbing for the loss tests: random batches, running a loss with gradients, error measures.
 
-Every comparison runs fastcl and the float64 SPEC formulas of ``reference.py`` on the same values (the
+Every comparison runs fastcl and the float64 formulas of the loss registry (``fastcl.reference``) on the same values (the
 reference sees the input rounded to the tested dtype, then widened to float64), and compares the loss,
 the gradient of every input and, for a tensor temperature, dL/dτ.
 """
@@ -13,15 +13,14 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
-import fastcl
-import reference
+from fastcl import registry
 
-LOSSES = ("nt_xent", "info_nce", "supcon")
+LOSSES = tuple(registry.LOSSES)
 
 OURS: dict[str, Callable[..., Tensor]] = {
-    name: functools.partial(getattr(fastcl.functional, name), backend="torch") for name in LOSSES
+    name: functools.partial(entry.functional, backend="torch") for name, entry in registry.LOSSES.items()
 }
-REFERENCE: dict[str, Callable[..., Tensor]] = {name: getattr(reference, name) for name in LOSSES}
+REFERENCE: dict[str, Callable[..., Tensor]] = {name: entry.reference for name, entry in registry.LOSSES.items()}
 
 
 @dataclass
@@ -42,24 +41,30 @@ def make_batch(
     n_classes: Optional[int] = None,
     seed: int = 0,
 ) -> Batch:
-    """Float64 random rows (not normalized, varied norms). ``targets``: "labels", "mask" or None (SupCon)."""
+    """Float64 random rows (not normalized, varied norms). ``targets`` (SupCon): "labels", "mask" (float
+    0/1), "bool_mask", "soft_mask" or None."""
     gen = torch.Generator().manual_seed(seed)
 
     def rows(*shape):
         scale = torch.rand(*shape[:-1], 1, generator=gen, dtype=torch.float64) * 3 + 0.1
         return torch.randn(*shape, generator=gen, dtype=torch.float64) * scale
 
-    if loss != "supcon":
+    if not registry.get(loss).views_input:
         return Batch((rows(n, d), rows(n, d)))
     batch = Batch((rows(n, views, d),))
     classes = n_classes or max(2, n // 3)
     if targets == "labels":
         batch.targets["labels"] = torch.randint(0, classes, (n,), generator=gen)
-    elif targets == "mask":
-        # An arbitrary, asymmetric 0/1 mask (SupContrast allows it); the diagonal is random too.
-        batch.targets["mask"] = (torch.rand(n, n, generator=gen) < 0.3).to(torch.float32)
+    elif targets in ("mask", "bool_mask"):
+        # An arbitrary, asymmetric 0/1 mask (SupContrast allows it); the diagonal is random too. A float
+        # mask runs the block engine (weights), a bool one the fused local path (a set).
+        mask = torch.rand(n, n, generator=gen) < 0.3
+        batch.targets["mask"] = mask if targets == "bool_mask" else mask.to(torch.float32)
+    elif targets == "soft_mask":  # SupContrast's weighted mask: random weights in [0, 1), about half zero
+        weights = torch.rand(n, n, generator=gen, dtype=torch.float64)
+        batch.targets["mask"] = torch.where(weights < 0.5, 0.0, weights)
     elif targets is not None:
-        raise ValueError(f"targets: expected 'labels', 'mask' or None, got {targets!r}")
+        raise ValueError(f"targets: expected 'labels', 'mask', 'bool_mask', 'soft_mask' or None, got {targets!r}")
     return batch
 
 

@@ -1,4 +1,4 @@
-"""The three losses of the torch backend against the float64 SPEC formulas (tests/reference.py).
+"""The registry's losses on the torch backend against their float64 formulas (fastcl.reference).
 
 Values, input gradients and dL/dτ: ≤ 1e-10 relative in float64, ≤ 1e-5 relative in float32 (∞-norm
 relative error, see loss_cases.relative_error); 16-bit inputs no worse than naive PyTorch in that dtype.
@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import fastcl
-from fastcl.profiler import naive
+from fastcl import registry
 from fastcl.torch_backend import chunk_size
 from loss_cases import (
     LOSSES, OURS, Batch, assert_matches_reference, assert_no_worse_than_naive, make_batch, reference_of, relative_error,
@@ -41,6 +41,12 @@ OPTION_CASES = [
     ("supcon", {"targets": None, "views": 4, "contrast_mode": "one"}, torch.tensor(0.3)),
     ("supcon", {"targets": "labels", "sub_dim": 4, "base_temperature": 1.0}, torch.tensor(0.5)),
     ("supcon", {"targets": "labels", "normalize": False}, torch.tensor(5.0)),
+    # single-process options only the block engine has (soft weights, SupContrast's mean over all anchors)
+    ("supcon", {"targets": "bool_mask", "views": 3}, torch.tensor(0.1)),
+    ("supcon", {"targets": "soft_mask", "views": 3}, torch.tensor(0.07)),
+    ("supcon", {"targets": "soft_mask", "contrast_mode": "one", "positives_missing": "zero"}, torch.tensor(0.2)),
+    ("supcon", {"targets": "labels", "views": 1, "positives_missing": "zero"}, torch.tensor(0.01)),
+    ("supcon", {"targets": "mask", "views": 1, "positives_missing": "zero", "sub_dim": 3}, 0.5),
 ]
 
 
@@ -145,15 +151,6 @@ def test_strided_inputs_match_contiguous(loss):
 
 # --- 16-bit inputs ----------------------------------------------------------------------------------
 
-def _naive(loss: str):
-    """Naive materialising PyTorch (lightly / DirectCLR / SupContrast), run in the input's dtype."""
-    if loss == "nt_xent":
-        return lambda z1, z2, temperature: naive.nt_xent(z1, z2, temperature)
-    if loss == "info_nce":
-        return lambda q, k, temperature: naive.info_nce(q, k, temperature)
-    return lambda features, temperature, labels: naive.supcon(features, labels, temperature, base_temperature=0.07)
-
-
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("loss", LOSSES)
 def test_16bit_inputs_no_worse_than_naive(loss, dtype):
@@ -161,7 +158,7 @@ def test_16bit_inputs_no_worse_than_naive(loss, dtype):
     tau = 0.1
     truth = reference_of(loss, batch, tau, dtype)
     ours = run(OURS[loss], batch, tau, dtype)
-    baseline = run(_naive(loss), batch, tau, dtype)
+    baseline = run(registry.get(loss).naive, batch, tau, dtype)
     assert_no_worse_than_naive(ours, baseline, truth, dtype)
 
 
@@ -249,3 +246,48 @@ def test_smallest_nt_xent_batch(dtype):
     """N = 2 (even, the smallest legal NT-Xent batch: each row has 2 negatives)."""
     batch = make_batch("nt_xent", 2, 5, seed=21)
     assert_matches_reference("nt_xent", batch, torch.tensor(0.1), dtype, 1e-10 if dtype == torch.float64 else 1e-5)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f64", "f32"])
+def test_nt_xent_one_pair_is_zero(dtype):
+    """N = 1: each row's only other row is its positive, so ℓ = −s_pos + log exp(s_pos) = 0, gradients 0."""
+    batch = make_batch("nt_xent", 1, 5, seed=22)
+    result = assert_matches_reference("nt_xent", batch, torch.tensor(0.3), dtype, RTOL[dtype])
+    assert result.loss == 0 and all(bool((g == 0).all()) for g in result.grads)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f64", "f32"])
+@pytest.mark.parametrize("keys, targets", [(11, None), (11, "random"), (7, "out-of-range")])
+def test_info_nce_explicit_targets_and_more_keys(keys, targets, dtype):
+    """Inf-CL's one-way form: Nq = 7 queries against more keys, query i's positive is key targets[i]
+    (default i); a target that is no key leaves that query out of the mean."""
+    gen = torch.Generator().manual_seed(keys)
+    q, k = make_batch("info_nce", 7, 17, seed=keys).tensors[0], make_batch("info_nce", keys, 17, seed=keys + 1).tensors[0]
+    options = {"symmetric": False}
+    if targets is not None:
+        options["targets"] = torch.randint(0, keys, (7,), generator=gen)
+        if targets == "out-of-range":
+            options["targets"][2] = keys + 3
+    batch = Batch((q, k))
+    tau = torch.tensor(0.05)
+    ours, truth = run(OURS["info_nce"], batch, tau, dtype, **options), reference_of("info_nce", batch, tau, dtype, **options)
+    assert relative_error(ours.loss, truth.loss, floor=1.0) <= RTOL[dtype]
+    for g, g_ref in zip(ours.grads, truth.grads):
+        assert relative_error(g, g_ref) <= RTOL[dtype]
+    assert relative_error(ours.tau_grad, truth.tau_grad) <= RTOL[dtype]
+
+
+def test_info_nce_paired_targets_equal_the_default():
+    """targets = arange(N) is the default pairing: the block-engine path equals the fused local path."""
+    q, k = make_batch("info_nce", 9, 6, seed=4).tensors
+    default = fastcl.functional.info_nce(q, k, 0.2, symmetric=False, backend="torch")
+    explicit = fastcl.functional.info_nce(q, k, 0.2, symmetric=False, targets=torch.arange(9), backend="torch")
+    assert relative_error(explicit, default) <= 1e-14
+
+
+def test_soft_mask_of_zeros_and_ones_equals_the_bool_mask():
+    """A float 0/1 mask (block engine, weights) and the same bool mask (fused local path, a set) agree."""
+    batch = make_batch("supcon", 8, 6, targets="bool_mask", seed=5)
+    as_set = OURS["supcon"](*batch.tensors, mask=batch.targets["mask"])
+    as_weights = OURS["supcon"](*batch.tensors, mask=batch.targets["mask"].double())
+    assert relative_error(as_weights, as_set) <= 1e-14

@@ -1,0 +1,168 @@
+"""Two independent evaluations of every loss, for tests and benchmarks (the registry points at them).
+
+* Float64 formulas (``nt_xent``, ``info_nce``, ``supcon``, ...): the obvious transcription of the math in
+  docs/spec.md, loops over anchors and all, independent of every backend. They materialise the full
+  similarity matrix on purpose; use them on small inputs.
+* Naive PyTorch (``naive_nt_xent``, ...): the materialising code most people run today, in the inputs'
+  dtype, for the profiler's "vs naive" ratios and the 16-bit accuracy bar ("no worse than naive"):
+
+  - ``naive_nt_xent``: lightly's ``NTXentLoss(memory_bank_size=0)``: four N×N einsum blocks, the self
+    similarities cut out with a boolean mask, concatenated into 2N×(2N−1) logits, ``cross_entropy``.
+  - ``naive_info_nce``: DirectCLR's ``infoNCE(z1, z2)/2 + infoNCE(z2, z1)/2``: normalize, ``q @ kᵀ / τ``,
+    ``cross_entropy`` against ``arange``, once per direction.
+  - ``naive_supcon``: SupContrast's ``SupConLoss``: view-major contrast features, full logits minus the
+    row max, exp, a dense float mask for positives and one for "not self".
+
+  Inputs are L2-normalized first, so the values equal :mod:`fastcl.functional` with ``normalize=True``.
+
+    >>> z1, z2 = torch.randn(4, 8), torch.randn(4, 8)
+    >>> torch.allclose(naive_nt_xent(z1, z2, 0.5).double(), nt_xent(z1, z2, 0.5), atol=1e-5)
+    True
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+# --- float64 formulas ---------------------------------------------------------------------------------
+
+def _rows(x: Tensor, sub_dim: Optional[int], normalize: bool) -> Tensor:
+    x = x.double()
+    if sub_dim is not None:
+        x = x[..., :sub_dim]
+    if normalize:
+        x = x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    return x
+
+
+def _tau(temperature) -> Tensor | float:
+    return temperature.double() if isinstance(temperature, Tensor) else float(temperature)
+
+
+def nt_xent(z1, z2, temperature=0.5, sub_dim=None, normalize=True) -> Tensor:
+    z = torch.cat([_rows(z1, sub_dim, normalize), _rows(z2, sub_dim, normalize)])
+    m, n = z.shape[0], z.shape[0] // 2
+    s = z @ z.T / _tau(temperature)
+    total = 0.0
+    for i in range(m):
+        pos = i + n if i < n else i - n
+        others = torch.cat([s[i, :i], s[i, i + 1 :]])
+        total = total + (-s[i, pos] + torch.logsumexp(others, 0))
+    return total / m
+
+
+def _info_nce_one_way(q, k, tau, targets=None):
+    s = q @ k.T / tau
+    positives = torch.arange(q.shape[0]) if targets is None else targets.cpu()
+    terms = [-s[i, t] + torch.logsumexp(s[i], 0) for i, t in enumerate(positives.tolist()) if 0 <= t < k.shape[0]]
+    return torch.stack(terms).mean() if terms else torch.zeros((), dtype=torch.float64)
+
+
+def info_nce(q, k, temperature=0.1, sub_dim=None, normalize=True, symmetric=True, targets=None) -> Tensor:
+    """Query i's positive is key ``targets[i]`` (default i); queries whose target is no key are left out."""
+    q, k, tau = _rows(q, sub_dim, normalize), _rows(k, sub_dim, normalize), _tau(temperature)
+    if not symmetric:
+        return _info_nce_one_way(q, k, tau, targets)
+    return 0.5 * _info_nce_one_way(q, k, tau) + 0.5 * _info_nce_one_way(k, q, tau)
+
+
+def supcon(
+    features, labels=None, mask=None, temperature=0.07, base_temperature=0.07, contrast_mode="all",
+    sub_dim=None, normalize=True, positives_missing="drop",
+) -> Tensor:
+    """A floating ``mask`` weighs the positives (soft mask); anchors without positives are left out of
+    the mean ("drop") or add 0 to it ("zero")."""
+    f = _rows(features, sub_dim, normalize)
+    n, views, _ = f.shape
+    z = torch.cat([f[:, v] for v in range(views)])  # view-major: row v·N + n
+    sample = torch.arange(views * n) % n
+    if mask is None:
+        lab = torch.arange(n) if labels is None else labels.cpu()
+        weight = (lab[:, None] == lab[None, :]).double()
+    else:
+        weight = mask.cpu().double() if mask.is_floating_point() else (mask.cpu() != 0).double()
+    tau = _tau(temperature)
+    s = z @ z.T / tau
+    anchors = range(n) if contrast_mode == "one" else range(views * n)
+    terms, missing = [], 0
+    for a in anchors:
+        others = [c for c in range(views * n) if c != a]
+        positives = [p for p in others if weight[sample[a], sample[p]] != 0]
+        if not positives:
+            missing += 1
+            continue
+        log_denominator = torch.logsumexp(s[a, others], 0)
+        w = [weight[sample[a], sample[p]] for p in positives]
+        mean_log_prob = sum(wp * (s[a, p] - log_denominator) for wp, p in zip(w, positives)) / sum(w)
+        terms.append(-(tau / base_temperature) * mean_log_prob)
+    if not terms:
+        return torch.zeros((), dtype=torch.float64)
+    return torch.stack(terms).sum() / (len(terms) + (missing if positives_missing == "zero" else 0))
+
+
+# --- naive PyTorch ------------------------------------------------------------------------------------
+
+def naive_nt_xent(z1: Tensor, z2: Tensor, temperature: float = 0.5) -> Tensor:
+    """SimCLR 2N-way NT-Xent computed as lightly does (2N×(2N−1) logits)."""
+    n = z1.shape[0]
+    z1 = F.normalize(z1, dim=1)
+    z2 = F.normalize(z2, dim=1)
+    logits_11 = torch.einsum("nc,mc->nm", z1, z1) / temperature
+    logits_12 = torch.einsum("nc,mc->nm", z1, z2) / temperature
+    logits_21 = torch.einsum("nc,mc->nm", z2, z1) / temperature
+    logits_22 = torch.einsum("nc,mc->nm", z2, z2) / temperature
+    not_self = ~torch.eye(n, device=z1.device, dtype=torch.bool)
+    logits_11 = logits_11[not_self].view(n, -1)
+    logits_22 = logits_22[not_self].view(n, -1)
+    logits = torch.cat([torch.cat([logits_12, logits_11], dim=1), torch.cat([logits_21, logits_22], dim=1)], dim=0)
+    # The positive of row i sits in column i of the cross-view block, which comes first in both halves.
+    targets = torch.arange(n, device=z1.device).repeat(2)
+    return F.cross_entropy(logits, targets)
+
+
+def _naive_info_nce_one_direction(anchors: Tensor, others: Tensor, temperature: float) -> Tensor:
+    anchors = F.normalize(anchors, dim=1)
+    others = F.normalize(others, dim=1)
+    logits = anchors @ others.T / temperature
+    targets = torch.arange(anchors.shape[0], device=anchors.device)
+    return F.cross_entropy(logits, targets)
+
+
+def naive_info_nce(q: Tensor, k: Tensor, temperature: float = 0.1) -> Tensor:
+    """Symmetric cross-view InfoNCE as DirectCLR computes it (two N×N logit matrices)."""
+    return _naive_info_nce_one_direction(q, k, temperature) / 2 + _naive_info_nce_one_direction(k, q, temperature) / 2
+
+
+def naive_supcon(
+    features: Tensor,
+    labels: Optional[Tensor] = None,
+    temperature: float = 0.07,
+    base_temperature: float = 0.07,
+) -> Tensor:
+    """SupCon L_out (``contrast_mode="all"``) as SupContrast computes it (dense NV×NV logits and masks)."""
+    n, views, _ = features.shape
+    features = F.normalize(features, dim=2)
+    if labels is None:
+        labels = torch.arange(n, device=features.device)
+    labels = labels.view(-1, 1)
+    same_label = torch.eq(labels, labels.T).float()
+    contrast = torch.cat(torch.unbind(features, dim=1), dim=0)
+    anchor_dot_contrast = contrast @ contrast.T / temperature
+    row_max, _ = anchor_dot_contrast.max(dim=1, keepdim=True)
+    logits = anchor_dot_contrast - row_max.detach()
+    positives = same_label.repeat(views, views)
+    rows = n * views
+    not_self = torch.scatter(
+        torch.ones_like(positives), 1, torch.arange(rows, device=features.device).view(-1, 1), 0
+    )
+    positives = positives * not_self
+    exp_logits = torch.exp(logits) * not_self
+    log_prob = logits - torch.log(exp_logits.sum(1, keepdim=True))
+    positive_count = positives.sum(1)
+    positive_count = torch.where(positive_count < 1e-6, 1, positive_count)
+    mean_log_prob_pos = (positives * log_prob).sum(1) / positive_count
+    return (-(temperature / base_temperature) * mean_log_prob_pos).mean()
