@@ -45,7 +45,7 @@ demo: $(STAMP)
 
 # The API reference, rendered from the docstrings into site/api/ (open site/api/index.html).
 docs: $(STAMP)
-	TRITON_INTERPRET=1 $(VENV)/bin/pdoc -o site/api fastcl
+	TRITON_INTERPRET=1 $(VENV)/bin/pdoc -o site/api fastcl fastcl.augment fastcl.data fastcl.models fastcl.evaluation
 
 bench: $(STAMP)
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH bench/run_cpu.sh
