@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 import fastcl
 from fastcl.compat import directclr, inf_cl, lightly, open_clip, pml, solo_learn, supcontrast
-from loss_cases import relative_error
+from loss_cases import Result, assert_no_worse_than_naive, relative_error
 from test_parity import supcontrast as supcontrast_reference
 
 RTOL = 1e-9
@@ -499,8 +499,9 @@ def test_modules_check_finite(module, make):
 # --- float32 ------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("peer", ["supcontrast", "open_clip", "lightly", "pml-multi-positive", "solo-multi-crop", "inf_cl-more-keys"])
-def test_float32_against_the_float64_peer(peer):
-    """float32 inputs: the loss (float32) and gradients within 1e-5 of the peer run in float64."""
+def test_float32_and_bfloat16_against_the_float64_peer(peer):
+    """float32 inputs: the loss (float32) and gradients within 1e-5 of the peer run in float64;
+    bfloat16 inputs: a float32 loss, bfloat16 gradients, no worse than the peer in bfloat16."""
     a, b = rows(9, 24, seed=31), rows(9, 24, seed=32)
     labels = _labels(9, 3, 4)
     cases = {
@@ -522,6 +523,11 @@ def test_float32_against_the_float64_peer(peer):
     assert loss.dtype == torch.float32 and relative_error(loss, expected) <= 1e-5
     for g, h in zip(grads, expected_grads):
         assert g.dtype == torch.float32 and relative_error(g, h) <= 1e-5
+    # bfloat16 inputs: no further from the float64 peer than the peer itself run in bfloat16.
+    rounded = (a.bfloat16(), b.bfloat16())
+    truth = Result(*evaluate(theirs, tuple(x.double() for x in rounded)), None)
+    assert_no_worse_than_naive(Result(*evaluate(ours, rounded), None), Result(*evaluate(theirs, rounded), None),
+                               truth, torch.bfloat16)
 
 
 @pytest.mark.parametrize("call, argument", [

@@ -8,6 +8,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from fastcl import _validate
+from fastcl._blocks import accumulation_dtype
 from fastcl.distributed import world_size
 
 
@@ -61,5 +62,4 @@ def temperature_from_scale(scale: Union[float, Tensor]) -> Union[float, Tensor]:
 
 def zero_loss(*rows: Tensor) -> Tensor:
     """An exact 0 connected to the inputs' graph (zero gradients, never NaN even for NaN rows)."""
-    acc = torch.float64 if rows[0].dtype == torch.float64 else torch.float32
-    return sum(r[:0].sum().to(acc) for r in rows)
+    return sum(r[:0].sum().to(accumulation_dtype(r.dtype)) for r in rows)

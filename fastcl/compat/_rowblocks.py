@@ -15,14 +15,12 @@ import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
+from fastcl._blocks import accumulation_dtype
+
 # Elements of one rows × keys logits block (fp32: 8 MiB), as the torch backend's tiles.
 _BLOCK_ELEMENTS = 1 << 21
 
 BlockTerm = Callable[[Tensor, slice], Tensor]
-
-
-def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def block_sum(
