@@ -41,7 +41,7 @@ struct Config {
   static constexpr int path = kPath;
   static constexpr int kRows = std::is_same<scalar_t, double>::value ? 32 : 64;
   static constexpr int kChunk = kPath == kFma ? 16 : 32;
-  static constexpr int kSlice = kPath == kWmma16 ? 64 : 32;
+  static constexpr int kSlice = kPath == kWmmaTf32 ? 32 : 64;  // wider slices spill (bf16 at 128) or exceed TF32 registers
   static constexpr int kPad = 16 / sizeof(scalar_t);  // keeps WMMA leading dimensions multiples of 16 bytes
   static constexpr int kAccPad = 16 / sizeof(acc);
   static constexpr int kLdChunk = kChunk + kPad;
@@ -54,17 +54,24 @@ struct Config {
   static constexpr int kLdT = kSeparateT ? kRows + kPad : kLdScores;
   static_assert(kRows % 16 == 0 && kSlice % 16 == 0 && kChunk % 16 == 0, "tiles are multiples of 16");
   static_assert(kThreads % kRows == 0, "whole rows per thread group");
+  static_assert(kPath == kFma || kRows == 16 * (kThreads / 32), "WMMA paths: one 16-row strip per warp");
 };
 
 template <class Cfg>
 struct Smem {
   using scalar_t = typename Cfg::scalar;
   using acc_t = typename Cfg::acc;
-  alignas(128) scalar_t a[Cfg::kRows * Cfg::kLdChunk];
-  alignas(128) scalar_t k[Cfg::kRows * Cfg::kLdChunk];
+  static constexpr int kChunkElements = Cfg::kRows * Cfg::kLdChunk;
+  static constexpr int kSliceElements = Cfg::kRows * Cfg::kLdSlice;
+  // S's operand chunks (a, k) and the second GEMM's slice are never live at the same time: one buffer.
+  static_assert(kChunkElements * sizeof(scalar_t) % 128 == 0, "k() keeps WMMA's 32-byte pointer alignment");
+  alignas(128) scalar_t operands[2 * kChunkElements > kSliceElements ? 2 * kChunkElements : kSliceElements];
   alignas(128) acc_t scores[Cfg::kRows * Cfg::kLdScores];  // S, then T when kSeparateT is false
   alignas(128) scalar_t t[Cfg::kSeparateT ? Cfg::kRows * Cfg::kLdT : 1];
-  alignas(128) scalar_t slice[Cfg::kRows * Cfg::kLdSlice];
+
+  __device__ __forceinline__ scalar_t* a() { return operands; }
+  __device__ __forceinline__ scalar_t* k() { return operands + kChunkElements; }
+  __device__ __forceinline__ scalar_t* slice() { return operands; }
 };
 
 template <typename scalar_t, typename acc_t>
@@ -166,16 +173,16 @@ __device__ void similarity_tile(Smem<Cfg>& smem, const Rows<typename Cfg::scalar
     const int ty = threadIdx.x / 8, tx = threadIdx.x % 8;
     acc_t dots[kRowsPerThread][kColsPerThread] = {};
     for (int64_t d0 = 0; d0 < sub_dim; d0 += Cfg::kChunk) {
-      load_tile<Cfg, R, Cfg::kChunk, Cfg::kLdChunk, false>(smem.a, a, a0, d0, sub_dim);
-      load_tile<Cfg, R, Cfg::kChunk, Cfg::kLdChunk, false>(smem.k, k, k0, d0, sub_dim);
+      load_tile<Cfg, R, Cfg::kChunk, Cfg::kLdChunk, false>(smem.a(), a, a0, d0, sub_dim);
+      load_tile<Cfg, R, Cfg::kChunk, Cfg::kLdChunk, false>(smem.k(), k, k0, d0, sub_dim);
       __syncthreads();
 #pragma unroll 4
       for (int d = 0; d < Cfg::kChunk; ++d) {
         acc_t av[kRowsPerThread], kv[kColsPerThread];
 #pragma unroll
-        for (int i = 0; i < kRowsPerThread; ++i) av[i] = smem.a[(ty + 16 * i) * Cfg::kLdChunk + d];
+        for (int i = 0; i < kRowsPerThread; ++i) av[i] = smem.a()[(ty + 16 * i) * Cfg::kLdChunk + d];
 #pragma unroll
-        for (int j = 0; j < kColsPerThread; ++j) kv[j] = smem.k[(tx + 8 * j) * Cfg::kLdChunk + d];
+        for (int j = 0; j < kColsPerThread; ++j) kv[j] = smem.k()[(tx + 8 * j) * Cfg::kLdChunk + d];
 #pragma unroll
         for (int i = 0; i < kRowsPerThread; ++i)
 #pragma unroll
@@ -193,17 +200,17 @@ __device__ void similarity_tile(Smem<Cfg>& smem, const Rows<typename Cfg::scalar
 #pragma unroll
     for (int j = 0; j < R / 16; ++j) wmma::fill_fragment(dots[j], 0.0f);
     for (int64_t d0 = 0; d0 < sub_dim; d0 += Cfg::kChunk) {
-      load_tile<Cfg, R, Cfg::kChunk, Cfg::kLdChunk, false>(smem.a, a, a0, d0, sub_dim);
-      load_tile<Cfg, R, Cfg::kChunk, Cfg::kLdChunk, false>(smem.k, k, k0, d0, sub_dim);
+      load_tile<Cfg, R, Cfg::kChunk, Cfg::kLdChunk, false>(smem.a(), a, a0, d0, sub_dim);
+      load_tile<Cfg, R, Cfg::kChunk, Cfg::kLdChunk, false>(smem.k(), k, k0, d0, sub_dim);
       __syncthreads();
 #pragma unroll
       for (int kk = 0; kk < Cfg::kChunk; kk += Wmma<scalar_t>::kStep) {
         Operand<scalar_t, wmma::matrix_a, wmma::row_major> lhs;
-        load_operand(lhs, smem.a + warp * 16 * Cfg::kLdChunk + kk, Cfg::kLdChunk);
+        load_operand(lhs, smem.a() + warp * 16 * Cfg::kLdChunk + kk, Cfg::kLdChunk);
 #pragma unroll
         for (int j = 0; j < R / 16; ++j) {
           Operand<scalar_t, wmma::matrix_b, wmma::col_major> rhs;  // Kᵀ: element (d, c) at k[c][d]
-          load_operand(rhs, smem.k + j * 16 * Cfg::kLdChunk + kk, Cfg::kLdChunk);
+          load_operand(rhs, smem.k() + j * 16 * Cfg::kLdChunk + kk, Cfg::kLdChunk);
           wmma::mma_sync(dots[j], lhs, rhs, dots[j]);
         }
       }
@@ -251,7 +258,7 @@ struct SliceAccumulator<Cfg, true> {
         tv[i] = kTransposed ? t[inner * ld + row] : t[row * ld + inner];
       }
 #pragma unroll
-      for (int j = 0; j < kColsPerThread; ++j) sv[j] = smem.slice[inner * Cfg::kLdSlice + tx + 8 * j];
+      for (int j = 0; j < kColsPerThread; ++j) sv[j] = smem.slice()[inner * Cfg::kLdSlice + tx + 8 * j];
 #pragma unroll
       for (int i = 0; i < kRowsPerThread; ++i)
 #pragma unroll
@@ -298,26 +305,32 @@ struct SliceAccumulator<Cfg, false> {
 #pragma unroll
       for (int j = 0; j < Cfg::kSlice / 16; ++j) {
         Operand<scalar_t, wmma::matrix_b, wmma::row_major> rhs;
-        load_operand(rhs, smem.slice + kk * Cfg::kLdSlice + j * 16, Cfg::kLdSlice);
+        load_operand(rhs, smem.slice() + kk * Cfg::kLdSlice + j * 16, Cfg::kLdSlice);
         wmma::mma_sync(sums[j], lhs, rhs, sums[j]);
       }
     }
   }
 
-  // Stages the fragments through smem.scores (free after the last tile), then stores with masks.
+  // Stages the fragments through smem.scores (free after the last tile), kRows columns at a time, then
+  // stores them with masks.
   __device__ __forceinline__ void store(Smem<Cfg>& smem, acc_t* out, int64_t row0, int64_t count, int64_t col0,
                                         int64_t sub_dim, acc_t scale) {
+    constexpr int kWidth = Cfg::kSlice < Cfg::kRows ? Cfg::kSlice : Cfg::kRows;
+    static_assert(Cfg::kSlice % kWidth == 0, "the slice is staged in whole rounds");
     const int warp = threadIdx.x / 32;
-    __syncthreads();
 #pragma unroll
-    for (int j = 0; j < Cfg::kSlice / 16; ++j)
-      wmma::store_matrix_sync(smem.scores + warp * 16 * Cfg::kLdScores + j * 16, sums[j], Cfg::kLdScores,
-                              wmma::mem_row_major);
-    __syncthreads();
-    for (int i = threadIdx.x; i < Cfg::kRows * Cfg::kSlice; i += kThreads) {
-      const int r = i / Cfg::kSlice, c = i % Cfg::kSlice;
-      const int64_t row = row0 + r, col = col0 + c;
-      if (row < count && col < sub_dim) out[row * sub_dim + col] = smem.scores[r * Cfg::kLdScores + c] * scale;
+    for (int staged = 0; staged < Cfg::kSlice; staged += kWidth) {
+      __syncthreads();
+#pragma unroll
+      for (int j = 0; j < kWidth / 16; ++j)
+        wmma::store_matrix_sync(smem.scores + warp * 16 * Cfg::kLdScores + j * 16, sums[staged / 16 + j],
+                                Cfg::kLdScores, wmma::mem_row_major);
+      __syncthreads();
+      for (int i = threadIdx.x; i < Cfg::kRows * kWidth; i += kThreads) {
+        const int r = i / kWidth, c = i % kWidth;
+        const int64_t row = row0 + r, col = col0 + staged + c;
+        if (row < count && col < sub_dim) out[row * sub_dim + col] = smem.scores[r * Cfg::kLdScores + c] * scale;
+      }
     }
   }
 };
@@ -457,7 +470,7 @@ __global__ void __launch_bounds__(kThreads, 1) block_backward_anchor_kernel(cons
   for (int64_t k0 = 0; k0 < args.k.count; k0 += Cfg::kRows) {
     similarity_tile(smem, args.a, args.k, a0, k0, args.sub_dim);
     gradient_tile_row(smem, args, layout, grad, anchor, valid, row, first_col, k0, grad_dot_logits, grad_sum);
-    load_tile<Cfg, Cfg::kRows, Cfg::kSlice, Cfg::kLdSlice, true>(smem.slice, args.k, k0, slice0, args.sub_dim);
+    load_tile<Cfg, Cfg::kRows, Cfg::kSlice, Cfg::kLdSlice, true>(smem.slice(), args.k, k0, slice0, args.sub_dim);
     __syncthreads();
     out.template add<false>(smem);
     __syncthreads();
@@ -491,7 +504,7 @@ __global__ void __launch_bounds__(kThreads, 1) block_backward_key_kernel(const K
     const RowGradient<acc_t> grad = row_gradient(args, anchor, valid, inv_tau);
     similarity_tile(smem, args.a, args.k, a0, k0, args.sub_dim);
     gradient_tile_row(smem, args, layout, grad, anchor, valid, row, first_col, k0, unused_dot, unused_sum);
-    load_tile<Cfg, Cfg::kRows, Cfg::kSlice, Cfg::kLdSlice, true>(smem.slice, args.a, a0, slice0, args.sub_dim);
+    load_tile<Cfg, Cfg::kRows, Cfg::kSlice, Cfg::kLdSlice, true>(smem.slice(), args.a, a0, slice0, args.sub_dim);
     __syncthreads();
     out.template add<true>(smem);
     __syncthreads();

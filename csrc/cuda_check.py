@@ -109,11 +109,16 @@ def check_binding() -> bool | None:
 
 
 def markdown(kernels: list[dict]) -> str:
-    lines = ["| kernel | arch | registers | shared memory (bytes) | spill stores / loads (bytes) |",
-             "|---|---|---|---|---|"]
-    for k in sorted(kernels, key=lambda k: (k["kernel"], k["arch"])):
-        lines.append(f"| `{k['kernel']}` | {k['arch']} | {k['registers']} | {k['smem']} | "
-                     f"{k['spill_stores']} / {k['spill_loads']} |")
+    """One row per kernel: registers and shared memory per architecture, spill bytes over all of them."""
+    arches = sorted({k["arch"] for k in kernels})
+    head = " | ".join(f"{arch} registers / smem (B)" for arch in arches)
+    lines = [f"| kernel | {head} | spill stores / loads (B) |", "|---" * (len(arches) + 2) + "|"]
+    for name in sorted({k["kernel"] for k in kernels}):
+        rows = {k["arch"]: k for k in kernels if k["kernel"] == name}
+        cells = " | ".join(f"{rows[a]['registers']} / {rows[a]['smem']}" if a in rows else "-" for a in arches)
+        stores = sum(r["spill_stores"] for r in rows.values())
+        loads = sum(r["spill_loads"] for r in rows.values())
+        lines.append(f"| `{name}` | {cells} | {stores} / {loads} |")
     return "\n".join(lines)
 
 
