@@ -1,0 +1,119 @@
+"""``fastcl repro``: one command per paper that fastcl is built from, with verdicts computed from numbers.
+
+``fastcl repro --list`` names the experiments; ``fastcl repro NAME`` (or ``all``) runs one at a size:
+``--smoke`` (seconds, for CI), ``--quick`` (CPU minutes; the default without a GPU) or ``--full`` (the
+paper-sized configuration for a GPU; the default with one). Each writes ``OUT/NAME/results.json`` (every
+number, the configuration, versions, machine, seeds), ``results.md`` (tables and verdicts) and PNG figures,
+and prints each claim with the comparison it made and its verdict. See docs/repro.md.
+
+Example:
+    >>> sorted(EXPERIMENTS)
+    ['cosentino', 'directclr', 'foster', 'xue']
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from fastcl.repro.common import SIZES, Context, Progress, environment, write_outputs
+
+EXPERIMENTS = {name: f"fastcl.repro.{name}" for name in ("directclr", "foster", "xue", "cosentino")}
+
+
+def load(name: str):
+    """The experiment module ``name``.
+
+    Raises:
+        ValueError: ``name`` is not one of ``EXPERIMENTS``.
+    """
+    if name not in EXPERIMENTS:
+        raise ValueError(f"experiment must be one of {sorted(EXPERIMENTS)} or 'all', got {name!r}")
+    return importlib.import_module(EXPERIMENTS[name])
+
+
+def run_experiment(name: str, size: str, out: str | Path, device: str = "auto", data_dir: str | None = None,
+                   progress: bool = True) -> dict:
+    """Run experiment ``name`` at ``size``, write its files to ``out/name`` and print its claims.
+
+    Args:
+        name: one of ``EXPERIMENTS``.
+        size: ``"smoke"``, ``"quick"`` or ``"full"``.
+        out: parent directory of the experiment's output directory.
+        device: ``"auto"`` (cuda > mps > cpu), ``"cpu"``, ``"cuda"``, ...
+        data_dir: directory with CIFAR-10 for the ``--full`` image experiments.
+        progress: show a progress bar.
+
+    Returns:
+        The record written to results.json (``claims``, ``results``, ``config``, ``environment``, ...).
+
+    Raises:
+        ValueError: unknown experiment or size.
+    """
+    from fastcl.train import resolve_device
+
+    experiment = load(name)
+    if size not in SIZES:
+        raise ValueError(f"size must be one of {SIZES}, got {size!r}")
+    config = experiment.CONFIGS[size]
+    target = Path(out) / name
+    dev = resolve_device(device)
+    bar = Progress(experiment.units(config), f"{name} --{size}", enabled=progress)
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix=f"fastcl-repro-{name}-") as work:
+        results = experiment.run(config, Context(dev, Path(work), bar, data_dir))
+    bar.close()
+    wall = time.perf_counter() - start
+    claims = experiment.claims(results, config)
+    write_outputs(target, experiment, size, config, results, claims, environment(dev), wall)
+    print(f"\n{experiment.TITLE} (--{size}, {wall / 60:.1f} min); files in {target}/")
+    for claim in claims:
+        print(f"  [{claim.verdict}] {claim.statement}\n      {claim.comparison}")
+    import json
+
+    return json.loads((target / "results.json").read_text())
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fastcl repro", description=__doc__.split("\n")[0])
+    p.add_argument("name", nargs="?", help=f"one of {', '.join(EXPERIMENTS)}, or all")
+    p.add_argument("--list", action="store_true", help="list the experiments and exit")
+    sizes = p.add_mutually_exclusive_group()
+    for size, help_ in (("smoke", "seconds: checks that it runs end to end"),
+                        ("quick", "CPU minutes (default without a GPU)"),
+                        ("full", "the paper-sized configuration for a GPU (default with one)")):
+        sizes.add_argument(f"--{size}", dest="size", action="store_const", const=size, help=help_)
+    p.add_argument("--out", default="runs/repro", help="results go to OUT/NAME/")
+    p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:1, ...")
+    p.add_argument("--data-dir", default=None, help="CIFAR-10 python-pickle directory (the --full image runs)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``fastcl repro``; bad arguments exit with status 2."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.list:
+        for name in EXPERIMENTS:
+            experiment = load(name)
+            print(f"{name:<10} {experiment.TITLE}\n{'':<10} {experiment.SUMMARY}")
+        return 0
+    if args.name is None:
+        parser.error("name an experiment (or all), or pass --list")
+    names = list(EXPERIMENTS) if args.name == "all" else [args.name]
+    if args.name != "all" and args.name not in EXPERIMENTS:
+        parser.error(f"experiment must be one of {sorted(EXPERIMENTS)} or 'all', got {args.name!r}")
+    size = args.size or ("full" if torch.cuda.is_available() else "quick")
+    for name in names:
+        run_experiment(name, size, args.out, args.device, args.data_dir, progress=not args.no_progress)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
