@@ -28,14 +28,16 @@ from fastcl._extras import require
 for _module in ("numpy", "tqdm", "sklearn", "matplotlib", "kornia"):
     require(_module, "train", "fastcl train")
 
+from fastcl import registry  # noqa: E402
 from fastcl.checkpoint import rng_state, save_atomic, set_rng_state  # noqa: E402
 from fastcl.data import DATASETS, build_source  # noqa: E402
 from fastcl.evaluation import evaluate, plot_spectra  # noqa: E402
 from fastcl.models import ENCODERS, HEADS, ContrastiveModel, build_encoder  # noqa: E402
 from fastcl.optim import LARS, parameter_groups, warmup_cosine  # noqa: E402
 
-METHODS = ("simclr", "supcon", "directclr")
-DEFAULT_TEMPERATURE = {"simclr": 0.5, "supcon": 0.07, "directclr": 0.1}
+# --method names come from the loss registry: each names the registered loss it trains with.
+METHODS = tuple(registry.METHODS)
+DEFAULT_TEMPERATURE = {method: registry.get(name).default_temperature for method, name in registry.METHODS.items()}
 # Arguments that define the model, data or schedule: a checkpoint only resumes a run that agrees on them.
 RESUME_MUST_MATCH = ("method", "dataset", "encoder", "head", "proj_dim", "kappa", "sub_dim", "batch_size",
                      "optimizer", "train_size", "seed", "aug_preset", "aug_strength", "temperature", "gp_lambda")
@@ -60,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--momentum", type=float, default=0.9)
     p.add_argument("--weight-decay", type=float, default=None, help="default: 1e-6 lars, 5e-4 sgd")
     p.add_argument("--warmup-epochs", type=float, default=None, help="default: min(10, epochs / 10)")
-    p.add_argument("--temperature", type=float, default=None, help="default: simclr 0.5, supcon 0.07, directclr 0.1")
+    p.add_argument("--temperature", type=float, default=None, help="default: " + ", ".join(f"{m} {t}" for m, t in DEFAULT_TEMPERATURE.items()))
     p.add_argument("--aug-preset", default="simclr", help="fastcl.augment preset (image datasets)")
     p.add_argument("--aug-strength", type=float, default=1.0)
     p.add_argument("--backend", default="auto", help="loss backend: auto, torch, triton, cuda")
@@ -139,19 +141,14 @@ def build_loss(args: argparse.Namespace, dim: int):
     """The contrastive loss for ``args.method``; ``dim`` is the width of the vectors it receives.
 
     Under torchrun the losses gather negatives across ranks themselves (``distributed=``)."""
-    from fastcl import DirectCLRLoss, NTXentLoss, SupConLoss
-
     sub_dim = args.sub_dim
     if args.method == "directclr" and sub_dim is None:
         sub_dim = max(1, round(dim * 360 / 2048))  # the paper's prefix 360 of 2048
     if sub_dim is not None and not 1 <= sub_dim <= dim:
         raise ValueError(f"--sub-dim must be in [1, {dim}] (the width the {args.method} loss sees), got {sub_dim}")
     common = {"backend": args.backend, "distributed": args.distributed_loss}
-    if args.method == "simclr":
-        return NTXentLoss(args.temperature, sub_dim=sub_dim, **common)
-    if args.method == "supcon":
-        return SupConLoss(temperature=args.temperature, sub_dim=sub_dim, **common)
-    return DirectCLRLoss(sub_dim=sub_dim, temperature=args.temperature, **common)
+    # directclr trains InfoNCE on a prefix of h: DirectCLRLoss is InfoNCELoss with sub_dim.
+    return registry.get(registry.METHODS[args.method]).module(temperature=args.temperature, sub_dim=sub_dim, **common)
 
 
 def gradient_penalty(encoder, source, idx, draws: int, clamp: float, autocast) -> torch.Tensor:
@@ -171,11 +168,9 @@ def _contrastive_loss(loss_fn, method: str, h, z, labels):
     """The method's loss on ``h``/``z`` = [view 1; view 2] (view-major); float32 so AMP outputs are accepted."""
     h1, h2 = h.float().chunk(2)
     z1, z2 = z.float().chunk(2)
-    if method == "simclr":
-        return loss_fn(z1, z2)
-    if method == "supcon":
+    if registry.get(registry.METHODS[method]).views_input:
         return loss_fn(torch.stack([z1, z2], 1), labels)
-    return loss_fn(h1, h2)
+    return loss_fn(h1, h2) if method == "directclr" else loss_fn(z1, z2)
 
 
 def _setup_distributed(args) -> tuple[int, int, torch.device]:
