@@ -7,7 +7,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench install clean cuda-check constraints
+.PHONY: demo test bench install clean cuda-check constraints repro
 
 # Tests and the demo install from pinned versions (constraints/test.txt), so a registry release cannot
 # change what CI runs; pyproject's ranges stay loose for users. `make constraints` refreshes the pins.
@@ -53,6 +53,10 @@ bench: $(STAMP)
 # nvcc compiles every CUDA kernel for sm_80 and sm_90 with the ptxas report; fails on any spill (no GPU needed).
 cuda-check: $(STAMP)
 	$(PY) csrc/cuda_check.py
+
+# Regenerates the committed `fastcl repro --quick` results in docs/repro/ (CPU, minutes per paper).
+repro: $(STAMP)
+	$(VENV)/bin/fastcl repro all --quick --out docs/repro
 
 clean:
 	rm -rf $(VENV) runs site .pytest_cache
