@@ -54,6 +54,9 @@ CASES = [
     ("info_nce", {"symmetric": False, "normalize": False}),
     ("supcon", {}),
     ("supcon", {"contrast_mode": "one", "base_temperature": 0.1}),
+    # single-process options that run the block engine's custom ops
+    ("supcon", {"positives_missing": "zero", "contrast_mode": "one"}),
+    ("info_nce", {"symmetric": False, "targets": torch.tensor([3, 1, 4, 1, 5, 9, 2, 6, 5, 3])}),
 ]
 
 

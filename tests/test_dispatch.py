@@ -95,3 +95,29 @@ def test_every_backend_name_resolves_or_explains():
             with pytest.raises(RuntimeError) as info:
                 dispatch.resolve(name, CPU)
             assert reason in str(info.value) and "Available for cpu" in str(info.value)
+
+
+def test_block_engine_honours_an_explicit_backend_without_the_primitive(monkeypatch):
+    """gather/ring and block-only options need block_forward/block_backward: a backend whose module lacks
+    them is a RuntimeError that says so; "auto" falls back to torch."""
+    monkeypatch.setattr(dispatch, "block_primitive_error", lambda backend: None if backend == "torch" else "no primitive")
+    monkeypatch.setattr(dispatch, "unavailable_reason", lambda backend, device=None: None)
+    with pytest.raises(RuntimeError, match="backend='triton' cannot run this loss as blocks.*no primitive"):
+        dispatch.resolve_block("triton", torch.device("cpu"))
+    assert dispatch.resolve_block("auto", torch.device("cuda")) == "torch"
+
+
+def test_block_primitives_are_found_through_dispatch():
+    forward, backward = dispatch.block_primitive("torch")
+    assert (forward, backward) == (fastcl.torch_backend.block_forward, fastcl.torch_backend.block_backward)
+    assert dispatch.block_primitive_error("torch") is None
+
+
+def test_block_only_options_run_the_chosen_backend(monkeypatch):
+    """A single-process call with a block-only option (soft mask) runs the block primitive of the backend."""
+    calls = []
+    forward = fastcl.torch_backend.block_forward
+    monkeypatch.setattr(fastcl.torch_backend, "block_forward", lambda *args: calls.append(1) or forward(*args))
+    features = torch.randn(5, 2, 4)
+    fastcl.functional.supcon(features, mask=torch.rand(5, 5), backend="torch")
+    assert calls == [1]
