@@ -34,11 +34,12 @@ except ImportError:
     from fastcl.profiler import _fallback_losses as _registry
 
 __all__ = [
-    "LOSSES", "IMPLS", "FUSED", "PEERS", "DTYPES", "Case", "ImplUnavailable", "loss_entry", "unavailable_reason",
+    "LOSSES", "IMPLS", "CEILING", "FUSED", "PEERS", "DTYPES", "Case", "ImplUnavailable", "loss_entry", "unavailable_reason",
     "build_workload", "check_size",
 ]
 
 LOSSES = tuple(_registry.LOSSES)
+CEILING = "matmul"  # the pseudo-implementation every run measures first: the loss's GEMMs alone
 FUSED = ("torch", "triton", "cuda")
 PEERS = ("pml", "infcl")
 IMPLS = ("naive", *FUSED, "compile", *PEERS)
@@ -51,7 +52,7 @@ class Case:
 
     Args:
         loss: a registry name (``LOSSES``).
-        impl: one of ``IMPLS``.
+        impl: one of ``IMPLS``, or ``CEILING`` for the matmul ceiling of (loss, m).
         m: rows of the similarity matrix.
         dim: embedding width D.
         sub_dim: the prefix D' the loss reads (None: all of D).

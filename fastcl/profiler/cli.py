@@ -30,8 +30,9 @@ __all__ = ["main", "build_parser", "parse_bytes", "QUICK", "DEFAULTS"]
 _AUGMENT_SECONDS_PER_CASE = 1.0
 _UNITS = {"": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
 # Settings of an ordinary run and of --quick (the demo's); flags given on the command line win over both.
-DEFAULTS = {"loss": list(LOSSES), "impl": list(IMPLS), "sizes": [1024, 4096, 8192], "dim": 128, "repeats": 10}
-QUICK = {"loss": list(LOSSES), "impl": None, "sizes": [256, 1024], "dim": 128, "repeats": 3}
+DEFAULTS = {"loss": list(LOSSES), "impl": list(IMPLS), "sizes": [1024, 4096, 8192], "dim": 128, "repeats": 10,
+            "isolate": "impl"}
+QUICK = {"loss": list(LOSSES), "impl": None, "sizes": [256, 1024], "dim": 128, "repeats": 3, "isolate": "run"}
 _QUICK_CUDA_SIZES = [4096, 16384]
 
 
@@ -98,8 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--quick", action="store_true",
                         help=f"the demo's run: every loss, the fused backends that run here and naive, M in "
-                        f"{QUICK['sizes']} (CUDA: {_QUICK_CUDA_SIZES}), {QUICK['repeats']} repeats; flags given "
-                        "explicitly still win")
+                        f"{QUICK['sizes']} (CUDA: {_QUICK_CUDA_SIZES}), {QUICK['repeats']} repeats, one worker "
+                        "process; flags given explicitly still win")
     parser.add_argument("--compile-only", action="store_true",
                         help="instead of timing, compile the Triton kernels for GPU targets and report registers, "
                         "spills and shared memory (no GPU needed); the other flags are that report's, see "
@@ -120,9 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--mem-limit", type=parse_bytes, default=-1,
                         help="memory budget per case, e.g. 512M: allocations beyond it fail and the case is "
                         "reported as OOM (default on CPU: half of the available memory; 0 = no limit)")
-    parser.add_argument("--isolate", choices=ISOLATION, default="impl",
-                        help="impl (default): one worker process per implementation; case: one per case; "
-                        "none: all in this process")
+    parser.add_argument("--isolate", choices=ISOLATION,
+                        help="impl (default): one worker process per implementation; run (--quick's default): "
+                        "one worker for the whole run; case: one per case; none: all in this process")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds per case in a worker before it is an error")
     parser.add_argument("--out", metavar="DIR",
                         help="results folder for bench.json, bench.md and bench.png (default runs/bench/<UTC time>)")

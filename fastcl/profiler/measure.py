@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import gc
 import os
 import re
@@ -36,7 +37,7 @@ from typing import Callable, Iterator, Optional
 
 import torch
 
-from fastcl.profiler.cases import DTYPES, Case, ImplUnavailable, build_workload, loss_entry
+from fastcl.profiler.cases import CEILING, DTYPES, Case, ImplUnavailable, build_workload, loss_entry
 
 __all__ = ["measure_case", "matmul_ceiling", "gemm_plan", "is_oom_error", "step", "loadavg"]
 
@@ -177,7 +178,7 @@ def _runs(run: Callable[[], object], repeats: int, seconds: Callable[[object], f
 
 
 def measure_case(case: Case) -> dict:
-    """Runs ``case`` in this process.
+    """Runs ``case`` in this process (for ``impl == "matmul"``: :func:`matmul_ceiling` of its loss and M).
 
     Returns:
         ``status`` ("ok", "skipped", "oom" or "error"), ``note``, and when ok ``fwd_ms``, ``bwd_ms``,
@@ -185,6 +186,8 @@ def measure_case(case: Case) -> dict:
         when ``case.repeats == 0``), ``runs``, ``peak_mem_bytes`` and ``loadavg_1min``.
         A failing case is a result, never a raise, so one case cannot end a run.
     """
+    if case.impl == CEILING:
+        return matmul_ceiling(case.loss, case.m, case.width, case.dtype, case.device, max(case.repeats, 3))
     device = torch.device(case.device)
     torch.manual_seed(case.seed)
     _steady_allocator()
@@ -275,26 +278,15 @@ def _median_seconds(run: Callable[[], None], device: torch.device, repeats: int)
     return statistics.median(_runs(timed, repeats, lambda t: t))
 
 
-def matmul_ceiling(loss: str, m: int, width: int, dtype: str, device: str, repeats: int = 3) -> dict:
-    """Time of the loss's own similarity GEMMs alone (``gemm_plan``), with nothing else in between.
-
-    Two ways of running the same GEMMs are timed and the faster one is the ceiling: whole M×M matrices
-    (when one fits in 1 GiB) and row blocks of about 2M elements, as the chunked backend computes them
-    (a block stays in cache between its product and its reduction). The FLOPs are exactly the loss's FLOP
-    model, so ``tflops / matmul_tflops`` is the fraction of plain-GEMM speed an implementation reaches.
-
-    Returns:
-        ``status``, ``note`` (which way was faster), ``total_ms`` and ``loadavg_1min``; status "oom" when
-        not even the blocked GEMMs fit.
-    """
+@functools.lru_cache(maxsize=None)
+def _ceiling(plan: tuple[int, int], m: int, width: int, dtype: str, device: str, repeats: int) -> dict:
+    products, reductions = plan
     dev, dt = torch.device(device), DTYPES[dtype]
-    products, reductions = gemm_plan(loss, m)
     timed = {}
     try:
         z = torch.randn(m, width, device=dev).to(dt)
         out = torch.empty(m, width, device=dev, dtype=dt)
-        rows = max(16, 1 << max(0, (_BLOCK_ELEMENTS // m).bit_length() - 1))
-        rows = min(rows, m)
+        rows = min(m, max(16, 1 << max(0, (_BLOCK_ELEMENTS // m).bit_length() - 1)))
         tile = torch.empty(rows, m, device=dev, dtype=dt)
 
         def blocked() -> None:
@@ -317,14 +309,28 @@ def matmul_ceiling(loss: str, m: int, width: int, dtype: str, device: str, repea
                     torch.matmul(full, z, out=out)
 
             timed["whole M×M"] = _median_seconds(whole, dev, repeats)
-            del full
     except Exception as err:
-        if is_oom_error(err) and timed:
-            pass  # the whole-matrix variant did not fit; the blocked one stands
-        elif is_oom_error(err):
-            return {"status": "oom", "note": str(err).splitlines()[0][:200]}
-        else:
+        if not is_oom_error(err):
             raise
+        if not timed:
+            return {"status": "oom", "note": str(err).splitlines()[0][:200]}
+        # else the whole-matrix variant did not fit; the blocked one stands
     way = min(timed, key=timed.get)
     note = f"{products}×[M,D']@[D',M] + {reductions}×[M,M]@[M,D']; fastest: {way}"
     return {"status": "ok", "note": note, "total_ms": timed[way] * 1e3, "loadavg_1min": loadavg()}
+
+
+def matmul_ceiling(loss: str, m: int, width: int, dtype: str, device: str, repeats: int = 3) -> dict:
+    """Time of the loss's own similarity GEMMs alone (``gemm_plan``), with nothing else in between.
+
+    Two ways of running the same GEMMs are timed and the faster one is the ceiling: whole M×M matrices
+    (when one fits in 1 GiB) and row blocks of about 2M elements, as the chunked backend computes them
+    (a block stays in cache between its product and its reduction). The FLOPs are exactly the loss's FLOP
+    model, so ``tflops / matmul_tflops`` is the fraction of plain-GEMM speed an implementation reaches.
+
+    Returns:
+        ``status``, ``note`` (which way was faster), ``total_ms`` and ``loadavg_1min``; status "oom" when
+        not even the blocked GEMMs fit.
+    """
+    # Losses with the same GEMM plan (NT-Xent and SupCon) share one measurement per shape in a process.
+    return dict(_ceiling(gemm_plan(loss, m), m, width, dtype, device, repeats))

@@ -1,19 +1,22 @@
 """Runs a grid of cases and turns measurements into records (TFLOP/s, ratios, the matmul ceiling).
 
-Order of a run: first the matmul ceiling of every (loss, M) in this process, then the implementations one
+Order of a run: the implementations that cannot run here are reported first (skipped, with the reason),
+then the matmul ceiling of every (loss, M) is measured (``impl == "matmul"``), then the implementations one
 after the other, ``naive`` first, so a row's ratios are known when it is reported. Where each
 implementation runs (``isolate``):
 
-- ``"impl"`` (default): one worker process per implementation measures all its cases, so a crash, an
-  out-of-memory kill or a timeout costs one case (the worker is restarted for the rest), torch is imported
-  once per implementation, and no implementation's caches or allocations affect another's;
+- ``"impl"`` (default): one worker process per implementation (and one for the ceiling) measures all its
+  cases, so a crash, an out-of-memory kill or a timeout costs one case (the worker is restarted for the
+  rest), torch is imported once per implementation, and no implementation's caches or allocations affect
+  another's. Workers run with ``OMP_WAIT_POLICY=PASSIVE`` unless the environment sets a policy;
+- ``"run"``: one worker for the whole run (one torch import; what ``--quick`` uses);
 - ``"case"``: a fresh worker per case (slowest; nothing at all is shared between cases);
-- ``"none"``: everything in this process (fastest; ``timeout`` cannot interrupt a case, and a case killed
-  by the kernel's OOM killer ends the run).
+- ``"none"``: everything in this process (fewest imports; ``timeout`` cannot interrupt a case, a case
+  killed by the kernel's OOM killer ends the run, and OpenMP runs with this process's policy).
 
     >>> meta, records = run_bench(["info_nce"], ["naive", "infcl"], [64], dim=16, repeats=1, isolate="none")
     >>> [(r["impl"], r["status"]) for r in records]
-    [('matmul', 'ok'), ('naive', 'ok'), ('infcl', 'skipped')]
+    [('infcl', 'skipped'), ('matmul', 'ok'), ('naive', 'ok')]
 """
 from __future__ import annotations
 
@@ -33,14 +36,13 @@ from typing import Callable, Iterator, Optional, Sequence
 
 import torch
 
-from fastcl.profiler.cases import Case, check_size, loss_entry, unavailable_reason
-from fastcl.profiler.measure import gemm_plan, loadavg, matmul_ceiling, measure_case
+from fastcl.profiler.cases import CEILING, Case, check_size, loss_entry, unavailable_reason
+from fastcl.profiler.measure import loadavg, measure_case
 from fastcl.profiler.report import RECORD_FIELDS
 
-__all__ = ["run_bench", "measure_in_workers", "environment", "default_mem_limit", "ISOLATION", "CEILING", "FLOP_MODEL"]
+__all__ = ["run_bench", "measure_in_workers", "environment", "default_mem_limit", "ISOLATION", "FLOP_MODEL"]
 
-ISOLATION = ("impl", "case", "none")
-CEILING = "matmul"
+ISOLATION = ("impl", "run", "case", "none")
 FLOP_MODEL = (
     "one GEMM-unit = 2·M·M·D' FLOPs; each loss counts its similarity GEMMs of one forward + backward "
     "(NT-Xent and SupCon 3 units, InfoNCE 4); TFLOP/s = model FLOPs / median fwd+bwd time"
@@ -55,6 +57,7 @@ MEMORY_METHOD = {
     "buffers mmap'd and free heap trimmed for that call)",
     "cuda": "torch.cuda.max_memory_allocated during the call minus memory_allocated before it",
 }
+OMP_WAIT_POLICY = "PASSIVE"
 _PEER_DISTRIBUTIONS = ("pytorch-metric-learning", "triton", "inf-cl")
 _RESULT_PREFIX = '{"index": '
 
@@ -111,6 +114,10 @@ def default_mem_limit(device: str) -> Optional[int]:
 
 def _worker_env() -> dict:
     env = dict(os.environ)
+    # Idle OpenMP threads sleep instead of spinning: on a machine shared with other work, spinning threads
+    # make every parallel region wait for a descheduled peer (a 256×128 GEMM measured 51 ms instead of
+    # 0.24 ms at a load of 11 on 2 cores). A policy set by the user is kept.
+    env.setdefault("OMP_WAIT_POLICY", OMP_WAIT_POLICY)
     # The worker imports fastcl from the same tree as this process, installed or not.
     package_root = str(Path(__file__).resolve().parents[2])
     env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH", "")) if p)
@@ -177,11 +184,15 @@ def _measured(
         for case in cases:
             on_start(case)
             yield case, measure_case(case)
-    elif isolate == "case":
-        for case in cases:
-            yield from measure_in_workers([case], timeout, on_start)
+        return
+    if isolate == "run":
+        batches = [cases]
+    elif isolate == "impl":
+        batches = [[c for c in cases if c.impl == impl] for impl in dict.fromkeys(c.impl for c in cases)]
     else:
-        yield from measure_in_workers(cases, timeout, on_start)
+        batches = [[case] for case in cases]
+    for batch in batches:
+        yield from measure_in_workers(batch, timeout, on_start)
 
 
 def _record(case: Case, measured: dict) -> dict:
@@ -242,7 +253,7 @@ def run_bench(
         sizes: values of M (rows of the similarity).
         dim, sub_dim, dtype, device, repeats, warmup: as in :class:`~fastcl.profiler.cases.Case`.
         mem_limit: bytes per case; -1 (default) = :func:`default_mem_limit`, None = no limit.
-        isolate: ``"impl"``, ``"case"`` or ``"none"`` (see the module docstring).
+        isolate: ``"impl"``, ``"run"``, ``"case"`` or ``"none"`` (see the module docstring).
         profile_dir: write a chrome trace per case there (``<loss>-<impl>-M<M>.json``).
         timeout: seconds one case may take in a worker before it is reported as an error.
         on_start: called with (case, number, total) before each case runs (progress display).
@@ -265,15 +276,17 @@ def run_bench(
             check_size(loss, m)
         for impl in impls:
             unavailable_reason(impl, loss, device)  # raises on an unknown name before anything runs
-    order = sorted(dict.fromkeys(impls), key=lambda impl: impl != "naive")
-    total = len(losses) * len(sizes) * (len(order) + 1)
+    order = [CEILING, *sorted(dict.fromkeys(impls), key=lambda impl: impl != "naive")]
+    total = len(losses) * len(sizes) * len(order)
     started = 0
     records: list[dict] = []
     ceilings: dict = {}
     naive: dict = {}
     meta = environment(device)
     meta.update(dim=dim, sub_dim=sub_dim, dtype=dtype, repeats=repeats, warmup=warmup, mem_limit=mem_limit,
-                isolate=isolate, gemm_units={loss: loss_entry(loss).gemm_units for loss in losses},
+                isolate=isolate,
+                omp_wait_policy=os.environ.get("OMP_WAIT_POLICY", None if isolate == "none" else OMP_WAIT_POLICY),
+                gemm_units={loss: loss_entry(loss).gemm_units for loss in losses},
                 temperatures={loss: loss_entry(loss).default_temperature for loss in losses},
                 # Other work on the machine slows every case; the 1-minute load average says how much there was.
                 loadavg_1min_before=loadavg(), loadavg_1min_after=None, complete=False)
@@ -289,35 +302,26 @@ def run_bench(
         if on_record is not None:
             on_record(record, meta, records)
 
-    width = sub_dim or dim
-    by_plan: dict = {}  # losses with the same GEMM plan share one ceiling measurement per M
-    for loss in losses:
-        for m in sizes:
-            case = Case(loss, CEILING, m, dim, sub_dim, dtype, device, repeats, warmup)
-            start(case)
-            key = (gemm_plan(loss, m), m)
-            if key not in by_plan:
-                by_plan[key] = matmul_ceiling(loss, m, width, dtype, device, max(repeats, 3))
-            ceilings[(loss, m)] = record = _record(case, by_plan[key])
-            keep(record)
+    runnable = []
     for impl in order:
-        runnable = []
         for loss in losses:
-            reason = unavailable_reason(impl, loss, device)
+            reason = None if impl == CEILING else unavailable_reason(impl, loss, device)
             for m in sizes:
                 trace = None if profile_dir is None else str(Path(profile_dir) / f"{loss}-{impl}-M{m}.json")
                 case = Case(loss, impl, m, dim, sub_dim, dtype, device, repeats, warmup, mem_limit, trace)
                 if reason is None:
                     runnable.append(case)
-                else:  # no worker is started for an implementation that cannot run
+                else:  # reported at once; no worker is started for an implementation that cannot run
                     start(case)
                     keep(_record(case, {"status": "skipped", "note": reason}))
-        for case, measured in _measured(runnable, isolate, timeout, start):
-            record = _record(case, measured)
-            if impl == "naive" and record["status"] == "ok":
-                naive[(case.loss, case.m)] = record
-            _relate(record, ceilings.get((case.loss, case.m)), naive.get((case.loss, case.m)))
-            keep(record)
+    for case, measured in _measured(runnable, isolate, timeout, start):
+        record = _record(case, measured)
+        if case.impl == CEILING:
+            ceilings[(case.loss, case.m)] = record
+        elif case.impl == "naive" and record["status"] == "ok":
+            naive[(case.loss, case.m)] = record
+        _relate(record, ceilings.get((case.loss, case.m)), naive.get((case.loss, case.m)))
+        keep(record)
     for (loss, m), ceiling in ceilings.items():  # the ceiling ran before the naive loss it is compared with
         base = naive.get((loss, m))
         if ceiling["status"] == "ok" and base is not None and base.get("total_ms"):
