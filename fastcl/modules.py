@@ -18,13 +18,12 @@ from __future__ import annotations
 
 from typing import Optional
 
-import torch
 from torch import Tensor, nn
 
 from fastcl import functional
 from fastcl._validate import Temperature
 
-__all__ = ["NTXentLoss", "InfoNCELoss", "DirectCLRLoss", "SupConLoss"]
+__all__ = ["NTXentLoss", "InfoNCELoss", "DirectCLRLoss", "SupConLoss", "DCLLoss", "SigLIPLoss"]
 
 
 def _as_scalar(tau: Temperature) -> Temperature:
@@ -48,7 +47,8 @@ class _TemperatureMixin:
                 raise ValueError(
                     "temperature: got a tensor computed from other tensors "
                     f"(grad_fn={type(temperature.grad_fn).__name__}); its graph is freed by the first backward. "
-                    "Pass it per call instead, loss_fn(a, b, temperature=1 / logit_scale.exp()), or give an nn.Parameter"
+                    "Pass it per call instead, loss_fn(a, b, temperature=1 / logit_scale.exp()), "
+                    "or give an nn.Parameter"
                 )
             self.register_buffer("temperature", temperature, persistent=False)
             return
@@ -328,7 +328,8 @@ class SupConLoss(_TemperatureMixin, nn.Module):
         return functional.supcon(
             features, labels, mask, self._temperature(temperature), base_temperature=self.base_temperature,
             contrast_mode=self.contrast_mode, positives_missing=self.positives_missing, sub_dim=self.sub_dim,
-            normalize=self.normalize, backend=self.backend, distributed=self.distributed, check_finite=self.check_finite,
+            normalize=self.normalize, backend=self.backend, distributed=self.distributed,
+            check_finite=self.check_finite,
         )
 
     def extra_repr(self) -> str:
@@ -337,4 +338,108 @@ class SupConLoss(_TemperatureMixin, nn.Module):
             f"contrast_mode={self.contrast_mode!r}, sub_dim={self.sub_dim}, normalize={self.normalize}, "
             f"backend={self.backend!r}, distributed={self.distributed!r}, check_finite={self.check_finite}, "
             f"positives_missing={self.positives_missing!r}"
+        )
+
+
+class DCLLoss(_TemperatureMixin, nn.Module):
+    """Decoupled contrastive loss (Yeh et al. 2022, https://arxiv.org/abs/2110.06848) as lightly's
+    ``DCLLoss``: NT-Xent without the positive pair in its denominator. For anchor i of one view,
+    ``ℓ_i = −s(i, pos(i)) + log Σ_{j≠i} exp s(i, j same view) + log Σ_{j≠i} exp s(i, j other view)``;
+    the two views' means are averaged.
+
+    Args:
+        temperature: τ > 0, a float, a 0-dim tensor or an ``nn.Parameter``.
+        sub_dim: use only the first ``sub_dim`` features; ``None``: all D.
+        normalize: L2-normalize the rows inside the loss.
+        backend: ``"auto"``, ``"torch"``, ``"triton"`` or ``"cuda"``.
+        distributed: ``"auto"``, ``"local"``, ``"gather"`` or ``"ring"``.
+        check_finite: raise on NaN/Inf inputs; ``None``: on the torch backend only.
+
+    Shape:
+        z1, z2: ``[N, D]``, N ≥ 2. Output: ``[]``.
+
+    Returns:
+        The mean loss, 0-dim float32 (float64 for float64 inputs).
+
+    Raises:
+        ValueError, TypeError: bad input, naming the argument. RuntimeError: a backend that cannot run here.
+
+    Example:
+        >>> import torch
+        >>> DCLLoss(temperature=0.1)(torch.randn(8, 32), torch.randn(8, 32)).shape
+        torch.Size([])
+    """
+
+    def __init__(
+        self,
+        temperature: Temperature = 0.1,
+        sub_dim: Optional[int] = None,
+        normalize: bool = True,
+        backend: str = "auto",
+        distributed: str = "auto",
+        check_finite: Optional[bool] = None,
+    ):
+        super().__init__()
+        self._store_temperature(temperature)
+        self.sub_dim, self.normalize, self.check_finite = sub_dim, normalize, check_finite
+        self.backend, self.distributed = backend, distributed
+
+    def forward(self, z1: Tensor, z2: Tensor, temperature: Optional[Temperature] = None) -> Tensor:
+        """Args: z1, z2: the two views ``[N, D]``; temperature: this call's τ (``None``: the module's)."""
+        return functional.dcl(
+            z1, z2, self._temperature(temperature), sub_dim=self.sub_dim, normalize=self.normalize,
+            backend=self.backend, distributed=self.distributed, check_finite=self.check_finite,
+        )
+
+
+class SigLIPLoss(nn.Module):
+    """SigLIP's pairwise sigmoid loss (Zhai et al. 2023, https://arxiv.org/abs/2303.15343), as open_clip's
+    ``SigLipLoss``: ``L = −(1/N) Σ_ij log σ(label_ij (t·⟨x̂_i, ŷ_j⟩ + b))``, label +1 for matching pairs.
+
+    Args:
+        logit_scale: t > 0 (already exponentiated): a float, a 0-dim tensor or an ``nn.Parameter``
+            (learned; registered on the module). SigLIP initialises t = 10.
+        logit_bias: b: a float, a 0-dim tensor or an ``nn.Parameter``. SigLIP initialises −10.
+        sub_dim, normalize, backend, distributed, check_finite: as :class:`DCLLoss`.
+
+    Shape:
+        x, y: ``[N, D]`` paired rows. Output: ``[]``.
+
+    Returns:
+        The loss, 0-dim float32 (float64 for float64 inputs).
+
+    Raises:
+        ValueError, TypeError: bad input, naming the argument. RuntimeError: a backend that cannot run here.
+
+    Example:
+        >>> import torch
+        >>> loss_fn = SigLIPLoss(torch.nn.Parameter(torch.tensor(10.0)), torch.nn.Parameter(torch.tensor(-10.0)))
+        >>> loss_fn(torch.randn(8, 32), torch.randn(8, 32)).backward()
+        >>> loss_fn.logit_scale.grad is not None and loss_fn.logit_bias.grad is not None
+        True
+    """
+
+    def __init__(
+        self,
+        logit_scale: Temperature = 10.0,
+        logit_bias: Temperature = -10.0,
+        sub_dim: Optional[int] = None,
+        normalize: bool = True,
+        backend: str = "auto",
+        distributed: str = "auto",
+        check_finite: Optional[bool] = None,
+    ):
+        super().__init__()
+        self.logit_scale, self.logit_bias = logit_scale, logit_bias  # an nn.Parameter registers itself
+        self.sub_dim, self.normalize, self.check_finite = sub_dim, normalize, check_finite
+        self.backend, self.distributed = backend, distributed
+
+    def forward(
+        self, x: Tensor, y: Tensor, logit_scale: Optional[Temperature] = None, logit_bias: Optional[Temperature] = None
+    ) -> Tensor:
+        """Args: x, y: ``[N, D]``; logit_scale, logit_bias: this call's t and b (``None``: the module's)."""
+        return functional.siglip(
+            x, y, self.logit_scale if logit_scale is None else logit_scale,
+            self.logit_bias if logit_bias is None else logit_bias, sub_dim=self.sub_dim, normalize=self.normalize,
+            backend=self.backend, distributed=self.distributed, check_finite=self.check_finite,
         )

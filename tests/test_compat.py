@@ -16,13 +16,13 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from loss_cases import Result, assert_no_worse_than_naive, relative_error
 from pytorch_metric_learning import losses as pml_losses
+from test_parity import supcontrast as supcontrast_reference
 from torch import Tensor, nn
 
 import fastcl
 from fastcl.compat import directclr, inf_cl, lightly, open_clip, pml, solo_learn, supcontrast
-from loss_cases import Result, assert_no_worse_than_naive, relative_error
-from test_parity import supcontrast as supcontrast_reference
 
 RTOL = 1e-9
 TAUS = (0.01, 0.07, 0.5, 1.0)
@@ -36,7 +36,9 @@ def rows(*shape, seed: int, scale: bool = True) -> Tensor:
 
 
 def evaluate(fn, inputs):
-    leaves = [x.detach().clone().requires_grad_() if isinstance(x, Tensor) and x.is_floating_point() else x for x in inputs]
+    leaves = [
+        x.detach().clone().requires_grad_() if isinstance(x, Tensor) and x.is_floating_point() else x for x in inputs
+    ]
     loss = fn(*leaves)
     wrt = [x for x in leaves if isinstance(x, Tensor) and x.requires_grad]
     if not loss.requires_grad:
@@ -57,7 +59,9 @@ def assert_same(ours, theirs, *inputs, rtol: float = RTOL) -> Tensor:
 
 # --- transcriptions of the peers' code ----------------------------------------------------------------
 
-def open_clip_reference(image_features, text_features, logit_scale, local_loss=False, gather_with_grad=False, rank=0, world_size=1):
+def open_clip_reference(
+    image_features, text_features, logit_scale, local_loss=False, gather_with_grad=False, rank=0, world_size=1
+):
     """open_clip ``ClipLoss.forward`` with ``gather_features`` (mlfoundations/open_clip,
     src/open_clip/loss.py, torch.distributed branch)."""
     if world_size > 1:
@@ -170,8 +174,10 @@ def directclr_reference(nn_, p, temperature=0.1):
 
 def _supcontrast_theirs(contrast_mode, tau, base, **targets):
     def theirs(features):
-        flat = features.reshape(features.shape[0], features.shape[1], -1)  # SupContrast's features.view(bsz, n_views, -1)
-        return supcontrast_reference(flat, **targets, temperature=tau, contrast_mode=contrast_mode, base_temperature=base)
+        flat = features.reshape(features.shape[0], features.shape[1], -1)  # SupContrast's view(bsz, n_views, -1)
+        return supcontrast_reference(
+            flat, **targets, temperature=tau, contrast_mode=contrast_mode, base_temperature=base
+        )
     return theirs
 
 
@@ -224,7 +230,8 @@ def test_supcontrast_label_shapes_and_dtypes(labels):
 
 
 def test_supcontrast_signature_and_errors():
-    assert list(inspect.signature(supcontrast.SupConLoss).parameters) == ["temperature", "contrast_mode", "base_temperature"]
+    params = list(inspect.signature(supcontrast.SupConLoss).parameters)
+    assert params == ["temperature", "contrast_mode", "base_temperature"]
     assert [p.default for p in inspect.signature(supcontrast.SupConLoss).parameters.values()] == [0.07, "all", 0.07]
     assert list(inspect.signature(supcontrast.SupConLoss.forward).parameters) == ["self", "features", "labels", "mask"]
     loss_fn = supcontrast.SupConLoss(0.1, "one", 0.2)  # positional, SupContrast's order
@@ -329,8 +336,9 @@ def test_pml_ntxent_and_supcon_with_labels(labels, tau):
     """The issue's cases: labels instead of two views (several positives per anchor), all labels equal
     (no negatives: pml returns 0), no positives at all."""
     emb = rows(labels.shape[0], 17, seed=labels.shape[0])
-    for ours, theirs in [(pml.NTXentLoss(tau), pml_losses.NTXentLoss(tau)), (pml.SupConLoss(tau), pml_losses.SupConLoss(tau))]:
-        assert_same(lambda e: ours(e, labels), lambda e: theirs(e, labels), emb)
+    for name in ("NTXentLoss", "SupConLoss"):
+        ours, theirs = getattr(pml, name)(tau), getattr(pml_losses, name)(tau)
+        assert_same(lambda e, ours=ours: ours(e, labels), lambda e, theirs=theirs: theirs(e, labels), emb)
 
 
 @pytest.mark.parametrize("ref", ["permutation", "classes", "identity"])
@@ -339,9 +347,10 @@ def test_pml_ref_emb(ref):
     labels = {"permutation": torch.arange(8), "classes": _labels(8, 3, 6), "identity": torch.arange(8)}[ref]
     ref_labels = {"permutation": torch.randperm(8, generator=torch.Generator().manual_seed(1)),
                   "classes": _labels(11, 3, 7), "identity": torch.arange(8)}[ref]
-    for ours, theirs in [(pml.NTXentLoss(0.1), pml_losses.NTXentLoss(0.1)), (pml.SupConLoss(0.1), pml_losses.SupConLoss(0.1))]:
-        assert_same(lambda e, r: ours(e, labels, ref_emb=r, ref_labels=ref_labels),
-                    lambda e, r: theirs(e, labels, ref_emb=r, ref_labels=ref_labels), emb, ref_emb)
+    for name in ("NTXentLoss", "SupConLoss"):
+        ours, theirs = getattr(pml, name)(0.1), getattr(pml_losses, name)(0.1)
+        assert_same(lambda e, r, ours=ours: ours(e, labels, ref_emb=r, ref_labels=ref_labels),
+                    lambda e, r, theirs=theirs: theirs(e, labels, ref_emb=r, ref_labels=ref_labels), emb, ref_emb)
 
 
 @pytest.mark.parametrize("symmetric", [True, False])
@@ -402,13 +411,17 @@ def test_solo_learn_lone_crop_is_left_out_not_inf():
 def test_inf_cl_values_and_gradients(nq, nk, labels, scale):
     q, k = F.normalize(rows(nq, 16, seed=nq), dim=1), F.normalize(rows(nk, 16, seed=nk + 1), dim=1)
     gen = torch.Generator().manual_seed(0)
-    idx = {None: None, "random": torch.randint(0, nk, (nq,), generator=gen), "permutation": torch.randperm(nq, generator=gen)}[labels]
+    idx = {None: None, "random": torch.randint(0, nk, (nq,), generator=gen),
+           "permutation": torch.randperm(nq, generator=gen)}[labels]
     if isinstance(scale, tuple):
         scale = torch.full(scale, 12.5, dtype=torch.float64)
     inputs = (q, k) if scale is None else (q, k, scale)
+    def theirs(*x):
+        return inf_cl_reference(*x[:2], idx, *x[2:])
+
     for ours in (inf_cl.cal_inf_loss, inf_cl.cal_ring_loss):
-        assert_same(lambda *x: ours(*x[:2], idx, *x[2:]), lambda *x: inf_cl_reference(*x[:2], idx, *x[2:]).mean(), *inputs)
-    assert_same(lambda *x: inf_cl.cal_flash_loss(*x[:2], idx, *x[2:]).sum(), lambda *x: inf_cl_reference(*x[:2], idx, *x[2:]).sum(), *inputs)
+        assert_same(lambda *x, ours=ours: ours(*x[:2], idx, *x[2:]), lambda *x: theirs(*x).mean(), *inputs)
+    assert_same(lambda *x: inf_cl.cal_flash_loss(*x[:2], idx, *x[2:]).sum(), lambda *x: theirs(*x).sum(), *inputs)
 
 
 # --- DirectCLR --------------------------------------------------------------------------------------
@@ -420,7 +433,8 @@ def test_directclr_infonce_and_prefix(n, d, tau):
     dim = max(2, d // 3)
     assert_same(
         lambda x, y: directclr.directclr_loss(x, y, dim, tau),
-        lambda x, y: directclr_reference(x[:, :dim], y[:, :dim], tau) / 2 + directclr_reference(y[:, :dim], x[:, :dim], tau) / 2,
+        lambda x, y: (directclr_reference(x[:, :dim], y[:, :dim], tau)
+                      + directclr_reference(y[:, :dim], x[:, :dim], tau)) / 2,
         a, b,
     )
 
@@ -498,15 +512,20 @@ def test_modules_check_finite(module, make):
 
 # --- float32 ------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("peer", ["supcontrast", "open_clip", "lightly", "pml-multi-positive", "solo-multi-crop", "inf_cl-more-keys"])
+@pytest.mark.parametrize(
+    "peer", ["supcontrast", "open_clip", "lightly", "pml-multi-positive", "solo-multi-crop", "inf_cl-more-keys"]
+)
 def test_float32_and_bfloat16_against_the_float64_peer(peer):
     """float32 inputs: the loss (float32) and gradients within 1e-5 of the peer run in float64;
     bfloat16 inputs: a float32 loss, bfloat16 gradients, no worse than the peer in bfloat16."""
     a, b = rows(9, 24, seed=31), rows(9, 24, seed=32)
     labels = _labels(9, 3, 4)
+    def views(x, y):
+        return F.normalize(torch.stack([x, y], 1), dim=2)
+
     cases = {
-        "supcontrast": (lambda x, y: supcontrast.SupConLoss(0.1)(F.normalize(torch.stack([x, y], 1), dim=2), labels),
-                        lambda x, y: supcontrast_reference(F.normalize(torch.stack([x, y], 1), dim=2), labels, temperature=0.1)),
+        "supcontrast": (lambda x, y: supcontrast.SupConLoss(0.1)(views(x, y), labels),
+                        lambda x, y: supcontrast_reference(views(x, y), labels, temperature=0.1)),
         "open_clip": (lambda x, y: open_clip.ClipLoss()(F.normalize(x, dim=1), F.normalize(y, dim=1), 10.0),
                       lambda x, y: open_clip_reference(F.normalize(x, dim=1), F.normalize(y, dim=1), 10.0)),
         "lightly": (lightly.NTXentLoss(0.1), lambda x, y: lightly_reference(x, y, 0.1)),
@@ -532,7 +551,8 @@ def test_float32_and_bfloat16_against_the_float64_peer(peer):
 
 @pytest.mark.parametrize("call, argument", [
     (lambda: pml.NTXentLoss(0.1)(torch.randn(4, 3, 2), torch.arange(4)), "embeddings"),
-    (lambda: pml.NTXentLoss(0.1)(torch.randn(4, 3), torch.arange(4), ref_emb=torch.randn(5, 2), ref_labels=torch.arange(5)), "ref_emb"),
+    (lambda: pml.NTXentLoss(0.1)(torch.randn(4, 3), torch.arange(4), ref_emb=torch.randn(5, 2),
+                                 ref_labels=torch.arange(5)), "ref_emb"),
     (lambda: pml.NTXentLoss(-1.0)(torch.randn(4, 3), torch.arange(4) % 2), "temperature"),
     (lambda: solo_learn.simclr_loss_func(torch.randn(6, 3), torch.arange(5)), "indexes"),
     (lambda: solo_learn.simclr_loss_func(torch.randn(6, 3).long(), torch.arange(6)), "z"),
@@ -560,4 +580,5 @@ def test_modules_expose_the_core_options():
     assert relative_error(zero, supcontrast_reference(features, labels, temperature=0.1)) <= RTOL
     q, k, targets = rows(5, 4, seed=4), rows(9, 4, seed=5), torch.tensor([8, 0, 3, 3, 7])
     one_way = fastcl.InfoNCELoss(0.1, normalize=False, symmetric=False)
-    assert_same(lambda a, b: one_way(a, b, targets=targets), lambda a, b: inf_cl_reference(a, b, targets, 10.0).mean(), q, k)
+    assert_same(lambda a, b: one_way(a, b, targets=targets),
+                lambda a, b: inf_cl_reference(a, b, targets, 10.0).mean(), q, k)

@@ -21,24 +21,30 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
-
-from fastcl.compat import directclr, inf_cl, lightly, open_clip, solo_learn
 from loss_cases import relative_error
 from test_compat import (
-    RTOL, _LightlyGatherLayer, directclr_reference, lightly_reference, open_clip_reference, solo_reference,
+    RTOL,
+    _LightlyGatherLayer,
+    directclr_reference,
+    lightly_reference,
+    open_clip_reference,
+    solo_reference,
 )
+
+from fastcl.compat import directclr, inf_cl, lightly, open_clip, solo_learn
 
 WORLD, N_LOCAL, D_IN, D_OUT = 2, 5, 6, 7
 
 
 def _inputs(rank: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     gen = torch.Generator().manual_seed(1000 * seed + rank)
-    return torch.randn(N_LOCAL, D_IN, generator=gen, dtype=torch.float64), torch.randn(N_LOCAL, D_IN, generator=gen, dtype=torch.float64)
+    return tuple(torch.randn(N_LOCAL, D_IN, generator=gen, dtype=torch.float64) for _ in range(2))
 
 
 def _step(loss_fn, rank: int, seed: int, scale_init: float, normalize: bool):
     """Loss of this rank and the DDP-averaged gradients of the shared weight and scale."""
-    weight = torch.randn(D_IN, D_OUT, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).requires_grad_()
+    gen = torch.Generator().manual_seed(seed)
+    weight = torch.randn(D_IN, D_OUT, generator=gen, dtype=torch.float64).requires_grad_()
     scale = torch.tensor(scale_init, dtype=torch.float64, requires_grad=True)
     a, b = _inputs(rank, seed)
     za, zb = a @ weight, b @ weight
@@ -60,16 +66,19 @@ def _cases():
     for local_loss in (False, True):
         for with_grad in (False, True):
             name = f"open_clip-local_loss={local_loss}-gather_with_grad={with_grad}"
-            ours = open_clip.ClipLoss(local_loss=local_loss, gather_with_grad=with_grad, rank=dist.get_rank(), world_size=WORLD)
+            rank = dist.get_rank()
+            ours = open_clip.ClipLoss(local_loss=local_loss, gather_with_grad=with_grad, rank=rank, world_size=WORLD)
             cases[name] = (
                 lambda a, b, s, ours=ours: ours(a, b, s),
-                lambda a, b, s, ll=local_loss, wg=with_grad: open_clip_reference(a, b, s, ll, wg, dist.get_rank(), WORLD),
+                lambda a, b, s, ll=local_loss, wg=with_grad, r=rank: open_clip_reference(a, b, s, ll, wg, r, WORLD),
                 1 / 0.07, True,
             )
     for gather in (False, True):
         ours = lightly.NTXentLoss(temperature=0.3, gather_distributed=gather)
         cases[f"lightly-gather_distributed={gather}"] = (
-            lambda a, b, s, ours=ours: ours(a, b), lambda a, b, s, g=gather: lightly_reference(a, b, 0.3, g), 1.0, False,
+            lambda a, b, s, ours=ours: ours(a, b),
+            lambda a, b, s, g=gather: lightly_reference(a, b, 0.3, g),
+            1.0, False,
         )
     cases["inf_cl"] = (
         lambda a, b, s: inf_cl.cal_inf_loss(a, b, scale=s),
@@ -78,7 +87,7 @@ def _cases():
     )
     cases["directclr-infoNCE"] = (
         lambda a, b, s: directclr.infoNCE(a, b, 0.2),
-        lambda a, b, s: directclr_reference(torch.cat(_LightlyGatherLayer.apply(a)), torch.cat(_LightlyGatherLayer.apply(b)), 0.2),
+        lambda a, b, s: directclr_reference(_full_gather(a), _full_gather(b), 0.2),  # DirectCLR's gather_from_all
         1.0, False,
     )
     for name, classes in (("solo-learn-2-crops", None), ("solo-learn-supervised", 3)):
@@ -97,7 +106,8 @@ def _solo_indexes(classes):
 
 
 def _full_gather(x):
-    """solo-learn's ``full_gather`` (solo/utils/misc.py): its FullGatherLayer is lightly's GatherLayer."""
+    """solo-learn's ``full_gather`` (solo/utils/misc.py) and DirectCLR's ``gather_from_all``
+    (directclr/utils.py): their gather layers are the same code as lightly's GatherLayer."""
     return torch.cat(_LightlyGatherLayer.apply(x))
 
 

@@ -57,7 +57,10 @@ def block_sum(
             s = s.masked_fill(own, float("-inf"))
         return term(s, slice(start, start + a_rows.shape[0]))
 
-    parts = [checkpoint(block, a[start : start + step], k, tau, start, use_reentrant=False) for start in range(0, a.shape[0], step)]
+    parts = [
+        checkpoint(block, a[start : start + step], k, tau, start, use_reentrant=False)
+        for start in range(0, a.shape[0], step)
+    ]
     if per_row:
         return torch.cat(parts) if parts else a.new_zeros((0,))
     return torch.stack(parts).sum() if parts else a.new_zeros(())

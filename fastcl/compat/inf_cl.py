@@ -52,7 +52,9 @@ def _tau(scale: Scale):
     return 1.0 if scale is None else temperature_from_scale(scale)
 
 
-def cal_flash_loss(q: Tensor, k: Tensor, labels: Optional[Tensor] = None, scale: Scale = None, head_dim: int = 256) -> Tensor:
+def cal_flash_loss(
+    q: Tensor, k: Tensor, labels: Optional[Tensor] = None, scale: Scale = None, head_dim: int = 256
+) -> Tensor:
     """Per-row InfoNCE losses of q against k on one process (Inf-CL's ``cal_flash_loss``).
 
     Args:
@@ -76,7 +78,9 @@ def cal_flash_loss(q: Tensor, k: Tensor, labels: Optional[Tensor] = None, scale:
     return cross_entropy_rows(q, k, positive, _tau(scale))
 
 
-def cal_inf_loss(q: Tensor, k: Tensor, labels: Optional[Tensor] = None, scale: Scale = None, head_dim: int = 256) -> Tensor:
+def cal_inf_loss(
+    q: Tensor, k: Tensor, labels: Optional[Tensor] = None, scale: Scale = None, head_dim: int = 256
+) -> Tensor:
     """Mean InfoNCE loss of q against k (Inf-CL's ``cal_inf_loss``; Cheng et al. 2024,
     https://arxiv.org/abs/2410.17243), across ranks under an initialized process group.
 
@@ -109,9 +113,13 @@ def cal_inf_loss(q: Tensor, k: Tensor, labels: Optional[Tensor] = None, scale: S
         k, positive = all_gather_rows(k, with_grad=True), positive + k.shape[0] * dist.get_rank()
     elif labels is None and q.shape[0] == k.shape[0]:
         positive = None  # query i's positive is key i: the fused cross-view InfoNCE
-    return functional.info_nce(q, k, _tau(scale), targets=positive, normalize=False, symmetric=False, distributed="local")
+    return functional.info_nce(
+        q, k, _tau(scale), targets=positive, normalize=False, symmetric=False, distributed="local"
+    )
 
-def cal_ring_loss(q: Tensor, k: Tensor, labels: Optional[Tensor] = None, scale: Scale = None, head_dim: int = 256) -> Tensor:
+def cal_ring_loss(
+    q: Tensor, k: Tensor, labels: Optional[Tensor] = None, scale: Scale = None, head_dim: int = 256
+) -> Tensor:
     """Inf-CL's ``cal_ring_loss``: the same loss as :func:`cal_inf_loss` (Inf-CL's ring variant
     differs only in how its kernels tile the keys).
 

@@ -14,7 +14,7 @@ flags                           loss on each rank                           runs
 ==============================  ==========================================  ==============================
 world_size=1 (default)          this rank's batch only                      fused cross-view InfoNCE
 local_loss=False                global batch, the same value on every rank  ``distributed="gather"``
-local_loss=True                 this rank's rows against every rank's rows  InfoNCE with explicit targets 
+local_loss=True                 this rank's rows against every rank's rows  InfoNCE with explicit targets
 gather_with_grad=False          gradients only through this rank's rows     (open_clip's 1/W scaling kept)
 ==============================  ==========================================  ==============================
 
@@ -85,7 +85,9 @@ class ClipLoss(nn.Module):
         self.world_size = world_size
         self.use_horovod = use_horovod
 
-    def forward(self, image_features: Tensor, text_features: Tensor, logit_scale: Union[float, Tensor], output_dict=False):
+    def forward(
+        self, image_features: Tensor, text_features: Tensor, logit_scale: Union[float, Tensor], output_dict=False
+    ):
         check_rows(("image_features", "text_features"), (image_features, text_features), None)
         tau = temperature_from_scale(logit_scale)
         if self.world_size > 1:
@@ -96,10 +98,13 @@ class ClipLoss(nn.Module):
 
     def _distributed_loss(self, image_features: Tensor, text_features: Tensor, tau) -> Tensor:
         if self.use_horovod:
-            raise NotImplementedError("use_horovod: Horovod is not supported; use torch.distributed (use_horovod=False)")
+            raise NotImplementedError(
+                "use_horovod: Horovod is not supported; use torch.distributed (use_horovod=False)"
+            )
         if process_world_size() != self.world_size:
             raise ValueError(
-                f"world_size: expected the initialized process group's size {process_world_size()}, got {self.world_size}"
+                f"world_size: expected the initialized process group's size {process_world_size()}, "
+                f"got {self.world_size}"
             )
         if not self.local_loss:
             if not self.gather_with_grad:
@@ -112,8 +117,9 @@ class ClipLoss(nn.Module):
         all_text = all_gather_rows(text_features, self.gather_with_grad)
         n = image_features.shape[0]
         positive = torch.arange(n, device=image_features.device) + n * self.rank
-        per_image = functional.info_nce(image_features, all_text, tau, targets=positive, normalize=False, symmetric=False, distributed="local")
-        per_text = functional.info_nce(text_features, all_image, tau, targets=positive, normalize=False, symmetric=False, distributed="local")
+        one_way = dict(targets=positive, normalize=False, symmetric=False, distributed="local")
+        per_image = functional.info_nce(image_features, all_text, tau, **one_way)
+        per_text = functional.info_nce(text_features, all_image, tau, **one_way)
         return (per_image + per_text) / 2
 
     def extra_repr(self) -> str:

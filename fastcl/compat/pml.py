@@ -71,14 +71,16 @@ class _PairLoss(nn.Module):
             return self._same_rows(embeddings, ids)
         if ref_labels is None or ref_labels.dim() != 1 or ref_labels.shape[0] != ref_emb.shape[0]:
             raise ValueError(f"ref_labels: expected shape ({ref_emb.shape[0]},) with ref_emb")
-        both = torch.unique(torch.cat([labels.to(embeddings.device), ref_labels.to(embeddings.device)]), return_inverse=True)[1]
+        device = embeddings.device
+        both = torch.unique(torch.cat([labels.to(device), ref_labels.to(device)]), return_inverse=True)[1]
         return self._cross_rows(embeddings, both[: labels.shape[0]], ref_emb, both[labels.shape[0] :])
 
     def _cross_rows(self, embeddings: Tensor, ids: Tensor, ref_emb: Tensor, ref_ids: Tensor) -> Tensor:
         positive = ids[:, None] == ref_ids[None, :]  # [A, K] bool: small next to the rows, never a float matrix
         if not positive.any() or positive.all():
             return zero_loss(embeddings, ref_emb)
-        if positive.shape[0] == positive.shape[1] and torch.equal(positive, torch.eye(positive.shape[0], dtype=torch.bool, device=positive.device)):
+        identity = torch.eye(positive.shape[0], dtype=torch.bool, device=positive.device)
+        if positive.shape[0] == positive.shape[1] and torch.equal(positive, identity):
             # Each anchor's positive is the ref row of the same index, all others are negatives.
             return functional.info_nce(embeddings, ref_emb, self.temperature, symmetric=False, distributed="local")
         anchors, keys = F.normalize(embeddings, dim=1), F.normalize(ref_emb, dim=1)
@@ -128,7 +130,9 @@ class NTXentLoss(_PairLoss):
         z = F.normalize(embeddings, dim=1)
         return self._pair_rows(z, z, ids, ids, torch.arange(z.shape[0], device=z.device))
 
-    def _pair_rows(self, anchors: Tensor, keys: Tensor, ids: Tensor, key_ids: Tensor, self_index: Optional[Tensor]) -> Tensor:
+    def _pair_rows(
+        self, anchors: Tensor, keys: Tensor, ids: Tensor, key_ids: Tensor, self_index: Optional[Tensor]
+    ) -> Tensor:
         def term(s: Tensor, rows: slice) -> Tensor:
             same = ids[rows, None] == key_ids[None, :]
             positive = same & torch.isfinite(s)  # the anchor itself (s = −inf) is not a positive
@@ -169,7 +173,9 @@ class SupConLoss(_PairLoss):
             embeddings[:, None], ids, None, self.temperature, base_temperature=self.temperature, distributed="local"
         )
 
-    def _pair_rows(self, anchors: Tensor, keys: Tensor, ids: Tensor, key_ids: Tensor, self_index: Optional[Tensor]) -> Tensor:
+    def _pair_rows(
+        self, anchors: Tensor, keys: Tensor, ids: Tensor, key_ids: Tensor, self_index: Optional[Tensor]
+    ) -> Tensor:
         def term(s: Tensor, rows: slice) -> Tensor:
             positive = ids[rows, None] == key_ids[None, :]
             n_positive = positive.sum(dim=1)

@@ -1,4 +1,4 @@
-"""solo-learn's ``simclr_loss_func`` (github.com/vturrisi/solo-learn, ``solo/losses/simclr.py``): change only the import.
+"""solo-learn's ``simclr_loss_func`` (github.com/vturrisi/solo-learn, ``solo/losses/simclr.py``): change the import.
 
     from solo.losses.simclr import simclr_loss_func            # before
     from fastcl.compat.solo_learn import simclr_loss_func       # after
@@ -7,7 +7,8 @@ Same ``simclr_loss_func(z, indexes, temperature=0.1)`` and values: ``z`` holds e
 (``[N·views, D]``, normalized inside), ``indexes`` the sample id (unsupervised) or class (supervised) of
 each crop; row i's positives are the other rows with its index, its negatives the rows with another:
 ``ℓ_i = −log(Σ_{p∈P(i)} e^{s_ip} / Σ_{j≠i} e^{s_ij})``, averaged over rows. Under DDP every rank
-computes this over the rows of all ranks (solo-learn's ``full_gather``), with its gradients.
+computes this over the rows of all ranks (solo-learn's ``full_gather``), with its gradients (the
+earlier ``gather`` variant of this function averaged over this rank's rows only).
 
 Where every row has at most one positive (two crops per sample), this is NT-Xent / SupCon and runs on
 fastcl's fused losses; multi-crop or supervised batches (several positives per row) run as row blocks

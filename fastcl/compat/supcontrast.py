@@ -99,5 +99,8 @@ class SupConLoss(nn.Module):
         )
 
     def extra_repr(self) -> str:
-        return f"temperature={self.temperature}, contrast_mode={self.contrast_mode!r}, base_temperature={self.base_temperature}"
+        return (
+            f"temperature={self.temperature}, contrast_mode={self.contrast_mode!r}, "
+            f"base_temperature={self.base_temperature}"
+        )
 
