@@ -10,7 +10,13 @@ pytest.importorskip("sklearn")
 
 from fastcl.repro import EXPERIMENTS, load, main, run_experiment  # noqa: E402
 from fastcl.repro.common import (  # noqa: E402
-    FAILS, HOLDS, INCONCLUSIVE, collapsed_dimensions, compare_close, compare_seeds, slope,
+    FAILS,
+    HOLDS,
+    INCONCLUSIVE,
+    collapsed_dimensions,
+    compare_close,
+    compare_seeds,
+    slope,
 )
 
 
@@ -67,7 +73,8 @@ def test_foster_verdicts_follow_the_numbers():
     config = {"seeds": [0, 1], "averaging": (1, 4), "gp_lambda": 0.01}
 
     def arm(condvar, mse_1, mse_4):
-        return [{"condvar_repr": condvar + 0.01 * i, "probe_mse": {"1": mse_1, "4": mse_4 - 0.001 * i}} for i in range(2)]
+        return [{"condvar_repr": condvar + 0.01 * i, "probe_mse": {"1": mse_1, "4": mse_4 - 0.001 * i}}
+                for i in range(2)]
 
     results = {"arms": {"no penalty": arm(0.5, 0.05, 0.04), "penalty λ = 0.01": arm(0.2, 0.045, 0.03)}}
     assert set(_verdicts("foster", results, config).values()) == {HOLDS}

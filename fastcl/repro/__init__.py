@@ -64,14 +64,14 @@ def run_experiment(name: str, size: str, out: str | Path, device: str = "auto", 
     target = Path(out) / name
     dev = resolve_device(device)
     bar = Progress(experiment.units(config), f"{name} --{size}", enabled=progress)
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     with tempfile.TemporaryDirectory(prefix=f"fastcl-repro-{name}-") as work:
         results = experiment.run(config, Context(dev, Path(work), bar, data_dir))
     bar.close()
-    wall = time.perf_counter() - start
+    wall, cpu = time.perf_counter() - start, time.process_time() - cpu_start
     claims = experiment.claims(results, config)
-    write_outputs(target, experiment, size, config, results, claims, environment(dev), wall)
-    print(f"\n{experiment.TITLE} (--{size}, {wall / 60:.1f} min); files in {target}/")
+    write_outputs(target, experiment, size, config, results, claims, environment(dev), wall, cpu)
+    print(f"\n{experiment.TITLE} (--{size}, {wall / 60:.1f} min wall, {cpu / 60:.1f} min CPU); files in {target}/")
     for claim in claims:
         print(f"  [{claim.verdict}] {claim.statement}\n      {claim.comparison}")
     import json

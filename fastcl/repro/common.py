@@ -259,7 +259,8 @@ class Context:
 def build_encoder(config: dict, seed: int) -> torch.nn.Module:
     """``config["encoder"]``, seeded: ``convnet`` at ``config["dim"]`` / ``config["width"]``, else a named
     encoder of :func:`fastcl.models.build_encoder` (``resnet18``, ``resnet50``)."""
-    from fastcl.models import ConvNet, build_encoder as build_named
+    from fastcl.models import ConvNet
+    from fastcl.models import build_encoder as build_named
 
     torch.manual_seed(seed)
     if config["encoder"] == "convnet":
@@ -282,8 +283,9 @@ def image_source(config: dict, ctx: Context, seed: int, strength: float):
 
 
 def write_outputs(out: Path, experiment, size: str, config: dict, results: dict, claims: list[Claim],
-                  env: dict, wall_s: float) -> list[str]:
-    """Write results.json, results.md and the experiment's figures to ``out``; return the figure names."""
+                  env: dict, wall_s: float, cpu_s: float) -> list[str]:
+    """Write results.json, results.md and the experiment's figures to ``out``; return the figure names.
+    ``wall_s`` / ``cpu_s``: elapsed and process CPU seconds (all threads) of the run."""
     out.mkdir(parents=True, exist_ok=True)
     try:
         import matplotlib
@@ -294,11 +296,12 @@ def write_outputs(out: Path, experiment, size: str, config: dict, results: dict,
         figures = []
         print("matplotlib is not installed: no figures (pip install 'fastcl[plot]')", file=sys.stderr)
     record = {"experiment": experiment.NAME, "title": experiment.TITLE, "size": size, "config": config,
-              "environment": env, "wall_s": wall_s, "claims": [dataclasses.asdict(c) for c in claims],
+              "environment": env, "wall_s": wall_s, "cpu_s": cpu_s, "claims": [dataclasses.asdict(c) for c in claims],
               "figures": figures, "results": results}
     (out / "results.json").write_text(json.dumps(record, indent=1) + "\n")
     md = [f"# {experiment.TITLE}: `--{size}` run", "",
-          f"{env['date']} on {env['machine']} ({env['device']}), {wall_s / 60:.1f} min, "
+          f"{env['date']} on {env['machine']} ({env['device']}), "
+          f"{wall_s / 60:.1f} min wall / {cpu_s / 60:.1f} min CPU, "
           f"seeds {config['seeds']}; torch {env['versions']['torch']}, fastcl {env['versions']['fastcl']}.", "",
           experiment.tables(results, config), "", "## Claims", ""]
     md += [f"- **{c.verdict}** — {c.statement}  \n  {c.comparison}" for c in claims]

@@ -12,19 +12,27 @@ from __future__ import annotations
 import math
 
 from fastcl.repro.common import (
-    Claim, build_encoder, compare_seeds, image_source, markdown_table, mean, mean_std, save_figure, slope,
+    Claim,
+    build_encoder,
+    compare_seeds,
+    image_source,
+    markdown_table,
+    mean,
+    mean_std,
+    save_figure,
+    slope,
     transformation_spread,
 )
 
 NAME = "cosentino"
 TITLE = "Augmentation strength vs projector invariance (Cosentino et al., 2022)"
-SUMMARY = "as augmentation strength grows, the projector's invariance rises and its rank falls faster than the encoder's"
+SUMMARY = "with stronger augmentation the projector's invariance rises and its rank falls faster than the encoder's"
 
 _QUICK = dict(seeds=[0, 1], strengths=(0.25, 0.75, 1.5), dataset="digits", image_size=16, encoder="convnet",
-              dim=128, width=32, epochs=8, batch_size=128, lr=0.5, draws=4)
+              dim=128, width=32, proj_dim=128, epochs=8, batch_size=128, lr=0.5, draws=4)
 CONFIGS = {
-    "smoke": dict(_QUICK, seeds=[0], strengths=(0.25, 1.0), dim=16, width=8, epochs=1, batch_size=32, train_size=64,
-                  test_size=32, draws=2),
+    "smoke": dict(_QUICK, seeds=[0], strengths=(0.25, 1.0), dim=16, width=8, proj_dim=16, epochs=1, batch_size=32,
+                  train_size=64, test_size=32, draws=2),
     "quick": _QUICK,
     "full": dict(_QUICK, seeds=[0, 1, 2], strengths=(0.1, 0.25, 0.5, 0.75, 1.0, 1.5), dataset="cifar10", image_size=32,
                  encoder="resnet18", epochs=100, batch_size=512, lr=None, optimizer="lars", amp="bf16", draws=8),
@@ -42,7 +50,8 @@ def run(config: dict, ctx) -> dict:
         runs[str(strength)] = []
         for seed in config["seeds"]:
             source = image_source(config, ctx, seed, strength)
-            flags = dict(method="simclr", head="mlp", dataset=config["dataset"], aug_strength=strength,
+            flags = dict(method="simclr", head="mlp", proj_dim=config["proj_dim"], dataset=config["dataset"],
+                         aug_strength=strength,
                          epochs=config["epochs"], batch_size=config["batch_size"], temperature=TEMPERATURE, seed=seed,
                          optimizer=config.get("optimizer", "sgd"), amp=config.get("amp", "off"))
             if config["lr"] is not None:
@@ -97,7 +106,8 @@ def tables(results: dict, config: dict) -> str:
     rows = [[s] + [mean_std([r[key] for r in runs], digits) for key, _, digits in _COLUMNS]
             for s, runs in results["runs"].items()]
     return (f"{config['dataset']} ({config['image_size']} px), {config['encoder']} (h: {config['dim']} dims) + MLP "
-            f"projector (z: 128 dims), SimCLR τ = {TEMPERATURE}, {config['epochs']} epochs per strength. View cosine: "
+            f"projector (z: {config.get('proj_dim', 128)} dims), SimCLR τ = {TEMPERATURE}, {config['epochs']} epochs "
+            f"per strength. View cosine: "
             f"mean cosine similarity between {config['draws']} augmentations of each test image at the model's "
             f"training strength. Mean ± std over seeds {config['seeds']}.\n\n"
             + markdown_table(["strength s"] + [title for _, title, _ in _COLUMNS], rows))

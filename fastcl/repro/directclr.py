@@ -12,19 +12,27 @@ from __future__ import annotations
 import torch
 
 from fastcl.repro.common import (
-    Claim, collapsed_dimensions, compare_seeds, markdown_table, mean_std, save_figure, build_encoder, image_source,
+    Claim,
+    build_encoder,
+    collapsed_dimensions,
+    compare_seeds,
+    image_source,
+    markdown_table,
+    mean_std,
+    save_figure,
 )
 
 NAME = "directclr"
 TITLE = "Dimensional collapse and DirectCLR (Jing et al., ICLR 2022)"
 SUMMARY = "strong augmentation / depth collapse toy embeddings; no projector collapses, DirectCLR does not"
 
-_IMAGE_QUICK = dict(dataset="digits", image_size=16, encoder="convnet", dim=128, width=32, epochs=12,
+_IMAGE_QUICK = dict(dataset="digits", image_size=16, encoder="convnet", dim=128, width=32, proj_dim=128, epochs=12,
                     batch_size=128, lr=0.5, temperature=0.1, strength=1.0)
 CONFIGS = {
     # toy_lr x toy_steps is the paper's (1e-3 x 10k, 1e-2 x 10k) in the quick size: ten times fewer, larger steps.
     "smoke": dict(seeds=[0], toy_steps=30, toy_lr=(1e-2, 0.1), toy_depths=(1, 2),
-                  **dict(_IMAGE_QUICK, epochs=1, dim=16, width=8, batch_size=32, train_size=64, test_size=32)),
+                  **dict(_IMAGE_QUICK, epochs=1, dim=16, width=8, proj_dim=16, batch_size=32, train_size=64,
+                         test_size=32)),
     "quick": dict(seeds=[0, 1, 2], toy_steps=1000, toy_lr=(1e-2, 0.1), toy_depths=(1, 2, 3), **_IMAGE_QUICK,
                   image_seeds=[0, 1]),
     "full": dict(seeds=[0, 1, 2], toy_steps=10_000, toy_lr=(1e-3, 1e-2), toy_depths=(1, 2, 3, 4),
@@ -105,7 +113,7 @@ def toy(layers: int, noise: float, noise_dims: slice, lr: float, steps: int, dec
         optimizer.step()
     final = spectrum()
     out = {"spectrum_init": initial, "spectrum": final, "collapsed_init": collapsed_dimensions(initial),
-           "collapsed": collapsed_dimensions(final), "loss": float(loss)}
+           "collapsed": collapsed_dimensions(final), "loss": float(loss.detach())}
     if layers >= 2:
         out.update(alignment_init=alignment_0, alignment=_alignment([w.detach() for w in weights]),
                    balance_drift=float((balance() - balance_0).norm() / balance_0.norm()))
@@ -134,7 +142,8 @@ def run(config: dict, ctx) -> dict:
         image[label] = []
         for seed in _image_seeds(config):
             source = image_source(config, ctx, seed, config["strength"])
-            flags = dict(method=method, head=head, epochs=config["epochs"], batch_size=config["batch_size"],
+            flags = dict(method=method, head=head, proj_dim=config["proj_dim"], epochs=config["epochs"],
+                         batch_size=config["batch_size"],
                          temperature=config["temperature"], seed=seed, dataset=config["dataset"],
                          optimizer=config.get("optimizer", "sgd"), amp=config.get("amp", "off"))
             if config["lr"] is not None:
@@ -209,15 +218,17 @@ def tables(results: dict, config: dict) -> str:
         aligned = (f"{mean_std(_values(runs, 'alignment_init'))} → {mean_std(_values(runs, 'alignment'))}"
                    if int(depth) >= 2 else "-")
         drift = mean_std(_values(runs, "balance_drift")) if int(depth) >= 2 else "-"
-        rows.append([f"{depth} layer(s), noise {DEPTH_NOISE}, decaying init", mean_std(_values(runs, "collapsed_init"), 1),
+        rows.append([f"{depth} layer(s), noise {DEPTH_NOISE}, decaying init",
+                     mean_std(_values(runs, "collapsed_init"), 1),
                      mean_std(_values(runs, "collapsed"), 1), aligned, drift])
     toy_table = markdown_table(["toy (16 dims, InfoNCE τ = 0.1, unnormalized)", "collapsed dims at init",
-                                "collapsed dims after", "alignment |diag V2ᵀU1|", "drift of W1W1ᵀ−W2ᵀW2"], rows)
+                                "collapsed dims after", "alignment: mean abs diag(V2ᵀU1)", "drift of W1W1ᵀ−W2ᵀW2"], rows)
+    dims = len(next(iter(image.values()))[0]["spectrum"])
     image_rows = [[label, mean_std(_values(runs, "probe_init")), mean_std(_values(runs, "probe")),
                    mean_std(_values(runs, "effective_rank"), 1), mean_std(_values(runs, "collapsed"), 1)]
                   for label, runs in image.items()]
     image_table = markdown_table(["method (h = encoder output)", "probe acc at init", "probe acc",
-                                  "effective rank of h", f"collapsed dims of h (of {len(next(iter(image.values()))[0]['spectrum'])})"],
+                                  "effective rank of h", f"collapsed dims of h (of {dims})"],
                                  image_rows)
     return (f"Toys: {config['toy_steps']} SGD steps, batch {TOY_BATCH}; collapsed = singular values of the "
             f"embedding covariance below 1e-4·σ₁; mean ± std over seeds {config['seeds']}.\n\n{toy_table}\n\n"
@@ -232,7 +243,8 @@ def figures(results: dict, config: dict, out) -> list[str]:
     toys, image = results["toys"], results["image"]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     for key, noise in (("strong", STRONG), ("weak", WEAK)):
-        axes[0].plot(torch.tensor(toys[key][0]["spectrum"]).clamp_min(1e-30).log10(), marker="o", label=f"noise {noise}")
+        spectrum = torch.tensor(toys[key][0]["spectrum"]).clamp_min(1e-30)
+        axes[0].plot(spectrum.log10(), marker="o", label=f"noise {noise}")
     axes[0].set_title("toy 1: one linear layer")
     for depth, runs in toys["depth"].items():
         axes[1].plot(torch.tensor(runs[0]["spectrum"]).clamp_min(1e-30).log10(), marker="o", label=f"{depth} layer(s)")

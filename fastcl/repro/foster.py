@@ -8,18 +8,25 @@ and the linear probe's MSE on features averaged over M transformations (it shoul
 from __future__ import annotations
 
 from fastcl.repro.common import (
-    Claim, build_encoder, compare_seeds, markdown_table, mean, mean_std, save_figure, transformation_spread,
+    Claim,
+    build_encoder,
+    compare_seeds,
+    markdown_table,
+    mean,
+    mean_std,
+    save_figure,
+    transformation_spread,
 )
 
 NAME = "foster"
 TITLE = "Gradient penalty and feature averaging on Spirograph (Foster et al., ICLR 2021)"
 SUMMARY = "the penalty lowers the conditional variance; averaging over M transformations lowers the probe MSE"
 
-_QUICK = dict(seeds=[0, 1], train_size=4096, test_size=512, encoder="convnet", dim=64, width=16, epochs=4,
+_QUICK = dict(seeds=[0, 1], train_size=4096, test_size=512, encoder="convnet", dim=64, width=16, proj_dim=128, epochs=4,
               batch_size=128, lr=0.5, gp_lambda=0.01, gp_draws=100, averaging=(1, 2, 4, 8), probe_train=1024,
               probe_test=512, spread_items=256, spread_draws=8)
 CONFIGS = {
-    "smoke": dict(_QUICK, seeds=[0], train_size=64, test_size=32, dim=16, width=8, epochs=1, batch_size=32,
+    "smoke": dict(_QUICK, seeds=[0], train_size=64, test_size=32, dim=16, width=8, proj_dim=16, epochs=1, batch_size=32,
                   gp_draws=4, averaging=(1, 2), probe_train=64, probe_test=32, spread_items=16, spread_draws=2),
     "quick": _QUICK,
     # Foster et al.: 100 000 / 20 000 Spirograph items, M up to 30, lambda 0.01 with the clamp at 1000.
@@ -47,7 +54,8 @@ def run(config: dict, ctx) -> dict:
         arms[label] = []
         for seed in config["seeds"]:
             source = SpirographSource(config["train_size"], config["test_size"], ctx.device, seed)
-            flags = dict(method="simclr", dataset="spirograph", epochs=config["epochs"], batch_size=config["batch_size"],
+            flags = dict(method="simclr", dataset="spirograph", proj_dim=config["proj_dim"], epochs=config["epochs"],
+                         batch_size=config["batch_size"],
                          temperature=TEMPERATURE, gp_lambda=gp_lambda, gp_draws=config["gp_draws"], seed=seed,
                          train_size=config["train_size"], test_size=config["test_size"])
             if config["lr"] is not None:

@@ -14,7 +14,14 @@ import math
 import torch
 
 from fastcl.repro.common import (
-    Claim, build_encoder, compare_close, compare_seeds, markdown_table, mean, mean_std, save_figure,
+    Claim,
+    build_encoder,
+    compare_close,
+    compare_seeds,
+    markdown_table,
+    mean,
+    mean_std,
+    save_figure,
 )
 
 NAME = "xue"
@@ -22,9 +29,10 @@ TITLE = "Projection head: pre- vs post-projection and the fixed reweighting head
 SUMMARY = "h beats z on a feature the augmentation drops; the fixed kappa head comes close to the MLP head"
 
 _QUICK = dict(seeds=[0, 1], image_size=16, train_size=2048, test_size=512, p_drop=0.8, blend=0.7, kappa=1.05,
-              encoder="convnet", dim=128, width=32, epochs=8, batch_size=128, lr=0.5, strength=0.5)
+              encoder="convnet", dim=128, width=32, proj_dim=128, epochs=8, batch_size=128, lr=0.5, strength=0.5)
 CONFIGS = {
-    "smoke": dict(_QUICK, seeds=[0], train_size=64, test_size=32, dim=16, width=8, epochs=1, batch_size=32),
+    "smoke": dict(_QUICK, seeds=[0], train_size=64, test_size=32, dim=16, width=8, proj_dim=16, epochs=1,
+                  batch_size=32),
     "quick": _QUICK,
     "full": dict(_QUICK, seeds=[0, 1, 2], image_size=32, train_size=50_000, test_size=10_000, encoder="resnet18",
                  epochs=200, batch_size=512, lr=None, strength=1.0),
@@ -71,7 +79,8 @@ class DigitsOnBackground:
         self.size = {"train": train_size, "test": test_size}
         self.generator = torch.Generator(device).manual_seed(seed)
         self.eval_generator = torch.Generator(device)
-        self._augment = MultiViewAugment("simclr", size=image_size, views=1, strength=strength, generator=self.generator)
+        self._augment = MultiViewAugment("simclr", size=image_size, views=1, strength=strength,
+                                         generator=self.generator)
         self._eval_augment = MultiViewAugment("simclr", size=image_size, views=1, strength=strength,
                                               generator=self.eval_generator)
 
@@ -115,7 +124,8 @@ def run(config: dict, ctx) -> dict:
         for seed in config["seeds"]:
             source = DigitsOnBackground(config["train_size"], config["test_size"], ctx.device, seed,
                                         config["image_size"], config["p_drop"], config["blend"], config["strength"])
-            flags = dict(method="simclr", head=head, kappa=config["kappa"], dataset="digits", epochs=config["epochs"],
+            flags = dict(method="simclr", head=head, kappa=config["kappa"], proj_dim=config["proj_dim"],
+                         dataset="digits", epochs=config["epochs"],
                          batch_size=config["batch_size"], temperature=TEMPERATURE, seed=seed)
             if config["lr"] is not None:
                 flags["lr"] = config["lr"]
@@ -152,11 +162,12 @@ def tables(results: dict, config: dict) -> str:
              mean_std([r["effective_rank_z"] for r in runs], 1)] for label, runs in results["heads"].items()]
     return (f"Digits blended (s = {config['blend']}) into generated gratings, {config['image_size']} px, "
             f"{config['train_size']} / {config['test_size']} items; each view drops the digit with probability "
-            f"{config['p_drop']}; {config['encoder']}, SimCLR τ = {TEMPERATURE}, {config['epochs']} epochs, augmentation "
+            f"{config['p_drop']}; {config['encoder']}, SimCLR τ = {TEMPERATURE}, {config['epochs']} epochs, "
+            f"augmentation "
             f"strength {config['strength']}. Probe: logistic regression on the digit label. Mean ± std over seeds "
             f"{config['seeds']}.\n\n"
-            + markdown_table(["head", "probe acc h at init", "probe acc h", "probe acc z", "eff. rank h", "eff. rank z"],
-                             rows))
+            + markdown_table(["head", "probe acc h at init", "probe acc h", "probe acc z", "eff. rank h",
+                              "eff. rank z"], rows))
 
 
 def figures(results: dict, config: dict, out) -> list[str]:
