@@ -9,7 +9,7 @@ __version__ = "0.1.0"
 
 from fastcl import functional
 from fastcl.dispatch import available_backends
-from fastcl.modules import DirectCLRLoss, InfoNCELoss, NTXentLoss, SupConLoss
+from fastcl.modules import DCLLoss, DirectCLRLoss, InfoNCELoss, NTXentLoss, SigLIPLoss, SupConLoss
 from fastcl import compat  # drop-in replacements for other code bases' losses
 
 __all__ = [
@@ -17,6 +17,8 @@ __all__ = [
     "InfoNCELoss",
     "DirectCLRLoss",
     "SupConLoss",
+    "DCLLoss",
+    "SigLIPLoss",
     "functional",
     "compat",
     "available_backends",

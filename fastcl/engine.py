@@ -16,6 +16,7 @@ Per-anchor loss (softmax epilogue), from the statistics merged over all blocks:
     ℓ_a = κ · (lse_a − pos_sum_a / pos_weight_a)      κ = τ/τ_b (SupCon) else 1
     L = Σ_passes weight_p · Σ_{a counted} ℓ_a / #counted
 
+(a pass whose positives are "none" is a negatives-only term, ℓ_a = κ·lse_a: DCL's same-view part)
 and for the sigmoid epilogue (SigLIP) ℓ_a = Σ_c softplus(z_ac) − Σ_c P_ac z_ac with z = s + b. Anchors
 without positives add 0 and are dropped from the count (``missing="drop"``) or counted (``"zero"``).
 
@@ -192,11 +193,13 @@ def _slice(x: Optional[Tensor], start: int, stop: int) -> Optional[Tensor]:
     return None if x is None else x[start:stop]
 
 
-def _anchor_terms(plan: Plan, lse: Tensor, pos_sum: Tensor, pos_weight: Tensor, kappa, bias) -> tuple[Tensor, Tensor]:
+def _anchor_terms(plan: Plan, p: Pass, lse: Tensor, pos_sum: Tensor, pos_weight: Tensor, kappa, bias) -> tuple[Tensor, Tensor]:
     """(ℓ_a with 0 for uncounted anchors, counted_a as 0/1) from merged statistics."""
     if plan.epilogue == "sigmoid":
         b = 0.0 if bias is None else bias
         return lse - pos_sum - b * pos_weight, torch.ones_like(lse)
+    if p.positives == "none":  # a negatives-only pass (DCL's same-view term): ℓ_a = κ·lse_a
+        return kappa * lse, torch.ones_like(lse)
     has_positive = pos_weight > 0
     terms = torch.where(has_positive, kappa * (lse - pos_sum / torch.where(has_positive, pos_weight, 1.0)), 0.0)
     counted = torch.ones_like(lse) if plan.missing == "zero" else has_positive.to(lse.dtype)
@@ -219,8 +222,8 @@ def _forward(rows, labels, mask, tau, bias, plan_str, part_sizes, normalize, mod
             m[2] += pos_weight
     kappa = tau / plan.base_temperature if plan.base_temperature is not None else 1.0
     sums, counts = [], []
-    for lse, pos_sum, pos_weight in merged:
-        terms, counted = _anchor_terms(plan, lse, pos_sum, pos_weight, kappa, run.bias)
+    for p, (lse, pos_sum, pos_weight) in zip(plan.passes, merged):
+        terms, counted = _anchor_terms(plan, p, lse, pos_sum, pos_weight, kappa, run.bias)
         sums.append(terms.sum())
         counts.append(counted.sum())
     local_totals = torch.stack(sums + counts)
@@ -253,6 +256,9 @@ def _backward(grad, rows, labels, mask, tau, bias, lse_all, weight_all, scalars,
         if plan.epilogue == "sigmoid":
             alpha = coefficient.expand_as(lse)
             beta = alpha
+        elif plan.passes[i].positives == "none":
+            alpha = (coefficient * kappa).expand_as(lse)
+            beta = torch.zeros_like(lse)
         else:
             has_positive = pos_weight > 0
             alpha = torch.where(has_positive, coefficient * kappa, 0.0)

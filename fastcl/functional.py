@@ -29,7 +29,7 @@ from fastcl._blocks import accumulation_dtype
 from fastcl._validate import Temperature
 from fastcl.engine import Pass, Plan, block_loss
 
-__all__ = ["nt_xent", "info_nce", "supcon"]
+__all__ = ["nt_xent", "info_nce", "supcon", "dcl", "siglip"]
 
 MISSING_POLICIES = ("drop", "zero")
 
@@ -101,6 +101,21 @@ def _supcon_plan(views: int, contrast_mode: str, given: str, base_temperature: f
     row_labels = {"labels": "given", "mask": "none", "none": "samples"}[given]
     return Plan(passes=(Pass(anchors, (0, views), positives, exclude_self=True),), labels=row_labels,
                 base_temperature=base_temperature, missing=missing).encode()
+
+
+@torch.compiler.assume_constant_result
+def _dcl_plan() -> str:
+    # Per view: a same-view negatives-only pass and a cross-view pass without the positive in its
+    # denominator, each view's two terms averaged with weight 1/2.
+    passes = []
+    for own, other in (((0, 1), (1, 2)), ((1, 2), (0, 1))):
+        passes += [Pass(own, own, "none", exclude_self=True, weight=0.5), Pass(own, other, "diagonal", weight=0.5)]
+    return Plan(passes=tuple(passes), exclude_positives=True).encode()
+
+
+@torch.compiler.assume_constant_result
+def _siglip_plan() -> str:
+    return Plan(passes=(Pass((0, 1), (1, 2), "diagonal"),), epilogue="sigmoid").encode()
 
 
 def nt_xent(
@@ -303,3 +318,117 @@ def supcon(
     given = "mask" if mask is not None else "labels" if labels is not None else "none"
     plan = _supcon_plan(views, contrast_mode, given, float(base_temperature), positives_missing)
     return block_loss(rows, plan, [n] * views, tau, labels=labels, mask=mask, normalize=normalize, mode=mode, backend=backend)
+
+
+def dcl(
+    z1: Tensor,
+    z2: Tensor,
+    temperature: Temperature = 0.1,
+    *,
+    sub_dim: Optional[int] = None,
+    normalize: bool = True,
+    backend: str = "auto",
+    distributed: str = "auto",
+    check_finite: Optional[bool] = None,
+) -> Tensor:
+    """Decoupled contrastive loss (DCL, Yeh et al. 2022) as lightly's ``DCLLoss``: NT-Xent without the
+    positive pair in the denominator.
+
+    For anchor i of view u (v the other view): ℓ_i = −s(u_i, v_i) + log Σ_{j≠i} exp s(u_i, u_j)
+    + log Σ_{j≠i} exp s(u_i, v_j); L = ½ mean_i ℓ_i(view 1) + ½ mean_i ℓ_i(view 2).
+
+    Args:
+        z1, z2: [N, D] the two views (same shape, dtype and device), N ≥ 2.
+        temperature: τ > 0, a float or a 0-dim tensor.
+        sub_dim, normalize, backend, distributed, check_finite: see the module docstring.
+
+    Returns:
+        The 0-dim loss, float32 (float64 for float64 inputs).
+
+    Raises:
+        TypeError, ValueError: bad input, naming the argument. RuntimeError: a backend that cannot run here.
+
+    Example:
+        >>> z1, z2 = torch.randn(8, 16), torch.randn(8, 16)
+        >>> dcl(z1, z2, 0.1).shape
+        torch.Size([])
+    """
+    d = _check_two_views(("z1", "z2"), z1, z2, sub_dim)
+    if z1.shape[0] < 2:
+        raise ValueError(f"z1: DCL needs N >= 2 rows per view (its denominators hold the other samples), got shape {tuple(z1.shape)}")
+    mode = _distributed.resolve_mode(distributed)
+    backend = _resolve(backend, z1.device, True)
+    tau = _finish_checks(("z1", "z2"), (z1, z2), temperature, backend, check_finite, z1.device, z1)
+    n = z1.shape[0]
+    rows = torch.cat([z1[:, :d], z2[:, :d]])
+    return block_loss(rows, _dcl_plan(), [n, n], tau, normalize=normalize, mode=mode, backend=backend)
+
+
+def siglip(
+    x: Tensor,
+    y: Tensor,
+    logit_scale: Optional[Temperature] = None,
+    logit_bias: Temperature = -10.0,
+    *,
+    temperature: Optional[Temperature] = None,
+    sub_dim: Optional[int] = None,
+    normalize: bool = True,
+    backend: str = "auto",
+    distributed: str = "auto",
+    check_finite: Optional[bool] = None,
+) -> Tensor:
+    """SigLIP's pairwise sigmoid loss (Zhai et al. 2023), as open_clip's ``SigLipLoss``.
+
+    With logits z_ij = t·⟨x̂_i, ŷ_j⟩ + b and labels +1 on the diagonal (i = j), −1 elsewhere:
+    L = −(1/N) Σ_ij log σ(label_ij · z_ij), computed as softplus terms (exact for any |z|). Under
+    gather/ring the sum runs over the global batch and N is the global N (open_clip's ring exchange:
+    keys rotate, no normalizer is exchanged).
+
+    Args:
+        x, y: [N, D] paired rows (images, texts): same shape, dtype and device.
+        logit_scale: t > 0, already exponentiated (SigLIP initialises log t = log 10): a float or a
+            0-dim tensor (dL/dt when it requires grad). None: 10, or 1/``temperature``.
+        logit_bias: b, a float or a 0-dim tensor (dL/db when it requires grad); SigLIP initialises −10.
+        temperature: τ = 1/t instead of ``logit_scale`` (the keyword every fastcl loss takes).
+        sub_dim, normalize, backend, distributed, check_finite: see the module docstring.
+
+    Returns:
+        The 0-dim loss, float32 (float64 for float64 inputs).
+
+    Raises:
+        TypeError, ValueError: bad input, naming the argument. RuntimeError: a backend that cannot run here.
+
+    Example:
+        >>> img, txt = torch.randn(8, 16), torch.randn(8, 16)
+        >>> t, b = torch.tensor(10.0, requires_grad=True), torch.tensor(-10.0, requires_grad=True)
+        >>> siglip(img, txt, t, b).backward()
+        >>> t.grad is not None and b.grad is not None
+        True
+    """
+    d = _check_two_views(("x", "y"), x, y, sub_dim)
+    mode = _distributed.resolve_mode(distributed)
+    backend = _resolve(backend, x.device, True)
+    checking = _check_finite_default(check_finite, backend)
+    if logit_scale is not None and temperature is not None:
+        raise ValueError("logit_scale, temperature: give at most one of them (temperature = 1 / logit_scale), got both")
+    if temperature is not None:
+        _validate.temperature("temperature", temperature, x.device, checking)
+    else:
+        logit_scale = 10.0 if logit_scale is None else logit_scale
+        _validate.temperature("logit_scale", logit_scale, x.device, checking)
+    if isinstance(logit_bias, Tensor):
+        if logit_bias.dim() != 0 or not logit_bias.is_floating_point():
+            raise ValueError(f"logit_bias: expected a float or a 0-dim floating tensor, got shape {tuple(logit_bias.shape)}, dtype {logit_bias.dtype}")
+    elif isinstance(logit_bias, bool) or not isinstance(logit_bias, (int, float)):
+        raise TypeError(f"logit_bias: expected a float or a 0-dim tensor, got {type(logit_bias).__name__}")
+    if checking:
+        for name, t in (("x", x), ("y", y)):
+            _validate.finite(name, t)
+    if temperature is not None:
+        tau = _temperature_tensor(temperature, x, checking)
+    else:
+        tau = 1.0 / _temperature_tensor(logit_scale, x, checking)
+    bias = _temperature_tensor(logit_bias, x, True)
+    rows = torch.cat([x[:, :d], y[:, :d]])
+    n = x.shape[0]
+    return block_loss(rows, _siglip_plan(), [n, n], tau, bias=bias, normalize=normalize, mode=mode, backend=backend)

@@ -104,6 +104,37 @@ def supcon(
     return torch.stack(terms).sum() / (len(terms) + (missing if positives_missing == "zero" else 0))
 
 
+
+def dcl(z1, z2, temperature=0.1, sub_dim=None, normalize=True) -> Tensor:
+    """DCL: per anchor, −s_pos + log Σ over the other same-view rows + log Σ over the other cross-view
+    rows (the positive left out of both); the mean over each view's anchors, the two views averaged."""
+    a, b, tau = _rows(z1, sub_dim, normalize), _rows(z2, sub_dim, normalize), _tau(temperature)
+    n = a.shape[0]
+
+    def one_view(u, v):
+        total = 0.0
+        for i in range(n):
+            others = [j for j in range(n) if j != i]
+            same, cross = u[i] @ u[others].T / tau, u[i] @ v[others].T / tau
+            total = total - u[i] @ v[i] / tau + torch.logsumexp(same, 0) + torch.logsumexp(cross, 0)
+        return total / n
+
+    return 0.5 * one_view(a, b) + 0.5 * one_view(b, a)
+
+
+def siglip(x, y, logit_scale=None, logit_bias=-10.0, sub_dim=None, normalize=True, temperature=None) -> Tensor:
+    """SigLIP: −(1/N) Σ_ij log σ(label_ij (t·⟨x̂_i, ŷ_j⟩ + b)), label +1 for i = j, −1 otherwise;
+    t = ``logit_scale`` (default 10) or 1/``temperature``."""
+    a, b = _rows(x, sub_dim, normalize), _rows(y, sub_dim, normalize)
+    if temperature is not None:
+        t = 1.0 / _tau(temperature)
+    else:
+        t = logit_scale.double() if isinstance(logit_scale, Tensor) else float(10.0 if logit_scale is None else logit_scale)
+    bias = logit_bias.double() if isinstance(logit_bias, Tensor) else float(logit_bias)
+    n = a.shape[0]
+    labels = 2 * torch.eye(n, dtype=torch.float64) - 1
+    return -F.logsigmoid(labels * (t * a @ b.T + bias)).sum() / n
+
 # --- naive PyTorch ------------------------------------------------------------------------------------
 
 def naive_nt_xent(z1: Tensor, z2: Tensor, temperature: float = 0.5) -> Tensor:
@@ -166,3 +197,28 @@ def naive_supcon(
     positive_count = torch.where(positive_count < 1e-6, 1, positive_count)
     mean_log_prob_pos = (positives * log_prob).sum(1) / positive_count
     return (-(temperature / base_temperature) * mean_log_prob_pos).mean()
+
+
+def naive_dcl(z1: Tensor, z2: Tensor, temperature: float = 0.1) -> Tensor:
+    """DCL as lightly's ``DCLLoss`` computes it: N×N einsum blocks, boolean masks cut out the diagonal."""
+    z1, z2 = F.normalize(z1, dim=1), F.normalize(z2, dim=1)
+    n = z1.shape[0]
+    off_diagonal = ~torch.eye(n, dtype=torch.bool, device=z1.device)
+
+    def one_view(u, v):
+        same = torch.einsum("nc,mc->nm", u, u) / temperature
+        cross = torch.einsum("nc,mc->nm", u, v) / temperature
+        positive = -cross.diagonal()
+        same, cross = same[off_diagonal].view(n, -1), cross[off_diagonal].view(n, -1)
+        return (positive + torch.logsumexp(same, dim=1) + torch.logsumexp(cross, dim=1)).mean()
+
+    return 0.5 * (one_view(z1, z2) + one_view(z2, z1))
+
+
+def naive_siglip(x: Tensor, y: Tensor, temperature: float = 0.1, logit_bias: float = -10.0) -> Tensor:
+    """SigLIP as open_clip's ``SigLipLoss`` computes it (N×N logits, ±1 labels, ``logsigmoid``), with
+    logit_scale = 1/temperature so that the profiler can call every naive loss the same way."""
+    x, y = F.normalize(x, dim=1), F.normalize(y, dim=1)
+    logits = x @ y.T / temperature + logit_bias
+    labels = 2 * torch.eye(x.shape[0], device=x.device, dtype=x.dtype) - 1
+    return -F.logsigmoid(labels * logits).sum() / x.shape[0]

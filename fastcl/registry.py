@@ -92,6 +92,12 @@ LOSSES: dict[str, LossEntry] = {
                   reference.info_nce, reference.naive_info_nce, _two_views(lambda m: m)),
         LossEntry("supcon", functional.supcon, modules.SupConLoss, 0.07, "supcon", 3,
                   reference.supcon, reference.naive_supcon, _supcon_inputs, views_input=True),
+        # 4 passes of N×N (M = 2N): 4 GEMM-units of M×M
+        LossEntry("dcl", functional.dcl, modules.DCLLoss, 0.1, "dcl", 4,
+                  reference.dcl, reference.naive_dcl, _two_views(lambda m: m // 2)),
+        # N×N (M = N): forward S, recomputed S, dX, dY; default τ = 1/t with SigLIP's t = 10
+        LossEntry("siglip", functional.siglip, modules.SigLIPLoss, 0.1, None, 4,
+                  reference.siglip, reference.naive_siglip, _two_views(lambda m: m)),
     )
 }
 

@@ -47,6 +47,14 @@ OPTION_CASES = [
     ("supcon", {"targets": "soft_mask", "contrast_mode": "one", "positives_missing": "zero"}, torch.tensor(0.2)),
     ("supcon", {"targets": "labels", "views": 1, "positives_missing": "zero"}, torch.tensor(0.01)),
     ("supcon", {"targets": "mask", "views": 1, "positives_missing": "zero", "sub_dim": 3}, 0.5),
+    ("dcl", {}, torch.tensor(0.1)),
+    ("dcl", {"sub_dim": 5, "normalize": False}, torch.tensor(2.0)),
+    ("dcl", {}, torch.tensor(0.01)),
+    # SigLIP: τ = 1/t, t up to 100, b in [−20, 0]
+    ("siglip", {}, torch.tensor(0.1)),
+    ("siglip", {"logit_bias": -20.0}, torch.tensor(0.01)),
+    ("siglip", {"logit_bias": 0.0, "sub_dim": 4}, torch.tensor(1.0)),
+    ("siglip", {"logit_bias": -5.0, "normalize": False}, torch.tensor(3.0)),
 ]
 
 
@@ -291,3 +299,31 @@ def test_soft_mask_of_zeros_and_ones_equals_the_bool_mask():
     as_set = OURS["supcon"](*batch.tensors, mask=batch.targets["mask"])
     as_weights = OURS["supcon"](*batch.tensors, mask=batch.targets["mask"].double())
     assert relative_error(as_weights, as_set) <= 1e-14
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f64", "f32"])
+@pytest.mark.parametrize("scale, bias", [(10.0, -10.0), (100.0, -20.0), (1.0, 0.0), (100.0, 0.0)])
+def test_siglip_scale_and_bias_gradients(scale, bias, dtype):
+    """dL/dt and dL/db (both learnable tensors) against the float64 formula; |t·s + b| up to 120."""
+    x, y = make_batch("siglip", 11, 9, seed=int(scale)).tensors
+    rtol = RTOL[dtype]
+    grads = []
+    for fn, work in ((fastcl.functional.siglip, dtype), (registry.get("siglip").reference, torch.float64)):
+        t = torch.tensor(scale, dtype=work if work == torch.float64 else torch.float32, requires_grad=True)
+        b = torch.tensor(bias, dtype=t.dtype, requires_grad=True)
+        xs, ys = x.to(dtype).to(work).requires_grad_(), y.to(dtype).to(work).requires_grad_()
+        loss = fn(xs, ys, t, b)
+        loss.backward()
+        grads.append((loss.detach(), xs.grad, ys.grad, t.grad, b.grad))
+    for i, (ours, truth) in enumerate(zip(*grads)):
+        assert relative_error(ours, truth, floor=1.0 if i == 0 else 0.0) <= rtol, (i, ours, truth)
+
+
+def test_dcl_leaves_the_positive_out_of_the_denominator():
+    """With the positive alone far more similar than all negatives, NT-Xent → 0 but DCL stays ≈ the
+    negatives' log-sum-exps minus s_pos (the decoupling), equal to the float64 formula."""
+    z = torch.randn(6, 8, dtype=torch.float64)
+    ntxent = fastcl.functional.nt_xent(z, z, 0.05, backend="torch")
+    decoupled = fastcl.functional.dcl(z, z, 0.05, backend="torch")
+    assert ntxent > 0 and decoupled < ntxent
+    assert relative_error(decoupled, registry.get("dcl").reference(z, z, 0.05)) <= 1e-12

@@ -17,7 +17,6 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from fastcl._blocks import NORM_EPS, Layout, accumulation_dtype
@@ -101,7 +100,7 @@ def block_forward(
             pos_sum[start:stop] = (p * s).sum(dim=1)
             pos_weight[start:stop] = p.sum(dim=1)
         if layout.epilogue == "sigmoid":
-            per_pair = F.softplus(s + bias)
+            per_pair = torch.logaddexp(s + bias, torch.zeros_like(s))  # softplus, exact for any |s + b|
             stat[start:stop] = (per_pair if excluded is None else per_pair.masked_fill(excluded, 0.0)).sum(dim=1)
         else:
             stat[start:stop] = torch.logsumexp(s if excluded is None else s.masked_fill(excluded, float("-inf")), dim=1)
