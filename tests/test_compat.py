@@ -136,6 +136,43 @@ def lightly_reference(out0, out1, temperature=0.5, gather_distributed=False):
     return nn.CrossEntropyLoss(reduction="mean")(logits, labels.repeat(2))
 
 
+class LightlyMemoryBank(nn.Module):
+    """lightly ``MemoryBankModule`` with ``size=(num_features, dim)`` (lightly 1.6.0,
+    lightly/models/modules/memory_bank.py; single process, ``feature_dim_first=True``)."""
+
+    def __init__(self, size):
+        super().__init__()
+        self.size = size
+        self.register_buffer("bank", torch.empty(size=size, dtype=torch.float), persistent=False)
+        self.register_buffer("bank_ptr", torch.empty(1, dtype=torch.long), persistent=False)
+        self.bank = torch.randn(size).type_as(self.bank)
+        self.bank = torch.nn.functional.normalize(self.bank, dim=-1)
+        self.bank_ptr = torch.zeros(1).type_as(self.bank_ptr)
+
+    def forward(self, output, update=False):
+        bank = self.bank.clone().detach().transpose(0, -1)
+        if update:
+            with torch.no_grad():
+                batch_size, ptr = output.shape[0], int(self.bank_ptr)
+                if ptr + batch_size >= self.size[0]:
+                    self.bank[ptr:] = output[: self.size[0] - ptr].detach()
+                    self.bank_ptr.zero_()
+                else:
+                    self.bank[ptr : ptr + batch_size] = output.detach()
+                    self.bank_ptr[0] = ptr + batch_size
+        return output, bank
+
+
+def lightly_bank_reference(memory_bank, out0, out1, temperature):
+    """lightly ``NTXentLoss.forward`` with a memory bank (lightly 1.6.0, lightly/loss/ntx_ent_loss.py)."""
+    out0, out1 = F.normalize(out0, dim=1), F.normalize(out1, dim=1)
+    out1, negatives = memory_bank(out1, update=out0.requires_grad)
+    sim_pos = torch.einsum("nc,nc->n", out0, out1).unsqueeze(-1)
+    sim_neg = torch.einsum("nc,ck->nk", out0, negatives)
+    logits = torch.cat([sim_pos, sim_neg], dim=1) / temperature
+    return nn.CrossEntropyLoss(reduction="mean")(logits, torch.zeros(logits.shape[0], dtype=torch.long))
+
+
 def solo_reference(z, indexes, temperature=0.1, full_gather=lambda x: x):
     """solo-learn ``simclr_loss_func`` (vturrisi/solo-learn, solo/losses/simclr.py); ``full_gather`` is
     the identity on one process (solo/utils/misc.py)."""
@@ -303,19 +340,40 @@ def test_lightly_values_and_gradients(n, d, tau):
         assert ours.item() == 0.0
 
 
+@pytest.mark.parametrize("tau", [0.01, 0.2])
+def test_lightly_memory_bank(tau):
+    """MoCo-style negatives: the same bank from the same seed, the same loss and gradients at every
+    step, the same queue after each (wrapping around at 23 entries with batches of 5), no update
+    when out0 does not require grad."""
+    torch.manual_seed(7)
+    theirs = LightlyMemoryBank((23, 6)).double()
+    torch.manual_seed(7)
+    ours = lightly.NTXentLoss(tau, (23, 6)).double()
+    assert torch.equal(ours.bank, theirs.bank)
+    for step in range(6):
+        out0, out1 = rows(5, 6, seed=step), rows(5, 6, seed=step + 10)
+        assert_same(ours, lambda a, b: lightly_bank_reference(theirs, a, b, tau), out0, out1)
+        assert torch.equal(ours.bank, theirs.bank) and int(ours.bank_ptr) == int(theirs.bank_ptr)
+    frozen = ours.bank.clone()
+    loss = ours(out0, out1)  # out0 does not require grad: evaluation, the bank stays
+    assert torch.equal(ours.bank, frozen)
+    assert relative_error(loss, lightly_bank_reference(theirs, out0, out1, tau)) <= RTOL
+
+
 def test_lightly_signature_and_options():
     params = inspect.signature(lightly.NTXentLoss).parameters
     assert list(params) == ["temperature", "memory_bank_size", "gather_distributed"]
     assert [p.default for p in params.values()] == [0.5, 0, False]
-    with pytest.raises(NotImplementedError, match="memory_bank_size"):
-        lightly.NTXentLoss(0.1, 4096)
-    with pytest.raises(NotImplementedError, match="memory_bank_size"):
-        lightly.NTXentLoss(memory_bank_size=(4096, 128))
-    lightly.NTXentLoss(memory_bank_size=(0, 128))  # size 0: no bank
+    with pytest.raises(ValueError, match="memory_bank_size"):
+        lightly.NTXentLoss(0.1, 4096)  # lightly 1.6 needs (num_features, dim)
+    with pytest.raises(ValueError, match="memory_bank_size"):
+        lightly.NTXentLoss(memory_bank_size=(4096, 128, 2))
+    a, b = rows(5, 7, seed=1), rows(5, 7, seed=2)
+    no_bank = lightly.NTXentLoss(0.2, memory_bank_size=(0, 7))  # size 0: no bank
+    assert relative_error(no_bank(a, b), lightly_reference(a, b, 0.2)) <= RTOL
     with pytest.raises(ValueError, match="Illegal temperature"):
         lightly.NTXentLoss(temperature=0.0)
     # gather_distributed=True in one process is lightly's single-process loss.
-    a, b = rows(5, 7, seed=1), rows(5, 7, seed=2)
     assert relative_error(lightly.NTXentLoss(0.2, gather_distributed=True)(a, b), lightly_reference(a, b, 0.2)) <= RTOL
 
 

@@ -11,10 +11,12 @@ Same constructor ``NTXentLoss(temperature=0.5, memory_bank_size=0, gather_distri
 * per-rank under DDP unless ``gather_distributed=True``, as lightly. With it, each rank's loss is the
   mean over its own 2n rows against the 2·(global batch) rows of every rank (lightly's value, which
   differs between ranks), with lightly's gradients; that path runs as row blocks in PyTorch;
-* ``abs(temperature) < 1e-8`` raises lightly's ``ValueError``.
-
-``memory_bank_size > 0`` (MoCo-style negatives from a queue) is not implemented: it raises
-``NotImplementedError`` at construction, naming the option.
+* ``abs(temperature) < 1e-8`` raises lightly's ``ValueError``;
+* ``memory_bank_size=(num_features, dim)`` keeps lightly's MoCo-style queue: the bank is drawn at
+  construction exactly as lightly draws it (``torch.randn`` then normalized, so the same seed gives the
+  same bank), the loss of ``out0`` against its positive ``out1`` and the bank's entries runs as row
+  blocks over the bank, and ``out1`` is enqueued afterwards when ``out0`` requires grad (gathered from
+  every rank first under ``gather_distributed``), as lightly.
 """
 from __future__ import annotations
 
@@ -28,7 +30,7 @@ from torch import Tensor, nn
 
 from fastcl import functional
 from fastcl.compat._common import all_gather_rows, check_rows
-from fastcl.compat._rowblocks import cross_entropy_rows
+from fastcl.compat._rowblocks import block_sum, cross_entropy_rows
 from fastcl.distributed import world_size
 
 __all__ = ["NTXentLoss"]
@@ -39,18 +41,20 @@ class NTXentLoss(nn.Module):
 
     Args:
         temperature: τ; ``abs(τ) < 1e-8`` raises ``ValueError`` (fastcl also requires τ > 0).
-        memory_bank_size: only 0 (or a shape whose first entry is 0) is supported.
+        memory_bank_size: 0 (no bank, SimCLR) or ``(num_features, dim)`` (MoCo-style negatives).
         gather_distributed: under DDP, negatives from every rank (see the module docstring).
 
     Shape:
         out0, out1: ``[N, D]``. Output: ``[]``.
 
     Returns:
-        The mean NT-Xent over the 2N rows (this rank's rows under ``gather_distributed``).
+        The mean NT-Xent over the 2N rows (this rank's rows under ``gather_distributed``); with a
+        memory bank, the mean over the N rows of ``out0`` of ``−log(e^{s(out0_i, out1_i)} /
+        (e^{s(out0_i, out1_i)} + Σ_k e^{s(out0_i, bank_k)}))``.
 
     Raises:
-        ValueError: ``abs(temperature) < 1e-8``; ``gather_distributed`` without ``torch.distributed``.
-        NotImplementedError: ``memory_bank_size`` other than 0.
+        ValueError: ``abs(temperature) < 1e-8``; ``gather_distributed`` without ``torch.distributed``;
+            a ``memory_bank_size`` lightly rejects (a bare integer > 0, negative entries, not 2 entries).
 
     Example:
         >>> import torch
@@ -68,12 +72,14 @@ class NTXentLoss(nn.Module):
         gather_distributed: bool = False,
     ):
         super().__init__()
-        size = memory_bank_size[0] if isinstance(memory_bank_size, Sequence) else memory_bank_size
-        if size != 0:
-            raise NotImplementedError(
-                f"memory_bank_size: a memory bank (MoCo-style negatives) is not implemented in fastcl, got "
-                f"{memory_bank_size!r}; use memory_bank_size=0 (SimCLR, in-batch negatives)"
-            )
+        self.size = _bank_size(memory_bank_size)
+        # lightly's MemoryBankModule buffers, drawn here as lightly draws them (the same RNG calls).
+        self.register_buffer("bank", torch.empty(size=self.size, dtype=torch.float), persistent=False)
+        self.register_buffer("bank_ptr", torch.empty(1, dtype=torch.long), persistent=False)
+        if len(self.size) > 1:
+            with torch.no_grad():
+                self.bank = F.normalize(torch.randn(self.size).type_as(self.bank), dim=-1)
+                self.bank_ptr = torch.zeros(1).type_as(self.bank_ptr)
         self.temperature = temperature
         self.memory_bank_size = memory_bank_size
         self.gather_distributed = gather_distributed
@@ -88,6 +94,8 @@ class NTXentLoss(nn.Module):
 
     def forward(self, out0: Tensor, out1: Tensor) -> Tensor:
         check_rows(("out0", "out1"), (out0, out1), self.temperature)
+        if self.size[0] > 0:
+            return self._with_bank(out0, out1)
         if self.gather_distributed and world_size() > 1:
             return self._gathered(out0, out1)
         return functional.nt_xent(out0, out1, self.temperature, distributed="local")
@@ -106,8 +114,50 @@ class NTXentLoss(nn.Module):
         positive = torch.cat([own + m, own])
         return cross_entropy_rows(anchors, keys, positive, self.temperature, self_index=self_index).mean()
 
+    def _with_bank(self, out0: Tensor, out1: Tensor) -> Tensor:
+        """out0_i against its positive out1_i and the bank as it was before this call (lightly's order)."""
+        out0, out1 = F.normalize(out0, dim=1), F.normalize(out1, dim=1)
+        bank = self.bank.clone().detach().to(out0.device)
+        if out0.requires_grad:
+            self._enqueue(out1)
+        positive = (out0 * out1).sum(dim=1) / self.temperature
+
+        def term(s: Tensor, rows: slice) -> Tensor:
+            p = positive[rows].to(s.dtype)
+            return (torch.logaddexp(p, torch.logsumexp(s, dim=1)) - p).sum()
+
+        return block_sum(out0, bank, self.temperature, term) / out0.shape[0]
+
+    @torch.no_grad()
+    def _enqueue(self, batch: Tensor) -> None:
+        """lightly's ``_dequeue_and_enqueue``: a ring buffer whose wrap-around drops the batch's tail."""
+        if self.gather_distributed and world_size() > 1:
+            batch = all_gather_rows(batch, with_grad=False)
+        size, ptr = self.size[0], int(self.bank_ptr)
+        if ptr + batch.shape[0] >= size:
+            self.bank[ptr:] = batch[: size - ptr].detach()
+            self.bank_ptr.zero_()
+        else:
+            self.bank[ptr : ptr + batch.shape[0]] = batch.detach()
+            self.bank_ptr[0] = ptr + batch.shape[0]
+
     def extra_repr(self) -> str:
         return (
             f"temperature={self.temperature}, memory_bank_size={self.memory_bank_size}, "
             f"gather_distributed={self.gather_distributed}"
         )
+
+
+def _bank_size(size: Union[int, Sequence[int]]) -> tuple[int, ...]:
+    """lightly's checks of ``memory_bank_size``: 0, or a ``(num_features, dim)`` tuple."""
+    shape = (size,) if isinstance(size, int) else tuple(size)
+    if any(x < 0 for x in shape):
+        raise ValueError(f"memory_bank_size: illegal memory bank size {size}, all entries must be non-negative")
+    if isinstance(size, int) and size > 0:
+        raise ValueError(
+            f"memory_bank_size: 'size={size}' does not specify the feature dimension; set it with "
+            f"'memory_bank_size=({size}, dim)', or pass 0 to disable the memory bank"
+        )
+    if shape != (0,) and len(shape) != 2:
+        raise ValueError(f"memory_bank_size: illegal memory bank size {size}, expected (num_features, dim) or 0")
+    return shape
