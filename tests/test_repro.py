@@ -130,3 +130,9 @@ def test_cli_list_and_bad_name(capsys):
     with pytest.raises(SystemExit) as error:
         main(["nonexistent", "--smoke"])
     assert error.value.code == 2
+
+
+def test_full_image_run_without_data_dir_fails_before_training(tmp_path):
+    with pytest.raises(SystemExit) as error:
+        main(["cosentino", "--full", "--out", str(tmp_path), "--no-progress"])
+    assert error.value.code == 2 and not (tmp_path / "cosentino").exists()

@@ -53,7 +53,7 @@ def run_experiment(name: str, size: str, out: str | Path, device: str = "auto", 
         The record written to results.json (``claims``, ``results``, ``config``, ``environment``, ...).
 
     Raises:
-        ValueError: unknown experiment or size.
+        ValueError: unknown experiment or size, or a CIFAR configuration without ``data_dir``.
     """
     from fastcl.train import resolve_device
 
@@ -61,6 +61,9 @@ def run_experiment(name: str, size: str, out: str | Path, device: str = "auto", 
     if size not in SIZES:
         raise ValueError(f"size must be one of {SIZES}, got {size!r}")
     config = experiment.CONFIGS[size]
+    if config.get("dataset", "").startswith("cifar") and data_dir is None:
+        raise ValueError(f"{name} --{size} trains on {config['dataset']}: pass --data-dir DIR with the python-pickle "
+                         "archive extracted in it (nothing is downloaded)")
     target = Path(out) / name
     dev = resolve_device(device)
     bar = Progress(experiment.units(config), f"{name} --{size}", enabled=progress)
@@ -111,7 +114,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"experiment must be one of {sorted(EXPERIMENTS)} or 'all', got {args.name!r}")
     size = args.size or ("full" if torch.cuda.is_available() else "quick")
     for name in names:
-        run_experiment(name, size, args.out, args.device, args.data_dir, progress=not args.no_progress)
+        try:
+            run_experiment(name, size, args.out, args.device, args.data_dir, progress=not args.no_progress)
+        except (ValueError, FileNotFoundError) as error:
+            parser.error(str(error))
     return 0
 
 
