@@ -222,7 +222,8 @@ def tables(results: dict, config: dict) -> str:
                      mean_std(_values(runs, "collapsed_init"), 1),
                      mean_std(_values(runs, "collapsed"), 1), aligned, drift])
     toy_table = markdown_table(["toy (16 dims, InfoNCE τ = 0.1, unnormalized)", "collapsed dims at init",
-                                "collapsed dims after", "alignment: mean abs diag(V2ᵀU1)", "drift of W1W1ᵀ−W2ᵀW2"], rows)
+                                "collapsed dims after", "alignment: mean abs diag(V2ᵀU1)",
+                                "drift of W1W1ᵀ−W2ᵀW2"], rows)
     dims = len(next(iter(image.values()))[0]["spectrum"])
     image_rows = [[label, mean_std(_values(runs, "probe_init")), mean_std(_values(runs, "probe")),
                    mean_std(_values(runs, "effective_rank"), 1), mean_std(_values(runs, "collapsed"), 1)]
