@@ -41,7 +41,8 @@ struct Config {
   static constexpr int path = kPath;
   static constexpr int kRows = std::is_same<scalar_t, double>::value ? 32 : 64;
   static constexpr int kChunk = kPath == kFma ? 16 : 32;
-  static constexpr int kSlice = kPath == kWmmaTf32 ? 32 : 64;  // wider slices spill (bf16 at 128) or exceed TF32 registers
+  // Wider slices spill (bfloat16 at 128) or exceed the TF32 kernels' registers.
+  static constexpr int kSlice = kPath == kWmmaTf32 ? 32 : 64;
   static constexpr int kPad = 16 / sizeof(scalar_t);  // keeps WMMA leading dimensions multiples of 16 bytes
   static constexpr int kAccPad = 16 / sizeof(acc);
   static constexpr int kLdChunk = kChunk + kPad;
@@ -113,8 +114,9 @@ struct Rows {
 // tile[r][c] = rows[row0 + r][col0 + c] (scaled by the row's inverse norm when `scaled`), zero outside the
 // rows and the sub_dim prefix. Consecutive threads read consecutive features (coalesced for unit stride).
 template <class Cfg, int kTileRows, int kTileCols, int kLd, bool kScaled>
-__device__ __forceinline__ void load_tile(typename Cfg::scalar* tile, const Rows<typename Cfg::scalar, typename Cfg::acc>& rows,
-                                          int64_t row0, int64_t col0, int64_t sub_dim) {
+__device__ __forceinline__ void load_tile(typename Cfg::scalar* tile,
+                                          const Rows<typename Cfg::scalar, typename Cfg::acc>& rows, int64_t row0,
+                                          int64_t col0, int64_t sub_dim) {
   using scalar_t = typename Cfg::scalar;
   using acc_t = typename Cfg::acc;
   for (int i = threadIdx.x; i < kTileRows * kTileCols; i += kThreads) {
@@ -367,6 +369,14 @@ __device__ __forceinline__ BlockLayout<typename Cfg::acc> device_layout(const Ke
   return layout;
 }
 
+// The row epilogue's thread layout: kThreadsPerRow neighbouring threads (one warp) share a tile row, each
+// taking kColsPerThread consecutive columns.
+template <class Cfg>
+struct RowThreads {
+  int row = threadIdx.x / Cfg::kThreadsPerRow;
+  int first_col = (threadIdx.x % Cfg::kThreadsPerRow) * Cfg::kColsPerThread;
+};
+
 // Combines the statistics of one row's kThreadsPerRow neighbouring threads (same warp) by shuffles.
 template <class Cfg, typename acc_t>
 __device__ __forceinline__ void merge_row_threads(RowStats<acc_t>& stats, int epilogue) {
@@ -397,23 +407,21 @@ __global__ void __launch_bounds__(kThreads, 1) block_forward_kernel(const Kernel
   __shared__ Smem<Cfg> smem;
   const BlockLayout<acc_t> layout = device_layout(args);
   const int64_t a0 = int64_t(blockIdx.x) * Cfg::kRows;
-  const int row = threadIdx.x / Cfg::kThreadsPerRow;
-  const int first_col = (threadIdx.x % Cfg::kThreadsPerRow) * Cfg::kColsPerThread;
-  const int64_t anchor = a0 + row;
+  const RowThreads<Cfg> me;
+  const int64_t anchor = a0 + me.row;
   const bool valid = anchor < args.a.count;
   const acc_t scale = valid ? row_scale<acc_t>(args.a.inv, anchor, acc_t(1) / *args.tau) : acc_t(0);
   RowStats<acc_t> stats = RowStats<acc_t>::empty();
   for (int64_t k0 = 0; k0 < args.k.count; k0 += Cfg::kRows) {
     similarity_tile(smem, args.a, args.k, a0, k0, args.sub_dim);
-    const int64_t c0 = k0 + first_col;
+    const int64_t c0 = k0 + me.first_col;
     const int n = int(min(int64_t(Cfg::kColsPerThread), args.k.count - c0));
-    if (valid && n > 0)
-      accumulate_row_tile<acc_t>(stats, layout, anchor, c0, n, smem.scores + row * Cfg::kLdScores + first_col, 1, scale,
-                                 args.k.inv);
+    const acc_t* dots = smem.scores + me.row * Cfg::kLdScores + me.first_col;
+    if (valid && n > 0) accumulate_row_tile<acc_t>(stats, layout, anchor, c0, n, dots, 1, scale, args.k.inv);
     __syncthreads();
   }
   merge_row_threads<Cfg>(stats, layout.epilogue);
-  if (valid && first_col == 0) {
+  if (valid && me.first_col == 0) {
     args.lse[anchor] = stats.finish(layout.epilogue);
     args.pos_sum[anchor] = stats.pos_sum;
     args.pos_weight[anchor] = stats.pos_weight;
@@ -422,25 +430,34 @@ __global__ void __launch_bounds__(kThreads, 1) block_forward_kernel(const Kernel
 
 // --- backward -----------------------------------------------------------------------------------------------
 
-// T[row][first_col ..] for one anchor row of the current S tile (zeros outside the block, so the GEMM
-// over the whole tile adds nothing for them); returns Σ G·s and Σ G over the entries.
-template <class Cfg>
-__device__ __forceinline__ void gradient_tile_row(Smem<Cfg>& smem, const KernelArgs<Cfg>& args,
-                                                  const BlockLayout<typename Cfg::acc>& layout,
-                                                  const RowGradient<typename Cfg::acc>& grad, int64_t anchor, bool valid,
-                                                  int row, int first_col, int64_t k0, typename Cfg::acc& grad_dot_logits,
-                                                  typename Cfg::acc& grad_sum) {
+// One (anchor tile a0, key tile k0) step of a backward pass: S, then this thread's part of T = G·prescale
+// for its anchor row (zeros outside the block, so the GEMM over the whole tile adds nothing for them;
+// Σ G·s and Σ G are added to the running sums), then out += T·K̂[k0.., slice] (anchor pass) or
+// Tᵀ·Â[a0.., slice] (key pass).
+template <class Cfg, bool kKeyPass>
+__device__ __forceinline__ void backward_tile(Smem<Cfg>& smem, const KernelArgs<Cfg>& args,
+                                              const BlockLayout<typename Cfg::acc>& layout,
+                                              const RowGradient<typename Cfg::acc>& grad, int64_t anchor, bool valid,
+                                              int64_t a0, int64_t k0, int64_t slice0, SliceAccumulator<Cfg>& out,
+                                              typename Cfg::acc& grad_dot_logits, typename Cfg::acc& grad_sum) {
   using scalar_t = typename Cfg::scalar;
   using acc_t = typename Cfg::acc;
   constexpr acc_t prescale = gradient_prescale<std::is_same<scalar_t, __half>::value>();
-  scalar_t* t = operand_t(smem) + row * Cfg::kLdT + first_col;
-  const acc_t* dots = smem.scores + row * Cfg::kLdScores + first_col;
-  const int64_t c0 = k0 + first_col;
+  similarity_tile(smem, args.a, args.k, a0, k0, args.sub_dim);
+  const RowThreads<Cfg> me;
+  scalar_t* t = operand_t(smem) + me.row * Cfg::kLdT + me.first_col;
+  const acc_t* dots = smem.scores + me.row * Cfg::kLdScores + me.first_col;
+  const int64_t c0 = k0 + me.first_col;
   const int n = valid ? int(max(int64_t(0), min(int64_t(Cfg::kColsPerThread), args.k.count - c0))) : 0;
   if (n > 0)
     gradient_row_tile<acc_t>(layout, grad, anchor, c0, n, dots, 1, args.k.inv, prescale, t, grad_dot_logits, grad_sum,
                              ToOperand<scalar_t>());
   for (int j = n; j < Cfg::kColsPerThread; ++j) t[j] = ToOperand<scalar_t>()(acc_t(0));
+  load_tile<Cfg, Cfg::kRows, Cfg::kSlice, Cfg::kLdSlice, true>(smem.slice(), kKeyPass ? args.a : args.k,
+                                                              kKeyPass ? a0 : k0, slice0, args.sub_dim);
+  __syncthreads();
+  out.template add<kKeyPass>(smem);
+  __syncthreads();
 }
 
 template <class Cfg>
@@ -459,27 +476,20 @@ __global__ void __launch_bounds__(kThreads, 1) block_backward_anchor_kernel(cons
   const BlockLayout<acc_t> layout = device_layout(args);
   const int64_t a0 = int64_t(blockIdx.x) * Cfg::kRows;
   const int64_t slice0 = int64_t(blockIdx.y) * Cfg::kSlice;
-  const int row = threadIdx.x / Cfg::kThreadsPerRow;
-  const int first_col = (threadIdx.x % Cfg::kThreadsPerRow) * Cfg::kColsPerThread;
-  const int64_t anchor = a0 + row;
+  const RowThreads<Cfg> me;
+  const int64_t anchor = a0 + me.row;
   const bool valid = anchor < args.a.count;
   const acc_t inv_tau = acc_t(1) / *args.tau;
   const RowGradient<acc_t> grad = row_gradient(args, anchor, valid, inv_tau);
   acc_t grad_dot_logits = 0, grad_sum = 0;
   SliceAccumulator<Cfg> out;
-  for (int64_t k0 = 0; k0 < args.k.count; k0 += Cfg::kRows) {
-    similarity_tile(smem, args.a, args.k, a0, k0, args.sub_dim);
-    gradient_tile_row(smem, args, layout, grad, anchor, valid, row, first_col, k0, grad_dot_logits, grad_sum);
-    load_tile<Cfg, Cfg::kRows, Cfg::kSlice, Cfg::kLdSlice, true>(smem.slice(), args.k, k0, slice0, args.sub_dim);
-    __syncthreads();
-    out.template add<false>(smem);
-    __syncthreads();
-  }
+  for (int64_t k0 = 0; k0 < args.k.count; k0 += Cfg::kRows)
+    backward_tile<Cfg, false>(smem, args, layout, grad, anchor, valid, a0, k0, slice0, out, grad_dot_logits, grad_sum);
   constexpr acc_t prescale = gradient_prescale<std::is_same<typename Cfg::scalar, __half>::value>();
   out.store(smem, args.d_a, a0, args.a.count, slice0, args.sub_dim, inv_tau / prescale);
   grad_dot_logits = sum_row_threads<Cfg>(grad_dot_logits);
   grad_sum = sum_row_threads<Cfg>(grad_sum);
-  if (blockIdx.y == 0 && valid && first_col == 0) {
+  if (blockIdx.y == 0 && valid && me.first_col == 0) {
     args.grad_sums[2 * anchor] = grad_dot_logits;
     args.grad_sums[2 * anchor + 1] = grad_sum;
   }
@@ -493,8 +503,7 @@ __global__ void __launch_bounds__(kThreads, 1) block_backward_key_kernel(const K
   const BlockLayout<acc_t> layout = device_layout(args);
   const int64_t k0 = int64_t(blockIdx.x) * Cfg::kRows;
   const int64_t slice0 = int64_t(blockIdx.y) * Cfg::kSlice;
-  const int row = threadIdx.x / Cfg::kThreadsPerRow;
-  const int first_col = (threadIdx.x % Cfg::kThreadsPerRow) * Cfg::kColsPerThread;
+  const int row = RowThreads<Cfg>().row;
   const acc_t inv_tau = acc_t(1) / *args.tau;
   acc_t unused_dot = 0, unused_sum = 0;  // Σ G·s comes from the anchor pass
   SliceAccumulator<Cfg> out;
@@ -502,12 +511,7 @@ __global__ void __launch_bounds__(kThreads, 1) block_backward_key_kernel(const K
     const int64_t anchor = a0 + row;
     const bool valid = anchor < args.a.count;
     const RowGradient<acc_t> grad = row_gradient(args, anchor, valid, inv_tau);
-    similarity_tile(smem, args.a, args.k, a0, k0, args.sub_dim);
-    gradient_tile_row(smem, args, layout, grad, anchor, valid, row, first_col, k0, unused_dot, unused_sum);
-    load_tile<Cfg, Cfg::kRows, Cfg::kSlice, Cfg::kLdSlice, true>(smem.slice(), args.a, a0, slice0, args.sub_dim);
-    __syncthreads();
-    out.template add<true>(smem);
-    __syncthreads();
+    backward_tile<Cfg, true>(smem, args, layout, grad, anchor, valid, a0, k0, slice0, out, unused_dot, unused_sum);
   }
   constexpr acc_t prescale = gradient_prescale<std::is_same<typename Cfg::scalar, __half>::value>();
   out.store(smem, args.d_k, k0, args.k.count, slice0, args.sub_dim, inv_tau / prescale);
@@ -515,8 +519,8 @@ __global__ void __launch_bounds__(kThreads, 1) block_backward_key_kernel(const K
 
 // In place: d[r, :] = dL/dz from dL/dẑ (normalization backward), one warp per row, fixed reduction tree.
 template <typename scalar_t, typename acc_t>
-__global__ void __launch_bounds__(kThreads, 1) normalize_backward_kernel(const Rows<scalar_t, acc_t> rows, int64_t sub_dim,
-                                                                      acc_t* d) {
+__global__ void __launch_bounds__(kThreads, 1)
+    normalize_backward_kernel(const Rows<scalar_t, acc_t> rows, int64_t sub_dim, acc_t* d) {
   const int64_t r = int64_t(blockIdx.x) * (kThreads / 32) + threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
   if (r >= rows.count) return;
@@ -582,12 +586,9 @@ const char* backward(const BlockArgs& b, const void* lse, const void* alpha, con
   block_backward_anchor_kernel<Cfg><<<dim3(tiles(b.a.count, Cfg::kRows), slices), kThreads, 0, stream>>>(args);
   block_backward_key_kernel<Cfg><<<dim3(tiles(b.k.count, Cfg::kRows), slices), kThreads, 0, stream>>>(args);
   constexpr int kRowsPerCta = kThreads / 32;
-  if (args.a.inv)
-    normalize_backward_kernel<scalar_t, acc_t><<<tiles(b.a.count, kRowsPerCta), kThreads, 0, stream>>>(args.a, b.sub_dim,
-                                                                                                        args.d_a);
-  if (args.k.inv)
-    normalize_backward_kernel<scalar_t, acc_t><<<tiles(b.k.count, kRowsPerCta), kThreads, 0, stream>>>(args.k, b.sub_dim,
-                                                                                                        args.d_k);
+  auto normalize = normalize_backward_kernel<scalar_t, acc_t>;
+  if (args.a.inv) normalize<<<tiles(b.a.count, kRowsPerCta), kThreads, 0, stream>>>(args.a, b.sub_dim, args.d_a);
+  if (args.k.inv) normalize<<<tiles(b.k.count, kRowsPerCta), kThreads, 0, stream>>>(args.k, b.sub_dim, args.d_k);
   const cudaError_t status = cudaGetLastError();
   return status == cudaSuccess ? nullptr : cudaGetErrorString(status);
 }
@@ -599,7 +600,8 @@ const char* with_config(const BlockArgs& b, const Launch& launch) {
     case ScalarType::kHalf: return launch.template run<Config<__half, kWmma16>>();
     case ScalarType::kBFloat16: return launch.template run<Config<__nv_bfloat16, kWmma16>>();
     case ScalarType::kFloat:
-      return b.allow_tf32 ? launch.template run<Config<float, kWmmaTf32>>() : launch.template run<Config<float, kFma>>();
+      return b.allow_tf32 ? launch.template run<Config<float, kWmmaTf32>>()
+                          : launch.template run<Config<float, kFma>>();
     case ScalarType::kDouble: return launch.template run<Config<double, kFma>>();
   }
   return "fastcl: unsupported dtype";

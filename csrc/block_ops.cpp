@@ -23,13 +23,16 @@ fastcl::ScalarType scalar_type(const Tensor& x, const char* name) {
     case at::kBFloat16: return fastcl::ScalarType::kBFloat16;
     case at::kFloat: return fastcl::ScalarType::kFloat;
     case at::kDouble: return fastcl::ScalarType::kDouble;
-    default: TORCH_CHECK_TYPE(false, name, ": expected a float16, bfloat16, float32 or float64 tensor, got ", x.scalar_type());
+    default:
+      TORCH_CHECK_TYPE(false, name, ": expected a float16, bfloat16, float32 or float64 tensor, got ",
+                       x.scalar_type());
   }
 }
 
 at::ScalarType accumulation(const Tensor& x) { return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
 
-void check_vector(const optional<Tensor>& x, const char* name, int64_t length, at::ScalarType dtype, const Tensor& like) {
+void check_vector(const optional<Tensor>& x, const char* name, int64_t length, at::ScalarType dtype,
+                  const Tensor& like) {
   if (!x) return;
   TORCH_CHECK(x->dim() == 1 && x->size(0) == length, name, ": expected shape [", length, "], got ", x->sizes());
   TORCH_CHECK_TYPE(x->scalar_type() == dtype, name, ": expected dtype ", dtype, ", got ", x->scalar_type());

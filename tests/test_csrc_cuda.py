@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from loss_cases import relative_error
-from test_block import CASES, Case, _inputs, reference, run_primitive
-from test_csrc_host import TILED, TOLERANCE
+from test_block import CASES, Case, _inputs, run_primitive
+from test_csrc_host import TILED, check_against_reference
 
 from fastcl import cuda_backend, dispatch
 from fastcl._blocks import Layout, inverse_norms
@@ -27,26 +26,15 @@ def _cuda_backend():
         pytest.skip(f"backend='cuda': {reason}")
 
 
-def _check(case: Case, dtype: torch.dtype, tolerance=None, seed=0):
-    a, k, fields, alpha, beta = _inputs(case, seed=seed)
-    if dtype in (torch.bfloat16, torch.float16):  # the reference sees what the kernels receive
-        a, k = a.to(dtype).double(), k.to(dtype).double()
-    stats, grads = run_primitive("cuda", case, a, k, fields, alpha, beta, dtype, "cuda")
-    ref_stats, ref_grads = reference(case, a, k, fields, alpha, beta)
-    stat_tol, grad_tol = tolerance or TOLERANCE[dtype]
-    names = ("stat", "pos_sum", "pos_weight", "d_a", "d_k", "gs")
-    for name, got, want in zip(names, (*stats, *grads), (*ref_stats, *ref_grads)):
-        assert got.shape == want.shape, (name, got.shape, want.shape)
-        tol = stat_tol if name in names[:3] else grad_tol
-        error = relative_error(got.cpu(), want, floor=1.0 if name == "stat" else 0.0)
-        assert error <= tol, (name, error, tol)
+def run_cuda(case: Case, a, k, fields, alpha, beta, dtype):
+    return run_primitive("cuda", case, a, k, fields, alpha, beta, dtype, "cuda")
 
 
 @pytest.mark.parametrize("case", CASES + TILED, ids=[c.name for c in CASES + TILED])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16],
                          ids=["fp64", "fp32", "bf16", "fp16"])
 def test_cuda_primitive_matches_float64(case, dtype):
-    _check(case, dtype)
+    check_against_reference(case, dtype, run_cuda)
 
 
 @pytest.mark.parametrize("case", TILED[:3], ids=[c.name for c in TILED[:3]])
@@ -55,7 +43,7 @@ def test_tf32_when_pytorch_allows_it(case):
     previous = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = True
     try:
-        _check(case, torch.float32, tolerance=(5e-3, 1e-2))
+        check_against_reference(case, torch.float32, run_cuda, tolerance=(5e-3, 1e-2))
     finally:
         torch.backends.cuda.matmul.allow_tf32 = previous
 
@@ -65,8 +53,8 @@ def test_reruns_are_bit_identical(dtype):
     """No atomics: every output element is summed by one CTA in a fixed order."""
     case = TILED[0]
     a, k, fields, alpha, beta = _inputs(case, seed=5)
-    first = run_primitive("cuda", case, a, k, fields, alpha, beta, dtype, "cuda")
-    second = run_primitive("cuda", case, a, k, fields, alpha, beta, dtype, "cuda")
+    first = run_cuda(case, a, k, fields, alpha, beta, dtype)
+    second = run_cuda(case, a, k, fields, alpha, beta, dtype)
     for x, y in zip((*first[0], *first[1]), (*second[0], *second[1])):
         assert torch.equal(x, y)
 
