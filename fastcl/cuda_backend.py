@@ -34,8 +34,9 @@ from torch import Tensor
 
 from fastcl._blocks import Layout, accumulation_dtype
 
-__all__ = ["block_forward", "block_backward", "unavailable_reason"]
+__all__ = ["block_forward", "block_backward", "layout_arguments", "unavailable_reason"]
 
+# The Positives and Epilogue enums of csrc/block_math.cuh (the host-build tests pass these same codes).
 _POSITIVES = {"none": 0, "index": 1, "labels": 2, "mask": 3}
 _EPILOGUES = {"softmax": 0, "sigmoid": 1}
 _SOURCES = ("block_ops.cpp", "block_kernels.cu")
@@ -150,12 +151,27 @@ def _register_fakes() -> None:
                 a.new_empty((a.shape[0], 2), dtype=acc))
 
 
-def _layout_args(layout: Layout, a: Tensor) -> tuple:
-    """The op's layout arguments: flags, then bias / pos_index / labels / mask on a's device."""
-    acc = accumulation_dtype(a.dtype)
+def layout_arguments(layout: Layout, like: Tensor) -> tuple:
+    """A :class:`~fastcl._blocks.Layout` as the ops' layout arguments (the same order as their schema).
+
+    Args:
+        layout: the block's layout.
+        like: the anchor rows; tensors go to its device, weights and bias to its accumulation dtype.
+
+    Returns:
+        (has_self, self_offset, positives, exclude_positives, epilogue, bias, pos_index, a_labels,
+        k_labels, mask): flags and enum codes of csrc/block_math.cuh, then contiguous tensors or None.
+
+    Example:
+        >>> import torch
+        >>> layout = Layout(positives="index", self_offset=0, pos_index=torch.tensor([1, 0]))
+        >>> layout_arguments(layout, torch.zeros(2, 3))[:5]
+        (True, 0, 1, False, 0)
+    """
+    acc = accumulation_dtype(like.dtype)
 
     def vector(x: Optional[Tensor], dtype) -> Optional[Tensor]:
-        return None if x is None else x.to(device=a.device, dtype=dtype).contiguous()
+        return None if x is None else x.to(device=like.device, dtype=dtype).contiguous()
 
     return (
         layout.self_offset is not None,
@@ -200,7 +216,7 @@ def block_forward(a: Tensor, a_inv: Optional[Tensor], k: Tensor, k_inv: Optional
         ...                                              Layout(self_offset=0))
     """
     tau = tau.to(device=a.device, dtype=accumulation_dtype(a.dtype))
-    return tuple(_ops().block_forward(a, a_inv, k, k_inv, tau, sub_dim, *_layout_args(layout, a)))
+    return tuple(_ops().block_forward(a, a_inv, k, k_inv, tau, sub_dim, *layout_arguments(layout, a)))
 
 
 def block_backward(a: Tensor, a_inv: Optional[Tensor], k: Tensor, k_inv: Optional[Tensor], tau: Tensor, sub_dim: int,
@@ -232,7 +248,7 @@ def block_backward(a: Tensor, a_inv: Optional[Tensor], k: Tensor, k_inv: Optiona
     acc = accumulation_dtype(a.dtype)
     tau = tau.to(device=a.device, dtype=acc)
     lse, alpha, beta = (x.to(device=a.device, dtype=acc).contiguous() for x in (lse, alpha, beta))
-    d_a, d_k, grad_sums = _ops().block_backward(a, a_inv, k, k_inv, tau, sub_dim, *_layout_args(layout, a), lse, alpha,
-                                                beta)
+    layout_args = layout_arguments(layout, a)
+    d_a, d_k, grad_sums = _ops().block_backward(a, a_inv, k, k_inv, tau, sub_dim, *layout_args, lse, alpha, beta)
     sums = grad_sums.sum(0)
     return d_a, d_k, (sums if layout.epilogue == "sigmoid" else sums[0])

@@ -23,13 +23,12 @@ import torch.nn.functional as F
 from loss_cases import relative_error
 from test_block import CASES, Case, _dense_positives, _inputs, _layout, _self_entries, reference
 
+from fastcl import cuda_backend
 from fastcl._blocks import Layout, inverse_norms
 
 ROOT = Path(__file__).resolve().parents[1]
 CSRC = ROOT / "csrc"
 SOURCES = (CSRC / "block_host.cpp", CSRC / "block_math.cuh")
-POSITIVES = {"none": 0, "index": 1, "labels": 2, "mask": 3}
-EPILOGUES = {"softmax": 0, "sigmoid": 1}
 # How the second GEMM's operands are rounded: exact (fp32/fp64 rows), bfloat16, float16.
 OPERAND = {torch.float64: 0, torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
@@ -83,14 +82,13 @@ def host_primitive(a, a_inv, k, k_inv, tau: float, sub_dim: int, layout: Layout,
     lib = host_library()
     suffix = "float64" if acc == torch.float64 else "float32"
     sizes = torch.tensor([a.shape[0], a.stride(0), a.stride(1), k.shape[0], k.stride(0), k.stride(1), sub_dim])
-    mask = None if layout.mask is None else layout.mask.to(acc).contiguous()
-    ints = torch.tensor([layout.self_offset is not None, layout.self_offset or 0, POSITIVES[layout.positives],
-                         layout.exclude_positives, EPILOGUES[layout.epilogue],
-                         *(mask.shape if mask is not None else (1, 1))])
-    scalars = torch.tensor([tau, 0.0 if layout.bias is None else float(layout.bias)], dtype=acc)
-    keep = [sizes, ints, scalars, mask, layout.pos_index, layout.a_labels, layout.k_labels]  # alive during the call
-    common = [_ptr(x) for x in (a, a_inv, k, k_inv, sizes, ints, scalars, layout.pos_index, layout.a_labels,
-                                layout.k_labels, mask)]
+    # The CUDA ops' own layout arguments, so the enum codes the package passes are the ones tested here.
+    has_self, offset, positives, exclude, epilogue, bias, pos_index, a_labels, k_labels, mask = (
+        cuda_backend.layout_arguments(layout, a))
+    ints = torch.tensor([has_self, offset, positives, exclude, epilogue, *(mask.shape if mask is not None else (1, 1))])
+    scalars = torch.tensor([tau, 0.0 if bias is None else float(bias)], dtype=acc)
+    tensors = (a, a_inv, k, k_inv, sizes, ints, scalars, pos_index, a_labels, k_labels, mask)  # alive during the call
+    common = [_ptr(x) for x in tensors]
     if backward is None:
         out = [torch.empty(a.shape[0], dtype=acc) for _ in range(3)]
         getattr(lib, f"fastcl_block_forward_{suffix}")(*common, tile, threads_per_row, *map(_ptr, out))
@@ -100,7 +98,6 @@ def host_primitive(a, a_inv, k, k_inv, tau: float, sub_dim: int, layout: Layout,
     sums = torch.empty(a.shape[0], 2, dtype=acc)
     getattr(lib, f"fastcl_block_backward_{suffix}")(*common, *map(_ptr, (lse, alpha, beta)), operand,
                                                       *map(_ptr, (d_a, d_k, sums)))
-    del keep
     gs = sums.sum(0)
     return d_a, d_k, (gs if layout.epilogue == "sigmoid" else gs[0])
 
