@@ -136,6 +136,43 @@ def lightly_reference(out0, out1, temperature=0.5, gather_distributed=False):
     return nn.CrossEntropyLoss(reduction="mean")(logits, labels.repeat(2))
 
 
+def lightly_dcl_reference(out0, out1, temperature=0.1, weight_fn=None, gather_distributed=False):
+    """lightly ``DCLLoss.forward`` and ``_loss`` (lightly 1.6.0, lightly/loss/dcl_loss.py)."""
+    out0, out1 = F.normalize(out0, dim=1), F.normalize(out1, dim=1)
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    if gather_distributed and world > 1:
+        out0_all = torch.cat(_LightlyGatherLayer.apply(out0), 0)
+        out1_all = torch.cat(_LightlyGatherLayer.apply(out1), 0)
+    else:
+        out0_all, out1_all = out0, out1
+
+    def one_way(out0, out1, out0_all, out1_all):
+        batch_size = out0.shape[0]
+        if gather_distributed and world > 1:
+            rank = dist.get_rank()
+            diag_mask = torch.zeros(batch_size, batch_size * world, dtype=torch.bool)
+            diag_mask[:, rank * batch_size : (rank + 1) * batch_size] = torch.eye(batch_size, dtype=torch.bool)
+        else:
+            diag_mask = torch.eye(batch_size, dtype=torch.bool)
+        sim_00 = torch.einsum("nc,mc->nm", out0, out0_all) / temperature
+        sim_01 = torch.einsum("nc,mc->nm", out0, out1_all) / temperature
+        positive_loss = -sim_01[diag_mask]
+        if weight_fn:
+            positive_loss = positive_loss * weight_fn(out0, out1)
+        sim_00 = sim_00[~diag_mask].view(batch_size, -1)
+        sim_01 = sim_01[~diag_mask].view(batch_size, -1)
+        negative_loss = torch.logsumexp(torch.cat([sim_00, sim_01], dim=1), dim=1)
+        return (positive_loss + negative_loss).mean()
+
+    return 0.5 * (one_way(out0, out1, out0_all, out1_all) + one_way(out1, out0, out1_all, out0_all))
+
+
+def lightly_mises_fisher_weights(out0, out1, sigma=0.5):
+    """lightly ``negative_mises_fisher_weights`` (lightly/loss/dcl_loss.py)."""
+    similarity = torch.einsum("nm,nm->n", out0.detach(), out1.detach()) / sigma
+    return (2 - out0.shape[0] * nn.functional.softmax(similarity, dim=0)).clone().detach()
+
+
 class LightlyMemoryBank(nn.Module):
     """lightly ``MemoryBankModule`` with ``size=(num_features, dim)`` (lightly 1.6.0,
     lightly/models/modules/memory_bank.py; single process, ``feature_dim_first=True``)."""
@@ -338,6 +375,19 @@ def test_lightly_values_and_gradients(n, d, tau):
     ours = assert_same(loss_fn, lambda a, b: lightly_reference(a, b, tau), rows(n, d, seed=n), rows(n, d, seed=n + 3))
     if n == 1:
         assert ours.item() == 0.0
+
+
+@pytest.mark.parametrize("weights", [None, "mises-fisher", "with-grad"])
+@pytest.mark.parametrize("n, d, tau", [(2, 3, 0.01), (9, 17, 0.1), (16, 8, 1.0)])
+def test_lightly_dcl(n, d, tau, weights):
+    """DCL and DCLW; a weight_fn with gradients (lightly's docstring example) differentiates through it."""
+    weight_fn = {None: None, "mises-fisher": lightly_mises_fisher_weights,
+                 "with-grad": lambda a, b: torch.sum((a - b) ** 2, dim=1)}[weights]
+    ours = lightly.DCLWLoss(tau, sigma=0.5) if weights == "mises-fisher" else lightly.DCLLoss(tau, weight_fn)
+    a, b = rows(n, d, seed=n), rows(n, d, seed=n + 1)
+    assert_same(ours, lambda a, b: lightly_dcl_reference(a, b, tau, weight_fn), a, b)
+    with pytest.raises(ValueError, match="out0"):
+        ours(rows(1, d, seed=0), rows(1, d, seed=1))  # lightly: −inf (no negatives)
 
 
 @pytest.mark.parametrize("tau", [0.01, 0.2])

@@ -26,6 +26,8 @@ from test_compat import (
     RTOL,
     _LightlyGatherLayer,
     directclr_reference,
+    lightly_dcl_reference,
+    lightly_mises_fisher_weights,
     lightly_reference,
     open_clip_reference,
     solo_reference,
@@ -78,6 +80,14 @@ def _cases():
         cases[f"lightly-gather_distributed={gather}"] = (
             lambda a, b, s, ours=ours: ours(a, b),
             lambda a, b, s, g=gather: lightly_reference(a, b, 0.3, g),
+            1.0, False,
+        )
+    for weighted in (False, True):
+        ours = (lightly.DCLWLoss if weighted else lightly.DCLLoss)(0.3, gather_distributed=True)
+        weight_fn = lightly_mises_fisher_weights if weighted else None
+        cases[f"lightly-{'DCLW' if weighted else 'DCL'}-gather_distributed=True"] = (
+            lambda a, b, s, ours=ours: ours(a, b),
+            lambda a, b, s, w=weight_fn: lightly_dcl_reference(a, b, 0.3, w, gather_distributed=True),
             1.0, False,
         )
     cases["inf_cl"] = (
@@ -162,6 +172,7 @@ CASE_NAMES = [
     *(f"open_clip-local_loss={ll}-gather_with_grad={wg}" for ll in (False, True) for wg in (False, True)),
     "lightly-gather_distributed=False", "lightly-gather_distributed=True", "inf_cl", "directclr-infoNCE",
     "solo-learn-2-crops", "solo-learn-supervised",
+    "lightly-DCL-gather_distributed=True", "lightly-DCLW-gather_distributed=True",
 ]
 
 
@@ -174,5 +185,5 @@ def test_peer_flags_under_ddp(name):
         for g, h in zip(grads, expected_grads):
             assert relative_error(g, h) <= RTOL, rank
         losses.append(loss)
-    if name.startswith(("lightly-gather_distributed=True", "open_clip-local_loss=True")):
+    if name.startswith(("lightly-gather_distributed=True", "open_clip-local_loss=True", "lightly-DCL")):
         assert losses[0] != losses[1]  # per-rank values, as the peer reports them

@@ -1,7 +1,8 @@
-"""lightly's ``NTXentLoss`` (github.com/lightly-ai/lightly, ``lightly/loss/ntx_ent_loss.py``): change only the import.
+"""lightly's ``NTXentLoss``, ``DCLLoss`` and ``DCLWLoss`` (github.com/lightly-ai/lightly, ``lightly/loss/``):
+change only the import.
 
-    from lightly.loss import NTXentLoss            # before
-    from fastcl.compat.lightly import NTXentLoss    # after
+    from lightly.loss import NTXentLoss, DCLLoss, DCLWLoss                  # before
+    from fastcl.compat.lightly import NTXentLoss, DCLLoss, DCLWLoss          # after
 
 Same constructor ``NTXentLoss(temperature=0.5, memory_bank_size=0, gather_distributed=False)``, same
 ``forward(out0, out1)`` and values:
@@ -17,11 +18,19 @@ Same constructor ``NTXentLoss(temperature=0.5, memory_bank_size=0, gather_distri
   same bank), the loss of ``out0`` against its positive ``out1`` and the bank's entries runs as row
   blocks over the bank, and ``out1`` is enqueued afterwards when ``out0`` requires grad (gathered from
   every rank first under ``gather_distributed``), as lightly.
+
+``DCLLoss(temperature=0.1, weight_fn=None, gather_distributed=False)`` and ``DCLWLoss(temperature=0.1,
+sigma=0.5, gather_distributed=False)`` are lightly's decoupled contrastive losses (NT-Xent without the
+positive in the denominator; ``weight_fn(out0, out1)`` weights the positive term, DCLW with lightly's
+negative von Mises-Fisher weights), with the same DDP conventions as ``NTXentLoss``. They run as row
+blocks in PyTorch: ``fastcl.functional.dcl`` adds two separate log-sum-exps (same view, other view)
+where lightly and the DCL paper take one over both views' negatives.
 """
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Union
+from functools import partial
+from typing import Callable, Optional, Union
 
 import torch
 import torch.distributed as torch_dist
@@ -33,7 +42,7 @@ from fastcl.compat._common import all_gather_rows, check_rows
 from fastcl.compat._rowblocks import block_sum, cross_entropy_rows
 from fastcl.distributed import world_size
 
-__all__ = ["NTXentLoss"]
+__all__ = ["NTXentLoss", "DCLLoss", "DCLWLoss", "negative_mises_fisher_weights"]
 
 
 class NTXentLoss(nn.Module):
@@ -86,11 +95,7 @@ class NTXentLoss(nn.Module):
         self.eps = 1e-8
         if abs(self.temperature) < self.eps:
             raise ValueError("Illegal temperature: abs({}) < 1e-8".format(self.temperature))
-        if gather_distributed and not torch_dist.is_available():
-            raise ValueError(
-                "gather_distributed is True but torch.distributed is not available. Please set "
-                "gather_distributed=False or install a torch version with distributed support."
-            )
+        _check_gather_available(gather_distributed)
 
     def forward(self, out0: Tensor, out1: Tensor) -> Tensor:
         check_rows(("out0", "out1"), (out0, out1), self.temperature)
@@ -161,3 +166,112 @@ def _bank_size(size: Union[int, Sequence[int]]) -> tuple[int, ...]:
     if shape != (0,) and len(shape) != 2:
         raise ValueError(f"memory_bank_size: illegal memory bank size {size}, expected (num_features, dim) or 0")
     return shape
+
+
+def _check_gather_available(gather_distributed: bool) -> None:
+    if gather_distributed and not torch_dist.is_available():
+        raise ValueError(
+            "gather_distributed is True but torch.distributed is not available. Please set "
+            "gather_distributed=False or install a torch version with distributed support."
+        )
+
+
+def negative_mises_fisher_weights(out0: Tensor, out1: Tensor, sigma: float = 0.5) -> Tensor:
+    """lightly's DCLW weights: ``2 − N · softmax_i(out0_i · out1_i / σ)`` on detached rows.
+
+    Example:
+        >>> import torch
+        >>> negative_mises_fisher_weights(torch.randn(4, 8), torch.randn(4, 8)).shape
+        torch.Size([4])
+    """
+    similarity = torch.einsum("nm,nm->n", out0.detach(), out1.detach()) / sigma
+    return 2 - out0.shape[0] * nn.functional.softmax(similarity, dim=0)
+
+
+class DCLLoss(nn.Module):
+    """Decoupled contrastive loss (Yeh et al. 2022, https://arxiv.org/abs/2110.06848) with lightly's signature.
+
+    For view u of sample i (v the other view): ``ℓ = −w_i s(u_i, v_i) + log Σ_{j≠i} (e^{s(u_i, u_j)} +
+    e^{s(u_i, v_j)})`` on normalized rows, ``w = weight_fn(u, v)`` (1 without one); the loss is the mean
+    over i of the two views' terms, halved.
+
+    Args:
+        temperature: τ > 0.
+        weight_fn: ``(out0, out1) -> [N]`` weights of the positive term, or None.
+        gather_distributed: under DDP, negatives from every rank; each rank's loss is the mean over its
+            own rows (lightly's value), with lightly's gradients.
+
+    Shape:
+        out0, out1: ``[N, D]``, N ≥ 2 on one process. Output: ``[]``.
+
+    Raises:
+        ValueError: bad shapes (naming the argument), N = 1 on one process (lightly returns −inf), τ ≤ 0,
+            ``gather_distributed`` without ``torch.distributed``.
+
+    Example:
+        >>> import torch
+        >>> loss = DCLLoss(temperature=0.1)(torch.randn(8, 32), torch.randn(8, 32))
+        >>> loss.shape
+        torch.Size([])
+    """
+
+    def __init__(
+        self,
+        temperature: float = 0.1,
+        weight_fn: Optional[Callable[[Tensor, Tensor], Tensor]] = None,
+        gather_distributed: bool = False,
+    ):
+        super().__init__()
+        self.temperature = temperature
+        self.weight_fn = weight_fn
+        self.gather_distributed = gather_distributed
+        _check_gather_available(gather_distributed)
+
+    def forward(self, out0: Tensor, out1: Tensor) -> Tensor:
+        """this rank's rows against every rank's rows under ``gather_distributed`` (else its own),
+        self and positive excluded from the denominator, gradients summed back to every row's owner."""
+        check_rows(("out0", "out1"), (out0, out1), self.temperature)
+        gather = self.gather_distributed and world_size() > 1
+        n = out0.shape[0]
+        if n < 2 and not gather:
+            raise ValueError(f"out0: DCL needs N >= 2 rows per view (its denominators hold the other samples), got {n}")
+        out0, out1 = F.normalize(out0, dim=1), F.normalize(out1, dim=1)
+        keys0, keys1 = (all_gather_rows(z, with_grad=True) for z in (out0, out1)) if gather else (out0, out1)
+        m = keys0.shape[0]
+        own = torch.arange(n, device=out0.device) + (n * torch_dist.get_rank() if gather else 0)
+        positive_index = torch.cat([own + m, own])
+        positive = (out0 * out1).sum(dim=1) / self.temperature
+        if self.weight_fn:
+            weighted = torch.cat([self.weight_fn(out0, out1), self.weight_fn(out1, out0)]) * positive.repeat(2)
+        else:
+            weighted = positive.repeat(2)
+
+        def term(s: Tensor, rows: slice) -> Tensor:
+            negatives = s.scatter(1, positive_index[rows, None], float("-inf"))
+            return torch.logsumexp(negatives, dim=1).sum()
+
+        anchors, keys = torch.cat([out0, out1]), torch.cat([keys0, keys1])
+        negative = block_sum(anchors, keys, self.temperature, term, self_index=torch.cat([own, own + m]))
+        return (negative - weighted.sum().to(negative.dtype)) / (2 * n)
+
+    def extra_repr(self) -> str:
+        return (
+            f"temperature={self.temperature}, weight_fn={self.weight_fn}, "
+            f"gather_distributed={self.gather_distributed}"
+        )
+
+
+class DCLWLoss(DCLLoss):
+    """lightly's weighted DCL: :class:`DCLLoss` with :func:`negative_mises_fisher_weights` (σ = ``sigma``).
+
+    Example:
+        >>> import torch
+        >>> loss = DCLWLoss(temperature=0.1, sigma=0.5)(torch.randn(8, 32), torch.randn(8, 32))
+    """
+
+    def __init__(self, temperature: float = 0.1, sigma: float = 0.5, gather_distributed: bool = False):
+        super().__init__(
+            temperature=temperature,
+            weight_fn=partial(negative_mises_fisher_weights, sigma=sigma),
+            gather_distributed=gather_distributed,
+        )
