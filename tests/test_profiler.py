@@ -1,9 +1,9 @@
 """`fastcl bench` on the CPU with tiny sizes: streamed rows, files, ratios, the matmul ceiling, errors.
 
 Timing and memory figures are produced here, never asserted against targets; the assertions check that the
-records are complete and self-consistent, that the ceiling times exactly the loss's own GEMMs, that the naive
-and peer losses compute the float64 formulas, and that the memory measurement sees at least the M×M logits
-the naive loss must allocate.
+records are complete and self-consistent, that the ceiling times exactly the loss's own GEMMs, that every
+implementation computes the registry's float64 formula, and that the memory measurement sees at least the
+M×M logits the naive loss must allocate.
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastcl.profiler
 from fastcl.profiler import main, run_bench
-from fastcl.profiler.cases import LOSSES, Case, build_workload, loss_entry
+from fastcl.profiler.cases import LOSSES, Case, ImplUnavailable, build_workload, loss_entry
 from fastcl.profiler import measure
 from fastcl.profiler.measure import gemm_plan, matmul_ceiling
 from fastcl.profiler.report import RECORD_FIELDS
@@ -46,7 +46,7 @@ def test_cli_streams_rows_and_writes_every_file(tmp_path, capsys):
     rows = [line for line in table.splitlines() if line.strip().startswith(LOSSES)]
     # What cannot run is reported first, then the ceiling, then naive (so later rows have their ratios).
     impls = [row.split()[1] for row in rows]
-    assert impls == ["cuda"] * 3 + ["infcl"] * 3 + ["matmul"] * 3 + ["naive"] * 3 + ["torch"] * 3
+    assert impls == [impl for impl in ("cuda", "infcl", "matmul", "naive", "torch") for _ in LOSSES]
     assert all(loss in summary for loss in LOSSES)
     result = _json(out / "bench.json")
     assert result["meta"]["complete"] and result["meta"]["command"].startswith("fastcl bench --loss all")
@@ -82,7 +82,7 @@ def test_cli_streams_rows_and_writes_every_file(tmp_path, capsys):
     assert "only info_nce" in by_key[("nt_xent", "infcl")]["note"]
 
 
-def test_run_bench_reports_each_record_as_it_completes():
+def test_run_bench_reports_each_record_as_it_completes(tmp_path):
     seen = []
 
     def on_record(record, meta, records):
@@ -91,12 +91,15 @@ def test_run_bench_reports_each_record_as_it_completes():
     starts = []
     meta, records = run_bench(["info_nce"], ["torch", "naive"], [32, 48], dim=8, repeats=1, isolate="none",
                               on_start=lambda case, number, total: starts.append((case.impl, number, total)),
-                              on_record=on_record)
+                              on_record=on_record, profile_dir=str(tmp_path))
     # The ceiling first, then naive (so later rows have their ratios), each record reported once, in order.
     assert [impl for impl, _, _ in seen] == ["matmul"] * 2 + ["naive"] * 2 + ["torch"] * 2
     assert [n for _, n, _ in seen] == list(range(1, 7)) and not any(done for _, _, done in seen)
     assert starts == [(impl, n + 1, 6) for n, (impl, _, _) in enumerate(seen)]
     assert meta["complete"] and all(r["ratio_vs_naive"] for r in records)
+    trace = tmp_path / "info_nce-naive-M48.json"
+    assert records[3]["trace"] == str(trace)
+    assert any("mm" in event.get("name", "") for event in _json(trace)["traceEvents"])
 
 
 class _MatmulShapes(TorchDispatchMode):
@@ -176,46 +179,24 @@ def test_bad_arguments_exit_with_a_message(bad, capsys):
     assert bad[0] in capsys.readouterr().err
 
 
-def _float64_value(loss: str, inputs: list, labels, tau: float) -> torch.Tensor:
-    """The losses written directly from their formulas, in float64."""
-    if loss == "nt_xent":
-        z = torch.nn.functional.normalize(torch.cat(inputs).double(), dim=1)
-        m, n = z.shape[0], z.shape[0] // 2
-        s = z @ z.T / tau
-        pos = torch.arange(m).add(n).remainder(m)
-        s_masked = s.masked_fill(torch.eye(m, dtype=torch.bool), -math.inf)
-        return (torch.logsumexp(s_masked, 1) - s[torch.arange(m), pos]).mean()
-    if loss == "info_nce":
-        q, k = (torch.nn.functional.normalize(t.double(), dim=1) for t in inputs)
-        s = q @ k.T / tau
-        one_way = lambda x: (torch.logsumexp(x, 1) - x.diagonal()).mean()
-        return (one_way(s) + one_way(s.T)) / 2
-    (feats,) = inputs
-    n, v, _ = feats.shape
-    z = torch.nn.functional.normalize(feats.double(), dim=2).transpose(0, 1).reshape(n * v, -1)
-    y = labels.repeat(v)
-    s = z @ z.T / tau
-    eye = torch.eye(n * v, dtype=torch.bool)
-    log_prob = s - torch.logsumexp(s.masked_fill(eye, -math.inf), 1, keepdim=True)
-    positives = (y[:, None] == y[None, :]) & ~eye
-    return -(log_prob * positives).sum(1).div(positives.sum(1)).mean()  # τ/τ_b = 1 at the defaults
-
-
 @pytest.mark.parametrize("loss", LOSSES)
 @pytest.mark.parametrize("m", [6, 34])
-def test_naive_and_peer_losses_equal_the_formulas_and_fastcl(loss, m):
+def test_every_implementation_computes_the_registry_formula(loss, m):
+    # What the profiler times must be the loss itself: each implementation it builds against the registry's
+    # float64 formula, and the naive gradient against fastcl's torch backend.
     entry = loss_entry(loss)
     tensors, targets = entry.make_inputs(m, 7, dtype=torch.float32, device="cpu", seed=m)
-    expected = _float64_value(loss, list(tensors), targets.get("labels"), entry.default_temperature).float()
+    expected = entry.reference(*(t.double() for t in tensors), temperature=entry.default_temperature, **targets)
     grads = {}
-    impls = ["naive", "torch"] + (["pml"] if importlib.util.find_spec("pytorch_metric_learning") else [])
-    for impl in impls:
-        call, leaves = build_workload(Case(loss, impl, m, 7, seed=m))
+    for impl in ("naive", "torch", "pml"):
+        try:
+            call, leaves = build_workload(Case(loss, impl, m, 7, seed=m))
+        except ImplUnavailable:
+            continue
         value = call()
-        torch.testing.assert_close(value.float(), expected, rtol=1e-5, atol=1e-6, msg=f"{loss} {impl}")
+        torch.testing.assert_close(value.double(), expected, rtol=1e-5, atol=1e-6, msg=f"{loss} {impl}")
         value.backward()
         grads[impl] = [t.grad for t in leaves]
-    # The naive gradient equals fastcl's torch backend (autograd of the formula vs the chunked backward).
     for got, want in zip(grads["torch"], grads["naive"]):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
 

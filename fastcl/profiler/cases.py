@@ -2,8 +2,9 @@
 
 The losses come from the loss registry (``fastcl.registry``): their names, default temperatures, FLOP
 models, naive PyTorch forms and input makers. ``M`` is always the number of rows of the similarity
-matrix; the registry's input maker says which tensors that means (NT-Xent: two views of M/2 rows;
-InfoNCE: q and k of M rows; SupCon: M/2 samples × 2 views with labels).
+matrix; the registry's input maker says which tensors that means (e.g. NT-Xent and DCL: two views of M/2
+rows; InfoNCE and SigLIP: two sets of M rows; SupCon: M/2 samples × 2 views with labels). A new registry
+entry is benchmarked with no change here.
 
 Implementations (``IMPLS``):
 
@@ -28,17 +29,14 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
-try:  # the loss registry; until it exists in this install, the profiler's own table stands in for it
-    from fastcl import registry as _registry
-except ImportError:
-    from fastcl.profiler import _fallback_losses as _registry
+from fastcl import registry
 
 __all__ = [
     "LOSSES", "IMPLS", "CEILING", "FUSED", "PEERS", "DTYPES", "Case", "ImplUnavailable", "loss_entry", "unavailable_reason",
     "build_workload", "check_size",
 ]
 
-LOSSES = tuple(_registry.LOSSES)
+LOSSES = tuple(registry.LOSSES)
 CEILING = "matmul"  # the pseudo-implementation every run measures first: the loss's GEMMs alone
 FUSED = ("torch", "triton", "cuda")
 PEERS = ("pml", "infcl")
@@ -94,15 +92,15 @@ class ImplUnavailable(Exception):
     """The implementation cannot run here (not installed, wrong device, not applicable to the loss)."""
 
 
-def loss_entry(name: str):
+def loss_entry(name: str) -> registry.LossEntry:
     """The registry entry of loss ``name``.
 
     Raises:
-        ValueError: ``name`` is not a registered loss (the message lists them).
+        ValueError: ``name`` is not a registered loss (the message names ``--loss`` and lists them).
     """
-    if name not in _registry.LOSSES:
+    if name not in registry.LOSSES:
         raise ValueError(f"--loss: expected one of {list(LOSSES)}, got {name!r}")
-    return _registry.LOSSES[name]
+    return registry.LOSSES[name]
 
 
 def _input_shapes(loss: str, m: int) -> list[tuple[int, ...]]:
@@ -119,8 +117,8 @@ def check_size(loss: str, m: int) -> None:
     if m < 2:
         raise ValueError(f"--sizes: expected M >= 2 (rows of the similarity), got {m}")
     if _input_shapes(loss, m) == _input_shapes(loss, m - 1):
-        raise ValueError(f"--sizes: {loss} has no inputs with exactly M = {m} similarity rows (two views of M/2 "
-                         f"rows each, so M must be even); try {m + 1}")
+        raise ValueError(f"--sizes: {loss} has no inputs with exactly M = {m} similarity rows (its input maker "
+                         f"gives the same shapes for M = {m - 1}; two views of M/2 rows need an even M)")
 
 
 def _prefix(sub_dim: Optional[int]) -> Callable[[Tensor], Tensor]:
