@@ -126,21 +126,29 @@ def _prefix(sub_dim: Optional[int]) -> Callable[[Tensor], Tensor]:
     return (lambda z: z) if sub_dim is None else (lambda z: z[..., :sub_dim])
 
 
-def _pml(loss: str, tau: float) -> Callable[..., Tensor]:
+def _pml_nt_xent(tau: float) -> Callable[..., Tensor]:
     from pytorch_metric_learning import losses
 
-    if loss == "nt_xent":
-        # Two views with instance labels: pml's own SimCLR recipe (SelfSupervisedLoss, symmetric).
-        return losses.SelfSupervisedLoss(losses.NTXentLoss(temperature=tau), symmetric=True)
-    if loss == "info_nce":
-        # Cross-view only: q against k (ref_emb), then k against q, averaged.
-        one_way = losses.SelfSupervisedLoss(losses.NTXentLoss(temperature=tau), symmetric=False)
-        return lambda q, k: (one_way(q, k) + one_way(k, q)) / 2
+    # Two views with instance labels: pml's own SimCLR recipe (SelfSupervisedLoss, symmetric).
+    return losses.SelfSupervisedLoss(losses.NTXentLoss(temperature=tau), symmetric=True)
+
+
+def _pml_info_nce(tau: float) -> Callable[..., Tensor]:
+    from pytorch_metric_learning import losses
+
+    # Cross-view only: q against k (ref_emb), then k against q, averaged.
+    one_way = losses.SelfSupervisedLoss(losses.NTXentLoss(temperature=tau), symmetric=False)
+    return lambda q, k: (one_way(q, k) + one_way(k, q)) / 2
+
+
+def _pml_supcon(tau: float) -> Callable[..., Tensor]:
+    from pytorch_metric_learning import losses
+
     supcon = losses.SupConLoss(temperature=tau)
     return lambda feats, labels: supcon(torch.cat(torch.unbind(feats, dim=1)), labels.repeat(feats.shape[1]))
 
 
-def _infcl(loss: str, tau: float) -> Callable[..., Tensor]:
+def _infcl_info_nce(tau: float) -> Callable[..., Tensor]:
     import torch.nn.functional as F
     from inf_cl import cal_inf_loss
 
@@ -153,10 +161,21 @@ def _infcl(loss: str, tau: float) -> Callable[..., Tensor]:
     return infcl_info_nce
 
 
-# Peer adapters: which losses each peer implements, how to install it, and fn(*tensors, **targets) given τ.
-_PEER_ADAPTERS = {
-    "pml": (("nt_xent", "info_nce", "supcon"), "pytorch_metric_learning", "pip install pytorch-metric-learning", _pml),
-    "infcl": (("info_nce",), "inf_cl", "pip install inf_cl", _infcl),
+@dataclass(frozen=True)
+class _Peer:
+    """A peer library: its import name, how to install it, and per loss it implements, a builder
+    ``builder(τ) -> fn(*tensors, **targets)``."""
+
+    module: str
+    install: str
+    losses: dict
+    needs_cuda: bool = False
+
+
+_PEERS = {
+    "pml": _Peer("pytorch_metric_learning", "pip install pytorch-metric-learning",
+                 {"nt_xent": _pml_nt_xent, "info_nce": _pml_info_nce, "supcon": _pml_supcon}),
+    "infcl": _Peer("inf_cl", "pip install inf_cl", {"info_nce": _infcl_info_nce}, needs_cuda=True),
 }
 
 
@@ -178,15 +197,15 @@ def unavailable_reason(impl: str, loss: str, device: str) -> Optional[str]:
         return None if reason is None else f"fastcl backend {impl!r}: {reason}"
     if impl in ("naive", "compile"):
         return None
-    if impl not in _PEER_ADAPTERS:
+    if impl not in _PEERS:
         raise ValueError(f"--impl: expected names from {list(IMPLS)}, got {impl!r}")
-    losses, module, install, _ = _PEER_ADAPTERS[impl]
-    if loss not in losses:
-        return f"{impl} implements only {', '.join(losses)}"
-    if importlib.util.find_spec(module) is None:
-        return f"{impl}: {module} is not installed ({install})"
-    if impl == "infcl" and not device.startswith("cuda"):
-        return "infcl: inf-cl's Triton kernels need a CUDA device"
+    peer = _PEERS[impl]
+    if loss not in peer.losses:
+        return f"{impl} implements only {', '.join(peer.losses)}"
+    if importlib.util.find_spec(peer.module) is None:
+        return f"{impl}: {peer.module} is not installed ({peer.install})"
+    if peer.needs_cuda and not device.startswith("cuda"):
+        return f"{impl}: {peer.module} needs a CUDA device"
     return None
 
 
@@ -221,5 +240,5 @@ def build_workload(case: Case) -> tuple[Callable[[], Tensor], list[Tensor]]:
             torch._dynamo.reset()
             naive_loss = torch.compile(naive_loss, dynamic=False)
         return (lambda: naive_loss(*leaves)), leaves
-    peer = _PEER_ADAPTERS[case.impl][3](case.loss, tau)
+    peer = _PEERS[case.impl].losses[case.loss](tau)
     return (lambda: peer(*(cut(t) for t in leaves), **targets)), leaves
