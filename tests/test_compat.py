@@ -93,6 +93,28 @@ def open_clip_reference(
     return (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)) / 2
 
 
+def open_clip_siglip_reference(image_features, text_features, logit_scale, logit_bias, rank=0, world_size=1):
+    """open_clip ``SigLipLoss.forward`` with ``dist_impl="gather"`` (mlfoundations/open_clip,
+    src/open_clip/loss.py: ``get_ground_truth``, ``get_logits``, ``_loss``)."""
+
+    def _loss(image_features, text_features, negative_only=False):
+        logits = logit_scale * image_features @ text_features.T
+        if logit_bias is not None:
+            logits += logit_bias
+        num_logits = image_features.shape[0]
+        labels = -torch.ones((num_logits, num_logits), dtype=image_features.dtype)
+        if not negative_only:
+            labels = 2 * torch.eye(num_logits, dtype=image_features.dtype) + labels
+        return -F.logsigmoid(labels * logits).sum() / image_features.shape[0]
+
+    loss = _loss(image_features, text_features)
+    if world_size > 1:
+        all_text = torch.distributed.nn.all_gather(text_features)
+        for i in range(world_size):
+            loss += float(i != rank) * _loss(image_features, all_text[i], negative_only=True)
+    return loss
+
+
 class _LightlyGatherLayer(torch.autograd.Function):
     """lightly/utils/dist.py ``GatherLayer`` (lightly 1.6.0)."""
 
@@ -342,6 +364,22 @@ def test_open_clip_values_and_gradients(n, d, tau, scale_shape):
     loss_fn = open_clip.ClipLoss()
     ours = assert_same(loss_fn, open_clip_reference, img, txt, scale)
     assert torch.equal(loss_fn(img, txt, scale, output_dict=True)["contrastive_loss"], ours)
+
+
+@pytest.mark.parametrize("shape", [(), (1,), None], ids=["0-dim", "[1]", "float"])
+@pytest.mark.parametrize("n, d, scale, bias", [(7, 17, 10.0, -10.0), (16, 3, 100.0, 0.5), (5, 32, 1.0, None)])
+def test_open_clip_siglip(n, d, scale, bias, shape):
+    """Logit scale and bias at call time (their gradients flow), no bias, odd shapes."""
+    img, txt = F.normalize(rows(n, d, seed=n), dim=1), F.normalize(rows(n, d, seed=n + 1), dim=1)
+
+    def as_input(v):
+        return v if shape is None or v is None else torch.full(shape, v, dtype=torch.float64)
+
+    inputs = [img, txt, as_input(scale), as_input(bias)]
+    ours = assert_same(open_clip.SigLipLoss(), open_clip_siglip_reference, *inputs)
+    assert torch.equal(open_clip.SigLipLoss()(*inputs, output_dict=True)["contrastive_loss"], ours)
+    with pytest.raises(ValueError, match="dist_impl"):
+        open_clip.SigLipLoss(dist_impl="ring")
 
 
 def test_open_clip_logit_scale_at_call_time_every_step():

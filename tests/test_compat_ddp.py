@@ -30,6 +30,7 @@ from test_compat import (
     lightly_mises_fisher_weights,
     lightly_reference,
     open_clip_reference,
+    open_clip_siglip_reference,
     solo_reference,
 )
 
@@ -75,6 +76,13 @@ def _cases():
                 lambda a, b, s, ll=local_loss, wg=with_grad, r=rank: open_clip_reference(a, b, s, ll, wg, r, WORLD),
                 1 / 0.07, True,
             )
+    rank = dist.get_rank()
+    ours = open_clip.SigLipLoss(rank=rank, world_size=WORLD)
+    cases["open_clip-SigLipLoss"] = (
+        lambda a, b, s, ours=ours: ours(a, b, s, -2.0),
+        lambda a, b, s: open_clip_siglip_reference(a, b, s, -2.0, rank, WORLD),
+        5.0, True,
+    )
     for gather in (False, True):
         ours = lightly.NTXentLoss(temperature=0.3, gather_distributed=gather)
         cases[f"lightly-gather_distributed={gather}"] = (
@@ -172,7 +180,7 @@ CASE_NAMES = [
     *(f"open_clip-local_loss={ll}-gather_with_grad={wg}" for ll in (False, True) for wg in (False, True)),
     "lightly-gather_distributed=False", "lightly-gather_distributed=True", "inf_cl", "directclr-infoNCE",
     "solo-learn-2-crops", "solo-learn-supervised",
-    "lightly-DCL-gather_distributed=True", "lightly-DCLW-gather_distributed=True",
+    "lightly-DCL-gather_distributed=True", "lightly-DCLW-gather_distributed=True", "open_clip-SigLipLoss",
 ]
 
 
@@ -185,5 +193,6 @@ def test_peer_flags_under_ddp(name):
         for g, h in zip(grads, expected_grads):
             assert relative_error(g, h) <= RTOL, rank
         losses.append(loss)
-    if name.startswith(("lightly-gather_distributed=True", "open_clip-local_loss=True", "lightly-DCL")):
+    per_rank = ("lightly-gather_distributed=True", "open_clip-local_loss=True", "lightly-DCL", "open_clip-Sig")
+    if name.startswith(per_rank):
         assert losses[0] != losses[1]  # per-rank values, as the peer reports them

@@ -7,8 +7,8 @@ and DDP behaviour, and runs on fastcl's losses (``docs/migration.md`` lists what
 module                              replaces
 ==================================  =====================================================================
 ``fastcl.compat.supcontrast``       SupContrast's ``SupConLoss``
-``fastcl.compat.open_clip``         open_clip's ``ClipLoss``
-``fastcl.compat.lightly``           lightly's ``NTXentLoss``
+``fastcl.compat.open_clip``         open_clip's ``ClipLoss``, ``SigLipLoss``
+``fastcl.compat.lightly``           lightly's ``NTXentLoss``, ``DCLLoss``, ``DCLWLoss``
 ``fastcl.compat.pml``               pytorch-metric-learning's ``NTXentLoss``, ``SupConLoss``, ``SelfSupervisedLoss``
 ``fastcl.compat.solo_learn``        solo-learn's ``simclr_loss_func``
 ``fastcl.compat.inf_cl``            Inf-CL's ``cal_inf_loss``, ``cal_ring_loss``, ``cal_flash_loss``

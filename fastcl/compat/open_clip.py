@@ -1,7 +1,8 @@
-"""open_clip's ``ClipLoss`` (github.com/mlfoundations/open_clip, ``src/open_clip/loss.py``): change only the import.
+"""open_clip's ``ClipLoss`` and ``SigLipLoss`` (github.com/mlfoundations/open_clip, ``src/open_clip/loss.py``):
+change only the import.
 
-    from open_clip.loss import ClipLoss           # before
-    from fastcl.compat.open_clip import ClipLoss   # after
+    from open_clip.loss import ClipLoss, SigLipLoss            # before
+    from fastcl.compat.open_clip import ClipLoss, SigLipLoss    # after
 
 Same constructor flags and ``forward(image_features, text_features, logit_scale, output_dict=False)``;
 the logit scale arrives at call time, already exponentiated, as a float, a 0-dim or a ``[1]`` tensor,
@@ -19,6 +20,12 @@ gather_with_grad=False          gradients only through this rank's rows     (ope
 ==============================  ==========================================  ==============================
 
 ``use_horovod=True`` raises ``NotImplementedError``; ``cache_labels`` changes nothing (no label tensor is built).
+
+``SigLipLoss(cache_labels=False, rank=0, world_size=1, dist_impl=None)(image_features, text_features,
+logit_scale, logit_bias, output_dict=False)``: ``−Σ_ij log σ(y_ij (t·⟨x_i, y_j⟩ + b)) / N`` with y = +1 on
+the pairs and −1 elsewhere, on fastcl's SigLIP for one process; with ``world_size > 1`` each rank's
+images against the texts of every rank, divided by its own N (every ``dist_impl`` of open_clip gives
+that value and those gradients), as row blocks in PyTorch.
 """
 from __future__ import annotations
 
@@ -29,9 +36,10 @@ from torch import Tensor, nn
 
 from fastcl import functional
 from fastcl.compat._common import all_gather_rows, check_rows, scale_grad, temperature_from_scale
+from fastcl.compat._rowblocks import block_sum
 from fastcl.distributed import world_size as process_world_size
 
-__all__ = ["ClipLoss"]
+__all__ = ["ClipLoss", "SigLipLoss"]
 
 
 class ClipLoss(nn.Module):
@@ -127,3 +135,83 @@ class ClipLoss(nn.Module):
             f"local_loss={self.local_loss}, gather_with_grad={self.gather_with_grad}, rank={self.rank}, "
             f"world_size={self.world_size}"
         )
+
+
+class SigLipLoss(nn.Module):
+    """SigLIP's pairwise sigmoid loss (Zhai et al. 2023, https://arxiv.org/abs/2303.15343) with open_clip's
+    signature.
+
+    Args:
+        cache_labels: accepted for compatibility; no effect.
+        rank: this process's rank. world_size: number of ranks (1: this rank's batch only).
+        dist_impl: open_clip's exchange (``'bidir'``, ``'shift'``, ``'reduce'`` or ``'gather'``; None:
+            ``'bidir'``); all give the same loss and gradients, so it only is validated.
+
+    Shape:
+        image_features, text_features: ``[N, D]`` (used as given); logit_scale (t, exponentiated) and
+        logit_bias (b, or None): floats, ``[]`` or ``[1]`` tensors. Output: ``[]``.
+
+    Returns:
+        The loss (0-dim), or ``{"contrastive_loss": loss}`` with ``output_dict=True``.
+
+    Raises:
+        ValueError: an unknown ``dist_impl``, bad shapes, ``world_size`` not matching the process group.
+
+    Example:
+        >>> import torch
+        >>> import torch.nn.functional as F
+        >>> img, txt = F.normalize(torch.randn(8, 32), dim=1), F.normalize(torch.randn(8, 32), dim=1)
+        >>> t, b = torch.nn.Parameter(torch.tensor(10.0).log()), torch.nn.Parameter(torch.tensor(-10.0))
+        >>> loss = SigLipLoss()(img, txt, t.exp(), b)
+        >>> loss.backward()
+        >>> t.grad is not None and b.grad is not None
+        True
+    """
+
+    def __init__(self, cache_labels=False, rank=0, world_size=1, dist_impl=None):
+        super().__init__()
+        self.cache_labels = cache_labels
+        self.rank = rank
+        self.world_size = world_size
+        self.dist_impl = dist_impl or "bidir"
+        if self.dist_impl not in ("bidir", "shift", "reduce", "gather"):
+            raise ValueError(f"dist_impl: expected one of ['bidir', 'shift', 'reduce', 'gather'], got {dist_impl!r}")
+
+    def forward(self, image_features: Tensor, text_features: Tensor, logit_scale, logit_bias, output_dict=False):
+        check_rows(("image_features", "text_features"), (image_features, text_features), None)
+        tau = temperature_from_scale(logit_scale)
+        bias = 0.0 if logit_bias is None else logit_bias
+        if isinstance(bias, Tensor):
+            if bias.numel() != 1:
+                raise ValueError(
+                    f"logit_bias: expected a scalar or a one-element tensor, got shape {tuple(bias.shape)}"
+                )
+            bias = bias.reshape(())
+        if self.world_size > 1:
+            if process_world_size() != self.world_size:
+                raise ValueError(
+                    f"world_size: expected the initialized process group's size {process_world_size()}, "
+                    f"got {self.world_size}"
+                )
+            loss = self._rank_loss(image_features, text_features, tau, bias)
+        else:
+            loss = functional.siglip(
+                image_features, text_features, logit_bias=bias, temperature=tau, normalize=False, distributed="local"
+            )
+        return {"contrastive_loss": loss} if output_dict else loss
+
+    def _rank_loss(self, image_features: Tensor, text_features: Tensor, tau, bias) -> Tensor:
+        """This rank's images against every rank's texts (gradients summed back to their owners)."""
+        n = image_features.shape[0]
+        texts = all_gather_rows(text_features, with_grad=True)
+        pair = torch.arange(n, device=image_features.device) + n * self.rank
+
+        def term(s: Tensor, rows: slice) -> Tensor:
+            z = s + bias
+            positive = pair[rows, None] == torch.arange(s.shape[1], device=s.device)
+            return torch.nn.functional.softplus(torch.where(positive, -z, z)).sum()
+
+        return block_sum(image_features, texts, tau, term) / n
+
+    def extra_repr(self) -> str:
+        return f"rank={self.rank}, world_size={self.world_size}, dist_impl={self.dist_impl!r}"
