@@ -137,8 +137,8 @@ def write_markdown(path: str | Path, meta: dict, records: Sequence[dict]) -> Non
             f"- D = {meta['dim']}, sub_dim = {meta['sub_dim']}, dtype = {meta['dtype']}, median of at least "
             f"{meta['repeats']} runs after {meta['warmup']} warm-up; isolation: {meta['isolate']}"
         ),
-        "- M = rows of the similarity matrix; temperatures: "
-        + ", ".join(f"{loss} {tau}" for loss, tau in meta.get("temperatures", {}).items()),
+        "- M = rows of the similarity matrix; τ and GEMM-units per loss: "
+        + ", ".join(f"{loss} τ={tau} ({meta['gemm_units'][loss]})" for loss, tau in meta["temperatures"].items()),
         f"- FLOP model: {meta['flop_model']}",
         f"- ceiling: {meta['ceiling_method']}",
         f"- memory: {meta['memory_method']}; limit per case: "

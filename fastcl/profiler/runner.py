@@ -44,8 +44,9 @@ __all__ = ["run_bench", "measure_in_workers", "environment", "default_mem_limit"
 
 ISOLATION = ("impl", "run", "case", "none")
 FLOP_MODEL = (
-    "one GEMM-unit = 2·M·M·D' FLOPs; each loss counts its similarity GEMMs of one forward + backward "
-    "(NT-Xent and SupCon 3 units, InfoNCE 4); TFLOP/s = model FLOPs / median fwd+bwd time"
+    "one GEMM-unit = 2·M·M·D' FLOPs; each loss counts the similarity GEMMs of one forward + backward "
+    "(its GEMM-units in the loss registry, e.g. NT-Xent 3, InfoNCE 4); TFLOP/s = model FLOPs / median "
+    "fwd+bwd time"
 )
 CEILING_METHOD = (
     "matmul = the loss's own similarity GEMMs alone (2×[M,D']@[D',M] + the gradient [M,M]@[M,D'] products), "
