@@ -12,20 +12,23 @@
 // Math paths: float16 / bfloat16 rows → WMMA 16×16×16 (fp32 accumulation); float32 rows → WMMA TF32
 // 16×16×8 when PyTorch allows TF32 for matmuls, else FMA on the CUDA cores; float64 → FMA. sm_80 and
 // sm_90 run the same mma.sync code (no wgmma).
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <cuda_runtime.h>
-#include <mma.h>
-
 #include <type_traits>
 
 #include "block_launch.h"
 #include "block_math.cuh"
 
+// csrc/kernel_emulation.cpp compiles this file for the host (FMA paths only) with FASTCL_HOST_EMULATION
+// set, after defining the CUDA names used here: the tests then run these very kernels on the CPU.
+#ifndef FASTCL_HOST_EMULATION
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <mma.h>
+#define FASTCL_LAUNCH(kernel, grid, stream, ...) kernel<<<grid, kThreads, 0, stream>>>(__VA_ARGS__)
+#endif
+
 namespace fastcl {
 namespace {
-
-using namespace nvcuda;
 
 constexpr int kThreads = 128;  // 4 warps; every tile shape below assumes it
 
@@ -79,27 +82,11 @@ template <typename scalar_t, typename acc_t>
 __device__ __forceinline__ acc_t to_acc(scalar_t x) {
   return static_cast<acc_t>(x);
 }
-template <>
-__device__ __forceinline__ float to_acc<__half, float>(__half x) {
-  return __half2float(x);
-}
-template <>
-__device__ __forceinline__ float to_acc<__nv_bfloat16, float>(__nv_bfloat16 x) {
-  return __bfloat162float(x);
-}
 
 template <typename scalar_t>
 struct ToOperand {
   template <typename acc_t>
   __device__ scalar_t operator()(acc_t x) const { return static_cast<scalar_t>(x); }
-};
-template <>
-struct ToOperand<__half> {
-  __device__ __half operator()(float x) const { return __float2half_rn(x); }
-};
-template <>
-struct ToOperand<__nv_bfloat16> {
-  __device__ __nv_bfloat16 operator()(float x) const { return __float2bfloat16_rn(x); }
 };
 
 template <typename scalar_t, typename acc_t>
@@ -133,44 +120,20 @@ __device__ __forceinline__ void load_tile(typename Cfg::scalar* tile,
   }
 }
 
-// --- WMMA fragments ---------------------------------------------------------------------------------------
-
-template <typename scalar_t>
-struct Wmma {
-  using element = scalar_t;
-  static constexpr int kStep = 16;
-};
-template <>
-struct Wmma<float> {
-  using element = wmma::precision::tf32;
-  static constexpr int kStep = 8;
-};
-
-template <typename scalar_t, typename Use, typename Layout>
-using Operand = wmma::fragment<Use, 16, 16, Wmma<scalar_t>::kStep, typename Wmma<scalar_t>::element, Layout>;
-template <typename scalar_t>
-using Accumulator = wmma::fragment<wmma::accumulator, 16, 16, Wmma<scalar_t>::kStep, float>;
-
-template <typename Fragment, typename scalar_t>
-__device__ __forceinline__ void load_operand(Fragment& fragment, const scalar_t* pointer, int ld) {
-  wmma::load_matrix_sync(fragment, pointer, ld);
-  if constexpr (std::is_same<scalar_t, float>::value) {
-    for (int i = 0; i < fragment.num_elements; ++i) fragment.x[i] = wmma::__float_to_tf32(fragment.x[i]);
-  }
-}
-
 // --- S = A·Kᵀ for one (anchor tile, key tile) into shared memory -----------------------------------------
 
 // Raw dot products of anchors a0.. against keys k0.., all sub_dim features in kChunk steps, written to
-// smem.scores[r * kLdScores + c]. Every thread calls it; returns after a barrier (S readable).
+// smem.scores[r * kLdScores + c] (FMA path here, WMMA paths below).
+template <class Cfg, bool kFmaPath = Cfg::path == kFma>
+struct Similarity;
+
 template <class Cfg>
-__device__ void similarity_tile(Smem<Cfg>& smem, const Rows<typename Cfg::scalar, typename Cfg::acc>& a,
-                                const Rows<typename Cfg::scalar, typename Cfg::acc>& k, int64_t a0, int64_t k0,
-                                int64_t sub_dim) {
-  using scalar_t = typename Cfg::scalar;
-  using acc_t = typename Cfg::acc;
-  constexpr int R = Cfg::kRows;
-  if constexpr (Cfg::path == kFma) {
+struct Similarity<Cfg, true> {
+  static __device__ void compute(Smem<Cfg>& smem, const Rows<typename Cfg::scalar, typename Cfg::acc>& a,
+                                 const Rows<typename Cfg::scalar, typename Cfg::acc>& k, int64_t a0, int64_t k0,
+                                 int64_t sub_dim) {
+    using acc_t = typename Cfg::acc;
+    constexpr int R = Cfg::kRows;
     constexpr int kRowsPerThread = R / 16, kColsPerThread = R / 8;
     const int ty = threadIdx.x / 8, tx = threadIdx.x % 8;
     acc_t dots[kRowsPerThread][kColsPerThread] = {};
@@ -196,33 +159,15 @@ __device__ void similarity_tile(Smem<Cfg>& smem, const Rows<typename Cfg::scalar
     for (int i = 0; i < kRowsPerThread; ++i)
 #pragma unroll
       for (int j = 0; j < kColsPerThread; ++j) smem.scores[(ty + 16 * i) * Cfg::kLdScores + tx + 8 * j] = dots[i][j];
-  } else {
-    const int warp = threadIdx.x / 32;
-    Accumulator<scalar_t> dots[R / 16];
-#pragma unroll
-    for (int j = 0; j < R / 16; ++j) wmma::fill_fragment(dots[j], 0.0f);
-    for (int64_t d0 = 0; d0 < sub_dim; d0 += Cfg::kChunk) {
-      load_tile<Cfg, R, Cfg::kChunk, Cfg::kLdChunk, false>(smem.a(), a, a0, d0, sub_dim);
-      load_tile<Cfg, R, Cfg::kChunk, Cfg::kLdChunk, false>(smem.k(), k, k0, d0, sub_dim);
-      __syncthreads();
-#pragma unroll
-      for (int kk = 0; kk < Cfg::kChunk; kk += Wmma<scalar_t>::kStep) {
-        Operand<scalar_t, wmma::matrix_a, wmma::row_major> lhs;
-        load_operand(lhs, smem.a() + warp * 16 * Cfg::kLdChunk + kk, Cfg::kLdChunk);
-#pragma unroll
-        for (int j = 0; j < R / 16; ++j) {
-          Operand<scalar_t, wmma::matrix_b, wmma::col_major> rhs;  // Kᵀ: element (d, c) at k[c][d]
-          load_operand(rhs, smem.k() + j * 16 * Cfg::kLdChunk + kk, Cfg::kLdChunk);
-          wmma::mma_sync(dots[j], lhs, rhs, dots[j]);
-        }
-      }
-      __syncthreads();
-    }
-#pragma unroll
-    for (int j = 0; j < R / 16; ++j)
-      wmma::store_matrix_sync(smem.scores + warp * 16 * Cfg::kLdScores + j * 16, dots[j], Cfg::kLdScores,
-                              wmma::mem_row_major);
   }
+};
+
+// S for one (anchor tile, key tile) in smem.scores. Every thread calls it; returns after a barrier.
+template <class Cfg>
+__device__ void similarity_tile(Smem<Cfg>& smem, const Rows<typename Cfg::scalar, typename Cfg::acc>& a,
+                                const Rows<typename Cfg::scalar, typename Cfg::acc>& k, int64_t a0, int64_t k0,
+                                int64_t sub_dim) {
+  Similarity<Cfg>::compute(smem, a, k, a0, k0, sub_dim);
   __syncthreads();
 }
 
@@ -282,6 +227,87 @@ struct SliceAccumulator<Cfg, true> {
   }
 };
 
+// --- WMMA paths (16-bit and TF32): tensor-core tiles ----------------------------------------------------
+
+#ifndef FASTCL_HOST_EMULATION
+using namespace nvcuda;
+
+template <>
+__device__ __forceinline__ float to_acc<__half, float>(__half x) {
+  return __half2float(x);
+}
+template <>
+__device__ __forceinline__ float to_acc<__nv_bfloat16, float>(__nv_bfloat16 x) {
+  return __bfloat162float(x);
+}
+template <>
+struct ToOperand<__half> {
+  __device__ __half operator()(float x) const { return __float2half_rn(x); }
+};
+template <>
+struct ToOperand<__nv_bfloat16> {
+  __device__ __nv_bfloat16 operator()(float x) const { return __float2bfloat16_rn(x); }
+};
+
+template <typename scalar_t>
+struct Wmma {
+  using element = scalar_t;
+  static constexpr int kStep = 16;
+};
+template <>
+struct Wmma<float> {
+  using element = wmma::precision::tf32;
+  static constexpr int kStep = 8;
+};
+
+template <typename scalar_t, typename Use, typename Layout>
+using Operand = wmma::fragment<Use, 16, 16, Wmma<scalar_t>::kStep, typename Wmma<scalar_t>::element, Layout>;
+template <typename scalar_t>
+using Accumulator = wmma::fragment<wmma::accumulator, 16, 16, Wmma<scalar_t>::kStep, float>;
+
+template <typename Fragment, typename scalar_t>
+__device__ __forceinline__ void load_operand(Fragment& fragment, const scalar_t* pointer, int ld) {
+  wmma::load_matrix_sync(fragment, pointer, ld);
+  if constexpr (std::is_same<scalar_t, float>::value) {
+    for (int i = 0; i < fragment.num_elements; ++i) fragment.x[i] = wmma::__float_to_tf32(fragment.x[i]);
+  }
+}
+
+template <class Cfg>
+struct Similarity<Cfg, false> {
+  static __device__ void compute(Smem<Cfg>& smem, const Rows<typename Cfg::scalar, typename Cfg::acc>& a,
+                                 const Rows<typename Cfg::scalar, typename Cfg::acc>& k, int64_t a0, int64_t k0,
+                                 int64_t sub_dim) {
+    using scalar_t = typename Cfg::scalar;
+    constexpr int R = Cfg::kRows;
+    const int warp = threadIdx.x / 32;
+    Accumulator<scalar_t> dots[R / 16];
+#pragma unroll
+    for (int j = 0; j < R / 16; ++j) wmma::fill_fragment(dots[j], 0.0f);
+    for (int64_t d0 = 0; d0 < sub_dim; d0 += Cfg::kChunk) {
+      load_tile<Cfg, R, Cfg::kChunk, Cfg::kLdChunk, false>(smem.a(), a, a0, d0, sub_dim);
+      load_tile<Cfg, R, Cfg::kChunk, Cfg::kLdChunk, false>(smem.k(), k, k0, d0, sub_dim);
+      __syncthreads();
+#pragma unroll
+      for (int kk = 0; kk < Cfg::kChunk; kk += Wmma<scalar_t>::kStep) {
+        Operand<scalar_t, wmma::matrix_a, wmma::row_major> lhs;
+        load_operand(lhs, smem.a() + warp * 16 * Cfg::kLdChunk + kk, Cfg::kLdChunk);
+#pragma unroll
+        for (int j = 0; j < R / 16; ++j) {
+          Operand<scalar_t, wmma::matrix_b, wmma::col_major> rhs;  // Kᵀ: element (d, c) at k[c][d]
+          load_operand(rhs, smem.k() + j * 16 * Cfg::kLdChunk + kk, Cfg::kLdChunk);
+          wmma::mma_sync(dots[j], lhs, rhs, dots[j]);
+        }
+      }
+      __syncthreads();
+    }
+#pragma unroll
+    for (int j = 0; j < R / 16; ++j)
+      wmma::store_matrix_sync(smem.scores + warp * 16 * Cfg::kLdScores + j * 16, dots[j], Cfg::kLdScores,
+                              wmma::mem_row_major);
+  }
+};
+
 template <class Cfg>
 struct SliceAccumulator<Cfg, false> {
   using scalar_t = typename Cfg::scalar;
@@ -336,6 +362,7 @@ struct SliceAccumulator<Cfg, false> {
     }
   }
 };
+#endif  // FASTCL_HOST_EMULATION
 
 // --- kernel arguments ---------------------------------------------------------------------------------------
 
@@ -565,7 +592,7 @@ const char* forward(const BlockArgs& b, void* lse, void* pos_sum, void* pos_weig
   args.lse = static_cast<acc_t*>(lse);
   args.pos_sum = static_cast<acc_t*>(pos_sum);
   args.pos_weight = static_cast<acc_t*>(pos_weight);
-  block_forward_kernel<Cfg><<<tiles(b.a.count, Cfg::kRows), kThreads, 0, stream>>>(args);
+  FASTCL_LAUNCH(block_forward_kernel<Cfg>, tiles(b.a.count, Cfg::kRows), stream, args);
   const cudaError_t status = cudaGetLastError();
   return status == cudaSuccess ? nullptr : cudaGetErrorString(status);
 }
@@ -583,12 +610,12 @@ const char* backward(const BlockArgs& b, const void* lse, const void* alpha, con
   args.d_k = static_cast<acc_t*>(d_k);
   args.grad_sums = static_cast<acc_t*>(grad_sums);
   const unsigned slices = tiles(b.sub_dim, Cfg::kSlice);
-  block_backward_anchor_kernel<Cfg><<<dim3(tiles(b.a.count, Cfg::kRows), slices), kThreads, 0, stream>>>(args);
-  block_backward_key_kernel<Cfg><<<dim3(tiles(b.k.count, Cfg::kRows), slices), kThreads, 0, stream>>>(args);
+  FASTCL_LAUNCH(block_backward_anchor_kernel<Cfg>, dim3(tiles(b.a.count, Cfg::kRows), slices), stream, args);
+  FASTCL_LAUNCH(block_backward_key_kernel<Cfg>, dim3(tiles(b.k.count, Cfg::kRows), slices), stream, args);
   constexpr int kRowsPerCta = kThreads / 32;
   auto normalize = normalize_backward_kernel<scalar_t, acc_t>;
-  if (args.a.inv) normalize<<<tiles(b.a.count, kRowsPerCta), kThreads, 0, stream>>>(args.a, b.sub_dim, args.d_a);
-  if (args.k.inv) normalize<<<tiles(b.k.count, kRowsPerCta), kThreads, 0, stream>>>(args.k, b.sub_dim, args.d_k);
+  if (args.a.inv) FASTCL_LAUNCH(normalize, tiles(b.a.count, kRowsPerCta), stream, args.a, b.sub_dim, args.d_a);
+  if (args.k.inv) FASTCL_LAUNCH(normalize, tiles(b.k.count, kRowsPerCta), stream, args.k, b.sub_dim, args.d_k);
   const cudaError_t status = cudaGetLastError();
   return status == cudaSuccess ? nullptr : cudaGetErrorString(status);
 }
@@ -597,14 +624,19 @@ const char* backward(const BlockArgs& b, const void* lse, const void* alpha, con
 template <typename Launch>
 const char* with_config(const BlockArgs& b, const Launch& launch) {
   switch (b.dtype) {
+#ifndef FASTCL_HOST_EMULATION
     case ScalarType::kHalf: return launch.template run<Config<__half, kWmma16>>();
     case ScalarType::kBFloat16: return launch.template run<Config<__nv_bfloat16, kWmma16>>();
+#endif
     case ScalarType::kFloat:
-      return b.allow_tf32 ? launch.template run<Config<float, kWmmaTf32>>()
-                          : launch.template run<Config<float, kFma>>();
+#ifndef FASTCL_HOST_EMULATION
+      if (b.allow_tf32) return launch.template run<Config<float, kWmmaTf32>>();
+#endif
+      return launch.template run<Config<float, kFma>>();
     case ScalarType::kDouble: return launch.template run<Config<double, kFma>>();
+    default: break;
   }
-  return "fastcl: unsupported dtype";
+  return "fastcl: this dtype / math path is not built here";
 }
 
 struct ForwardLaunch {

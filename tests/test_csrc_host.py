@@ -28,7 +28,7 @@ from fastcl._blocks import Layout, inverse_norms
 
 ROOT = Path(__file__).resolve().parents[1]
 CSRC = ROOT / "csrc"
-SOURCES = (CSRC / "block_host.cpp", CSRC / "block_math.cuh")
+SOURCES = (CSRC / "block_math.cuh", CSRC / "block_kernels.cu", CSRC / "block_launch.h")  # what the builds include
 # How the second GEMM's operands are rounded: exact (fp32/fp64 rows), bfloat16, float16.
 OPERAND = {torch.float64: 0, torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
@@ -47,24 +47,39 @@ TOLERANCE = {torch.float64: (1e-9, 1e-9), torch.float32: (1e-5, 1e-5), torch.bfl
              torch.float16: (1e-5, 5e-3)}
 
 
-@functools.lru_cache(maxsize=None)
-def host_library() -> ctypes.CDLL:
+def _compiled(source: Path, *flags: str) -> Path:
+    """``source`` built as a shared library with g++, cached under build/csrc_host/ by the sources' hash."""
     compiler = shutil.which(os.environ.get("CXX", "g++"))
     if compiler is None:
-        pytest.skip("no C++ compiler (g++) to build csrc/block_host.cpp")
-    digest = hashlib.sha256(b"".join(p.read_bytes() for p in SOURCES)).hexdigest()[:16]
-    target = ROOT / "build" / "csrc_host" / f"block_host-{digest}.so"
+        pytest.skip("no C++ compiler (g++) to build the csrc host code")
+    inputs = (source, *SOURCES)
+    digest = hashlib.sha256(b"".join(p.read_bytes() for p in inputs) + " ".join(flags).encode()).hexdigest()[:16]
+    target = ROOT / "build" / "csrc_host" / f"{source.stem}-{digest}.so"
     if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
             partial = Path(scratch) / target.name
-            subprocess.run(
-                [compiler, "-O2", "-std=c++17", "-shared", "-fPIC", "-Wall", "-Wextra", "-Werror",
-                 str(SOURCES[0]), "-o", str(partial)],
-                check=True,
-            )
+            subprocess.run([compiler, "-O2", "-shared", "-fPIC", "-Wall", "-Wextra", "-Werror", *flags, str(source),
+                            "-o", str(partial)], check=True)
             os.replace(partial, target)  # atomic: concurrent test processes never load a partial file
-    return ctypes.CDLL(str(target))
+    return target
+
+
+@functools.lru_cache(maxsize=None)
+def host_library() -> ctypes.CDLL:
+    """csrc/block_host.cpp: the kernels' tile arithmetic with loops for the GEMMs."""
+    return ctypes.CDLL(str(_compiled(CSRC / "block_host.cpp", "-std=c++17")))
+
+
+@functools.lru_cache(maxsize=None)
+def emulated_library() -> ctypes.CDLL:
+    """csrc/kernel_emulation.cpp: block_kernels.cu's FMA kernels run as threads on the CPU."""
+    library = ctypes.CDLL(str(_compiled(CSRC / "kernel_emulation.cpp", "-std=c++20", "-pthread",
+                                        "-Wno-unknown-pragmas")))
+    for name in ("fastcl_block_forward_float32", "fastcl_block_forward_float64", "fastcl_block_backward_float32",
+                 "fastcl_block_backward_float64"):
+        getattr(library, name).restype = ctypes.c_char_p  # the launchers' error string, None on success
+    return library
 
 
 def _ptr(t):
@@ -72,14 +87,15 @@ def _ptr(t):
 
 
 def host_primitive(a, a_inv, k, k_inv, tau: float, sub_dim: int, layout: Layout, *, operand=0, tile=64,
-                   threads_per_row=2, backward=None):
-    """csrc/block_host.cpp's forward, or its backward when ``backward`` = (lse, alpha, beta).
+                   threads_per_row=2, backward=None, library=host_library):
+    """csrc/block_host.cpp's forward, or its backward when ``backward`` = (lse, alpha, beta); with
+    ``library=emulated_library`` the same through the emulated CUDA kernels.
 
     ``a``, ``k`` hold the values in the accumulation dtype (16-bit runs: already rounded), any strides.
     Returns (lse, pos_sum, pos_weight) or (d_a, d_k, gs) as the contract (gs: [2] for the sigmoid epilogue).
     """
     acc = a.dtype
-    lib = host_library()
+    lib = library()
     suffix = "float64" if acc == torch.float64 else "float32"
     sizes = torch.tensor([a.shape[0], a.stride(0), a.stride(1), k.shape[0], k.stride(0), k.stride(1), sub_dim])
     # The CUDA ops' own layout arguments, so the enum codes the package passes are the ones tested here.
@@ -91,13 +107,15 @@ def host_primitive(a, a_inv, k, k_inv, tau: float, sub_dim: int, layout: Layout,
     common = [_ptr(x) for x in tensors]
     if backward is None:
         out = [torch.empty(a.shape[0], dtype=acc) for _ in range(3)]
-        getattr(lib, f"fastcl_block_forward_{suffix}")(*common, tile, threads_per_row, *map(_ptr, out))
+        error = getattr(lib, f"fastcl_block_forward_{suffix}")(*common, tile, threads_per_row, *map(_ptr, out))
+        assert not isinstance(error, bytes), error
         return tuple(out)
     lse, alpha, beta = (x.to(acc).contiguous() for x in backward)
     d_a, d_k = torch.empty(a.shape[0], sub_dim, dtype=acc), torch.empty(k.shape[0], sub_dim, dtype=acc)
     sums = torch.empty(a.shape[0], 2, dtype=acc)
-    getattr(lib, f"fastcl_block_backward_{suffix}")(*common, *map(_ptr, (lse, alpha, beta)), operand,
-                                                      *map(_ptr, (d_a, d_k, sums)))
+    error = getattr(lib, f"fastcl_block_backward_{suffix}")(*common, *map(_ptr, (lse, alpha, beta)), operand,
+                                                              *map(_ptr, (d_a, d_k, sums)))
+    assert not isinstance(error, bytes), error
     gs = sums.sum(0)
     return d_a, d_k, (gs if layout.epilogue == "sigmoid" else gs[0])
 
@@ -193,3 +211,23 @@ def test_16bit_gradients_no_worse_than_naive(case, dtype):
     naive = torch.autograd.grad(surrogate, (a_n, k_n))
     for ours, theirs, want in zip(grads[:2], naive, ref_grads[:2]):
         assert relative_error(ours, want) <= relative_error(theirs[:, :d], want) + 1e-2
+
+
+# float32 (the exact FMA path) on every case; float64 (32-row tiles, 4 threads per row) on the tiled ones.
+EMULATED = [(case, torch.float32) for case in CASES + TILED] + [(case, torch.float64) for case in TILED]
+
+
+@pytest.mark.parametrize("case, dtype", EMULATED, ids=[f"{str(d)[6:]}-{c.name}" for c, d in EMULATED])
+def test_emulated_cuda_kernels_match_float64(case, dtype):
+    """block_kernels.cu itself — its FMA paths with their tiles, masks, grids, barriers, shuffles, both
+    backward passes and the normalization kernel — run on the CPU (csrc/kernel_emulation.cpp)."""
+    check_against_reference(case, dtype, functools.partial(run_host, library=emulated_library))
+
+
+def test_emulated_cuda_kernels_are_deterministic():
+    """Two runs of the emulated kernels (their threads truly concurrent) give the same bits."""
+    case = TILED[0]
+    a, k, fields, alpha, beta = _inputs(case, seed=9)
+    runs = [run_host(case, a, k, fields, alpha, beta, torch.float32, library=emulated_library) for _ in range(2)]
+    for x, y in zip((*runs[0][0], *runs[0][1]), (*runs[1][0], *runs[1][1])):
+        assert torch.equal(x, y)
