@@ -1,9 +1,10 @@
 """Augmentation throughput: writes bench/results/augment-<device>-<date>.{json,md} (see fastcl.augment.bench).
 
-    python bench/bench_augment.py                 # writes bench/results/augment-<device>-<date>.{json,md}
-    python bench/bench_augment.py --quick         # smaller batches, for a smoke run
-    pytest bench/bench_augment.py                 # pytest-benchmark versions of the small case
+python bench/bench_augment.py                 # writes bench/results/augment-<device>-<date>.{json,md}
+python bench/bench_augment.py --quick         # smaller batches, for a smoke run
+pytest bench/bench_augment.py                 # pytest-benchmark versions of the small case
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,8 +24,9 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--quick", action="store_true", help="batches / 16 (smoke run; not for the README)")
     parser.add_argument("--min-time", type=float, default=3.0, help="seconds of timed calls per case")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch intra-op threads (1 is steadier on a shared, loaded machine)")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch intra-op threads (1 is steadier on a shared, loaded machine)"
+    )
     parser.add_argument("--out", type=Path, default=None, help="output stem (default bench/results/augment-...)")
     args = parser.parse_args()
     if args.threads is not None:

@@ -24,7 +24,7 @@ run_losses() {
     for dtype in bf16 fp32; do
         for dim in 128 512; do
             python -m fastcl.profiler --device cuda --loss all \
-                --impl triton,torch,naive,compile,pml,infcl --sizes 4096,16384,65536 --dim "$dim" \
+                --impl triton,cuda,torch,naive,compile,pml,infcl --sizes 4096,16384,65536 --dim "$dim" \
                 --dtype "$dtype" --repeats 20 --json "$stem-losses-$dtype-d$dim.json" \
                 --markdown "$stem-losses-$dtype-d$dim.md" --plot "$stem-losses-$dtype-d$dim.png"
         done

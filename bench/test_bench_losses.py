@@ -8,6 +8,7 @@ workers, with the default per-case memory limit); a case that does not fit is sk
 big is allocated in the pytest process. Memory, FLOPs and TFLOP/s go into the benchmark's ``extra_info``
 (``--benchmark-json`` keeps them). Defaults: M ∈ {1024, 4096, 8192}, D = 128, fp32, CPU (CUDA if present).
 """
+
 from __future__ import annotations
 
 import functools
@@ -18,7 +19,7 @@ import torch
 
 from fastcl.profiler.cases import LOSSES, Case, ImplUnavailable, build_workload, loss_entry
 from fastcl.profiler.measure import step
-from fastcl.profiler.runner import measure_in_workers, default_mem_limit
+from fastcl.profiler.runner import default_mem_limit, measure_in_workers
 
 SIZES = [int(m) for m in os.environ.get("FASTCL_BENCH_SIZES", "1024,4096,8192").split(",")]
 IMPLS = os.environ.get("FASTCL_BENCH_IMPLS", "torch,naive,compile,pml").split(",")
@@ -55,6 +56,10 @@ def test_fwd_bwd(benchmark, loss, impl, m):
     benchmark.pedantic(step, args=(call, leaves, torch.device(DEVICE)), rounds=ROUNDS, warmup_rounds=1, iterations=1)
     model_flops = loss_entry(loss).flops(m, DIM)
     benchmark.extra_info.update(
-        peak_mem_bytes=memory["peak_mem_bytes"], flops=model_flops,
-        tflops=model_flops / benchmark.stats.stats.median / 1e12, device=DEVICE, dim=DIM, dtype=case.dtype,
+        peak_mem_bytes=memory["peak_mem_bytes"],
+        flops=model_flops,
+        tflops=model_flops / benchmark.stats.stats.median / 1e12,
+        device=DEVICE,
+        dim=DIM,
+        dtype=case.dtype,
     )

@@ -5,6 +5,7 @@ records are complete and self-consistent, that the ceiling times exactly the los
 implementation computes the registry's float64 formula, and that the memory measurement sees at least the
 M×M logits the naive loss must allocate.
 """
+
 from __future__ import annotations
 
 import importlib.machinery
@@ -19,9 +20,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastcl.profiler
-from fastcl.profiler import main, run_bench
+from fastcl.profiler import main, measure, run_bench
 from fastcl.profiler.cases import LOSSES, Case, ImplUnavailable, build_workload, loss_entry
-from fastcl.profiler import measure
 from fastcl.profiler.measure import gemm_plan, matmul_ceiling
 from fastcl.profiler.report import RECORD_FIELDS
 from fastcl.profiler.runner import measure_in_workers
@@ -36,8 +36,26 @@ def _json(path):
 def test_cli_streams_rows_and_writes_every_file(tmp_path, capsys):
     m, dim, sub_dim = 64, 16, 8
     out = tmp_path / "results"
-    status = main(["--loss", "all", "--impl", "torch,naive,cuda,infcl", "--sizes", str(m), "--dim", str(dim),
-                   "--sub-dim", str(sub_dim), "--repeats", "1", "--isolate", "none", "--out", str(out)])
+    status = main(
+        [
+            "--loss",
+            "all",
+            "--impl",
+            "torch,naive,cuda,infcl",
+            "--sizes",
+            str(m),
+            "--dim",
+            str(dim),
+            "--sub-dim",
+            str(sub_dim),
+            "--repeats",
+            "1",
+            "--isolate",
+            "none",
+            "--out",
+            str(out),
+        ]
+    )
     assert status == 0
     captured = capsys.readouterr()
     # Progress names each case; rows are printed one by one before the side-by-side summary.
@@ -89,9 +107,17 @@ def test_run_bench_reports_each_record_as_it_completes(tmp_path):
         seen.append((record["impl"], len(records), meta["complete"]))
 
     starts = []
-    meta, records = run_bench(["info_nce"], ["torch", "naive"], [32, 48], dim=8, repeats=1, isolate="none",
-                              on_start=lambda case, number, total: starts.append((case.impl, number, total)),
-                              on_record=on_record, profile_dir=str(tmp_path))
+    meta, records = run_bench(
+        ["info_nce"],
+        ["torch", "naive"],
+        [32, 48],
+        dim=8,
+        repeats=1,
+        isolate="none",
+        on_start=lambda case, number, total: starts.append((case.impl, number, total)),
+        on_record=on_record,
+        profile_dir=str(tmp_path),
+    )
     # The ceiling first, then naive (so later rows have their ratios), each record reported once, in order.
     assert [impl for impl, _, _ in seen] == ["matmul"] * 2 + ["naive"] * 2 + ["torch"] * 2
     assert [n for _, n, _ in seen] == list(range(1, 7)) and not any(done for _, _, done in seen)
@@ -169,9 +195,19 @@ def test_compile_only_delegates_or_says_what_is_missing(monkeypatch, capsys):
     assert "fastcl.profiler.compile_report" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("bad", [["--sizes", "63", "--loss", "nt_xent"], ["--impl", "bogus"], ["--sizes", "x"],
-                                 ["--dim", "8", "--sub-dim", "9"], ["--mem-limit", "lots"], ["--loss", "ntxent"],
-                                 ["--isolate", "thread"], ["--repeats", "-1"]])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        ["--sizes", "63", "--loss", "nt_xent"],
+        ["--impl", "bogus"],
+        ["--sizes", "x"],
+        ["--dim", "8", "--sub-dim", "9"],
+        ["--mem-limit", "lots"],
+        ["--loss", "ntxent"],
+        ["--isolate", "thread"],
+        ["--repeats", "-1"],
+    ],
+)
 def test_bad_arguments_exit_with_a_message(bad, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main([*bad, "--no-progress"])

@@ -9,6 +9,7 @@ alone in the same run. See ``docs/bench.md``.
     >>> [(r["impl"], r["status"]) for r in records], records[1]["peak_mem_bytes"] >= 0
     ([('matmul', 'ok'), ('naive', 'ok')], True)
 """
+
 from fastcl.profiler.cli import main
 from fastcl.profiler.runner import run_bench
 

@@ -1,4 +1,5 @@
 """``python -m fastcl.profiler`` = ``fastcl bench``."""
+
 import sys
 
 from fastcl.profiler.cli import main

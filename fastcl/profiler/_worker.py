@@ -1,5 +1,6 @@
 """Worker process: ``python -m fastcl.profiler._worker`` reads a JSON list of cases on stdin and prints one
 JSON line ``{"index": i, "result": {...}}`` per case as soon as it is measured (see ``runner.py``)."""
+
 from __future__ import annotations
 
 import json

@@ -20,6 +20,7 @@ Implementations (``IMPLS``):
     >>> loss_entry("info_nce").flops(1024, 128)
     1073741824
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -32,8 +33,18 @@ from torch import Tensor
 from fastcl import registry
 
 __all__ = [
-    "LOSSES", "IMPLS", "CEILING", "FUSED", "PEERS", "DTYPES", "Case", "ImplUnavailable", "loss_entry", "unavailable_reason",
-    "build_workload", "check_size",
+    "LOSSES",
+    "IMPLS",
+    "CEILING",
+    "FUSED",
+    "PEERS",
+    "DTYPES",
+    "Case",
+    "ImplUnavailable",
+    "loss_entry",
+    "unavailable_reason",
+    "build_workload",
+    "check_size",
 ]
 
 LOSSES = tuple(registry.LOSSES)
@@ -117,8 +128,10 @@ def check_size(loss: str, m: int) -> None:
     if m < 2:
         raise ValueError(f"--sizes: expected M >= 2 (rows of the similarity), got {m}")
     if _input_shapes(loss, m) == _input_shapes(loss, m - 1):
-        raise ValueError(f"--sizes: {loss} has no inputs with exactly M = {m} similarity rows (its input maker "
-                         f"gives the same shapes for M = {m - 1}; two views of M/2 rows need an even M)")
+        raise ValueError(
+            f"--sizes: {loss} has no inputs with exactly M = {m} similarity rows (its input maker "
+            f"gives the same shapes for M = {m - 1}; two views of M/2 rows need an even M)"
+        )
 
 
 def _prefix(sub_dim: Optional[int]) -> Callable[[Tensor], Tensor]:
@@ -173,8 +186,11 @@ class _Peer:
 
 
 _PEERS = {
-    "pml": _Peer("pytorch_metric_learning", "pip install pytorch-metric-learning",
-                 {"nt_xent": _pml_nt_xent, "info_nce": _pml_info_nce, "supcon": _pml_supcon}),
+    "pml": _Peer(
+        "pytorch_metric_learning",
+        "pip install pytorch-metric-learning",
+        {"nt_xent": _pml_nt_xent, "info_nce": _pml_info_nce, "supcon": _pml_supcon},
+    ),
     "infcl": _Peer("inf_cl", "pip install inf_cl", {"info_nce": _infcl_info_nce}, needs_cuda=True),
 }
 
@@ -231,6 +247,7 @@ def build_workload(case: Case) -> tuple[Callable[[], Tensor], list[Tensor]]:
         backend, sub_dim = case.impl, case.sub_dim
         return (lambda: entry.functional(*leaves, temperature=tau, sub_dim=sub_dim, backend=backend, **targets)), leaves
     if case.impl in ("naive", "compile"):
+
         def naive_loss(*tensors: Tensor) -> Tensor:
             return entry.naive(*(cut(t) for t in tensors), temperature=tau, **targets)
 

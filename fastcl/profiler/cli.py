@@ -7,6 +7,7 @@
 Rows are printed as cases finish; the JSON, the markdown and (with matplotlib) the plot are always written
 to a results folder, ``runs/bench/<UTC time>/`` unless ``--out`` names one, and rewritten after every row.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,8 +31,14 @@ __all__ = ["main", "build_parser", "parse_bytes", "QUICK", "DEFAULTS"]
 _AUGMENT_SECONDS_PER_CASE = 1.0
 _UNITS = {"": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
 # Settings of an ordinary run and of --quick (the demo's); flags given on the command line win over both.
-DEFAULTS = {"loss": list(LOSSES), "impl": list(IMPLS), "sizes": [1024, 4096, 8192], "dim": 128, "repeats": 10,
-            "isolate": "impl"}
+DEFAULTS = {
+    "loss": list(LOSSES),
+    "impl": list(IMPLS),
+    "sizes": [1024, 4096, 8192],
+    "dim": 128,
+    "repeats": 10,
+    "isolate": "impl",
+}
 QUICK = {"loss": list(LOSSES), "impl": None, "sizes": [256, 1024], "dim": 128, "repeats": 3, "isolate": "run"}
 _QUICK_CUDA_SIZES = [4096, 16384]
 
@@ -97,52 +104,84 @@ def build_parser() -> argparse.ArgumentParser:
         "markdown always go to a results folder.",
         epilog=f"M is the number of rows of the similarity matrix. {FLOP_MODEL}. {CEILING_METHOD}.",
     )
-    parser.add_argument("--quick", action="store_true",
-                        help=f"the demo's run: every loss, the fused backends that run here and naive, M in "
-                        f"{QUICK['sizes']} (CUDA: {_QUICK_CUDA_SIZES}), {QUICK['repeats']} repeats, one worker "
-                        "process; flags given explicitly still win")
-    parser.add_argument("--compile-only", action="store_true",
-                        help="instead of timing, compile the Triton kernels for GPU targets and report registers, "
-                        "spills and shared memory (no GPU needed); the other flags are that report's, see "
-                        "fastcl bench --compile-only --help")
-    parser.add_argument("--loss", type=_names(LOSSES, "--loss"), help=f"comma list of {','.join(LOSSES)} or all (default)")
-    parser.add_argument("--impl", type=_names(IMPLS, "--impl"),
-                        help=f"comma list of {','.join(IMPLS)} or all (default); one that cannot run here is reported "
-                        "as skipped with the reason")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"the demo's run: every loss, the fused backends that run here and naive, M in "
+        f"{QUICK['sizes']} (CUDA: {_QUICK_CUDA_SIZES}), {QUICK['repeats']} repeats, one worker "
+        "process; flags given explicitly still win",
+    )
+    parser.add_argument(
+        "--compile-only",
+        action="store_true",
+        help="instead of timing, compile the Triton kernels for GPU targets and report registers, "
+        "spills and shared memory (no GPU needed); the other flags are that report's, see "
+        "fastcl bench --compile-only --help",
+    )
+    parser.add_argument(
+        "--loss", type=_names(LOSSES, "--loss"), help=f"comma list of {','.join(LOSSES)} or all (default)"
+    )
+    parser.add_argument(
+        "--impl",
+        type=_names(IMPLS, "--impl"),
+        help=f"comma list of {','.join(IMPLS)} or all (default); one that cannot run here is reported "
+        "as skipped with the reason",
+    )
     parser.add_argument("--sizes", type=_sizes, help=f"M values (default {','.join(map(str, DEFAULTS['sizes']))})")
     parser.add_argument("--dim", type=_positive("--dim"), help=f"D (default {DEFAULTS['dim']})")
     parser.add_argument("--sub-dim", type=_positive("--sub-dim"), default=None, help="DirectCLR prefix D' (default: D)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--repeats", type=_positive("--repeats", 0),
-                        help=f"timed fwd+bwd runs per case, median reported (default {DEFAULTS['repeats']}; "
-                        "0 = memory only)")
+    parser.add_argument(
+        "--repeats",
+        type=_positive("--repeats", 0),
+        help=f"timed fwd+bwd runs per case, median reported (default {DEFAULTS['repeats']}; 0 = memory only)",
+    )
     parser.add_argument("--warmup", type=_positive("--warmup"), default=1, help="untimed runs first (default 1)")
-    parser.add_argument("--mem-limit", type=parse_bytes, default=-1,
-                        help="memory budget per case, e.g. 512M: allocations beyond it fail and the case is "
-                        "reported as OOM (default on CPU: half of the available memory; 0 = no limit)")
-    parser.add_argument("--isolate", choices=ISOLATION,
-                        help="impl (default): one worker process per implementation; run (--quick's default): "
-                        "one worker for the whole run; case: one per case; none: all in this process")
-    parser.add_argument("--timeout", type=float, default=600.0, help="seconds per case in a worker before it is an error")
-    parser.add_argument("--out", metavar="DIR",
-                        help="results folder for bench.json, bench.md and bench.png (default runs/bench/<UTC time>)")
+    parser.add_argument(
+        "--mem-limit",
+        type=parse_bytes,
+        default=-1,
+        help="memory budget per case, e.g. 512M: allocations beyond it fail and the case is "
+        "reported as OOM (default on CPU: half of the available memory; 0 = no limit)",
+    )
+    parser.add_argument(
+        "--isolate",
+        choices=ISOLATION,
+        help="impl (default): one worker process per implementation; run (--quick's default): "
+        "one worker for the whole run; case: one per case; none: all in this process",
+    )
+    parser.add_argument(
+        "--timeout", type=float, default=600.0, help="seconds per case in a worker before it is an error"
+    )
+    parser.add_argument(
+        "--out",
+        metavar="DIR",
+        help="results folder for bench.json, bench.md and bench.png (default runs/bench/<UTC time>)",
+    )
     parser.add_argument("--json", metavar="PATH", help="write the JSON here instead of DIR/bench.json")
     parser.add_argument("--markdown", metavar="PATH", help="write the markdown here instead of DIR/bench.md")
-    parser.add_argument("--plot", metavar="PATH", help="write the plot here instead of DIR/bench.png (needs matplotlib)")
+    parser.add_argument(
+        "--plot", metavar="PATH", help="write the plot here instead of DIR/bench.png (needs matplotlib)"
+    )
     parser.add_argument("--no-plot", action="store_true", help="do not draw the plot")
     parser.add_argument("--profile", metavar="DIR", help="write a torch.profiler chrome trace per case into DIR")
-    parser.add_argument("--augment", action="store_true",
-                        help="measure MultiViewAugment throughput (views/s) instead of losses; uses --device, "
-                        "--json, --markdown")
+    parser.add_argument(
+        "--augment",
+        action="store_true",
+        help="measure MultiViewAugment throughput (views/s) instead of losses; uses --device, --json, --markdown",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress line on stderr")
     return parser
 
 
 def _compile_only(argv: Sequence[str]) -> int:
     if importlib.util.find_spec("fastcl.profiler.compile_report") is None:
-        print("fastcl bench --compile-only: this install has no compile report (fastcl.profiler.compile_report); "
-              "it comes with fastcl versions that ship the Triton kernel report", file=sys.stderr)
+        print(
+            "fastcl bench --compile-only: this install has no compile report (fastcl.profiler.compile_report); "
+            "it comes with fastcl versions that ship the Triton kernel report",
+            file=sys.stderr,
+        )
         return 2
     from fastcl.profiler import compile_report
 
@@ -187,7 +226,11 @@ def _settings(args: argparse.Namespace) -> None:
 
 
 def _paths(args: argparse.Namespace) -> dict:
-    out = Path(args.out) if args.out else Path("runs/bench") / _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
+    out = (
+        Path(args.out)
+        if args.out
+        else Path("runs/bench") / _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
+    )
     return {
         "json": Path(args.json) if args.json else out / "bench.json",
         "markdown": Path(args.markdown) if args.markdown else out / "bench.md",
@@ -221,8 +264,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     def on_record(record: dict, meta: dict, records: list) -> None:
         progress.clear()
         if len(records) == 1:
-            print(f"{meta['device_name']} ({meta['device']}, {meta['threads']} threads), torch {meta['torch']}, "
-                  f"D={args.dim}, dtype={args.dtype}, median of {args.repeats}; {meta['date']}")
+            print(
+                f"{meta['device_name']} ({meta['device']}, {meta['threads']} threads), torch {meta['torch']}, "
+                f"D={args.dim}, dtype={args.dtype}, median of {args.repeats}; {meta['date']}"
+            )
             print(format_header())
         print(format_row(record), flush=True)
         meta["command"] = command
@@ -231,9 +276,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     try:
         meta, records = run_bench(
-            args.loss, args.impl, args.sizes, dim=args.dim, sub_dim=args.sub_dim, dtype=args.dtype,
-            device=args.device, repeats=args.repeats, warmup=args.warmup, mem_limit=args.mem_limit or None,
-            isolate=args.isolate, profile_dir=args.profile, timeout=args.timeout, on_start=progress.start,
+            args.loss,
+            args.impl,
+            args.sizes,
+            dim=args.dim,
+            sub_dim=args.sub_dim,
+            dtype=args.dtype,
+            device=args.device,
+            repeats=args.repeats,
+            warmup=args.warmup,
+            mem_limit=args.mem_limit or None,
+            isolate=args.isolate,
+            profile_dir=args.profile,
+            timeout=args.timeout,
+            on_start=progress.start,
             on_record=on_record,
         )
     except ValueError as err:
@@ -244,8 +300,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(format_summary(records))
     above = [r for r in records if r.get("above_ceiling")]
     if above:
-        print(f"note: {len(above)} row(s) ran faster than the matmul ceiling (marked !): "
-              + ", ".join(f"{r['loss']} {r['impl']} M={r['M']}" for r in above))
+        print(
+            f"note: {len(above)} row(s) ran faster than the matmul ceiling (marked !): "
+            + ", ".join(f"{r['loss']} {r['impl']} M={r['M']}" for r in above)
+        )
     skipped = [r for r in records if r["status"] == "skipped"]
     for note in dict.fromkeys(r["note"] for r in skipped):
         print(f"skipped: {note}")

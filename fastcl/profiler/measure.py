@@ -20,6 +20,7 @@ reported as ``status="oom"``.
     >>> result["status"], result["total_ms"] > 0, result["peak_mem_bytes"] >= 0
     ('ok', True, True)
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -127,7 +128,9 @@ def _memory_limit(device: torch.device, limit: Optional[int]) -> Iterator[None]:
         return
     if device.type == "cuda":
         total = torch.cuda.get_device_properties(device).total_memory
-        torch.cuda.set_per_process_memory_fraction(min(1.0, (torch.cuda.memory_allocated(device) + limit) / total), device)
+        torch.cuda.set_per_process_memory_fraction(
+            min(1.0, (torch.cuda.memory_allocated(device) + limit) / total), device
+        )
         try:
             yield
         finally:

@@ -6,6 +6,7 @@ registry's ``naive`` entries), this module only re-exports them for code that im
     >>> naive.nt_xent(torch.randn(4, 8), torch.randn(4, 8), 0.5).shape
     torch.Size([])
 """
+
 from fastcl.reference import naive_info_nce as info_nce
 from fastcl.reference import naive_nt_xent as nt_xent
 from fastcl.reference import naive_supcon as supcon

@@ -1,11 +1,12 @@
 """Output of a benchmark run: streamed table rows, the side-by-side summary, JSON, markdown and the plot.
 
-    >>> row = dict.fromkeys(RECORD_FIELDS)
-    >>> row.update(loss="nt_xent", impl="torch", M=1024, status="ok", total_ms=1.5, fraction_of_matmul=1.2,
-    ...            above_ceiling=True)
-    >>> "120.0!" in format_row(row)
-    True
+>>> row = dict.fromkeys(RECORD_FIELDS)
+>>> row.update(loss="nt_xent", impl="torch", M=1024, status="ok", total_ms=1.5, fraction_of_matmul=1.2,
+...            above_ceiling=True)
+>>> "120.0!" in format_row(row)
+True
 """
+
 from __future__ import annotations
 
 import json
@@ -13,15 +14,40 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 __all__ = [
-    "RECORD_FIELDS", "format_header", "format_row", "format_table", "format_summary", "write_json",
-    "write_markdown", "write_plot",
+    "RECORD_FIELDS",
+    "format_header",
+    "format_row",
+    "format_table",
+    "format_summary",
+    "write_json",
+    "write_markdown",
+    "write_plot",
 ]
 
 # Every record carries these keys (None where a value does not exist, e.g. for a skipped impl).
 RECORD_FIELDS = (
-    "loss", "impl", "M", "D", "sub_dim", "dtype", "device", "status", "note",
-    "fwd_ms", "bwd_ms", "total_ms", "runs", "peak_mem_bytes", "flops", "tflops",
-    "ratio_vs_naive", "mem_ratio_vs_naive", "matmul_tflops", "fraction_of_matmul", "above_ceiling", "loadavg_1min",
+    "loss",
+    "impl",
+    "M",
+    "D",
+    "sub_dim",
+    "dtype",
+    "device",
+    "status",
+    "note",
+    "fwd_ms",
+    "bwd_ms",
+    "total_ms",
+    "runs",
+    "peak_mem_bytes",
+    "flops",
+    "tflops",
+    "ratio_vs_naive",
+    "mem_ratio_vs_naive",
+    "matmul_tflops",
+    "fraction_of_matmul",
+    "above_ceiling",
+    "loadavg_1min",
 )
 
 # (record key, title, width in the streamed table, format)
@@ -196,4 +222,3 @@ def write_plot(path: str | Path, records: Sequence[dict], title: str) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
-

@@ -18,6 +18,7 @@ implementation runs (``isolate``):
     >>> [(r["impl"], r["status"]) for r in records]
     [('infcl', 'skipped'), ('matmul', 'ok'), ('naive', 'ok')]
 """
+
 from __future__ import annotations
 
 import datetime as _dt
@@ -147,8 +148,12 @@ def measure_in_workers(
     while pending:
         with tempfile.TemporaryFile(mode="w+") as stderr:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "fastcl.profiler._worker"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                stderr=stderr, text=True, env=_worker_env(),
+                [sys.executable, "-m", "fastcl.profiler._worker"],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=stderr,
+                text=True,
+                env=_worker_env(),
             )
             proc.stdin.write(json.dumps([(i, c.to_dict()) for i, c in pending]))
             proc.stdin.close()
@@ -198,8 +203,9 @@ def _measured(
 
 def _record(case: Case, measured: dict) -> dict:
     record = dict.fromkeys(RECORD_FIELDS)
-    record.update(loss=case.loss, impl=case.impl, M=case.m, D=case.dim, sub_dim=case.sub_dim, dtype=case.dtype,
-                  device=case.device)
+    record.update(
+        loss=case.loss, impl=case.impl, M=case.m, D=case.dim, sub_dim=case.sub_dim, dtype=case.dtype, device=case.device
+    )
     record.update(measured)
     record["flops"] = loss_entry(case.loss).flops(case.m, case.width)
     if record.get("total_ms"):
@@ -284,13 +290,22 @@ def run_bench(
     ceilings: dict = {}
     naive: dict = {}
     meta = environment(device)
-    meta.update(dim=dim, sub_dim=sub_dim, dtype=dtype, repeats=repeats, warmup=warmup, mem_limit=mem_limit,
-                isolate=isolate,
-                omp_wait_policy=os.environ.get("OMP_WAIT_POLICY", None if isolate == "none" else OMP_WAIT_POLICY),
-                gemm_units={loss: loss_entry(loss).gemm_units for loss in losses},
-                temperatures={loss: loss_entry(loss).default_temperature for loss in losses},
-                # Other work on the machine slows every case; the 1-minute load average says how much there was.
-                loadavg_1min_before=loadavg(), loadavg_1min_after=None, complete=False)
+    meta.update(
+        dim=dim,
+        sub_dim=sub_dim,
+        dtype=dtype,
+        repeats=repeats,
+        warmup=warmup,
+        mem_limit=mem_limit,
+        isolate=isolate,
+        omp_wait_policy=os.environ.get("OMP_WAIT_POLICY", None if isolate == "none" else OMP_WAIT_POLICY),
+        gemm_units={loss: loss_entry(loss).gemm_units for loss in losses},
+        temperatures={loss: loss_entry(loss).default_temperature for loss in losses},
+        # Other work on the machine slows every case; the 1-minute load average says how much there was.
+        loadavg_1min_before=loadavg(),
+        loadavg_1min_after=None,
+        complete=False,
+    )
 
     def start(case: Case) -> None:
         nonlocal started
