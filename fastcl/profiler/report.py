@@ -205,7 +205,12 @@ def write_plot(path: str | Path, records: Sequence[dict], title: str) -> None:
             ms = [m for m, _ in points]
             style = {"color": "k", "linestyle": "--"} if impl == "matmul" else {"marker": "o"}
             if all(r.get("total_ms") is not None for _, r in points):
-                ax_time.plot(ms, [r["total_ms"] for _, r in points], label=impl, **style)
+                ax_time.plot(
+                    ms,
+                    [r["total_ms"] for _, r in points],
+                    label="matmul ceiling" if impl == "matmul" else impl,
+                    **style,
+                )
             if all(r.get("peak_mem_bytes") is not None for _, r in points):
                 ax_mem.plot(ms, [max(r["peak_mem_bytes"], 1) / 2**20 for _, r in points], label=impl, **style)
         for ax, ylabel in ((ax_time, "fwd+bwd median [ms]"), (ax_mem, "peak extra memory [MiB]")):
