@@ -26,7 +26,10 @@ from pathlib import Path
 CSRC = Path(__file__).resolve().parent
 BUILD = CSRC.parent / "build" / "cuda-check"
 ARCHES = ("80", "90")
-NVCC_FLAGS = ("-std=c++17", "-O3", "-Xptxas", "-v")
+# The flags torch.utils.cpp_extension gives nvcc (the AOT and JIT builds), so the check compiles what ships.
+NVCC_FLAGS = ("-std=c++20", "-O3", "-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__",
+              "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__", "--expt-relaxed-constexpr",
+              "-Xptxas", "-v")
 
 _ENTRY = re.compile(r"Compiling entry function '(\w+)' for '(sm_\d+)'")
 _SPILL = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
