@@ -315,7 +315,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         written.append(paths["plot"])
     elif not args.no_plot:
         print("plot: not drawn, matplotlib is not installed (pip install 'fastcl[plot]')")
-    print("results: " + ", ".join(map(str, written)))
+    print(f"results ({meta['elapsed_s']} s): " + ", ".join(map(str, written)))
     return 0
 
 

@@ -171,7 +171,8 @@ def write_markdown(path: str | Path, meta: dict, records: Sequence[dict]) -> Non
         + (f"{limit / 2**30:.1f} GiB (beyond it: OOM)" if limit else "none"),
         (
             f"- 1-min load average before / after: {meta.get('loadavg_1min_before')} / "
-            f"{meta.get('loadavg_1min_after')} (above the thread count, other processes competed for the CPU)"
+            f"{meta.get('loadavg_1min_after')} (above the thread count, other processes competed for the CPU); "
+            f"run time: {meta.get('elapsed_s')} s"
         ),
         "",
         "## Side by side (fwd+bwd time, × naive, % of matmul; ! = above the ceiling)",

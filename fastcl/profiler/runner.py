@@ -32,6 +32,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from pathlib import Path
 from typing import Callable, Iterator, Optional, Sequence
 
@@ -274,6 +275,7 @@ def run_bench(
     Raises:
         ValueError: an unknown loss, implementation or isolation, or a size the loss cannot take.
     """
+    started_at = time.perf_counter()
     if isolate not in ISOLATION:
         raise ValueError(f"--isolate: expected one of {list(ISOLATION)}, got {isolate!r}")
     if mem_limit == -1:
@@ -303,6 +305,7 @@ def run_bench(
         temperatures={loss: loss_entry(loss).default_temperature for loss in losses},
         # Other work on the machine slows every case; the 1-minute load average says how much there was.
         loadavg_1min_before=loadavg(),
+        elapsed_s=None,
         loadavg_1min_after=None,
         complete=False,
     )
@@ -342,5 +345,5 @@ def run_bench(
         base = naive.get((loss, m))
         if ceiling["status"] == "ok" and base is not None and base.get("total_ms"):
             ceiling["ratio_vs_naive"] = ceiling["total_ms"] / base["total_ms"]
-    meta.update(loadavg_1min_after=loadavg(), complete=True)
+    meta.update(loadavg_1min_after=loadavg(), complete=True, elapsed_s=round(time.perf_counter() - started_at, 1))
     return meta, records
