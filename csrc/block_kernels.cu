@@ -122,39 +122,35 @@ __device__ __forceinline__ void load_tile(typename Cfg::scalar* tile,
 
 // --- S = A·Kᵀ for one (anchor tile, key tile) into shared memory -----------------------------------------
 
-// Raw dot products of anchors a0.. against keys k0.., all sub_dim features in kChunk steps, written to
-// smem.scores[r * kLdScores + c] (FMA path here, WMMA paths below).
+// The dot products of one (anchor tile, key tile) held in registers while similarity_tile walks the
+// features in kChunk steps: zeroed, one chunk from shared memory added, stored to smem.scores[r][c]
+// (FMA path here, WMMA paths below).
 template <class Cfg, bool kFmaPath = Cfg::path == kFma>
 struct Similarity;
 
 template <class Cfg>
 struct Similarity<Cfg, true> {
-  static __device__ void compute(Smem<Cfg>& smem, const Rows<typename Cfg::scalar, typename Cfg::acc>& a,
-                                 const Rows<typename Cfg::scalar, typename Cfg::acc>& k, int64_t a0, int64_t k0,
-                                 int64_t sub_dim) {
-    using acc_t = typename Cfg::acc;
-    constexpr int R = Cfg::kRows;
-    constexpr int kRowsPerThread = R / 16, kColsPerThread = R / 8;
-    const int ty = threadIdx.x / 8, tx = threadIdx.x % 8;
-    acc_t dots[kRowsPerThread][kColsPerThread] = {};
-    for (int64_t d0 = 0; d0 < sub_dim; d0 += Cfg::kChunk) {
-      load_tile<Cfg, R, Cfg::kChunk, Cfg::kLdChunk, false>(smem.a(), a, a0, d0, sub_dim);
-      load_tile<Cfg, R, Cfg::kChunk, Cfg::kLdChunk, false>(smem.k(), k, k0, d0, sub_dim);
-      __syncthreads();
+  using acc_t = typename Cfg::acc;
+  static constexpr int kRowsPerThread = Cfg::kRows / 16, kColsPerThread = Cfg::kRows / 8;
+  acc_t dots[kRowsPerThread][kColsPerThread] = {};  // rows ty + 16i, columns tx + 8j
+  int ty = threadIdx.x / 8, tx = threadIdx.x % 8;
+
+  __device__ __forceinline__ void add_chunk(Smem<Cfg>& smem) {
 #pragma unroll 4
-      for (int d = 0; d < Cfg::kChunk; ++d) {
-        acc_t av[kRowsPerThread], kv[kColsPerThread];
+    for (int d = 0; d < Cfg::kChunk; ++d) {
+      acc_t av[kRowsPerThread], kv[kColsPerThread];
 #pragma unroll
-        for (int i = 0; i < kRowsPerThread; ++i) av[i] = smem.a()[(ty + 16 * i) * Cfg::kLdChunk + d];
+      for (int i = 0; i < kRowsPerThread; ++i) av[i] = smem.a()[(ty + 16 * i) * Cfg::kLdChunk + d];
 #pragma unroll
-        for (int j = 0; j < kColsPerThread; ++j) kv[j] = smem.k()[(tx + 8 * j) * Cfg::kLdChunk + d];
+      for (int j = 0; j < kColsPerThread; ++j) kv[j] = smem.k()[(tx + 8 * j) * Cfg::kLdChunk + d];
 #pragma unroll
-        for (int i = 0; i < kRowsPerThread; ++i)
+      for (int i = 0; i < kRowsPerThread; ++i)
 #pragma unroll
-          for (int j = 0; j < kColsPerThread; ++j) dots[i][j] = fma(av[i], kv[j], dots[i][j]);
-      }
-      __syncthreads();
+        for (int j = 0; j < kColsPerThread; ++j) dots[i][j] = fma(av[i], kv[j], dots[i][j]);
     }
+  }
+
+  __device__ __forceinline__ void store(Smem<Cfg>& smem) const {
 #pragma unroll
     for (int i = 0; i < kRowsPerThread; ++i)
 #pragma unroll
@@ -162,12 +158,21 @@ struct Similarity<Cfg, true> {
   }
 };
 
-// S for one (anchor tile, key tile) in smem.scores. Every thread calls it; returns after a barrier.
+// Raw dot products of anchors a0.. against keys k0.. over all sub_dim features, in smem.scores. Every
+// thread calls it; returns after a barrier (S readable).
 template <class Cfg>
 __device__ void similarity_tile(Smem<Cfg>& smem, const Rows<typename Cfg::scalar, typename Cfg::acc>& a,
                                 const Rows<typename Cfg::scalar, typename Cfg::acc>& k, int64_t a0, int64_t k0,
                                 int64_t sub_dim) {
-  Similarity<Cfg>::compute(smem, a, k, a0, k0, sub_dim);
+  Similarity<Cfg> dots;
+  for (int64_t d0 = 0; d0 < sub_dim; d0 += Cfg::kChunk) {
+    load_tile<Cfg, Cfg::kRows, Cfg::kChunk, Cfg::kLdChunk, false>(smem.a(), a, a0, d0, sub_dim);
+    load_tile<Cfg, Cfg::kRows, Cfg::kChunk, Cfg::kLdChunk, false>(smem.k(), k, k0, d0, sub_dim);
+    __syncthreads();
+    dots.add_chunk(smem);
+    __syncthreads();
+  }
+  dots.store(smem);
   __syncthreads();
 }
 
@@ -275,34 +280,32 @@ __device__ __forceinline__ void load_operand(Fragment& fragment, const scalar_t*
 
 template <class Cfg>
 struct Similarity<Cfg, false> {
-  static __device__ void compute(Smem<Cfg>& smem, const Rows<typename Cfg::scalar, typename Cfg::acc>& a,
-                                 const Rows<typename Cfg::scalar, typename Cfg::acc>& k, int64_t a0, int64_t k0,
-                                 int64_t sub_dim) {
-    using scalar_t = typename Cfg::scalar;
-    constexpr int R = Cfg::kRows;
-    const int warp = threadIdx.x / 32;
-    Accumulator<scalar_t> dots[R / 16];
+  using scalar_t = typename Cfg::scalar;
+  Accumulator<scalar_t> dots[Cfg::kRows / 16];  // this warp's 16 rows × every column of the tile
+  int warp = threadIdx.x / 32;
+
+  __device__ Similarity() {
 #pragma unroll
-    for (int j = 0; j < R / 16; ++j) wmma::fill_fragment(dots[j], 0.0f);
-    for (int64_t d0 = 0; d0 < sub_dim; d0 += Cfg::kChunk) {
-      load_tile<Cfg, R, Cfg::kChunk, Cfg::kLdChunk, false>(smem.a(), a, a0, d0, sub_dim);
-      load_tile<Cfg, R, Cfg::kChunk, Cfg::kLdChunk, false>(smem.k(), k, k0, d0, sub_dim);
-      __syncthreads();
+    for (int j = 0; j < Cfg::kRows / 16; ++j) wmma::fill_fragment(dots[j], 0.0f);
+  }
+
+  __device__ __forceinline__ void add_chunk(Smem<Cfg>& smem) {
 #pragma unroll
-      for (int kk = 0; kk < Cfg::kChunk; kk += Wmma<scalar_t>::kStep) {
-        Operand<scalar_t, wmma::matrix_a, wmma::row_major> lhs;
-        load_operand(lhs, smem.a() + warp * 16 * Cfg::kLdChunk + kk, Cfg::kLdChunk);
+    for (int kk = 0; kk < Cfg::kChunk; kk += Wmma<scalar_t>::kStep) {
+      Operand<scalar_t, wmma::matrix_a, wmma::row_major> lhs;
+      load_operand(lhs, smem.a() + warp * 16 * Cfg::kLdChunk + kk, Cfg::kLdChunk);
 #pragma unroll
-        for (int j = 0; j < R / 16; ++j) {
-          Operand<scalar_t, wmma::matrix_b, wmma::col_major> rhs;  // Kᵀ: element (d, c) at k[c][d]
-          load_operand(rhs, smem.k() + j * 16 * Cfg::kLdChunk + kk, Cfg::kLdChunk);
-          wmma::mma_sync(dots[j], lhs, rhs, dots[j]);
-        }
+      for (int j = 0; j < Cfg::kRows / 16; ++j) {
+        Operand<scalar_t, wmma::matrix_b, wmma::col_major> rhs;  // Kᵀ: element (d, c) at k[c][d]
+        load_operand(rhs, smem.k() + j * 16 * Cfg::kLdChunk + kk, Cfg::kLdChunk);
+        wmma::mma_sync(dots[j], lhs, rhs, dots[j]);
       }
-      __syncthreads();
     }
+  }
+
+  __device__ __forceinline__ void store(Smem<Cfg>& smem) const {
 #pragma unroll
-    for (int j = 0; j < R / 16; ++j)
+    for (int j = 0; j < Cfg::kRows / 16; ++j)
       wmma::store_matrix_sync(smem.scores + warp * 16 * Cfg::kLdScores + j * 16, dots[j], Cfg::kLdScores,
                               wmma::mem_row_major);
   }
