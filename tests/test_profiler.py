@@ -243,6 +243,15 @@ def test_naive_sub_dim_gives_zero_gradient_past_the_prefix():
     assert torch.count_nonzero(z1.grad[:, 5:]) == 0 and torch.count_nonzero(z1.grad[:, :5]) > 0
 
 
+def test_quick_picks_the_fused_backends_that_run_here_and_never_the_interpreter(monkeypatch):
+    from fastcl.profiler.cli import _settings, build_parser
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    args = build_parser().parse_args(["--quick", "--device", "cpu", "--sizes", "64"])
+    _settings(args)
+    assert args.impl == ["naive", "torch"] and args.sizes == [64] and args.isolate == "run"
+
+
 def test_workers_sleep_idle_openmp_threads_unless_told_otherwise(monkeypatch):
     from fastcl.profiler.runner import _worker_env
 

@@ -216,9 +216,13 @@ def _settings(args: argparse.Namespace) -> None:
     """Fills the flags not given from --quick's or the ordinary defaults."""
     preset = dict(QUICK if args.quick else DEFAULTS)
     if args.quick:
-        device = torch.device(args.device)
-        preset["impl"] = ["naive", *(b for b in FUSED if unavailable_reason(b, LOSSES[0], args.device) is None)]
-        if device.type == "cuda":
+        on_cuda = torch.device(args.device).type == "cuda"
+        # Off CUDA, Triton runs only through its interpreter (TRITON_INTERPRET=1): semantics, not speed.
+        fused = [
+            b for b in FUSED if unavailable_reason(b, LOSSES[0], args.device) is None and (on_cuda or b != "triton")
+        ]
+        preset["impl"] = ["naive", *fused]
+        if on_cuda:
             preset["sizes"] = _QUICK_CUDA_SIZES
     for name, value in preset.items():
         if getattr(args, name) is None:
