@@ -68,11 +68,9 @@ from typing import NamedTuple
 import torch
 import triton
 import triton.language as tl
-from triton.runtime.errors import OutOfResources
 
 from fastcl.dispatch import triton_interpreted as interpreted
 from fastcl.torch_backend._tiles import NORM_EPS
-
 
 _INTERPRETED = tl.constexpr(interpreted())
 
@@ -158,15 +156,24 @@ def _config(kind: str, entry: tuple) -> triton.Config:
 
 def _fits_wide_operands(config) -> bool:
     """Tiles small enough for 4-byte operands: fp32 dots (tf32x3 keeps high and low parts of both
-    operands in registers) spill above 64 × 64 tiles or a 64-wide gradient slice."""
+    operands in registers) spill above 64 × 64 tiles, 32-wide feature chunks or a 64-wide gradient slice
+    (compile-only report, sm90)."""
     blocks = config.kwargs
-    return blocks["BLOCK_M"] * blocks["BLOCK_N"] <= 64 * 64 and blocks.get("BLOCK_DO", 0) <= 64
+    return (blocks["BLOCK_M"] * blocks["BLOCK_N"] <= 64 * 64 and blocks["BLOCK_D"] <= 32
+            and blocks.get("BLOCK_DO", 0) <= 64)
 
 
-def tile_configs(kind: str, arch: str, dtype: torch.dtype | None = None) -> list:
+def needs_small_tiles(dtype: torch.dtype, constexprs: dict) -> bool:
+    """Whether a launch keeps only the small tiles (:func:`_fits_wide_operands`): 4-byte rows, or the
+    block kernels' label / mask positives (their per-tile label compares and weights spill in 128-row
+    tiles)."""
+    return dtype.itemsize >= 4 or constexprs.get("POSITIVES", 0) >= 2
+
+
+def tile_configs(kind: str, arch: str, dtype: torch.dtype | None = None, constexprs: dict | None = None) -> list:
     """The autotune table of ``kind`` ("forward" / "backward") for ``arch`` ("sm90", "sm80", "fallback"),
-    for rows of ``dtype`` (4-byte rows keep the small tiles only). The compile-only report compiles
-    exactly these.
+    for rows of ``dtype`` launched with ``constexprs`` (see :func:`needs_small_tiles`). The compile-only
+    report compiles exactly these.
 
     Example:
         >>> [c.kwargs["BLOCK_M"] for c in tile_configs("forward", "fallback")]
@@ -178,8 +185,8 @@ def tile_configs(kind: str, arch: str, dtype: torch.dtype | None = None) -> list
     if arch not in table:
         raise ValueError(f"arch: expected one of {list(table)}, got {arch!r}")
     configs = [_config(kind, e) for e in table[arch]]
-    if dtype is not None and dtype.itemsize >= 4:
-        configs = [c for c in configs if _fits_wide_operands(c)]
+    if dtype is not None and needs_small_tiles(dtype, constexprs or {}):
+        configs = [c for c in configs if _fits_wide_operands(c)] or configs[-1:]
     return configs
 
 
@@ -211,7 +218,7 @@ def _prune_wide_tiles(configs, named_args, **kwargs):
     width = max(16, triton.next_power_of_2(int(named_args["D"])))
     kept = [c for c in configs if c.kwargs["BLOCK_D"] <= width and c.kwargs.get("BLOCK_DO", 0) <= max(width, 64)]
     rows = next(v for v in named_args.values() if isinstance(v, torch.Tensor))
-    if rows.dtype.itemsize >= 4:
+    if needs_small_tiles(rows.dtype, kwargs):
         kept = [c for c in kept if _fits_wide_operands(c)]
     return kept or configs[-1:]
 

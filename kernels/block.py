@@ -51,10 +51,10 @@ from fastcl.kernels._common import (
     autotune_configs,
     dot_precision,
     gradient_prescale,
+    interpreted,
     load_inverse_norms,
     mma,
     shape_bucket,
-    similarity_tile,
     single_rows,
     store_row_gradient,
 )
@@ -63,17 +63,6 @@ _LOG2E = tl.constexpr(math.log2(math.e))
 _LN2 = tl.constexpr(math.log(2.0))
 # Layout.positives → the kernels' POSITIVES constexpr.
 _POSITIVES = {"none": 0, "index": 1, "labels": 2, "mask": 3}
-
-
-@triton.jit
-def _base2_tile(
-    a_ptr, stride_am, stride_ad, rows, row_mask, row_scale, k_ptr, stride_km, stride_kd, cols, col_mask, col_scale, D,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
-):
-    """t = s·log2 e for anchors ``rows`` × keys ``cols``; row_scale = a_inv·log2 e/τ, col_scale = k_inv."""
-    acc = similarity_tile(a_ptr, stride_am, stride_ad, rows, row_mask, k_ptr, stride_km, stride_kd, cols, col_mask,
-                          D, BLOCK_M, BLOCK_N, BLOCK_D, PRECISION, ACC)
-    return acc * row_scale[:, None] * col_scale[None, :]
 
 
 @triton.jit
@@ -107,7 +96,7 @@ def _row_positives(pos_index_ptr, a_labels_ptr, rows, row_mask, POSITIVES: tl.co
     if POSITIVES == 2:
         a_labels = tl.load(a_labels_ptr + rows, mask=row_mask, other=0)
     else:
-        a_labels = tl.zeros(rows.shape, dtype=tl.int64)
+        a_labels = tl.zeros(rows.shape, dtype=tl.int32)
     return pos_rows, a_labels
 
 
@@ -125,122 +114,423 @@ def _entry_masks(rows, cols, col_mask, p, self_offset, HAS_SELF: tl.constexpr, E
     return p, kept, denominator
 
 
+@triton.jit
+def _similarity_chunks(
+    a_ptrs, b_ptrs, row_mask, col_mask, D, stride_ad, stride_kd,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
+    MASK_ROWS: tl.constexpr, MASK_COLS: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
+):
+    """A[rows]·K[cols]ᵀ over D in BLOCK_D chunks from precomputed chunk-0 pointers. Loads are masked only
+    where needed: rows when MASK_ROWS, columns when MASK_COLS, features unless EVEN_D."""
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
+    offs_d = tl.arange(0, BLOCK_D)
+    for d0 in range(0, D, BLOCK_D):
+        if EVEN_D:
+            d_mask = tl.full((BLOCK_D,), 1, tl.int1)
+        else:
+            d_mask = (d0 + offs_d) < D
+        if MASK_ROWS:
+            a = tl.load(a_ptrs, mask=row_mask[:, None] & d_mask[None, :], other=0.0)
+        elif EVEN_D:
+            a = tl.load(a_ptrs)
+        else:
+            a = tl.load(a_ptrs, mask=d_mask[None, :], other=0.0)
+        if MASK_COLS:
+            b = tl.load(b_ptrs, mask=col_mask[:, None] & d_mask[None, :], other=0.0)
+        elif EVEN_D:
+            b = tl.load(b_ptrs)
+        else:
+            b = tl.load(b_ptrs, mask=d_mask[None, :], other=0.0)
+        acc = mma(a, tl.trans(b), acc, PRECISION, ACC)
+        a_ptrs += BLOCK_D * stride_ad
+        b_ptrs += BLOCK_D * stride_kd
+    return acc
+
+
+@triton.jit
+def _fold_tile(
+    running_max, running_sum, pos_sum, pos_weight, start,
+    a_ptrs, b_ptrs0, stride_km, stride_kd, k_inv_ptr, rows, row_mask, row_scale, pos_rows, a_labels,
+    k_labels_ptr, mask_ptr, stride_mask_a, stride_mask_k, mask_rows, mask_cols, self_offset, K, D, stride_ad,
+    NORMALIZE: tl.constexpr, POSITIVES: tl.constexpr, HAS_SELF: tl.constexpr, EXCLUDE_POSITIVES: tl.constexpr,
+    MASKED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    EVEN_D: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
+):
+    """Folds key tile ``start`` into the anchors' running statistics. MASKED: the tile may hold padding
+    columns or self entries; unmasked tiles (the steady state) skip every mask."""
+    cols = start + tl.arange(0, BLOCK_N)
+    if MASKED:
+        col_mask = cols < K
+    else:
+        col_mask = tl.full((BLOCK_N,), 1, tl.int1)
+    b_ptrs = b_ptrs0 + tl.cast(start, tl.int64) * stride_km
+    acc = _similarity_chunks(a_ptrs, b_ptrs, row_mask, col_mask, D, stride_ad, stride_kd, BLOCK_M, BLOCK_N,
+                             BLOCK_D, EVEN_D, True, MASKED, PRECISION, ACC)
+    if NORMALIZE:
+        if MASKED:
+            col_scale = tl.load(k_inv_ptr + cols, mask=col_mask, other=1.0)
+        else:
+            col_scale = tl.load(k_inv_ptr + cols)
+        t = acc * row_scale[:, None] * col_scale[None, :]
+    else:
+        t = acc * row_scale[:, None]
+    if POSITIVES == 2:
+        # Labels: a compare per element, no weight tile (keeps registers down).
+        if MASKED:
+            k_labels = tl.load(k_labels_ptr + cols, mask=col_mask, other=0)
+        else:
+            k_labels = tl.load(k_labels_ptr + cols)
+        same = a_labels[:, None] == k_labels[None, :]
+        if MASKED:
+            kept = col_mask[None, :]
+            if HAS_SELF:
+                kept = kept & (cols[None, :] != rows[:, None] + self_offset)
+            same = same & kept
+        pos_sum += tl.sum(tl.where(same, t, 0.0), axis=1)
+        pos_weight += tl.sum(same.to(ACC), axis=1)
+        if MASKED:
+            t = tl.where(kept, t, float("-inf"))
+        if EXCLUDE_POSITIVES:
+            t = tl.where(same, float("-inf"), t)
+    elif POSITIVES == 3 or (POSITIVES == 1 and EXCLUDE_POSITIVES):
+        p = _positive_weights(rows, row_mask, cols, col_mask, pos_rows, a_labels, k_labels_ptr, mask_ptr,
+                              stride_mask_a, stride_mask_k, mask_rows, mask_cols, POSITIVES, ACC)
+        if MASKED:
+            p, kept, denominator = _entry_masks(rows, cols, col_mask, p, self_offset, HAS_SELF, EXCLUDE_POSITIVES)
+        elif EXCLUDE_POSITIVES:
+            denominator = p == 0.0
+        if POSITIVES == 3:  # index positives are summed outside the loop
+            pos_sum += tl.sum(p * t, axis=1)
+            pos_weight += tl.sum(p, axis=1)
+        if MASKED or EXCLUDE_POSITIVES:
+            t = tl.where(denominator, t, float("-inf"))
+    elif MASKED:
+        p, kept, denominator = _entry_masks(rows, cols, col_mask, t, self_offset, HAS_SELF, EXCLUDE_POSITIVES)
+        t = tl.where(denominator, t, float("-inf"))
+    new_max = tl.maximum(running_max, tl.max(t, axis=1))
+    # Rows with no entry yet keep max −inf; shift by 0 there so exp2(−inf − shift) = 0, not NaN.
+    shift = tl.where(new_max == float("-inf"), 0.0, new_max)
+    running_sum = running_sum * tl.exp2(running_max - shift) + tl.sum(tl.exp2(t - shift[:, None]), axis=1)
+    return new_max, running_sum, pos_sum, pos_weight
+
+
+@triton.jit
+def _index_positive(
+    a_ptr, stride_am, stride_ad, k_ptr, stride_km, stride_kd, k_inv_ptr, rows, row_mask, row_scale, pos_rows,
+    self_offset, D, NORMALIZE: tl.constexpr, HAS_SELF: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr, ACC: tl.constexpr,
+):
+    """(t_{a,pos(a)}, 1) per anchor with a positive in the block, else (0, 0): an O(BLOCK_M·D) row dot
+    outside the element loop (products exact in ACC for 16-bit rows)."""
+    valid = row_mask & (pos_rows >= 0)
+    if HAS_SELF:
+        valid = valid & (pos_rows != rows + self_offset)
+    pos = tl.where(valid, pos_rows, 0)
+    dot = tl.zeros((BLOCK_M,), dtype=ACC)
+    for d0 in range(0, D, BLOCK_D):
+        d = d0 + tl.arange(0, BLOCK_D)
+        mask = valid[:, None] & (d < D)[None, :]
+        a = tl.load(a_ptr + rows.to(tl.int64)[:, None] * stride_am + d[None, :] * stride_ad, mask=mask, other=0.0)
+        k = tl.load(k_ptr + pos.to(tl.int64)[:, None] * stride_km + d[None, :] * stride_kd, mask=mask, other=0.0)
+        dot += tl.sum(a.to(ACC) * k.to(ACC), axis=1)
+    if NORMALIZE:
+        dot *= tl.load(k_inv_ptr + pos, mask=valid, other=1.0)
+    return tl.where(valid, dot * row_scale, 0.0), tl.where(valid, 1.0, 0.0).to(ACC)
+
+
 @triton.autotune(configs=autotune_configs("forward"),
                  key=["D", "SHAPE_BUCKET", "PRECISION", "NORMALIZE", "POSITIVES", "HAS_SELF", "EXCLUDE_POSITIVES"],
                  prune_configs_by=PRUNE)
+@triton.heuristics({"EVEN_D": lambda args: args["D"] % args["BLOCK_D"] == 0})
 @triton.jit
 def _block_forward_kernel(
     a_ptr, stride_am, stride_ad, k_ptr, stride_km, stride_kd, a_inv_ptr, k_inv_ptr, tau_ptr,
     pos_index_ptr, a_labels_ptr, k_labels_ptr, mask_ptr, stride_mask_a, stride_mask_k, mask_rows, mask_cols,
     self_offset, lse_ptr, pos_sum_ptr, pos_weight_ptr, A, K, D, SHAPE_BUCKET,
     NORMALIZE: tl.constexpr, POSITIVES: tl.constexpr, HAS_SELF: tl.constexpr, EXCLUDE_POSITIVES: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
-    ACC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
+    PRECISION: tl.constexpr, ACC: tl.constexpr,
 ):
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    first_row = tl.program_id(0) * BLOCK_M
+    rows = first_row + tl.arange(0, BLOCK_M)
     row_mask = rows < A
     row_scale = load_inverse_norms(a_inv_ptr, rows, row_mask, NORMALIZE, ACC) * (_LOG2E / tl.load(tau_ptr))
     pos_rows, a_labels = _row_positives(pos_index_ptr, a_labels_ptr, rows, row_mask, POSITIVES)
+    a_ptrs = a_ptr + rows.to(tl.int64)[:, None] * stride_am + tl.arange(0, BLOCK_D)[None, :] * stride_ad
+    tile_cols = tl.arange(0, BLOCK_N).to(tl.int64)
+    b_ptrs0 = k_ptr + tile_cols[:, None] * stride_km + tl.arange(0, BLOCK_D)[None, :] * stride_kd
     running_max = tl.full((BLOCK_M,), float("-inf"), dtype=ACC)
     running_sum = tl.zeros((BLOCK_M,), dtype=ACC)
     pos_sum = tl.zeros((BLOCK_M,), dtype=ACC)
     pos_weight = tl.zeros((BLOCK_M,), dtype=ACC)
-    for start in range(0, K, BLOCK_N):
-        cols = start + tl.arange(0, BLOCK_N)
-        col_mask = cols < K
-        t = _base2_tile(a_ptr, stride_am, stride_ad, rows, row_mask, row_scale, k_ptr, stride_km, stride_kd, cols,
-                        col_mask, load_inverse_norms(k_inv_ptr, cols, col_mask, NORMALIZE, ACC), D,
-                        BLOCK_M, BLOCK_N, BLOCK_D, PRECISION, ACC)
-        p = _positive_weights(rows, row_mask, cols, col_mask, pos_rows, a_labels, k_labels_ptr, mask_ptr,
-                              stride_mask_a, stride_mask_k, mask_rows, mask_cols, POSITIVES, ACC)
-        p, kept, denominator = _entry_masks(rows, cols, col_mask, p, self_offset, HAS_SELF, EXCLUDE_POSITIVES)
-        if POSITIVES != 0:
-            pos_sum += tl.sum(p * t, axis=1)
-            pos_weight += tl.sum(p, axis=1)
-        t = tl.where(denominator, t, float("-inf"))
-        new_max = tl.maximum(running_max, tl.max(t, axis=1))
-        # Rows with no entry yet keep max −inf; shift by 0 there so exp2(−inf − shift) = 0, not NaN.
-        shift = tl.where(new_max == float("-inf"), 0.0, new_max)
-        running_sum = running_sum * tl.exp2(running_max - shift) + tl.sum(tl.exp2(t - shift[:, None]), axis=1)
-        running_max = new_max
+    # Key tiles [0, full) hold no padding; with a self entry, tiles [self_lo, self_hi) hold the anchors' own
+    # rows. Those and the tail tile go through the masked fold, the rest through the unmasked one.
+    full = K // BLOCK_N
+    self_lo = full
+    self_hi = full
+    if HAS_SELF:
+        self_lo = tl.minimum(tl.maximum((first_row + self_offset) // BLOCK_N, 0), full)
+        self_hi = tl.minimum(tl.maximum(tl.cdiv(first_row + BLOCK_M + self_offset, BLOCK_N), self_lo), full)
+    for tile in range(0, self_lo):
+        running_max, running_sum, pos_sum, pos_weight = _fold_tile(
+            running_max, running_sum, pos_sum, pos_weight, tile * BLOCK_N, a_ptrs, b_ptrs0, stride_km, stride_kd,
+            k_inv_ptr, rows, row_mask, row_scale, pos_rows, a_labels, k_labels_ptr, mask_ptr, stride_mask_a,
+            stride_mask_k, mask_rows, mask_cols, self_offset, K, D, stride_ad, NORMALIZE, POSITIVES, HAS_SELF,
+            EXCLUDE_POSITIVES, False, BLOCK_M, BLOCK_N, BLOCK_D, EVEN_D, PRECISION, ACC)
+    for tile in range(self_hi, full):
+        running_max, running_sum, pos_sum, pos_weight = _fold_tile(
+            running_max, running_sum, pos_sum, pos_weight, tile * BLOCK_N, a_ptrs, b_ptrs0, stride_km, stride_kd,
+            k_inv_ptr, rows, row_mask, row_scale, pos_rows, a_labels, k_labels_ptr, mask_ptr, stride_mask_a,
+            stride_mask_k, mask_rows, mask_cols, self_offset, K, D, stride_ad, NORMALIZE, POSITIVES, HAS_SELF,
+            EXCLUDE_POSITIVES, False, BLOCK_M, BLOCK_N, BLOCK_D, EVEN_D, PRECISION, ACC)
+    # The masked tiles: [self_lo, self_hi), then the tail tile (if K is no multiple of BLOCK_N).
+    for step in range(0, self_hi - self_lo + tl.cdiv(K, BLOCK_N) - full):
+        tile = tl.where(self_lo + step < self_hi, self_lo + step, full)
+        running_max, running_sum, pos_sum, pos_weight = _fold_tile(
+            running_max, running_sum, pos_sum, pos_weight, tile * BLOCK_N, a_ptrs, b_ptrs0, stride_km, stride_kd,
+            k_inv_ptr, rows, row_mask, row_scale, pos_rows, a_labels, k_labels_ptr, mask_ptr, stride_mask_a,
+            stride_mask_k, mask_rows, mask_cols, self_offset, K, D, stride_ad, NORMALIZE, POSITIVES, HAS_SELF,
+            EXCLUDE_POSITIVES, True, BLOCK_M, BLOCK_N, BLOCK_D, EVEN_D, PRECISION, ACC)
+    if POSITIVES == 1:
+        pos_sum, pos_weight = _index_positive(a_ptr, stride_am, stride_ad, k_ptr, stride_km, stride_kd, k_inv_ptr,
+                                              rows, row_mask, row_scale, pos_rows, self_offset, D, NORMALIZE,
+                                              HAS_SELF, BLOCK_M, BLOCK_D, ACC)
     tl.store(lse_ptr + rows, (running_max + tl.log2(running_sum)) * _LN2, mask=row_mask)
     tl.store(pos_sum_ptr + rows, pos_sum * _LN2, mask=row_mask)
     tl.store(pos_weight_ptr + rows, pos_weight, mask=row_mask)
 
 
 @triton.jit
-def _gradient_tile(t, p, kept, denominator, lse2, alpha, beta):
-    """G for the tile (base-2 logits t, lse2 = lse·log2 e; alpha 0 where lse = −inf)."""
-    e = tl.where(denominator, tl.exp2(t - lse2[:, None]), 0.0)
-    return tl.where(kept, alpha[:, None] * e - beta[:, None] * p, 0.0)
-
-
-@triton.jit
-def _row_coefficients(lse_ptr, alpha_ptr, beta_ptr, rows, row_mask):
-    """(lse·log2 e, alpha, beta) of the rows; an anchor with lse = −inf (no entry anywhere) has no
-    exponential term, so alpha = 0 and lse2 = 0 there (never exp2(+inf))."""
+def _row_coefficients(lse_ptr, alpha_ptr, beta_ptr, rows, row_mask, PRESCALE: tl.constexpr):
+    """(lse·log2 e, alpha·PRESCALE, beta·PRESCALE) of the rows; an anchor with lse = −inf (no entry
+    anywhere) has no exponential term, so alpha = 0 and lse2 = 0 there (never exp2(+inf))."""
     lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
     empty = lse == float("-inf")
     alpha = tl.where(empty, 0.0, tl.load(alpha_ptr + rows, mask=row_mask, other=0.0))
     beta = tl.load(beta_ptr + rows, mask=row_mask, other=0.0)
-    return tl.where(empty, 0.0, lse * _LOG2E), alpha, beta
+    return tl.where(empty, 0.0, lse * _LOG2E), alpha * PRESCALE, beta * PRESCALE
 
 
 @triton.jit
-def _scaled_slice(x_ptr, stride_m, stride_d, idx, mask, inv, out, out_mask, ACC: tl.constexpr):
-    """x[idx, out]·inv[idx] (the normalized rows' output slice) in the rows' dtype: a GEMM operand."""
-    x = tl.load(x_ptr + idx.to(tl.int64)[:, None] * stride_m + out[None, :] * stride_d,
-                mask=mask[:, None] & out_mask[None, :], other=0.0)
-    return (x.to(ACC) * inv[:, None]).to(x.dtype)
+def _gradient_tile(
+    t, rows, row_mask, cols, col_mask, lse2, alpha, beta, pos_rows, a_labels, k_labels_ptr, mask_ptr,
+    stride_mask_a, stride_mask_k, mask_rows, mask_cols, self_offset,
+    POSITIVES: tl.constexpr, HAS_SELF: tl.constexpr, EXCLUDE_POSITIVES: tl.constexpr, INDEX_IN_LOOP: tl.constexpr,
+    MASKED: tl.constexpr, ACC: tl.constexpr,
+):
+    """G·PRESCALE for a tile of base-2 logits t. MASKED: padding and self entries are zeroed; unmasked
+    tiles have none. Index positives enter only when INDEX_IN_LOOP (the key pass) or for the DCL
+    exclusion; the anchor pass adds −beta·k̂_pos outside the loop."""
+    e = tl.exp2(t - lse2[:, None])
+    if POSITIVES == 2:
+        if MASKED:
+            k_labels = tl.load(k_labels_ptr + cols, mask=col_mask, other=0)
+        else:
+            k_labels = tl.load(k_labels_ptr + cols)
+        same = a_labels[:, None] == k_labels[None, :]
+        if EXCLUDE_POSITIVES:
+            e = tl.where(same, 0.0, e)
+        g = alpha[:, None] * e - tl.where(same, beta[:, None], 0.0)
+    elif POSITIVES == 3:
+        p = _positive_weights(rows, row_mask, cols, col_mask, pos_rows, a_labels, k_labels_ptr, mask_ptr,
+                              stride_mask_a, stride_mask_k, mask_rows, mask_cols, POSITIVES, ACC)
+        if EXCLUDE_POSITIVES:
+            e = tl.where(p == 0.0, e, 0.0)
+        g = alpha[:, None] * e - beta[:, None] * p
+    elif POSITIVES == 1 and (INDEX_IN_LOOP or EXCLUDE_POSITIVES):
+        same = cols[None, :] == pos_rows[:, None]
+        if EXCLUDE_POSITIVES:
+            e = tl.where(same, 0.0, e)
+        if INDEX_IN_LOOP:
+            g = alpha[:, None] * e - tl.where(same, beta[:, None], 0.0)
+        else:
+            g = alpha[:, None] * e
+    else:
+        g = alpha[:, None] * e
+    if MASKED:
+        kept = row_mask[:, None] & col_mask[None, :]
+        if HAS_SELF:
+            kept = kept & (cols[None, :] != rows[:, None] + self_offset)
+        g = tl.where(kept, g, 0.0)
+    return g
+
+
+@triton.jit
+def _anchor_tile(
+    d_hat, start, a_ptrs, b_ptrs0, slice_ptrs0, stride_km, stride_kd, k_inv_ptr, rows, row_mask, row_scale, lse2,
+    alpha, beta,
+    pos_rows, a_labels, k_labels_ptr, mask_ptr, stride_mask_a, stride_mask_k, mask_rows, mask_cols, self_offset,
+    K, D, stride_ad, out, out_mask,
+    NORMALIZE: tl.constexpr, POSITIVES: tl.constexpr, HAS_SELF: tl.constexpr, EXCLUDE_POSITIVES: tl.constexpr,
+    MASKED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    EVEN_D: tl.constexpr, EVEN_DO: tl.constexpr, SCALE_OPERAND: tl.constexpr, PRECISION: tl.constexpr,
+    ACC: tl.constexpr,
+):
+    """d_hat += G[rows, tile]·k̂[tile, out] (times PRESCALE) for key tile ``start``."""
+    cols = start + tl.arange(0, BLOCK_N)
+    if MASKED:
+        col_mask = cols < K
+    else:
+        col_mask = tl.full((BLOCK_N,), 1, tl.int1)
+    # Tile-0 pointers plus one scalar offset per tile: no per-element index math in the loop.
+    b_ptrs = b_ptrs0 + tl.cast(start, tl.int64) * stride_km
+    acc = _similarity_chunks(a_ptrs, b_ptrs, row_mask, col_mask, D, stride_ad, stride_kd, BLOCK_M, BLOCK_N,
+                             BLOCK_D, EVEN_D, True, MASKED, PRECISION, ACC)
+    if NORMALIZE:
+        if MASKED:
+            k_inv = tl.load(k_inv_ptr + cols, mask=col_mask, other=1.0)
+        else:
+            k_inv = tl.load(k_inv_ptr + cols)
+        t = acc * row_scale[:, None] * k_inv[None, :]
+    else:
+        t = acc * row_scale[:, None]
+    g = _gradient_tile(t, rows, row_mask, cols, col_mask, lse2, alpha, beta, pos_rows, a_labels, k_labels_ptr,
+                       mask_ptr, stride_mask_a, stride_mask_k, mask_rows, mask_cols, self_offset, POSITIVES,
+                       HAS_SELF, EXCLUDE_POSITIVES, False, MASKED, ACC)
+    k_slice = _load_slice(slice_ptrs0 + tl.cast(start, tl.int64) * stride_km, col_mask, out_mask, MASKED, EVEN_DO)
+    if NORMALIZE:
+        if SCALE_OPERAND:  # float16: k̂ = k·r (|k̂| ≤ 1) as the operand, so G·r·PRESCALE cannot overflow
+            k_slice = (k_slice.to(ACC) * k_inv[:, None]).to(k_slice.dtype)
+        else:
+            g = g * k_inv[None, :]
+    return mma(g.to(k_slice.dtype), k_slice, d_hat, PRECISION, ACC)
+
+
+@triton.jit
+def _load_slice(ptrs, idx_mask, out_mask, MASK_IDX: tl.constexpr, EVEN_DO: tl.constexpr):
+    """A [rows, out] slice through precomputed pointers (masked only where it can leave the tensor)."""
+    if MASK_IDX:
+        x = tl.load(ptrs, mask=idx_mask[:, None] & out_mask[None, :], other=0.0)
+    elif EVEN_DO:
+        x = tl.load(ptrs)
+    else:
+        x = tl.load(ptrs, mask=out_mask[None, :], other=0.0)
+    return x
+
+
+@triton.jit
+def _self_tiles(first, extent, offset, block, full):
+    """[lo, hi) of the tiles of size ``block`` (clipped to [0, full)) that hold indices first + offset ..
+    first + extent − 1 + offset: where a block's self entries lie."""
+    lo = tl.minimum(tl.maximum((first + offset) // block, 0), full)
+    hi = tl.minimum(tl.maximum(tl.cdiv(first + extent + offset, block), lo), full)
+    return lo, hi
 
 
 @triton.autotune(configs=autotune_configs("backward"),
                  key=["D", "SHAPE_BUCKET", "PRECISION", "NORMALIZE", "POSITIVES", "HAS_SELF", "EXCLUDE_POSITIVES"],
                  prune_configs_by=PRUNE)
+@triton.heuristics({"EVEN_D": lambda args: args["D"] % args["BLOCK_D"] == 0,
+                    "EVEN_DO": lambda args: args["D"] % args["BLOCK_DO"] == 0})
 @triton.jit
 def _block_anchor_kernel(
     a_ptr, stride_am, stride_ad, k_ptr, stride_km, stride_kd, a_inv_ptr, k_inv_ptr, tau_ptr,
     pos_index_ptr, a_labels_ptr, k_labels_ptr, mask_ptr, stride_mask_a, stride_mask_k, mask_rows, mask_cols,
-    self_offset, lse_ptr, alpha_ptr, beta_ptr, da_ptr, radial_ptr, A, K, D, SHAPE_BUCKET,
+    self_offset, lse_ptr, alpha_ptr, beta_ptr, da_ptr, A, K, D, SHAPE_BUCKET,
     NORMALIZE: tl.constexpr, POSITIVES: tl.constexpr, HAS_SELF: tl.constexpr, EXCLUDE_POSITIVES: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr,
-    PRECISION: tl.constexpr, ACC: tl.constexpr, PRESCALE: tl.constexpr,
+    EVEN_D: tl.constexpr, EVEN_DO: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
+    PRESCALE: tl.constexpr, SCALE_OPERAND: tl.constexpr,
 ):
-    """Anchor owner: d_a[rows, out] and radial[rows] = Σ_c G s = ⟨â, dâ⟩ (output slice 0 stores it)."""
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    """Anchor owner: dâ[rows, out] = Σ_c G k̂_c / τ into d_a (the normalization backward is the row
+    epilogue's, which needs the whole row)."""
+    first_row = tl.program_id(0) * BLOCK_M
+    rows = first_row + tl.arange(0, BLOCK_M)
     row_mask = rows < A
     out = tl.program_id(1) * BLOCK_DO + tl.arange(0, BLOCK_DO)
     out_mask = out < D
     tau = tl.load(tau_ptr)
-    a_inv = load_inverse_norms(a_inv_ptr, rows, row_mask, NORMALIZE, ACC)
-    row_scale = a_inv * (_LOG2E / tau)
+    row_scale = load_inverse_norms(a_inv_ptr, rows, row_mask, NORMALIZE, ACC) * (_LOG2E / tau)
     pos_rows, a_labels = _row_positives(pos_index_ptr, a_labels_ptr, rows, row_mask, POSITIVES)
-    lse2, alpha, beta = _row_coefficients(lse_ptr, alpha_ptr, beta_ptr, rows, row_mask)
+    lse2, alpha, beta = _row_coefficients(lse_ptr, alpha_ptr, beta_ptr, rows, row_mask, PRESCALE)
+    a_ptrs = a_ptr + rows.to(tl.int64)[:, None] * stride_am + tl.arange(0, BLOCK_D)[None, :] * stride_ad
+    tile_cols = tl.arange(0, BLOCK_N).to(tl.int64)
+    b_ptrs0 = k_ptr + tile_cols[:, None] * stride_km + tl.arange(0, BLOCK_D)[None, :] * stride_kd
+    slice_ptrs0 = k_ptr + tile_cols[:, None] * stride_km + out[None, :] * stride_kd
     d_hat = tl.zeros((BLOCK_M, BLOCK_DO), dtype=ACC)
-    radial = tl.zeros((BLOCK_M,), dtype=ACC)
-    for start in range(0, K, BLOCK_N):
-        cols = start + tl.arange(0, BLOCK_N)
-        col_mask = cols < K
-        k_inv = load_inverse_norms(k_inv_ptr, cols, col_mask, NORMALIZE, ACC)
-        t = _base2_tile(a_ptr, stride_am, stride_ad, rows, row_mask, row_scale, k_ptr, stride_km, stride_kd, cols,
-                        col_mask, k_inv, D, BLOCK_M, BLOCK_N, BLOCK_D, PRECISION, ACC)
-        p = _positive_weights(rows, row_mask, cols, col_mask, pos_rows, a_labels, k_labels_ptr, mask_ptr,
-                              stride_mask_a, stride_mask_k, mask_rows, mask_cols, POSITIVES, ACC)
-        p, kept, denominator = _entry_masks(rows, cols, col_mask, p, self_offset, HAS_SELF, EXCLUDE_POSITIVES)
-        g = _gradient_tile(t, p, kept, denominator, lse2, alpha, beta)
-        radial += tl.sum(g * t, axis=1)
-        k_hat = _scaled_slice(k_ptr, stride_km, stride_kd, cols, col_mask, k_inv, out, out_mask, ACC)
-        d_hat = mma((g * PRESCALE).to(k_hat.dtype), k_hat, d_hat, PRECISION, ACC)
-    radial *= _LN2
-    if tl.program_id(1) == 0:
-        tl.store(radial_ptr + rows, radial, mask=row_mask)
-    store_row_gradient(single_rows(a_ptr, stride_am, stride_ad, A), single_rows(da_ptr, D, 1, A), rows, row_mask,
-                       out, out_mask, a_inv, d_hat / (PRESCALE * tau), radial, NORMALIZE, ACC)
+    full = K // BLOCK_N
+    self_lo = full
+    self_hi = full
+    if HAS_SELF:
+        self_lo, self_hi = _self_tiles(first_row, BLOCK_M, self_offset, BLOCK_N, full)
+    for tile in range(0, self_lo):
+        d_hat = _anchor_tile(
+            d_hat, tile * BLOCK_N, a_ptrs, b_ptrs0, slice_ptrs0, stride_km, stride_kd, k_inv_ptr, rows, row_mask,
+            row_scale, lse2,
+            alpha, beta, pos_rows, a_labels, k_labels_ptr, mask_ptr, stride_mask_a, stride_mask_k, mask_rows,
+            mask_cols, self_offset, K, D, stride_ad, out, out_mask, NORMALIZE, POSITIVES, HAS_SELF,
+            EXCLUDE_POSITIVES, False, BLOCK_M, BLOCK_N, BLOCK_D, EVEN_D, EVEN_DO, SCALE_OPERAND, PRECISION, ACC)
+    for tile in range(self_hi, full):
+        d_hat = _anchor_tile(
+            d_hat, tile * BLOCK_N, a_ptrs, b_ptrs0, slice_ptrs0, stride_km, stride_kd, k_inv_ptr, rows, row_mask,
+            row_scale, lse2,
+            alpha, beta, pos_rows, a_labels, k_labels_ptr, mask_ptr, stride_mask_a, stride_mask_k, mask_rows,
+            mask_cols, self_offset, K, D, stride_ad, out, out_mask, NORMALIZE, POSITIVES, HAS_SELF,
+            EXCLUDE_POSITIVES, False, BLOCK_M, BLOCK_N, BLOCK_D, EVEN_D, EVEN_DO, SCALE_OPERAND, PRECISION, ACC)
+    for step in range(0, self_hi - self_lo + tl.cdiv(K, BLOCK_N) - full):
+        tile = tl.where(self_lo + step < self_hi, self_lo + step, full)
+        d_hat = _anchor_tile(
+            d_hat, tile * BLOCK_N, a_ptrs, b_ptrs0, slice_ptrs0, stride_km, stride_kd, k_inv_ptr, rows, row_mask,
+            row_scale, lse2,
+            alpha, beta, pos_rows, a_labels, k_labels_ptr, mask_ptr, stride_mask_a, stride_mask_k, mask_rows,
+            mask_cols, self_offset, K, D, stride_ad, out, out_mask, NORMALIZE, POSITIVES, HAS_SELF,
+            EXCLUDE_POSITIVES, True, BLOCK_M, BLOCK_N, BLOCK_D, EVEN_D, EVEN_DO, SCALE_OPERAND, PRECISION, ACC)
+    if POSITIVES == 1:
+        # −beta_a·k̂_pos(a): a gather of the positives' rows, outside the loop.
+        valid = row_mask & (pos_rows >= 0)
+        if HAS_SELF:
+            valid = valid & (pos_rows != rows + self_offset)
+        pos = tl.where(valid, pos_rows, 0)
+        k_pos = _load_slice(k_ptr + pos.to(tl.int64)[:, None] * stride_km + out[None, :] * stride_kd, valid, out_mask,
+                            True, EVEN_DO).to(ACC)
+        if NORMALIZE:
+            k_pos = k_pos * tl.load(k_inv_ptr + pos, mask=valid, other=1.0)[:, None]
+        d_hat -= tl.where(valid, beta, 0.0)[:, None] * k_pos
+    tl.store(da_ptr + rows.to(tl.int64)[:, None] * D + out[None, :], d_hat / (PRESCALE * tau),
+             mask=row_mask[:, None] & out_mask[None, :])
+
+
+@triton.jit
+def _key_tile(
+    d_hat, start, cols, col_mask, b_ptrs, a_ptrs0, slice_ptrs0, stride_am, stride_ad, a_inv_ptr, k_inv, col_scale_tau,
+    pos_index_ptr, a_labels_ptr, k_labels_ptr, mask_ptr, stride_mask_a, stride_mask_k, mask_rows, mask_cols,
+    self_offset, lse_ptr, alpha_ptr, beta_ptr, A, D, stride_kd, out, out_mask,
+    NORMALIZE: tl.constexpr, POSITIVES: tl.constexpr, HAS_SELF: tl.constexpr, EXCLUDE_POSITIVES: tl.constexpr,
+    MASKED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    EVEN_D: tl.constexpr, EVEN_DO: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
+    PRESCALE: tl.constexpr, SCALE_OPERAND: tl.constexpr,
+):
+    """d_hat += G[tile, cols]ᵀ·â[tile, out] (times PRESCALE) for anchor tile ``start``."""
+    rows = start + tl.arange(0, BLOCK_M)
+    if MASKED:
+        row_mask = rows < A
+    else:
+        row_mask = tl.full((BLOCK_M,), 1, tl.int1)
+    # Tile-0 pointers plus one scalar offset per tile: no per-element index math in the loop.
+    a_ptrs = a_ptrs0 + tl.cast(start, tl.int64) * stride_am
+    acc = _similarity_chunks(a_ptrs, b_ptrs, row_mask, col_mask, D, stride_ad, stride_kd, BLOCK_M, BLOCK_N,
+                             BLOCK_D, EVEN_D, MASKED, True, PRECISION, ACC)
+    a_inv = load_inverse_norms(a_inv_ptr, rows, row_mask, NORMALIZE, ACC)
+    t = acc * (a_inv * _LOG2E)[:, None] * col_scale_tau[None, :]
+    pos_rows, a_labels = _row_positives(pos_index_ptr, a_labels_ptr, rows, row_mask, POSITIVES)
+    lse2, alpha, beta = _row_coefficients(lse_ptr, alpha_ptr, beta_ptr, rows, row_mask, PRESCALE)
+    g = _gradient_tile(t, rows, row_mask, cols, col_mask, lse2, alpha, beta, pos_rows, a_labels, k_labels_ptr,
+                       mask_ptr, stride_mask_a, stride_mask_k, mask_rows, mask_cols, self_offset, POSITIVES,
+                       HAS_SELF, EXCLUDE_POSITIVES, True, MASKED, ACC)
+    a_slice = _load_slice(slice_ptrs0 + tl.cast(start, tl.int64) * stride_am, row_mask, out_mask, MASKED, EVEN_DO)
+    if NORMALIZE:
+        if SCALE_OPERAND:  # float16: â = a·r as the operand (see _anchor_tile)
+            a_slice = (a_slice.to(ACC) * a_inv[:, None]).to(a_slice.dtype)
+        else:
+            g = g * a_inv[:, None]
+    return mma(tl.trans(g).to(a_slice.dtype), a_slice, d_hat, PRECISION, ACC)
 
 
 @triton.autotune(configs=autotune_configs("backward"),
                  key=["D", "SHAPE_BUCKET", "PRECISION", "NORMALIZE", "POSITIVES", "HAS_SELF", "EXCLUDE_POSITIVES"],
                  prune_configs_by=PRUNE)
+@triton.heuristics({"EVEN_D": lambda args: args["D"] % args["BLOCK_D"] == 0,
+                    "EVEN_DO": lambda args: args["D"] % args["BLOCK_DO"] == 0})
 @triton.jit
 def _block_key_kernel(
     a_ptr, stride_am, stride_ad, k_ptr, stride_km, stride_kd, a_inv_ptr, k_inv_ptr, tau_ptr,
@@ -248,34 +538,87 @@ def _block_key_kernel(
     self_offset, lse_ptr, alpha_ptr, beta_ptr, dk_ptr, A, K, D, SHAPE_BUCKET,
     NORMALIZE: tl.constexpr, POSITIVES: tl.constexpr, HAS_SELF: tl.constexpr, EXCLUDE_POSITIVES: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr,
-    PRECISION: tl.constexpr, ACC: tl.constexpr, PRESCALE: tl.constexpr,
+    EVEN_D: tl.constexpr, EVEN_DO: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
+    PRESCALE: tl.constexpr, SCALE_OPERAND: tl.constexpr,
 ):
-    """Key owner: d_k[cols, out] from Gᵀ·â over all anchor tiles (the anchor pass's tile, transposed)."""
-    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    """Key owner: dk̂[cols, out] = Σ_a G_ac â_a / τ over all anchor tiles (the anchor pass's tile a·kᵀ,
+    transposed) into d_k; the normalization backward is the row epilogue's."""
+    first_col = tl.program_id(0) * BLOCK_N
+    cols = first_col + tl.arange(0, BLOCK_N)
     col_mask = cols < K
     out = tl.program_id(1) * BLOCK_DO + tl.arange(0, BLOCK_DO)
     out_mask = out < D
     tau = tl.load(tau_ptr)
     k_inv = load_inverse_norms(k_inv_ptr, cols, col_mask, NORMALIZE, ACC)
+    col_scale_tau = k_inv / tau
+    b_ptrs = k_ptr + cols.to(tl.int64)[:, None] * stride_km + tl.arange(0, BLOCK_D)[None, :] * stride_kd
+    tile_rows = tl.arange(0, BLOCK_M).to(tl.int64)
+    a_ptrs0 = a_ptr + tile_rows[:, None] * stride_am + tl.arange(0, BLOCK_D)[None, :] * stride_ad
+    slice_ptrs0 = a_ptr + tile_rows[:, None] * stride_am + out[None, :] * stride_ad
     d_hat = tl.zeros((BLOCK_N, BLOCK_DO), dtype=ACC)
-    radial = tl.zeros((BLOCK_N,), dtype=ACC)
-    for start in range(0, A, BLOCK_M):
-        rows = start + tl.arange(0, BLOCK_M)
-        row_mask = rows < A
-        a_inv = load_inverse_norms(a_inv_ptr, rows, row_mask, NORMALIZE, ACC)
-        t = _base2_tile(a_ptr, stride_am, stride_ad, rows, row_mask, a_inv * (_LOG2E / tau), k_ptr, stride_km,
-                        stride_kd, cols, col_mask, k_inv, D, BLOCK_M, BLOCK_N, BLOCK_D, PRECISION, ACC)
-        pos_rows, a_labels = _row_positives(pos_index_ptr, a_labels_ptr, rows, row_mask, POSITIVES)
-        p = _positive_weights(rows, row_mask, cols, col_mask, pos_rows, a_labels, k_labels_ptr, mask_ptr,
-                              stride_mask_a, stride_mask_k, mask_rows, mask_cols, POSITIVES, ACC)
-        p, kept, denominator = _entry_masks(rows, cols, col_mask, p, self_offset, HAS_SELF, EXCLUDE_POSITIVES)
-        lse2, alpha, beta = _row_coefficients(lse_ptr, alpha_ptr, beta_ptr, rows, row_mask)
-        g = tl.where(row_mask[:, None], _gradient_tile(t, p, kept, denominator, lse2, alpha, beta), 0.0)
-        radial += tl.sum(g * t, axis=0)
-        a_hat = _scaled_slice(a_ptr, stride_am, stride_ad, rows, row_mask, a_inv, out, out_mask, ACC)
-        d_hat = mma(tl.trans(g * PRESCALE).to(a_hat.dtype), a_hat, d_hat, PRECISION, ACC)
-    store_row_gradient(single_rows(k_ptr, stride_km, stride_kd, K), single_rows(dk_ptr, D, 1, K), cols, col_mask,
-                       out, out_mask, k_inv, d_hat / (PRESCALE * tau), radial * _LN2, NORMALIZE, ACC)
+    # Padding keys (the last key block) only feed their own rows of d_hat, which are never stored: no
+    # anchor tile needs a key mask. Masked tiles: the anchors' self entries and the last anchor tile.
+    full = A // BLOCK_M
+    self_lo = full
+    self_hi = full
+    if HAS_SELF:
+        # Anchor a is key a + self_offset: the anchors first_col − self_offset ... hold this block's self entries.
+        self_lo, self_hi = _self_tiles(first_col, BLOCK_N, -self_offset, BLOCK_M, full)
+    for tile in range(0, self_lo):
+        d_hat = _key_tile(
+            d_hat, tile * BLOCK_M, cols, col_mask, b_ptrs, a_ptrs0, slice_ptrs0, stride_am, stride_ad, a_inv_ptr, k_inv,
+            col_scale_tau, pos_index_ptr, a_labels_ptr, k_labels_ptr, mask_ptr, stride_mask_a, stride_mask_k,
+            mask_rows, mask_cols, self_offset, lse_ptr, alpha_ptr, beta_ptr, A, D, stride_kd, out, out_mask,
+            NORMALIZE, POSITIVES, HAS_SELF, EXCLUDE_POSITIVES, False, BLOCK_M, BLOCK_N, BLOCK_D, EVEN_D, EVEN_DO,
+            PRECISION, ACC, PRESCALE, SCALE_OPERAND)
+    for tile in range(self_hi, full):
+        d_hat = _key_tile(
+            d_hat, tile * BLOCK_M, cols, col_mask, b_ptrs, a_ptrs0, slice_ptrs0, stride_am, stride_ad, a_inv_ptr, k_inv,
+            col_scale_tau, pos_index_ptr, a_labels_ptr, k_labels_ptr, mask_ptr, stride_mask_a, stride_mask_k,
+            mask_rows, mask_cols, self_offset, lse_ptr, alpha_ptr, beta_ptr, A, D, stride_kd, out, out_mask,
+            NORMALIZE, POSITIVES, HAS_SELF, EXCLUDE_POSITIVES, False, BLOCK_M, BLOCK_N, BLOCK_D, EVEN_D, EVEN_DO,
+            PRECISION, ACC, PRESCALE, SCALE_OPERAND)
+    row_tiles = tl.cdiv(A, BLOCK_M)
+    for step in range(0, self_hi - self_lo + row_tiles - full):
+        tile = tl.where(self_lo + step < self_hi, self_lo + step, full + (step - (self_hi - self_lo)))
+        d_hat = _key_tile(
+            d_hat, tile * BLOCK_M, cols, col_mask, b_ptrs, a_ptrs0, slice_ptrs0, stride_am, stride_ad, a_inv_ptr, k_inv,
+            col_scale_tau, pos_index_ptr, a_labels_ptr, k_labels_ptr, mask_ptr, stride_mask_a, stride_mask_k,
+            mask_rows, mask_cols, self_offset, lse_ptr, alpha_ptr, beta_ptr, A, D, stride_kd, out, out_mask,
+            NORMALIZE, POSITIVES, HAS_SELF, EXCLUDE_POSITIVES, True, BLOCK_M, BLOCK_N, BLOCK_D, EVEN_D, EVEN_DO,
+            PRECISION, ACC, PRESCALE, SCALE_OPERAND)
+    tl.store(dk_ptr + cols.to(tl.int64)[:, None] * D + out[None, :], d_hat / (PRESCALE * tau),
+             mask=col_mask[:, None] & out_mask[None, :])
+
+
+@triton.jit
+def _normalization_backward_kernel(
+    x_ptr, stride_m, stride_d, inv_ptr, grad_ptr, radial_ptr, n, D,
+    NORMALIZE: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr,
+):
+    """Row epilogue, in place on grad [n, D] (= dx̂): radial = ⟨x̂, dx̂⟩ = Σ_c G s (stored), then
+    F.normalize's backward (``_common.store_row_gradient``); without normalization only radial = ⟨x, dx⟩."""
+    rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    row_mask = rows < n
+    inv = load_inverse_norms(inv_ptr, rows, row_mask, NORMALIZE, ACC)
+    grad = single_rows(grad_ptr, D, 1, n)
+    x = single_rows(x_ptr, stride_m, stride_d, n)
+    radial = tl.zeros((BLOCK,), dtype=ACC)
+    for d0 in range(0, D, BLOCK_D):
+        d = d0 + tl.arange(0, BLOCK_D)
+        mask = row_mask[:, None] & (d < D)[None, :]
+        rows_x = tl.load(x_ptr + rows.to(tl.int64)[:, None] * stride_m + d[None, :] * stride_d, mask=mask, other=0.0)
+        d_hat = tl.load(grad_ptr + rows.to(tl.int64)[:, None] * D + d[None, :], mask=mask, other=0.0)
+        radial += tl.sum(rows_x.to(ACC) * d_hat, axis=1)
+    radial *= inv
+    tl.store(radial_ptr + rows, radial, mask=row_mask)
+    if NORMALIZE:
+        for d0 in range(0, D, BLOCK_D):
+            d = d0 + tl.arange(0, BLOCK_D)
+            d_mask = d < D
+            d_hat = tl.load(grad_ptr + rows.to(tl.int64)[:, None] * D + d[None, :],
+                            mask=row_mask[:, None] & d_mask[None, :], other=0.0)
+            store_row_gradient(x, grad, rows, row_mask, d, d_mask, inv, d_hat, radial, NORMALIZE, ACC)
 
 
 # --- host side ------------------------------------------------------------------------------------------
@@ -297,6 +640,19 @@ def _check(a: Tensor, a_inv: Optional[Tensor], k: Tensor, k_inv: Optional[Tensor
                                   "softmax epilogue only")
 
 
+def _int32_labels(labels: Tensor, device: torch.device) -> Tensor:
+    """Labels as int32 (half the registers of int64 in the element loop). Class ids must fit in int32:
+    checked on the host for CPU tensors, asynchronously on the device (no sync) for CUDA ones."""
+    labels = labels.to(device=device)
+    if labels.numel():
+        fits = (labels.min() >= -2**31) & (labels.max() < 2**31)
+        if labels.device.type == "cuda":
+            torch._assert_async(fits, "layout labels: class ids must fit in int32")
+        elif not bool(fits):
+            raise ValueError("layout.a_labels / layout.k_labels: class ids must fit in int32")
+    return labels.to(torch.int32).contiguous()
+
+
 def _layout_args(layout: Layout, a: Tensor, k: Tensor, placeholder: Tensor) -> tuple[tuple, dict]:
     """(kernel arguments from pos_index to self_offset, layout constexprs). Absent tensors get a valid
     placeholder buffer the kernel never reads."""
@@ -308,8 +664,7 @@ def _layout_args(layout: Layout, a: Tensor, k: Tensor, placeholder: Tensor) -> t
         if index.shape != (a.shape[0],):
             raise ValueError(f"layout.pos_index: expected shape ({a.shape[0]},), got {tuple(index.shape)}")
     elif layout.positives == "labels":
-        labels_a = layout.a_labels.to(device=a.device, dtype=torch.int64).contiguous()
-        labels_k = layout.k_labels.to(device=a.device, dtype=torch.int64).contiguous()
+        labels_a, labels_k = (_int32_labels(x, a.device) for x in (layout.a_labels, layout.k_labels))
         if labels_a.shape != (a.shape[0],) or labels_k.shape != (k.shape[0],):
             raise ValueError(f"layout.a_labels, layout.k_labels: expected shapes ({a.shape[0]},) and "
                              f"({k.shape[0]},), got {tuple(labels_a.shape)} and {tuple(labels_k.shape)}")
@@ -393,16 +748,30 @@ def block_backward(
     lse, alpha, beta = (v.to(acc).contiguous() for v in (lse, alpha, beta))
     d_a = torch.empty(n_anchors, sub_dim, dtype=acc, device=a.device)
     d_k = torch.empty(n_keys, sub_dim, dtype=acc, device=a.device)
-    radial = torch.empty(n_anchors, dtype=acc, device=a.device)
     layout_args, flags = _layout_args(layout, a, k, tau)
     meta = dict(NORMALIZE=a_inv is not None, PRECISION=dot_precision(a.dtype), ACC=accumulator(a.dtype),
-                PRESCALE=gradient_prescale(a.dtype), **flags)
+                PRESCALE=gradient_prescale(a.dtype), SCALE_OPERAND=a.dtype == torch.float16, **flags)
     rows, bucket = _row_args(a, a_inv, k, k_inv, tau), shape_bucket(max(n_anchors, n_keys))
     _block_anchor_kernel[lambda m: (triton.cdiv(n_anchors, m["BLOCK_M"]), triton.cdiv(sub_dim, m["BLOCK_DO"]))](
-        *rows, *layout_args, lse, alpha, beta, d_a, radial, n_anchors, n_keys, sub_dim, bucket, **meta)
+        *rows, *layout_args, lse, alpha, beta, d_a, n_anchors, n_keys, sub_dim, bucket, **meta)
     _block_key_kernel[lambda m: (triton.cdiv(n_keys, m["BLOCK_N"]), triton.cdiv(sub_dim, m["BLOCK_DO"]))](
         *rows, *layout_args, lse, alpha, beta, d_k, n_anchors, n_keys, sub_dim, bucket, **meta)
+    radial = _normalization_backward(a, a_inv, d_a, tau)
+    _normalization_backward(k, k_inv, d_k, tau)
     return d_a, d_k, radial.sum()
+
+
+def _normalization_backward(x: Tensor, inv: Optional[Tensor], grad: Tensor, tau: Tensor) -> Tensor:
+    """In place on grad (= dx̂ [n, sub_dim]): F.normalize's backward; returns ⟨x̂, dx̂⟩ per row (Σ_c G s)."""
+    n, sub_dim = grad.shape
+    radial = torch.empty(n, dtype=grad.dtype, device=grad.device)
+    block = 16 if interpreted() else 64
+    _normalization_backward_kernel[(triton.cdiv(n, block),)](
+        x, x.stride(0), x.stride(1), inv if inv is not None else tau, grad, radial, n, sub_dim,
+        NORMALIZE=inv is not None, BLOCK=block, BLOCK_D=max(16, min(64, triton.next_power_of_2(sub_dim))),
+        ACC=accumulator(x.dtype),
+    )
+    return radial
 
 
 def compile_specs(dtype: torch.dtype, precision: str, sub_dim: int, n: int = 4096) -> list[CompileSpec]:
@@ -414,19 +783,19 @@ def compile_specs(dtype: torch.dtype, precision: str, sub_dim: int, n: int = 409
     tau = torch.empty((), dtype=acc)
     rows = (a, a.stride(0), a.stride(1), k, k.stride(0), k.stride(1), vector(), vector(), tau)
     specs = []
-    for name, layout in (("index", Layout(positives="index", self_offset=0, pos_index=torch.empty(n, dtype=torch.int64))),
-                         ("labels", Layout(positives="labels", self_offset=0, a_labels=torch.empty(n, dtype=torch.int64),
-                                           k_labels=torch.empty(n, dtype=torch.int64)))):
+    ids = torch.zeros(n, dtype=torch.int64)
+    for name, layout in (("index", Layout(positives="index", self_offset=0, pos_index=ids)),
+                         ("labels", Layout(positives="labels", self_offset=0, a_labels=ids, k_labels=ids))):
         layout_args, flags = _layout_args(layout, a, k, tau)
         common = dict(NORMALIZE=True, PRECISION=precision, ACC=accumulator(dtype), **flags)
-        backward = dict(common, PRESCALE=gradient_prescale(dtype))
+        backward = dict(common, PRESCALE=gradient_prescale(dtype), SCALE_OPERAND=dtype == torch.float16)
         coefficients = (vector(), vector(), vector())
         specs += [
             CompileSpec(f"block_{name}_forward", "forward", _block_forward_kernel.fn,
                         (*rows, *layout_args, vector(), vector(), vector(), n, n, sub_dim, shape_bucket(n)), common),
             CompileSpec(f"block_{name}_anchor", "backward", _block_anchor_kernel.fn,
-                        (*rows, *layout_args, *coefficients, torch.empty(n, sub_dim, dtype=acc), vector(), n, n,
-                         sub_dim, shape_bucket(n)), backward),
+                        (*rows, *layout_args, *coefficients, torch.empty(n, sub_dim, dtype=acc), n, n, sub_dim,
+                         shape_bucket(n)), backward),
             CompileSpec(f"block_{name}_key", "backward", _block_key_kernel.fn,
                         (*rows, *layout_args, *coefficients, torch.empty(n, sub_dim, dtype=acc), n, n, sub_dim,
                          shape_bucket(n)), backward),

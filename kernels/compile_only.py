@@ -124,7 +124,7 @@ def compile_one(task: dict) -> dict:
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, make_backend
-    from triton.runtime.jit import create_function_from_signature
+    from triton.runtime.jit import JITFunction, create_function_from_signature
 
     from fastcl.kernels import compile_specs
     from fastcl.kernels._common import tile_configs
@@ -132,7 +132,8 @@ def compile_one(task: dict) -> dict:
     dtype_name, precision = DTYPES[task["dtype"]]
     spec = next(s for s in compile_specs(getattr(torch, dtype_name), precision, task["D"])
                 if s.name == task["kernel"])
-    config = tile_configs(spec.kind, task["arch_name"], getattr(torch, dtype_name))[task["config_index"]]
+    config = tile_configs(spec.kind, task["arch_name"], getattr(torch, dtype_name),
+                          spec.constexprs)[task["config_index"]]
     row = dict(kernel=spec.name, arch=task["arch_name"], dtype=task["dtype"], precision=precision, D=task["D"],
                config=_config_name(config), num_warps=config.num_warps, num_stages=config.num_stages,
                **{k.lower(): v for k, v in config.kwargs.items()})
@@ -140,8 +141,12 @@ def compile_one(task: dict) -> dict:
     target = GPUTarget("cuda", arch, 32)
     backend = make_backend(target)
     fn = spec.fn
-    binder = create_function_from_signature(fn.signature, fn.params, backend)
     meta = {**spec.constexprs, **config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages}
+    while not isinstance(fn, JITFunction):  # triton.heuristics: the meta-parameters it computes at launch
+        named = {**dict(zip(fn.arg_names, spec.args)), **meta}
+        meta.update({name: rule(named) for name, rule in fn.values.items()})
+        fn = fn.fn
+    binder = create_function_from_signature(fn.signature, fn.params, backend)
     bound, specialization, options = binder(*spec.args, **meta)
     options, signature, constexprs, attrs = fn._pack_args(backend, meta, bound, specialization, options)
     started = time.perf_counter()
@@ -195,7 +200,7 @@ def list_tasks(arches: list[str], dtypes: list[str], dims: list[int], kernels: l
                 for spec in compile_specs(getattr(torch, dtype_name), precision, d):
                     if kernels and not any(k in spec.name for k in kernels):
                         continue
-                    table = tile_configs(spec.kind, arch_name, getattr(torch, dtype_name))
+                    table = tile_configs(spec.kind, arch_name, getattr(torch, dtype_name), spec.constexprs)
                     count = min(len(table), configs) if configs else len(table)
                     tasks += [dict(kernel=spec.name, arch_name=arch_name, dtype=dtype, D=d, config_index=i)
                               for i in range(count)]

@@ -42,7 +42,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from fastcl.kernels.compile_only import ARCHES, DTYPES, REGISTER_LIMIT, compile_one, init_worker, list_tasks
+from fastcl.kernels.compile_only import ARCHES, DTYPES, compile_one, init_worker, list_tasks
 
 COLUMNS = ("kernel", "arch", "dtype", "config", "D", "registers", "spill_stores", "spill_loads", "shared_bytes",
            "fits", "mma", "loop_instructions", "instructions_per_element", "ex2_per_element")
