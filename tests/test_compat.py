@@ -197,11 +197,12 @@ def lightly_mises_fisher_weights(out0, out1, sigma=0.5):
 
 class LightlyMemoryBank(nn.Module):
     """lightly ``MemoryBankModule`` with ``size=(num_features, dim)`` (lightly 1.6.0,
-    lightly/models/modules/memory_bank.py; single process, ``feature_dim_first=True``)."""
+    lightly/models/modules/memory_bank.py, ``feature_dim_first=True``; under ``gather_distributed`` the
+    batch is enqueued through lightly.models.utils ``concat_all_gather``)."""
 
-    def __init__(self, size):
+    def __init__(self, size, gather_distributed=False):
         super().__init__()
-        self.size = size
+        self.size, self.gather_distributed = size, gather_distributed
         self.register_buffer("bank", torch.empty(size=size, dtype=torch.float), persistent=False)
         self.register_buffer("bank_ptr", torch.empty(1, dtype=torch.long), persistent=False)
         self.bank = torch.randn(size).type_as(self.bank)
@@ -212,12 +213,17 @@ class LightlyMemoryBank(nn.Module):
         bank = self.bank.clone().detach().transpose(0, -1)
         if update:
             with torch.no_grad():
-                batch_size, ptr = output.shape[0], int(self.bank_ptr)
+                batch = output
+                if self.gather_distributed and dist.is_initialized() and dist.get_world_size() > 1:
+                    gathered = [torch.ones_like(batch) for _ in range(dist.get_world_size())]  # concat_all_gather
+                    dist.all_gather(gathered, batch, async_op=False)
+                    batch = torch.cat(gathered, dim=0)
+                batch_size, ptr = batch.shape[0], int(self.bank_ptr)
                 if ptr + batch_size >= self.size[0]:
-                    self.bank[ptr:] = output[: self.size[0] - ptr].detach()
+                    self.bank[ptr:] = batch[: self.size[0] - ptr].detach()
                     self.bank_ptr.zero_()
                 else:
-                    self.bank[ptr : ptr + batch_size] = output.detach()
+                    self.bank[ptr : ptr + batch_size] = batch.detach()
                     self.bank_ptr[0] = ptr + batch_size
         return output, bank
 

@@ -24,8 +24,10 @@ import torch.nn.functional as F
 from loss_cases import relative_error
 from test_compat import (
     RTOL,
+    LightlyMemoryBank,
     _LightlyGatherLayer,
     directclr_reference,
+    lightly_bank_reference,
     lightly_dcl_reference,
     lightly_mises_fisher_weights,
     lightly_reference,
@@ -98,6 +100,19 @@ def _cases():
             lambda a, b, s, w=weight_fn: lightly_dcl_reference(a, b, 0.3, w, gather_distributed=True),
             1.0, False,
         )
+    torch.manual_seed(11)  # the same bank on every rank and on both sides
+    ours_bank = lightly.NTXentLoss(0.3, (7, D_OUT), gather_distributed=True)
+    torch.manual_seed(11)
+    theirs_bank = LightlyMemoryBank((7, D_OUT), gather_distributed=True).double()
+    ours_bank.double()
+    def theirs_bank_loss(a, b):
+        return lightly_bank_reference(theirs_bank, a, b, 0.3)
+
+    cases["lightly-memory-bank-gather_distributed=True"] = (  # a first call enqueues both ranks' out1
+        lambda a, b, s: (ours_bank(a, b), ours_bank(a, b))[1],
+        lambda a, b, s: (theirs_bank_loss(a, b), theirs_bank_loss(a, b))[1],
+        1.0, False,
+    )
     cases["inf_cl"] = (
         lambda a, b, s: inf_cl.cal_inf_loss(a, b, scale=s),
         lambda a, b, s: _inf_cl_ring_reference(a, b, s),
@@ -181,6 +196,7 @@ CASE_NAMES = [
     "lightly-gather_distributed=False", "lightly-gather_distributed=True", "inf_cl", "directclr-infoNCE",
     "solo-learn-2-crops", "solo-learn-supervised",
     "lightly-DCL-gather_distributed=True", "lightly-DCLW-gather_distributed=True", "open_clip-SigLipLoss",
+    "lightly-memory-bank-gather_distributed=True",
 ]
 
 

@@ -9,6 +9,7 @@ from torch import Tensor
 
 from fastcl import _validate
 from fastcl._blocks import accumulation_dtype
+from fastcl.distributed import _reduce_scatter as reduce_scatter
 from fastcl.distributed import world_size
 
 
@@ -24,11 +25,28 @@ def check_rows(names: Sequence[str], tensors: Sequence[Tensor], temperature, sam
         _validate.temperature("temperature", temperature, tensors[0].device, True)
 
 
+class _GatherRows(torch.autograd.Function):
+    """All ranks' rows (equal counts); the backward returns each rank the sum over ranks of the gradient
+    of its rows, one reduce-scatter (what the peers' GatherLayer computes with an all-reduce)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        parts = [torch.empty_like(x) for _ in range(world_size())]
+        dist.all_gather(parts, x.contiguous())
+        return torch.cat(parts, dim=0)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        mine = grad.new_empty((grad.shape[0] // world_size(), *grad.shape[1:]))
+        reduce_scatter(mine, grad.contiguous())
+        return mine
+
+
 def all_gather_rows(x: Tensor, with_grad: bool) -> Tensor:
     """The rows of every rank, rank-major. ``with_grad``: the backward sums every rank's gradient for
     this rank's rows (the GatherLayer of SimCLR-style code bases); otherwise a plain, gradient-free copy."""
     if with_grad:
-        return torch.cat(torch.distributed.nn.functional.all_gather(x), dim=0)
+        return _GatherRows.apply(x)
     parts = [torch.empty_like(x) for _ in range(world_size())]
     dist.all_gather(parts, x.detach().contiguous())
     return torch.cat(parts, dim=0)
