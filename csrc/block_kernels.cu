@@ -122,6 +122,42 @@ __device__ __forceinline__ void load_tile(typename Cfg::scalar* tile,
 
 // --- S = A·Kᵀ for one (anchor tile, key tile) into shared memory -----------------------------------------
 
+// --- FMA paths: a register tile per thread ---------------------------------------------------------------
+
+// A [16·kRowsPerThread, 8·kColsPerThread] product in registers, 128 threads as 16 × 8: thread (ty, tx)
+// holds rows ty + 16i and columns tx + 8j (interleaved, so a warp's shared-memory reads spread over banks).
+template <typename acc_t, int kRowsPerThread, int kColsPerThread>
+struct FmaTile {
+  acc_t sums[kRowsPerThread][kColsPerThread] = {};
+  int ty = threadIdx.x / 8, tx = threadIdx.x % 8;
+
+  // sums[i][j] += Σ_{inner < kInner} lhs(row_i, inner) · rhs(inner, col_j).
+  template <int kInner, typename Lhs, typename Rhs>
+  __device__ __forceinline__ void accumulate(Lhs lhs, Rhs rhs) {
+#pragma unroll 4
+    for (int inner = 0; inner < kInner; ++inner) {
+      acc_t lv[kRowsPerThread], rv[kColsPerThread];
+#pragma unroll
+      for (int i = 0; i < kRowsPerThread; ++i) lv[i] = lhs(ty + 16 * i, inner);
+#pragma unroll
+      for (int j = 0; j < kColsPerThread; ++j) rv[j] = rhs(inner, tx + 8 * j);
+#pragma unroll
+      for (int i = 0; i < kRowsPerThread; ++i)
+#pragma unroll
+        for (int j = 0; j < kColsPerThread; ++j) sums[i][j] = fma(lv[i], rv[j], sums[i][j]);
+    }
+  }
+
+  // store(row, col, value) for every element this thread holds.
+  template <typename Store>
+  __device__ __forceinline__ void for_each(Store store) const {
+#pragma unroll
+    for (int i = 0; i < kRowsPerThread; ++i)
+#pragma unroll
+      for (int j = 0; j < kColsPerThread; ++j) store(ty + 16 * i, tx + 8 * j, sums[i][j]);
+  }
+};
+
 // The dot products of one (anchor tile, key tile) held in registers while similarity_tile walks the
 // features in kChunk steps: zeroed, one chunk from shared memory added, stored to smem.scores[r][c]
 // (FMA path here, WMMA paths below).
@@ -129,32 +165,16 @@ template <class Cfg, bool kFmaPath = Cfg::path == kFma>
 struct Similarity;
 
 template <class Cfg>
-struct Similarity<Cfg, true> {
-  using acc_t = typename Cfg::acc;
-  static constexpr int kRowsPerThread = Cfg::kRows / 16, kColsPerThread = Cfg::kRows / 8;
-  acc_t dots[kRowsPerThread][kColsPerThread] = {};  // rows ty + 16i, columns tx + 8j
-  int ty = threadIdx.x / 8, tx = threadIdx.x % 8;
-
+struct Similarity<Cfg, true> : FmaTile<typename Cfg::acc, Cfg::kRows / 16, Cfg::kRows / 8> {
   __device__ __forceinline__ void add_chunk(Smem<Cfg>& smem) {
-#pragma unroll 4
-    for (int d = 0; d < Cfg::kChunk; ++d) {
-      acc_t av[kRowsPerThread], kv[kColsPerThread];
-#pragma unroll
-      for (int i = 0; i < kRowsPerThread; ++i) av[i] = smem.a()[(ty + 16 * i) * Cfg::kLdChunk + d];
-#pragma unroll
-      for (int j = 0; j < kColsPerThread; ++j) kv[j] = smem.k()[(tx + 8 * j) * Cfg::kLdChunk + d];
-#pragma unroll
-      for (int i = 0; i < kRowsPerThread; ++i)
-#pragma unroll
-        for (int j = 0; j < kColsPerThread; ++j) dots[i][j] = fma(av[i], kv[j], dots[i][j]);
-    }
+    const auto* a = smem.a();
+    const auto* k = smem.k();
+    this->template accumulate<Cfg::kChunk>([&](int r, int d) { return a[r * Cfg::kLdChunk + d]; },
+                                           [&](int d, int c) { return k[c * Cfg::kLdChunk + d]; });
   }
 
   __device__ __forceinline__ void store(Smem<Cfg>& smem) const {
-#pragma unroll
-    for (int i = 0; i < kRowsPerThread; ++i)
-#pragma unroll
-      for (int j = 0; j < kColsPerThread; ++j) smem.scores[(ty + 16 * i) * Cfg::kLdScores + tx + 8 * j] = dots[i][j];
+    this->for_each([&](int r, int c, typename Cfg::acc value) { smem.scores[r * Cfg::kLdScores + c] = value; });
   }
 };
 
@@ -191,44 +211,25 @@ template <class Cfg, bool kFmaPath = Cfg::path == kFma>
 struct SliceAccumulator;
 
 template <class Cfg>
-struct SliceAccumulator<Cfg, true> {
+struct SliceAccumulator<Cfg, true> : FmaTile<typename Cfg::acc, Cfg::kRows / 16, Cfg::kSlice / 8> {
   using acc_t = typename Cfg::acc;
-  static constexpr int kRowsPerThread = Cfg::kRows / 16, kColsPerThread = Cfg::kSlice / 8;
-  acc_t sums[kRowsPerThread][kColsPerThread] = {};
 
   template <bool kTransposed>
   __device__ __forceinline__ void add(Smem<Cfg>& smem) {
-    const int ty = threadIdx.x / 8, tx = threadIdx.x % 8;
     const acc_t* t = operand_t(smem);
-    constexpr int ld = Cfg::kLdT;
-#pragma unroll 4
-    for (int inner = 0; inner < Cfg::kRows; ++inner) {
-      acc_t tv[kRowsPerThread], sv[kColsPerThread];
-#pragma unroll
-      for (int i = 0; i < kRowsPerThread; ++i) {
-        const int row = ty + 16 * i;
-        tv[i] = kTransposed ? t[inner * ld + row] : t[row * ld + inner];
-      }
-#pragma unroll
-      for (int j = 0; j < kColsPerThread; ++j) sv[j] = smem.slice()[inner * Cfg::kLdSlice + tx + 8 * j];
-#pragma unroll
-      for (int i = 0; i < kRowsPerThread; ++i)
-#pragma unroll
-        for (int j = 0; j < kColsPerThread; ++j) sums[i][j] = fma(tv[i], sv[j], sums[i][j]);
-    }
+    const acc_t* slice = smem.slice();
+    this->template accumulate<Cfg::kRows>(
+        [&](int row, int inner) { return kTransposed ? t[inner * Cfg::kLdT + row] : t[row * Cfg::kLdT + inner]; },
+        [&](int inner, int col) { return slice[inner * Cfg::kLdSlice + col]; });
   }
 
   // out[row0 + r][col0 + c] = sums · scale for rows < count, columns < sub_dim.
   __device__ __forceinline__ void store(Smem<Cfg>&, acc_t* out, int64_t row0, int64_t count, int64_t col0,
-                                        int64_t sub_dim, acc_t scale) {
-    const int ty = threadIdx.x / 8, tx = threadIdx.x % 8;
-#pragma unroll
-    for (int i = 0; i < kRowsPerThread; ++i)
-#pragma unroll
-      for (int j = 0; j < kColsPerThread; ++j) {
-        const int64_t row = row0 + ty + 16 * i, col = col0 + tx + 8 * j;
-        if (row < count && col < sub_dim) out[row * sub_dim + col] = sums[i][j] * scale;
-      }
+                                        int64_t sub_dim, acc_t scale) const {
+    this->for_each([&](int r, int c, acc_t value) {
+      const int64_t row = row0 + r, col = col0 + c;
+      if (row < count && col < sub_dim) out[row * sub_dim + col] = value * scale;
+    });
   }
 };
 
