@@ -156,32 +156,34 @@ def measure_in_workers(
                 text=True,
                 env=_worker_env(),
             )
-            proc.stdin.write(json.dumps([(i, c.to_dict()) for i, c in pending]))
-            proc.stdin.close()
-            lines: queue.Queue = queue.Queue()
-            threading.Thread(target=_pump, args=(proc.stdout, lines), daemon=True).start()
             alive = True
-            while pending and alive:
-                index, case = pending.pop(0)
-                on_start(case)
-                try:
-                    line = lines.get(timeout=timeout)
-                except queue.Empty:
-                    proc.kill()
-                    alive, result = False, {"status": "error", "note": f"timed out after {timeout:g} s"}
-                else:
-                    if line is None:
-                        proc.wait()
-                        stderr.seek(0)
-                        alive, result = False, _dead_worker_result(proc.returncode, stderr.read())
+            try:
+                proc.stdin.write(json.dumps([(i, c.to_dict()) for i, c in pending]))
+                proc.stdin.close()
+                lines: queue.Queue = queue.Queue()
+                threading.Thread(target=_pump, args=(proc.stdout, lines), daemon=True).start()
+                while pending and alive:
+                    index, case = pending.pop(0)
+                    on_start(case)
+                    try:
+                        line = lines.get(timeout=timeout)
+                    except queue.Empty:
+                        alive, result = False, {"status": "error", "note": f"timed out after {timeout:g} s"}
                     else:
-                        message = json.loads(line)
-                        assert message["index"] == index, (message["index"], index)
-                        result = message["result"]
-                yield case, result
-            if proc.poll() is None and not alive:
-                proc.kill()
-            proc.wait()
+                        if line is None:
+                            proc.wait()
+                            stderr.seek(0)
+                            alive, result = False, _dead_worker_result(proc.returncode, stderr.read())
+                        else:
+                            message = json.loads(line)
+                            if message["index"] != index:
+                                raise RuntimeError(f"worker answered case {message['index']}, expected {index}")
+                            result = message["result"]
+                    yield case, result
+            finally:  # also when the caller stops early: no worker outlives its run
+                if proc.poll() is None and (pending or not alive):
+                    proc.kill()
+                proc.wait()
 
 
 def _measured(
