@@ -29,7 +29,7 @@ TITLE = "Augmentation strength vs projector invariance (Cosentino et al., 2022)"
 SUMMARY = "with stronger augmentation the projector's invariance rises and its rank falls faster than the encoder's"
 
 _QUICK = dict(seeds=[0, 1], strengths=(0.25, 0.75, 1.5), dataset="digits", image_size=16, encoder="convnet",
-              dim=128, width=32, proj_dim=128, epochs=8, batch_size=128, lr=0.5, draws=4)
+              dim=128, width=32, proj_dim=128, epochs=4, batch_size=128, lr=0.5, draws=4)
 CONFIGS = {
     "smoke": dict(_QUICK, seeds=[0], strengths=(0.25, 1.0), dim=16, width=8, proj_dim=16, epochs=1, batch_size=32,
                   train_size=64, test_size=32, draws=2),

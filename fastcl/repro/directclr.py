@@ -26,7 +26,7 @@ NAME = "directclr"
 TITLE = "Dimensional collapse and DirectCLR (Jing et al., ICLR 2022)"
 SUMMARY = "strong augmentation / depth collapse toy embeddings; no projector collapses, DirectCLR does not"
 
-_IMAGE_QUICK = dict(dataset="digits", image_size=16, encoder="convnet", dim=128, width=32, proj_dim=128, epochs=12,
+_IMAGE_QUICK = dict(dataset="digits", image_size=16, encoder="convnet", dim=128, width=32, proj_dim=128, epochs=6,
                     batch_size=128, lr=0.5, temperature=0.1, strength=1.0)
 CONFIGS = {
     # The paper trains the toys 10k steps at lr 1e-3 (one layer) / 1e-2 (deeper); --quick takes 2k steps at

@@ -22,9 +22,9 @@ NAME = "foster"
 TITLE = "Gradient penalty and feature averaging on Spirograph (Foster et al., ICLR 2021)"
 SUMMARY = "the penalty lowers the conditional variance; averaging over M transformations lowers the probe MSE"
 
-_QUICK = dict(seeds=[0, 1], train_size=4096, test_size=512, encoder="convnet", dim=64, width=16, proj_dim=128, epochs=4,
-              batch_size=128, lr=0.5, gp_lambda=0.01, gp_draws=100, averaging=(1, 2, 4, 8), probe_train=1024,
-              probe_test=512, spread_items=256, spread_draws=8)
+_QUICK = dict(seeds=[0, 1], train_size=2048, test_size=512, encoder="convnet", dim=64, width=16, proj_dim=128, epochs=4,
+              batch_size=128, lr=0.5, gp_lambda=0.01, gp_draws=100, averaging=(1, 2, 4, 8), probe_train=512,
+              probe_test=256, spread_items=128, spread_draws=8)
 CONFIGS = {
     "smoke": dict(_QUICK, seeds=[0], train_size=64, test_size=32, dim=16, width=8, proj_dim=16, epochs=1, batch_size=32,
                   gp_draws=4, averaging=(1, 2), probe_train=64, probe_test=32, spread_items=16, spread_draws=2),
