@@ -122,9 +122,11 @@ class NTXentLoss(_TemperatureMixin, nn.Module):
         self.sub_dim, self.normalize, self.check_finite = sub_dim, normalize, check_finite
         self.backend, self.distributed = backend, distributed
 
+    _loss = staticmethod(functional.nt_xent)
+
     def forward(self, z1: Tensor, z2: Tensor, temperature: Optional[Temperature] = None) -> Tensor:
         """Args: z1, z2: the two views ``[N, D]``; temperature: this call's τ (``None``: the module's)."""
-        return functional.nt_xent(
+        return self._loss(
             z1, z2, self._temperature(temperature), sub_dim=self.sub_dim, normalize=self.normalize,
             backend=self.backend, distributed=self.distributed, check_finite=self.check_finite,
         )
@@ -341,7 +343,7 @@ class SupConLoss(_TemperatureMixin, nn.Module):
         )
 
 
-class DCLLoss(_TemperatureMixin, nn.Module):
+class DCLLoss(NTXentLoss):
     """Decoupled contrastive loss (Yeh et al. 2022, https://arxiv.org/abs/2110.06848) as lightly's
     ``DCLLoss``: NT-Xent without the positive pair in its denominator. For anchor i of one view,
     ``ℓ_i = −s(i, pos(i)) + log Σ_{j≠i} exp s(i, j same view) + log Σ_{j≠i} exp s(i, j other view)``;
@@ -370,6 +372,8 @@ class DCLLoss(_TemperatureMixin, nn.Module):
         torch.Size([])
     """
 
+    _loss = staticmethod(functional.dcl)
+
     def __init__(
         self,
         temperature: Temperature = 0.1,
@@ -379,17 +383,7 @@ class DCLLoss(_TemperatureMixin, nn.Module):
         distributed: str = "auto",
         check_finite: Optional[bool] = None,
     ):
-        super().__init__()
-        self._store_temperature(temperature)
-        self.sub_dim, self.normalize, self.check_finite = sub_dim, normalize, check_finite
-        self.backend, self.distributed = backend, distributed
-
-    def forward(self, z1: Tensor, z2: Tensor, temperature: Optional[Temperature] = None) -> Tensor:
-        """Args: z1, z2: the two views ``[N, D]``; temperature: this call's τ (``None``: the module's)."""
-        return functional.dcl(
-            z1, z2, self._temperature(temperature), sub_dim=self.sub_dim, normalize=self.normalize,
-            backend=self.backend, distributed=self.distributed, check_finite=self.check_finite,
-        )
+        super().__init__(temperature, sub_dim, normalize, backend, distributed, check_finite)
 
 
 class SigLIPLoss(nn.Module):
