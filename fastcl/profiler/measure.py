@@ -190,7 +190,10 @@ def measure_case(case: Case) -> dict:
         A failing case is a result, never a raise, so one case cannot end a run.
     """
     if case.impl == CEILING:
-        return matmul_ceiling(case.loss, case.m, case.width, case.dtype, case.device, max(case.repeats, 3))
+        try:
+            return matmul_ceiling(case.loss, case.m, case.width, case.dtype, case.device, max(case.repeats, 3))
+        except Exception as err:  # e.g. a dtype the device's BLAS lacks: reported like any case
+            return _failure(err, None)
     device = torch.device(case.device)
     torch.manual_seed(case.seed)
     _steady_allocator()
@@ -200,6 +203,8 @@ def measure_case(case: Case) -> dict:
         call, leaves = build_workload(case)
     except ImplUnavailable as why:
         return {"status": "skipped", "note": str(why)}
+    except Exception as err:  # e.g. a peer library that fails to import: this case's error, not the worker's
+        return _failure(err, case.mem_limit)
     try:
         with _memory_limit(device, case.mem_limit):
             for _ in range(case.warmup):
@@ -221,11 +226,8 @@ def measure_case(case: Case) -> dict:
                 peak = meter.peak
             if case.profile_path:
                 _chrome_trace(call, leaves, device, case.profile_path)
-    except Exception as err:  # noqa: BLE001 - one failing case must not end the run; it is reported.
-        if is_oom_error(err):
-            return {"status": "oom", "note": _oom_note(err, case.mem_limit)}
-        first_line = str(err).splitlines()[0][:300] if str(err) else ""
-        return {"status": "error", "note": f"{type(err).__name__}: {first_line}"}
+    except Exception as err:  # one failing case must not end the run; it is reported
+        return _failure(err, case.mem_limit)
     result = {"status": "ok", "note": "", "peak_mem_bytes": int(peak), "loadavg_1min": loadavg()}
     if times:
         result.update(
@@ -237,10 +239,14 @@ def measure_case(case: Case) -> dict:
     return result
 
 
-def _oom_note(err: BaseException, limit: Optional[int]) -> str:
-    tried = re.search(r"allocate (\d+) bytes", str(err))
-    what = f"allocating {int(tried.group(1)) / 2**30:.2f} GiB failed" if tried else str(err).splitlines()[0][:200]
-    return what + (f" (limit {limit / 2**30:.2f} GiB)" if limit else "")
+def _failure(err: Exception, limit: Optional[int]) -> dict:
+    """The result of a case that raised: "oom" for an allocation failure, else "error" with the exception."""
+    if is_oom_error(err):
+        tried = re.search(r"allocate (\d+) bytes", str(err))
+        what = f"allocating {int(tried.group(1)) / 2**30:.2f} GiB failed" if tried else str(err).splitlines()[0][:200]
+        return {"status": "oom", "note": what + (f" (limit {limit / 2**30:.2f} GiB)" if limit else "")}
+    first_line = str(err).splitlines()[0][:300] if str(err) else ""
+    return {"status": "error", "note": f"{type(err).__name__}: {first_line}"}
 
 
 def _chrome_trace(call: Callable, leaves: list, device: torch.device, path: str) -> None:
