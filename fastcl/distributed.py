@@ -155,9 +155,11 @@ class Ring:
                     send.append((labels, _LABELS_TAG))
                     receive.append((next_labels, _LABELS_TAG))
                 requests = self._exchange(send, receive)
-            yield owner, rows, labels
-            for request in requests:
-                request.wait()
+            try:
+                yield owner, rows, labels
+            finally:  # also when the consumer stops early (an error on every rank): no request left pending
+                for request in requests:
+                    request.wait()
             if requests:
                 rows, labels = next_rows, (next_labels if labels is not None else None)
 

@@ -338,7 +338,8 @@ def dcl(
     + log Σ_{j≠i} exp s(u_i, v_j); L = ½ mean_i ℓ_i(view 1) + ½ mean_i ℓ_i(view 2).
 
     Args:
-        z1, z2: [N, D] the two views (same shape, dtype and device), N ≥ 2.
+        z1, z2: [N, D] the two views (same shape, dtype and device); N ≥ 2 in a single process (under
+            gather/ring the other ranks' rows fill the denominators).
         temperature: τ > 0, a float or a 0-dim tensor.
         sub_dim, normalize, backend, distributed, check_finite: see the module docstring.
 
@@ -354,9 +355,9 @@ def dcl(
         torch.Size([])
     """
     d = _check_two_views(("z1", "z2"), z1, z2, sub_dim)
-    if z1.shape[0] < 2:
-        raise ValueError(f"z1: DCL needs N >= 2 rows per view (its denominators hold the other samples), got shape {tuple(z1.shape)}")
     mode = _distributed.resolve_mode(distributed)
+    if z1.shape[0] < 2 and mode == "local":
+        raise ValueError(f"z1: DCL needs N >= 2 rows per view (its denominators hold the other samples), got shape {tuple(z1.shape)}")
     backend = _resolve(backend, z1.device, True)
     tau = _finish_checks(("z1", "z2"), (z1, z2), temperature, backend, check_finite, z1.device, z1)
     n = z1.shape[0]

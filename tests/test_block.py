@@ -62,11 +62,19 @@ CASES = [
     Case("mask-soft", 12, 12, 6, positives="mask", self_offset=0, tau=0.07),
     Case("mask-rect", 5, 9, 6, positives="mask"),
     Case("dcl", 10, 10, 8, positives="index", self_offset=0, exclude_positives=True, tau=0.1),
+    # DCL's same-view pass and its other ranks' blocks: the flag is set but the block has no positives
+    Case("dcl-no-positives", 6, 9, 5, self_offset=0, exclude_positives=True),
     Case("sigmoid", 7, 9, 5, positives="index", epilogue="sigmoid", bias=-3.0, tau=0.1),
     Case("sigmoid-large-logits", 6, 8, 5, positives="labels", epilogue="sigmoid", bias=-10.0, tau=0.01),
     Case("strided", 11, 7, 17, sub_dim=13, positives="labels", strided=True, tau=0.05),
     Case("one-by-one", 1, 1, 3, positives="index"),
 ]
+
+
+# Open defects of a backend, reported to its owner; non-strict so that the fix shows up as XPASS.
+KNOWN_GAPS = {
+    ("triton", "dcl-no-positives"): "kernels/block.py: exclude_positives on a block without positives excludes every entry",
+}
 
 
 def _inputs(case: Case, seed: int = 0):
@@ -176,7 +184,9 @@ def run_primitive(backend: str, case: Case, a, k, fields, alpha, beta, dtype: to
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=["fp64", "fp32", "bf16"])
-def test_primitive_matches_float64(backend, case, dtype):
+def test_primitive_matches_float64(backend, case, dtype, request):
+    if (backend, case.name) in KNOWN_GAPS:
+        request.applymarker(pytest.mark.xfail(reason=KNOWN_GAPS[backend, case.name], strict=False))
     a, k, fields, alpha, beta = _inputs(case)
     if dtype == torch.bfloat16:  # the reference sees what the backend receives
         a, k = a.to(dtype).double(), k.to(dtype).double()

@@ -4,7 +4,7 @@ Each world (2 and 3 ranks, uneven local batches in some cases) is spawned once; 
 (loss × scheme × backend × dtype): a tiny model wrapped in DistributedDataParallel, a learnable
 temperature, one backward. The tests compare every rank's loss and DDP-averaged parameter gradients with
 single-process training of the same model on the rank-major concatenated batch through the float64
-formulas of tests/reference.py: ≤ 1e-10 relative in float64, ≤ 1e-5 in float32. Every case counts the
+formulas of the loss registry (fastcl.reference): ≤ 1e-10 relative in float64, ≤ 1e-5 in float32. Every case counts the
 block-primitive calls of each backend to prove that the chosen one ran (Triton through TRITON_INTERPRET=1
 as soon as ``fastcl.kernels`` exposes the primitive). They also check, by watching every tensor the
 engine produces, that the ring never holds more than one rank's rows and sends the bytes that
@@ -33,8 +33,8 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-import reference
-from fastcl import dispatch, distributed as fdist, engine, functional
+from fastcl import dispatch, distributed as fdist, engine, functional, registry
+from fastcl._blocks import Layout
 from fastcl.engine import Pass
 from loss_cases import relative_error
 
@@ -74,13 +74,16 @@ CASES = [
     Case("supcon-one-3views", "supcon", {"contrast_mode": "one", "base_temperature": 0.1}, views=3, targets="labels"),
     Case("supcon-nolabels-uneven", "supcon", targets="samples", sizes="uneven"),
     Case("supcon-zero-missing", "supcon", {"positives_missing": "zero"}, views=1, targets="labels", sizes="uneven"),
+    Case("dcl-uneven", "dcl", sizes="uneven"),
+    Case("siglip-uneven", "siglip", {"sub_dim": 6}, sizes="uneven"),
 ]
 
 
 class TinyNet(nn.Module):
-    """A linear embedding and a learnable log-temperature, both averaged by DDP."""
+    """A linear embedding, a learnable log-temperature and, for SigLIP, a learnable logit bias, all
+    averaged by DDP."""
 
-    def __init__(self):
+    def __init__(self, logit_bias: bool = False):
         super().__init__()
         gen = torch.Generator().manual_seed(1234)
         self.linear = nn.Linear(D_IN, D_OUT, dtype=torch.float64)
@@ -88,9 +91,10 @@ class TinyNet(nn.Module):
             self.linear.weight.copy_(torch.randn(D_OUT, D_IN, generator=gen, dtype=torch.float64))
             self.linear.bias.copy_(torch.randn(D_OUT, generator=gen, dtype=torch.float64))
         self.log_tau = nn.Parameter(torch.tensor(math.log(0.3), dtype=torch.float64))
+        self.logit_bias = nn.Parameter(torch.tensor(-2.0, dtype=torch.float64)) if logit_bias else None
 
     def forward(self, x):
-        return self.linear(x), self.log_tau.exp()
+        return self.linear(x), self.log_tau.exp(), self.logit_bias
 
 
 def global_batch(case: Case, world: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -112,7 +116,9 @@ def _key_targets(sizes: list[int]) -> list[torch.Tensor]:
     return targets
 
 
-def loss_of(case: Case, fn, embeddings, tau, labels, targets=None, **extra):
+def loss_of(case: Case, fn, embeddings, tau, labels, targets=None, logit_bias=None, **extra):
+    if case.loss == "siglip":
+        return fn(embeddings[:, 0], embeddings[:, 1], temperature=tau, logit_bias=logit_bias, **case.options, **extra)
     if case.loss == "supcon":
         return fn(embeddings, labels, temperature=tau, **case.options, **extra)
     if case.targets == "keys":
@@ -151,10 +157,10 @@ def _train_step(case: Case, scheme: str, backend: str, dtype: torch.dtype, rank:
     x, labels = x[start : start + sizes[rank]].to(dtype), labels[start : start + sizes[rank]]
     if case.targets == "samples":
         labels = None  # SupCon without labels: each global sample is its own class, across ranks too
-    net = DistributedDataParallel(TinyNet().to(dtype))
-    embeddings, tau = net(x)
+    net = DistributedDataParallel(TinyNet(logit_bias=case.loss == "siglip").to(dtype))
+    embeddings, tau, logit_bias = net(x)
     loss = loss_of(case, getattr(functional, case.loss), embeddings, tau, labels, _key_targets(sizes)[rank],
-                   distributed=scheme, backend=backend)
+                   logit_bias, distributed=scheme, backend=backend)
     loss.backward()
     return loss.detach(), {name: p.grad.detach().clone() for name, p in net.module.named_parameters()}
 
@@ -198,7 +204,7 @@ class Encoder(nn.Module):
         self.net, self.scheme = TinyNet().float(), scheme
 
     def forward(self, x):
-        z, tau = self.net(x)
+        z, tau, _ = self.net(x)
         return functional.nt_xent(z[:, 0], z[:, 1], tau, distributed=self.scheme, backend="torch")
 
 
@@ -213,6 +219,20 @@ def _compiled_step(scheme: str, rank: int) -> dict:
         loss.backward()
         results[name] = (loss.detach(), [p.grad.clone() for p in model.parameters()])
     return results
+
+
+def _unsupported(backend: str, case: Case) -> str | None:
+    """Why ``backend``'s primitive cannot run ``case``'s layout (a NotImplementedError the contract
+    allows, found on one tiny block), else None."""
+    if case.loss != "siglip":
+        return None
+    x = torch.randn(2, 3)
+    layout = Layout(positives="index", pos_index=torch.arange(2), epilogue="sigmoid", bias=torch.tensor(0.0))
+    try:
+        dispatch.block_primitive(backend)[0](x, None, x, None, torch.tensor(1.0), 3, layout)
+    except NotImplementedError as error:
+        return str(error)
+    return None
 
 
 def _rejected(call) -> str:
@@ -233,9 +253,10 @@ def _rank_main(rank: int, world: int, port: int, out_dir: str) -> None:
         for case in CASES:
             for scheme in SCHEMES:
                 for backend in BACKENDS:
+                    missing = _unsupported(backend, case)
                     for dtype in DTYPES:
                         key = (case.name, scheme, backend, dtype)
-                        results[key] = _train_step(case, scheme, backend, dtype, rank, world)
+                        results[key] = missing or _train_step(case, scheme, backend, dtype, rank, world)
                         results["calls", *key] = counter.take()
         results["footprint"] = {scheme: _footprint(scheme, rank, world) for scheme in SCHEMES}
         if world == 2:
@@ -266,17 +287,18 @@ def single_process(case: Case, dtype: torch.dtype, world: int):
     """The same model trained on the whole concatenated batch, through the float64 formula; the model
     and inputs are first rounded to ``dtype``, as the ranks see them."""
     x, labels = global_batch(case, world)
-    net = TinyNet().to(dtype).double()
-    embeddings, tau = net(x.to(dtype).double())
+    net = TinyNet(logit_bias=case.loss == "siglip").to(dtype).double()
+    embeddings, tau, logit_bias = net(x.to(dtype).double())
     if case.targets == "keys":  # rank-major keys: [view 1; view 2] of each rank's samples
         sizes, starts = LOCAL_SIZES[world][case.sizes], [0]
         for n in sizes:
             starts.append(starts[-1] + n)
         q = embeddings[:, 0]
         keys = torch.cat([embeddings[a:b, v] for a, b in zip(starts, starts[1:]) for v in (1, 2)])
-        loss = reference.info_nce(q, keys, tau, targets=torch.cat(_key_targets(sizes)), **case.options)
+        loss = registry.get("info_nce").reference(q, keys, tau, targets=torch.cat(_key_targets(sizes)), **case.options)
     else:
-        loss = loss_of(case, getattr(reference, case.loss), embeddings, tau, None if case.targets == "samples" else labels)
+        labels = None if case.targets == "samples" else labels
+        loss = loss_of(case, registry.get(case.loss).reference, embeddings, tau, labels, logit_bias=logit_bias)
     loss.backward()
     return loss.detach(), {name: p.grad for name, p in net.named_parameters()}
 
@@ -288,9 +310,13 @@ def single_process(case: Case, dtype: torch.dtype, world: int):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("scheme", SCHEMES)
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
-def test_ddp_matches_single_process(case, scheme, backend, dtype, world):
+def test_ddp_matches_single_process(case, scheme, backend, dtype, world, request):
+    if backend == "triton" and case.loss == "dcl":  # see tests/test_block.py KNOWN_GAPS
+        request.applymarker(pytest.mark.xfail(reason="kernels/block.py: exclude_positives without positives", strict=False))
     expected_loss, expected_grads = single_process(case, dtype, world)
     for rank, results in enumerate(world_results(world)):
+        if isinstance(results[case.name, scheme, backend, dtype], str):
+            pytest.skip(f"{backend}: {results[case.name, scheme, backend, dtype]}")
         loss, grads = results[case.name, scheme, backend, dtype]
         assert loss.dtype == dtype
         assert relative_error(loss, expected_loss) <= RTOL[dtype], (rank, loss.item(), expected_loss.item())
