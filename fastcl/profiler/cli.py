@@ -270,7 +270,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if len(records) == 1:
             print(
                 f"{meta['device_name']} ({meta['device']}, {meta['threads']} threads), torch {meta['torch']}, "
-                f"D={args.dim}, dtype={args.dtype}, median of {args.repeats}; {meta['date']}"
+                f"D={args.dim}, dtype={args.dtype}, median of at least {args.repeats} runs; {meta['date']}"
             )
             print(format_header())
         print(format_row(record), flush=True)
