@@ -33,9 +33,19 @@ def _json(path):
     return json.loads(path.read_text())
 
 
-def test_cli_streams_rows_and_writes_every_file(tmp_path, capsys):
+def test_cli_streams_rows_and_writes_every_file(tmp_path, capsys, monkeypatch):
     m, dim, sub_dim = 64, 16, 8
     out = tmp_path / "results"
+    from fastcl.profiler import cli
+
+    snapshots = []  # the JSON as written after each row: a run cut short still leaves its finished rows
+
+    def write_json(path, meta, records):
+        snapshots.append((meta["complete"], len(records)))
+        real_write_json(path, meta, records)
+
+    real_write_json = cli.write_json
+    monkeypatch.setattr(cli, "write_json", write_json)
     status = main(
         [
             "--loss",
@@ -67,6 +77,8 @@ def test_cli_streams_rows_and_writes_every_file(tmp_path, capsys):
     assert impls == [impl for impl in ("cuda", "infcl", "matmul", "naive", "torch") for _ in LOSSES]
     assert all(loss in summary for loss in LOSSES)
     result = _json(out / "bench.json")
+    total = len(result["records"])
+    assert snapshots == [(False, n) for n in range(1, total + 1)] + [(True, total)]
     assert result["meta"]["complete"] and result["meta"]["command"].startswith("fastcl bench --loss all")
     assert (out / "bench.md").read_text().startswith("# fastcl bench")
     if importlib.util.find_spec("matplotlib") is not None:
