@@ -102,7 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Time, memory and TFLOP/s of the contrastive losses, side by side with the naive loss, "
         "torch.compile, peers and the matmul ceiling of the same GEMMs. Rows stream as cases finish; JSON and "
         "markdown always go to a results folder.",
-        epilog=f"M is the number of rows of the similarity matrix. {FLOP_MODEL}. {CEILING_METHOD}.",
+        epilog=f"M is the number of rows of the similarity matrix. FLOP model: {FLOP_MODEL}. "
+        f"Ceiling: {CEILING_METHOD}.",
     )
     parser.add_argument(
         "--quick",
@@ -135,7 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--repeats",
         type=_positive("--repeats", 0),
-        help=f"timed fwd+bwd runs per case, median reported (default {DEFAULTS['repeats']}; 0 = memory only)",
+        help=f"timed fwd+bwd runs per case, at least; more while they total under 0.1 s; median reported "
+        f"(default {DEFAULTS['repeats']}; 0 = memory only)",
     )
     parser.add_argument("--warmup", type=_positive("--warmup"), default=1, help="untimed runs first (default 1)")
     parser.add_argument(
