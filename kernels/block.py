@@ -7,19 +7,26 @@ Logits in base 2: every tile is t = (a·kᵀ)·(a_inv·log2 e/τ)·k_inv = s·lo
 log2 e folded in) is computed once per anchor block, so the element loop does one exp2 per element and
 no division; lse and the positive sums return to natural units once per row (× ln 2).
 
-Forward — one program per block of BLOCK_M anchors walks the key tiles: tile, positive weights P (index
-compare, label compare or mask read; 0 on the self entry), Σ P·t and Σ P, then the online (max, sum) of
-exp2 over the entries left in the denominator. Stores lse[A], pos_sum[A], pos_weight[A].
+Element loops without masks: the key tiles of a program are split into the steady ones (no padding, no
+self entry: unmasked loads when D' is a multiple of BLOCK_D, no compares) and the few masked ones (the
+tiles holding the anchors' own rows when ``self_offset`` is set, and the tail tile), which run the same
+fold with masks. Pointers are built once for tile 0 and moved by one scalar offset per tile.
+
+Forward — one program per block of BLOCK_M anchors walks the key tiles: the online (max, sum) of exp2
+over the entries left in the denominator; label positives are a per-element compare (int32 labels),
+mask positives a weight read; index positives are not in the loop at all: s_{a,pos(a)} is one row dot
+per anchor after it. Stores lse[A], pos_sum[A], pos_weight[A].
 
 Backward — G_ac = alpha_a·exp(s_ac − lse_a) − beta_a·P_ac (0 on the self entry and padding; the
-exponential term 0 on excluded entries), from the recomputed tile (the forward's helper and operand
-order):
-- anchor pass: a program owns BLOCK_M anchors × BLOCK_DO features of d_a and walks the key tiles:
-  dâ += G·k̂ (k̂ = k·k_inv cast to the rows' dtype), ⟨â_a, dâ_a⟩ = Σ_c G_ac s_ac from the same tile;
-- key pass: a program owns BLOCK_N keys × BLOCK_DO features of d_k and walks the anchor tiles:
-  dk̂ += Gᵀ·â from the same tile q·kᵀ (the result is transposed, not the operands).
-Both end with F.normalize's backward (``_common.store_row_gradient``). gs = Σ_ac G_ac s_ac is the torch
-sum of the anchor pass's per-row sums (deterministic).
+exponential term 0 on excluded entries), from the recomputed tile:
+- anchor pass: a program owns BLOCK_M anchors × BLOCK_DO features and walks the key tiles:
+  dâ += G·k̂ (k̂'s inverse norms folded into G's columns; k̂ itself as the fp16 operand). Index positives
+  add −beta_a·k̂_pos(a) after the loop (a gather);
+- key pass: a program owns BLOCK_N keys × BLOCK_DO features and walks the anchor tiles: dk̂ += Gᵀ·â from
+  the same tile a·kᵀ (the result is transposed, not the operands); index positives are a compare here.
+- a row epilogue per side (O(rows·D')): radial = ⟨x̂, dx̂⟩ = Σ G·s (so no per-element Σ G·s in the
+  loops), F.normalize's backward in place (``_common.store_row_gradient``); gs = Σ_a radial_a (a torch
+  sum: deterministic).
 
 Example (CPU through ``TRITON_INTERPRET=1``, or CUDA tensors):
     >>> import os, torch
@@ -148,16 +155,14 @@ def _similarity_chunks(
 
 
 @triton.jit
-def _fold_tile(
-    running_max, running_sum, pos_sum, pos_weight, start,
-    a_ptrs, b_ptrs0, stride_km, stride_kd, k_inv_ptr, rows, row_mask, row_scale, pos_rows, a_labels,
-    k_labels_ptr, mask_ptr, stride_mask_a, stride_mask_k, mask_rows, mask_cols, self_offset, K, D, stride_ad,
-    NORMALIZE: tl.constexpr, POSITIVES: tl.constexpr, HAS_SELF: tl.constexpr, EXCLUDE_POSITIVES: tl.constexpr,
-    MASKED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    EVEN_D: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
+def _key_tile_logits(
+    start, a_ptrs, b_ptrs0, k_inv_ptr, row_mask, row_scale, K, D, stride_ad, stride_km, stride_kd,
+    NORMALIZE: tl.constexpr, MASKED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
 ):
-    """Folds key tile ``start`` into the anchors' running statistics. MASKED: the tile may hold padding
-    columns or self entries; unmasked tiles (the steady state) skip every mask."""
+    """(cols, col_mask, t, k_inv) of key tile ``start`` for a fixed anchor block: base-2 logits
+    t = (a·kᵀ)·row_scale·k_inv. Tile-0 pointers plus one scalar offset: no per-element index math;
+    MASKED: the tile may hold padding keys (unmasked tiles get a constant-true mask)."""
     cols = start + tl.arange(0, BLOCK_N)
     if MASKED:
         col_mask = cols < K
@@ -168,12 +173,30 @@ def _fold_tile(
                              BLOCK_D, EVEN_D, True, MASKED, PRECISION, ACC)
     if NORMALIZE:
         if MASKED:
-            col_scale = tl.load(k_inv_ptr + cols, mask=col_mask, other=1.0)
+            k_inv = tl.load(k_inv_ptr + cols, mask=col_mask, other=1.0)
         else:
-            col_scale = tl.load(k_inv_ptr + cols)
-        t = acc * row_scale[:, None] * col_scale[None, :]
+            k_inv = tl.load(k_inv_ptr + cols)
+        t = acc * row_scale[:, None] * k_inv[None, :]
     else:
+        k_inv = tl.full((BLOCK_N,), 1.0, ACC)
         t = acc * row_scale[:, None]
+    return cols, col_mask, t, k_inv
+
+
+@triton.jit
+def _fold_tile(
+    running_max, running_sum, pos_sum, pos_weight, start,
+    a_ptrs, b_ptrs0, stride_km, stride_kd, k_inv_ptr, rows, row_mask, row_scale, pos_rows, a_labels,
+    k_labels_ptr, mask_ptr, stride_mask_a, stride_mask_k, mask_rows, mask_cols, self_offset, K, D, stride_ad,
+    NORMALIZE: tl.constexpr, POSITIVES: tl.constexpr, HAS_SELF: tl.constexpr, EXCLUDE_POSITIVES: tl.constexpr,
+    MASKED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    EVEN_D: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
+):
+    """Folds key tile ``start`` into the anchors' running statistics. MASKED: the tile may hold padding
+    columns or self entries; unmasked tiles (the steady state) skip every mask."""
+    cols, col_mask, t, k_inv = _key_tile_logits(
+        start, a_ptrs, b_ptrs0, k_inv_ptr, row_mask, row_scale, K, D, stride_ad, stride_km, stride_kd, NORMALIZE,
+        MASKED, BLOCK_M, BLOCK_N, BLOCK_D, EVEN_D, PRECISION, ACC)
     if POSITIVES == 2:
         # Labels: a compare per element, no weight tile (keeps registers down).
         if MASKED:
@@ -367,23 +390,9 @@ def _anchor_tile(
     ACC: tl.constexpr,
 ):
     """d_hat += G[rows, tile]·k̂[tile, out] (times PRESCALE) for key tile ``start``."""
-    cols = start + tl.arange(0, BLOCK_N)
-    if MASKED:
-        col_mask = cols < K
-    else:
-        col_mask = tl.full((BLOCK_N,), 1, tl.int1)
-    # Tile-0 pointers plus one scalar offset per tile: no per-element index math in the loop.
-    b_ptrs = b_ptrs0 + tl.cast(start, tl.int64) * stride_km
-    acc = _similarity_chunks(a_ptrs, b_ptrs, row_mask, col_mask, D, stride_ad, stride_kd, BLOCK_M, BLOCK_N,
-                             BLOCK_D, EVEN_D, True, MASKED, PRECISION, ACC)
-    if NORMALIZE:
-        if MASKED:
-            k_inv = tl.load(k_inv_ptr + cols, mask=col_mask, other=1.0)
-        else:
-            k_inv = tl.load(k_inv_ptr + cols)
-        t = acc * row_scale[:, None] * k_inv[None, :]
-    else:
-        t = acc * row_scale[:, None]
+    cols, col_mask, t, k_inv = _key_tile_logits(
+        start, a_ptrs, b_ptrs0, k_inv_ptr, row_mask, row_scale, K, D, stride_ad, stride_km, stride_kd, NORMALIZE,
+        MASKED, BLOCK_M, BLOCK_N, BLOCK_D, EVEN_D, PRECISION, ACC)
     g = _gradient_tile(t, rows, row_mask, cols, col_mask, lse2, alpha, beta, pos_rows, a_labels, k_labels_ptr,
                        mask_ptr, stride_mask_a, stride_mask_k, mask_rows, mask_cols, self_offset, POSITIVES,
                        HAS_SELF, EXCLUDE_POSITIVES, False, MASKED, ACC)
@@ -417,7 +426,7 @@ def _self_tiles(first, extent, offset, block, full):
     return lo, hi
 
 
-@triton.autotune(configs=autotune_configs("backward"),
+@triton.autotune(configs=autotune_configs("block_backward"),
                  key=["D", "SHAPE_BUCKET", "PRECISION", "NORMALIZE", "POSITIVES", "HAS_SELF", "EXCLUDE_POSITIVES"],
                  prune_configs_by=PRUNE)
 @triton.heuristics({"EVEN_D": lambda args: args["D"] % args["BLOCK_D"] == 0,
@@ -526,7 +535,7 @@ def _key_tile(
     return mma(tl.trans(g).to(a_slice.dtype), a_slice, d_hat, PRECISION, ACC)
 
 
-@triton.autotune(configs=autotune_configs("backward"),
+@triton.autotune(configs=autotune_configs("block_backward"),
                  key=["D", "SHAPE_BUCKET", "PRECISION", "NORMALIZE", "POSITIVES", "HAS_SELF", "EXCLUDE_POSITIVES"],
                  prune_configs_by=PRUNE)
 @triton.heuristics({"EVEN_D": lambda args: args["D"] % args["BLOCK_D"] == 0,
@@ -793,10 +802,10 @@ def compile_specs(dtype: torch.dtype, precision: str, sub_dim: int, n: int = 409
         specs += [
             CompileSpec(f"block_{name}_forward", "forward", _block_forward_kernel.fn,
                         (*rows, *layout_args, vector(), vector(), vector(), n, n, sub_dim, shape_bucket(n)), common),
-            CompileSpec(f"block_{name}_anchor", "backward", _block_anchor_kernel.fn,
+            CompileSpec(f"block_{name}_anchor", "block_backward", _block_anchor_kernel.fn,
                         (*rows, *layout_args, *coefficients, torch.empty(n, sub_dim, dtype=acc), n, n, sub_dim,
                          shape_bucket(n)), backward),
-            CompileSpec(f"block_{name}_key", "backward", _block_key_kernel.fn,
+            CompileSpec(f"block_{name}_key", "block_backward", _block_key_kernel.fn,
                         (*rows, *layout_args, *coefficients, torch.empty(n, sub_dim, dtype=acc), n, n, sub_dim,
                          shape_bucket(n)), backward),
         ]
