@@ -140,9 +140,9 @@ _BACKWARD = {
 }
 # The block primitive's backward passes (kernels/block.py) carry less per tile than the symmetric
 # backwards: at 4 warps they stay below 255 registers without spills on sm90 and halve the per-tile
-# overhead per element (compile-only report).
+# overhead per element (compile-only report); 4-byte rows keep the 8-warp entry.
 _BLOCK_BACKWARD = {
-    "sm90": [(64, 64, 64, 64, 4, 3), (64, 64, 32, 64, 4, 3)],
+    "sm90": [(64, 64, 64, 64, 4, 3), (64, 64, 32, 64, 4, 3), (64, 64, 32, 64, 8, 3)],
     "sm80": _BACKWARD["sm80"],
     "fallback": _BACKWARD["fallback"],
 }
@@ -166,11 +166,12 @@ def _config(kind: str, entry: tuple) -> triton.Config:
 
 def _fits_wide_operands(config) -> bool:
     """Tiles small enough for 4-byte operands: fp32 dots (tf32x3 keeps high and low parts of both
-    operands in registers) spill above 64 × 64 tiles, 32-wide feature chunks or a 64-wide gradient slice
-    (compile-only report, sm90)."""
+    operands in registers) spill above 64 × 64 tiles, 32-wide feature chunks, a 64-wide gradient slice, or
+    a backward below 8 warps (compile-only report, sm90)."""
     blocks = config.kwargs
+    backward = "BLOCK_DO" in blocks
     return (blocks["BLOCK_M"] * blocks["BLOCK_N"] <= 64 * 64 and blocks["BLOCK_D"] <= 32
-            and blocks.get("BLOCK_DO", 0) <= 64)
+            and blocks.get("BLOCK_DO", 0) <= 64 and (not backward or config.num_warps >= 8))
 
 
 def needs_small_tiles(dtype: torch.dtype, constexprs: dict) -> bool:
