@@ -1,7 +1,8 @@
 """No M×M tensor is ever allocated by the torch backend (forward + backward), measured with torch.profiler.
 
-The same harness run on the naive materialising loss (fastcl.profiler.naive: what lightly, DirectCLR and
-SupContrast compute) must see an allocation of ~M×M floats, so the check is known to be able to fail.
+The same harness run on each loss's naive materialising form (the registry's ``naive``: what lightly,
+DirectCLR, SupContrast and open_clip compute) must see an allocation of ~M×M floats, so the check is
+known to be able to fail.
 This asserts an allocation *size* (a property of the algorithm), never a time.
 """
 from __future__ import annotations
@@ -13,7 +14,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import fastcl
-from fastcl.profiler import naive
+from fastcl import registry
 
 M, D = 4096, 64
 FLOAT_BYTES = 4
@@ -34,38 +35,25 @@ def largest_allocation(step: Callable[[], None]) -> int:
     return max(sizes)
 
 
-def _inputs(loss: str):
-    gen = torch.Generator().manual_seed(0)
-    if loss == "nt_xent":  # M = 2N rows
-        shapes = [(M // 2, D), (M // 2, D)]
-    elif loss == "info_nce":  # the similarity is N×N: N = M
-        shapes = [(M, D), (M, D)]
-    else:  # M = N·V rows
-        shapes = [(M // 2, 2, D)]
-    tensors = [torch.randn(*s, generator=gen).requires_grad_() for s in shapes]
-    labels = torch.randint(0, 100, (M // 2,), generator=gen)
-    return tensors, labels
-
-
-def _ours(loss: str, tensors, labels) -> torch.Tensor:
-    if loss == "supcon":
-        return fastcl.functional.supcon(tensors[0], labels, backend="torch")
-    return getattr(fastcl.functional, loss)(*tensors, backend="torch")
-
-
-def _naive(loss: str, tensors, labels) -> torch.Tensor:
-    if loss == "supcon":
-        return naive.supcon(tensors[0], labels)
-    return getattr(naive, loss)(*tensors)
-
-
-@pytest.mark.parametrize("loss", ["nt_xent", "info_nce", "supcon"])
+@pytest.mark.parametrize("loss", list(registry.LOSSES))
 def test_no_mxm_allocation_forward_and_backward(loss):
-    tensors, labels = _inputs(loss)
-    ours = largest_allocation(lambda: _ours(loss, tensors, labels).backward())
+    """Every registered loss at M similarity rows (its registry input maker) stays below a quarter of an
+    M×M float32 tile; its naive form does reach it (DCL's naive holds N×N = M×M/4 blocks)."""
+    entry = registry.get(loss)
+    tensors, targets = entry.make_inputs(M, D)
+    tensors = [t.requires_grad_() for t in tensors]
+    ours = largest_allocation(lambda: entry.functional(*tensors, backend="torch", **targets).backward())
     assert ours < MM_BYTES / 4, f"largest allocation {ours} B, M×M float32 is {MM_BYTES} B"
     for t in tensors:
         t.grad = None
-    materialised = largest_allocation(lambda: _naive(loss, tensors, labels).backward())
-    # lightly's form holds M×(M−1) logits, the others M×M.
-    assert materialised >= M * (M - 1) * FLOAT_BYTES, f"the harness missed the naive M×M logits ({materialised} B)"
+    tau = entry.default_temperature
+    materialised = largest_allocation(lambda: entry.naive(*tensors, temperature=tau, **targets).backward())
+    assert materialised >= MM_BYTES / 4, f"the harness missed the naive M×M logits ({materialised} B)"
+
+
+def test_block_engine_options_allocate_no_mxm():
+    """The single-process block-engine path (InfoNCE with explicit targets, one block per pass)."""
+    q, k = (torch.randn(M, D).requires_grad_() for _ in range(2))
+    targets = torch.randperm(M)
+    step = lambda: fastcl.functional.info_nce(q, k, 0.1, targets=targets, symmetric=False, backend="torch").backward()  # noqa: E731
+    assert largest_allocation(step) < MM_BYTES / 4
