@@ -17,8 +17,8 @@
 #include "block_launch.h"
 #include "block_math.cuh"
 
-// csrc/kernel_emulation.cpp compiles this file for the host (FMA paths only) with FASTCL_HOST_EMULATION
-// set, after defining the CUDA names used here: the tests then run these very kernels on the CPU.
+// csrc/kernel_emulation.cpp compiles this file for the host with FASTCL_HOST_EMULATION set, after
+// defining the CUDA names used here (WMMA included): the tests then run these very kernels on the CPU.
 #ifndef FASTCL_HOST_EMULATION
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -235,7 +235,6 @@ struct SliceAccumulator<Cfg, true> : FmaTile<typename Cfg::acc, Cfg::kRows / 16,
 
 // --- WMMA paths (16-bit and TF32): tensor-core tiles ----------------------------------------------------
 
-#ifndef FASTCL_HOST_EMULATION
 using namespace nvcuda;
 
 template <>
@@ -366,7 +365,6 @@ struct SliceAccumulator<Cfg, false> {
     }
   }
 };
-#endif  // FASTCL_HOST_EMULATION
 
 // --- kernel arguments ---------------------------------------------------------------------------------------
 
@@ -628,19 +626,14 @@ const char* backward(const BlockArgs& b, const void* lse, const void* alpha, con
 template <typename Launch>
 const char* with_config(const BlockArgs& b, const Launch& launch) {
   switch (b.dtype) {
-#ifndef FASTCL_HOST_EMULATION
     case ScalarType::kHalf: return launch.template run<Config<__half, kWmma16>>();
     case ScalarType::kBFloat16: return launch.template run<Config<__nv_bfloat16, kWmma16>>();
-#endif
     case ScalarType::kFloat:
-#ifndef FASTCL_HOST_EMULATION
-      if (b.allow_tf32) return launch.template run<Config<float, kWmmaTf32>>();
-#endif
-      return launch.template run<Config<float, kFma>>();
+      return b.allow_tf32 ? launch.template run<Config<float, kWmmaTf32>>()
+                          : launch.template run<Config<float, kFma>>();
     case ScalarType::kDouble: return launch.template run<Config<double, kFma>>();
-    default: break;
   }
-  return "fastcl: this dtype / math path is not built here";
+  return "fastcl: unsupported dtype";
 }
 
 struct ForwardLaunch {

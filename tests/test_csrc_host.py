@@ -24,13 +24,16 @@ from loss_cases import relative_error
 from test_block import CASES, Case, _dense_positives, _inputs, _layout, _self_entries, reference
 
 from fastcl import cuda_backend
-from fastcl._blocks import Layout, inverse_norms
+from fastcl._blocks import Layout, accumulation_dtype, inverse_norms
 
 ROOT = Path(__file__).resolve().parents[1]
 CSRC = ROOT / "csrc"
 SOURCES = (CSRC / "block_math.cuh", CSRC / "block_kernels.cu", CSRC / "block_launch.h")  # what the builds include
 # How the second GEMM's operands are rounded: exact (fp32/fp64 rows), bfloat16, float16.
 OPERAND = {torch.float64: 0, torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+# The emulated kernels' entry points per rows dtype (float32 without TF32: the exact FMA path).
+EMULATED_PATHS = {torch.float64: "float64", torch.float32: "float32", torch.bfloat16: "bfloat16",
+                  torch.float16: "float16"}
 
 # Blocks larger than the kernels' tiles (64 rows; 32/64-feature slices), next to tests/test_block.py's cases.
 TILED = [
@@ -73,12 +76,12 @@ def host_library() -> ctypes.CDLL:
 
 @functools.lru_cache(maxsize=None)
 def emulated_library() -> ctypes.CDLL:
-    """csrc/kernel_emulation.cpp: block_kernels.cu's FMA kernels run as threads on the CPU."""
+    """csrc/kernel_emulation.cpp: block_kernels.cu's kernels (every math path) run as threads on the CPU."""
     library = ctypes.CDLL(str(_compiled(CSRC / "kernel_emulation.cpp", "-std=c++20", "-pthread",
                                         "-Wno-unknown-pragmas")))
-    for name in ("fastcl_block_forward_float32", "fastcl_block_forward_float64", "fastcl_block_backward_float32",
-                 "fastcl_block_backward_float64"):
-        getattr(library, name).restype = ctypes.c_char_p  # the launchers' error string, None on success
+    for suffix in (*EMULATED_PATHS.values(), "float32_tf32"):
+        for pass_ in ("forward", "backward"):  # the launchers' error string, None on success
+            getattr(library, f"fastcl_block_{pass_}_{suffix}").restype = ctypes.c_char_p
     return library
 
 
@@ -87,16 +90,16 @@ def _ptr(t):
 
 
 def host_primitive(a, a_inv, k, k_inv, tau: float, sub_dim: int, layout: Layout, *, operand=0, tile=64,
-                   threads_per_row=2, backward=None, library=host_library):
+                   threads_per_row=2, backward=None, library=host_library, suffix=None):
     """csrc/block_host.cpp's forward, or its backward when ``backward`` = (lse, alpha, beta); with
-    ``library=emulated_library`` the same through the emulated CUDA kernels.
+    ``library=emulated_library`` and an EMULATED_PATHS ``suffix`` the same through the emulated kernels.
 
-    ``a``, ``k`` hold the values in the accumulation dtype (16-bit runs: already rounded), any strides.
+    ``a``, ``k``: any strides; for the host build in the accumulation dtype (16-bit runs: already rounded).
     Returns (lse, pos_sum, pos_weight) or (d_a, d_k, gs) as the contract (gs: [2] for the sigmoid epilogue).
     """
-    acc = a.dtype
+    acc = accumulation_dtype(a.dtype)
     lib = library()
-    suffix = "float64" if acc == torch.float64 else "float32"
+    suffix = suffix or ("float64" if acc == torch.float64 else "float32")
     sizes = torch.tensor([a.shape[0], a.stride(0), a.stride(1), k.shape[0], k.stride(0), k.stride(1), sub_dim])
     # The CUDA ops' own layout arguments, so the enum codes the package passes are the ones tested here.
     has_self, offset, positives, exclude, epilogue, bias, pos_index, a_labels, k_labels, mask = (
@@ -120,10 +123,11 @@ def host_primitive(a, a_inv, k, k_inv, tau: float, sub_dim: int, layout: Layout,
     return d_a, d_k, (gs if layout.epilogue == "sigmoid" else gs[0])
 
 
-def run_host(case: Case, a, k, fields, alpha, beta, dtype, *, lse_shift=None, **options):
-    """tests/test_block.py's run_primitive for the host build: rows of ``dtype`` emulated in fp32."""
-    acc = torch.float64 if dtype == torch.float64 else torch.float32
-    a, k = a.to(acc), k.to(acc)
+def run_host(case: Case, a, k, fields, alpha, beta, dtype, *, lse_shift=None, rows_dtype=None, **options):
+    """tests/test_block.py's run_primitive for the host build: rows of ``dtype`` emulated in the
+    accumulation dtype (or passed as ``rows_dtype``)."""
+    acc = accumulation_dtype(dtype)
+    a, k = a.to(rows_dtype or acc), k.to(rows_dtype or acc)
     d = case.sub_dim or case.dim
     a_inv, k_inv = (inverse_norms(a, d), inverse_norms(k, d)) if case.normalize else (None, None)
     layout = _layout(case, fields, dtype, acc)
@@ -213,21 +217,44 @@ def test_16bit_gradients_no_worse_than_naive(case, dtype):
         assert relative_error(ours, want) <= relative_error(theirs[:, :d], want) + 1e-2
 
 
-# float32 (the exact FMA path) on every case; float64 (32-row tiles, 4 threads per row) on the tiled ones.
-EMULATED = [(case, torch.float32) for case in CASES + TILED] + [(case, torch.float64) for case in TILED]
+def run_emulated(case: Case, a, k, fields, alpha, beta, dtype, *, tf32=False, **options):
+    """run_primitive for block_kernels.cu run on the CPU (csrc/kernel_emulation.cpp), rows in ``dtype``."""
+    suffix = EMULATED_PATHS[dtype] + ("_tf32" if tf32 else "")
+    return run_host(case, a, k, fields, alpha, beta, dtype, rows_dtype=dtype, library=emulated_library,
+                    suffix=suffix, **options)
 
 
-@pytest.mark.parametrize("case, dtype", EMULATED, ids=[f"{str(d)[6:]}-{c.name}" for c, d in EMULATED])
+# float32 (the exact FMA path) on every case; each other path on the tiled cases that exercise it most
+# (multi-tile self blocks, DCL, the sigmoid epilogue, float16's prescale at τ = 0.01): an emulated WMMA
+# block costs seconds on two cores. Every path passes on every tiled case too (run by hand when the
+# kernels change: widen OTHER_PATHS).
+OTHER_PATHS = {torch.float64: (0, 3), torch.bfloat16: (0, 4), torch.float16: (1,)}
+
+
+def _emulated_params():
+    params = [pytest.param(case, torch.float32, id=f"float32-{case.name}") for case in CASES + TILED]
+    for dtype, cases in OTHER_PATHS.items():
+        params += [pytest.param(TILED[i], dtype, id=f"{str(dtype)[6:]}-{TILED[i].name}") for i in cases]
+    return params
+
+
+@pytest.mark.parametrize("case, dtype", _emulated_params())
 def test_emulated_cuda_kernels_match_float64(case, dtype):
-    """block_kernels.cu itself — its FMA paths with their tiles, masks, grids, barriers, shuffles, both
+    """block_kernels.cu itself — tiles, masks, grids, barriers, shuffles, WMMA fragment addressing, both
     backward passes and the normalization kernel — run on the CPU (csrc/kernel_emulation.cpp)."""
-    check_against_reference(case, dtype, functools.partial(run_host, library=emulated_library))
+    check_against_reference(case, dtype, run_emulated)
+
+
+def test_emulated_tf32_path():
+    """float32 rows through the TF32 WMMA path (operands rounded to 10 mantissa bits)."""
+    check_against_reference(TILED[1], torch.float32, functools.partial(run_emulated, tf32=True),
+                            tolerance=(5e-3, 1e-2))
 
 
 def test_emulated_cuda_kernels_are_deterministic():
     """Two runs of the emulated kernels (their threads truly concurrent) give the same bits."""
-    case = TILED[0]
+    case = TILED[4]
     a, k, fields, alpha, beta = _inputs(case, seed=9)
-    runs = [run_host(case, a, k, fields, alpha, beta, torch.float32, library=emulated_library) for _ in range(2)]
+    runs = [run_emulated(case, a, k, fields, alpha, beta, torch.bfloat16) for _ in range(2)]
     for x, y in zip((*runs[0][0], *runs[0][1]), (*runs[1][0], *runs[1][1])):
         assert torch.equal(x, y)
