@@ -446,7 +446,7 @@ __global__ void __launch_bounds__(kThreads, 1) block_forward_kernel(const Kernel
     const int64_t c0 = k0 + me.first_col;
     const int n = int(min(int64_t(Cfg::kColsPerThread), args.k.count - c0));
     const acc_t* dots = smem.scores + me.row * Cfg::kLdScores + me.first_col;
-    if (valid && n > 0) accumulate_row_tile<acc_t>(stats, layout, anchor, c0, n, dots, 1, scale, args.k.inv);
+    if (valid && n > 0) accumulate_row_tile<acc_t>(stats, layout, anchor, c0, n, dots, scale, args.k.inv);
     __syncthreads();
   }
   merge_row_threads<Cfg>(stats, layout.epilogue);
@@ -479,7 +479,7 @@ __device__ __forceinline__ void backward_tile(Smem<Cfg>& smem, const KernelArgs<
   const int64_t c0 = k0 + me.first_col;
   const int n = valid ? int(max(int64_t(0), min(int64_t(Cfg::kColsPerThread), args.k.count - c0))) : 0;
   if (n > 0)
-    gradient_row_tile<acc_t>(layout, grad, anchor, c0, n, dots, 1, args.k.inv, prescale, t, grad_dot_logits, grad_sum,
+    gradient_row_tile<acc_t>(layout, grad, anchor, c0, n, dots, args.k.inv, prescale, t, grad_dot_logits, grad_sum,
                              ToOperand<scalar_t>());
   for (int j = n; j < Cfg::kColsPerThread; ++j) t[j] = ToOperand<scalar_t>()(acc_t(0));
   load_tile<Cfg, Cfg::kRows, Cfg::kSlice, Cfg::kLdSlice, true>(smem.slice(), kKeyPass ? args.a : args.k,

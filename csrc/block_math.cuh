@@ -1,10 +1,10 @@
-// The block primitive's per-tile arithmetic, shared by the CUDA kernels (block_kernels.cu) and the
-// host build the CPU tests run (block_host.cpp): which entries are positives / excluded, the logit of
-// one entry, the online log-sum-exp (or sigmoid) statistics of one anchor row over one key tile, the
-// gradient tile G and its rounding for the second GEMM, and the fused normalization's backward.
+// The block primitive's per-tile arithmetic, called by the CUDA kernels (block_kernels.cu): which entries
+// are positives / excluded, the logit of one entry, the online log-sum-exp (or sigmoid) statistics of one
+// anchor row over one key tile, the gradient tile G and its rounding for the second GEMM, and the fused
+// normalization's backward.
 //
-// Everything here is plain C++ marked __host__ __device__ under nvcc, with no CUDA or torch headers, so
-// g++ compiles the very functions the kernels call. docs/block-engine.md is the contract.
+// Plain C++ marked __host__ __device__ under nvcc, with no CUDA or torch headers, so the same code also
+// builds for the host (kernel_emulation.cpp, the CPU tests). docs/block-engine.md is the contract.
 #pragma once
 
 #include <cmath>
@@ -127,15 +127,15 @@ struct RowStats {
   }
 };
 
-// Folds entries c0 .. c0+n-1 of anchor a (their raw dot products at dots[0], dots[step], ...) into the
-// anchor's statistics: one tile max, then one rescale of the running sum (online log-sum-exp).
-template <typename acc_t, typename dot_t>
+// Folds entries c0 .. c0+n-1 of anchor a (their raw dot products dots[0 .. n-1]) into the anchor's
+// statistics: one tile max, then one rescale of the running sum (online log-sum-exp).
+template <typename acc_t>
 FASTCL_HD void accumulate_row_tile(RowStats<acc_t>& stats, const BlockLayout<acc_t>& layout, int64_t a, int64_t c0,
-                                   int n, const dot_t* dots, int step, acc_t scale, const acc_t* k_inv) {
+                                   int n, const acc_t* dots, acc_t scale, const acc_t* k_inv) {
   RowStats<acc_t> tile = RowStats<acc_t>::empty();
   for (int j = 0; j < n; ++j) {
     const int64_t c = c0 + j;
-    const acc_t s = logit<acc_t>(dots[j * step], scale, k_inv, c);
+    const acc_t s = logit<acc_t>(dots[j], scale, k_inv, c);
     const acc_t weight = layout.positive_weight(a, c);
     tile.pos_sum += weight * s;
     tile.pos_weight += weight;
@@ -151,7 +151,7 @@ FASTCL_HD void accumulate_row_tile(RowStats<acc_t>& stats, const BlockLayout<acc
       const int64_t c = c0 + j;
       const acc_t weight = layout.positive_weight(a, c);
       if (layout.is_excluded(a, c, weight)) continue;
-      tile.sum += exp(logit<acc_t>(dots[j * step], scale, k_inv, c) - tile.max);
+      tile.sum += exp(logit<acc_t>(dots[j], scale, k_inv, c) - tile.max);
     }
   }
   stats.merge(tile, layout.epilogue);
@@ -182,13 +182,13 @@ FASTCL_HD acc_t gradient_entry(const BlockLayout<acc_t>& layout, const RowGradie
 
 // Gradient tile entries c0 .. c0+n-1 of anchor a: writes T = round(G · prescale) (the operand of the
 // second GEMM, in the rows' dtype through `to_operand`) and adds Σ G·s and Σ G to the running sums.
-template <typename acc_t, typename dot_t, typename out_t, typename ToOperand>
+template <typename acc_t, typename out_t, typename ToOperand>
 FASTCL_HD void gradient_row_tile(const BlockLayout<acc_t>& layout, const RowGradient<acc_t>& row, int64_t a,
-                                 int64_t c0, int n, const dot_t* dots, int step, const acc_t* k_inv, acc_t prescale,
-                                 out_t* t, acc_t& grad_dot_logits, acc_t& grad_sum, ToOperand to_operand) {
+                                 int64_t c0, int n, const acc_t* dots, const acc_t* k_inv, acc_t prescale, out_t* t,
+                                 acc_t& grad_dot_logits, acc_t& grad_sum, ToOperand to_operand) {
   for (int j = 0; j < n; ++j) {
     acc_t s;
-    const acc_t g = gradient_entry<acc_t>(layout, row, a, c0 + j, dots[j * step], k_inv, s);
+    const acc_t g = gradient_entry<acc_t>(layout, row, a, c0 + j, dots[j], k_inv, s);
     t[j] = to_operand(g * prescale);
     grad_dot_logits += g * s;
     grad_sum += g;

@@ -202,8 +202,9 @@ void emulate_launch(Kernel kernel, dim3 grid, unsigned threads, Args... args) {
 
 #include "block_kernels.cu"
 
-// C entry points with block_host.cpp's signatures (tile, threads_per_row and operand are the kernels'
-// own here and ignored), so the tests drive both builds the same way; one per rows dtype / math path.
+// C entry points for the tests (ctypes), one per rows dtype / math path. `rows` = {a_count, a_stride_row,
+// a_stride_dim, k_count, k_stride_row, k_stride_dim, sub_dim}; `layout_ints` = {has_self, self_offset,
+// positives, exclude_positives, epilogue, mask_rows, mask_cols}; `scalars` = {tau, bias}.
 namespace {
 
 template <typename row_t, typename acc_t>
@@ -229,7 +230,7 @@ fastcl::BlockArgs block_args(fastcl::ScalarType dtype, bool allow_tf32, const ro
   extern "C" const char* fastcl_block_forward_##suffix(                                                           \
       const row_t* a, const acc_t* a_inv, const row_t* k, const acc_t* k_inv, const int64_t* rows,               \
       const int64_t* layout_ints, const acc_t* scalars, const int64_t* pos_index, const int64_t* a_labels,        \
-      const int64_t* k_labels, const acc_t* mask, int, int, acc_t* lse, acc_t* pos_sum, acc_t* pos_weight) {      \
+      const int64_t* k_labels, const acc_t* mask, acc_t* lse, acc_t* pos_sum, acc_t* pos_weight) {                \
     const fastcl::BlockArgs b = block_args(dtype, allow_tf32, a, a_inv, k, k_inv, rows, layout_ints, scalars,     \
                                            pos_index, a_labels, k_labels, mask);                                  \
     return fastcl::launch_block_forward(b, lse, pos_sum, pos_weight, nullptr);                                    \
@@ -237,7 +238,7 @@ fastcl::BlockArgs block_args(fastcl::ScalarType dtype, bool allow_tf32, const ro
   extern "C" const char* fastcl_block_backward_##suffix(                                                          \
       const row_t* a, const acc_t* a_inv, const row_t* k, const acc_t* k_inv, const int64_t* rows,               \
       const int64_t* layout_ints, const acc_t* scalars, const int64_t* pos_index, const int64_t* a_labels,        \
-      const int64_t* k_labels, const acc_t* mask, const acc_t* lse, const acc_t* alpha, const acc_t* beta, int,   \
+      const int64_t* k_labels, const acc_t* mask, const acc_t* lse, const acc_t* alpha, const acc_t* beta,        \
       acc_t* d_a, acc_t* d_k, acc_t* grad_sums) {                                                                 \
     const fastcl::BlockArgs b = block_args(dtype, allow_tf32, a, a_inv, k, k_inv, rows, layout_ints, scalars,     \
                                            pos_index, a_labels, k_labels, mask);                                  \
