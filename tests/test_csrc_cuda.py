@@ -64,10 +64,12 @@ def test_compiles_with_fullgraph():
     a = torch.randn(100, 40, device="cuda")
     tau = torch.tensor(0.1, device="cuda")
     layout = Layout(positives="index", self_offset=0, pos_index=(torch.arange(100, device="cuda") + 50) % 100)
+    cuda_backend.block_forward(a, None, a, None, tau, 32, layout)  # loads the extension, registers the fakes
+    layout_args = cuda_backend.layout_arguments(layout, a)
 
     def statistics(x):
         inv = inverse_norms(x, 32)
-        return cuda_backend.block_forward(x, inv, x, inv, tau, 32, layout)
+        return torch.ops.fastcl_cuda.block_forward(x, inv, x, inv, tau, 32, *layout_args)
 
     eager = statistics(a)
     compiled = torch.compile(statistics, fullgraph=True)(a)
