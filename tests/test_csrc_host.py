@@ -13,6 +13,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
+import mmap
 import os
 import shutil
 import subprocess
@@ -220,3 +221,40 @@ def test_emulated_cuda_kernels_are_deterministic():
     runs = [run_emulated(case, a, k, fields, alpha, beta, torch.bfloat16) for _ in range(2)]
     for x, y in zip((*runs[0][0], *runs[0][1]), (*runs[1][0], *runs[1][1])):
         assert torch.equal(x, y)
+
+
+def guarded(x: torch.Tensor, side: str) -> torch.Tensor:
+    """A contiguous copy of ``x`` placed right before (``side="after"``) or right after (``"before"``) an
+    unreadable page, so the kernels fault on any read past its end or before its start."""
+    page = mmap.PAGESIZE
+    nbytes = x.numel() * x.element_size()
+    size = -(-nbytes // page) * page
+    buffer = mmap.mmap(-1, size + 2 * page)
+    base = ctypes.addressof(ctypes.c_char.from_buffer(buffer))
+    libc = ctypes.CDLL(None, use_errno=True)
+    for guard in (base, base + page + size):  # PROT_NONE pages on both sides of the data pages
+        assert libc.mprotect(ctypes.c_void_p(guard), ctypes.c_size_t(page), 0) == 0, ctypes.get_errno()
+    offset = page + (size - nbytes if side == "after" else 0)
+    out = torch.frombuffer(buffer, dtype=x.dtype, count=x.numel(), offset=offset).view(x.shape)
+    return out.copy_(x)
+
+
+@pytest.mark.parametrize("side", ["after", "before"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_emulated_kernels_read_nothing_outside_their_inputs(dtype, side):
+    """Every input (rows, inverse norms, labels, lse, coefficients) next to an unreadable page: partial
+    tiles (130 rows = 2·64 + 2), full-width rows (sub_dim = D) and the last slice read nothing outside.
+    An out-of-bounds read ends the test process with SIGSEGV (a loud failure, as compute-sanitizer's)."""
+    case = TILED[1]
+    a, k, fields, alpha, beta = _inputs(case, seed=1)
+    acc = accumulation_dtype(dtype)
+    a, k = guarded(a.to(dtype), side), guarded(k.to(dtype), side)
+    d = case.sub_dim or case.dim
+    a_inv, k_inv = guarded(inverse_norms(a, d), side), guarded(inverse_norms(k, d), side)
+    layout = _layout(case, {name: guarded(t, side) for name, t in fields.items()}, dtype, acc)
+    stats = kernel_primitive(a, a_inv, k, k_inv, case.tau, d, layout, ENTRY_POINTS[dtype])
+    coefficients = tuple(guarded(x.to(acc), side) for x in (stats[0], alpha, beta))
+    grads = kernel_primitive(a, a_inv, k, k_inv, case.tau, d, layout, ENTRY_POINTS[dtype], backward=coefficients)
+    ref_stats, ref_grads = reference(case, a.double(), k.double(), fields, alpha, beta)
+    for got, want, tol in zip((*stats, *grads), (*ref_stats, *ref_grads), (1e-5,) * 3 + (TOLERANCE[dtype][1],) * 3):
+        assert relative_error(got, want, floor=1.0) <= tol
