@@ -4,8 +4,8 @@ The kernels (``csrc/block_kernels.cu``) are registered as the torch ops ``fastcl
 ``fastcl_cuda::block_backward`` (``csrc/block_ops.cpp``), so autograd custom ops and ``torch.compile`` treat
 them as ordinary operators (fake implementations are registered here). The extension comes from:
 
-- ``fastcl._C``, built ahead of time by ``pip install .`` when a CUDA toolkit and a CUDA build of torch
-  are present (``FASTCL_BUILD_CUDA=0`` opts out); else
+- ``fastcl._C``, built ahead of time by ``pip install --no-build-isolation .`` when a CUDA toolkit and a
+  CUDA build of torch are present (``FASTCL_BUILD_CUDA=0`` opts out); else
 - a just-in-time build with ninja on first use (``torch.utils.cpp_extension.load``, cached under
   ``TORCH_EXTENSIONS_DIR``; a message and a progress line go to stderr while it compiles, about a
   minute; ``TORCH_CUDA_ARCH_LIST`` picks the architectures, default: the visible GPU's).
@@ -36,7 +36,8 @@ from fastcl._blocks import Layout, accumulation_dtype
 
 __all__ = ["block_forward", "block_backward", "layout_arguments", "unavailable_reason"]
 
-# The Positives and Epilogue enums of csrc/block_math.cuh (the host-build tests pass these same codes).
+# The Positives and Epilogue enums of csrc/block_math.cuh (tests/test_csrc_host.py runs the kernels with
+# these very codes, through layout_arguments).
 _POSITIVES = {"none": 0, "index": 1, "labels": 2, "mask": 3}
 _EPILOGUES = {"softmax": 0, "sigmoid": 1}
 _SOURCES = ("block_ops.cpp", "block_kernels.cu")
