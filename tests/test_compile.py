@@ -57,6 +57,8 @@ CASES = [
     # single-process options that run the block engine's custom ops
     ("supcon", {"positives_missing": "zero", "contrast_mode": "one"}),
     ("info_nce", {"symmetric": False, "targets": torch.tensor([3, 1, 4, 1, 5, 9, 2, 6, 5, 3])}),
+    ("dcl", {"sub_dim": 9}),
+    ("siglip", {"logit_bias": -3.0}),  # the learnable τ enters as the logit scale t
 ]
 
 
