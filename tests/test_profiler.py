@@ -264,6 +264,15 @@ def test_quick_picks_the_fused_backends_that_run_here_and_never_the_interpreter(
     assert args.impl == ["naive", "torch"] and args.sizes == [64] and args.isolate == "run"
 
 
+@pytest.mark.parametrize(
+    ("seconds_per_run", "repeats", "runs"),
+    [(0.001, 3, 100), (0.05, 3, 3), (4.0, 10, 3), (20.0, 10, 1), (1.0, 0, 0)],
+)
+def test_timed_runs_stretch_short_cases_and_cap_long_ones(seconds_per_run, repeats, runs):
+    # At least `repeats` runs and 0.1 s in all (capped at 100 runs), but no more than ~10 s: then at least one.
+    assert len(measure._runs(lambda: seconds_per_run, repeats, lambda t: t)) == runs
+
+
 def test_workers_sleep_idle_openmp_threads_unless_told_otherwise(monkeypatch):
     from fastcl.profiler.runner import _worker_env
 

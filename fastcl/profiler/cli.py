@@ -136,8 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--repeats",
         type=_positive("--repeats", 0),
-        help=f"timed fwd+bwd runs per case, at least; more while they total under 0.1 s; median reported "
-        f"(default {DEFAULTS['repeats']}; 0 = memory only)",
+        help=f"timed fwd+bwd runs per case, median reported; more while they total under 0.1 s, fewer (at least "
+        f"one) once they reach 10 s (default {DEFAULTS['repeats']}; 0 = memory only)",
     )
     parser.add_argument("--warmup", type=_positive("--warmup"), default=1, help="untimed runs first (default 1)")
     parser.add_argument(
@@ -272,7 +272,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if len(records) == 1:
             print(
                 f"{meta['device_name']} ({meta['device']}, {meta['threads']} threads), torch {meta['torch']}, "
-                f"D={args.dim}, dtype={args.dtype}, median of at least {args.repeats} runs; {meta['date']}"
+                f"D={args.dim}, dtype={args.dtype}, median of ~{args.repeats} runs; {meta['date']}"
             )
             print(format_header())
         print(format_row(record), flush=True)

@@ -50,9 +50,10 @@ _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 _STEADY_MMAP, _STEADY_TRIM, _EXACT_MMAP = 32 << 20, 64 << 20, 64 << 10
 # A ceiling GEMM over the whole M×M matrix is tried only when that matrix fits in this many bytes.
 _WHOLE_MATRIX_BYTES = 1 << 30
-# Timed runs: at least `repeats`, and more while they add up to less than this (short cases on a shared
-# machine: one preempted run then cannot move the median), up to _MAX_RUNS.
-_MIN_TIMED_SECONDS, _MAX_RUNS = 0.1, 100
+# Timed runs: `repeats`, more while they add up to less than _MIN_TIMED_SECONDS (short cases on a shared
+# machine: one preempted run then cannot move the median; at most _MAX_RUNS), fewer (at least one) once
+# they add up to _MAX_TIMED_SECONDS (an O(M³) peer must not hold a run for minutes).
+_MIN_TIMED_SECONDS, _MAX_TIMED_SECONDS, _MAX_RUNS = 0.1, 10.0, 100
 # Rows per block of the blocked ceiling: a block of ~2M similarity elements, as the chunked torch backend uses.
 _BLOCK_ELEMENTS = 1 << 21
 
@@ -172,9 +173,12 @@ def step(call: Callable[[], torch.Tensor], leaves: list, device: torch.device) -
 
 
 def _runs(run: Callable[[], object], repeats: int, seconds: Callable[[object], float]) -> list:
-    """``repeats`` results of ``run()``, or more while their total time (``seconds(result)``) is under 0.1 s."""
+    """``repeats`` results of ``run()``; more while their total time (``seconds(result)``) is under 0.1 s,
+    fewer (at least one) once it reaches 10 s."""
     results, spent = [], 0.0
-    while repeats and len(results) < _MAX_RUNS and (len(results) < repeats or spent < _MIN_TIMED_SECONDS):
+    while repeats and len(results) < _MAX_RUNS and spent < _MAX_TIMED_SECONDS:
+        if len(results) >= repeats and spent >= _MIN_TIMED_SECONDS:
+            break
         results.append(run())
         spent += seconds(results[-1])
     return results
@@ -185,8 +189,8 @@ def measure_case(case: Case) -> dict:
 
     Returns:
         ``status`` ("ok", "skipped", "oom" or "error"), ``note``, and when ok ``fwd_ms``, ``bwd_ms``,
-        ``total_ms`` (medians of at least ``case.repeats`` runs, more while they total under 0.1 s; absent
-        when ``case.repeats == 0``), ``runs``, ``peak_mem_bytes`` and ``loadavg_1min``.
+        ``total_ms`` (medians of ``case.repeats`` runs, more while they total under 0.1 s, fewer once they
+        reach 10 s; absent when ``case.repeats == 0``), ``runs``, ``peak_mem_bytes`` and ``loadavg_1min``.
         A failing case is a result, never a raise, so one case cannot end a run.
     """
     if case.impl == CEILING:

@@ -160,8 +160,8 @@ def write_markdown(path: str | Path, meta: dict, records: Sequence[dict]) -> Non
         f"- versions: python {meta['python']}, torch {meta['torch']}, fastcl {meta['fastcl']}"
         + (f", {peers}" if peers else ""),
         (
-            f"- D = {meta['dim']}, sub_dim = {meta['sub_dim']}, dtype = {meta['dtype']}, median of at least "
-            f"{meta['repeats']} runs after {meta['warmup']} warm-up; isolation: {meta['isolate']}"
+            f"- D = {meta['dim']}, sub_dim = {meta['sub_dim']}, dtype = {meta['dtype']}, median of "
+            f"{meta['repeats']} runs (see each row's runs) after {meta['warmup']} warm-up; isolation: {meta['isolate']}"
         ),
         "- M = rows of the similarity matrix; τ and GEMM-units per loss: "
         + ", ".join(f"{loss} τ={tau} ({meta['gemm_units'][loss]})" for loss, tau in meta["temperatures"].items()),
