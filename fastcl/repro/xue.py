@@ -179,6 +179,9 @@ def figures(results: dict, config: dict, out) -> list[str]:
         values = [[r[key] for r in results["heads"][label]] for label in labels]
         ax.bar([i + offset for i in range(len(labels))], [mean(v) for v in values], width=0.4, label=name,
                yerr=[(max(v) - min(v)) / 2 for v in values], capsize=3)
+    init = mean([r["probe_h_init"] for runs in results["heads"].values() for r in runs])
+    ax.axhline(init, color="gray", ls="--", lw=1, label="h at random init")
+    ax.axhline(0.1, color="black", ls=":", lw=1, label="chance (10 classes)")
     ax.set_xticks(range(len(labels)), labels)
     ax.set_ylabel("digit probe accuracy (bars: range over seeds)")
     ax.set_title(f"digit dropped from views with p = {config['p_drop']}")
