@@ -66,7 +66,9 @@ class Pass:
 class Plan:
     """A loss as passes. ``labels``: how per-row labels are made from the op's ``labels`` argument:
     "none"; "given" (per-sample class ids, repeated per part); "samples" (each global sample its own
-    class); "targets" (part 0 rows carry the given global key indices, part 1 rows their own global index)."""
+    class); "targets" (part 0 rows carry the given global key indices, part 1 rows their own global index).
+    ``pair_weight_sigma``: σ of DCLW's weights w_i = 2 − N·softmax_i(⟨ẑ_i, ẑ'_i⟩/σ) over the N global
+    pairs (parts 0 and 1, row i of each; no gradient through w), which scale each anchor's positive term."""
 
     passes: tuple[Pass, ...]
     labels: str = "none"
@@ -74,6 +76,7 @@ class Plan:
     exclude_positives: bool = False  # DCL
     epilogue: str = "softmax"
     missing: str = "drop"
+    pair_weight_sigma: Optional[float] = None  # DCLW: von Mises-Fisher weights of the positive terms
 
     def encode(self) -> str:
         """The plan as a string, the form the custom op takes."""
@@ -154,9 +157,28 @@ class _Run:
         self.rows = rows
         self.exchange = _distributed.EXCHANGES[mode](rows, self.row_labels, [sum(s) for s in self.sizes])
         self.inv = self._inv(rows)
+        self.pair_weights = None if plan.pair_weight_sigma is None else self._pair_weights(mode)
+
+    def _pair_weights(self, mode: str) -> Tensor:
+        """DCLW's w per row (pair i's weight on both of its rows), from the global batch of pairs."""
+        n = self.sizes[self.rank][0]
+        unit = self.rows if self.inv is None else self.rows * self.inv[:, None]
+        logits = (unit[:n].to(self.tau.dtype) * unit[n : 2 * n].to(self.tau.dtype)).sum(dim=1) / self.plan.pair_weight_sigma
+        shift = logits.max() if n else logits.new_full((), float("-inf"))
+        if mode != "local":
+            dist.all_reduce(shift, op=dist.ReduceOp.MAX)
+        stats = torch.stack([torch.exp(logits - shift).sum(), logits.new_tensor(float(n))])
+        if mode != "local":
+            dist.all_reduce(stats)
+        w = 2.0 - stats[1] * torch.exp(logits - shift) / stats[0]
+        return torch.cat([w, w])
 
     def _inv(self, rows: Tensor) -> Optional[Tensor]:
         return inverse_norms(rows, rows.shape[1]) if self.normalize else None
+
+    def positive_scale(self, start: int, stop: int):
+        """The weight of the positive term of anchor rows start..stop (DCLW), else 1.0."""
+        return 1.0 if self.pair_weights is None else self.pair_weights[start:stop]
 
     def anchor_spans(self) -> list[tuple[int, int]]:
         return [_rows_of(self.sizes[self.rank], p.anchors) for p in self.plan.passes]
@@ -193,15 +215,17 @@ def _slice(x: Optional[Tensor], start: int, stop: int) -> Optional[Tensor]:
     return None if x is None else x[start:stop]
 
 
-def _anchor_terms(plan: Plan, p: Pass, lse: Tensor, pos_sum: Tensor, pos_weight: Tensor, kappa, bias) -> tuple[Tensor, Tensor]:
-    """(ℓ_a with 0 for uncounted anchors, counted_a as 0/1) from merged statistics."""
+def _anchor_terms(plan: Plan, p: Pass, lse: Tensor, pos_sum: Tensor, pos_weight: Tensor, kappa, bias,
+                  pos_scale) -> tuple[Tensor, Tensor]:
+    """(ℓ_a with 0 for uncounted anchors, counted_a as 0/1) from merged statistics; ``pos_scale`` weighs
+    the positive term (DCLW; 1.0 otherwise)."""
     if plan.epilogue == "sigmoid":
         b = 0.0 if bias is None else bias
         return lse - pos_sum - b * pos_weight, torch.ones_like(lse)
     if p.positives == "none":  # a negatives-only pass (DCL's same-view term): ℓ_a = κ·lse_a
         return kappa * lse, torch.ones_like(lse)
     has_positive = pos_weight > 0
-    terms = torch.where(has_positive, kappa * (lse - pos_sum / torch.where(has_positive, pos_weight, 1.0)), 0.0)
+    terms = torch.where(has_positive, kappa * (lse - pos_scale * pos_sum / torch.where(has_positive, pos_weight, 1.0)), 0.0)
     counted = torch.ones_like(lse) if plan.missing == "zero" else has_positive.to(lse.dtype)
     return terms, counted
 
@@ -222,8 +246,8 @@ def _forward(rows, labels, mask, tau, bias, plan_str, part_sizes, normalize, mod
             m[2] += pos_weight
     kappa = tau / plan.base_temperature if plan.base_temperature is not None else 1.0
     sums, counts = [], []
-    for p, (lse, pos_sum, pos_weight) in zip(plan.passes, merged):
-        terms, counted = _anchor_terms(plan, p, lse, pos_sum, pos_weight, kappa, run.bias)
+    for p, (s0, s1), (lse, pos_sum, pos_weight) in zip(plan.passes, spans, merged):
+        terms, counted = _anchor_terms(plan, p, lse, pos_sum, pos_weight, kappa, run.bias, run.positive_scale(s0, s1))
         sums.append(terms.sum())
         counts.append(counted.sum())
     local_totals = torch.stack(sums + counts)
@@ -262,7 +286,7 @@ def _backward(grad, rows, labels, mask, tau, bias, lse_all, weight_all, scalars,
         else:
             has_positive = pos_weight > 0
             alpha = torch.where(has_positive, coefficient * kappa, 0.0)
-            beta = alpha / torch.where(has_positive, pos_weight, 1.0)
+            beta = alpha * run.positive_scale(s0, s1) / torch.where(has_positive, pos_weight, 1.0)
         alphas.append(alpha)
         betas.append(beta)
         lses.append(lse)

@@ -104,13 +104,13 @@ def _supcon_plan(views: int, contrast_mode: str, given: str, base_temperature: f
 
 
 @torch.compiler.assume_constant_result
-def _dcl_plan() -> str:
+def _dcl_plan(weight_sigma: Optional[float]) -> str:
     # Per view: a same-view negatives-only pass and a cross-view pass without the positive in its
     # denominator, each view's two terms averaged with weight 1/2.
     passes = []
     for own, other in (((0, 1), (1, 2)), ((1, 2), (0, 1))):
         passes += [Pass(own, own, "none", exclude_self=True, weight=0.5), Pass(own, other, "diagonal", weight=0.5)]
-    return Plan(passes=tuple(passes), exclude_positives=True).encode()
+    return Plan(passes=tuple(passes), exclude_positives=True, pair_weight_sigma=weight_sigma).encode()
 
 
 @torch.compiler.assume_constant_result
@@ -325,6 +325,7 @@ def dcl(
     z2: Tensor,
     temperature: Temperature = 0.1,
     *,
+    weight_sigma: Optional[float] = None,
     sub_dim: Optional[int] = None,
     normalize: bool = True,
     backend: str = "auto",
@@ -332,15 +333,18 @@ def dcl(
     check_finite: Optional[bool] = None,
 ) -> Tensor:
     """Decoupled contrastive loss (DCL, Yeh et al. 2022) as lightly's ``DCLLoss``: NT-Xent without the
-    positive pair in the denominator.
+    positive pair in the denominator; with ``weight_sigma``, the weighted DCLW (lightly's ``DCLWLoss``).
 
-    For anchor i of view u (v the other view): ℓ_i = −s(u_i, v_i) + log Σ_{j≠i} exp s(u_i, u_j)
-    + log Σ_{j≠i} exp s(u_i, v_j); L = ½ mean_i ℓ_i(view 1) + ½ mean_i ℓ_i(view 2).
+    For anchor i of view u (v the other view): ℓ_i = −w_i·s(u_i, v_i) + log Σ_{j≠i} exp s(u_i, u_j)
+    + log Σ_{j≠i} exp s(u_i, v_j); L = ½ mean_i ℓ_i(view 1) + ½ mean_i ℓ_i(view 2). w_i = 1 (DCL), or
+    DCLW's von Mises-Fisher weight w_i = 2 − N·softmax_i(⟨ẑ1_i, ẑ2_i⟩/σ) over the N pairs (the global
+    batch under gather/ring), without gradient through w.
 
     Args:
         z1, z2: [N, D] the two views (same shape, dtype and device); N ≥ 2 in a single process (under
             gather/ring the other ranks' rows fill the denominators).
         temperature: τ > 0, a float or a 0-dim tensor.
+        weight_sigma: σ > 0 of DCLW's weights (lightly's default 0.5), or None for DCL.
         sub_dim, normalize, backend, distributed, check_finite: see the module docstring.
 
     Returns:
@@ -353,8 +357,13 @@ def dcl(
         >>> z1, z2 = torch.randn(8, 16), torch.randn(8, 16)
         >>> dcl(z1, z2, 0.1).shape
         torch.Size([])
+        >>> dcl(z1, z2, 0.1, weight_sigma=0.5).dtype  # DCLW
+        torch.float32
     """
     d = _check_two_views(("z1", "z2"), z1, z2, sub_dim)
+    if weight_sigma is not None:
+        _validate.temperature("weight_sigma", weight_sigma, z1.device, True, allow_tensor=False)
+        weight_sigma = float(weight_sigma)
     mode = _distributed.resolve_mode(distributed)
     if z1.shape[0] < 2 and mode == "local":
         raise ValueError(f"z1: DCL needs N >= 2 rows per view (its denominators hold the other samples), got shape {tuple(z1.shape)}")
@@ -362,7 +371,7 @@ def dcl(
     tau = _finish_checks(("z1", "z2"), (z1, z2), temperature, backend, check_finite, z1.device, z1)
     n = z1.shape[0]
     rows = torch.cat([z1[:, :d], z2[:, :d]])
-    return block_loss(rows, _dcl_plan(), [n, n], tau, normalize=normalize, mode=mode, backend=backend)
+    return block_loss(rows, _dcl_plan(weight_sigma), [n, n], tau, normalize=normalize, mode=mode, backend=backend)
 
 
 def siglip(

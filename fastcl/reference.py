@@ -105,18 +105,23 @@ def supcon(
 
 
 
-def dcl(z1, z2, temperature=0.1, sub_dim=None, normalize=True) -> Tensor:
-    """DCL: per anchor, −s_pos + log Σ over the other same-view rows + log Σ over the other cross-view
-    rows (the positive left out of both); the mean over each view's anchors, the two views averaged."""
+def dcl(z1, z2, temperature=0.1, sub_dim=None, normalize=True, weight_sigma=None) -> Tensor:
+    """DCL: per anchor, −w_i·s_pos + log Σ over the other same-view rows + log Σ over the other
+    cross-view rows (the positive left out of both); the mean over each view's anchors, the two views
+    averaged. w_i = 1, or DCLW's 2 − N·softmax_i(⟨ẑ1_i, ẑ2_i⟩/σ) (constant: no gradient through it)."""
     a, b, tau = _rows(z1, sub_dim, normalize), _rows(z2, sub_dim, normalize), _tau(temperature)
     n = a.shape[0]
+    w = [1.0] * n
+    if weight_sigma is not None:
+        pair = torch.stack([a[i].detach() @ b[i].detach() for i in range(n)]) / weight_sigma
+        w = (2 - n * torch.softmax(pair, dim=0)).tolist()
 
     def one_view(u, v):
         total = 0.0
         for i in range(n):
             others = [j for j in range(n) if j != i]
             same, cross = u[i] @ u[others].T / tau, u[i] @ v[others].T / tau
-            total = total - u[i] @ v[i] / tau + torch.logsumexp(same, 0) + torch.logsumexp(cross, 0)
+            total = total - w[i] * (u[i] @ v[i]) / tau + torch.logsumexp(same, 0) + torch.logsumexp(cross, 0)
         return total / n
 
     return 0.5 * one_view(a, b) + 0.5 * one_view(b, a)
@@ -199,16 +204,20 @@ def naive_supcon(
     return (-(temperature / base_temperature) * mean_log_prob_pos).mean()
 
 
-def naive_dcl(z1: Tensor, z2: Tensor, temperature: float = 0.1) -> Tensor:
-    """DCL as lightly's ``DCLLoss`` computes it: N×N einsum blocks, boolean masks cut out the diagonal."""
+def naive_dcl(z1: Tensor, z2: Tensor, temperature: float = 0.1, weight_sigma: Optional[float] = None) -> Tensor:
+    """DCL (DCLW with ``weight_sigma``) as lightly's ``DCLLoss`` / ``DCLWLoss`` compute it: N×N einsum
+    blocks, boolean masks cut out the diagonal."""
     z1, z2 = F.normalize(z1, dim=1), F.normalize(z2, dim=1)
     n = z1.shape[0]
     off_diagonal = ~torch.eye(n, dtype=torch.bool, device=z1.device)
+    weight = 1.0
+    if weight_sigma is not None:
+        weight = 2 - n * torch.softmax(torch.einsum("nm,nm->n", z1.detach(), z2.detach()) / weight_sigma, dim=0)
 
     def one_view(u, v):
         same = torch.einsum("nc,mc->nm", u, u) / temperature
         cross = torch.einsum("nc,mc->nm", u, v) / temperature
-        positive = -cross.diagonal()
+        positive = -cross.diagonal() * weight
         same, cross = same[off_diagonal].view(n, -1), cross[off_diagonal].view(n, -1)
         return (positive + torch.logsumexp(same, dim=1) + torch.logsumexp(cross, dim=1)).mean()
 

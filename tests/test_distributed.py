@@ -75,6 +75,7 @@ CASES = [
     Case("supcon-nolabels-uneven", "supcon", targets="samples", sizes="uneven"),
     Case("supcon-zero-missing", "supcon", {"positives_missing": "zero"}, views=1, targets="labels", sizes="uneven"),
     Case("dcl-uneven", "dcl", sizes="uneven"),
+    Case("dclw", "dcl", {"weight_sigma": 0.5}),
     Case("siglip-uneven", "siglip", {"sub_dim": 6}, sizes="uneven"),
 ]
 
