@@ -250,3 +250,38 @@ def test_layout_is_frozen():
     with pytest.raises(Exception):
         layout.self_offset = 1  # type: ignore[misc]
     assert replace(layout, self_offset=2).self_offset == 2
+
+
+# --- the engine's single-process mode equals the fused local fast paths ------------------------------
+
+def _loss_and_grads(loss: str, through_engine: bool, seed: int):
+    """Loss and gradients (inputs and τ) of the fused local path, or of the engine in "local" mode with
+    the functional's own plan, on the same float64 inputs."""
+    from fastcl import engine, functional
+
+    gen = torch.Generator().manual_seed(seed)
+    n, d = 7, 5
+    tau = torch.tensor(0.3, dtype=torch.float64, requires_grad=True)
+    if loss == "supcon":
+        leaves = [torch.randn(n, 3, d, generator=gen, dtype=torch.float64).requires_grad_()]
+        labels = torch.randint(0, 3, (n,), generator=gen)
+        if through_engine:
+            rows = leaves[0].transpose(0, 1).reshape(3 * n, d)
+            plan = functional._supcon_plan(3, "all", "labels", 0.07, "drop")
+            value = engine.block_loss(rows, plan, [n] * 3, tau, labels=labels)
+        else:
+            value = functional.supcon(leaves[0], labels, temperature=tau, backend="torch")
+    else:
+        leaves = [torch.randn(n, d, generator=gen, dtype=torch.float64).requires_grad_() for _ in range(2)]
+        if through_engine:
+            plan = functional._nt_xent_plan() if loss == "nt_xent" else functional._info_nce_plan(False, True)
+            value = engine.block_loss(torch.cat(leaves), plan, [n, n], tau)
+        else:
+            value = getattr(functional, loss)(*leaves, tau, backend="torch")
+    return [value.detach(), *torch.autograd.grad(value, [*leaves, tau])]
+
+
+@pytest.mark.parametrize("loss", ["nt_xent", "info_nce", "supcon"])
+def test_engine_local_mode_equals_the_fast_path(loss):
+    for ours, fast in zip(_loss_and_grads(loss, True, seed=5), _loss_and_grads(loss, False, seed=5)):
+        assert relative_error(ours, fast) <= 1e-12
