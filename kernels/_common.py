@@ -127,26 +127,32 @@ def gradient_prescale(dtype: torch.dtype) -> float:
 
 # (BLOCK_M, BLOCK_N, BLOCK_D, num_warps, num_stages); backward entries add BLOCK_DO before num_warps.
 # Chosen by the compile-only report (docs/kernels.md): no spills, shared memory within the limit. The
-# sm90 backward keeps 64-row tiles (128-row ones sit at 255 registers and spill).
+# symmetric backwards keep 64-row tiles at 8 warps (128-row ones sit at 255 registers and spill).
 _FORWARD = {
     "sm90": [(128, 128, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (64, 64, 32, 4, 3)],
-    "sm80": [(128, 64, 64, 4, 3), (128, 128, 32, 8, 3), (64, 64, 64, 4, 3), (64, 64, 32, 4, 4)],
+    "sm80": [(128, 128, 32, 8, 3), (128, 64, 64, 8, 3), (64, 64, 64, 8, 3), (64, 64, 32, 8, 3)],
     "fallback": [(64, 64, 32, 4, 2), (32, 32, 32, 4, 2)],
 }
 _BACKWARD = {
     "sm90": [(64, 64, 64, 64, 8, 3), (64, 64, 32, 64, 8, 3)],
-    "sm80": [(64, 64, 64, 64, 8, 3), (64, 64, 32, 64, 8, 3)],
+    "sm80": [(64, 64, 64, 64, 8, 3), (64, 64, 32, 32, 8, 3)],
     "fallback": [(64, 32, 32, 64, 4, 2), (32, 32, 32, 32, 4, 2)],
 }
 # The block primitive's backward passes (kernels/block.py) carry less per tile than the symmetric
 # backwards: at 4 warps they stay below 255 registers without spills on sm90 and halve the per-tile
-# overhead per element (compile-only report); 4-byte rows keep the 8-warp entry.
+# overhead per element.
 _BLOCK_BACKWARD = {
-    "sm90": [(64, 64, 64, 64, 4, 3), (64, 64, 32, 64, 4, 3), (64, 64, 32, 64, 8, 3)],
+    "sm90": [(64, 64, 64, 64, 4, 3), (64, 64, 32, 64, 4, 3)],
     "sm80": _BACKWARD["sm80"],
     "fallback": _BACKWARD["fallback"],
 }
-_TABLES = {"forward": _FORWARD, "backward": _BACKWARD, "block_backward": _BLOCK_BACKWARD}
+# Small tiles, the only ones for 4-byte rows (fp32 dots: tf32x3 holds high and low parts of both
+# operands in registers) and for the block kernels' label / mask positives (:func:`needs_small_tiles`).
+_SMALL_FORWARD = {"sm90": [(64, 64, 32, 4, 3)], "sm80": [(32, 64, 32, 4, 2)], "fallback": [(32, 32, 32, 4, 2)]}
+_SMALL_BACKWARD = {"sm90": [(64, 64, 32, 64, 8, 3)], "sm80": [(32, 64, 32, 32, 8, 2)],
+                   "fallback": [(32, 32, 32, 32, 4, 2)]}
+_TABLES = {"forward": (_FORWARD, _SMALL_FORWARD), "backward": (_BACKWARD, _SMALL_BACKWARD),
+           "block_backward": (_BLOCK_BACKWARD, _SMALL_BACKWARD)}
 _INTERPRETER = {"forward": (16, 16, 16, 1, 1), "backward": (16, 16, 16, 16, 1, 1),
                 "block_backward": (16, 16, 16, 16, 1, 1)}
 
@@ -164,27 +170,16 @@ def _config(kind: str, entry: tuple) -> triton.Config:
     return triton.Config(dict(zip(names, blocks)), num_warps=warps, num_stages=stages)
 
 
-def _fits_wide_operands(config) -> bool:
-    """Tiles small enough for 4-byte operands: fp32 dots (tf32x3 keeps high and low parts of both
-    operands in registers) spill above 64 × 64 tiles, 32-wide feature chunks, a 64-wide gradient slice, or
-    a backward below 8 warps (compile-only report, sm90)."""
-    blocks = config.kwargs
-    backward = "BLOCK_DO" in blocks
-    return (blocks["BLOCK_M"] * blocks["BLOCK_N"] <= 64 * 64 and blocks["BLOCK_D"] <= 32
-            and blocks.get("BLOCK_DO", 0) <= 64 and (not backward or config.num_warps >= 8))
-
-
 def needs_small_tiles(dtype: torch.dtype, constexprs: dict) -> bool:
-    """Whether a launch keeps only the small tiles (:func:`_fits_wide_operands`): 4-byte rows, or the
-    block kernels' label / mask positives (their per-tile label compares and weights spill in 128-row
-    tiles)."""
+    """Whether a launch keeps only the small tiles: 4-byte rows, or the block kernels' label / mask
+    positives (their per-tile label compares and weights spill in 128-row tiles)."""
     return dtype.itemsize >= 4 or constexprs.get("POSITIVES", 0) >= 2
 
 
 def tile_configs(kind: str, arch: str, dtype: torch.dtype | None = None, constexprs: dict | None = None) -> list:
-    """The autotune table of ``kind`` (see :func:`autotune_configs`) for ``arch`` ("sm90", "sm80", "fallback"),
-    for rows of ``dtype`` launched with ``constexprs`` (see :func:`needs_small_tiles`). The compile-only
-    report compiles exactly these.
+    """The autotune table of ``kind`` (see :func:`autotune_configs`) for ``arch`` ("sm90", "sm80",
+    "fallback"), for rows of ``dtype`` launched with ``constexprs`` (the small-tile table when
+    :func:`needs_small_tiles`). The compile-only report compiles exactly these.
 
     Example:
         >>> [c.kwargs["BLOCK_M"] for c in tile_configs("forward", "fallback")]
@@ -192,24 +187,26 @@ def tile_configs(kind: str, arch: str, dtype: torch.dtype | None = None, constex
     """
     if kind not in _TABLES:
         raise ValueError(f"kind: expected one of {list(_TABLES)}, got {kind!r}")
-    table = _TABLES[kind]
+    table, small = _TABLES[kind]
     if arch not in table:
         raise ValueError(f"arch: expected one of {list(table)}, got {arch!r}")
-    configs = [_config(kind, e) for e in table[arch]]
     if dtype is not None and needs_small_tiles(dtype, constexprs or {}):
-        configs = [c for c in configs if _fits_wide_operands(c)] or configs[-1:]
-    return configs
+        table = small
+    return [_config(kind, e) for e in table[arch]]
 
 
 @functools.lru_cache(maxsize=None)
 def autotune_configs(kind: str) -> list:
-    """Configs for ``kind`` in {"forward", "backward", "block_backward"} on this machine (see module
+    """Configs for ``kind`` in {"forward", "backward", "block_backward"} on this machine: the
+    architecture's table and its small tiles (PRUNE keeps the ones a launch may use; see the module
     docstring)."""
     if kind not in _TABLES:
         raise ValueError(f"kind: expected one of {list(_TABLES)}, got {kind!r}")
     if interpreted():
         return [_config(kind, _INTERPRETER[kind])]
-    return tile_configs(kind, _architecture())
+    table, small = _TABLES[kind]
+    arch = _architecture()
+    return [_config(kind, e) for e in dict.fromkeys(table[arch] + small[arch])]
 
 
 class CompileSpec(NamedTuple):
@@ -224,15 +221,23 @@ class CompileSpec(NamedTuple):
     constexprs: dict
 
 
+def _in_tables(config, small: bool) -> bool:
+    """Whether ``config`` is an entry of this machine's small-tile tables (``small``) or main tables."""
+    entry = (*config.kwargs.values(), config.num_warps, config.num_stages)
+    return any(entry in tables[small][_architecture()] for tables in _TABLES.values())
+
+
 def _prune_wide_tiles(configs, named_args, **kwargs):
-    """Drops configs whose feature tiles are wider than D needs (they only add masked work), and tiles too
-    large for 4-byte rows (see :func:`tile_configs`)."""
-    width = max(16, triton.next_power_of_2(int(named_args["D"])))
-    kept = [c for c in configs if c.kwargs["BLOCK_D"] <= width and c.kwargs.get("BLOCK_DO", 0) <= max(width, 64)]
+    """Keeps the small tiles only for launches that need them (:func:`needs_small_tiles`), the others
+    otherwise, and drops configs whose feature tiles are wider than D needs (they only add masked work)."""
+    if interpreted():
+        return configs
     rows = next(v for v in named_args.values() if isinstance(v, torch.Tensor))
-    if needs_small_tiles(rows.dtype, kwargs):
-        kept = [c for c in kept if _fits_wide_operands(c)]
-    return kept or configs[-1:]
+    small = needs_small_tiles(rows.dtype, kwargs)
+    kept = [c for c in configs if _in_tables(c, small)]
+    width = max(16, triton.next_power_of_2(int(named_args["D"])))
+    narrow = [c for c in kept if c.kwargs["BLOCK_D"] <= width and c.kwargs.get("BLOCK_DO", 0) <= max(width, 64)]
+    return narrow or kept[-1:] or configs[-1:]
 
 
 PRUNE = {"early_config_prune": _prune_wide_tiles}

@@ -9,7 +9,7 @@ import json
 import pytest
 
 pytest.importorskip("triton")
-from fastcl.kernels.compile_only import analyze_sass  # noqa: E402
+from fastcl.kernels.compile_only import REGISTER_LIMIT, analyze_sass  # noqa: E402
 from fastcl.profiler import compile_report  # noqa: E402
 
 
@@ -24,7 +24,7 @@ def test_quick_report_rows_json_and_markdown(tmp_path):
     for row in rows.values():
         assert row["arch"] == "sm90" and row["dtype"] == "bf16" and row["D"] == 128
         assert row["mma"] == "wgmma"  # bf16 on Hopper tensor cores
-        assert 0 < row["registers"] <= compile_report.REGISTER_LIMIT
+        assert 0 < row["registers"] <= REGISTER_LIMIT
         assert row["spill_stores"] == 0 and row["spill_loads"] == 0
         assert row["fits"] and 0 < row["shared_bytes"] <= row["shared_limit"]
         assert row["loop_instructions"] > 0 and row["instructions_per_element"] > 0

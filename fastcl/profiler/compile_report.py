@@ -116,8 +116,8 @@ def metadata() -> dict:
     import torch
     import triton
     from triton.backends.nvidia.compiler import get_ptxas
-    versions = {arch: subprocess.run([get_ptxas(arch).path, "--version"], capture_output=True,
-                                     text=True).stdout.strip().splitlines()[-1] for arch in (80, 90)}
+    versions = {name: subprocess.run([get_ptxas(arch).path, "--version"], capture_output=True,
+                                     text=True).stdout.strip().splitlines()[-1] for name, arch in ARCHES.items()}
     return dict(kind="compile-time (not measured): static SASS/ptxas figures, no kernel ran",
                 date=datetime.date.today().isoformat(), triton=triton.__version__, torch=torch.__version__,
                 ptxas=versions, host=platform.node() and "cpu-only")
@@ -126,7 +126,7 @@ def metadata() -> dict:
 def to_markdown(rows: list[dict], meta: dict) -> str:
     """The rows as a markdown table under a header saying what kind of evidence they are."""
     lines = [f"# Compile-only kernel report ({meta['date']})", "",
-             f"**{meta['kind']}.** Triton {meta['triton']}, ptxas {meta['ptxas'][90]}. "
+             f"**{meta['kind']}.** Triton {meta['triton']}, ptxas {meta['ptxas']['sm90']}. "
              "Instructions and ex2 are static SASS counts of the element loop per similarity element "
              "(see `fastcl/profiler/compile_report.py`).", "",
              "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
