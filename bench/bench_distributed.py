@@ -12,6 +12,7 @@ the process's peak RSS from just before the first step (inputs allocated) to aft
 (``ru_maxrss``: loss buffers, tiles and autograd state together; allocator caching and page granularity
 make it a coarse upper bound of what the loss holds).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -80,14 +81,18 @@ def _rank(rank: int, world: int, port: int, rows: int, dim: int, mode: str, repe
     step()  # warm-up
     counter = _SentBytes()
     times = []
-    for i in range(repeats):
+    for _ in range(repeats):
         counter.total = 0
         dist.barrier()
         start = time.perf_counter()
         step()
         times.append(time.perf_counter() - start)
     rss_after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    result = {"step_s": statistics.median(times), "sent_bytes": counter.total, "peak_rss_growth_bytes": (rss_after - rss_before) * 1024}
+    result = {
+        "step_s": statistics.median(times),
+        "sent_bytes": counter.total,
+        "peak_rss_growth_bytes": (rss_after - rss_before) * 1024,
+    }
     Path(out, f"{rank}.json").write_text(json.dumps(result))
     dist.barrier()
     dist.destroy_process_group()
@@ -95,8 +100,9 @@ def _rank(rank: int, world: int, port: int, rows: int, dim: int, mode: str, repe
 
 def measure(world: int, rows: int, dim: int, mode: str, repeats: int) -> list[dict]:
     with tempfile.TemporaryDirectory() as out:
-        mp.start_processes(_rank, args=(world, _free_port(), rows, dim, mode, repeats, out), nprocs=world,
-                           start_method="spawn")
+        mp.start_processes(
+            _rank, args=(world, _free_port(), rows, dim, mode, repeats, out), nprocs=world, start_method="spawn"
+        )
         return [json.loads(Path(out, f"{r}.json").read_text()) for r in range(world)]
 
 
@@ -116,7 +122,10 @@ def main(argv=None) -> int:
         for mode in ("local", "gather", "ring"):
             ranks = measure(args.world, rows, args.dim, mode, args.repeats)
             row = {
-                "rows": rows, "world": args.world, "dim": args.dim, "mode": mode,
+                "rows": rows,
+                "world": args.world,
+                "dim": args.dim,
+                "mode": mode,
                 "step_s": max(r["step_s"] for r in ranks),
                 "sent_bytes": max(r["sent_bytes"] for r in ranks),
                 "model_sent_bytes": model.get(mode, {}).get("sent_bytes", 0),
@@ -126,7 +135,9 @@ def main(argv=None) -> int:
             results.append(row)
             print(json.dumps(row), flush=True)
     if args.out:
-        Path(args.out).write_text(json.dumps({"torch": torch.__version__, "threads_per_rank": 1, "results": results}, indent=1))
+        Path(args.out).write_text(
+            json.dumps({"torch": torch.__version__, "threads_per_rank": 1, "results": results}, indent=1)
+        )
     return 0
 
 

@@ -9,6 +9,7 @@ docs/block-engine.md is the contract these names belong to.
     >>> layout.positives, layout.self_offset
     ('index', 0)
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -26,6 +26,7 @@ This module is the communication layer: the modes, and the exchanges that bring 
 (:class:`Local`, :class:`Gather`, :class:`Ring`). The loss math runs in :mod:`fastcl.engine` as blocks
 of the block primitive of the backend that ``backend=`` / :mod:`fastcl.dispatch` chose, in every mode.
 """
+
 from __future__ import annotations
 
 from typing import Iterator, Optional
@@ -47,7 +48,7 @@ def world_size() -> int:
 
 
 def resolve_mode(distributed: str) -> str:
-    """"local", "gather" or "ring" for this call."""
+    """ "local", "gather" or "ring" for this call."""
     if distributed not in MODES:
         raise ValueError(f"distributed: expected one of {list(MODES)}, got {distributed!r}")
     if distributed == "auto":
@@ -187,6 +188,7 @@ EXCHANGES = {"local": Local, "gather": Gather, "ring": Ring}
 
 
 # --- cost model (docs/distributed.md) --------------------------------------------------------------------
+
 
 def scaling_model(
     global_rows: int, world: int, dim: int, *, element_bytes: int = 2, grad_bytes: int = 4, labels: bool = False

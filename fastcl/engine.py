@@ -26,18 +26,20 @@ on the rank-major concatenated batch. Rank r's anchors contribute L_r with Σ_r 
 and backpropagates W·(upstream gradient)·L_r, whose key part reaches the owning ranks, so DDP's 1/W
 average gives exactly dL/dθ.
 """
+
 from __future__ import annotations
 
 import functools
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Optional
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from fastcl import dispatch, distributed as _distributed
+from fastcl import dispatch
+from fastcl import distributed as _distributed
 from fastcl._blocks import Layout, accumulation_dtype, inverse_norms
 
 __all__ = ["Pass", "Plan", "block_loss"]
@@ -112,14 +114,27 @@ def _row_labels(plan: Plan, labels: Optional[Tensor], sizes: list[list[int]], ra
     return torch.cat([labels.to(torch.int64), torch.arange(mine[1], device=device) + first_key])
 
 
-def _layout(plan: Plan, p: Pass, own: bool, local_sizes: list[int], block_sizes: list[int],
-            anchor_labels: Optional[Tensor], key_labels: Optional[Tensor], mask: Optional[Tensor],
-            bias: Optional[Tensor], device: torch.device) -> Layout:
+def _layout(
+    plan: Plan,
+    p: Pass,
+    own: bool,
+    local_sizes: list[int],
+    block_sizes: list[int],
+    anchor_labels: Optional[Tensor],
+    key_labels: Optional[Tensor],
+    mask: Optional[Tensor],
+    bias: Optional[Tensor],
+    device: torch.device,
+) -> Layout:
     """The primitive's layout for pass ``p`` against one block (``own``: this rank's own rows)."""
     a0, a1 = _rows_of(local_sizes, p.anchors)
     k0, _ = _rows_of(block_sizes, p.keys)
-    common = dict(exclude_positives=plan.exclude_positives, epilogue=plan.epilogue, bias=bias,
-                  self_offset=a0 - k0 if own and p.exclude_self else None)
+    common = dict(
+        exclude_positives=plan.exclude_positives,
+        epilogue=plan.epilogue,
+        bias=bias,
+        self_offset=a0 - k0 if own and p.exclude_self else None,
+    )
     if p.positives == "labels":
         return Layout(positives="labels", a_labels=anchor_labels, k_labels=key_labels, **common)
     if p.positives == "mask":
@@ -163,7 +178,9 @@ class _Run:
         """DCLW's w per row (pair i's weight on both of its rows), from the global batch of pairs."""
         n = self.sizes[self.rank][0]
         unit = self.rows if self.inv is None else self.rows * self.inv[:, None]
-        logits = (unit[:n].to(self.tau.dtype) * unit[n : 2 * n].to(self.tau.dtype)).sum(dim=1) / self.plan.pair_weight_sigma
+        logits = (unit[:n].to(self.tau.dtype) * unit[n : 2 * n].to(self.tau.dtype)).sum(
+            dim=1
+        ) / self.plan.pair_weight_sigma
         shift = logits.max() if n else logits.new_full((), float("-inf"))
         if mode != "local":
             dist.all_reduce(shift, op=dist.ReduceOp.MAX)
@@ -193,10 +210,16 @@ class _Run:
                 a0, a1 = _rows_of(mine, p.anchors)
                 k0, k1 = _rows_of(self.sizes[owner], p.keys)
                 layout = _layout(
-                    self.plan, p, own, mine, self.sizes[owner],
+                    self.plan,
+                    p,
+                    own,
+                    mine,
+                    self.sizes[owner],
                     None if self.row_labels is None else self.row_labels[a0:a1],
                     None if block_labels is None else block_labels[k0:k1],
-                    self.mask, self.bias, self.rows.device,
+                    self.mask,
+                    self.bias,
+                    self.rows.device,
                 )
                 sweeps.append(_Sweep(i, (a0, a1), (k0, k1), layout))
             yield owner, block_rows, self.inv if own else self._inv(block_rows), sweeps
@@ -205,8 +228,16 @@ class _Run:
         """Runs the forward or backward primitive on one sweep; a layout the backend lacks is a RuntimeError."""
         (a0, a1), (k0, k1) = sweep.anchors, sweep.keys
         try:
-            return fn(self.rows[a0:a1], _slice(self.inv, a0, a1), block_rows[k0:k1], _slice(block_inv, k0, k1),
-                      self.tau, self.rows.shape[1], sweep.layout, *extra)
+            return fn(
+                self.rows[a0:a1],
+                _slice(self.inv, a0, a1),
+                block_rows[k0:k1],
+                _slice(block_inv, k0, k1),
+                self.tau,
+                self.rows.shape[1],
+                sweep.layout,
+                *extra,
+            )
         except NotImplementedError as error:
             raise RuntimeError(f"backend={self.backend!r} cannot run this block: {error}") from error
 
@@ -215,8 +246,9 @@ def _slice(x: Optional[Tensor], start: int, stop: int) -> Optional[Tensor]:
     return None if x is None else x[start:stop]
 
 
-def _anchor_terms(plan: Plan, p: Pass, lse: Tensor, pos_sum: Tensor, pos_weight: Tensor, kappa, bias,
-                  pos_scale) -> tuple[Tensor, Tensor]:
+def _anchor_terms(
+    plan: Plan, p: Pass, lse: Tensor, pos_sum: Tensor, pos_weight: Tensor, kappa, bias, pos_scale
+) -> tuple[Tensor, Tensor]:
     """(ℓ_a with 0 for uncounted anchors, counted_a as 0/1) from merged statistics; ``pos_scale`` weighs
     the positive term (DCLW; 1.0 otherwise)."""
     if plan.epilogue == "sigmoid":
@@ -225,7 +257,9 @@ def _anchor_terms(plan: Plan, p: Pass, lse: Tensor, pos_sum: Tensor, pos_weight:
     if p.positives == "none":  # a negatives-only pass (DCL's same-view term): ℓ_a = κ·lse_a
         return kappa * lse, torch.ones_like(lse)
     has_positive = pos_weight > 0
-    terms = torch.where(has_positive, kappa * (lse - pos_scale * pos_sum / torch.where(has_positive, pos_weight, 1.0)), 0.0)
+    terms = torch.where(
+        has_positive, kappa * (lse - pos_scale * pos_sum / torch.where(has_positive, pos_weight, 1.0)), 0.0
+    )
     counted = torch.ones_like(lse) if plan.missing == "zero" else has_positive.to(lse.dtype)
     return terms, counted
 
@@ -235,8 +269,14 @@ def _forward(rows, labels, mask, tau, bias, plan_str, part_sizes, normalize, mod
     run = _Run(rows, labels, mask, tau, bias, plan, part_sizes, normalize, mode, backend)
     spans = run.anchor_spans()
     acc = tau.dtype
-    merged = [[rows.new_full((s1 - s0,), float("-inf") if plan.epilogue == "softmax" else 0.0, dtype=acc),
-               rows.new_zeros((s1 - s0,), dtype=acc), rows.new_zeros((s1 - s0,), dtype=acc)] for s0, s1 in spans]
+    merged = [
+        [
+            rows.new_full((s1 - s0,), float("-inf") if plan.epilogue == "softmax" else 0.0, dtype=acc),
+            rows.new_zeros((s1 - s0,), dtype=acc),
+            rows.new_zeros((s1 - s0,), dtype=acc),
+        ]
+        for s0, s1 in spans
+    ]
     for _, block_rows, block_inv, sweeps in run.blocks():
         for sweep in sweeps:
             lse, pos_sum, pos_weight = run.primitive(run.forward_fn, sweep, block_rows, block_inv)
@@ -264,7 +304,9 @@ def _forward(rows, labels, mask, tau, bias, plan_str, part_sizes, normalize, mod
     return loss, lse_all, weight_all, torch.cat([global_counts, own_share[None]])
 
 
-def _backward(grad, rows, labels, mask, tau, bias, lse_all, weight_all, scalars, plan_str, part_sizes, normalize, mode, backend):
+def _backward(
+    grad, rows, labels, mask, tau, bias, lse_all, weight_all, scalars, plan_str, part_sizes, normalize, mode, backend
+):
     plan = _decode(plan_str)
     run = _Run(rows, labels, mask, tau, bias, plan, part_sizes, normalize, mode, backend)
     acc = tau.dtype
@@ -296,7 +338,9 @@ def _backward(grad, rows, labels, mask, tau, bias, lse_all, weight_all, scalars,
         d_block = rows.new_zeros(block_rows.shape, dtype=acc)
         for sweep in sweeps:
             i = sweep.index
-            d_a, d_k, block_gs = run.primitive(run.backward_fn, sweep, block_rows, block_inv, lses[i], alphas[i], betas[i])
+            d_a, d_k, block_gs = run.primitive(
+                run.backward_fn, sweep, block_rows, block_inv, lses[i], alphas[i], betas[i]
+            )
             d_rows[sweep.anchors[0] : sweep.anchors[1]] += d_a
             d_block[sweep.keys[0] : sweep.keys[1]] += d_k
             gs[: block_gs.numel()] += block_gs.reshape(-1)
@@ -311,10 +355,19 @@ def _backward(grad, rows, labels, mask, tau, bias, lse_all, weight_all, scalars,
 
 # --- the custom ops ---------------------------------------------------------------------------------------
 
+
 @torch.library.custom_op("fastcl::block_loss", mutates_args=())
 def _block_loss_op(
-    rows: Tensor, labels: Optional[Tensor], mask: Optional[Tensor], tau: Tensor, bias: Optional[Tensor],
-    plan: str, part_sizes: list[int], normalize: bool, mode: str, backend: str,
+    rows: Tensor,
+    labels: Optional[Tensor],
+    mask: Optional[Tensor],
+    tau: Tensor,
+    bias: Optional[Tensor],
+    plan: str,
+    part_sizes: list[int],
+    normalize: bool,
+    mode: str,
+    backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Returns (loss, merged per-anchor statistic, pos_weight, [counts per pass..., own share])."""
     with torch.autocast(rows.device.type, enabled=False):
@@ -326,19 +379,36 @@ def _(rows, labels, mask, tau, bias, plan, part_sizes, normalize, mode, backend)
     decoded = _decode(plan)
     anchors = sum(_rows_of(part_sizes, p.anchors)[1] - _rows_of(part_sizes, p.anchors)[0] for p in decoded.passes)
     acc = tau.dtype
-    return (rows.new_empty((), dtype=acc), rows.new_empty((anchors,), dtype=acc),
-            rows.new_empty((anchors,), dtype=acc), rows.new_empty((len(decoded.passes) + 1,), dtype=acc))
+    return (
+        rows.new_empty((), dtype=acc),
+        rows.new_empty((anchors,), dtype=acc),
+        rows.new_empty((anchors,), dtype=acc),
+        rows.new_empty((len(decoded.passes) + 1,), dtype=acc),
+    )
 
 
 @torch.library.custom_op("fastcl::block_loss_backward", mutates_args=())
 def _block_loss_backward_op(
-    grad: Tensor, rows: Tensor, labels: Optional[Tensor], mask: Optional[Tensor], tau: Tensor, bias: Optional[Tensor],
-    lse: Tensor, pos_weight: Tensor, scalars: Tensor, plan: str, part_sizes: list[int], normalize: bool, mode: str,
+    grad: Tensor,
+    rows: Tensor,
+    labels: Optional[Tensor],
+    mask: Optional[Tensor],
+    tau: Tensor,
+    bias: Optional[Tensor],
+    lse: Tensor,
+    pos_weight: Tensor,
+    scalars: Tensor,
+    plan: str,
+    part_sizes: list[int],
+    normalize: bool,
+    mode: str,
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Returns (d_rows, dL/dτ, dL/db)."""
     with torch.autocast(rows.device.type, enabled=False):
-        return _backward(grad, rows, labels, mask, tau, bias, lse, pos_weight, scalars, plan, part_sizes, normalize, mode, backend)
+        return _backward(
+            grad, rows, labels, mask, tau, bias, lse, pos_weight, scalars, plan, part_sizes, normalize, mode, backend
+        )
 
 
 @_block_loss_backward_op.register_fake
@@ -354,18 +424,37 @@ def _setup(ctx, inputs, output):
 
 def _op_backward(ctx, grad_loss, *_grad_aux):
     rows, labels, mask, tau, bias, lse, pos_weight, scalars = ctx.saved_tensors
-    d_rows, d_tau, d_bias = _block_loss_backward_op(grad_loss, rows, labels, mask, tau, bias, lse, pos_weight, scalars, *ctx.options)
-    return (d_rows, None, None, d_tau.to(tau.dtype) if ctx.needs_input_grad[3] else None,
-            d_bias.to(bias.dtype) if bias is not None and ctx.needs_input_grad[4] else None,
-            None, None, None, None, None)
+    d_rows, d_tau, d_bias = _block_loss_backward_op(
+        grad_loss, rows, labels, mask, tau, bias, lse, pos_weight, scalars, *ctx.options
+    )
+    return (
+        d_rows,
+        None,
+        None,
+        d_tau.to(tau.dtype) if ctx.needs_input_grad[3] else None,
+        d_bias.to(bias.dtype) if bias is not None and ctx.needs_input_grad[4] else None,
+        None,
+        None,
+        None,
+        None,
+        None,
+    )
 
 
 torch.library.register_autograd("fastcl::block_loss", _op_backward, setup_context=_setup)
 
 
 def block_loss(
-    rows: Tensor, plan: Plan | str, part_sizes: list[int], tau: Tensor, *, labels: Optional[Tensor] = None,
-    mask: Optional[Tensor] = None, bias: Optional[Tensor] = None, normalize: bool = True, mode: str = "local",
+    rows: Tensor,
+    plan: Plan | str,
+    part_sizes: list[int],
+    tau: Tensor,
+    *,
+    labels: Optional[Tensor] = None,
+    mask: Optional[Tensor] = None,
+    bias: Optional[Tensor] = None,
+    normalize: bool = True,
+    mode: str = "local",
     backend: str = "torch",
 ) -> Tensor:
     """The loss of ``plan`` over ``rows`` (this rank's parts, stacked), its anchors against every block.

@@ -17,6 +17,7 @@ Which code runs (docs/block-engine.md): a single-process call the fused local fa
 ``positives_missing="zero"``, explicit InfoNCE targets or more keys than queries) run
 :func:`fastcl.engine.block_loss` on the backend's block primitive.
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -24,7 +25,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from fastcl import _validate, dispatch, distributed as _distributed, ops
+from fastcl import _validate, dispatch, ops
+from fastcl import distributed as _distributed
 from fastcl._blocks import accumulation_dtype
 from fastcl._validate import Temperature
 from fastcl.engine import Pass, Plan, block_loss
@@ -79,6 +81,7 @@ def _finish_checks(names, tensors, temperature, backend, check_finite, device, l
 
 # The plans are built outside the traced graph (torch.compile sees their encoded strings as constants).
 
+
 @torch.compiler.assume_constant_result
 def _nt_xent_plan() -> str:
     return Plan(passes=(Pass((0, 2), (0, 2), "pairs", exclude_self=True),)).encode()
@@ -89,7 +92,9 @@ def _info_nce_plan(targets: bool, symmetric: bool) -> str:
     if targets:
         return Plan(passes=(Pass((0, 1), (1, 2), "labels"),), labels="targets").encode()
     if symmetric:
-        return Plan(passes=(Pass((0, 1), (1, 2), "diagonal", weight=0.5), Pass((1, 2), (0, 1), "diagonal", weight=0.5))).encode()
+        return Plan(
+            passes=(Pass((0, 1), (1, 2), "diagonal", weight=0.5), Pass((1, 2), (0, 1), "diagonal", weight=0.5))
+        ).encode()
     return Plan(passes=(Pass((0, 1), (1, 2), "diagonal"),)).encode()
 
 
@@ -99,8 +104,12 @@ def _supcon_plan(views: int, contrast_mode: str, given: str, base_temperature: f
     anchors = (0, 1) if contrast_mode == "one" else (0, views)
     positives = "mask" if given == "mask" else "labels"
     row_labels = {"labels": "given", "mask": "none", "none": "samples"}[given]
-    return Plan(passes=(Pass(anchors, (0, views), positives, exclude_self=True),), labels=row_labels,
-                base_temperature=base_temperature, missing=missing).encode()
+    return Plan(
+        passes=(Pass(anchors, (0, views), positives, exclude_self=True),),
+        labels=row_labels,
+        base_temperature=base_temperature,
+        missing=missing,
+    ).encode()
 
 
 @torch.compiler.assume_constant_result
@@ -221,7 +230,9 @@ def info_nce(
     if targets is not None:
         _validate.targets(targets, n_q, q.device)
     elif n_q > n_k:
-        raise ValueError(f"k: query i's positive is key i, so Nk >= Nq is needed; got Nq = {n_q}, Nk = {n_k} (or pass targets)")
+        raise ValueError(
+            f"k: query i's positive is key i, so Nk >= Nq is needed; got Nq = {n_q}, Nk = {n_k} (or pass targets)"
+        )
     mode = _distributed.resolve_mode(distributed)
     on_engine = mode != "local" or targets is not None or n_q != n_k
     backend = _resolve(backend, q.device, on_engine)
@@ -317,7 +328,9 @@ def supcon(
         mask = mask.to(accumulation_dtype(features.dtype))
     given = "mask" if mask is not None else "labels" if labels is not None else "none"
     plan = _supcon_plan(views, contrast_mode, given, float(base_temperature), positives_missing)
-    return block_loss(rows, plan, [n] * views, tau, labels=labels, mask=mask, normalize=normalize, mode=mode, backend=backend)
+    return block_loss(
+        rows, plan, [n] * views, tau, labels=labels, mask=mask, normalize=normalize, mode=mode, backend=backend
+    )
 
 
 def dcl(
@@ -366,7 +379,9 @@ def dcl(
         weight_sigma = float(weight_sigma)
     mode = _distributed.resolve_mode(distributed)
     if z1.shape[0] < 2 and mode == "local":
-        raise ValueError(f"z1: DCL needs N >= 2 rows per view (its denominators hold the other samples), got shape {tuple(z1.shape)}")
+        raise ValueError(
+            f"z1: DCL needs N >= 2 rows per view (its denominators hold the other samples), got shape {tuple(z1.shape)}"
+        )
     backend = _resolve(backend, z1.device, True)
     tau = _finish_checks(("z1", "z2"), (z1, z2), temperature, backend, check_finite, z1.device, z1)
     n = z1.shape[0]
@@ -428,7 +443,10 @@ def siglip(
         _validate.temperature("logit_scale", logit_scale, x.device, checking)
     if isinstance(logit_bias, Tensor):
         if logit_bias.dim() != 0 or not logit_bias.is_floating_point():
-            raise ValueError(f"logit_bias: expected a float or a 0-dim floating tensor, got shape {tuple(logit_bias.shape)}, dtype {logit_bias.dtype}")
+            raise ValueError(
+                f"logit_bias: expected a float or a 0-dim floating tensor, "
+                f"got shape {tuple(logit_bias.shape)}, dtype {logit_bias.dtype}"
+            )
     elif isinstance(logit_bias, bool) or not isinstance(logit_bias, (int, float)):
         raise TypeError(f"logit_bias: expected a float or a 0-dim tensor, got {type(logit_bias).__name__}")
     if checking:

@@ -19,6 +19,7 @@
     >>> torch.allclose(naive_nt_xent(z1, z2, 0.5).double(), nt_xent(z1, z2, 0.5), atol=1e-5)
     True
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -27,8 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-
 # --- float64 formulas ---------------------------------------------------------------------------------
+
 
 def _rows(x: Tensor, sub_dim: Optional[int], normalize: bool) -> Tensor:
     x = x.double()
@@ -71,8 +72,15 @@ def info_nce(q, k, temperature=0.1, sub_dim=None, normalize=True, symmetric=True
 
 
 def supcon(
-    features, labels=None, mask=None, temperature=0.07, base_temperature=0.07, contrast_mode="all",
-    sub_dim=None, normalize=True, positives_missing="drop",
+    features,
+    labels=None,
+    mask=None,
+    temperature=0.07,
+    base_temperature=0.07,
+    contrast_mode="all",
+    sub_dim=None,
+    normalize=True,
+    positives_missing="drop",
 ) -> Tensor:
     """A floating ``mask`` weighs the positives (soft mask); anchors without positives are left out of
     the mean ("drop") or add 0 to it ("zero")."""
@@ -104,7 +112,6 @@ def supcon(
     return torch.stack(terms).sum() / (len(terms) + (missing if positives_missing == "zero" else 0))
 
 
-
 def dcl(z1, z2, temperature=0.1, sub_dim=None, normalize=True, weight_sigma=None) -> Tensor:
     """DCL: per anchor, −w_i·s_pos + log Σ over the other same-view rows + log Σ over the other
     cross-view rows (the positive left out of both); the mean over each view's anchors, the two views
@@ -134,13 +141,19 @@ def siglip(x, y, logit_scale=None, logit_bias=-10.0, sub_dim=None, normalize=Tru
     if temperature is not None:
         t = 1.0 / _tau(temperature)
     else:
-        t = logit_scale.double() if isinstance(logit_scale, Tensor) else float(10.0 if logit_scale is None else logit_scale)
+        t = (
+            logit_scale.double()
+            if isinstance(logit_scale, Tensor)
+            else float(10.0 if logit_scale is None else logit_scale)
+        )
     bias = logit_bias.double() if isinstance(logit_bias, Tensor) else float(logit_bias)
     n = a.shape[0]
     labels = 2 * torch.eye(n, dtype=torch.float64) - 1
     return -F.logsigmoid(labels * (t * a @ b.T + bias)).sum() / n
 
+
 # --- naive PyTorch ------------------------------------------------------------------------------------
+
 
 def naive_nt_xent(z1: Tensor, z2: Tensor, temperature: float = 0.5) -> Tensor:
     """SimCLR 2N-way NT-Xent computed as lightly does (2N×(2N−1) logits)."""
@@ -192,9 +205,7 @@ def naive_supcon(
     logits = anchor_dot_contrast - row_max.detach()
     positives = same_label.repeat(views, views)
     rows = n * views
-    not_self = torch.scatter(
-        torch.ones_like(positives), 1, torch.arange(rows, device=features.device).view(-1, 1), 0
-    )
+    not_self = torch.scatter(torch.ones_like(positives), 1, torch.arange(rows, device=features.device).view(-1, 1), 0)
     positives = positives * not_self
     exp_logits = torch.exp(logits) * not_self
     log_prob = logits - torch.log(exp_logits.sum(1, keepdim=True))

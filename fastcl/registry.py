@@ -12,6 +12,7 @@ touches the files docs/block-engine.md lists ("Adding a loss touches"); this mod
     >>> entry.flops(1024, 128) == 3 * 2 * 1024 * 1024 * 128
     True
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -86,18 +87,64 @@ def _supcon_inputs(m: int, dim: int, dtype: torch.dtype = torch.float32, device=
 LOSSES: dict[str, LossEntry] = {
     entry.name: entry
     for entry in (
-        LossEntry("nt_xent", functional.nt_xent, modules.NTXentLoss, 0.5, "simclr", 3,
-                  reference.nt_xent, reference.naive_nt_xent, _two_views(lambda m: m // 2)),
-        LossEntry("info_nce", functional.info_nce, modules.InfoNCELoss, 0.1, "directclr", 4,
-                  reference.info_nce, reference.naive_info_nce, _two_views(lambda m: m)),
-        LossEntry("supcon", functional.supcon, modules.SupConLoss, 0.07, "supcon", 3,
-                  reference.supcon, reference.naive_supcon, _supcon_inputs, views_input=True),
+        LossEntry(
+            "nt_xent",
+            functional.nt_xent,
+            modules.NTXentLoss,
+            0.5,
+            "simclr",
+            3,
+            reference.nt_xent,
+            reference.naive_nt_xent,
+            _two_views(lambda m: m // 2),
+        ),
+        LossEntry(
+            "info_nce",
+            functional.info_nce,
+            modules.InfoNCELoss,
+            0.1,
+            "directclr",
+            4,
+            reference.info_nce,
+            reference.naive_info_nce,
+            _two_views(lambda m: m),
+        ),
+        LossEntry(
+            "supcon",
+            functional.supcon,
+            modules.SupConLoss,
+            0.07,
+            "supcon",
+            3,
+            reference.supcon,
+            reference.naive_supcon,
+            _supcon_inputs,
+            views_input=True,
+        ),
         # 4 passes of N×N (M = 2N): 4 GEMM-units of M×M
-        LossEntry("dcl", functional.dcl, modules.DCLLoss, 0.1, "dcl", 4,
-                  reference.dcl, reference.naive_dcl, _two_views(lambda m: m // 2)),
+        LossEntry(
+            "dcl",
+            functional.dcl,
+            modules.DCLLoss,
+            0.1,
+            "dcl",
+            4,
+            reference.dcl,
+            reference.naive_dcl,
+            _two_views(lambda m: m // 2),
+        ),
         # N×N (M = N): forward S, recomputed S, dX, dY; default τ = 1/t with SigLIP's t = 10
-        LossEntry("siglip", functional.siglip, modules.SigLIPLoss, 0.1, None, 4,
-                  reference.siglip, reference.naive_siglip, _two_views(lambda m: m)),
+        LossEntry(
+            "siglip",
+            functional.siglip,
+            modules.SigLIPLoss,
+            0.1,
+            None,
+            4,
+            reference.siglip,
+            reference.naive_siglip,
+            _two_views(lambda m: m),
+        ),
     )
 }
 

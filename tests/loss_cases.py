@@ -1,9 +1,10 @@
 """Shared test plumbing for the loss tests: random batches, running a loss with gradients, error measures.
 
-Every comparison runs fastcl and the float64 formulas of the loss registry (``fastcl.reference``) on the same values (the
-reference sees the input rounded to the tested dtype, then widened to float64), and compares the loss,
-the gradient of every input and, for a tensor temperature, dL/dτ.
+Every comparison runs fastcl and the float64 formulas of the loss registry (``fastcl.reference``) on the
+same values (the reference sees the input rounded to the tested dtype, then widened to float64), and
+compares the loss, the gradient of every input and, for a tensor temperature, dL/dτ.
 """
+
 from __future__ import annotations
 
 import functools
@@ -88,7 +89,9 @@ def run(fn: Callable[..., Tensor], batch: Batch, temperature, dtype: torch.dtype
         tau = temperature.detach().to(tau_dtype).requires_grad_()
     loss = fn(*leaves, temperature=tau, **batch.targets, **options)
     if not loss.requires_grad:  # the reference's constant 0 when no SupCon anchor has a positive
-        return Result(loss, [torch.zeros_like(x) for x in leaves], torch.zeros_like(tau) if isinstance(tau, Tensor) else None)
+        return Result(
+            loss, [torch.zeros_like(x) for x in leaves], torch.zeros_like(tau) if isinstance(tau, Tensor) else None
+        )
     loss.backward()
     return Result(loss.detach(), [x.grad for x in leaves], tau.grad if isinstance(tau, Tensor) else None)
 
@@ -105,15 +108,18 @@ def relative_error(actual: Tensor, expected: Tensor, floor: float = 0.0) -> floa
     return err / scale if scale > 0 else err
 
 
-def assert_no_worse_than_naive(ours: Result, baseline: Result, truth: Result, dtype: torch.dtype,
-                               check_tau_grad: bool = False, slack: float = 1e-2) -> None:
+def assert_no_worse_than_naive(
+    ours: Result, baseline: Result, truth: Result, dtype: torch.dtype, check_tau_grad: bool = False, slack: float = 1e-2
+) -> None:
     """16-bit inputs: fastcl's fp32 loss, its input gradients (in ``dtype``, finite) and optionally dL/dτ
     are no further from the float64 truth than the naive PyTorch loss in the same dtype, plus ``slack``."""
     assert ours.loss.dtype == torch.float32
     assert relative_error(ours.loss.cpu(), truth.loss) <= relative_error(baseline.loss.cpu(), truth.loss) + slack
     if check_tau_grad:
-        assert (relative_error(ours.tau_grad.cpu(), truth.tau_grad)
-                <= relative_error(baseline.tau_grad.cpu(), truth.tau_grad) + slack)
+        assert (
+            relative_error(ours.tau_grad.cpu(), truth.tau_grad)
+            <= relative_error(baseline.tau_grad.cpu(), truth.tau_grad) + slack
+        )
     assert len(ours.grads) == len(baseline.grads) == len(truth.grads)
     for g, g_naive, g_ref in zip(ours.grads, baseline.grads, truth.grads):
         assert g.dtype == dtype and torch.isfinite(g).all()
@@ -158,5 +164,8 @@ def assert_matches_reference(
         tau_floor = grad_floor / float(temperature)
         if tau_grad_against_loss:
             tau_floor = max(tau_floor, abs(truth.loss.item()) / float(temperature))
-        assert relative_error(ours.tau_grad, truth.tau_grad, tau_floor) <= rtol, (ours.tau_grad.item(), truth.tau_grad.item())
+        assert relative_error(ours.tau_grad, truth.tau_grad, tau_floor) <= rtol, (
+            ours.tau_grad.item(),
+            truth.tau_grad.item(),
+        )
     return ours

@@ -8,25 +8,28 @@ rows, every positives kind, self_offset inside and beside the diagonal, DCL's ex
 SigLIP's sigmoid epilogue. The torch backend is also run with a small chunk so anchors span chunks.
 Triton runs through TRITON_INTERPRET=1 as soon as ``fastcl.kernels`` exposes the primitive.
 """
+
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import FrozenInstanceError, dataclass, field, replace
 from typing import Optional
 
 import pytest
 import torch
 import torch.nn.functional as F
+from loss_cases import relative_error
 
 from fastcl import dispatch, torch_backend
 from fastcl._blocks import Layout, inverse_norms
-from loss_cases import relative_error
 
 
 def _backends():
     params = [pytest.param("torch", id="torch")]
     marks = [pytest.mark.triton]
     if dispatch.unavailable_reason("triton") is not None or dispatch.block_primitive_error("triton") is not None:
-        marks.append(pytest.mark.skip(reason="fastcl.kernels does not expose the block primitive yet / triton cannot run"))
+        marks.append(
+            pytest.mark.skip(reason="fastcl.kernels does not expose the block primitive yet / triton cannot run")
+        )
     params.append(pytest.param("triton", id="triton", marks=marks))
     return params
 
@@ -73,7 +76,10 @@ CASES = [
 
 # Open defects of a backend, reported to its owner; non-strict so that the fix shows up as XPASS.
 KNOWN_GAPS = {
-    ("triton", "dcl-no-positives"): "kernels/block.py: exclude_positives on a block without positives excludes every entry",
+    (
+        "triton",
+        "dcl-no-positives",
+    ): "kernels/block.py: exclude_positives on a block without positives excludes every entry",
 }
 
 
@@ -100,7 +106,9 @@ def _inputs(case: Case, seed: int = 0):
         fields["k_labels"] = torch.randint(0, 3, (case.k_rows,), generator=gen)
     elif case.positives == "mask":
         na = 4 if case.a_rows % 4 == 0 else case.a_rows
-        fields["mask"] = torch.rand(na, 3, generator=gen, dtype=torch.float64) * (torch.rand(na, 3, generator=gen) < 0.6)
+        fields["mask"] = torch.rand(na, 3, generator=gen, dtype=torch.float64) * (
+            torch.rand(na, 3, generator=gen) < 0.6
+        )
     alpha = torch.rand(case.a_rows, generator=gen, dtype=torch.float64) + 0.1
     beta = torch.rand(case.a_rows, generator=gen, dtype=torch.float64)
     return a, k, fields, alpha, beta
@@ -109,8 +117,14 @@ def _inputs(case: Case, seed: int = 0):
 def _layout(case: Case, fields: dict, dtype: torch.dtype, acc: torch.dtype) -> Layout:
     fields = {name: (t.to(acc) if name == "mask" else t) for name, t in fields.items()}
     bias = None if case.bias is None else torch.tensor(case.bias, dtype=acc)
-    return Layout(positives=case.positives, self_offset=case.self_offset, exclude_positives=case.exclude_positives,
-                  epilogue=case.epilogue, bias=bias, **fields)
+    return Layout(
+        positives=case.positives,
+        self_offset=case.self_offset,
+        exclude_positives=case.exclude_positives,
+        epilogue=case.epilogue,
+        bias=bias,
+        **fields,
+    )
 
 
 def _dense_positives(case: Case, fields: dict) -> torch.Tensor:
@@ -126,7 +140,9 @@ def _dense_positives(case: Case, fields: dict) -> torch.Tensor:
         p = (fields["a_labels"][:, None] == fields["k_labels"][None, :]).double()
     else:
         mask = fields["mask"]
-        p = torch.stack([torch.stack([mask[i % mask.shape[0], j % mask.shape[1]] for j in range(k_rows)]) for i in range(a_rows)])
+        p = torch.stack(
+            [torch.stack([mask[i % mask.shape[0], j % mask.shape[1]] for j in range(k_rows)]) for i in range(a_rows)]
+        )
     return p
 
 
@@ -233,13 +249,19 @@ def test_anchor_left_nothing_has_minus_inf_lse(backend):
     assert all(bool((g == 0).all()) for g in grads)
 
 
-@pytest.mark.parametrize("field_name, kwargs", [
-    ("positives", {"positives": "pairs"}),
-    ("pos_index", {"positives": "index"}),
-    ("mask", {"positives": "labels", "a_labels": torch.zeros(1), "k_labels": torch.zeros(1), "mask": torch.ones(1, 1)}),
-    ("epilogue", {"epilogue": "relu"}),
-    ("bias", {"bias": torch.tensor(1.0)}),
-])
+@pytest.mark.parametrize(
+    "field_name, kwargs",
+    [
+        ("positives", {"positives": "pairs"}),
+        ("pos_index", {"positives": "index"}),
+        (
+            "mask",
+            {"positives": "labels", "a_labels": torch.zeros(1), "k_labels": torch.zeros(1), "mask": torch.ones(1, 1)},
+        ),
+        ("epilogue", {"epilogue": "relu"}),
+        ("bias", {"bias": torch.tensor(1.0)}),
+    ],
+)
 def test_layout_rejects_contradictions(field_name, kwargs):
     with pytest.raises(ValueError, match=field_name):
         Layout(**kwargs)
@@ -247,12 +269,13 @@ def test_layout_rejects_contradictions(field_name, kwargs):
 
 def test_layout_is_frozen():
     layout = Layout()
-    with pytest.raises(Exception):
+    with pytest.raises(FrozenInstanceError):
         layout.self_offset = 1  # type: ignore[misc]
     assert replace(layout, self_offset=2).self_offset == 2
 
 
 # --- the engine's single-process mode equals the fused local fast paths ------------------------------
+
 
 def _loss_and_grads(loss: str, through_engine: bool, seed: int):
     """Loss and gradients (inputs and τ) of the fused local path, or of the engine in "local" mode with

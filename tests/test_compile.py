@@ -6,6 +6,7 @@ backward. Most cases compile with the "aot_eager" backend: it runs exactly that 
 (Dynamo + AOTAutograd with the fake impls) and skips only Inductor's code generation for the
 surrounding Linear, which costs ~50 s per model on this 2-core CPU; one case runs full Inductor.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -31,13 +32,19 @@ class Encoder(nn.Module):
         z1, z2 = self.proj(x1), self.proj(x2)
         tau = self.log_tau.exp()
         if self.loss == "supcon":
-            return fastcl.functional.supcon(torch.stack([z1, z2], dim=1), labels, temperature=tau, backend="torch", **self.options)
+            return fastcl.functional.supcon(
+                torch.stack([z1, z2], dim=1), labels, temperature=tau, backend="torch", **self.options
+            )
         return getattr(fastcl.functional, self.loss)(z1, z2, tau, backend="torch", **self.options)
 
 
 def _inputs(seed: int):
     gen = torch.Generator().manual_seed(seed)
-    return torch.randn(N, D_IN, generator=gen), torch.randn(N, D_IN, generator=gen), torch.randint(0, 3, (N,), generator=gen)
+    return (
+        torch.randn(N, D_IN, generator=gen),
+        torch.randn(N, D_IN, generator=gen),
+        torch.randint(0, 3, (N,), generator=gen),
+    )
 
 
 def _loss_and_grads(model: nn.Module, fn, inputs):

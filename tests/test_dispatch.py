@@ -1,4 +1,5 @@
 """Backend selection: available_backends(), backend=, the FASTCL_BACKEND override, "auto" on CPU."""
+
 from __future__ import annotations
 
 import pytest
@@ -100,7 +101,9 @@ def test_every_backend_name_resolves_or_explains():
 def test_block_engine_honours_an_explicit_backend_without_the_primitive(monkeypatch):
     """gather/ring and block-only options need block_forward/block_backward: a backend whose module lacks
     them is a RuntimeError that says so; "auto" falls back to torch."""
-    monkeypatch.setattr(dispatch, "block_primitive_error", lambda backend: None if backend == "torch" else "no primitive")
+    monkeypatch.setattr(
+        dispatch, "block_primitive_error", lambda backend: None if backend == "torch" else "no primitive"
+    )
     monkeypatch.setattr(dispatch, "unavailable_reason", lambda backend, device=None: None)
     with pytest.raises(RuntimeError, match="backend='triton' cannot run this loss as blocks.*no primitive"):
         dispatch.resolve_block("triton", torch.device("cpu"))

@@ -11,6 +11,7 @@ engine produces, that the ring never holds more than one rank's rows and sends t
 ``scaling_model`` predicts, and that ``torch.compile(fullgraph=True)`` captures a model calling a loss
 in gather and ring mode.
 """
+
 from __future__ import annotations
 
 import functools
@@ -28,15 +29,16 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from loss_cases import relative_error
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from fastcl import dispatch, distributed as fdist, engine, functional, registry
+from fastcl import dispatch, engine, functional, registry
+from fastcl import distributed as fdist
 from fastcl._blocks import Layout
 from fastcl.engine import Pass
-from loss_cases import relative_error
 
 LOCAL_SIZES = {2: {"even": [4, 4], "uneven": [3, 5]}, 3: {"even": [4, 4, 4], "uneven": [4, 1, 5]}}
 SCHEMES = ("gather", "ring")
@@ -48,7 +50,11 @@ N_CLASSES = 3
 
 def _block_backends() -> list[str]:
     """Backends whose block primitive can run here (triton through the interpreter once it exists)."""
-    return [b for b in ("torch", "triton") if dispatch.unavailable_reason(b) is None and dispatch.block_primitive_error(b) is None]
+    return [
+        b
+        for b in ("torch", "triton")
+        if dispatch.unavailable_reason(b) is None and dispatch.block_primitive_error(b) is None
+    ]
 
 
 BACKENDS = _block_backends()
@@ -130,6 +136,7 @@ def loss_of(case: Case, fn, embeddings, tau, labels, targets=None, logit_bias=No
 
 # --- what each rank runs ---------------------------------------------------------------------------------
 
+
 class _LaunchCounter:
     """Counts calls of every backend's block primitive (dispatch looks them up on the module each call)."""
 
@@ -144,6 +151,7 @@ class _LaunchCounter:
         def counted(*args, **kwargs):
             self.calls[backend] += 1
             return fn(*args, **kwargs)
+
         return counted
 
     def take(self) -> dict:
@@ -160,8 +168,17 @@ def _train_step(case: Case, scheme: str, backend: str, dtype: torch.dtype, rank:
         labels = None  # SupCon without labels: each global sample is its own class, across ranks too
     net = DistributedDataParallel(TinyNet(logit_bias=case.loss == "siglip").to(dtype))
     embeddings, tau, logit_bias = net(x)
-    loss = loss_of(case, getattr(functional, case.loss), embeddings, tau, labels, _key_targets(sizes)[rank],
-                   logit_bias, distributed=scheme, backend=backend)
+    loss = loss_of(
+        case,
+        getattr(functional, case.loss),
+        embeddings,
+        tau,
+        labels,
+        _key_targets(sizes)[rank],
+        logit_bias,
+        distributed=scheme,
+        backend=backend,
+    )
     loss.backward()
     return loss.detach(), {name: p.grad.detach().clone() for name, p in net.module.named_parameters()}
 
@@ -176,7 +193,9 @@ class _Footprint(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         if func.name() == "c10d::send":
-            self.sent_bytes += sum(t.numel() * t.element_size() for t in tree_flatten(args)[0] if isinstance(t, torch.Tensor))
+            self.sent_bytes += sum(
+                t.numel() * t.element_size() for t in tree_flatten(args)[0] if isinstance(t, torch.Tensor)
+            )
         for t in tree_flatten(out)[0]:
             if isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[-1] == self.dim:
                 self.rows_held = max(self.rows_held, t.numel() // self.dim)
@@ -193,7 +212,9 @@ def _footprint(scheme: str, rank: int, world: int, n: int = 4) -> dict:
     plan = engine.Plan(passes=(plan,)).encode()
     with _Footprint(D_OUT) as footprint:
         loss, lse, weight, scalars = engine._forward(rows, None, None, tau, None, plan, [n, n], True, scheme, "torch")
-        engine._backward(torch.ones(()), rows, None, None, tau, None, lse, weight, scalars, plan, [n, n], True, scheme, "torch")
+        engine._backward(
+            torch.ones(()), rows, None, None, tau, None, lse, weight, scalars, plan, [n, n], True, scheme, "torch"
+        )
     return {"rows_held": footprint.rows_held, "sent_bytes": footprint.sent_bytes}
 
 
@@ -258,7 +279,7 @@ def _rank_main(rank: int, world: int, port: int, out_dir: str) -> None:
                     for dtype in DTYPES:
                         key = (case.name, scheme, backend, dtype)
                         results[key] = missing or _train_step(case, scheme, backend, dtype, rank, world)
-                        results["calls", *key] = counter.take()
+                        results[("calls", *key)] = counter.take()
         results["footprint"] = {scheme: _footprint(scheme, rank, world) for scheme in SCHEMES}
         if world == 2:
             results["compile"] = {scheme: _compiled_step(scheme, rank) for scheme in SCHEMES}
@@ -306,6 +327,7 @@ def single_process(case: Case, dtype: torch.dtype, world: int):
 
 # --- tests -----------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("world", [2, 3])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -313,7 +335,9 @@ def single_process(case: Case, dtype: torch.dtype, world: int):
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
 def test_ddp_matches_single_process(case, scheme, backend, dtype, world, request):
     if backend == "triton" and case.loss == "dcl":  # see tests/test_block.py KNOWN_GAPS
-        request.applymarker(pytest.mark.xfail(reason="kernels/block.py: exclude_positives without positives", strict=False))
+        request.applymarker(
+            pytest.mark.xfail(reason="kernels/block.py: exclude_positives without positives", strict=False)
+        )
     expected_loss, expected_grads = single_process(case, dtype, world)
     for rank, results in enumerate(world_results(world)):
         if isinstance(results[case.name, scheme, backend, dtype], str):
@@ -332,14 +356,18 @@ def test_ddp_matches_single_process(case, scheme, backend, dtype, world, request
 def test_triton_block_primitive_is_exercised_when_present():
     """Says so when the Triton cases above were not collected (no primitive in fastcl.kernels yet)."""
     if "triton" not in BACKENDS:
-        pytest.skip(f"triton block primitive unavailable: {dispatch.block_primitive_error('triton') or dispatch.unavailable_reason('triton')}")
+        reason = dispatch.block_primitive_error("triton") or dispatch.unavailable_reason("triton")
+        pytest.skip(f"triton block primitive unavailable: {reason}")
     assert "triton" in BACKENDS
 
 
 @pytest.mark.parametrize("scheme", SCHEMES)
 def test_compile_fullgraph_in_distributed_modes(scheme):
     for results in world_results(2):
-        (eager_loss, eager_grads), (loss, grads) = results["compile"][scheme]["eager"], results["compile"][scheme]["compiled"]
+        (eager_loss, eager_grads), (loss, grads) = (
+            results["compile"][scheme]["eager"],
+            results["compile"][scheme]["compiled"],
+        )
         torch.testing.assert_close(loss, eager_loss, rtol=1e-6, atol=0)
         for g, expected in zip(grads, eager_grads):
             torch.testing.assert_close(g, expected, rtol=1e-5, atol=1e-7)
@@ -398,7 +426,10 @@ def test_torchrun_smoke():
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
     run = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)],
-        capture_output=True, text=True, timeout=180, env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env=env,
     )
     assert run.returncode == 0, run.stderr[-4000:]
     assert "torchrun smoke ok: world 2" in run.stdout

@@ -3,20 +3,28 @@
 Values, input gradients and dL/dτ: ≤ 1e-10 relative in float64, ≤ 1e-5 relative in float32 (∞-norm
 relative error, see loss_cases.relative_error); 16-bit inputs no worse than naive PyTorch in that dtype.
 """
+
 from __future__ import annotations
 
 import zlib
 
 import pytest
 import torch
+from loss_cases import (
+    LOSSES,
+    OURS,
+    Batch,
+    assert_matches_reference,
+    assert_no_worse_than_naive,
+    make_batch,
+    reference_of,
+    relative_error,
+    run,
+)
 
 import fastcl
 from fastcl import registry
 from fastcl.torch_backend import chunk_size
-from loss_cases import (
-    LOSSES, OURS, Batch, assert_matches_reference, assert_no_worse_than_naive, make_batch, reference_of, relative_error,
-    run,
-)
 
 RTOL = {torch.float64: 1e-10, torch.float32: 1e-5}
 DTYPES = [torch.float64, torch.float32]
@@ -63,7 +71,9 @@ OPTION_CASES = [
 def _split(options: dict) -> tuple[dict, dict]:
     """Separates make_batch's arguments (views, targets) from the loss's keyword options."""
     batch_keys = {"views", "targets"}
-    return {k: v for k, v in options.items() if k in batch_keys}, {k: v for k, v in options.items() if k not in batch_keys}
+    return {k: v for k, v in options.items() if k in batch_keys}, {
+        k: v for k, v in options.items() if k not in batch_keys
+    }
 
 
 def _case_id(case) -> str:
@@ -101,7 +111,9 @@ def test_feature_dims_match_reference(loss, dim, dtype):
 def test_single_normalized_feature(loss):
     """D' = 1 normalized: the loss of ±1 rows; the exact input gradient is 0 (errors measured against 1)."""
     batch = make_batch(loss, 7, 5, views=3, seed=1)
-    assert_matches_reference(loss, batch, torch.tensor(0.1), torch.float64, RTOL[torch.float64], grad_floor=1.0, sub_dim=1)
+    assert_matches_reference(
+        loss, batch, torch.tensor(0.1), torch.float64, RTOL[torch.float64], grad_floor=1.0, sub_dim=1
+    )
 
 
 @pytest.mark.parametrize("loss", LOSSES)
@@ -149,7 +161,9 @@ def test_gradient_beyond_sub_dim_is_exactly_zero(loss, normalize):
 def test_strided_inputs_match_contiguous(loss):
     """Non-contiguous views (a transposed buffer, every other column) give the contiguous result."""
     batch = make_batch(loss, 9, 14, seed=5)
-    strided = Batch(tuple(t.transpose(0, -1).contiguous().transpose(0, -1)[..., ::2] for t in batch.tensors), batch.targets)
+    strided = Batch(
+        tuple(t.transpose(0, -1).contiguous().transpose(0, -1)[..., ::2] for t in batch.tensors), batch.targets
+    )
     contiguous = Batch(tuple(t[..., ::2].contiguous() for t in batch.tensors), batch.targets)
     assert not strided.tensors[0].is_contiguous()
     a = run(OURS[loss], strided, torch.tensor(0.2), torch.float64)
@@ -160,6 +174,7 @@ def test_strided_inputs_match_contiguous(loss):
 
 
 # --- 16-bit inputs ----------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("loss", LOSSES)
@@ -178,7 +193,11 @@ MODULE_CASES = [
     ("nt_xent", fastcl.NTXentLoss(temperature=0.3, sub_dim=7, backend="torch"), {"temperature": 0.3, "sub_dim": 7}),
     ("nt_xent", fastcl.NTXentLoss(normalize=False, backend="torch"), {"normalize": False}),
     ("info_nce", fastcl.InfoNCELoss(symmetric=False, backend="torch"), {"symmetric": False}),
-    ("info_nce", fastcl.InfoNCELoss(temperature=0.2, normalize=False, backend="torch"), {"temperature": 0.2, "normalize": False}),
+    (
+        "info_nce",
+        fastcl.InfoNCELoss(temperature=0.2, normalize=False, backend="torch"),
+        {"temperature": 0.2, "normalize": False},
+    ),
     ("info_nce", fastcl.DirectCLRLoss(sub_dim=5, backend="torch"), {"temperature": 0.1, "sub_dim": 5}),
     ("info_nce", fastcl.DirectCLRLoss(sub_dim=9, temperature=0.2, backend="torch"), {"temperature": 0.2, "sub_dim": 9}),
     (
@@ -210,6 +229,7 @@ def test_modules_equal_functional(loss, module, options):
 
 
 # --- gradcheck --------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize(
     "loss, options",
@@ -272,7 +292,10 @@ def test_info_nce_explicit_targets_and_more_keys(keys, targets, dtype):
     """Inf-CL's one-way form: Nq = 7 queries against more keys, query i's positive is key targets[i]
     (default i); a target that is no key leaves that query out of the mean."""
     gen = torch.Generator().manual_seed(keys)
-    q, k = make_batch("info_nce", 7, 17, seed=keys).tensors[0], make_batch("info_nce", keys, 17, seed=keys + 1).tensors[0]
+    q, k = (
+        make_batch("info_nce", 7, 17, seed=keys).tensors[0],
+        make_batch("info_nce", keys, 17, seed=keys + 1).tensors[0],
+    )
     options = {"symmetric": False}
     if targets is not None:
         options["targets"] = torch.randint(0, keys, (7,), generator=gen)
@@ -280,7 +303,10 @@ def test_info_nce_explicit_targets_and_more_keys(keys, targets, dtype):
             options["targets"][2] = keys + 3
     batch = Batch((q, k))
     tau = torch.tensor(0.05)
-    ours, truth = run(OURS["info_nce"], batch, tau, dtype, **options), reference_of("info_nce", batch, tau, dtype, **options)
+    ours, truth = (
+        run(OURS["info_nce"], batch, tau, dtype, **options),
+        reference_of("info_nce", batch, tau, dtype, **options),
+    )
     assert relative_error(ours.loss, truth.loss, floor=1.0) <= RTOL[dtype]
     for g, g_ref in zip(ours.grads, truth.grads):
         assert relative_error(g, g_ref) <= RTOL[dtype]

@@ -5,6 +5,7 @@ DirectCLR, SupContrast and open_clip compute) must see an allocation of ~M×M fl
 known to be able to fail.
 This asserts an allocation *size* (a property of the algorithm), never a time.
 """
+
 from __future__ import annotations
 
 from typing import Callable

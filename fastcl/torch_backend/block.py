@@ -12,6 +12,7 @@ the accumulation dtype (this backend's working set; the fused backends read them
     >>> lse.shape, bool(pos_weight.eq(0).all())
     (torch.Size([3]), True)
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -51,7 +52,9 @@ def _positive_weights(layout: Layout, start: int, stop: int, n_keys: int, like: 
     return p
 
 
-def _excluded(layout: Layout, start: int, stop: int, n_keys: int, p: Optional[Tensor], like: Tensor) -> Optional[Tensor]:
+def _excluded(
+    layout: Layout, start: int, stop: int, n_keys: int, p: Optional[Tensor], like: Tensor
+) -> Optional[Tensor]:
     """Entries left out of the denominator: the self entry, and the positives when ``exclude_positives``."""
     excluded = None
     if layout.exclude_positives and p is not None:
@@ -116,8 +119,16 @@ def _raw_gradient(d_hat: Tensor, hat: Tensor, inv: Optional[Tensor]) -> Tensor:
 
 
 def block_backward(
-    a: Tensor, a_inv: Optional[Tensor], k: Tensor, k_inv: Optional[Tensor], tau: Tensor, sub_dim: int,
-    layout: Layout, lse: Tensor, alpha: Tensor, beta: Tensor,
+    a: Tensor,
+    a_inv: Optional[Tensor],
+    k: Tensor,
+    k_inv: Optional[Tensor],
+    tau: Tensor,
+    sub_dim: int,
+    layout: Layout,
+    lse: Tensor,
+    alpha: Tensor,
+    beta: Tensor,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients of one block given the global per-anchor statistics.
 
