@@ -66,6 +66,12 @@ from fastcl.kernels._common import (
     store_row_gradient,
 )
 
+# Autotuning of the two backward passes (keyed like the forward) and their even-width flags.
+_BACKWARD_TUNING = triton.autotune(
+    configs=autotune_configs("block_backward"), prune_configs_by=PRUNE,
+    key=["D", "SHAPE_BUCKET", "PRECISION", "NORMALIZE", "POSITIVES", "HAS_SELF", "EXCLUDE_POSITIVES"])
+_EVEN_FEATURES = triton.heuristics({"EVEN_D": lambda args: args["D"] % args["BLOCK_D"] == 0,
+                                    "EVEN_DO": lambda args: args["D"] % args["BLOCK_DO"] == 0})
 _LOG2E = tl.constexpr(math.log2(math.e))
 _LN2 = tl.constexpr(math.log(2.0))
 # Layout.positives → the kernels' POSITIVES constexpr.
@@ -426,11 +432,8 @@ def _self_tiles(first, extent, offset, block, full):
     return lo, hi
 
 
-@triton.autotune(configs=autotune_configs("block_backward"),
-                 key=["D", "SHAPE_BUCKET", "PRECISION", "NORMALIZE", "POSITIVES", "HAS_SELF", "EXCLUDE_POSITIVES"],
-                 prune_configs_by=PRUNE)
-@triton.heuristics({"EVEN_D": lambda args: args["D"] % args["BLOCK_D"] == 0,
-                    "EVEN_DO": lambda args: args["D"] % args["BLOCK_DO"] == 0})
+@_BACKWARD_TUNING
+@_EVEN_FEATURES
 @triton.jit
 def _block_anchor_kernel(
     a_ptr, stride_am, stride_ad, k_ptr, stride_km, stride_kd, a_inv_ptr, k_inv_ptr, tau_ptr,
@@ -535,11 +538,8 @@ def _key_tile(
     return mma(tl.trans(g).to(a_slice.dtype), a_slice, d_hat, PRECISION, ACC)
 
 
-@triton.autotune(configs=autotune_configs("block_backward"),
-                 key=["D", "SHAPE_BUCKET", "PRECISION", "NORMALIZE", "POSITIVES", "HAS_SELF", "EXCLUDE_POSITIVES"],
-                 prune_configs_by=PRUNE)
-@triton.heuristics({"EVEN_D": lambda args: args["D"] % args["BLOCK_D"] == 0,
-                    "EVEN_DO": lambda args: args["D"] % args["BLOCK_DO"] == 0})
+@_BACKWARD_TUNING
+@_EVEN_FEATURES
 @triton.jit
 def _block_key_kernel(
     a_ptr, stride_am, stride_ad, k_ptr, stride_km, stride_kd, a_inv_ptr, k_inv_ptr, tau_ptr,
