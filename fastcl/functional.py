@@ -114,12 +114,9 @@ def _supcon_plan(views: int, contrast_mode: str, given: str, base_temperature: f
 
 @torch.compiler.assume_constant_result
 def _dcl_plan(weight_sigma: Optional[float]) -> str:
-    # Per view: a same-view negatives-only pass and a cross-view pass without the positive in its
-    # denominator, each view's two terms averaged with weight 1/2.
-    passes = []
-    for own, other in (((0, 1), (1, 2)), ((1, 2), (0, 1))):
-        passes += [Pass(own, own, "none", exclude_self=True, weight=0.5), Pass(own, other, "diagonal", weight=0.5)]
-    return Plan(passes=tuple(passes), exclude_positives=True, pair_weight_sigma=weight_sigma).encode()
+    # NT-Xent's one pass over the 2N rows, with each row's positive also left out of its denominator.
+    passes = (Pass((0, 2), (0, 2), "pairs", exclude_self=True),)
+    return Plan(passes=passes, exclude_positives=True, pair_weight_sigma=weight_sigma).encode()
 
 
 @torch.compiler.assume_constant_result
@@ -345,11 +342,11 @@ def dcl(
     distributed: str = "auto",
     check_finite: Optional[bool] = None,
 ) -> Tensor:
-    """Decoupled contrastive loss (DCL, Yeh et al. 2022) as lightly's ``DCLLoss``: NT-Xent without the
-    positive pair in the denominator; with ``weight_sigma``, the weighted DCLW (lightly's ``DCLWLoss``).
+    """Decoupled contrastive loss (DCL, Yeh et al. 2022, Eq. 6): NT-Xent without the positive pair in the
+    denominator; with ``weight_sigma``, the weighted DCLW.
 
-    For anchor i of view u (v the other view): ℓ_i = −w_i·s(u_i, v_i) + log Σ_{j≠i} exp s(u_i, u_j)
-    + log Σ_{j≠i} exp s(u_i, v_j); L = ½ mean_i ℓ_i(view 1) + ½ mean_i ℓ_i(view 2). w_i = 1 (DCL), or
+    Over the M = 2N rows Z = [z1; z2]: ℓ_i = −w_i·s_{i,pos(i)} + log Σ_{j ∉ {i, pos(i)}} exp(s_ij), one
+    log-sum-exp over both views' negatives as in the paper; L = mean over the M rows. w_i = 1 (DCL), or
     DCLW's von Mises-Fisher weight w_i = 2 − N·softmax_i(⟨ẑ1_i, ẑ2_i⟩/σ) over the N pairs (the global
     batch under gather/ring), without gradient through w.
 

@@ -113,9 +113,9 @@ def supcon(
 
 
 def dcl(z1, z2, temperature=0.1, sub_dim=None, normalize=True, weight_sigma=None) -> Tensor:
-    """DCL: per anchor, −w_i·s_pos + log Σ over the other same-view rows + log Σ over the other
-    cross-view rows (the positive left out of both); the mean over each view's anchors, the two views
-    averaged. w_i = 1, or DCLW's 2 − N·softmax_i(⟨ẑ1_i, ẑ2_i⟩/σ) (constant: no gradient through it)."""
+    """DCL (Yeh et al. 2022, Eq. 6): per anchor, −w_i·s_pos + log Σ over every other row of both views
+    but the positive (one log-sum-exp); the mean over each view's anchors, the two views averaged.
+    w_i = 1, or DCLW's 2 − N·softmax_i(⟨ẑ1_i, ẑ2_i⟩/σ) (constant: no gradient through it)."""
     a, b, tau = _rows(z1, sub_dim, normalize), _rows(z2, sub_dim, normalize), _tau(temperature)
     n = a.shape[0]
     w = [1.0] * n
@@ -127,8 +127,8 @@ def dcl(z1, z2, temperature=0.1, sub_dim=None, normalize=True, weight_sigma=None
         total = 0.0
         for i in range(n):
             others = [j for j in range(n) if j != i]
-            same, cross = u[i] @ u[others].T / tau, u[i] @ v[others].T / tau
-            total = total - w[i] * (u[i] @ v[i]) / tau + torch.logsumexp(same, 0) + torch.logsumexp(cross, 0)
+            negatives = torch.cat([u[i] @ u[others].T, u[i] @ v[others].T]) / tau
+            total = total - w[i] * (u[i] @ v[i]) / tau + torch.logsumexp(negatives, 0)
         return total / n
 
     return 0.5 * one_view(a, b) + 0.5 * one_view(b, a)
@@ -216,8 +216,8 @@ def naive_supcon(
 
 
 def naive_dcl(z1: Tensor, z2: Tensor, temperature: float = 0.1, weight_sigma: Optional[float] = None) -> Tensor:
-    """DCL (DCLW with ``weight_sigma``) as lightly's ``DCLLoss`` / ``DCLWLoss`` compute it: N×N einsum
-    blocks, boolean masks cut out the diagonal."""
+    """DCL (DCLW with ``weight_sigma``) the way the paper's code computes it: N×N einsum blocks, boolean
+    masks cut out the diagonal, one log-sum-exp over both views' negatives."""
     z1, z2 = F.normalize(z1, dim=1), F.normalize(z2, dim=1)
     n = z1.shape[0]
     off_diagonal = ~torch.eye(n, dtype=torch.bool, device=z1.device)
@@ -230,7 +230,7 @@ def naive_dcl(z1: Tensor, z2: Tensor, temperature: float = 0.1, weight_sigma: Op
         cross = torch.einsum("nc,mc->nm", u, v) / temperature
         positive = -cross.diagonal() * weight
         same, cross = same[off_diagonal].view(n, -1), cross[off_diagonal].view(n, -1)
-        return (positive + torch.logsumexp(same, dim=1) + torch.logsumexp(cross, dim=1)).mean()
+        return (positive + torch.logsumexp(torch.cat([same, cross], dim=1), dim=1)).mean()
 
     return 0.5 * (one_view(z1, z2) + one_view(z2, z1))
 

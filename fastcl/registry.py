@@ -121,14 +121,15 @@ LOSSES: dict[str, LossEntry] = {
             _supcon_inputs,
             views_input=True,
         ),
-        # 4 passes of N×N (M = 2N): 4 GEMM-units of M×M
+        # NT-Xent's symmetric S over M = 2N rows: 3 GEMM-units of M×M (the block engine runs 4 — forward,
+        # recompute, dA, dK — so TFLOP/s by this model undercount its work, never overcount it)
         LossEntry(
             "dcl",
             functional.dcl,
             modules.DCLLoss,
             0.1,
             "dcl",
-            4,
+            3,
             reference.dcl,
             reference.naive_dcl,
             _two_views(lambda m: m // 2),

@@ -193,7 +193,9 @@ class DCLLoss(nn.Module):
 
     For view u of sample i (v the other view): ``ℓ = −w_i s(u_i, v_i) + log Σ_{j≠i} (e^{s(u_i, u_j)} +
     e^{s(u_i, v_j)})`` on normalized rows, ``w = weight_fn(u, v)`` (1 without one); the loss is the mean
-    over i of the two views' terms, halved.
+    over i of the two views' terms, halved. On one process without weights or with DCLW's weights this is
+    :func:`fastcl.functional.dcl` (the fused loss); a custom ``weight_fn`` or ``gather_distributed`` runs
+    row blocks here, with lightly's per-rank values.
 
     Args:
         temperature: τ > 0.
@@ -225,6 +227,7 @@ class DCLLoss(nn.Module):
         self.temperature = temperature
         self.weight_fn = weight_fn
         self.gather_distributed = gather_distributed
+        self._sigma: Optional[float] = None  # DCLW's σ: the core loss computes these weights itself
         _check_gather_available(gather_distributed)
 
     def forward(self, out0: Tensor, out1: Tensor) -> Tensor:
@@ -235,6 +238,9 @@ class DCLLoss(nn.Module):
         n = out0.shape[0]
         if n < 2 and not gather:
             raise ValueError(f"out0: DCL needs N >= 2 rows per view (its denominators hold the other samples), got {n}")
+        if not gather and (self.weight_fn is None or self._sigma is not None):
+            # One process, no weights or DCLW's: fastcl's fused DCL computes exactly this.
+            return functional.dcl(out0, out1, self.temperature, weight_sigma=self._sigma, distributed="local")
         out0, out1 = F.normalize(out0, dim=1), F.normalize(out1, dim=1)
         keys0, keys1 = (all_gather_rows(z, with_grad=True) for z in (out0, out1)) if gather else (out0, out1)
         m = keys0.shape[0]
@@ -275,3 +281,4 @@ class DCLWLoss(DCLLoss):
             weight_fn=partial(negative_mises_fisher_weights, sigma=sigma),
             gather_distributed=gather_distributed,
         )
+        self._sigma = sigma
