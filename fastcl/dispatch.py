@@ -19,6 +19,14 @@ BACKENDS = ("torch", "triton", "cuda")
 _CHOICES = BACKENDS + ("auto",)
 
 
+def constant_for_compile(fn):
+    """Marks ``fn``'s result as a constant for torch.compile, as ``torch.compiler.assume_constant_result``
+    does (it sets exactly this attribute), without importing torch._dynamo when fastcl is imported: that
+    import would add about a second to every ``import fastcl``."""
+    fn._dynamo_marked_constant = True
+    return fn
+
+
 def triton_interpreted() -> bool:
     """True when Triton runs through its CPU interpreter (``TRITON_INTERPRET=1``)."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -41,7 +49,8 @@ def unavailable_reason(backend: str, device: torch.device | None = None) -> str 
         return None
     if backend == "triton":
         if not _triton_importable():
-            return "the 'triton' package is not installed"
+            return ("the 'triton' package is not installed (CUDA builds of torch bring it; otherwise "
+                    "pip install 'fastcl[triton]', and TRITON_INTERPRET=1 to run it on the CPU)")
         on_cuda = device.type == "cuda" if device is not None else torch.cuda.is_available()
         if on_cuda or triton_interpreted():
             return None
@@ -88,7 +97,7 @@ def module(backend: str) -> ModuleType:
     return importlib.import_module(_MODULES[backend])
 
 
-@torch.compiler.assume_constant_result  # an import and attribute lookups: constant for a traced graph
+@constant_for_compile  # an import and attribute lookups: constant for a traced graph
 def block_primitive_error(backend: str) -> str | None:
     """Why ``backend``'s module has no block primitive (None when it has ``block_forward`` and ``block_backward``)."""
     try:
@@ -115,6 +124,13 @@ def resolve_block(backend: str, device: torch.device) -> str:
     if explicit == "auto":
         return "torch"
     raise RuntimeError(f"backend={concrete!r} cannot run this loss as blocks (gather/ring mode or a block-only option): {reason}")
+
+
+@constant_for_compile
+def has_fused_losses(backend: str) -> bool:
+    """Whether ``backend`` ships the fused single-process losses (``ntxent_forward`` ...); a backend with only
+    the block primitive (``cuda``) runs every loss on the block engine."""
+    return hasattr(module(backend), "ntxent_forward")
 
 
 def block_primitive(backend: str):

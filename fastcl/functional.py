@@ -55,8 +55,15 @@ def _check_finite_default(check_finite: Optional[bool], backend: str) -> bool:
     return backend == "torch" if check_finite is None else check_finite
 
 
-def _resolve(backend: str, device: torch.device, on_engine: bool) -> str:
-    return dispatch.resolve_block(backend, device) if on_engine else dispatch.resolve(backend, device)
+def _route(backend: str, device: torch.device, on_engine: bool) -> tuple[str, bool]:
+    """(the concrete backend, whether the loss runs on the block engine). Block-only options, the
+    distributed modes and a backend that ships only the block primitive (cuda) take the engine; the
+    rest take the backend's fused single-process path."""
+    if not on_engine:
+        concrete = dispatch.resolve(backend, device)
+        if dispatch.has_fused_losses(concrete):
+            return concrete, False
+    return dispatch.resolve_block(backend, device), True
 
 
 def _check_two_views(names, a: Tensor, b: Tensor, sub_dim, *, paired: bool = True) -> int:
@@ -82,12 +89,12 @@ def _finish_checks(names, tensors, temperature, backend, check_finite, device, l
 # The plans are built outside the traced graph (torch.compile sees their encoded strings as constants).
 
 
-@torch.compiler.assume_constant_result
+@dispatch.constant_for_compile
 def _nt_xent_plan() -> str:
     return Plan(passes=(Pass((0, 2), (0, 2), "pairs", exclude_self=True),)).encode()
 
 
-@torch.compiler.assume_constant_result
+@dispatch.constant_for_compile
 def _info_nce_plan(targets: bool, symmetric: bool) -> str:
     if targets:
         return Plan(passes=(Pass((0, 1), (1, 2), "labels"),), labels="targets").encode()
@@ -98,7 +105,7 @@ def _info_nce_plan(targets: bool, symmetric: bool) -> str:
     return Plan(passes=(Pass((0, 1), (1, 2), "diagonal"),)).encode()
 
 
-@torch.compiler.assume_constant_result
+@dispatch.constant_for_compile
 def _supcon_plan(views: int, contrast_mode: str, given: str, base_temperature: float, missing: str) -> str:
     """``given``: "labels", "mask" or "none" (every sample its own class)."""
     anchors = (0, 1) if contrast_mode == "one" else (0, views)
@@ -112,14 +119,14 @@ def _supcon_plan(views: int, contrast_mode: str, given: str, base_temperature: f
     ).encode()
 
 
-@torch.compiler.assume_constant_result
+@dispatch.constant_for_compile
 def _dcl_plan(weight_sigma: Optional[float]) -> str:
     # NT-Xent's one pass over the 2N rows, with each row's positive also left out of its denominator.
     passes = (Pass((0, 2), (0, 2), "pairs", exclude_self=True),)
     return Plan(passes=passes, exclude_positives=True, pair_weight_sigma=weight_sigma).encode()
 
 
-@torch.compiler.assume_constant_result
+@dispatch.constant_for_compile
 def _siglip_plan() -> str:
     return Plan(passes=(Pass((0, 1), (1, 2), "diagonal"),), epilogue="sigmoid").encode()
 
@@ -161,9 +168,9 @@ def nt_xent(
     """
     d = _check_two_views(("z1", "z2"), z1, z2, sub_dim)
     mode = _distributed.resolve_mode(distributed)
-    backend = _resolve(backend, z1.device, mode != "local")
+    backend, on_engine = _route(backend, z1.device, mode != "local")
     tau = _finish_checks(("z1", "z2"), (z1, z2), temperature, backend, check_finite, z1.device, z1)
-    if mode == "local":
+    if not on_engine:
         return ops.ntxent(z1, z2, tau, d, normalize, backend)[0]
     n = z1.shape[0]
     rows = torch.cat([z1[:, :d], z2[:, :d]])
@@ -232,7 +239,7 @@ def info_nce(
         )
     mode = _distributed.resolve_mode(distributed)
     on_engine = mode != "local" or targets is not None or n_q != n_k
-    backend = _resolve(backend, q.device, on_engine)
+    backend, on_engine = _route(backend, q.device, on_engine)
     tau = _finish_checks(("q", "k"), (q, k), temperature, backend, check_finite, q.device, q)
     if not on_engine:
         return ops.infonce(q, k, tau, d, normalize, symmetric, backend)[0]
@@ -311,7 +318,7 @@ def supcon(
         )
     soft_mask = mask is not None and mask.is_floating_point()
     on_engine = mode != "local" or soft_mask or positives_missing == "zero"
-    backend = _resolve(backend, features.device, on_engine)
+    backend, on_engine = _route(backend, features.device, on_engine)
     tau = _finish_checks(("features",), (features,), temperature, backend, check_finite, features.device, features)
     n_anchors = n if contrast_mode == "one" else views * n
     if not on_engine:
@@ -379,7 +386,7 @@ def dcl(
         raise ValueError(
             f"z1: DCL needs N >= 2 rows per view (its denominators hold the other samples), got shape {tuple(z1.shape)}"
         )
-    backend = _resolve(backend, z1.device, True)
+    backend, _ = _route(backend, z1.device, True)
     tau = _finish_checks(("z1", "z2"), (z1, z2), temperature, backend, check_finite, z1.device, z1)
     n = z1.shape[0]
     rows = torch.cat([z1[:, :d], z2[:, :d]])
@@ -429,7 +436,7 @@ def siglip(
     """
     d = _check_two_views(("x", "y"), x, y, sub_dim)
     mode = _distributed.resolve_mode(distributed)
-    backend = _resolve(backend, x.device, True)
+    backend, _ = _route(backend, x.device, True)
     checking = _check_finite_default(check_finite, backend)
     if logit_scale is not None and temperature is not None:
         raise ValueError("logit_scale, temperature: give at most one of them (temperature = 1 / logit_scale), got both")
