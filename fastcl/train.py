@@ -418,6 +418,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of ``fastcl train`` and ``python -m fastcl.train``; bad flags exit with status 2."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    trainer = None
     try:
         try:
             trainer = Trainer(args)
@@ -427,6 +428,9 @@ def main(argv: list[str] | None = None) -> int:
         if dist.is_available() and dist.is_initialized():
             dist.barrier()  # rank 0 evaluates and saves last: no rank tears its connections down before that
     finally:
+        # DDP's reducer holds the process group: release the model first, so that its destructor never
+        # runs against a destroyed group (a suspected cause of a rare gloo abort at exit).
+        del trainer
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
     return 0
