@@ -7,6 +7,7 @@ already installed. Everything else (CPU-only machines, no toolkit, isolated buil
 Python package, and ``backend="cuda"`` then compiles the same sources just in time on first use.
 ``TORCH_CUDA_ARCH_LIST`` picks the architectures (default here: sm_80 and sm_90, plus PTX for newer GPUs).
 """
+
 import os
 
 from setuptools import setup

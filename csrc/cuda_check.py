@@ -10,6 +10,7 @@ Exit status 0 when everything compiled without spills; 1 otherwise; 0 with a "sk
 not installed (set FASTCL_REQUIRE_NVCC=1 to make that an error). ``--markdown`` also prints the resource
 table that csrc/README.md records. Resources are compile-time facts, not measurements.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,9 +28,17 @@ CSRC = Path(__file__).resolve().parent
 BUILD = CSRC.parent / "build" / "cuda-check"
 ARCHES = ("80", "90")
 # The flags torch.utils.cpp_extension gives nvcc (the AOT and JIT builds), so the check compiles what ships.
-NVCC_FLAGS = ("-std=c++20", "-O3", "-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__",
-              "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__", "--expt-relaxed-constexpr",
-              "-Xptxas", "-v")
+NVCC_FLAGS = (
+    "-std=c++20",
+    "-O3",
+    "-D__CUDA_NO_HALF_OPERATORS__",
+    "-D__CUDA_NO_HALF_CONVERSIONS__",
+    "-D__CUDA_NO_BFLOAT16_CONVERSIONS__",
+    "-D__CUDA_NO_HALF2_OPERATORS__",
+    "--expt-relaxed-constexpr",
+    "-Xptxas",
+    "-v",
+)
 
 _ENTRY = re.compile(r"Compiling entry function '(\w+)' for '(sm_\d+)'")
 _SPILL = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
@@ -58,9 +67,16 @@ def ptxas_report(log: str) -> list[dict]:
     """One entry per kernel: name, arch, registers, smem bytes, spill stores / loads (bytes)."""
     kernels, current = [], None
     for line in log.splitlines():
-        if (m := _ENTRY.search(line)):
-            current = {"kernel": short_name(m.group(1)), "arch": m.group(2), "spill_stores": 0, "spill_loads": 0,
-                       "registers": 0, "smem": 0, "spill_line": ""}
+        if m := _ENTRY.search(line):
+            current = {
+                "kernel": short_name(m.group(1)),
+                "arch": m.group(2),
+                "spill_stores": 0,
+                "spill_loads": 0,
+                "registers": 0,
+                "smem": 0,
+                "spill_line": "",
+            }
             kernels.append(current)
         elif current is not None and (m := _SPILL.search(line)):
             current.update(spill_stores=int(m.group(2)), spill_loads=int(m.group(3)), spill_line=line.strip())
@@ -72,8 +88,15 @@ def ptxas_report(log: str) -> list[dict]:
 
 def compile_kernels(nvcc: str, arch: str) -> tuple[int, str, str]:
     """(exit status, the command line, nvcc's output with the ptxas report) for one architecture."""
-    command = [nvcc, *NVCC_FLAGS, f"-arch=sm_{arch}", "-c", str(CSRC / "block_kernels.cu"), "-o",
-               str(BUILD / f"block_kernels_sm{arch}.o")]
+    command = [
+        nvcc,
+        *NVCC_FLAGS,
+        f"-arch=sm_{arch}",
+        "-c",
+        str(CSRC / "block_kernels.cu"),
+        "-o",
+        str(BUILD / f"block_kernels_sm{arch}.o"),
+    ]
     result = subprocess.run(command, capture_output=True, text=True)
     return result.returncode, f"== sm_{arch}: {' '.join(command)}", result.stdout + result.stderr
 
@@ -101,9 +124,18 @@ def check_binding() -> bool | None:
     stub = BUILD / "stub" / "c10" / "cuda" / "impl" / "cuda_cmake_macros.h"  # generated in CUDA torch builds only
     stub.parent.mkdir(parents=True, exist_ok=True)
     stub.write_text("#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n")
-    command = [compiler, "-std=c++20", "-fsyntax-only", "-Wall", "-DTORCH_EXTENSION_NAME=_C",
-               *(f"-I{p}" for p in include_paths()), f"-I{sysconfig.get_paths()['include']}",
-               f"-I{cuda_include}", f"-idirafter{BUILD / 'stub'}", str(CSRC / "block_ops.cpp")]
+    command = [
+        compiler,
+        "-std=c++20",
+        "-fsyntax-only",
+        "-Wall",
+        "-DTORCH_EXTENSION_NAME=_C",
+        *(f"-I{p}" for p in include_paths()),
+        f"-I{sysconfig.get_paths()['include']}",
+        f"-I{cuda_include}",
+        f"-idirafter{BUILD / 'stub'}",
+        str(CSRC / "block_ops.cpp"),
+    ]
     print("== binding: g++ -fsyntax-only csrc/block_ops.cpp (torch headers)", flush=True)
     result = subprocess.run(command, capture_output=True, text=True)
     errors = [line for line in result.stderr.splitlines() if "error" in line]
@@ -154,16 +186,20 @@ def main(argv=None) -> int:
         report = ptxas_report(log)
         kernels += report
         for k in report:
-            print(f"  {k['arch']}  {k['kernel']:<56} {k['registers']:>3} registers  {k['smem']:>6} B smem  "
-                  f"{k['spill_line']}")
+            print(
+                f"  {k['arch']}  {k['kernel']:<56} {k['registers']:>3} registers  {k['smem']:>6} B smem  "
+                f"{k['spill_line']}"
+            )
         spilling = [k for k in report if k["spill_stores"] or k["spill_loads"]]
         for k in spilling:
             print(f"FAIL: {k['kernel']} spills on {k['arch']}: {k['spill_line']}")
         failed |= bool(spilling) or not report
     if args.markdown:
         print(markdown(kernels))
-    print(f"cuda-check {'FAILED' if failed else 'passed'}: {len(kernels)} kernel builds, archs "
-          f"{', '.join('sm_' + a for a in ARCHES)} ({time.monotonic() - start:.0f} s)")
+    print(
+        f"cuda-check {'FAILED' if failed else 'passed'}: {len(kernels)} kernel builds, archs "
+        f"{', '.join('sm_' + a for a in ARCHES)} ({time.monotonic() - start:.0f} s)"
+    )
     return 1 if failed else 0
 
 

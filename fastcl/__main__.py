@@ -1,4 +1,5 @@
 """``python -m fastcl`` is the ``fastcl`` command."""
+
 import sys
 
 from fastcl.cli import main

@@ -6,6 +6,7 @@ Example:
     >>> require("math", "train", "fastcl train").pi  # present: returns the module
     3.141592653589793
 """
+
 from __future__ import annotations
 
 import importlib

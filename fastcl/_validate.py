@@ -4,6 +4,7 @@ Every failure is a ``ValueError`` (``TypeError`` for wrong types) whose message 
 was expected and what was received. Shape checks are free; value checks (finite inputs, τ > 0 for a tensor
 τ) read the data and are only run when ``check_finite`` is on.
 """
+
 from __future__ import annotations
 
 import math
@@ -26,9 +27,7 @@ def embeddings(name: str, t, ndim: int) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
     if t.dtype not in _FLOAT_DTYPES:
-        raise TypeError(
-            f"{name}: expected a floating tensor (float64/float32/bfloat16/float16), got dtype {t.dtype}"
-        )
+        raise TypeError(f"{name}: expected a floating tensor (float64/float32/bfloat16/float16), got dtype {t.dtype}")
     if t.dim() != ndim:
         shape = "[N, D]" if ndim == 2 else "[N, V, D]"
         raise ValueError(f"{name}: expected a {ndim}-D tensor {shape}, got {_describe(t)}")
@@ -67,7 +66,9 @@ def sub_dim(value: Optional[int], dim: int) -> int:
     return value
 
 
-def temperature(name: str, value: Temperature, device: torch.device, check_values: bool, allow_tensor: bool = True) -> None:
+def temperature(
+    name: str, value: Temperature, device: torch.device, check_values: bool, allow_tensor: bool = True
+) -> None:
     if isinstance(value, torch.Tensor) and allow_tensor:
         if value.dim() != 0:
             raise ValueError(f"{name}: expected a Python float or a 0-dim tensor, got shape {tuple(value.shape)}")

@@ -9,16 +9,18 @@ and Windows), so a run killed while saving leaves the previous checkpoint intact
 >>> torch.load(path)["epoch"]
 3
 """
+
 from __future__ import annotations
 
 import os
 import random
 from pathlib import Path
 
+import torch
+
 from fastcl._extras import require
 
 np = require("numpy", "train", "fastcl.checkpoint")
-import torch
 
 
 def save_atomic(state: dict, path: str | Path) -> None:

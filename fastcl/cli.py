@@ -1,4 +1,5 @@
 """The ``fastcl`` command: ``fastcl train ...`` (reference trainer) and ``fastcl bench ...`` (kernel profiler)."""
+
 from __future__ import annotations
 
 import importlib

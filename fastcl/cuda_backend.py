@@ -18,6 +18,7 @@ Example:
     >>> reason is None or isinstance(reason, str)
     True
 """
+
 from __future__ import annotations
 
 import functools
@@ -110,8 +111,11 @@ def _build_just_in_time() -> None:
     from torch.utils import cpp_extension
 
     sources = _sources_dir()
-    print("fastcl: compiling the CUDA extension for backend='cuda' (first use only; cached under "
-          "TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions)", file=sys.stderr)
+    print(
+        "fastcl: compiling the CUDA extension for backend='cuda' (first use only; cached under "
+        "TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions)",
+        file=sys.stderr,
+    )
     with _Progress():
         cpp_extension.load(
             name=_JIT_NAME,
@@ -148,8 +152,11 @@ def _register_fakes() -> None:
     @torch.library.register_fake("fastcl_cuda::block_backward")
     def _(a, a_inv, k, k_inv, tau, sub_dim, *rest):
         acc = accumulation_dtype(a.dtype)
-        return (a.new_empty((a.shape[0], sub_dim), dtype=acc), a.new_empty((k.shape[0], sub_dim), dtype=acc),
-                a.new_empty((a.shape[0], 2), dtype=acc))
+        return (
+            a.new_empty((a.shape[0], sub_dim), dtype=acc),
+            a.new_empty((k.shape[0], sub_dim), dtype=acc),
+            a.new_empty((a.shape[0], 2), dtype=acc),
+        )
 
 
 def layout_arguments(layout: Layout, like: Tensor) -> tuple:
@@ -188,8 +195,9 @@ def layout_arguments(layout: Layout, like: Tensor) -> tuple:
     )
 
 
-def block_forward(a: Tensor, a_inv: Optional[Tensor], k: Tensor, k_inv: Optional[Tensor], tau: Tensor, sub_dim: int,
-                  layout: Layout) -> tuple[Tensor, Tensor, Tensor]:
+def block_forward(
+    a: Tensor, a_inv: Optional[Tensor], k: Tensor, k_inv: Optional[Tensor], tau: Tensor, sub_dim: int, layout: Layout
+) -> tuple[Tensor, Tensor, Tensor]:
     """One block's forward statistics (docs/block-engine.md), computed by the CUDA kernels.
 
     Args:
@@ -220,8 +228,18 @@ def block_forward(a: Tensor, a_inv: Optional[Tensor], k: Tensor, k_inv: Optional
     return tuple(_ops().block_forward(a, a_inv, k, k_inv, tau, sub_dim, *layout_arguments(layout, a)))
 
 
-def block_backward(a: Tensor, a_inv: Optional[Tensor], k: Tensor, k_inv: Optional[Tensor], tau: Tensor, sub_dim: int,
-                   layout: Layout, lse: Tensor, alpha: Tensor, beta: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def block_backward(
+    a: Tensor,
+    a_inv: Optional[Tensor],
+    k: Tensor,
+    k_inv: Optional[Tensor],
+    tau: Tensor,
+    sub_dim: int,
+    layout: Layout,
+    lse: Tensor,
+    alpha: Tensor,
+    beta: Tensor,
+) -> tuple[Tensor, Tensor, Tensor]:
     """One block's gradients with respect to the raw rows (normalization backward fused), and Σ G·s.
 
     Args:

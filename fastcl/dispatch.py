@@ -5,6 +5,7 @@ engine.md; the engine runs it in every distributed mode) and, for the local fast
 ``*_forward`` / ``*_backward`` pair (``fastcl/torch_backend/__init__.py``). Nothing else imports a
 backend module by name.
 """
+
 from __future__ import annotations
 
 import functools
@@ -49,13 +50,17 @@ def unavailable_reason(backend: str, device: torch.device | None = None) -> str 
         return None
     if backend == "triton":
         if not _triton_importable():
-            return ("the 'triton' package is not installed (CUDA builds of torch bring it; otherwise "
-                    "pip install 'fastcl[triton]', and TRITON_INTERPRET=1 to run it on the CPU)")
+            return (
+                "the 'triton' package is not installed (CUDA builds of torch bring it; otherwise "
+                "pip install 'fastcl[triton]', and TRITON_INTERPRET=1 to run it on the CPU)"
+            )
         on_cuda = device.type == "cuda" if device is not None else torch.cuda.is_available()
         if on_cuda or triton_interpreted():
             return None
         if device is not None:
-            return f"it needs CUDA tensors (got device {device}); set TRITON_INTERPRET=1 to run it on the CPU interpreter"
+            return (
+                f"it needs CUDA tensors (got device {device}); set TRITON_INTERPRET=1 to run it on the CPU interpreter"
+            )
         return "no CUDA device (set TRITON_INTERPRET=1 to run it on the CPU interpreter)"
     if backend == "cuda":
         reason = _cuda_extension_error()
@@ -123,7 +128,9 @@ def resolve_block(backend: str, device: torch.device) -> str:
         return concrete
     if explicit == "auto":
         return "torch"
-    raise RuntimeError(f"backend={concrete!r} cannot run this loss as blocks (gather/ring mode or a block-only option): {reason}")
+    raise RuntimeError(
+        f"backend={concrete!r} cannot run this loss as blocks (gather/ring mode or a block-only option): {reason}"
+    )
 
 
 @constant_for_compile

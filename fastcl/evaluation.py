@@ -13,6 +13,7 @@
 >>> effective_rank(torch.tensor([1.0, 1.0, 1.0, 1.0]))
 4.0
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -47,8 +48,16 @@ def knn_k(n_train: int, num_classes: int) -> int:
     return max(1, min(KNN_K, n_train // max(num_classes, 1)))
 
 
-def knn_accuracy(train_features, train_labels, test_features, test_labels, num_classes: int,
-                 k: int | None = None, temperature: float = KNN_TEMPERATURE, chunk: int = 1024) -> float:
+def knn_accuracy(
+    train_features,
+    train_labels,
+    test_features,
+    test_labels,
+    num_classes: int,
+    k: int | None = None,
+    temperature: float = KNN_TEMPERATURE,
+    chunk: int = 1024,
+) -> float:
     """Weighted k-NN accuracy: each of the k nearest (cosine) training points votes exp(sim / T).
 
     ``k=None`` uses :func:`knn_k`; an explicit k larger than the mean class size warns, since the
@@ -57,24 +66,34 @@ def knn_accuracy(train_features, train_labels, test_features, test_labels, num_c
     if k is None:
         k = knn_k(len(bank), num_classes)
     elif k > len(bank) // max(num_classes, 1):
-        warnings.warn(f"knn_accuracy: k = {k} exceeds the mean class size of the {len(bank)}-point training "
-                      f"set ({len(bank) // max(num_classes, 1)}); the accuracy tends toward chance", stacklevel=2)
+        warnings.warn(
+            f"knn_accuracy: k = {k} exceeds the mean class size of the {len(bank)}-point training "
+            f"set ({len(bank) // max(num_classes, 1)}); the accuracy tends toward chance",
+            stacklevel=2,
+        )
     k = min(k, len(bank))
     correct = 0
     for start in range(0, len(test_features), chunk):
-        query = torch.nn.functional.normalize(test_features[start:start + chunk].float(), dim=1)
+        query = torch.nn.functional.normalize(test_features[start : start + chunk].float(), dim=1)
         sim, index = (query @ bank.T).topk(k, dim=1)
         votes = torch.zeros(len(query), num_classes, device=query.device)
         votes.scatter_add_(1, train_labels[index], (sim / temperature).exp())
-        correct += int((votes.argmax(1) == test_labels[start:start + chunk]).sum())
+        correct += int((votes.argmax(1) == test_labels[start : start + chunk]).sum())
     return correct / len(test_features)
 
 
-def linear_probe(train_features, train_targets, test_features, test_targets, task: str,
-                 l2: float | None = None, target_names: tuple[str, ...] | None = None) -> dict[str, float]:
+def linear_probe(
+    train_features,
+    train_targets,
+    test_features,
+    test_targets,
+    task: str,
+    l2: float | None = None,
+    target_names: tuple[str, ...] | None = None,
+) -> dict[str, float]:
     """Fit a linear model on standardized train features; return ``{"probe": ...}`` and, for
-    regression, ``{"probe_mse_<name>": ...}`` per target column (names default to column numbers). ``l2``: penalty per sample (Foster et al.:
-    1e-5 classification, 1e-8 regression)."""
+    regression, ``{"probe_mse_<name>": ...}`` per target column (names default to column numbers).
+    ``l2``: penalty per sample (Foster et al.: 1e-5 classification, 1e-8 regression)."""
     from scipy.linalg import LinAlgWarning
     from sklearn.linear_model import LogisticRegression, Ridge
     from sklearn.preprocessing import StandardScaler
@@ -102,8 +121,14 @@ def linear_probe(train_features, train_targets, test_features, test_targets, tas
 
 
 @torch.no_grad()
-def encode(model, images_fn, n: int, batch_size: int = 512, averaging: int = 1,
-           autocast: contextlib.AbstractContextManager | None = None):
+def encode(
+    model,
+    images_fn,
+    n: int,
+    batch_size: int = 512,
+    averaging: int = 1,
+    autocast: contextlib.AbstractContextManager | None = None,
+):
     """Return float32 ``(h, z)`` for items ``0..n-1``; ``images_fn(idx)`` gives the images of a batch.
     With ``averaging = M > 1`` each item's features are the mean over M calls of ``images_fn``."""
     hs, zs = [], []
@@ -119,8 +144,14 @@ def encode(model, images_fn, n: int, batch_size: int = 512, averaging: int = 1,
     return torch.cat(hs), torch.cat(zs)
 
 
-def evaluate(model, source, batch_size: int = 512, feature_averaging: int = 1, eval_seed: int = 0,
-             autocast: contextlib.AbstractContextManager | None = None) -> dict:
+def evaluate(
+    model,
+    source,
+    batch_size: int = 512,
+    feature_averaging: int = 1,
+    eval_seed: int = 0,
+    autocast: contextlib.AbstractContextManager | None = None,
+) -> dict:
     """Probe, k-NN (classification) and spectra on h and z; ``source`` as in :mod:`fastcl.data.sources`.
 
     Returns metrics (``probe``, ``probe_proj``, ``knn``, ``knn_proj``, ``effective_rank_repr``,
@@ -131,11 +162,14 @@ def evaluate(model, source, batch_size: int = 512, feature_averaging: int = 1, e
     features = {}
     for split in ("train", "test"):
         if feature_averaging > 1:
+
             def images(idx, split=split):
                 return source.random_images(split, idx.to(source.device))
         else:
+
             def images(idx, split=split):
                 return source.eval_images(split, idx.to(source.device))
+
         features[split] = encode(model, images, source.size[split], batch_size, feature_averaging, autocast)
     model.train(was_training)
 
@@ -143,8 +177,9 @@ def evaluate(model, source, batch_size: int = 512, feature_averaging: int = 1, e
     out: dict = {}
     for space, column in (("", 0), ("_proj", 1)):
         train_f, test_f = features["train"][column], features["test"][column]
-        probe = linear_probe(train_f, source.targets["train"], test_f, source.targets["test"], task.kind,
-                             target_names=task.target_names)
+        probe = linear_probe(
+            train_f, source.targets["train"], test_f, source.targets["test"], task.kind, target_names=task.target_names
+        )
         out.update({key.replace("probe", "probe" + space, 1): value for key, value in probe.items()})
         if task.kind == "classification":
             out["knn_k"] = knn_k(len(train_f), task.num_classes)

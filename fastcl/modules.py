@@ -14,6 +14,7 @@ every step needs no new module. The options shared by all of them:
 * ``check_finite``: raise on NaN/Inf embeddings or a non-positive tensor temperature. ``None`` (the
   default) checks on the torch backend only, because the check costs a device sync.
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -127,8 +128,14 @@ class NTXentLoss(_TemperatureMixin, nn.Module):
     def forward(self, z1: Tensor, z2: Tensor, temperature: Optional[Temperature] = None) -> Tensor:
         """Args: z1, z2: the two views ``[N, D]``; temperature: this call's τ (``None``: the module's)."""
         return self._loss(
-            z1, z2, self._temperature(temperature), sub_dim=self.sub_dim, normalize=self.normalize,
-            backend=self.backend, distributed=self.distributed, check_finite=self.check_finite,
+            z1,
+            z2,
+            self._temperature(temperature),
+            sub_dim=self.sub_dim,
+            normalize=self.normalize,
+            backend=self.backend,
+            distributed=self.distributed,
+            check_finite=self.check_finite,
         )
 
     def extra_repr(self) -> str:
@@ -204,8 +211,15 @@ class InfoNCELoss(_TemperatureMixin, nn.Module):
         """Args: q, k: queries and keys (e.g. image and text); temperature: this call's τ; targets: the
         index of each query's positive key (``symmetric=False`` only), default ``arange(N)``."""
         return functional.info_nce(
-            q, k, self._temperature(temperature), targets=targets, sub_dim=self.sub_dim, normalize=self.normalize,
-            symmetric=self.symmetric, backend=self.backend, distributed=self.distributed,
+            q,
+            k,
+            self._temperature(temperature),
+            targets=targets,
+            sub_dim=self.sub_dim,
+            normalize=self.normalize,
+            symmetric=self.symmetric,
+            backend=self.backend,
+            distributed=self.distributed,
             check_finite=self.check_finite,
         )
 
@@ -252,8 +266,13 @@ class DirectCLRLoss(InfoNCELoss):
         check_finite: Optional[bool] = None,
     ):
         super().__init__(
-            temperature, sub_dim=sub_dim, normalize=True, symmetric=True, backend=backend,
-            distributed=distributed, check_finite=check_finite,
+            temperature,
+            sub_dim=sub_dim,
+            normalize=True,
+            symmetric=True,
+            backend=backend,
+            distributed=distributed,
+            check_finite=check_finite,
         )
 
 
@@ -328,9 +347,17 @@ class SupConLoss(_TemperatureMixin, nn.Module):
     ) -> Tensor:
         """Args: features ``[N, V, D]``; labels ``[N]`` or mask ``[N, N]`` (or neither); temperature: this call's τ."""
         return functional.supcon(
-            features, labels, mask, self._temperature(temperature), base_temperature=self.base_temperature,
-            contrast_mode=self.contrast_mode, positives_missing=self.positives_missing, sub_dim=self.sub_dim,
-            normalize=self.normalize, backend=self.backend, distributed=self.distributed,
+            features,
+            labels,
+            mask,
+            self._temperature(temperature),
+            base_temperature=self.base_temperature,
+            contrast_mode=self.contrast_mode,
+            positives_missing=self.positives_missing,
+            sub_dim=self.sub_dim,
+            normalize=self.normalize,
+            backend=self.backend,
+            distributed=self.distributed,
             check_finite=self.check_finite,
         )
 
@@ -433,7 +460,13 @@ class SigLIPLoss(nn.Module):
     ) -> Tensor:
         """Args: x, y: ``[N, D]``; logit_scale, logit_bias: this call's t and b (``None``: the module's)."""
         return functional.siglip(
-            x, y, self.logit_scale if logit_scale is None else logit_scale,
-            self.logit_bias if logit_bias is None else logit_bias, sub_dim=self.sub_dim, normalize=self.normalize,
-            backend=self.backend, distributed=self.distributed, check_finite=self.check_finite,
+            x,
+            y,
+            self.logit_scale if logit_scale is None else logit_scale,
+            self.logit_bias if logit_bias is None else logit_bias,
+            sub_dim=self.sub_dim,
+            normalize=self.normalize,
+            backend=self.backend,
+            distributed=self.distributed,
+            check_finite=self.check_finite,
         )

@@ -15,6 +15,7 @@ the temperature gradient costs O(1) extra.
 Autocast is switched off inside the ops: a loss computes in the dtype of the embeddings it receives
 (autocast has already chosen that dtype for the layers that produced them), with fp32 reductions.
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -37,8 +38,11 @@ def _norms_fake(x: Tensor, rows: int, normalize: bool) -> Tensor:
 
 # --- NT-Xent -------------------------------------------------------------------------------------------
 
+
 @torch.library.custom_op("fastcl::ntxent", mutates_args=())
-def ntxent(z1: Tensor, z2: Tensor, tau: Tensor, sub_dim: int, normalize: bool, backend: str) -> tuple[Tensor, Tensor, Tensor]:
+def ntxent(
+    z1: Tensor, z2: Tensor, tau: Tensor, sub_dim: int, normalize: bool, backend: str
+) -> tuple[Tensor, Tensor, Tensor]:
     """Rows Z = [z1; z2]. Returns (loss, lse[2N], inverse norms[2N] or [0])."""
     no_autocast, impl = _backend(backend, z1)
     with no_autocast:
@@ -72,6 +76,7 @@ torch.library.register_autograd("fastcl::ntxent", _ntxent_backward, setup_contex
 
 
 # --- cross-view InfoNCE --------------------------------------------------------------------------------
+
 
 @torch.library.custom_op("fastcl::infonce", mutates_args=())
 def infonce(
@@ -119,6 +124,7 @@ torch.library.register_autograd("fastcl::infonce", _infonce_backward, setup_cont
 
 # --- SupCon --------------------------------------------------------------------------------------------
 
+
 @torch.library.custom_op("fastcl::supcon", mutates_args=())
 def supcon(
     features: Tensor,
@@ -143,7 +149,11 @@ def supcon(
 def _(features, labels, mask, tau, base_temperature, n_anchors, sub_dim, normalize, backend):
     acc = accumulation_dtype(features.dtype)
     m = features.shape[0] * features.shape[1]
-    return features.new_empty((), dtype=acc), features.new_empty((n_anchors,), dtype=acc), _norms_fake(features, m, normalize)
+    return (
+        features.new_empty((), dtype=acc),
+        features.new_empty((n_anchors,), dtype=acc),
+        _norms_fake(features, m, normalize),
+    )
 
 
 def _supcon_setup(ctx, inputs, output):

@@ -14,6 +14,7 @@
 >>> warmup_cosine(0, warmup_steps=10, total_steps=100), warmup_cosine(100, warmup_steps=10, total_steps=100)
 (0.1, 0.0)
 """
+
 from __future__ import annotations
 
 import math
@@ -36,12 +37,14 @@ def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 class LARS(torch.optim.Optimizer):
     """Layer-wise adaptive rate scaling on top of SGD with momentum; groups with ``lars=False`` are plain SGD."""
 
-    def __init__(self, params, lr: float, momentum: float = 0.9, weight_decay: float = 0.0,
-                 trust_coefficient: float = 0.001):
+    def __init__(
+        self, params, lr: float, momentum: float = 0.9, weight_decay: float = 0.0, trust_coefficient: float = 0.001
+    ):
         if lr <= 0:
             raise ValueError(f"lr must be > 0, got {lr}")
-        defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay,
-                        trust_coefficient=trust_coefficient, lars=True)
+        defaults = dict(
+            lr=lr, momentum=momentum, weight_decay=weight_decay, trust_coefficient=trust_coefficient, lars=True
+        )
         super().__init__(params, defaults)
 
     @torch.no_grad()

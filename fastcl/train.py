@@ -10,6 +10,7 @@ atomically at the end of every epoch), ``spectrum.png`` (collapse monitor), and 
 Under ``torchrun`` the run is data-parallel (DDP, SyncBatchNorm, DistributedSampler); ``--batch-size`` is
 the global batch, and the losses draw negatives from all ranks (``--distributed-loss``, default "auto").
 """
+
 from __future__ import annotations
 
 import argparse
@@ -39,22 +40,44 @@ from fastcl.optim import LARS, parameter_groups, warmup_cosine  # noqa: E402
 METHODS = tuple(registry.METHODS)
 DEFAULT_TEMPERATURE = {method: registry.get(name).default_temperature for method, name in registry.METHODS.items()}
 # Arguments that define the model, data or schedule: a checkpoint only resumes a run that agrees on them.
-RESUME_MUST_MATCH = ("method", "dataset", "encoder", "head", "proj_dim", "kappa", "sub_dim", "batch_size",
-                     "optimizer", "train_size", "seed", "aug_preset", "aug_strength", "temperature", "gp_lambda")
+RESUME_MUST_MATCH = (
+    "method",
+    "dataset",
+    "encoder",
+    "head",
+    "proj_dim",
+    "kappa",
+    "sub_dim",
+    "batch_size",
+    "optimizer",
+    "train_size",
+    "seed",
+    "aug_preset",
+    "aug_strength",
+    "temperature",
+    "gp_lambda",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="fastcl train", description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="fastcl train", description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     p.add_argument("--method", choices=METHODS, default="simclr")
     p.add_argument("--dataset", choices=DATASETS, default="spirograph")
-    p.add_argument("--data-dir", default=None, help="cifar10/cifar100: python-pickle archive dir; folder: ROOT/<class>/")
+    p.add_argument(
+        "--data-dir", default=None, help="cifar10/cifar100: python-pickle archive dir; folder: ROOT/<class>/"
+    )
     p.add_argument("--encoder", choices=ENCODERS, default="convnet")
     p.add_argument("--head", choices=HEADS, default=None, help="default: none for directclr, else mlp")
     p.add_argument("--proj-dim", type=int, default=128, help="output size of the mlp/linear heads")
     p.add_argument("--kappa", type=float, default=1.05, help="reweight head: z_i = h_i * kappa^-i")
-    p.add_argument("--sub-dim", type=int, default=None,
-                   help="loss on the first SUB_DIM features (directclr default: round(dim * 360 / 2048))")
+    p.add_argument(
+        "--sub-dim",
+        type=int,
+        default=None,
+        help="loss on the first SUB_DIM features (directclr default: round(dim * 360 / 2048))",
+    )
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--batch-size", type=int, default=256, help="global batch size")
     p.add_argument("--lr", type=float, default=None, help="default: (0.3 lars | 0.06 sgd) * batch_size / 256")
@@ -62,32 +85,58 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--momentum", type=float, default=0.9)
     p.add_argument("--weight-decay", type=float, default=None, help="default: 1e-6 lars, 5e-4 sgd")
     p.add_argument("--warmup-epochs", type=float, default=None, help="default: min(10, epochs / 10)")
-    p.add_argument("--temperature", type=float, default=None, help="default: " + ", ".join(f"{m} {t}" for m, t in DEFAULT_TEMPERATURE.items()))
+    p.add_argument(
+        "--temperature",
+        type=float,
+        default=None,
+        help="default: " + ", ".join(f"{m} {t}" for m, t in DEFAULT_TEMPERATURE.items()),
+    )
     p.add_argument("--aug-preset", default="simclr", help="fastcl.augment preset (image datasets)")
     p.add_argument("--aug-strength", type=float, default=1.0)
     p.add_argument("--backend", default="auto", help="loss backend: auto, torch, triton, cuda")
     p.add_argument("--distributed-loss", default="auto", help="negatives across ranks: auto, local, gather, ring")
     p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:1, ...")
-    p.add_argument("--amp", nargs="?", const="bf16", default="off", choices=("off", "bf16", "fp16"),
-                   help="autocast; bare --amp means bf16")
+    p.add_argument(
+        "--amp",
+        nargs="?",
+        const="bf16",
+        default="off",
+        choices=("off", "bf16", "fp16"),
+        help="autocast; bare --amp means bf16",
+    )
     p.add_argument("--compile", action="store_true", help="torch.compile the model for training")
     p.add_argument("--gp-lambda", type=float, default=0.0, help="Foster et al. gradient penalty weight (0 = off)")
     p.add_argument("--gp-draws", type=int, default=100, help="alpha' draws per example for the penalty")
-    p.add_argument("--gp-clamp", type=float, default=None, help="clamp on the penalty (default 1000 spirograph, else 1)")
-    p.add_argument("--feature-averaging", type=int, default=1, metavar="M",
-                   help="evaluate on features averaged over M random transformations")
+    p.add_argument(
+        "--gp-clamp", type=float, default=None, help="clamp on the penalty (default 1000 spirograph, else 1)"
+    )
+    p.add_argument(
+        "--feature-averaging",
+        type=int,
+        default=1,
+        metavar="M",
+        help="evaluate on features averaged over M random transformations",
+    )
     p.add_argument("--eval-every", type=int, default=1, help="evaluate every N epochs (0: only at init and end)")
     p.add_argument("--eval-batch-size", type=int, default=512)
     p.add_argument("--train-size", type=int, default=None, help="use a fixed subset of N training items")
     p.add_argument("--test-size", type=int, default=None, help="use a fixed subset of N test items")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/fastcl", help="output directory")
-    p.add_argument("--resume", nargs="?", const="auto", default=None,
-                   help="resume from OUT/checkpoint.pt (or from the given path)")
-    p.add_argument("--time-epoch", action="store_true",
-                   help="timing run: no evaluation, no checkpoints; prints seconds per epoch, writes timing.json")
-    p.add_argument("--stop-after-steps", type=int, default=None,
-                   help="exit after this many steps in total without saving the unfinished epoch (simulates a kill)")
+    p.add_argument(
+        "--resume", nargs="?", const="auto", default=None, help="resume from OUT/checkpoint.pt (or from the given path)"
+    )
+    p.add_argument(
+        "--time-epoch",
+        action="store_true",
+        help="timing run: no evaluation, no checkpoints; prints seconds per epoch, writes timing.json",
+    )
+    p.add_argument(
+        "--stop-after-steps",
+        type=int,
+        default=None,
+        help="exit after this many steps in total without saving the unfinished epoch (simulates a kill)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no tqdm bars")
     return p
 
@@ -108,9 +157,16 @@ def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
         args.warmup_epochs = min(10.0, args.epochs / 10)
     if args.gp_clamp is None:
         args.gp_clamp = 1000.0 if args.dataset == "spirograph" else 1.0
-    positive = {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "temperature": args.temperature,
-                "proj_dim": args.proj_dim, "feature_averaging": args.feature_averaging, "gp_draws": args.gp_draws,
-                "eval_batch_size": args.eval_batch_size}
+    positive = {
+        "epochs": args.epochs,
+        "batch_size": args.batch_size,
+        "lr": args.lr,
+        "temperature": args.temperature,
+        "proj_dim": args.proj_dim,
+        "feature_averaging": args.feature_averaging,
+        "gp_draws": args.gp_draws,
+        "eval_batch_size": args.eval_batch_size,
+    }
     for name, value in positive.items():
         if not value > 0:
             raise ValueError(f"--{name.replace('_', '-')} must be > 0, got {value}")
@@ -205,8 +261,12 @@ def _truncate_metrics(path: Path, last_epoch: int) -> None:
 def print_summary(history: list[dict], task, file=None) -> None:
     """One row per evaluation: loss, probe on h and z (per target for regression), kNN, effective ranks."""
     probe_name = "acc" if task.kind == "classification" else "MSE"
-    columns = [("epoch", "epoch", "{:d}"), ("loss", "train loss", "{:.4f}"),
-               ("probe", f"probe {probe_name} (h)", "{:.4f}"), ("probe_proj", f"probe {probe_name} (z)", "{:.4f}")]
+    columns = [
+        ("epoch", "epoch", "{:d}"),
+        ("loss", "train loss", "{:.4f}"),
+        ("probe", f"probe {probe_name} (h)", "{:.4f}"),
+        ("probe_proj", f"probe {probe_name} (z)", "{:.4f}"),
+    ]
     if task.kind == "classification":
         columns += [("knn", "kNN acc (h)", "{:.4f}"), ("knn_proj", "kNN acc (z)", "{:.4f}")]
     else:
@@ -235,9 +295,20 @@ class Trainer:
         device = self.device
         torch.manual_seed(args.seed + self.rank)
         self.out = Path(args.out)
-        self.source = source if source is not None else build_source(
-            args.dataset, args.data_dir, args.train_size, args.test_size, device, seed=args.seed + self.rank,
-            aug_preset=args.aug_preset, aug_strength=args.aug_strength)
+        self.source = (
+            source
+            if source is not None
+            else build_source(
+                args.dataset,
+                args.data_dir,
+                args.train_size,
+                args.test_size,
+                device,
+                seed=args.seed + self.rank,
+                aug_preset=args.aug_preset,
+                aug_strength=args.aug_strength,
+            )
+        )
         if args.method == "supcon" and self.source.task.kind != "classification":
             raise ValueError(f"--method supcon needs class labels; --dataset {args.dataset} has none")
         encoder = encoder if encoder is not None else build_encoder(args.encoder)
@@ -245,12 +316,19 @@ class Trainer:
         self.loss_fn = build_loss(args, self.model.dim if args.method == "directclr" else self.model.proj_dim)
 
         self.local_batch = args.batch_size // self.world
-        self.sampler = DistributedSampler(range(self.source.size["train"]), num_replicas=self.world,
-                                          rank=self.rank, shuffle=True, seed=args.seed, drop_last=True)
+        self.sampler = DistributedSampler(
+            range(self.source.size["train"]),
+            num_replicas=self.world,
+            rank=self.rank,
+            shuffle=True,
+            seed=args.seed,
+            drop_last=True,
+        )
         self.steps_per_epoch = len(self.sampler) // self.local_batch
         if self.steps_per_epoch == 0:
-            raise ValueError(f"--batch-size {args.batch_size} exceeds the training set "
-                             f"({self.source.size['train']} items)")
+            raise ValueError(
+                f"--batch-size {args.batch_size} exceeds the training set ({self.source.size['train']} items)"
+            )
         total_steps = self.steps_per_epoch * args.epochs
         warmup_steps = round(args.warmup_epochs * self.steps_per_epoch)
 
@@ -258,10 +336,10 @@ class Trainer:
         if args.optimizer == "lars":
             self.optimizer = LARS(groups, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
         else:
-            self.optimizer = torch.optim.SGD(groups, lr=args.lr, momentum=args.momentum,
-                                             weight_decay=args.weight_decay)
+            self.optimizer = torch.optim.SGD(groups, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda step: warmup_cosine(step, warmup_steps, total_steps))
+            self.optimizer, lambda step: warmup_cosine(step, warmup_steps, total_steps)
+        )
         amp_dtype = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.amp]
         self.autocast = torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
         self.scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16 and device.type == "cuda")
@@ -271,7 +349,8 @@ class Trainer:
             if device.type == "cuda":  # global BN statistics, as SimCLR; SyncBatchNorm is CUDA-only
                 self.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
             self.train_model = torch.nn.parallel.DistributedDataParallel(
-                self.model, device_ids=[device.index] if device.type == "cuda" else None)
+                self.model, device_ids=[device.index] if device.type == "cuda" else None
+            )
         if args.compile:
             self.train_model = torch.compile(self.train_model)
 
@@ -284,11 +363,15 @@ class Trainer:
         if not path.is_file():
             raise FileNotFoundError(f"--resume: no checkpoint at {path}")
         state = torch.load(path, map_location=self.device, weights_only=False)
-        mismatched = {k: (state["args"].get(k), getattr(self.args, k)) for k in RESUME_MUST_MATCH
-                      if state["args"].get(k) != getattr(self.args, k)}
+        mismatched = {
+            k: (state["args"].get(k), getattr(self.args, k))
+            for k in RESUME_MUST_MATCH
+            if state["args"].get(k) != getattr(self.args, k)
+        }
         if mismatched:
-            raise ValueError(f"--resume: checkpoint {path} was made with different settings "
-                             f"(checkpoint, now): {mismatched}")
+            raise ValueError(
+                f"--resume: checkpoint {path} was made with different settings (checkpoint, now): {mismatched}"
+            )
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -297,16 +380,30 @@ class Trainer:
         self.epoch, self.global_step, self.history = state["epoch"], state["global_step"], state["history"]
 
     def _save(self) -> None:
-        save_atomic({
-            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
-            "rng": rng_state(self.source.generator), "epoch": self.epoch, "global_step": self.global_step,
-            "history": self.history, "args": vars(self.args),
-        }, self.checkpoint_path)
+        save_atomic(
+            {
+                "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict(),
+                "rng": rng_state(self.source.generator),
+                "epoch": self.epoch,
+                "global_step": self.global_step,
+                "history": self.history,
+                "args": vars(self.args),
+            },
+            self.checkpoint_path,
+        )
 
     def _evaluate(self, extra: dict) -> None:
-        result = evaluate(self.model, self.source, self.args.eval_batch_size, self.args.feature_averaging,
-                          eval_seed=self.args.seed, autocast=self.autocast)
+        result = evaluate(
+            self.model,
+            self.source,
+            self.args.eval_batch_size,
+            self.args.feature_averaging,
+            eval_seed=self.args.seed,
+            autocast=self.autocast,
+        )
         entry = {"epoch": self.epoch, "step": self.global_step, **extra, **result}
         self.history.append(entry)
         with open(self.metrics_path, "a") as f:
@@ -323,7 +420,8 @@ class Trainer:
         loss = _contrastive_loss(self.loss_fn, args.method, h, z, labels)
         if args.gp_lambda > 0:
             loss = loss + args.gp_lambda * gradient_penalty(
-                self.model.encoder, self.source, idx, args.gp_draws, args.gp_clamp, self.autocast)
+                self.model.encoder, self.source, idx, args.gp_draws, args.gp_clamp, self.autocast
+            )
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.step(self.optimizer)
@@ -353,12 +451,16 @@ class Trainer:
             self.sampler.set_epoch(epoch)
             order = torch.tensor(list(iter(self.sampler)), device=device)
             loss_sum = torch.zeros((), device=device)
-            bar = tqdm(range(self.steps_per_epoch), desc=f"epoch {epoch}/{args.epochs}",
-                       disable=rank != 0 or args.no_progress, leave=False)
+            bar = tqdm(
+                range(self.steps_per_epoch),
+                desc=f"epoch {epoch}/{args.epochs}",
+                disable=rank != 0 or args.no_progress,
+                leave=False,
+            )
             _synchronize(device)
             start = time.perf_counter()
             for step in bar:
-                loss = self._train_step(order[step * self.local_batch:(step + 1) * self.local_batch], labels_all)
+                loss = self._train_step(order[step * self.local_batch : (step + 1) * self.local_batch], labels_all)
                 loss_sum += loss
                 if step % 10 == 0:
                     bar.set_postfix(loss=f"{loss.item():.4f}")
@@ -378,13 +480,21 @@ class Trainer:
             samples_per_s = self.steps_per_epoch * args.batch_size / seconds
             timings.append({"epoch": epoch, "seconds": seconds, "samples_per_s": samples_per_s})
             if rank == 0:
-                print(f"epoch {epoch}/{args.epochs}: loss {epoch_loss:.4f}, {seconds:.1f} s "
-                      f"({samples_per_s:.0f} samples/s, {self.steps_per_epoch} steps)")
+                print(
+                    f"epoch {epoch}/{args.epochs}: loss {epoch_loss:.4f}, {seconds:.1f} s "
+                    f"({samples_per_s:.0f} samples/s, {self.steps_per_epoch} steps)"
+                )
             if args.time_epoch:
                 continue
             if evaluating and (epoch == args.epochs or (args.eval_every and epoch % args.eval_every == 0)):
-                self._evaluate({"loss": epoch_loss, "lr": self.scheduler.get_last_lr()[0],
-                                "epoch_time_s": seconds, "samples_per_s": samples_per_s})
+                self._evaluate(
+                    {
+                        "loss": epoch_loss,
+                        "lr": self.scheduler.get_last_lr()[0],
+                        "epoch_time_s": seconds,
+                        "samples_per_s": samples_per_s,
+                    }
+                )
             if rank == 0:
                 self._save()
 
@@ -405,9 +515,11 @@ def _write_timing(path: Path, args, device: torch.device, world: int, timings: l
 
     record = {
         "what": f"one training epoch, {args.dataset} ({args.train_size or 'full'} items), {args.encoder}, "
-                f"{args.method}, global batch {args.batch_size}, amp {args.amp}, compile {args.compile}",
+        f"{args.method}, global batch {args.batch_size}, amp {args.amp}, compile {args.compile}",
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-        "world_size": world, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
+        "world_size": world,
+        "torch": torch.__version__,
+        "date": time.strftime("%Y-%m-%d"),
         "epochs": timings,
     }
     path.write_text(json.dumps(record, indent=2) + "\n")

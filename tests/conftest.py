@@ -2,6 +2,7 @@
 
 TRITON_INTERPRET must be set before triton is first imported, so it is set here, at collection.
 """
+
 import os
 
 import pytest

@@ -1,5 +1,6 @@
 """fastcl.augment on the kornia (reference) backend: shapes, replay, determinism, independent references
 for every op, parameter distributions, the strength knob, differentiable colour ops and bad input."""
+
 from __future__ import annotations
 
 import colorsys
@@ -54,8 +55,9 @@ def test_every_preset_shapes_replay_and_determinism(preset, channels):
 
 def test_blurred_views_replay_exactly():
     x = smooth_images(4, 3, 70, 66, seed=2)
-    aug = MultiViewAugment("simclr", size=64, views=2, backend="kornia", generator=torch.Generator().manual_seed(0),
-                           blur_p=1.0)
+    aug = MultiViewAugment(
+        "simclr", size=64, views=2, backend="kornia", generator=torch.Generator().manual_seed(0), blur_p=1.0
+    )
     views, params = aug(x, return_params=True)
     assert bool(params.blur_apply.all())
     assert torch.equal(aug.replay(x, params), views)
@@ -81,14 +83,23 @@ def test_auto_backend_is_kornia_on_cpu():
 
 def test_crop_resize_flip_match_plain_interpolate():
     x = torch.rand(6, 3, 27, 31, generator=torch.Generator().manual_seed(4))
-    aug = MultiViewAugment("simclr", size=11, views=2, backend="kornia", generator=torch.Generator().manual_seed(1),
-                           jitter_p=0.0, gray_p=0.0, normalize=False)
+    aug = MultiViewAugment(
+        "simclr",
+        size=11,
+        views=2,
+        backend="kornia",
+        generator=torch.Generator().manual_seed(1),
+        jitter_p=0.0,
+        gray_p=0.0,
+        normalize=False,
+    )
     views, params = aug(x, return_params=True)
     for b in range(6):
         for v in range(2):
             x0, y0, w, h = params.box[b, v].tolist()
-            crop = F.interpolate(x[b:b + 1, :, y0:y0 + h, x0:x0 + w], size=(11, 11), mode="bilinear",
-                                 align_corners=False)[0]
+            crop = F.interpolate(
+                x[b : b + 1, :, y0 : y0 + h, x0 : x0 + w], size=(11, 11), mode="bilinear", align_corners=False
+            )[0]
             expected = crop.flip(-1) if params.flip[b, v] else crop
             torch.testing.assert_close(views[b, v], expected, atol=1e-6, rtol=0)
 
@@ -96,8 +107,9 @@ def test_crop_resize_flip_match_plain_interpolate():
 def test_strength_zero_is_identity_resize():
     x = torch.rand(5, 3, 24, 24, generator=torch.Generator().manual_seed(5))
     for preset in PRESET_NAMES:
-        aug = MultiViewAugment(preset, size=16, views=2, strength=0.0, backend="kornia",
-                               generator=torch.Generator().manual_seed(0))
+        aug = MultiViewAugment(
+            preset, size=16, views=2, strength=0.0, backend="kornia", generator=torch.Generator().manual_seed(0)
+        )
         expected = aug.normalize(F.interpolate(x, size=(16, 16), mode="bilinear", align_corners=False))
         views = aug(x)
         for v in range(2):
@@ -130,8 +142,9 @@ def _jitter_reference(img: np.ndarray, factors, order) -> np.ndarray:
 def test_jitter_with_per_sample_order_matches_numpy_colorsys_reference():
     g = torch.Generator().manual_seed(6)
     img = torch.rand(7, 3, 5, 4, generator=g)
-    factors = torch.stack([0.3 + 1.4 * torch.rand(7, generator=g) for _ in range(3)]
-                          + [torch.rand(7, generator=g) - 0.5], dim=1)
+    factors = torch.stack(
+        [0.3 + 1.4 * torch.rand(7, generator=g) for _ in range(3)] + [torch.rand(7, generator=g) - 0.5], dim=1
+    )
     order = torch.rand(7, 4, generator=g).argsort(dim=1)
     apply = torch.tensor([True, True, False, True, True, True, True])
     out = jitter(img, factors, order, apply, hue_mode="hsv")
@@ -145,10 +158,23 @@ def test_jitter_with_per_sample_order_matches_numpy_colorsys_reference():
 
 def test_grayscale_solarize_and_blur_match_formulas():
     x = smooth_images(6, 3, 20, 20, seed=7)
-    aug = MultiViewAugment("byol", size=20, views=2, strength=1.0, backend="kornia",
-                           generator=torch.Generator().manual_seed(2), jitter_p=0.0, scale=(1.0, 1.0),
-                           ratio=(1.0, 1.0), flip_p=0.0, gray_p=0.5, blur_p=(0.5, 0.5), solarize_p=(0.5, 0.5),
-                           blur_kernel=5, normalize=False)
+    aug = MultiViewAugment(
+        "byol",
+        size=20,
+        views=2,
+        strength=1.0,
+        backend="kornia",
+        generator=torch.Generator().manual_seed(2),
+        jitter_p=0.0,
+        scale=(1.0, 1.0),
+        ratio=(1.0, 1.0),
+        flip_p=0.0,
+        gray_p=0.5,
+        blur_p=(0.5, 0.5),
+        solarize_p=(0.5, 0.5),
+        blur_kernel=5,
+        normalize=False,
+    )
     views, params = aug(x, return_params=True)
     weights = torch.tensor(RGB_TO_YIQ[0], dtype=torch.float64).view(3, 1, 1)
     offsets = torch.arange(5, dtype=torch.float64) - 2
@@ -159,7 +185,7 @@ def test_grayscale_solarize_and_blur_match_formulas():
                 img = (img * weights).sum(0, keepdim=True).expand(3, -1, -1)
             if params.blur_apply[b, v]:
                 sigma = float(params.blur_sigma[b, v])
-                k1 = torch.exp(-offsets ** 2 / (2 * sigma ** 2))
+                k1 = torch.exp(-(offsets**2) / (2 * sigma**2))
                 k1 = k1 / k1.sum()
                 padded = F.pad(img[None], (2, 2, 2, 2), mode="reflect")
                 img = F.conv2d(padded, (k1[:, None] * k1[None, :]).expand(3, 1, 5, 5), groups=3)[0]
@@ -188,8 +214,9 @@ def test_colour_matches_numpy_reference_and_zero_hue_keeps_luma():
     factors = sample_colour_factors(5, strength=1.0, generator=g)
     out = colour(x, factors)
     for b in range(5):
-        np.testing.assert_allclose(out[b].double().numpy(), _colour_reference(x[b].double().numpy(),
-                                                                             factors[b].double().tolist()), atol=1e-5)
+        np.testing.assert_allclose(
+            out[b].double().numpy(), _colour_reference(x[b].double().numpy(), factors[b].double().tolist()), atol=1e-5
+        )
     luma = torch.tensor(RGB_TO_YIQ[0]).view(1, 3, 1, 1)
     rotated_only = colour(x, torch.tensor([[1.0, 1.0, 1.0, 0.3]]).expand(5, 4))
     torch.testing.assert_close((rotated_only * luma).sum(1), (x * luma).sum(1), atol=1e-5, rtol=0)
@@ -199,13 +226,16 @@ def test_colour_gradients_and_double_backward():
     g = torch.Generator().manual_seed(9)
     # Mid-range pixels and factors near 1: no clamp is active, so the function is smooth at the check point.
     x = (0.35 + 0.3 * torch.rand(3, 3, 4, 4, generator=g, dtype=torch.float64)).requires_grad_()
-    factors = torch.tensor([[1.1, 0.9, 1.05, 0.05], [0.95, 1.08, 0.9, -0.07], [1.0, 1.0, 1.0, 0.0]],
-                           dtype=torch.float64, requires_grad=True)
+    factors = torch.tensor(
+        [[1.1, 0.9, 1.05, 0.05], [0.95, 1.08, 0.9, -0.07], [1.0, 1.0, 1.0, 0.0]],
+        dtype=torch.float64,
+        requires_grad=True,
+    )
     assert torch.autograd.gradcheck(colour, (x, factors))
     assert torch.autograd.gradgradcheck(colour, (x, factors))
     # Foster's gradient penalty shape: grad w.r.t. per-sample factors with create_graph, then backprop again.
     (grad,) = torch.autograd.grad((colour(x, factors) ** 2).sum(), factors, create_graph=True)
-    penalty = (grad ** 2).sum()
+    penalty = (grad**2).sum()
     penalty.backward()
     assert factors.grad is not None and torch.isfinite(factors.grad).all() and factors.grad.abs().sum() > 0
 
@@ -213,13 +243,20 @@ def test_colour_gradients_and_double_backward():
 def test_unnormalized_views_and_foster_gradient_penalty_recipe():
     x = (smooth_images(6, 3, 22, 22, seed=12) * 255).round().to(torch.uint8)
     overrides = dict(jitter_p=0.0, gray_p=0.0)
-    raw_aug = MultiViewAugment("colour", size=16, views=1, backend="kornia", normalize=False,
-                               generator=torch.Generator().manual_seed(0), **overrides)
+    raw_aug = MultiViewAugment(
+        "colour",
+        size=16,
+        views=1,
+        backend="kornia",
+        normalize=False,
+        generator=torch.Generator().manual_seed(0),
+        **overrides,
+    )
     raw, params = raw_aug(x, return_params=True)
     assert raw.min() >= 0 and raw.max() <= 1
     normalized = MultiViewAugment("colour", size=16, views=1, backend="kornia", **overrides).replay(x, params)
     torch.testing.assert_close(raw_aug.normalize(raw), normalized, atol=1e-6, rtol=0)
-    # Foster et al.'s penalty: leaf factors, encode, grad w.r.t. factors with create_graph, penalty, backprop to weights.
+    # Foster et al.'s penalty: leaf factors, encode, grad w.r.t. factors (create_graph), penalty, backprop.
     g = torch.Generator().manual_seed(1)
     torch.manual_seed(0)
     encoder = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 16 * 16, 8), torch.nn.Tanh())
@@ -314,7 +351,7 @@ def test_strength_mapping_table():
     assert base.scale == (0.08, 1.0) and base.jitter == (0.4, 0.4, 0.2, 0.1) and base.blur_p == (1.0, 0.1)
     assert zero.scale == (1.0, 1.0) and zero.ratio == (1.0, 1.0) and zero.jitter == (0.0, 0.0, 0.0, 0.0)
     assert zero.flip_p == zero.jitter_p == zero.gray_p == 0 and zero.blur_p == (0, 0) and zero.solarize_p == (0, 0)
-    assert double.scale[0] == pytest.approx(0.08 ** 2) and double.jitter == pytest.approx((0.8, 0.8, 0.4, 0.2))
+    assert double.scale[0] == pytest.approx(0.08**2) and double.jitter == pytest.approx((0.8, 0.8, 0.4, 0.2))
     assert double.jitter_p == 1.0 and double.gray_p == pytest.approx(0.4) and double.blur_p == pytest.approx((1, 0.2))
     assert double.solarize_p == pytest.approx((0.0, 0.4)) and double.blur_sigma == pytest.approx((0.1, 3.9))
     assert double.flip_p == 0.5 and resolve("simclr", 32, 9.0, {}).jitter[3] == 0.5
@@ -326,8 +363,15 @@ def test_mean_pixel_change_grows_with_strength(preset):
     identity = F.interpolate(x, size=(32, 32), mode="bilinear", align_corners=False)
     changes = []
     for s in (0.0, 0.25, 0.5, 1.0, 1.5):
-        aug = MultiViewAugment(preset, size=32, views=2, strength=s, backend="kornia",
-                               generator=torch.Generator().manual_seed(0), normalize=False)
+        aug = MultiViewAugment(
+            preset,
+            size=32,
+            views=2,
+            strength=s,
+            backend="kornia",
+            generator=torch.Generator().manual_seed(0),
+            normalize=False,
+        )
         changes.append(float((aug(x) - identity[:, None]).abs().mean()))
     assert changes[0] < 1e-5
     assert all(b > a for a, b in zip(changes, changes[1:])), changes
@@ -336,27 +380,43 @@ def test_mean_pixel_change_grows_with_strength(preset):
 # ---------------------------------------------------------------- bad input
 
 
-@pytest.mark.parametrize("kwargs,name", [
-    (dict(size=0), "size"), (dict(size=-3), "size"), (dict(size=2.5), "size"), (dict(views=0), "views"),
-    (dict(preset="moco"), "preset"), (dict(strength=-0.1), "strength"), (dict(strength=float("nan")), "strength"),
-    (dict(backend="cuda"), "backend"), (dict(output_dtype=torch.int8), "output_dtype"),
-    (dict(jitter_p=1.5), "jitter_p"), (dict(scale=(0.5, 0.2)), "scale"), (dict(blur_kernel=4), "blur_kernel"),
-    (dict(jitter=(0.1, 0.1)), "jitter"), (dict(mean=(0.5, 0.5)), "mean"), (dict(std=(0.0, 1.0, 1.0)), "std"),
-    (dict(colour_jitter=0.5), "overrides"),
-])
+@pytest.mark.parametrize(
+    "kwargs,name",
+    [
+        (dict(size=0), "size"),
+        (dict(size=-3), "size"),
+        (dict(size=2.5), "size"),
+        (dict(views=0), "views"),
+        (dict(preset="moco"), "preset"),
+        (dict(strength=-0.1), "strength"),
+        (dict(strength=float("nan")), "strength"),
+        (dict(backend="cuda"), "backend"),
+        (dict(output_dtype=torch.int8), "output_dtype"),
+        (dict(jitter_p=1.5), "jitter_p"),
+        (dict(scale=(0.5, 0.2)), "scale"),
+        (dict(blur_kernel=4), "blur_kernel"),
+        (dict(jitter=(0.1, 0.1)), "jitter"),
+        (dict(mean=(0.5, 0.5)), "mean"),
+        (dict(std=(0.0, 1.0, 1.0)), "std"),
+        (dict(colour_jitter=0.5), "overrides"),
+    ],
+)
 def test_bad_arguments_raise_value_error_naming_them(kwargs, name):
     with pytest.raises(ValueError, match=name):
         MultiViewAugment(**kwargs)
 
 
-@pytest.mark.parametrize("x,error,name", [
-    (torch.rand(3, 32, 32), ValueError, "4-D"),
-    (torch.rand(2, 2, 8, 8), ValueError, "C = 1 or 3"),
-    (torch.rand(2, 4, 8, 8), ValueError, "C = 1 or 3"),
-    (torch.rand(0, 3, 8, 8), ValueError, "non-empty"),
-    (torch.zeros(2, 3, 8, 8, dtype=torch.int32), TypeError, "uint8"),
-    (np.zeros((2, 3, 8, 8)), TypeError, "torch.Tensor"),
-])
+@pytest.mark.parametrize(
+    "x,error,name",
+    [
+        (torch.rand(3, 32, 32), ValueError, "4-D"),
+        (torch.rand(2, 2, 8, 8), ValueError, "C = 1 or 3"),
+        (torch.rand(2, 4, 8, 8), ValueError, "C = 1 or 3"),
+        (torch.rand(0, 3, 8, 8), ValueError, "non-empty"),
+        (torch.zeros(2, 3, 8, 8, dtype=torch.int32), TypeError, "uint8"),
+        (np.zeros((2, 3, 8, 8)), TypeError, "torch.Tensor"),
+    ],
+)
 def test_bad_input_tensor(x, error, name):
     with pytest.raises(error, match=name):
         MultiViewAugment(backend="kornia")(x)

@@ -4,6 +4,7 @@ Without a GPU it runs under the Triton interpreter (tests/conftest.py sets TRITO
 triton is imported) on small images: B = 3, 20x17 -> 12x12. Tolerance: 5e-5 absolute on normalized outputs
 (docs/augment.md).
 """
+
 from __future__ import annotations
 
 import pytest
@@ -22,8 +23,9 @@ def images(dtype: torch.dtype, channels: int, seed: int, device: torch.device) -
 
 
 def pair(preset: str, **kwargs):
-    reference = MultiViewAugment(preset, size=12, views=2, backend="kornia",
-                                 generator=torch.Generator().manual_seed(5), **kwargs)
+    reference = MultiViewAugment(
+        preset, size=12, views=2, backend="kornia", generator=torch.Generator().manual_seed(5), **kwargs
+    )
     fused = MultiViewAugment(preset, size=12, views=2, backend="triton", **kwargs)
     return reference, fused
 

@@ -3,6 +3,7 @@
 Table-driven: each case is a call that must raise, the exception type, and strings its message must
 contain (the argument's name first, then the received / expected value).
 """
+
 from __future__ import annotations
 
 import pytest
@@ -69,7 +70,12 @@ CASES = [
     ("labels-other-device", lambda: supcon(F3, LABELS.to("meta")), ValueError, ["labels", "device", "meta"]),
     ("mask-other-device", lambda: supcon(F3, mask=torch.eye(N, device="meta")), ValueError, ["mask", "device", "meta"]),
     ("views-two-dtypes", lambda: info_nce(Z, Z.double()), ValueError, ["k", "torch.float32", "torch.float64"]),
-    ("integer-features", lambda: supcon(torch.ones(N, 2, D, dtype=torch.int64)), TypeError, ["features", "torch.int64"]),
+    (
+        "integer-features",
+        lambda: supcon(torch.ones(N, 2, D, dtype=torch.int64)),
+        TypeError,
+        ["features", "torch.int64"],
+    ),
     ("integer-z1", lambda: nt_xent(torch.ones(N, D, dtype=torch.int32), Z), TypeError, ["z1", "torch.int32"]),
     ("not-a-tensor", lambda: nt_xent(Z.tolist(), Z), TypeError, ["z1", "list"]),
     # empty / degenerate batches

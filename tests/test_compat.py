@@ -6,6 +6,7 @@ follow the peer line by line (its N×N logits, its masks, its reductions) and sh
 SupContrast's transcription is the one in ``test_parity.py``. The DDP behaviour of the lightly and
 open_clip flags is tested in ``test_compat_ddp.py`` with these same transcriptions.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -58,6 +59,7 @@ def assert_same(ours, theirs, *inputs, rtol: float = RTOL) -> Tensor:
 
 
 # --- transcriptions of the peers' code ----------------------------------------------------------------
+
 
 def open_clip_reference(
     image_features, text_features, logit_scale, local_loss=False, gather_with_grad=False, rank=0, world_size=1
@@ -274,20 +276,30 @@ def directclr_reference(nn_, p, temperature=0.1):
 
 # --- SupContrast ------------------------------------------------------------------------------------
 
+
 def _supcontrast_theirs(contrast_mode, tau, base, **targets):
     def theirs(features):
         flat = features.reshape(features.shape[0], features.shape[1], -1)  # SupContrast's view(bsz, n_views, -1)
         return supcontrast_reference(
             flat, **targets, temperature=tau, contrast_mode=contrast_mode, base_temperature=base
         )
+
     return theirs
 
 
 @pytest.mark.parametrize("tau", TAUS)
 @pytest.mark.parametrize(
     "n, views, targets, mode",
-    [(7, 2, "labels", "all"), (13, 3, "labels", "one"), (9, 1, "labels", "all"), (11, 1, "mask", "all"),
-     (8, 2, "soft", "all"), (10, 3, "soft", "one"), (6, 2, None, "all"), (5, 1, None, "all")],
+    [
+        (7, 2, "labels", "all"),
+        (13, 3, "labels", "one"),
+        (9, 1, "labels", "all"),
+        (11, 1, "mask", "all"),
+        (8, 2, "soft", "all"),
+        (10, 3, "soft", "one"),
+        (6, 2, None, "all"),
+        (5, 1, None, "all"),
+    ],
 )
 def test_supcontrast_values_and_gradients(n, views, targets, mode, tau):
     """Raw (unnormalized) features; V = 1 with singleton labels and masks with empty rows give anchors
@@ -321,10 +333,13 @@ def test_supcontrast_anchors_without_positives_count_zero():
     assert relative_error(ours, core / 2) <= RTOL  # 2 of 4 anchors have a positive
 
 
-@pytest.mark.parametrize("labels", [
-    torch.tensor([[0], [1], [0], [2], [1], [2], [0]]),               # [N, 1]
-    torch.tensor([0.5, 1.5, 0.5, -2.0, 1.5, -2.0, 0.5]),             # float
-])
+@pytest.mark.parametrize(
+    "labels",
+    [
+        torch.tensor([[0], [1], [0], [2], [1], [2], [0]]),  # [N, 1]
+        torch.tensor([0.5, 1.5, 0.5, -2.0, 1.5, -2.0, 0.5]),  # float
+    ],
+)
 def test_supcontrast_label_shapes_and_dtypes(labels):
     features = rows(7, 2, 2, 3, seed=3)  # [N, V, 2, 3]: flattened to D = 6
     loss_fn = supcontrast.SupConLoss(0.2, "all", 0.07)
@@ -361,6 +376,7 @@ def test_supcontrast_float32_small_temperature_stays_finite():
 
 
 # --- open_clip --------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("scale_shape", [(), (1,), None], ids=["0-dim", "[1]", "float"])
 @pytest.mark.parametrize("n, d, tau", [(7, 17, 0.01), (16, 3, 0.07), (5, 32, 1.0)])
@@ -407,10 +423,15 @@ def test_open_clip_signature():
     assert list(params) == ["local_loss", "gather_with_grad", "cache_labels", "rank", "world_size", "use_horovod"]
     assert [p.default for p in params.values()] == [False, False, False, 0, 1, False]
     assert list(inspect.signature(open_clip.ClipLoss.forward).parameters)[1:] == [
-        "image_features", "text_features", "logit_scale", "output_dict"]
+        "image_features",
+        "text_features",
+        "logit_scale",
+        "output_dict",
+    ]
 
 
 # --- lightly ----------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("n, d, tau", [(1, 5, 0.5), (2, 3, 0.01), (9, 17, 0.1), (16, 64, 1.0)])
 def test_lightly_values_and_gradients(n, d, tau):
@@ -425,8 +446,11 @@ def test_lightly_values_and_gradients(n, d, tau):
 @pytest.mark.parametrize("n, d, tau", [(2, 3, 0.01), (9, 17, 0.1), (16, 8, 1.0)])
 def test_lightly_dcl(n, d, tau, weights):
     """DCL and DCLW; a weight_fn with gradients (lightly's docstring example) differentiates through it."""
-    weight_fn = {None: None, "mises-fisher": lightly_mises_fisher_weights,
-                 "with-grad": lambda a, b: torch.sum((a - b) ** 2, dim=1)}[weights]
+    weight_fn = {
+        None: None,
+        "mises-fisher": lightly_mises_fisher_weights,
+        "with-grad": lambda a, b: torch.sum((a - b) ** 2, dim=1),
+    }[weights]
     ours = lightly.DCLWLoss(tau, sigma=0.5) if weights == "mises-fisher" else lightly.DCLLoss(tau, weight_fn)
     a, b = rows(n, d, seed=n), rows(n, d, seed=n + 1)
     assert_same(ours, lambda a, b: lightly_dcl_reference(a, b, tau, weight_fn), a, b)
@@ -473,6 +497,7 @@ def test_lightly_signature_and_options():
 
 # --- pytorch-metric-learning ------------------------------------------------------------------------
 
+
 def _labels(n: int, classes: int, seed: int) -> Tensor:
     return torch.randint(0, classes, (n,), generator=torch.Generator().manual_seed(seed))
 
@@ -480,8 +505,14 @@ def _labels(n: int, classes: int, seed: int) -> Tensor:
 @pytest.mark.parametrize("tau", [0.01, 0.07, 1.0])
 @pytest.mark.parametrize(
     "labels",
-    [torch.arange(7).repeat(2), _labels(13, 4, 1), _labels(9, 9, 2), torch.zeros(6, dtype=torch.long),
-     torch.arange(5), torch.tensor([0.5, 0.5, 2.0, 3.0, 3.0, 3.0, -1.0])],
+    [
+        torch.arange(7).repeat(2),
+        _labels(13, 4, 1),
+        _labels(9, 9, 2),
+        torch.zeros(6, dtype=torch.long),
+        torch.arange(5),
+        torch.tensor([0.5, 0.5, 2.0, 3.0, 3.0, 3.0, -1.0]),
+    ],
     ids=["instance-2-views", "classes", "some-singletons", "all-equal", "no-positive", "float-labels"],
 )
 def test_pml_ntxent_and_supcon_with_labels(labels, tau):
@@ -497,12 +528,19 @@ def test_pml_ntxent_and_supcon_with_labels(labels, tau):
 def test_pml_ref_emb(ref):
     emb, ref_emb = rows(8, 5, seed=4), rows(11 if ref == "classes" else 8, 5, seed=5)
     labels = {"permutation": torch.arange(8), "classes": _labels(8, 3, 6), "identity": torch.arange(8)}[ref]
-    ref_labels = {"permutation": torch.randperm(8, generator=torch.Generator().manual_seed(1)),
-                  "classes": _labels(11, 3, 7), "identity": torch.arange(8)}[ref]
+    ref_labels = {
+        "permutation": torch.randperm(8, generator=torch.Generator().manual_seed(1)),
+        "classes": _labels(11, 3, 7),
+        "identity": torch.arange(8),
+    }[ref]
     for name in ("NTXentLoss", "SupConLoss"):
         ours, theirs = getattr(pml, name)(0.1), getattr(pml_losses, name)(0.1)
-        assert_same(lambda e, r, ours=ours: ours(e, labels, ref_emb=r, ref_labels=ref_labels),
-                    lambda e, r, theirs=theirs: theirs(e, labels, ref_emb=r, ref_labels=ref_labels), emb, ref_emb)
+        assert_same(
+            lambda e, r, ours=ours: ours(e, labels, ref_emb=r, ref_labels=ref_labels),
+            lambda e, r, theirs=theirs: theirs(e, labels, ref_emb=r, ref_labels=ref_labels),
+            emb,
+            ref_emb,
+        )
 
 
 @pytest.mark.parametrize("symmetric", [True, False])
@@ -518,7 +556,12 @@ def test_pml_signatures_and_unsupported_options():
     assert inspect.signature(pml.NTXentLoss).parameters["temperature"].default == 0.07
     assert inspect.signature(pml.SupConLoss).parameters["temperature"].default == 0.1
     assert list(inspect.signature(pml.NTXentLoss.forward).parameters)[1:] == [
-        "embeddings", "labels", "indices_tuple", "ref_emb", "ref_labels"]
+        "embeddings",
+        "labels",
+        "indices_tuple",
+        "ref_emb",
+        "ref_labels",
+    ]
     with pytest.raises(NotImplementedError, match="reducer"):
         pml.NTXentLoss(0.1, reducer=None)
     with pytest.raises(NotImplementedError, match="indices_tuple"):
@@ -527,6 +570,7 @@ def test_pml_signatures_and_unsupported_options():
 
 # --- solo-learn -------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("tau", [0.01, 0.1, 1.0])
 @pytest.mark.parametrize(
     "indexes",
@@ -534,8 +578,11 @@ def test_pml_signatures_and_unsupported_options():
     ids=["2-crops", "multi-crop", "supervised"],
 )
 def test_solo_learn_values_and_gradients(indexes, tau):
-    assert_same(lambda z: solo_learn.simclr_loss_func(z, indexes, tau), lambda z: solo_reference(z, indexes, tau),
-                rows(indexes.shape[0], 17, seed=indexes.shape[0]))
+    assert_same(
+        lambda z: solo_learn.simclr_loss_func(z, indexes, tau),
+        lambda z: solo_reference(z, indexes, tau),
+        rows(indexes.shape[0], 17, seed=indexes.shape[0]),
+    )
 
 
 def test_solo_learn_lone_crop_is_left_out_not_inf():
@@ -555,6 +602,7 @@ def test_solo_learn_lone_crop_is_left_out_not_inf():
 
 # --- Inf-CL -----------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize(
     "nq, nk, labels, scale",
     [(8, 8, None, None), (7, 7, None, 1 / 0.01), (6, 11, "random", 1 / 0.07), (5, 5, "permutation", (1,))],
@@ -563,11 +611,15 @@ def test_solo_learn_lone_crop_is_left_out_not_inf():
 def test_inf_cl_values_and_gradients(nq, nk, labels, scale):
     q, k = F.normalize(rows(nq, 16, seed=nq), dim=1), F.normalize(rows(nk, 16, seed=nk + 1), dim=1)
     gen = torch.Generator().manual_seed(0)
-    idx = {None: None, "random": torch.randint(0, nk, (nq,), generator=gen),
-           "permutation": torch.randperm(nq, generator=gen)}[labels]
+    idx = {
+        None: None,
+        "random": torch.randint(0, nk, (nq,), generator=gen),
+        "permutation": torch.randperm(nq, generator=gen),
+    }[labels]
     if isinstance(scale, tuple):
         scale = torch.full(scale, 12.5, dtype=torch.float64)
     inputs = (q, k) if scale is None else (q, k, scale)
+
     def theirs(*x):
         return inf_cl_reference(*x[:2], idx, *x[2:])
 
@@ -578,6 +630,7 @@ def test_inf_cl_values_and_gradients(nq, nk, labels, scale):
 
 # --- DirectCLR --------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("n, d, tau", [(7, 17, 0.01), (12, 40, 0.1), (5, 3, 1.0)])
 def test_directclr_infonce_and_prefix(n, d, tau):
     a, b = rows(n, d, seed=n), rows(n, d, seed=n + 2)
@@ -585,9 +638,11 @@ def test_directclr_infonce_and_prefix(n, d, tau):
     dim = max(2, d // 3)
     assert_same(
         lambda x, y: directclr.directclr_loss(x, y, dim, tau),
-        lambda x, y: (directclr_reference(x[:, :dim], y[:, :dim], tau)
-                      + directclr_reference(y[:, :dim], x[:, :dim], tau)) / 2,
-        a, b,
+        lambda x, y: (
+            (directclr_reference(x[:, :dim], y[:, :dim], tau) + directclr_reference(y[:, :dim], x[:, :dim], tau)) / 2
+        ),
+        a,
+        b,
     )
 
 
@@ -616,11 +671,15 @@ def test_directclr_group_mode_draws_directclrs_permutation():
 
 # --- fastcl's own modules: per-call temperature, tensor temperatures, check_finite ------------------
 
-@pytest.mark.parametrize("module, inputs", [
-    (fastcl.NTXentLoss, lambda: (rows(6, 5, seed=1), rows(6, 5, seed=2))),
-    (fastcl.InfoNCELoss, lambda: (rows(6, 5, seed=1), rows(6, 5, seed=2))),
-    (fastcl.SupConLoss, lambda: (rows(6, 2, 5, seed=3), _labels(6, 3, 0))),
-])
+
+@pytest.mark.parametrize(
+    "module, inputs",
+    [
+        (fastcl.NTXentLoss, lambda: (rows(6, 5, seed=1), rows(6, 5, seed=2))),
+        (fastcl.InfoNCELoss, lambda: (rows(6, 5, seed=1), rows(6, 5, seed=2))),
+        (fastcl.SupConLoss, lambda: (rows(6, 2, 5, seed=3), _labels(6, 3, 0))),
+    ],
+)
 def test_modules_per_call_temperature(module, inputs):
     args = inputs()
     logit_scale = torch.tensor([math.log(1 / 0.07)], dtype=torch.float64, requires_grad=True)  # [1]-shaped
@@ -648,12 +707,15 @@ def test_modules_tensor_temperature_built_once():
         fastcl.InfoNCELoss(temperature=1 / logit_scale.exp())
 
 
-@pytest.mark.parametrize("module, make", [
-    (fastcl.NTXentLoss, lambda x: (x, x.clone())),
-    (fastcl.InfoNCELoss, lambda x: (x, x.clone())),
-    (fastcl.DirectCLRLoss, lambda x: (x, x.clone())),
-    (fastcl.SupConLoss, lambda x: (x.view(2, 2, 400),)),
-])
+@pytest.mark.parametrize(
+    "module, make",
+    [
+        (fastcl.NTXentLoss, lambda x: (x, x.clone())),
+        (fastcl.InfoNCELoss, lambda x: (x, x.clone())),
+        (fastcl.DirectCLRLoss, lambda x: (x, x.clone())),
+        (fastcl.SupConLoss, lambda x: (x.view(2, 2, 400),)),
+    ],
+)
 def test_modules_check_finite(module, make):
     x = torch.randn(4, 400)
     x[1, 2] = float("nan")
@@ -664,6 +726,7 @@ def test_modules_check_finite(module, make):
 
 # --- float32 ------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize(
     "peer", ["supcontrast", "open_clip", "lightly", "pml-multi-positive", "solo-multi-crop", "inf_cl-more-keys"]
 )
@@ -672,21 +735,32 @@ def test_float32_and_bfloat16_against_the_float64_peer(peer):
     bfloat16 inputs: a float32 loss, bfloat16 gradients, no worse than the peer in bfloat16."""
     a, b = rows(9, 24, seed=31), rows(9, 24, seed=32)
     labels = _labels(9, 3, 4)
+
     def views(x, y):
         return F.normalize(torch.stack([x, y], 1), dim=2)
 
     cases = {
-        "supcontrast": (lambda x, y: supcontrast.SupConLoss(0.1)(views(x, y), labels),
-                        lambda x, y: supcontrast_reference(views(x, y), labels, temperature=0.1)),
-        "open_clip": (lambda x, y: open_clip.ClipLoss()(F.normalize(x, dim=1), F.normalize(y, dim=1), 10.0),
-                      lambda x, y: open_clip_reference(F.normalize(x, dim=1), F.normalize(y, dim=1), 10.0)),
+        "supcontrast": (
+            lambda x, y: supcontrast.SupConLoss(0.1)(views(x, y), labels),
+            lambda x, y: supcontrast_reference(views(x, y), labels, temperature=0.1),
+        ),
+        "open_clip": (
+            lambda x, y: open_clip.ClipLoss()(F.normalize(x, dim=1), F.normalize(y, dim=1), 10.0),
+            lambda x, y: open_clip_reference(F.normalize(x, dim=1), F.normalize(y, dim=1), 10.0),
+        ),
         "lightly": (lightly.NTXentLoss(0.1), lambda x, y: lightly_reference(x, y, 0.1)),
-        "pml-multi-positive": (lambda x, y: pml.NTXentLoss(0.1)(torch.cat([x, y]), labels.repeat(2)),
-                               lambda x, y: pml_losses.NTXentLoss(0.1)(torch.cat([x, y]), labels.repeat(2))),
-        "solo-multi-crop": (lambda x, y: solo_learn.simclr_loss_func(torch.cat([x, y]), labels.repeat(2)),
-                            lambda x, y: solo_reference(torch.cat([x, y]), labels.repeat(2))),
-        "inf_cl-more-keys": (lambda x, y: inf_cl.cal_inf_loss(x[:5], y, labels[:5] * 2, 10.0),
-                             lambda x, y: inf_cl_reference(x[:5], y, labels[:5] * 2, 10.0).mean()),
+        "pml-multi-positive": (
+            lambda x, y: pml.NTXentLoss(0.1)(torch.cat([x, y]), labels.repeat(2)),
+            lambda x, y: pml_losses.NTXentLoss(0.1)(torch.cat([x, y]), labels.repeat(2)),
+        ),
+        "solo-multi-crop": (
+            lambda x, y: solo_learn.simclr_loss_func(torch.cat([x, y]), labels.repeat(2)),
+            lambda x, y: solo_reference(torch.cat([x, y]), labels.repeat(2)),
+        ),
+        "inf_cl-more-keys": (
+            lambda x, y: inf_cl.cal_inf_loss(x[:5], y, labels[:5] * 2, 10.0),
+            lambda x, y: inf_cl_reference(x[:5], y, labels[:5] * 2, 10.0).mean(),
+        ),
     }
     ours, theirs = cases[peer]
     loss, grads = evaluate(ours, (a.float(), b.float()))
@@ -697,24 +771,32 @@ def test_float32_and_bfloat16_against_the_float64_peer(peer):
     # bfloat16 inputs: no further from the float64 peer than the peer itself run in bfloat16.
     rounded = (a.bfloat16(), b.bfloat16())
     truth = Result(*evaluate(theirs, tuple(x.double() for x in rounded)), None)
-    assert_no_worse_than_naive(Result(*evaluate(ours, rounded), None), Result(*evaluate(theirs, rounded), None),
-                               truth, torch.bfloat16)
+    assert_no_worse_than_naive(
+        Result(*evaluate(ours, rounded), None), Result(*evaluate(theirs, rounded), None), truth, torch.bfloat16
+    )
 
 
-@pytest.mark.parametrize("call, argument", [
-    (lambda: pml.NTXentLoss(0.1)(torch.randn(4, 3, 2), torch.arange(4)), "embeddings"),
-    (lambda: pml.NTXentLoss(0.1)(torch.randn(4, 3), torch.arange(4), ref_emb=torch.randn(5, 2),
-                                 ref_labels=torch.arange(5)), "ref_emb"),
-    (lambda: pml.NTXentLoss(-1.0)(torch.randn(4, 3), torch.arange(4) % 2), "temperature"),
-    (lambda: solo_learn.simclr_loss_func(torch.randn(6, 3), torch.arange(5)), "indexes"),
-    (lambda: solo_learn.simclr_loss_func(torch.randn(6, 3).long(), torch.arange(6)), "z"),
-    (lambda: inf_cl.cal_flash_loss(torch.randn(4, 3), torch.randn(6, 5)), "k"),
-    (lambda: inf_cl.cal_inf_loss(torch.randn(4, 3), torch.randn(6, 3), labels=torch.arange(3)), "targets"),
-    (lambda: open_clip.ClipLoss()(torch.randn(4, 3), torch.randn(4, 3), torch.ones(2)), "logit_scale"),
-    (lambda: open_clip.ClipLoss()(torch.randn(4, 3), torch.randn(5, 3), 10.0), "text_features"),
-    (lambda: lightly.NTXentLoss()(torch.randn(4, 3), torch.randn(4, 2)), "out1"),
-    (lambda: directclr.group_loss(torch.randn(4, 64), torch.randn(4, 64), groups=7), "groups"),
-])
+@pytest.mark.parametrize(
+    "call, argument",
+    [
+        (lambda: pml.NTXentLoss(0.1)(torch.randn(4, 3, 2), torch.arange(4)), "embeddings"),
+        (
+            lambda: pml.NTXentLoss(0.1)(
+                torch.randn(4, 3), torch.arange(4), ref_emb=torch.randn(5, 2), ref_labels=torch.arange(5)
+            ),
+            "ref_emb",
+        ),
+        (lambda: pml.NTXentLoss(-1.0)(torch.randn(4, 3), torch.arange(4) % 2), "temperature"),
+        (lambda: solo_learn.simclr_loss_func(torch.randn(6, 3), torch.arange(5)), "indexes"),
+        (lambda: solo_learn.simclr_loss_func(torch.randn(6, 3).long(), torch.arange(6)), "z"),
+        (lambda: inf_cl.cal_flash_loss(torch.randn(4, 3), torch.randn(6, 5)), "k"),
+        (lambda: inf_cl.cal_inf_loss(torch.randn(4, 3), torch.randn(6, 3), labels=torch.arange(3)), "targets"),
+        (lambda: open_clip.ClipLoss()(torch.randn(4, 3), torch.randn(4, 3), torch.ones(2)), "logit_scale"),
+        (lambda: open_clip.ClipLoss()(torch.randn(4, 3), torch.randn(5, 3), 10.0), "text_features"),
+        (lambda: lightly.NTXentLoss()(torch.randn(4, 3), torch.randn(4, 2)), "out1"),
+        (lambda: directclr.group_loss(torch.randn(4, 64), torch.randn(4, 64), groups=7), "groups"),
+    ],
+)
 def test_bad_input_names_the_argument(call, argument):
     with pytest.raises((ValueError, TypeError), match=argument):
         call()
@@ -732,5 +814,6 @@ def test_modules_expose_the_core_options():
     assert relative_error(zero, supcontrast_reference(features, labels, temperature=0.1)) <= RTOL
     q, k, targets = rows(5, 4, seed=4), rows(9, 4, seed=5), torch.tensor([8, 0, 3, 3, 7])
     one_way = fastcl.InfoNCELoss(0.1, normalize=False, symmetric=False)
-    assert_same(lambda a, b: one_way(a, b, targets=targets),
-                lambda a, b: inf_cl_reference(a, b, targets, 10.0).mean(), q, k)
+    assert_same(
+        lambda a, b: one_way(a, b, targets=targets), lambda a, b: inf_cl_reference(a, b, targets, 10.0).mean(), q, k
+    )

@@ -7,6 +7,7 @@ parameter gradients are averaged over the ranks, as DDP does. The peers are the 
 ``test_compat.py`` running their own collectives (torch.distributed.nn.all_gather, lightly's
 GatherLayer, plain all_gather), in float64; fastcl must match to 1e-9 relative on every rank.
 """
+
 from __future__ import annotations
 
 import functools
@@ -76,21 +77,24 @@ def _cases():
             cases[name] = (
                 lambda a, b, s, ours=ours: ours(a, b, s),
                 lambda a, b, s, ll=local_loss, wg=with_grad, r=rank: open_clip_reference(a, b, s, ll, wg, r, WORLD),
-                1 / 0.07, True,
+                1 / 0.07,
+                True,
             )
     rank = dist.get_rank()
     ours = open_clip.SigLipLoss(rank=rank, world_size=WORLD)
     cases["open_clip-SigLipLoss"] = (
         lambda a, b, s, ours=ours: ours(a, b, s, -2.0),
         lambda a, b, s: open_clip_siglip_reference(a, b, s, -2.0, rank, WORLD),
-        5.0, True,
+        5.0,
+        True,
     )
     for gather in (False, True):
         ours = lightly.NTXentLoss(temperature=0.3, gather_distributed=gather)
         cases[f"lightly-gather_distributed={gather}"] = (
             lambda a, b, s, ours=ours: ours(a, b),
             lambda a, b, s, g=gather: lightly_reference(a, b, 0.3, g),
-            1.0, False,
+            1.0,
+            False,
         )
     for weighted in (False, True):
         ours = (lightly.DCLWLoss if weighted else lightly.DCLLoss)(0.3, gather_distributed=True)
@@ -98,36 +102,42 @@ def _cases():
         cases[f"lightly-{'DCLW' if weighted else 'DCL'}-gather_distributed=True"] = (
             lambda a, b, s, ours=ours: ours(a, b),
             lambda a, b, s, w=weight_fn: lightly_dcl_reference(a, b, 0.3, w, gather_distributed=True),
-            1.0, False,
+            1.0,
+            False,
         )
     torch.manual_seed(11)  # the same bank on every rank and on both sides
     ours_bank = lightly.NTXentLoss(0.3, (7, D_OUT), gather_distributed=True)
     torch.manual_seed(11)
     theirs_bank = LightlyMemoryBank((7, D_OUT), gather_distributed=True).double()
     ours_bank.double()
+
     def theirs_bank_loss(a, b):
         return lightly_bank_reference(theirs_bank, a, b, 0.3)
 
     cases["lightly-memory-bank-gather_distributed=True"] = (  # a first call enqueues both ranks' out1
         lambda a, b, s: (ours_bank(a, b), ours_bank(a, b))[1],
         lambda a, b, s: (theirs_bank_loss(a, b), theirs_bank_loss(a, b))[1],
-        1.0, False,
+        1.0,
+        False,
     )
     cases["inf_cl"] = (
         lambda a, b, s: inf_cl.cal_inf_loss(a, b, scale=s),
         lambda a, b, s: _inf_cl_ring_reference(a, b, s),
-        1 / 0.05, True,
+        1 / 0.05,
+        True,
     )
     cases["directclr-infoNCE"] = (
         lambda a, b, s: directclr.infoNCE(a, b, 0.2),
         lambda a, b, s: directclr_reference(_full_gather(a), _full_gather(b), 0.2),  # DirectCLR's gather_from_all
-        1.0, False,
+        1.0,
+        False,
     )
     for name, classes in (("solo-learn-2-crops", None), ("solo-learn-supervised", 3)):
         cases[name] = (
             lambda a, b, s, c=classes: solo_learn.simclr_loss_func(torch.cat([a, b]), _solo_indexes(c), 0.2),
             lambda a, b, s, c=classes: solo_reference(torch.cat([a, b]), _solo_indexes(c), 0.2, _full_gather),
-            1.0, False,
+            1.0,
+            False,
         )
     return cases
 
@@ -193,9 +203,15 @@ def _world_results() -> list[dict]:
 
 CASE_NAMES = [
     *(f"open_clip-local_loss={ll}-gather_with_grad={wg}" for ll in (False, True) for wg in (False, True)),
-    "lightly-gather_distributed=False", "lightly-gather_distributed=True", "inf_cl", "directclr-infoNCE",
-    "solo-learn-2-crops", "solo-learn-supervised",
-    "lightly-DCL-gather_distributed=True", "lightly-DCLW-gather_distributed=True", "open_clip-SigLipLoss",
+    "lightly-gather_distributed=False",
+    "lightly-gather_distributed=True",
+    "inf_cl",
+    "directclr-infoNCE",
+    "solo-learn-2-crops",
+    "solo-learn-supervised",
+    "lightly-DCL-gather_distributed=True",
+    "lightly-DCLW-gather_distributed=True",
+    "open_clip-SigLipLoss",
     "lightly-memory-bank-gather_distributed=True",
 ]
 

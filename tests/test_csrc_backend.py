@@ -1,5 +1,6 @@
 """backend="cuda" wiring that runs without a GPU: dispatch reports why it cannot run, nothing compiles,
 and the package ships the sources a just-in-time build needs."""
+
 from __future__ import annotations
 
 import pytest
@@ -33,14 +34,24 @@ def test_sources_for_a_just_in_time_build_are_found():
     assert {"block_ops.cpp", "block_kernels.cu", "block_launch.h", "block_math.cuh"} <= names
 
 
-@pytest.mark.parametrize("layout, expected", [
-    (Layout(), (False, 0, 0, False, 0)),
-    (Layout(positives="labels", self_offset=-3, a_labels=torch.tensor([1]), k_labels=torch.tensor([1, 2])),
-     (True, -3, 2, False, 0)),
-    (Layout(positives="mask", mask=torch.ones(2, 2, dtype=torch.bool), exclude_positives=True), (False, 0, 3, True, 0)),
-    (Layout(positives="index", pos_index=torch.tensor([0]), epilogue="sigmoid", bias=torch.tensor(-1.0)),
-     (False, 0, 1, False, 1)),
-])
+@pytest.mark.parametrize(
+    "layout, expected",
+    [
+        (Layout(), (False, 0, 0, False, 0)),
+        (
+            Layout(positives="labels", self_offset=-3, a_labels=torch.tensor([1]), k_labels=torch.tensor([1, 2])),
+            (True, -3, 2, False, 0),
+        ),
+        (
+            Layout(positives="mask", mask=torch.ones(2, 2, dtype=torch.bool), exclude_positives=True),
+            (False, 0, 3, True, 0),
+        ),
+        (
+            Layout(positives="index", pos_index=torch.tensor([0]), epilogue="sigmoid", bias=torch.tensor(-1.0)),
+            (False, 0, 1, False, 1),
+        ),
+    ],
+)
 def test_layout_arguments(layout, expected):
     """Flags and enum codes for the ops; weights in the accumulation dtype, indices as contiguous int64."""
     args = cuda_backend.layout_arguments(layout, torch.zeros(1, 3, dtype=torch.bfloat16))

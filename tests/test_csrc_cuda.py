@@ -6,6 +6,7 @@ blocks larger than the kernels' tiles (64 rows, 32/64-feature slices: several ke
 output slices, partial last tiles), float16, TF32, bit-identical reruns and ``torch.compile``. Without a
 GPU the same per-tile code runs in tests/test_csrc_host.py.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -31,8 +32,9 @@ def run_cuda(case: Case, a, k, fields, alpha, beta, dtype):
 
 
 @pytest.mark.parametrize("case", CASES + TILED, ids=[c.name for c in CASES + TILED])
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16],
-                         ids=["fp64", "fp32", "bf16", "fp16"])
+@pytest.mark.parametrize(
+    "dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16], ids=["fp64", "fp32", "bf16", "fp16"]
+)
 def test_cuda_primitive_matches_float64(case, dtype):
     check_against_reference(case, dtype, run_cuda)
 

@@ -8,6 +8,7 @@ strided loads, grids, both backward passes and the normalization kernel. It is b
 build/csrc_host/, keyed by the sources' hash) and called through ctypes; without g++ the tests skip.
 The cases are tests/test_block.py's plus blocks larger than the kernels' tiles.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -34,8 +35,12 @@ ROOT = Path(__file__).resolve().parents[1]
 CSRC = ROOT / "csrc"
 SOURCES = (CSRC / "kernel_emulation.cpp", CSRC / "block_kernels.cu", CSRC / "block_math.cuh", CSRC / "block_launch.h")
 # The emulated kernels' entry points per rows dtype (float32 without TF32: the exact FMA path).
-ENTRY_POINTS = {torch.float64: "float64", torch.float32: "float32", torch.bfloat16: "bfloat16",
-                  torch.float16: "float16"}
+ENTRY_POINTS = {
+    torch.float64: "float64",
+    torch.float32: "float32",
+    torch.bfloat16: "bfloat16",
+    torch.float16: "float16",
+}
 
 # Blocks larger than the kernels' tiles (64 rows; 32/64-feature slices), next to tests/test_block.py's cases.
 TILED = [
@@ -48,8 +53,12 @@ TILED = [
 ]
 # Largest relative error per dtype: (statistics, gradients). 16-bit rows multiply exactly into fp32; the
 # gradients' second GEMM rounds G and the scaled rows to the 16-bit dtype (as naive 16-bit PyTorch does).
-TOLERANCE = {torch.float64: (1e-9, 1e-9), torch.float32: (1e-5, 1e-5), torch.bfloat16: (1e-5, 1e-2),
-             torch.float16: (1e-5, 5e-3)}
+TOLERANCE = {
+    torch.float64: (1e-9, 1e-9),
+    torch.float32: (1e-5, 1e-5),
+    torch.bfloat16: (1e-5, 1e-2),
+    torch.float16: (1e-5, 5e-3),
+}
 
 
 @functools.lru_cache(maxsize=None)
@@ -64,8 +73,24 @@ def emulated_kernels() -> ctypes.CDLL:
         target.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
             partial = Path(scratch) / target.name
-            subprocess.run([compiler, "-std=c++20", "-O2", "-shared", "-fPIC", "-pthread", "-Wall", "-Wextra",
-                            "-Werror", "-Wno-unknown-pragmas", str(SOURCES[0]), "-o", str(partial)], check=True)
+            subprocess.run(
+                [
+                    compiler,
+                    "-std=c++20",
+                    "-O2",
+                    "-shared",
+                    "-fPIC",
+                    "-pthread",
+                    "-Wall",
+                    "-Wextra",
+                    "-Werror",
+                    "-Wno-unknown-pragmas",
+                    str(SOURCES[0]),
+                    "-o",
+                    str(partial),
+                ],
+                check=True,
+            )
             os.replace(partial, target)  # atomic: concurrent test processes never load a partial file
     library = ctypes.CDLL(str(target))
     for suffix in (*ENTRY_POINTS.values(), "float32_tf32"):
@@ -78,8 +103,7 @@ def _ptr(t):
     return ctypes.c_void_p(t.data_ptr() if t is not None else 0)
 
 
-def kernel_primitive(a, a_inv, k, k_inv, tau: float, sub_dim: int, layout: Layout, entry_point: str, *,
-                     backward=None):
+def kernel_primitive(a, a_inv, k, k_inv, tau: float, sub_dim: int, layout: Layout, entry_point: str, *, backward=None):
     """The emulated kernels' forward, or their backward when ``backward`` = (lse, alpha, beta).
 
     ``a``, ``k``: the rows in the dtype ``entry_point`` takes, any strides. Returns (lse, pos_sum,
@@ -90,7 +114,8 @@ def kernel_primitive(a, a_inv, k, k_inv, tau: float, sub_dim: int, layout: Layou
     sizes = torch.tensor([a.shape[0], a.stride(0), a.stride(1), k.shape[0], k.stride(0), k.stride(1), sub_dim])
     # The CUDA ops' own layout arguments, so the enum codes the package passes are the ones tested here.
     has_self, offset, positives, exclude, epilogue, bias, pos_index, a_labels, k_labels, mask = (
-        cuda_backend.layout_arguments(layout, a))
+        cuda_backend.layout_arguments(layout, a)
+    )
     ints = torch.tensor([has_self, offset, positives, exclude, epilogue, *(mask.shape if mask is not None else (1, 1))])
     scalars = torch.tensor([tau, 0.0 if bias is None else float(bias)], dtype=acc)
     tensors = (a, a_inv, k, k_inv, sizes, ints, scalars, pos_index, a_labels, k_labels, mask)  # alive during the call
@@ -103,8 +128,9 @@ def kernel_primitive(a, a_inv, k, k_inv, tau: float, sub_dim: int, layout: Layou
     lse, alpha, beta = (x.to(acc).contiguous() for x in backward)
     d_a, d_k = torch.empty(a.shape[0], sub_dim, dtype=acc), torch.empty(k.shape[0], sub_dim, dtype=acc)
     sums = torch.empty(a.shape[0], 2, dtype=acc)
-    error = getattr(library, f"fastcl_block_backward_{entry_point}")(*common, *map(_ptr, (lse, alpha, beta, d_a,
-                                                                                          d_k, sums)))
+    error = getattr(library, f"fastcl_block_backward_{entry_point}")(
+        *common, *map(_ptr, (lse, alpha, beta, d_a, d_k, sums))
+    )
     assert error is None, error
     gs = sums.sum(0)
     return d_a, d_k, (gs if layout.epilogue == "sigmoid" else gs[0])
@@ -211,8 +237,7 @@ def test_emulated_cuda_kernels_match_float64(case, dtype):
 
 def test_emulated_tf32_path():
     """float32 rows through the TF32 WMMA path (operands rounded to 10 mantissa bits)."""
-    check_against_reference(TILED[1], torch.float32, functools.partial(run_emulated, tf32=True),
-                            tolerance=(5e-3, 1e-2))
+    check_against_reference(TILED[1], torch.float32, functools.partial(run_emulated, tf32=True), tolerance=(5e-3, 1e-2))
 
 
 def test_emulated_cuda_kernels_are_deterministic():

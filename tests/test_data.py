@@ -1,4 +1,5 @@
 """Datasets of the reference trainer: Spirograph renderer, digits, CIFAR pickles, image folders."""
+
 import math
 import pickle
 
@@ -7,8 +8,16 @@ import pytest
 import torch
 
 from fastcl.data import (
-    NUISANCE_RANGES, TARGET_RANGES, SpirographSource, build_source, load_cifar, load_digits, load_folder,
-    render_spirograph, sample_uniform, unit_targets,
+    NUISANCE_RANGES,
+    TARGET_RANGES,
+    SpirographSource,
+    build_source,
+    load_cifar,
+    load_digits,
+    load_folder,
+    render_spirograph,
+    sample_uniform,
+    unit_targets,
 )
 
 
@@ -27,10 +36,13 @@ def _spirograph_reference(m, b, sigma, f_r, h, f_g, f_b, b_r, b_g, b_b, size=32)
     return intensity[None] * fg[:, None, None] + (1 - intensity[None]) * bg[:, None, None]
 
 
-@pytest.mark.parametrize("params", [
-    (3.7, 0.43, 0.61, 0.83, 1.9, 0.55, 0.97, 0.12, 0.47, 0.05),
-    (2.2, 1.05, 0.27, 0.41, 0.6, 0.99, 0.44, 0.59, 0.0, 0.31),
-])
+@pytest.mark.parametrize(
+    "params",
+    [
+        (3.7, 0.43, 0.61, 0.83, 1.9, 0.55, 0.97, 0.12, 0.47, 0.05),
+        (2.2, 1.05, 0.27, 0.41, 0.6, 0.99, 0.44, 0.59, 0.0, 0.31),
+    ],
+)
 def test_renderer_matches_formula(params):
     targets = torch.tensor([params[:4]], dtype=torch.float64)
     nuisances = torch.tensor([params[4:]], dtype=torch.float64)
@@ -88,7 +100,11 @@ def test_digits_upsampled_rgb():
 def _write_cifar(root, name, n_train=7, n_test=5):
     rng = np.random.default_rng(0)
     if name == "cifar10":
-        folder, files, key = root / "cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"], b"labels"
+        folder, files, key = (
+            root / "cifar-10-batches-py",
+            [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"],
+            b"labels",
+        )
     else:
         folder, files, key = root / "cifar-100-python", ["train", "test"], b"fine_labels"
     folder.mkdir()

@@ -142,7 +142,10 @@ def test_a_backend_with_only_the_block_primitive_runs_single_process_losses_on_t
     if loss == "supcon":
         args = (torch.randn(5, 2, 7, generator=g, dtype=torch.float64), torch.tensor([0, 1, 0, 2, 1]))
     else:
-        args = (torch.randn(5, 7, generator=g, dtype=torch.float64), torch.randn(5, 7, generator=g, dtype=torch.float64))
+        args = (
+            torch.randn(5, 7, generator=g, dtype=torch.float64),
+            torch.randn(5, 7, generator=g, dtype=torch.float64),
+        )
     fused = getattr(fastcl.functional, loss)(*args, backend="torch")
     monkeypatch.setattr(dispatch, "has_fused_losses", lambda backend: False)
     monkeypatch.setattr(torch_backend, "block_forward", counting_forward)
@@ -155,6 +158,9 @@ def test_dispatch_decisions_are_constants_for_torch_compile_without_importing_dy
     import subprocess
     import sys
 
-    code = "import sys, fastcl; print('torch._dynamo' in sys.modules, fastcl.dispatch.has_fused_losses._dynamo_marked_constant)"
+    code = (
+        "import sys, fastcl; "
+        "print('torch._dynamo' in sys.modules, fastcl.dispatch.has_fused_losses._dynamo_marked_constant)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out == ["False", "True"]

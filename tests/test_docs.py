@@ -7,6 +7,7 @@
 - Nothing in the repository cites a file outside it.
 - The core install is lean (importing fastcl imports torch and nothing optional), and the CLI behaves.
 """
+
 from __future__ import annotations
 
 import doctest
@@ -94,8 +95,17 @@ def test_nothing_cites_a_file_outside_the_repository():
 def test_importing_fastcl_loads_no_extra():
     # torch itself may import numpy, tqdm or triton (torch._dynamo) when they are installed; what fastcl
     # adds must be none of the extras' packages and none of the modules that need them.
-    extras = ("kornia", "sklearn", "matplotlib", "PIL", "fastcl.kernels", "fastcl.augment", "fastcl.profiler",
-              "fastcl.train", "fastcl.data")
+    extras = (
+        "kornia",
+        "sklearn",
+        "matplotlib",
+        "PIL",
+        "fastcl.kernels",
+        "fastcl.augment",
+        "fastcl.profiler",
+        "fastcl.train",
+        "fastcl.data",
+    )
     code = (
         "import sys, fastcl, torch; "
         "fastcl.functional.nt_xent(torch.randn(4, 8), torch.randn(4, 8)); "
@@ -120,12 +130,15 @@ def test_missing_extra_names_it(monkeypatch):
         require("kornia", "augment", "fastcl.augment")
 
 
-@pytest.mark.parametrize("argv, code, stream, text", [
-    ([], 2, "stderr", "usage: fastcl"),
-    (["--help"], 0, "stdout", "usage: fastcl"),
-    (["nonsense"], 2, "stderr", "unknown command 'nonsense'"),
-    (["--version"], 0, "stdout", f"fastcl {fastcl.__version__}"),
-])
+@pytest.mark.parametrize(
+    "argv, code, stream, text",
+    [
+        ([], 2, "stderr", "usage: fastcl"),
+        (["--help"], 0, "stdout", "usage: fastcl"),
+        (["nonsense"], 2, "stderr", "unknown command 'nonsense'"),
+        (["--version"], 0, "stdout", f"fastcl {fastcl.__version__}"),
+    ],
+)
 def test_cli_entry_point(argv, code, stream, text):
     result = subprocess.run([sys.executable, "-m", "fastcl", *argv], capture_output=True, text=True)
     assert result.returncode == code
@@ -135,8 +148,13 @@ def test_cli_entry_point(argv, code, stream, text):
 def test_api_reference_renders_from_docstrings(tmp_path):
     pytest.importorskip("pdoc")
     env = dict(__import__("os").environ, TRITON_INTERPRET="1")
-    result = subprocess.run([sys.executable, "-m", "pdoc", "-o", str(tmp_path), *API_MODULES], capture_output=True,
-                            text=True, env=env, timeout=600)
+    result = subprocess.run(
+        [sys.executable, "-m", "pdoc", "-o", str(tmp_path), *API_MODULES],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     functional = (tmp_path / "fastcl" / "functional.html").read_text()
     for documented in ("nt_xent", "info_nce", "supcon", "sub_dim", "normalize", "distributed", "check_finite"):

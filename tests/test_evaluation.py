@@ -1,10 +1,17 @@
 """Evaluation: probe, kNN, spectrum, effective rank, feature averaging -- against independent numpy code."""
+
 import numpy as np
 import pytest
 import torch
 
 from fastcl.evaluation import (
-    effective_rank, encode, knn_accuracy, knn_k, linear_probe, plot_spectra, singular_values,
+    effective_rank,
+    encode,
+    knn_accuracy,
+    knn_k,
+    linear_probe,
+    plot_spectra,
+    singular_values,
 )
 
 
@@ -55,7 +62,9 @@ def test_knn_matches_reference(k):
             ours = knn_accuracy(train, train_y, test, test_y, 4, k=k, temperature=0.1, chunk=8)
     else:
         ours = knn_accuracy(train, train_y, test, test_y, 4, k=k, temperature=0.1, chunk=8)
-    ref = _knn_reference(train.double().numpy(), train_y.numpy(), test.double().numpy(), test_y.numpy(), 4, min(k, 83), 0.1)
+    ref = _knn_reference(
+        train.double().numpy(), train_y.numpy(), test.double().numpy(), test_y.numpy(), 4, min(k, 83), 0.1
+    )
     assert ours == pytest.approx(ref)
 
 
@@ -79,7 +88,9 @@ def test_linear_probe_classification_separable():
 def test_linear_probe_regression_matches_least_squares():
     g = torch.Generator().manual_seed(1)
     x = torch.randn(150, 6, generator=g, dtype=torch.float64)
-    y = x @ torch.randn(6, 2, generator=g, dtype=torch.float64) + 0.1 * torch.randn(150, 2, generator=g, dtype=torch.float64)
+    y = x @ torch.randn(6, 2, generator=g, dtype=torch.float64) + 0.1 * torch.randn(
+        150, 2, generator=g, dtype=torch.float64
+    )
     out = linear_probe(x[:100], y[:100], x[100:], y[100:], "regression", l2=0.0, target_names=("a", "b"))
     design = np.c_[x[:100].numpy(), np.ones(100)]
     coef = np.linalg.lstsq(design, y[:100].numpy(), rcond=None)[0]
@@ -111,7 +122,15 @@ def test_encode_feature_averaging_is_mean_over_draws():
 
 
 def test_plot_spectra_writes_png(tmp_path):
-    history = [{"epoch": e, "spectrum_repr": list(np.logspace(0, -6, 8)), "spectrum_proj": [1.0, 0.1, 0.0],
-                "effective_rank_repr": 2.0, "effective_rank_proj": 1.5} for e in (0, 5)]
+    history = [
+        {
+            "epoch": e,
+            "spectrum_repr": list(np.logspace(0, -6, 8)),
+            "spectrum_proj": [1.0, 0.1, 0.0],
+            "effective_rank_repr": 2.0,
+            "effective_rank_proj": 1.5,
+        }
+        for e in (0, 5)
+    ]
     plot_spectra(history, tmp_path / "spectrum.png")
     assert (tmp_path / "spectrum.png").read_bytes()[:4] == b"\x89PNG"

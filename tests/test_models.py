@@ -1,4 +1,5 @@
 """Encoders and heads of the reference trainer."""
+
 import numpy as np
 import pytest
 import torch
@@ -57,11 +58,14 @@ def test_none_head_is_identity_and_model_returns_both():
     assert model.proj_dim == model.dim == 128
 
 
-@pytest.mark.parametrize("call, match", [
-    (lambda: build_head("deep", 4), "head must be one of"),
-    (lambda: build_encoder("vit"), "encoder must be one of"),
-    (lambda: ReweightHead(4, kappa=0.0), "kappa must be > 0"),
-])
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (lambda: build_head("deep", 4), "head must be one of"),
+        (lambda: build_encoder("vit"), "encoder must be one of"),
+        (lambda: ReweightHead(4, kappa=0.0), "kappa must be > 0"),
+    ],
+)
 def test_bad_model_arguments(call, match):
     with pytest.raises(ValueError, match=match):
         call()

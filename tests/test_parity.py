@@ -12,6 +12,7 @@ Where conventions meet, fastcl must give the same loss and gradients (float64, â
   none, SupContrast counts a 0 in its mean and fastcl leaves the anchor out (``fastcl.compat.supcontrast``
   keeps SupContrast's convention: tests/test_compat.py).
 """
+
 from __future__ import annotations
 
 import inspect
@@ -19,10 +20,10 @@ import inspect
 import pytest
 import torch
 import torch.nn.functional as F
+from loss_cases import OURS, Batch, make_batch, relative_error, run
 from pytorch_metric_learning import losses as pml_losses
 
 import fastcl
-from loss_cases import OURS, Batch, make_batch, relative_error, run
 
 RTOL = 1e-10
 
@@ -34,6 +35,7 @@ def _assert_same(a, b, rtol=RTOL):
 
 
 # --- pytorch-metric-learning ------------------------------------------------------------------------
+
 
 def _pml_nt_xent(z1, z2, temperature):
     n = z1.shape[0]
@@ -56,8 +58,10 @@ def test_pml_self_supervised_wrapper(symmetric):
     def pml(z1, z2, temperature):
         return pml_losses.SelfSupervisedLoss(pml_losses.NTXentLoss(temperature), symmetric=symmetric)(z1, z2)
 
-    ours = run(OURS["nt_xent"], batch, tau, torch.float64) if symmetric else run(
-        OURS["info_nce"], batch, tau, torch.float64, symmetric=False
+    ours = (
+        run(OURS["nt_xent"], batch, tau, torch.float64)
+        if symmetric
+        else run(OURS["info_nce"], batch, tau, torch.float64, symmetric=False)
     )
     _assert_same(ours, run(pml, batch, tau, torch.float64))
 
@@ -83,7 +87,10 @@ def test_supcon_equals_pml_supcon(n, views, n_classes, tau):
 
 # --- SupContrast ------------------------------------------------------------------------------------
 
-def supcontrast_per_anchor(features, labels=None, mask=None, temperature=0.07, contrast_mode="all", base_temperature=0.07):
+
+def supcontrast_per_anchor(
+    features, labels=None, mask=None, temperature=0.07, contrast_mode="all", base_temperature=0.07
+):
     """SupContrast's ``SupConLoss.forward`` (github.com/HobbitLong/SupContrast, losses.py, master, with
     its no-positive fix), step by step, stopping before the final ``loss.view(anchor_count, N).mean()``:
     returns the per-anchor losses (0 for an anchor without positives). Features as given (SupContrast's
@@ -155,9 +162,19 @@ def test_supcon_equals_supcontrast(views, targets, contrast_mode, tau, base, nor
     def theirs(features, temperature, **targets):
         # SupContrast expects normalized features (its model normalizes); fastcl's normalize=True does it inside.
         features = F.normalize(features, dim=2) if normalize else features
-        return supcontrast(features, **targets, temperature=temperature, contrast_mode=contrast_mode, base_temperature=base)
+        return supcontrast(
+            features, **targets, temperature=temperature, contrast_mode=contrast_mode, base_temperature=base
+        )
 
-    ours = run(OURS["supcon"], batch, tau, torch.float64, base_temperature=base, contrast_mode=contrast_mode, normalize=normalize)
+    ours = run(
+        OURS["supcon"],
+        batch,
+        tau,
+        torch.float64,
+        base_temperature=base,
+        contrast_mode=contrast_mode,
+        normalize=normalize,
+    )
     _assert_same(ours, run(theirs, batch, tau, torch.float64))
 
 
@@ -165,14 +182,20 @@ def test_supcon_module_is_a_keyword_drop_in_for_supcontrast():
     """SupContrast's constructor keywords and forward(features, labels=None, mask=None) work unchanged."""
     init = inspect.signature(fastcl.SupConLoss.__init__).parameters
     assert {"temperature", "contrast_mode", "base_temperature"} <= set(init)
-    assert (init["temperature"].default, init["contrast_mode"].default, init["base_temperature"].default) == (0.07, "all", 0.07)
+    assert (init["temperature"].default, init["contrast_mode"].default, init["base_temperature"].default) == (
+        0.07,
+        "all",
+        0.07,
+    )
     forward = list(inspect.signature(fastcl.SupConLoss.forward).parameters.values())
     assert [p.name for p in forward][:4] == ["self", "features", "labels", "mask"]  # then the per-call temperature
     assert forward[2].default is None and forward[3].default is None
 
     batch = make_batch("supcon", 8, 10, seed=21)
     features, labels = F.normalize(batch.tensors[0], dim=2), batch.targets["labels"]
-    ours = fastcl.SupConLoss(temperature=0.1, contrast_mode="one", base_temperature=0.07, backend="torch")(features, labels)
+    ours = fastcl.SupConLoss(temperature=0.1, contrast_mode="one", base_temperature=0.07, backend="torch")(
+        features, labels
+    )
     assert relative_error(ours, supcontrast(features, labels, temperature=0.1, contrast_mode="one")) <= RTOL
 
 

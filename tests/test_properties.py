@@ -3,6 +3,7 @@
 Odd row counts (M = N for InfoNCE, N·V for SupCon with V = 1), D ∈ {1, 3, 17, 128, 2048}, any sub_dim,
 V ∈ {1, 2, 4}, τ ∈ [0.01, 1], and sometimes a forced small block size so the multi-block paths are drawn.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -10,9 +11,9 @@ import contextlib
 import torch
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
+from loss_cases import assert_matches_reference, make_batch
 
 from fastcl.torch_backend import chunk_size
-from loss_cases import assert_matches_reference, make_batch
 
 DIMS = [1, 3, 17, 128, 2048]
 SETTINGS = settings(max_examples=50, deadline=None)
@@ -46,8 +47,14 @@ def _check(loss: str, case: dict, views: int = 2, targets=None, **extra_options)
     blocks = chunk_size(case["rows_per_block"]) if case["rows_per_block"] else contextlib.nullcontext()
     with blocks:
         assert_matches_reference(
-            loss, batch, case["temperature"], torch.float64, 1e-10,
-            grad_floor=grad_floor, tau_grad_against_loss=loss == "supcon", **options,
+            loss,
+            batch,
+            case["temperature"],
+            torch.float64,
+            1e-10,
+            grad_floor=grad_floor,
+            tau_grad_against_loss=loss == "supcon",
+            **options,
         )
 
 

@@ -1,4 +1,5 @@
 """fastcl repro: each experiment end to end at --smoke size, and the verdicts computed from numbers."""
+
 from __future__ import annotations
 
 import copy
@@ -55,11 +56,16 @@ def _image(rank: float, probe: float) -> dict:
 def test_directclr_verdicts_follow_the_numbers():
     config = {"seeds": [0, 1]}
     results = {
-        "toys": {"strong": [_toy(8), _toy(7)], "weak": [_toy(0), _toy(0)],
-                 "depth": {"1": [_toy(0), _toy(1)], "2": [_toy(5, 0.6), _toy(6, 0.7)]}},
-        "image": {"SimCLR, no projector": [_image(3.0, 0.80), _image(4.0, 0.82)],
-                  "SimCLR + MLP projector": [_image(9.0, 0.90), _image(8.0, 0.91)],
-                  "DirectCLR": [_image(7.0, 0.88), _image(6.0, 0.87)]},
+        "toys": {
+            "strong": [_toy(8), _toy(7)],
+            "weak": [_toy(0), _toy(0)],
+            "depth": {"1": [_toy(0), _toy(1)], "2": [_toy(5, 0.6), _toy(6, 0.7)]},
+        },
+        "image": {
+            "SimCLR, no projector": [_image(3.0, 0.80), _image(4.0, 0.82)],
+            "SimCLR + MLP projector": [_image(9.0, 0.90), _image(8.0, 0.91)],
+            "DirectCLR": [_image(7.0, 0.88), _image(6.0, 0.87)],
+        },
     }
     assert set(_verdicts("directclr", results, config).values()) == {HOLDS}
     flipped = copy.deepcopy(results)
@@ -73,8 +79,9 @@ def test_foster_verdicts_follow_the_numbers():
     config = {"seeds": [0, 1], "averaging": (1, 4), "gp_lambda": 0.01}
 
     def arm(condvar, mse_1, mse_4):
-        return [{"condvar_repr": condvar + 0.01 * i, "probe_mse": {"1": mse_1, "4": mse_4 - 0.001 * i}}
-                for i in range(2)]
+        return [
+            {"condvar_repr": condvar + 0.01 * i, "probe_mse": {"1": mse_1, "4": mse_4 - 0.001 * i}} for i in range(2)
+        ]
 
     results = {"arms": {"no penalty": arm(0.5, 0.05, 0.04), "penalty λ = 0.01": arm(0.2, 0.045, 0.03)}}
     assert set(_verdicts("foster", results, config).values()) == {HOLDS}
@@ -89,11 +96,15 @@ def test_xue_verdicts_follow_the_numbers():
         return [{"probe_h": h, "probe_z": z}, {"probe_h": h + 0.01, "probe_z": z}]
 
     results = {"heads": {"MLP projector": runs(0.80, 0.60), "fixed reweighting head": runs(0.78, 0.78)}}
-    assert _verdicts("xue", results, config) == {"pre_projection_beats_post_projection": HOLDS,
-                                                 "reweighting_head_close_to_mlp": HOLDS}
+    assert _verdicts("xue", results, config) == {
+        "pre_projection_beats_post_projection": HOLDS,
+        "reweighting_head_close_to_mlp": HOLDS,
+    }
     results = {"heads": {"MLP projector": runs(0.60, 0.80), "fixed reweighting head": runs(0.50, 0.50)}}
-    assert _verdicts("xue", results, config) == {"pre_projection_beats_post_projection": FAILS,
-                                                 "reweighting_head_close_to_mlp": FAILS}
+    assert _verdicts("xue", results, config) == {
+        "pre_projection_beats_post_projection": FAILS,
+        "reweighting_head_close_to_mlp": FAILS,
+    }
 
 
 def test_cosentino_verdicts_follow_the_numbers():

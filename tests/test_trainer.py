@@ -1,4 +1,5 @@
 """The reference trainer end to end on tiny data: every method and head, resume, penalty, CLI errors."""
+
 import contextlib
 import json
 import subprocess
@@ -7,9 +8,9 @@ import sys
 import pytest
 import torch
 
+import fastcl
 from fastcl.data import SpirographSource
 from fastcl.optim import LARS, parameter_groups, warmup_cosine
-import fastcl
 from fastcl.train import Trainer, build_parser, gradient_penalty, main
 
 TINY = ["--train-size", "64", "--test-size", "24", "--batch-size", "32", "--epochs", "1", "--no-progress"]
@@ -22,13 +23,16 @@ def _run(tmp_path, *flags):
     return out, lines
 
 
-@pytest.mark.parametrize("flags", [
-    ["--method", "simclr", "--head", "mlp"],
-    ["--method", "simclr", "--head", "linear", "--optimizer", "lars"],
-    ["--method", "simclr", "--head", "none", "--sub-dim", "40"],
-    ["--method", "simclr", "--head", "reweight", "--kappa", "1.2"],
-    ["--method", "directclr", "--sub-dim", "20"],
-])
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ["--method", "simclr", "--head", "mlp"],
+        ["--method", "simclr", "--head", "linear", "--optimizer", "lars"],
+        ["--method", "simclr", "--head", "none", "--sub-dim", "40"],
+        ["--method", "simclr", "--head", "reweight", "--kappa", "1.2"],
+        ["--method", "directclr", "--sub-dim", "20"],
+    ],
+)
 def test_one_epoch_smoke_spirograph(tmp_path, flags):
     out, lines = _run(tmp_path, "--dataset", "spirograph", *flags)
     assert [entry["epoch"] for entry in lines] == [0, 1]
@@ -42,7 +46,9 @@ def test_one_epoch_smoke_spirograph(tmp_path, flags):
     assert state["epoch"] == 1 and state["global_step"] == 2
 
 
-@pytest.mark.parametrize("flags", [["--method", "supcon"], ["--method", "simclr", "--gp-lambda", "0.1", "--gp-draws", "3"]])
+@pytest.mark.parametrize(
+    "flags", [["--method", "supcon"], ["--method", "simclr", "--gp-lambda", "0.1", "--gp-draws", "3"]]
+)
 def test_one_epoch_smoke_digits(tmp_path, flags):
     _, lines = _run(tmp_path, "--dataset", "digits", *flags)
     final = lines[-1]
@@ -71,11 +77,33 @@ def test_digits_simclr_learns_the_objective(tmp_path, seed):
     0, 1, 2 (spread 0.07), so the margin is far outside run-to-run noise. (A downstream probe
     is not used: a random conv encoder already reaches ~94 % on 8x8 digits, leaving no room to show learning.)
     """
-    args = build_parser().parse_args([
-        "--dataset", "digits", "--train-size", "512", "--test-size", "64", "--epochs", "4", "--batch-size", "64",
-        "--lr", "0.1", "--temperature", "0.2", "--aug-strength", "0.5", "--eval-every", "0", "--no-progress",
-        "--seed", str(seed), "--out", str(tmp_path / "run"),
-    ])
+    args = build_parser().parse_args(
+        [
+            "--dataset",
+            "digits",
+            "--train-size",
+            "512",
+            "--test-size",
+            "64",
+            "--epochs",
+            "4",
+            "--batch-size",
+            "64",
+            "--lr",
+            "0.1",
+            "--temperature",
+            "0.2",
+            "--aug-strength",
+            "0.5",
+            "--eval-every",
+            "0",
+            "--no-progress",
+            "--seed",
+            str(seed),
+            "--out",
+            str(tmp_path / "run"),
+        ]
+    )
     trainer = Trainer(args)
     trainer._evaluate = lambda extra: None  # only the objective is measured here
     idx = torch.arange(256)
@@ -87,14 +115,37 @@ def test_digits_simclr_learns_the_objective(tmp_path, seed):
 
 
 def test_spirograph_penalty_averaging_and_amp(tmp_path):
-    _, lines = _run(tmp_path, "--dataset", "spirograph", "--gp-lambda", "0.01", "--gp-draws", "5",
-                    "--feature-averaging", "3", "--amp", "--train-size", "32")
+    _, lines = _run(
+        tmp_path,
+        "--dataset",
+        "spirograph",
+        "--gp-lambda",
+        "0.01",
+        "--gp-draws",
+        "5",
+        "--feature-averaging",
+        "3",
+        "--amp",
+        "--train-size",
+        "32",
+    )
     assert all(entry["probe"] > 0 for entry in lines)
 
 
 def test_resume_matches_uninterrupted_run(tmp_path):
-    common = [*TINY, "--train-size", "96", "--epochs", "2", "--dataset", "spirograph", "--test-size", "16",
-              "--eval-every", "0"]
+    common = [
+        *TINY,
+        "--train-size",
+        "96",
+        "--epochs",
+        "2",
+        "--dataset",
+        "spirograph",
+        "--test-size",
+        "16",
+        "--eval-every",
+        "0",
+    ]
     full, cut = tmp_path / "full", tmp_path / "cut"
     main([*common, "--out", str(full)])
     main([*common, "--out", str(cut), "--stop-after-steps", "4"])  # killed in epoch 2 (3 steps/epoch)
@@ -129,18 +180,21 @@ def test_time_epoch_writes_timing(tmp_path):
     assert not (out / "checkpoint.pt").exists()
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--dataset", "mnist"], "invalid choice: 'mnist'"),
-    (["--dataset", "cifar10", "--data-dir", "/nonexistent/cifar"], "cifar-10-batches-py"),
-    (["--dataset", "cifar100"], "--data-dir is required"),
-    (["--sub-dim", "129"], "--sub-dim must be in [1, 128]"),
-    (["--method", "directclr", "--sub-dim", "0"], "--sub-dim must be in [1, 128]"),
-    (["--method", "directclr", "--head", "mlp"], "--head must be none for --method directclr"),
-    (["--method", "supcon"], "needs class labels"),
-    (["--batch-size", "1000"], "exceeds the training set"),
-    (["--epochs", "0"], "--epochs must be > 0"),
-    (["--resume"], "no checkpoint at"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--dataset", "mnist"], "invalid choice: 'mnist'"),
+        (["--dataset", "cifar10", "--data-dir", "/nonexistent/cifar"], "cifar-10-batches-py"),
+        (["--dataset", "cifar100"], "--data-dir is required"),
+        (["--sub-dim", "129"], "--sub-dim must be in [1, 128]"),
+        (["--method", "directclr", "--sub-dim", "0"], "--sub-dim must be in [1, 128]"),
+        (["--method", "directclr", "--head", "mlp"], "--head must be none for --method directclr"),
+        (["--method", "supcon"], "needs class labels"),
+        (["--batch-size", "1000"], "exceeds the training set"),
+        (["--epochs", "0"], "--epochs must be > 0"),
+        (["--resume"], "no checkpoint at"),
+    ],
+)
 def test_bad_cli_input_is_a_clear_error(tmp_path, capsys, argv, message):
     with pytest.raises(SystemExit) as exc:
         main([*TINY, "--out", str(tmp_path / "bad"), *argv])
@@ -152,8 +206,23 @@ def test_ddp_under_torchrun_on_cpu(tmp_path):
     # Two gloo ranks on the CPU: DistributedSampler splits the data, the loss gathers negatives across ranks.
     # --standalone takes a free port: the default fixed port 29500 can meet another job's ranks on a shared host.
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
-           "fastcl.train", *TINY, "--train-size", "128", "--eval-every", "0", "--out", str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "fastcl.train",
+        *TINY,
+        "--train-size",
+        "128",
+        "--eval-every",
+        "0",
+        "--out",
+        str(out),
+    ]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     # The rank's own error (e.g. a C++ "what():") comes before the launcher's long summary: show both ends.
     assert result.returncode == 0, result.stderr[:3000] + "\n...\n" + result.stderr[-1500:]
@@ -169,7 +238,9 @@ def test_compile_flag(tmp_path):
 
 
 def test_module_entry_point_help():
-    result = subprocess.run([sys.executable, "-m", "fastcl.train", "--help"], capture_output=True, text=True, check=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "fastcl.train", "--help"], capture_output=True, text=True, check=True
+    )
     for flag in ("--method", "--kappa", "--gp-lambda", "--feature-averaging", "--resume", "--time-epoch"):
         assert flag in result.stdout
 
@@ -177,8 +248,9 @@ def test_module_entry_point_help():
 def test_gradient_penalty_matches_per_sample_jacobians():
     source = SpirographSource(train_size=6, test_size=2, device=torch.device("cpu"), seed=2)
     torch.manual_seed(0)
-    encoder = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 5, stride=3), torch.nn.Tanh(), torch.nn.Flatten(),
-                                  torch.nn.Linear(4 * 10 * 10, 9))
+    encoder = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 5, stride=3), torch.nn.Tanh(), torch.nn.Flatten(), torch.nn.Linear(4 * 10 * 10, 9)
+    )
     idx, draws = torch.tensor([0, 4, 5]), 7
     state = source.generator.get_state()
     ours = gradient_penalty(encoder, source, idx, draws, clamp=1e6, autocast=contextlib.nullcontext())
@@ -191,17 +263,21 @@ def test_gradient_penalty_matches_per_sample_jacobians():
     signs = torch.randint(0, 2, (3, 9), generator=source.generator) * 2 - 1
     expected = 0.0
     for i in range(3):
+
         def h_hat(a_i, i=i):
             a = alpha.detach().clone()
             a[i] = a_i
             return torch.nn.functional.normalize(encoder(render(a)), dim=1)[i]
+
         jac = torch.autograd.functional.jacobian(h_hat, alpha.detach()[i])  # [9, 6]
         g_i = signs[i].float() @ jac
         expected += (((alpha_prime[:, i] - alpha.detach()[i]) @ g_i) ** 2).sum()
     expected /= 3 * draws
     torch.testing.assert_close(ours.detach(), expected, rtol=1e-4, atol=1e-7)
     source.generator.set_state(state)
-    clamped = gradient_penalty(encoder, source, idx, draws, clamp=float(expected) / 2, autocast=contextlib.nullcontext())
+    clamped = gradient_penalty(
+        encoder, source, idx, draws, clamp=float(expected) / 2, autocast=contextlib.nullcontext()
+    )
     assert float(clamped.detach()) == pytest.approx(float(expected) / 2)
 
 

@@ -7,6 +7,7 @@ Three SGD steps of a tiny model under DDP with a DistributedSampler, NT-Xent wit
 the loss of the whole concatenated batch computed in one process, and at the end that the ranks'
 parameters are still identical.
 """
+
 import torch
 import torch.distributed as dist
 from torch import nn

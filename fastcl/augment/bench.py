@@ -5,6 +5,7 @@ Cases (issue 4): 2 views, uint8 input; 32² output from 32² input (batch 512) a
 The fused kernel is timed only on a CUDA device (under the CPU interpreter its speed means nothing).
 Used by ``fastcl bench --augment`` and ``bench/bench_augment.py``.
 """
+
 from __future__ import annotations
 
 import datetime
@@ -57,19 +58,25 @@ def run(device: torch.device, quick: bool, min_time: float) -> List[Dict[str, ob
         x = torch.randint(0, 256, (batch, 3, in_size, in_size), dtype=torch.uint8, generator=g).to(device)
         aug = MultiViewAugment(preset, size=size, views=2, backend=backend, generator=g)
         result = measure(aug, x, min_time=min_time, max_reps=50)
-        rows.append(dict(preset=preset, backend=backend, size=size, input_size=in_size, batch=batch, views=2,
-                         **result))
+        rows.append(dict(preset=preset, backend=backend, size=size, input_size=in_size, batch=batch, views=2, **result))
     return rows
 
 
 def environment(device: torch.device) -> Dict[str, str]:
     import kornia
 
-    info = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or
-            platform.machine(), "torch": torch.__version__, "kornia": kornia.__version__,
-            "threads": str(torch.get_num_threads()), "load_average_1min": f"{os.getloadavg()[0]:.1f}",
-            "cpu_count": str(os.cpu_count()), "python": platform.python_version(),
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    info = {
+        "device": torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else platform.processor() or platform.machine(),
+        "torch": torch.__version__,
+        "kornia": kornia.__version__,
+        "threads": str(torch.get_num_threads()),
+        "load_average_1min": f"{os.getloadavg()[0]:.1f}",
+        "cpu_count": str(os.cpu_count()),
+        "python": platform.python_version(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
     try:
         import triton
 
@@ -80,11 +87,17 @@ def environment(device: torch.device) -> Dict[str, str]:
 
 
 def to_markdown(env: Dict[str, str], rows: List[Dict[str, object]]) -> str:
-    lines = [f"# MultiViewAugment throughput ({env['device']})", "",
-             ", ".join(f"{k} {v}" for k, v in env.items()), "",
-             "| preset | backend | input → output | batch | views/s | ms / call | reps |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        f"# MultiViewAugment throughput ({env['device']})",
+        "",
+        ", ".join(f"{k} {v}" for k, v in env.items()),
+        "",
+        "| preset | backend | input → output | batch | views/s | ms / call | reps |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
-        lines.append(f"| {r['preset']} | {r['backend']} | {r['input_size']}² → {r['size']}² | {r['batch']} | "
-                     f"{r['views_per_s']:.0f} | {1000 * r['seconds_per_call']:.1f} | {r['reps']} |")
+        lines.append(
+            f"| {r['preset']} | {r['backend']} | {r['input_size']}² → {r['size']}² | {r['batch']} | "
+            f"{r['views_per_s']:.0f} | {1000 * r['seconds_per_call']:.1f} | {r['reps']} |"
+        )
     return "\n".join(lines) + "\n"

@@ -1,4 +1,5 @@
-"""Differentiable colour distortion of Foster et al. (Foster et al. 2021, https://arxiv.org/abs/2010.09515), and the per-step colour ops.
+"""Differentiable colour distortion of Foster et al. 2021 (https://arxiv.org/abs/2010.09515), and the
+per-step colour ops.
 
 Brightness, contrast and saturation are kornia's torchvision-compatible functions (``x·b``;
 ``x·c + mean(gray(x))·(1−c)``; ``x·s + gray(x)·(1−s)``; each clamped to [0, 1]), which are exactly
@@ -7,6 +8,7 @@ implemented here; the jitter presets use kornia's HSV hue instead (``hue_mode="h
 
 All of it is plain autograd: gradients flow to the image and to the factors, double backward included.
 """
+
 from __future__ import annotations
 
 import math
@@ -102,8 +104,10 @@ def colour(x: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
     if x.dim() != 4 or x.shape[1] != 3:
         raise ValueError(f"x: expected shape [B, 3, H, W], got {tuple(x.shape)}")
     if factors.dim() != 2 or tuple(factors.shape) != (x.shape[0], 4):
-        raise ValueError(f"factors: expected shape ({x.shape[0]}, 4) (brightness, contrast, saturation, hue), "
-                         f"got {tuple(factors.shape)}")
+        raise ValueError(
+            f"factors: expected shape ({x.shape[0]}, 4) (brightness, contrast, saturation, hue), "
+            f"got {tuple(factors.shape)}"
+        )
     out = x
     for index, step in enumerate(colour_steps("yiq")):
         out = step(out, factors[:, index])

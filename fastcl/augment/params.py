@@ -5,6 +5,7 @@ Both backends (kornia reference and the fused Triton kernel) and ``replay`` cons
 (kornia's own samplers use the global RNG), always draws the same number of values whatever the
 probabilities, and so is reproducible for a seeded generator.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -129,7 +130,16 @@ def sample_params(
     blur_apply = rand(b, v) < per_view(policy.blur_p)
     solarize_threshold = torch.full((b, v), policy.solarize_threshold, device=gen_device)
     solarize_apply = rand(b, v) < per_view(policy.solarize_p)
-    params = AugmentParams(box=box, flip=flip, jitter=jitter, jitter_apply=jitter_apply, order=order, gray=gray,
-                           blur_sigma=blur_sigma, blur_apply=blur_apply, solarize_threshold=solarize_threshold,
-                           solarize_apply=solarize_apply)
+    params = AugmentParams(
+        box=box,
+        flip=flip,
+        jitter=jitter,
+        jitter_apply=jitter_apply,
+        order=order,
+        gray=gray,
+        blur_sigma=blur_sigma,
+        blur_apply=blur_apply,
+        solarize_threshold=solarize_threshold,
+        solarize_apply=solarize_apply,
+    )
     return params.to(device) if device is not None else params

@@ -1,4 +1,5 @@
 """``MultiViewAugment``: sample ``AugmentParams`` once, render every view with the kornia or Triton backend."""
+
 from __future__ import annotations
 
 import math
@@ -30,19 +31,23 @@ def _per_sample_mask(flag: torch.Tensor) -> torch.Tensor:
 def _standardize(x: torch.Tensor, mean: Tuple[float, ...], std: Tuple[float, ...]) -> torch.Tensor:
     shape = (-1, 1, 1)
     return (x - torch.tensor(mean, device=x.device, dtype=x.dtype).view(shape)) / torch.tensor(
-        std, device=x.device, dtype=x.dtype).view(shape)
+        std, device=x.device, dtype=x.dtype
+    ).view(shape)
 
 
 def _box_corners(box: torch.Tensor) -> torch.Tensor:
     """(x0, y0, w, h) → kornia's [B, 4, 2] inclusive corners (TL, TR, BR, BL) in (x, y)."""
     x0, y0, w, h = box.unbind(-1)
     x1, y1 = x0 + w - 1, y0 + h - 1
-    return torch.stack([torch.stack([x0, y0], -1), torch.stack([x1, y0], -1),
-                        torch.stack([x1, y1], -1), torch.stack([x0, y1], -1)], dim=1)
+    return torch.stack(
+        [torch.stack([x0, y0], -1), torch.stack([x1, y0], -1), torch.stack([x1, y1], -1), torch.stack([x0, y1], -1)],
+        dim=1,
+    )
 
 
-def jitter(img: torch.Tensor, factors: torch.Tensor, order: torch.Tensor, apply: torch.Tensor,
-           hue_mode: str) -> torch.Tensor:
+def jitter(
+    img: torch.Tensor, factors: torch.Tensor, order: torch.Tensor, apply: torch.Tensor, hue_mode: str
+) -> torch.Tensor:
     """Colour jitter with per-sample factors and per-sample step order (reference path).
 
     Step k of every sample runs on the group of samples whose k-th step is the same op. With one
@@ -65,8 +70,9 @@ def jitter(img: torch.Tensor, factors: torch.Tensor, order: torch.Tensor, apply:
 
 def render_kornia(x: torch.Tensor, view: Dict[str, torch.Tensor], policy: Policy, size: int) -> torch.Tensor:
     """Crop-resize, flip, jitter and grayscale of one view with kornia ops; [B, C, size, size] in [0, 1]."""
-    img = crop_by_indices(to_unit(x), _box_corners(view["box"]), (size, size), interpolation="bilinear",
-                          align_corners=False)
+    img = crop_by_indices(
+        to_unit(x), _box_corners(view["box"]), (size, size), interpolation="bilinear", align_corners=False
+    )
     img = torch.where(_per_sample_mask(view["flip"]), hflip(img), img)
     img = jitter(img, view["jitter"], view["order"], view["jitter_apply"], policy.hue_mode)
     if img.shape[1] == 3:
@@ -115,8 +121,11 @@ class MultiViewAugment:
             raise ValueError(f"size: expected an int >= 1 (output side in pixels), got {size!r}")
         if isinstance(views, bool) or not isinstance(views, int) or views < 1:
             raise ValueError(f"views: expected an int >= 1, got {views!r}")
-        if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not (
-                math.isfinite(strength) and strength >= 0):
+        if (
+            isinstance(strength, bool)
+            or not isinstance(strength, (int, float))
+            or not (math.isfinite(strength) and strength >= 0)
+        ):
             raise ValueError(f"strength: expected a finite number >= 0, got {strength!r}")
         if backend not in BACKENDS + ("auto",):
             raise ValueError(f"backend: expected one of {list(BACKENDS + ('auto',))}, got {backend!r}")
@@ -129,14 +138,16 @@ class MultiViewAugment:
         self.policy = resolve(preset, size, float(strength), overrides)
 
     def __repr__(self) -> str:
-        return (f"MultiViewAugment(preset={self.preset!r}, size={self.size}, views={self.views}, "
-                f"strength={self.strength}, backend={self.backend!r})")
+        return (
+            f"MultiViewAugment(preset={self.preset!r}, size={self.size}, views={self.views}, "
+            f"strength={self.strength}, backend={self.backend!r})"
+        )
 
-    def __call__(self, x: torch.Tensor, return_params: bool = False
-                 ) -> Union[torch.Tensor, Tuple[torch.Tensor, AugmentParams]]:
+    def __call__(
+        self, x: torch.Tensor, return_params: bool = False
+    ) -> Union[torch.Tensor, Tuple[torch.Tensor, AugmentParams]]:
         self._check_input(x)
-        params = sample_params(self.policy, x.shape[0], self.views, x.shape[2], x.shape[3], self.generator,
-                               x.device)
+        params = sample_params(self.policy, x.shape[0], self.views, x.shape[2], x.shape[3], self.generator, x.device)
         views = self._render(x, params)
         return (views, params) if return_params else views
 
@@ -148,8 +159,12 @@ class MultiViewAugment:
         if params.batch != x.shape[0]:
             raise ValueError(f"params: expected batch {x.shape[0]} (as x), got {params.batch}")
         box = params.box
-        inside = (box[..., :2] >= 0).all() and (box[..., 2:] >= 1).all() and \
-            (box[..., 0] + box[..., 2] <= x.shape[3]).all() and (box[..., 1] + box[..., 3] <= x.shape[2]).all()
+        inside = (
+            (box[..., :2] >= 0).all()
+            and (box[..., 2:] >= 1).all()
+            and (box[..., 0] + box[..., 2] <= x.shape[3]).all()
+            and (box[..., 1] + box[..., 3] <= x.shape[2]).all()
+        )
         if not bool(inside):
             raise ValueError(f"params: crop boxes must lie inside x's {x.shape[2]}x{x.shape[3]} image")
         return self._render(x, params.to(x.device))
@@ -212,10 +227,10 @@ class MultiViewAugment:
 
             if bool(view["blur_apply"].any()) and self.policy.blur_kernel > 1:
                 unit = torch.empty(batch, channels, size, size, dtype=torch.float32, device=x.device)
-                augment_view(x, view, unit, hue_mode=self.policy.hue_mode, mean=mean, std=std,
-                             solarize_normalize=False)
+                augment_view(x, view, unit, hue_mode=self.policy.hue_mode, mean=mean, std=std, solarize_normalize=False)
                 out[:, index] = _standardize(finish(unit, view, self.policy), mean, std)
             else:
-                augment_view(x, view, out[:, index], hue_mode=self.policy.hue_mode, mean=mean, std=std,
-                             solarize_normalize=True)
+                augment_view(
+                    x, view, out[:, index], hue_mode=self.policy.hue_mode, mean=mean, std=std, solarize_normalize=True
+                )
         return out

@@ -12,6 +12,7 @@ The mapping of the one strength knob s ≥ 0 onto every op (Cosentino et al. 202
 | blur σ range (σ0, σ1) | (σ0, σ0 + (σ1 − σ0)·s) | (σ0, σ0) | preset |
 | solarize threshold | unchanged | | |
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -45,9 +46,19 @@ class Policy:
 
 
 _COMMON: Dict[str, Any] = dict(
-    ratio=(3 / 4, 4 / 3), flip_p=0.5, jitter_p=0.8, gray_p=0.2, blur_sigma=(0.1, 2.0), blur_kernel=None,
-    solarize_p=0.0, solarize_threshold=0.5, hue_mode="hsv", random_order=True,
-    mean=CIFAR10_MEAN, std=CIFAR10_STD, normalize=True,
+    ratio=(3 / 4, 4 / 3),
+    flip_p=0.5,
+    jitter_p=0.8,
+    gray_p=0.2,
+    blur_sigma=(0.1, 2.0),
+    blur_kernel=None,
+    solarize_p=0.0,
+    solarize_threshold=0.5,
+    hue_mode="hsv",
+    random_order=True,
+    mean=CIFAR10_MEAN,
+    std=CIFAR10_STD,
+    normalize=True,
 )
 
 # Values at s = 1. "blur_p" of simclr depends on the size (0.5 at >= 64 px, off below), set in resolve().
@@ -56,12 +67,27 @@ PRESETS: Dict[str, Dict[str, Any]] = {
     "supcon": dict(_COMMON, scale=(0.2, 1.0), jitter=(0.4, 0.4, 0.4, 0.1), blur_p=0.0),
     "byol": dict(_COMMON, scale=(0.08, 1.0), jitter=(0.4, 0.4, 0.2, 0.1), blur_p=(1.0, 0.1), solarize_p=(0.0, 0.2)),
     # Foster et al. at their s = 0.5: factors U[1 - 0.4, 1 + 0.4], hue U[-0.1, 0.1], YIQ hue, fixed order.
-    "colour": dict(_COMMON, scale=(0.08, 1.0), jitter=(0.4, 0.4, 0.4, 0.1), blur_p=0.0, hue_mode="yiq",
-                   random_order=False),
+    "colour": dict(
+        _COMMON, scale=(0.08, 1.0), jitter=(0.4, 0.4, 0.4, 0.1), blur_p=0.0, hue_mode="yiq", random_order=False
+    ),
 }
 SIMCLR_BLUR_MIN_SIZE = 64
-OVERRIDABLE = ("scale", "ratio", "flip_p", "jitter", "jitter_p", "gray_p", "blur_p", "blur_sigma", "blur_kernel",
-               "solarize_p", "solarize_threshold", "mean", "std", "normalize")
+OVERRIDABLE = (
+    "scale",
+    "ratio",
+    "flip_p",
+    "jitter",
+    "jitter_p",
+    "gray_p",
+    "blur_p",
+    "blur_sigma",
+    "blur_kernel",
+    "solarize_p",
+    "solarize_threshold",
+    "mean",
+    "std",
+    "normalize",
+)
 
 
 def default_blur_kernel(size: int) -> int:
@@ -73,24 +99,30 @@ def default_blur_kernel(size: int) -> int:
 
 def _probabilities(name: str, value: Any) -> Tuple[float, ...]:
     values = tuple(value) if isinstance(value, (tuple, list)) else (value,)
-    if not values or not all(isinstance(p, (int, float)) and not isinstance(p, bool) and 0 <= p <= 1
-                              for p in values):
-        raise ValueError(f"{name}: expected a probability in [0, 1] or a sequence of them (one per view), "
-                         f"got {value!r}")
+    if not values or not all(isinstance(p, (int, float)) and not isinstance(p, bool) and 0 <= p <= 1 for p in values):
+        raise ValueError(
+            f"{name}: expected a probability in [0, 1] or a sequence of them (one per view), got {value!r}"
+        )
     return tuple(float(p) for p in values)
 
 
 def _pair(name: str, value: Any, low: float, high: float) -> Tuple[float, float]:
-    if not (isinstance(value, (tuple, list)) and len(value) == 2
-            and all(isinstance(v, (int, float)) and math.isfinite(v) for v in value)
-            and low <= value[0] <= value[1] <= high):
+    if not (
+        isinstance(value, (tuple, list))
+        and len(value) == 2
+        and all(isinstance(v, (int, float)) and math.isfinite(v) for v in value)
+        and low <= value[0] <= value[1] <= high
+    ):
         raise ValueError(f"{name}: expected a pair (lo, hi) with {low} <= lo <= hi <= {high}, got {value!r}")
     return float(value[0]), float(value[1])
 
 
 def _channels(name: str, value: Any, positive: bool) -> Tuple[float, ...]:
-    if not (isinstance(value, (tuple, list)) and len(value) in (1, 3)
-            and all(isinstance(v, (int, float)) and (v > 0 if positive else True) for v in value)):
+    if not (
+        isinstance(value, (tuple, list))
+        and len(value) in (1, 3)
+        and all(isinstance(v, (int, float)) and (v > 0 if positive else True) for v in value)
+    ):
         kind = "positive numbers" if positive else "numbers"
         raise ValueError(f"{name}: expected a sequence of 1 or 3 {kind} (one per channel), got {value!r}")
     return tuple(float(v) for v in value)
@@ -112,10 +144,15 @@ def resolve(preset: str, size: int, strength: float, overrides: Dict[str, Any]) 
     scale = _pair("scale", base["scale"], 1e-6, 1.0)
     ratio = _pair("ratio", base["ratio"], 1e-6, math.inf)
     jitter = base["jitter"]
-    if not (isinstance(jitter, (tuple, list)) and len(jitter) == 4 and all(
-            isinstance(j, (int, float)) and j >= 0 for j in jitter) and jitter[3] <= 0.5):
-        raise ValueError(f"jitter: expected 4 magnitudes (brightness, contrast, saturation, hue) >= 0, hue <= 0.5, "
-                         f"got {jitter!r}")
+    if not (
+        isinstance(jitter, (tuple, list))
+        and len(jitter) == 4
+        and all(isinstance(j, (int, float)) and j >= 0 for j in jitter)
+        and jitter[3] <= 0.5
+    ):
+        raise ValueError(
+            f"jitter: expected 4 magnitudes (brightness, contrast, saturation, hue) >= 0, hue <= 0.5, got {jitter!r}"
+        )
     sigma = _pair("blur_sigma", base["blur_sigma"], 1e-6, math.inf)
     kernel = base["blur_kernel"] if base["blur_kernel"] is not None else default_blur_kernel(size)
     if isinstance(kernel, bool) or not isinstance(kernel, int) or kernel < 1 or kernel % 2 == 0:

@@ -15,6 +15,7 @@ module                              replaces
 ``fastcl.compat.directclr``         DirectCLR's ``infoNCE`` and its ``directclr`` / ``group`` modes
 ==================================  =====================================================================
 """
+
 from fastcl.compat import directclr, inf_cl, lightly, open_clip, pml, solo_learn, supcontrast
 
 __all__ = ["directclr", "inf_cl", "lightly", "open_clip", "pml", "solo_learn", "supcontrast"]

@@ -1,4 +1,5 @@
 """Helpers shared by the compat modules: collectives with the peers' gradient rules, logit scales."""
+
 from __future__ import annotations
 
 from typing import Sequence, Union

@@ -7,6 +7,7 @@ evaluates those here: anchors in row blocks against all keys, each block under a
 checkpointing, so no anchors × keys matrix is ever held (one ``rows × keys`` block at a time, forward
 and backward) and the gradient is exact autograd of the formula. Reductions run in float32 or wider.
 """
+
 from __future__ import annotations
 
 from typing import Callable, Optional, Union
@@ -83,4 +84,3 @@ def cross_entropy_rows(
         return torch.logsumexp(s, dim=1) - s.gather(1, positive[rows, None]).squeeze(1)
 
     return block_sum(anchors, keys, tau, term, self_index=self_index, per_row=True)
-

@@ -12,6 +12,7 @@
   ``groups`` random disjoint feature subsets of the symmetric InfoNCE; ``idx=None`` draws the
   permutation from NumPy's global generator exactly as DirectCLR does (``np.random.shuffle``).
 """
+
 from __future__ import annotations
 
 from typing import Optional, Sequence

@@ -16,6 +16,7 @@ gradient summed over ranks and the scale's gradient all-reduced, as Inf-CL's rin
 The mean losses run on fastcl's cross-view InfoNCE (explicit ``targets`` for labels and more keys);
 ``cal_flash_loss``, which returns every row's loss, runs as row blocks in PyTorch.
 """
+
 from __future__ import annotations
 
 from typing import Optional, Union
@@ -116,6 +117,7 @@ def cal_inf_loss(
     return functional.info_nce(
         q, k, _tau(scale), targets=positive, normalize=False, symmetric=False, distributed="local"
     )
+
 
 def cal_ring_loss(
     q: Tensor, k: Tensor, labels: Optional[Tensor] = None, scale: Scale = None, head_dim: int = 256

@@ -26,6 +26,7 @@ negative von Mises-Fisher weights), with the same DDP conventions as ``NTXentLos
 blocks in PyTorch: ``fastcl.functional.dcl`` adds two separate log-sum-exps (same view, other view)
 where lightly and the DCL paper take one over both views' negatives.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -262,8 +263,7 @@ class DCLLoss(nn.Module):
 
     def extra_repr(self) -> str:
         return (
-            f"temperature={self.temperature}, weight_fn={self.weight_fn}, "
-            f"gather_distributed={self.gather_distributed}"
+            f"temperature={self.temperature}, weight_fn={self.weight_fn}, gather_distributed={self.gather_distributed}"
         )
 
 

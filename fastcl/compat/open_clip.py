@@ -27,6 +27,7 @@ the pairs and −1 elsewhere, on fastcl's SigLIP for one process; with ``world_s
 images against the texts of every rank, divided by its own N (every ``dist_impl`` of open_clip gives
 that value and those gradients), as row blocks in PyTorch.
 """
+
 from __future__ import annotations
 
 from typing import Union

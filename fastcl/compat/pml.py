@@ -19,6 +19,7 @@ Not supported (``NotImplementedError`` naming the argument): ``indices_tuple`` (
 keyword options (``distance``, ``reducer``, ``embedding_regularizer``, ...). Per-rank under DDP, as pml
 (its ``DistributedLossWrapper`` is not mirrored).
 """
+
 from __future__ import annotations
 
 from typing import Optional

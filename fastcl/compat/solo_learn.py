@@ -15,6 +15,7 @@ fastcl's fused losses; multi-crop or supervised batches (several positives per r
 in PyTorch. One deliberate difference: a row without any positive (a lone crop) makes solo-learn's loss
 ``inf``; here it is left out of the mean and the loss stays finite.
 """
+
 from __future__ import annotations
 
 import torch
@@ -67,7 +68,11 @@ def simclr_loss_func(z: Tensor, indexes: Tensor, temperature: float = 0.1) -> Te
         start = torch.distributed.get_rank() * z.shape[0] if distributed else 0
         own = ids[start : start + z.shape[0]]
         return functional.supcon(
-            z[:, None], own, None, temperature, base_temperature=temperature,
+            z[:, None],
+            own,
+            None,
+            temperature,
+            base_temperature=temperature,
             distributed="gather" if distributed else "local",
         )
     rows = F.normalize(z, dim=-1)

@@ -22,6 +22,7 @@ One deliberate difference: SupContrast subtracts a row maximum that includes the
 underflows to 0 and the loss is NaN or Inf. Here the log-softmax is computed without that underflow:
 the value is finite and equals SupContrast's exact (float64) value.
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -94,8 +95,15 @@ class SupConLoss(nn.Module):
         if mask is not None:
             mask = mask.to(features.device).float()  # SupContrast's mask.float(): float32 weights
         return functional.supcon(
-            features, labels, mask, self.temperature, base_temperature=self.base_temperature,
-            contrast_mode=self.contrast_mode, positives_missing="zero", normalize=False, distributed="local",
+            features,
+            labels,
+            mask,
+            self.temperature,
+            base_temperature=self.base_temperature,
+            contrast_mode=self.contrast_mode,
+            positives_missing="zero",
+            normalize=False,
+            distributed="local",
         )
 
     def extra_repr(self) -> str:
@@ -103,4 +111,3 @@ class SupConLoss(nn.Module):
             f"temperature={self.temperature}, contrast_mode={self.contrast_mode!r}, "
             f"base_temperature={self.base_temperature}"
         )
-

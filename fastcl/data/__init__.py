@@ -12,6 +12,7 @@
 >>> source.views(torch.arange(3)).shape
 torch.Size([3, 2, 3, 32, 32])
 """
+
 from __future__ import annotations
 
 import torch
@@ -61,7 +62,11 @@ def build_source(
         n_train, n_test = train_size or _DEFAULT_SIZES[name][0], test_size or _DEFAULT_SIZES[name][1]
         x_train = torch.randint(0, 256, (n_train, 3, 32, 32), generator=g, dtype=torch.uint8)
         x_test = torch.randint(0, 256, (n_test, 3, 32, 32), generator=g, dtype=torch.uint8)
-        y_train, y_test, num_classes = torch.randint(0, 10, (n_train,), generator=g), torch.randint(0, 10, (n_test,), generator=g), 10
+        y_train, y_test, num_classes = (
+            torch.randint(0, 10, (n_train,), generator=g),
+            torch.randint(0, 10, (n_test,), generator=g),
+            10,
+        )
     else:
         raise ValueError(f"dataset must be one of {DATASETS}, got {name!r}")
     x_train, y_train = _subset(x_train, y_train, train_size, "train_size")
@@ -80,7 +85,18 @@ def _subset(images: torch.Tensor, labels: torch.Tensor, size: int | None, arg: s
 
 
 __all__ = [
-    "DATASETS", "NUISANCE_RANGES", "TARGET_RANGES", "VIEWS", "ImageSource", "SpirographSource", "Task",
-    "build_source", "load_cifar", "load_digits", "load_folder", "render_spirograph", "sample_uniform",
+    "DATASETS",
+    "NUISANCE_RANGES",
+    "TARGET_RANGES",
+    "VIEWS",
+    "ImageSource",
+    "SpirographSource",
+    "Task",
+    "build_source",
+    "load_cifar",
+    "load_digits",
+    "load_folder",
+    "render_spirograph",
+    "sample_uniform",
     "unit_targets",
 ]

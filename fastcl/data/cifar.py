@@ -3,6 +3,7 @@
 Nothing is downloaded. ``data_dir`` is either the extracted archive folder itself
 (``cifar-10-batches-py`` / ``cifar-100-python``) or a folder that contains it.
 """
+
 from __future__ import annotations
 
 import pickle

@@ -7,6 +7,7 @@ split seeded by ``split_seed``, so every run sees the same test set.
 >>> x_train.shape, x_train.dtype, int(y_train.max())
 (torch.Size([1438, 3, 32, 32]), torch.uint8, 9)
 """
+
 from __future__ import annotations
 
 import torch

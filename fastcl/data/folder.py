@@ -3,6 +3,7 @@
 If ``ROOT/train`` and ``ROOT/test`` both exist they are the splits; otherwise a fixed, seeded 80/20 split
 of ``ROOT`` is used. Everything is loaded into memory, so this is meant for small datasets.
 """
+
 from __future__ import annotations
 
 from pathlib import Path

@@ -11,6 +11,7 @@ disturbs training randomness). Methods take index tensors into the chosen split.
   ``alpha`` [B, P] transformation parameters (leaf, requires grad), ``render(alpha)`` the differentiable
   images, ``alpha_prime`` [draws, B, P] fresh parameters from the same distribution.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -78,8 +79,18 @@ class ImageSource:
 
     GP_COLOUR_STRENGTH = 0.5
 
-    def __init__(self, train_images, train_labels, test_images, test_labels, num_classes: int,
-                 device: torch.device, preset: str = "simclr", strength: float = 1.0, seed: int = 0):
+    def __init__(
+        self,
+        train_images,
+        train_labels,
+        test_images,
+        test_labels,
+        num_classes: int,
+        device: torch.device,
+        preset: str = "simclr",
+        strength: float = 1.0,
+        seed: int = 0,
+    ):
         from fastcl.augment import MultiViewAugment
 
         self.task = Task("classification", num_classes=num_classes)
@@ -90,7 +101,9 @@ class ImageSource:
         self.generator = torch.Generator(device).manual_seed(seed)
         self.eval_generator = torch.Generator(device)
         size = train_images.shape[-1]
-        self._augment = MultiViewAugment(preset=preset, size=size, views=VIEWS, strength=strength, generator=self.generator)
+        self._augment = MultiViewAugment(
+            preset=preset, size=size, views=VIEWS, strength=strength, generator=self.generator
+        )
         self._eval_augment = MultiViewAugment(
             preset=preset, size=size, views=1, strength=strength, generator=self.eval_generator
         )

@@ -18,6 +18,7 @@ parameters, evaluated on whichever device the parameters live on:
 >>> render_spirograph(targets, nuisances).shape
 torch.Size([2, 3, 32, 32])
 """
+
 from __future__ import annotations
 
 import math
@@ -25,10 +26,18 @@ import math
 import torch
 
 TARGET_RANGES: dict[str, tuple[float, float]] = {
-    "m": (2.0, 5.0), "b": (0.1, 1.1), "sigma": (0.25, 1.0), "f_r": (0.4, 1.0),
+    "m": (2.0, 5.0),
+    "b": (0.1, 1.1),
+    "sigma": (0.25, 1.0),
+    "f_r": (0.4, 1.0),
 }
 NUISANCE_RANGES: dict[str, tuple[float, float]] = {
-    "h": (0.5, 2.5), "f_g": (0.4, 1.0), "f_b": (0.4, 1.0), "b_r": (0.0, 0.6), "b_g": (0.0, 0.6), "b_b": (0.0, 0.6),
+    "h": (0.5, 2.5),
+    "f_g": (0.4, 1.0),
+    "f_b": (0.4, 1.0),
+    "b_r": (0.0, 0.6),
+    "b_g": (0.0, 0.6),
+    "b_b": (0.0, 0.6),
 }
 
 

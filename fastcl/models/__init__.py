@@ -6,6 +6,7 @@
 >>> tuple(h.shape), tuple(z.shape)
 ((4, 128), (4, 32))
 """
+
 from __future__ import annotations
 
 import torch
@@ -45,6 +46,14 @@ class ContrastiveModel(nn.Module):
 
 
 __all__ = [
-    "ENCODERS", "HEADS", "CifarResNet", "ContrastiveModel", "ConvNet", "ReweightHead",
-    "build_encoder", "build_head", "resnet18", "resnet50",
+    "ENCODERS",
+    "HEADS",
+    "CifarResNet",
+    "ContrastiveModel",
+    "ConvNet",
+    "ReweightHead",
+    "build_encoder",
+    "build_head",
+    "resnet18",
+    "resnet50",
 ]

@@ -5,6 +5,7 @@ stride 2, then global average pooling. ``dim`` (default 128) is the representati
 >>> ConvNet(dim=64)(torch.zeros(2, 3, 32, 32)).shape
 torch.Size([2, 64])
 """
+
 from __future__ import annotations
 
 import torch

@@ -11,6 +11,7 @@
 >>> head(torch.ones(1, 3))
 tensor([[1.0000, 0.5000, 0.2500]])
 """
+
 from __future__ import annotations
 
 import torch
@@ -40,7 +41,9 @@ def build_head(kind: str, in_dim: int, out_dim: int = 128, kappa: float = 1.05) 
     """Return the head ``kind`` mapping ``[B, in_dim]`` to ``[B, out_dim]`` (``in_dim`` for none/reweight)."""
     if kind == "mlp":
         return nn.Sequential(
-            nn.Linear(in_dim, in_dim, bias=False), nn.BatchNorm1d(in_dim), nn.ReLU(inplace=True),
+            nn.Linear(in_dim, in_dim, bias=False),
+            nn.BatchNorm1d(in_dim),
+            nn.ReLU(inplace=True),
             nn.Linear(in_dim, out_dim),
         )
     if kind == "linear":

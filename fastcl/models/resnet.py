@@ -8,6 +8,7 @@ Written here because torchvision is not a dependency. ``encoder.dim`` is the rep
 >>> net(torch.zeros(2, 3, 32, 32)).shape
 torch.Size([2, 512])
 """
+
 from __future__ import annotations
 
 import torch

@@ -10,6 +10,7 @@ Example:
     >>> sorted(EXPERIMENTS)
     ['cosentino', 'directclr', 'foster', 'xue']
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,8 +38,9 @@ def load(name: str):
     return importlib.import_module(EXPERIMENTS[name])
 
 
-def run_experiment(name: str, size: str, out: str | Path, device: str = "auto", data_dir: str | None = None,
-                   progress: bool = True) -> dict:
+def run_experiment(
+    name: str, size: str, out: str | Path, device: str = "auto", data_dir: str | None = None, progress: bool = True
+) -> dict:
     """Run experiment ``name`` at ``size``, write its files to ``out/name`` and print its claims.
 
     Args:
@@ -62,8 +64,10 @@ def run_experiment(name: str, size: str, out: str | Path, device: str = "auto", 
         raise ValueError(f"size must be one of {SIZES}, got {size!r}")
     config = experiment.CONFIGS[size]
     if config.get("dataset", "").startswith("cifar") and data_dir is None:
-        raise ValueError(f"{name} --{size} trains on {config['dataset']}: pass --data-dir DIR with the python-pickle "
-                         "archive extracted in it (nothing is downloaded)")
+        raise ValueError(
+            f"{name} --{size} trains on {config['dataset']}: pass --data-dir DIR with the python-pickle "
+            "archive extracted in it (nothing is downloaded)"
+        )
     target = Path(out) / name
     dev = resolve_device(device)
     bar = Progress(experiment.units(config), f"{name} --{size}", enabled=progress)
@@ -87,9 +91,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", nargs="?", help=f"one of {', '.join(EXPERIMENTS)}, or all")
     p.add_argument("--list", action="store_true", help="list the experiments and exit")
     sizes = p.add_mutually_exclusive_group()
-    for size, help_ in (("smoke", "seconds: checks that it runs end to end"),
-                        ("quick", "CPU minutes (default without a GPU)"),
-                        ("full", "the paper-sized configuration for a GPU (default with one)")):
+    for size, help_ in (
+        ("smoke", "seconds: checks that it runs end to end"),
+        ("quick", "CPU minutes (default without a GPU)"),
+        ("full", "the paper-sized configuration for a GPU (default with one)"),
+    ):
         sizes.add_argument(f"--{size}", dest="size", action="store_const", const=size, help=help_)
     p.add_argument("--out", default="runs/repro", help="results go to OUT/NAME/")
     p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:1, ...")

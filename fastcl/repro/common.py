@@ -14,6 +14,7 @@ A verdict compares numbers measured once per seed:
 >>> compare_seeds([0.5, 0.6], [0.3, 0.4], "<")
 'does not hold'
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -197,10 +198,18 @@ def environment(device: torch.device) -> dict:
     for module in ("numpy", "sklearn", "kornia", "matplotlib"):
         with contextlib.suppress(ImportError):
             versions[module] = __import__(module).__version__
-    machine = (torch.cuda.get_device_name(device) if device.type == "cuda"
-               else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads")
-    return {"versions": versions, "machine": machine, "platform": platform.platform(), "device": str(device),
-            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    machine = (
+        torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads"
+    )
+    return {
+        "versions": versions,
+        "machine": machine,
+        "platform": platform.platform(),
+        "device": str(device),
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    }
 
 
 class Progress:
@@ -277,13 +286,31 @@ def image_source(config: dict, ctx: Context, seed: int, strength: float):
     train_size, test_size = config.get("train_size"), config.get("test_size")
     if config["dataset"] == "digits":  # the split is already shuffled: the first items are a random subset
         x_train, y_train, x_test, y_test = load_digits(size=config["image_size"])
-        return ImageSource(x_train[:train_size], y_train[:train_size], x_test[:test_size], y_test[:test_size], 10,
-                           ctx.device, "simclr", strength, seed)
+        return ImageSource(
+            x_train[:train_size],
+            y_train[:train_size],
+            x_test[:test_size],
+            y_test[:test_size],
+            10,
+            ctx.device,
+            "simclr",
+            strength,
+            seed,
+        )
     return build_source(config["dataset"], ctx.data_dir, train_size, test_size, ctx.device, seed, "simclr", strength)
 
 
-def write_outputs(out: Path, experiment, size: str, config: dict, results: dict, claims: list[Claim],
-                  env: dict, wall_s: float, cpu_s: float) -> list[str]:
+def write_outputs(
+    out: Path,
+    experiment,
+    size: str,
+    config: dict,
+    results: dict,
+    claims: list[Claim],
+    env: dict,
+    wall_s: float,
+    cpu_s: float,
+) -> list[str]:
     """Write results.json, results.md and the experiment's figures to ``out``; return the figure names.
     ``wall_s`` / ``cpu_s``: elapsed and process CPU seconds (all threads) of the run."""
     out.mkdir(parents=True, exist_ok=True)
@@ -295,15 +322,31 @@ def write_outputs(out: Path, experiment, size: str, config: dict, results: dict,
     except ImportError:
         figures = []
         print("matplotlib is not installed: no figures (pip install 'fastcl[plot]')", file=sys.stderr)
-    record = {"experiment": experiment.NAME, "title": experiment.TITLE, "size": size, "config": config,
-              "environment": env, "wall_s": wall_s, "cpu_s": cpu_s, "claims": [dataclasses.asdict(c) for c in claims],
-              "figures": figures, "results": results}
+    record = {
+        "experiment": experiment.NAME,
+        "title": experiment.TITLE,
+        "size": size,
+        "config": config,
+        "environment": env,
+        "wall_s": wall_s,
+        "cpu_s": cpu_s,
+        "claims": [dataclasses.asdict(c) for c in claims],
+        "figures": figures,
+        "results": results,
+    }
     (out / "results.json").write_text(json.dumps(record, indent=1) + "\n")
-    md = [f"# {experiment.TITLE}: `--{size}` run", "",
-          f"{env['date']} on {env['machine']} ({env['device']}), "
-          f"{wall_s / 60:.1f} min wall / {cpu_s / 60:.1f} min CPU, "
-          f"seeds {config['seeds']}; torch {env['versions']['torch']}, fastcl {env['versions']['fastcl']}.", "",
-          experiment.tables(results, config), "", "## Claims", ""]
+    md = [
+        f"# {experiment.TITLE}: `--{size}` run",
+        "",
+        f"{env['date']} on {env['machine']} ({env['device']}), "
+        f"{wall_s / 60:.1f} min wall / {cpu_s / 60:.1f} min CPU, "
+        f"seeds {config['seeds']}; torch {env['versions']['torch']}, fastcl {env['versions']['fastcl']}.",
+        "",
+        experiment.tables(results, config),
+        "",
+        "## Claims",
+        "",
+    ]
     md += [f"- **{c.verdict}** — {c.statement}  \n  {c.comparison}" for c in claims]
     md += [""] + [f"![{name}]({name})" for name in figures]
     (out / "results.md").write_text("\n".join(md) + "\n")

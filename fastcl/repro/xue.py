@@ -7,6 +7,7 @@ contrastive objective under-weights the digit; the downstream task is the digit.
 the usual MLP projector and with Xue et al.'s fixed head z = h * kappa^(-i); the linear probe reads the
 digit from h (pre-projection) and z (post-projection).
 """
+
 from __future__ import annotations
 
 import math
@@ -28,14 +29,40 @@ NAME = "xue"
 TITLE = "Projection head: pre- vs post-projection and the fixed reweighting head (Xue et al., ICLR 2024)"
 SUMMARY = "h beats z on a feature the augmentation drops; the fixed kappa head comes close to the MLP head"
 
-_QUICK = dict(seeds=[0, 1], image_size=16, train_size=2048, test_size=512, p_drop=0.8, blend=0.7, kappa=1.05,
-              encoder="convnet", dim=128, width=32, proj_dim=128, epochs=8, batch_size=128, lr=0.5, strength=0.5)
+_QUICK = dict(
+    seeds=[0, 1],
+    image_size=16,
+    train_size=2048,
+    test_size=512,
+    p_drop=0.8,
+    blend=0.7,
+    kappa=1.05,
+    encoder="convnet",
+    dim=128,
+    width=32,
+    proj_dim=128,
+    epochs=8,
+    batch_size=128,
+    lr=0.5,
+    strength=0.5,
+)
 CONFIGS = {
-    "smoke": dict(_QUICK, seeds=[0], train_size=64, test_size=32, dim=16, width=8, proj_dim=16, epochs=1,
-                  batch_size=32),
+    "smoke": dict(
+        _QUICK, seeds=[0], train_size=64, test_size=32, dim=16, width=8, proj_dim=16, epochs=1, batch_size=32
+    ),
     "quick": _QUICK,
-    "full": dict(_QUICK, seeds=[0, 1, 2], image_size=32, train_size=50_000, test_size=10_000, encoder="resnet18",
-                 epochs=200, batch_size=512, lr=None, strength=1.0),
+    "full": dict(
+        _QUICK,
+        seeds=[0, 1, 2],
+        image_size=32,
+        train_size=50_000,
+        test_size=10_000,
+        encoder="resnet18",
+        epochs=200,
+        batch_size=512,
+        lr=None,
+        strength=1.0,
+    ),
 }
 TEMPERATURE = 0.5
 HEADS = {"MLP projector": "mlp", "fixed reweighting head": "reweight"}
@@ -55,8 +82,17 @@ class DigitsOnBackground:
         (3, 2, 3, 16, 16)
     """
 
-    def __init__(self, train_size: int, test_size: int, device: torch.device, seed: int = 0, image_size: int = 16,
-                 p_drop: float = 0.8, blend: float = 0.7, strength: float = 0.5):
+    def __init__(
+        self,
+        train_size: int,
+        test_size: int,
+        device: torch.device,
+        seed: int = 0,
+        image_size: int = 16,
+        p_drop: float = 0.8,
+        blend: float = 0.7,
+        strength: float = 0.5,
+    ):
         from fastcl.augment import MultiViewAugment
         from fastcl.data import Task, load_digits
 
@@ -67,22 +103,26 @@ class DigitsOnBackground:
         x_train, y_train, x_test, y_test = load_digits(size=digit_size)
         pad = (image_size - digit_size) // 2
         self._backgrounds, self._digits, self.targets = {}, {}, {}
-        for split, n, digits, labels, data_seed in (("train", train_size, x_train, y_train, 0),
-                                                    ("test", test_size, x_test, y_test, 1)):
+        for split, n, digits, labels, data_seed in (
+            ("train", train_size, x_train, y_train, 0),
+            ("test", test_size, x_test, y_test, 1),
+        ):
             g = torch.Generator().manual_seed(data_seed)
             pick = torch.randint(0, len(labels), (n,), generator=g)
             canvas = torch.zeros(n, 1, image_size, image_size)
-            canvas[:, :, pad:pad + digit_size, pad:pad + digit_size] = digits[pick, :1].float() / 255
+            canvas[:, :, pad : pad + digit_size, pad : pad + digit_size] = digits[pick, :1].float() / 255
             self._digits[split] = canvas.to(device)
             self._backgrounds[split] = _gratings(n, image_size, g).to(device)
             self.targets[split] = labels[pick].to(device)
         self.size = {"train": train_size, "test": test_size}
         self.generator = torch.Generator(device).manual_seed(seed)
         self.eval_generator = torch.Generator(device)
-        self._augment = MultiViewAugment("simclr", size=image_size, views=1, strength=strength,
-                                         generator=self.generator)
-        self._eval_augment = MultiViewAugment("simclr", size=image_size, views=1, strength=strength,
-                                              generator=self.eval_generator)
+        self._augment = MultiViewAugment(
+            "simclr", size=image_size, views=1, strength=strength, generator=self.generator
+        )
+        self._eval_augment = MultiViewAugment(
+            "simclr", size=image_size, views=1, strength=strength, generator=self.eval_generator
+        )
 
     def _compose(self, split: str, idx: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
         digit = self._digits[split][idx] * keep[:, None, None, None]
@@ -122,18 +162,42 @@ def run(config: dict, ctx) -> dict:
     for label, head in HEADS.items():
         heads[label] = []
         for seed in config["seeds"]:
-            source = DigitsOnBackground(config["train_size"], config["test_size"], ctx.device, seed,
-                                        config["image_size"], config["p_drop"], config["blend"], config["strength"])
-            flags = dict(method="simclr", head=head, kappa=config["kappa"], proj_dim=config["proj_dim"],
-                         dataset="digits", epochs=config["epochs"],
-                         batch_size=config["batch_size"], temperature=TEMPERATURE, seed=seed)
+            source = DigitsOnBackground(
+                config["train_size"],
+                config["test_size"],
+                ctx.device,
+                seed,
+                config["image_size"],
+                config["p_drop"],
+                config["blend"],
+                config["strength"],
+            )
+            flags = dict(
+                method="simclr",
+                head=head,
+                kappa=config["kappa"],
+                proj_dim=config["proj_dim"],
+                dataset="digits",
+                epochs=config["epochs"],
+                batch_size=config["batch_size"],
+                temperature=TEMPERATURE,
+                seed=seed,
+            )
             if config["lr"] is not None:
                 flags["lr"] = config["lr"]
             _, history = ctx.train(f"{head}-seed{seed}", source, build_encoder(config, seed), **flags)
             init, end = history[0], history[-1]
-            heads[label].append({"probe_h": end["probe"], "probe_z": end["probe_proj"], "probe_h_init": init["probe"],
-                                 "probe_z_init": init["probe_proj"], "effective_rank_h": end["effective_rank_repr"],
-                                 "effective_rank_z": end["effective_rank_proj"], "loss": end["loss"]})
+            heads[label].append(
+                {
+                    "probe_h": end["probe"],
+                    "probe_z": end["probe_proj"],
+                    "probe_h_init": init["probe"],
+                    "probe_z_init": init["probe_proj"],
+                    "effective_rank_h": end["effective_rank_repr"],
+                    "effective_rank_z": end["effective_rank_proj"],
+                    "loss": end["loss"],
+                }
+            )
     return {"heads": heads}
 
 
@@ -142,32 +206,47 @@ def claims(results: dict, config: dict) -> list[Claim]:
     h, z = [r["probe_h"] for r in mlp], [r["probe_z"] for r in mlp]
     h_reweight = [r["probe_h"] for r in reweight]
     return [
-        Claim("pre_projection_beats_post_projection",
-              f"When augmentation drops a feature the downstream task needs (the digit, p_drop = {config['p_drop']}), "
-              "the pre-projection representation h beats the post-projection z.",
-              f"digit probe accuracy per seed (MLP projector): h {[round(v, 4) for v in h]} vs z "
-              f"{[round(v, 4) for v in z]}; test h > z",
-              compare_seeds(h, z, ">")),
-        Claim("reweighting_head_close_to_mlp",
-              f"The fixed reweighting head (κ = {config['kappa']}) comes close to the trained MLP projector.",
-              f"digit probe accuracy of h per seed: reweighting {[round(v, 4) for v in h_reweight]} vs MLP "
-              f"{[round(v, 4) for v in h]}; test reweighting > MLP − {CLOSE}",
-              compare_close(h_reweight, h, CLOSE)),
+        Claim(
+            "pre_projection_beats_post_projection",
+            f"When augmentation drops a feature the downstream task needs (the digit, p_drop = {config['p_drop']}), "
+            "the pre-projection representation h beats the post-projection z.",
+            f"digit probe accuracy per seed (MLP projector): h {[round(v, 4) for v in h]} vs z "
+            f"{[round(v, 4) for v in z]}; test h > z",
+            compare_seeds(h, z, ">"),
+        ),
+        Claim(
+            "reweighting_head_close_to_mlp",
+            f"The fixed reweighting head (κ = {config['kappa']}) comes close to the trained MLP projector.",
+            f"digit probe accuracy of h per seed: reweighting {[round(v, 4) for v in h_reweight]} vs MLP "
+            f"{[round(v, 4) for v in h]}; test reweighting > MLP − {CLOSE}",
+            compare_close(h_reweight, h, CLOSE),
+        ),
     ]
 
 
 def tables(results: dict, config: dict) -> str:
-    rows = [[label, mean_std([r["probe_h_init"] for r in runs]), mean_std([r["probe_h"] for r in runs]),
-             mean_std([r["probe_z"] for r in runs]), mean_std([r["effective_rank_h"] for r in runs], 1),
-             mean_std([r["effective_rank_z"] for r in runs], 1)] for label, runs in results["heads"].items()]
-    return (f"Digits blended (s = {config['blend']}) into generated gratings, {config['image_size']} px, "
-            f"{config['train_size']} / {config['test_size']} items; each view drops the digit with probability "
-            f"{config['p_drop']}; {config['encoder']}, SimCLR τ = {TEMPERATURE}, {config['epochs']} epochs, "
-            f"augmentation "
-            f"strength {config['strength']}. Probe: logistic regression on the digit label. Mean ± std over seeds "
-            f"{config['seeds']}.\n\n"
-            + markdown_table(["head", "probe acc h at init", "probe acc h", "probe acc z", "eff. rank h",
-                              "eff. rank z"], rows))
+    rows = [
+        [
+            label,
+            mean_std([r["probe_h_init"] for r in runs]),
+            mean_std([r["probe_h"] for r in runs]),
+            mean_std([r["probe_z"] for r in runs]),
+            mean_std([r["effective_rank_h"] for r in runs], 1),
+            mean_std([r["effective_rank_z"] for r in runs], 1),
+        ]
+        for label, runs in results["heads"].items()
+    ]
+    return (
+        f"Digits blended (s = {config['blend']}) into generated gratings, {config['image_size']} px, "
+        f"{config['train_size']} / {config['test_size']} items; each view drops the digit with probability "
+        f"{config['p_drop']}; {config['encoder']}, SimCLR τ = {TEMPERATURE}, {config['epochs']} epochs, "
+        f"augmentation "
+        f"strength {config['strength']}. Probe: logistic regression on the digit label. Mean ± std over seeds "
+        f"{config['seeds']}.\n\n"
+        + markdown_table(
+            ["head", "probe acc h at init", "probe acc h", "probe acc z", "eff. rank h", "eff. rank z"], rows
+        )
+    )
 
 
 def figures(results: dict, config: dict, out) -> list[str]:
@@ -177,8 +256,14 @@ def figures(results: dict, config: dict, out) -> list[str]:
     labels = list(results["heads"])
     for offset, key, name in ((-0.2, "probe_h", "h (pre-projection)"), (0.2, "probe_z", "z (post-projection)")):
         values = [[r[key] for r in results["heads"][label]] for label in labels]
-        ax.bar([i + offset for i in range(len(labels))], [mean(v) for v in values], width=0.4, label=name,
-               yerr=[(max(v) - min(v)) / 2 for v in values], capsize=3)
+        ax.bar(
+            [i + offset for i in range(len(labels))],
+            [mean(v) for v in values],
+            width=0.4,
+            label=name,
+            yerr=[(max(v) - min(v)) / 2 for v in values],
+            capsize=3,
+        )
     init = mean([r["probe_h_init"] for runs in results["heads"].values() for r in runs])
     ax.axhline(init, color="gray", ls="--", lw=1, label="h at random init")
     ax.axhline(0.1, color="black", ls=":", lw=1, label="chance (10 classes)")

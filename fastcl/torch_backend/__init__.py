@@ -29,6 +29,7 @@ Losses and log-sum-exps are float32 (float64 for float64 rows); gradients have t
 Each pass walks anchor row blocks of ``rows_per_chunk`` rows against all columns, so the largest
 temporary is a few ``rows × M`` float32 tiles (see :func:`chunk_rows`).
 """
+
 from fastcl.torch_backend._tiles import chunk_rows, chunk_size
 from fastcl.torch_backend.block import block_backward, block_forward
 from fastcl.torch_backend.infonce import infonce_backward, infonce_forward

@@ -1,4 +1,5 @@
 """Row blocking shared by the torch backend's losses."""
+
 from __future__ import annotations
 
 import contextlib

@@ -4,13 +4,21 @@ Forward: one pass over row blocks of S = Q Kᵀ/τ gives the row log-sum-exps di
 log-sum-exps by an online (running max, rescaled sum) merge across blocks. Backward: one recompute per
 block; dQ_I = G_I K and dK += G_Iᵀ Q_I (4 GEMM-units in all, as SPEC §6 counts).
 """
+
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
 from fastcl.torch_backend._tiles import (
-    NORM_EPS, blocks, full_gradient, grad_dot_logits, logits, prepare_rows, row_logsumexp, rows_backward,
+    NORM_EPS,
+    blocks,
+    full_gradient,
+    grad_dot_logits,
+    logits,
+    prepare_rows,
+    row_logsumexp,
+    rows_backward,
 )
 
 
@@ -40,8 +48,17 @@ def infonce_forward(
 
 
 def infonce_backward(
-    grad: Tensor, q: Tensor, k: Tensor, tau: Tensor, sub_dim: int, normalize: bool, symmetric: bool,
-    lse_rows: Tensor, lse_cols: Tensor, inv_norms_q: Tensor, inv_norms_k: Tensor,
+    grad: Tensor,
+    q: Tensor,
+    k: Tensor,
+    tau: Tensor,
+    sub_dim: int,
+    normalize: bool,
+    symmetric: bool,
+    lse_rows: Tensor,
+    lse_cols: Tensor,
+    inv_norms_q: Tensor,
+    inv_norms_k: Tensor,
 ) -> tuple[Tensor, Tensor, Tensor]:
     (qr, q_norms), (kr, k_norms) = prepare_rows(q, sub_dim, normalize), prepare_rows(k, sub_dim, normalize)
     qs = qr / tau

@@ -4,13 +4,22 @@ Rows are Z = [z1; z2] (M = 2N), pos(i) = (i + N) mod M. The backward uses the sy
 G = ∂L/∂S, dZ_I = Σ_j (G_Ij + G_jI) Z_j / τ, and G_jI needs only the recomputed tile and lse_j, so each
 row block costs one recompute and one GEMM, and owns its rows of dZ.
 """
+
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
 from fastcl.torch_backend._tiles import (
-    NORM_EPS, blocks, full_gradient, grad_dot_logits, logits, mask_self, prepare_rows, row_logsumexp, rows_backward,
+    NORM_EPS,
+    blocks,
+    full_gradient,
+    grad_dot_logits,
+    logits,
+    mask_self,
+    prepare_rows,
+    row_logsumexp,
+    rows_backward,
 )
 
 

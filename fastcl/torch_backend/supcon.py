@@ -10,6 +10,7 @@ With labels, the positive terms need no N² work (SPEC §3): with per-class row 
 Σ_{p∈P(a)} s_ap = ẑ_a·(C_{y_a} − ẑ_a)/τ, and the positive part of dZ is a class-sum lookup too, so the
 tiles only carry the softmax. A mask is read tile by tile.
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -18,7 +19,15 @@ import torch
 from torch import Tensor
 
 from fastcl.torch_backend._tiles import (
-    NORM_EPS, blocks, full_gradient, grad_dot_logits, logits, mask_self, prepare_rows, row_logsumexp, rows_backward,
+    NORM_EPS,
+    blocks,
+    full_gradient,
+    grad_dot_logits,
+    logits,
+    mask_self,
+    prepare_rows,
+    row_logsumexp,
+    rows_backward,
 )
 
 
@@ -68,8 +77,14 @@ def _view_major_rows(features: Tensor, sub_dim: int, normalize: bool) -> tuple[T
 
 
 def supcon_forward(
-    features: Tensor, labels: Optional[Tensor], mask: Optional[Tensor], tau: Tensor, base_temperature: float,
-    n_anchors: int, sub_dim: int, normalize: bool,
+    features: Tensor,
+    labels: Optional[Tensor],
+    mask: Optional[Tensor],
+    tau: Tensor,
+    base_temperature: float,
+    n_anchors: int,
+    sub_dim: int,
+    normalize: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     zc, norms = _view_major_rows(features, sub_dim, normalize)
     zs = zc / tau
