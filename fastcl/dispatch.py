@@ -71,7 +71,16 @@ def unavailable_reason(backend: str, device: torch.device | None = None) -> str 
 
 
 def available_backends() -> list[str]:
-    """Backends that can run on this machine, e.g. ``["torch", "triton"]`` on a GPU machine."""
+    """Backends that can run on this machine, e.g. ``["torch", "triton"]`` on a GPU machine.
+
+    Returns:
+        The names, in preference order; ``"torch"`` is always there. ``"triton"`` needs triton and a CUDA
+        device (or ``TRITON_INTERPRET=1``); ``"cuda"`` needs the csrc extension and a CUDA device.
+
+    Example:
+        >>> "torch" in available_backends()
+        True
+    """
     return [b for b in BACKENDS if unavailable_reason(b) is None]
 
 

@@ -46,6 +46,13 @@ class LossEntry:
             random inputs whose similarity matrix has ``m`` rows.
         views_input: True when the loss takes [N, V, D] features and labels (SupCon), False for two
             [N, D] views.
+
+    Example:
+        >>> entry = get("supcon")
+        >>> tensors, targets = entry.make_inputs(8, 16)
+        >>> loss = entry.functional(*tensors, **targets)
+        >>> bool(torch.isclose(loss.double(), entry.reference(*(t.double() for t in tensors), **targets)))
+        True
     """
 
     name: str
@@ -156,8 +163,15 @@ METHODS: dict[str, str] = {entry.method: entry.name for entry in LOSSES.values()
 def get(name: str) -> LossEntry:
     """The entry of loss ``name``.
 
+    Args:
+        name: a registered loss name (``LOSSES``'s keys, e.g. ``"nt_xent"``).
+
     Raises:
         ValueError: ``name`` is not registered (the message lists the losses).
+
+    Example:
+        >>> get("nt_xent").default_temperature
+        0.5
     """
     if name not in LOSSES:
         raise ValueError(f"loss: expected one of {list(LOSSES)}, got {name!r}")

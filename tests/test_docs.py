@@ -172,3 +172,42 @@ def test_every_subpackage_is_in_the_wheel():
     on_disk = {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "fastcl").glob("**/__init__.py")}
     on_disk |= {"fastcl.kernels", "fastcl.csrc"}  # mapped from kernels/ and csrc/ (package-dir)
     assert on_disk <= packaged, f"subpackages missing from pyproject's packages list: {sorted(on_disk - packaged)}"
+
+
+_PUBLIC = (
+    "fastcl",
+    "fastcl.functional",
+    "fastcl.augment",
+    "fastcl.registry",
+    "fastcl.compat.supcontrast",
+    "fastcl.compat.open_clip",
+    "fastcl.compat.lightly",
+    "fastcl.compat.pml",
+    "fastcl.compat.solo_learn",
+    "fastcl.compat.inf_cl",
+    "fastcl.compat.directclr",
+)
+
+
+def _public_callables():
+    import inspect
+
+    found = []
+    for name in _PUBLIC:
+        module = importlib.import_module(name)
+        for attr in getattr(module, "__all__", [a for a in vars(module) if not a.startswith("_")]):
+            obj = getattr(module, attr)
+            if (inspect.isclass(obj) or inspect.isfunction(obj)) and obj.__module__.startswith("fastcl"):
+                found.append(pytest.param(obj, id=f"{name}.{attr}"))
+    return found
+
+
+@pytest.mark.parametrize("obj", _public_callables())
+def test_public_api_docstrings_document_arguments_and_show_an_example(obj):
+    import inspect
+
+    doc = inspect.getdoc(obj) or ""
+    takes_arguments = any(p.name != "self" for p in inspect.signature(obj).parameters.values())
+    if takes_arguments:
+        assert any(h in doc for h in ("Args:", "Attributes:")), f"{obj.__qualname__}: no Args/Attributes section"
+    assert "Example" in doc, f"{obj.__qualname__}: no Example section"

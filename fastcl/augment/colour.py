@@ -124,6 +124,12 @@ def sample_colour_factors(
     """Foster et al.'s factor distribution: b, c, s ~ U[1 − 0.8·strength, 1 + 0.8·strength],
     h ~ U[−0.2·strength, 0.2·strength].
 
+    Args:
+        batch: number of factor rows.
+        strength: the jitter strength s (Foster et al. use 0.5).
+        generator: the ``torch.Generator`` to draw from (None: torch's default).
+        device: where the result goes (None: the generator's device).
+
     Returns a float32 [batch, 4] tensor (drawn on the generator's device, then moved to ``device``).
 
     Example:

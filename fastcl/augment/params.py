@@ -23,10 +23,16 @@ _CROP_ATTEMPTS = 10  # torchvision's RandomResizedCrop.get_params
 class AugmentParams:
     """Per-sample, per-view parameters; every field has leading dims [B, V] (see docs/augment.md).
 
-    Fields: ``box`` int64 [B,V,4] crop (x0, y0, w, h) in input pixels; ``flip`` bool; ``jitter`` float32
+    Attributes: ``box`` int64 [B,V,4] crop (x0, y0, w, h) in input pixels; ``flip`` bool; ``jitter`` float32
     [B,V,4] factors (brightness, contrast, saturation, hue), identity (1, 1, 1, 0); ``jitter_apply`` bool;
     ``order`` int64 [B,V,4] permutation of the jitter steps (0 b, 1 c, 2 s, 3 h); ``gray`` bool;
     ``blur_sigma`` float32; ``blur_apply`` bool; ``solarize_threshold`` float32; ``solarize_apply`` bool.
+
+    Example:
+        >>> from fastcl.augment import resolve, sample_params
+        >>> p = sample_params(resolve("simclr", 32, 1.0, {}), 2, 2, 40, 40, torch.Generator().manual_seed(0))
+        >>> p.box.shape, p.jitter.shape
+        (torch.Size([2, 2, 4]), torch.Size([2, 2, 4]))
     """
 
     box: torch.Tensor
@@ -95,6 +101,12 @@ def sample_params(
     device: Optional[torch.device] = None,
 ) -> AugmentParams:
     """Draws ``AugmentParams`` for a [batch, C, height, width] input (on the generator's device, then moved).
+
+    Args:
+        policy: a :class:`Policy` (from :func:`resolve`).
+        batch, views, height, width: the input's batch size and side lengths, and the number of views.
+        generator: the ``torch.Generator`` to draw from (None: torch's default).
+        device: where the parameters go (None: the generator's device).
 
     Example:
         >>> from fastcl.augment.presets import resolve

@@ -96,6 +96,20 @@ class MultiViewAugment:
 
     See docs/augment.md for the presets, the strength mapping and the parameter fields.
 
+    Args:
+        preset: ``"simclr"``, ``"supcon"``, ``"byol"`` or ``"colour"``.
+        size: output side in pixels (int ≥ 1).
+        views: number of views V ≥ 1.
+        strength: s ≥ 0, scales the whole policy; 0 is the identity up to the resize.
+        backend: ``"kornia"``, ``"triton"`` or ``"auto"`` (triton for CUDA tensors when importable).
+        generator: the ``torch.Generator`` the parameters are drawn from (None: torch's default).
+        output_dtype: dtype of the returned views.
+        **overrides: any field of :class:`Policy` (e.g. ``jitter_p=0.0``).
+
+    Raises:
+        ValueError: a bad size, views, strength, preset or override, naming it.
+        RuntimeError: ``backend="triton"`` where it cannot run.
+
     Example:
         >>> x = torch.randint(0, 256, (4, 3, 40, 36), dtype=torch.uint8)
         >>> aug = MultiViewAugment("simclr", size=32, views=2, generator=torch.Generator().manual_seed(0))

@@ -25,7 +25,16 @@ CIFAR10_STD = (0.2023, 0.1994, 0.2010)
 
 @dataclasses.dataclass(frozen=True)
 class Policy:
-    """One augmentation policy (a preset after overrides and the strength mapping)."""
+    """One augmentation policy (a preset after overrides and the strength mapping).
+
+    Attributes:
+        Every field is one knob of the pipeline (crop ``scale``/``ratio``, ``flip_p``, jitter magnitudes and
+        probabilities, ``gray_p``, blur and solarize settings); docs/augment.md has the table.
+
+    Example:
+        >>> resolve("simclr", 32, 1.0, {}).flip_p
+        0.5
+    """
 
     scale: Tuple[float, float]
     ratio: Tuple[float, float]
@@ -129,7 +138,20 @@ def _channels(name: str, value: Any, positive: bool) -> Tuple[float, ...]:
 
 
 def resolve(preset: str, size: int, strength: float, overrides: Dict[str, Any]) -> Policy:
-    """The preset's values, then ``overrides``, then the strength mapping (module docstring)."""
+    """The preset's values, then ``overrides``, then the strength mapping (module docstring).
+
+    Args:
+        preset: a name in ``PRESETS``.
+        size: output side in pixels.
+        strength: s ≥ 0.
+        overrides: field name → value, applied before the strength mapping.
+
+    Raises:
+        ValueError: an unknown preset or field, naming it.
+
+    Example:
+        >>> resolve("simclr", 32, 0.0, {}).gray_p  # strength 0: no grayscale
+        0.0"""
     if preset not in PRESETS:
         raise ValueError(f"preset: expected one of {sorted(PRESETS)}, got {preset!r}")
     unknown = sorted(set(overrides) - set(OVERRIDABLE))

@@ -125,6 +125,9 @@ def cal_ring_loss(
     """Inf-CL's ``cal_ring_loss``: the same loss as :func:`cal_inf_loss` (Inf-CL's ring variant
     differs only in how its kernels tile the keys).
 
+    Args:
+        q, k, labels, scale, head_dim: as :func:`cal_inf_loss`.
+
     Example:
         >>> import torch
         >>> q, k = torch.randn(8, 16), torch.randn(8, 16)

@@ -180,6 +180,10 @@ def _check_gather_available(gather_distributed: bool) -> None:
 def negative_mises_fisher_weights(out0: Tensor, out1: Tensor, sigma: float = 0.5) -> Tensor:
     """lightly's DCLW weights: ``2 − N · softmax_i(out0_i · out1_i / σ)`` on detached rows.
 
+    Args:
+        out0, out1: [N, D] the two views' (normalized) rows.
+        sigma: σ > 0.
+
     Example:
         >>> import torch
         >>> negative_mises_fisher_weights(torch.randn(4, 8), torch.randn(4, 8)).shape
@@ -269,6 +273,11 @@ class DCLLoss(nn.Module):
 
 class DCLWLoss(DCLLoss):
     """lightly's weighted DCL: :class:`DCLLoss` with :func:`negative_mises_fisher_weights` (σ = ``sigma``).
+
+    Args:
+        temperature: τ > 0.
+        sigma: σ > 0 of the von Mises-Fisher weights.
+        gather_distributed: as :class:`DCLLoss`.
 
     Example:
         >>> import torch
