@@ -20,6 +20,8 @@ Which code runs (docs/block-engine.md): a single-process call the fused local fa
 
 from __future__ import annotations
 
+import numbers
+
 from typing import Optional
 
 import torch
@@ -75,6 +77,12 @@ def _check_two_views(names, a: Tensor, b: Tensor, sub_dim, *, paired: bool = Tru
     else:  # the same checks but N
         _validate.same_layout(names, (a[: b.shape[0]], b[: a.shape[0]]))
     return _validate.sub_dim(sub_dim, a.shape[1])
+
+
+def _check_flags(normalize, check_finite) -> None:
+    _validate.flag("normalize", normalize)
+    if check_finite is not None:
+        _validate.flag("check_finite", check_finite)
 
 
 def _finish_checks(names, tensors, temperature, backend, check_finite, device, like):
@@ -167,6 +175,7 @@ def nt_xent(
         0.0
     """
     d = _check_two_views(("z1", "z2"), z1, z2, sub_dim)
+    _check_flags(normalize, check_finite)
     mode = _distributed.resolve_mode(distributed)
     backend, on_engine = _route(backend, z1.device, mode != "local")
     tau = _finish_checks(("z1", "z2"), (z1, z2), temperature, backend, check_finite, z1.device, z1)
@@ -223,6 +232,7 @@ def info_nce(
     if not isinstance(symmetric, bool):
         raise TypeError(f"symmetric: expected a bool, got {type(symmetric).__name__}")
     d = _check_two_views(("q", "k"), q, k, sub_dim, paired=False)
+    _check_flags(normalize, check_finite)
     n_q, n_k = q.shape[0], k.shape[0]
     if symmetric and n_q != n_k:
         raise ValueError(
@@ -296,6 +306,7 @@ def supcon(
         torch.Size([])
     """
     _validate.embeddings("features", features, 3)
+    _check_flags(normalize, check_finite)
     n, views, dim = features.shape
     if views == 0:
         raise ValueError(f"features: expected at least one view (V >= 1), got shape {tuple(features.shape)}")
@@ -378,6 +389,7 @@ def dcl(
         torch.float32
     """
     d = _check_two_views(("z1", "z2"), z1, z2, sub_dim)
+    _check_flags(normalize, check_finite)
     if weight_sigma is not None:
         _validate.temperature("weight_sigma", weight_sigma, z1.device, True, allow_tensor=False)
         weight_sigma = float(weight_sigma)
@@ -435,6 +447,7 @@ def siglip(
         True
     """
     d = _check_two_views(("x", "y"), x, y, sub_dim)
+    _check_flags(normalize, check_finite)
     mode = _distributed.resolve_mode(distributed)
     backend, _ = _route(backend, x.device, True)
     checking = _check_finite_default(check_finite, backend)
@@ -451,7 +464,7 @@ def siglip(
                 f"logit_bias: expected a float or a 0-dim floating tensor, "
                 f"got shape {tuple(logit_bias.shape)}, dtype {logit_bias.dtype}"
             )
-    elif isinstance(logit_bias, bool) or not isinstance(logit_bias, (int, float)):
+    elif isinstance(logit_bias, bool) or not isinstance(logit_bias, numbers.Real):
         raise TypeError(f"logit_bias: expected a float or a 0-dim tensor, got {type(logit_bias).__name__}")
     if checking:
         for name, t in (("x", x), ("y", y)):

@@ -1,4 +1,4 @@
-"""Bad input (SPEC §5): a ValueError / TypeError whose message names the argument and what was received.
+"""Bad input (docs/spec.md, "Bad input"): a ValueError / TypeError whose message names the argument and what was received.
 
 Table-driven: each case is a call that must raise, the exception type, and strings its message must
 contain (the argument's name first, then the received / expected value).
@@ -86,6 +86,12 @@ CASES = [
     # option values
     ("contrast_mode-unknown", lambda: supcon(F3, contrast_mode="two"), ValueError, ["contrast_mode", "'two'"]),
     ("symmetric-not-bool", lambda: info_nce(Z, Z, symmetric="yes"), TypeError, ["symmetric", "str"]),
+    ("normalize-not-bool", lambda: nt_xent(Z, Z, normalize="yes"), TypeError, ["normalize", "bool", "'yes'"]),
+    ("normalize-int", lambda: supcon(F3, normalize=1), TypeError, ["normalize", "int"]),
+    ("check_finite-str", lambda: info_nce(Z, Z, check_finite="no"), TypeError, ["check_finite", "'no'"]),
+    ("module-normalize-str", lambda: fastcl.NTXentLoss(normalize="no")(Z, Z), TypeError, ["normalize", "'no'"]),
+    ("temperature-str", lambda: nt_xent(Z, Z, "0.5"), TypeError, ["temperature", "str"]),
+    ("temperature-complex", lambda: nt_xent(Z, Z, 0.5j), TypeError, ["temperature", "complex"]),
     ("backend-unknown", lambda: nt_xent(Z, Z, backend="jax"), ValueError, ["backend", "'jax'", "'torch'"]),
     ("module-backend-unknown", lambda: fastcl.SupConLoss(backend="tpu")(F3), ValueError, ["backend", "'tpu'"]),
     # non-finite inputs (check_finite is on by default on the torch backend)
@@ -160,3 +166,18 @@ def test_tensor_temperature_is_checked_on_the_device_when_value_checks_are_off(v
     z = torch.randn(6, 4)
     with pytest.raises(RuntimeError, match="temperature: expected a finite value > 0"):
         fastcl.functional.nt_xent(z, z + 1, torch.tensor(value), backend="torch", check_finite=False)
+
+
+def test_numpy_scalar_temperatures_are_accepted():
+    np = pytest.importorskip("numpy")
+    expected = nt_xent(Z, Z.flip(0), 0.25)
+    for value in (np.float32(0.25), np.float64(0.25), np.float16(0.25)):
+        torch.testing.assert_close(nt_xent(Z, Z.flip(0), value), expected)
+    torch.testing.assert_close(fastcl.NTXentLoss(np.float32(0.25))(Z, Z.flip(0)), expected)
+
+
+def test_modules_take_check_finite():
+    bad = _with(float("nan"), (0, 0), Z)
+    with pytest.raises(ValueError, match="z1"):
+        fastcl.NTXentLoss(check_finite=True)(bad, Z)
+    assert torch.isnan(fastcl.NTXentLoss(check_finite=False)(bad, Z))
