@@ -21,7 +21,6 @@ Which code runs (docs/block-engine.md): a single-process call the fused local fa
 from __future__ import annotations
 
 import numbers
-
 from typing import Optional
 
 import torch

@@ -1,4 +1,4 @@
-"""Bad input (docs/spec.md, "Bad input"): a ValueError / TypeError whose message names the argument and what was received.
+"""Bad input (docs/spec.md, "Bad input"): a ValueError / TypeError naming the argument and what was received.
 
 Table-driven: each case is a call that must raise, the exception type, and strings its message must
 contain (the argument's name first, then the received / expected value).
