@@ -1,8 +1,8 @@
-"""Cross-view InfoNCE (SPEC §2) on the torch backend.
+"""Cross-view InfoNCE (docs/spec.md) on the torch backend.
 
 Forward: one pass over row blocks of S = Q Kᵀ/τ gives the row log-sum-exps directly and the column
 log-sum-exps by an online (running max, rescaled sum) merge across blocks. Backward: one recompute per
-block; dQ_I = G_I K and dK += G_Iᵀ Q_I (4 GEMM-units in all, as SPEC §6 counts).
+block; dQ_I = G_I K and dK += G_Iᵀ Q_I (4 GEMM-units in all, as the FLOP model of docs/spec.md counts).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""NT-Xent (SPEC §1) on the torch backend.
+"""NT-Xent (docs/spec.md) on the torch backend.
 
 Rows are Z = [z1; z2] (M = 2N), pos(i) = (i + N) mod M. The backward uses the symmetry of S: with
 G = ∂L/∂S, dZ_I = Σ_j (G_Ij + G_jI) Z_j / τ, and G_jI needs only the recomputed tile and lse_j, so each

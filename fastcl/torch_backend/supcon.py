@@ -1,4 +1,4 @@
-"""SupCon L_out (SPEC §3) on the torch backend.
+"""SupCon L_out (docs/spec.md) on the torch backend.
 
 Rows are view-major (row r is sample r mod N). For anchor a with |P(a)| ≥ 1 (the set A⁺):
     ℓ_a = κ (lse_a − mean_{p∈P(a)} s_ap),  κ = τ/τ_b,  L = mean_{a∈A⁺} ℓ_a  (0 when A⁺ is empty)
@@ -6,7 +6,7 @@ Rows are view-major (row r is sample r mod N). For anchor a with |P(a)| ≥ 1 (t
 The backward walks row blocks of all rows and, like NT-Xent's, adds the transposed term G_cr of the
 anchors c from the same recomputed tile, so each block owns its rows of dZ.
 
-With labels, the positive terms need no N² work (SPEC §3): with per-class row sums C_y,
+With labels, the positive terms need no N² work (docs/spec.md): with per-class row sums C_y,
 Σ_{p∈P(a)} s_ap = ẑ_a·(C_{y_a} − ẑ_a)/τ, and the positive part of dZ is a class-sum lookup too, so the
 tiles only carry the softmax. A mask is read tile by tile.
 """
