@@ -135,7 +135,7 @@ _FORWARD = {
 }
 _BACKWARD = {
     "sm90": [(64, 64, 64, 64, 8, 3), (64, 64, 32, 64, 8, 3)],
-    "sm80": [(64, 64, 64, 64, 8, 3), (64, 64, 32, 32, 8, 3)],
+    "sm80": [(64, 64, 64, 64, 8, 3), (64, 64, 32, 32, 8, 2)],
     "fallback": [(64, 32, 32, 64, 4, 2), (32, 32, 32, 32, 4, 2)],
 }
 # The block primitive's backward passes (kernels/block.py) carry less per tile than the symmetric
@@ -148,8 +148,8 @@ _BLOCK_BACKWARD = {
 }
 # Small tiles, the only ones for 4-byte rows (fp32 dots: tf32x3 holds high and low parts of both
 # operands in registers) and for the block kernels' label / mask positives (:func:`needs_small_tiles`).
-_SMALL_FORWARD = {"sm90": [(64, 64, 32, 4, 3)], "sm80": [(32, 64, 32, 4, 2)], "fallback": [(32, 32, 32, 4, 2)]}
-_SMALL_BACKWARD = {"sm90": [(64, 64, 32, 64, 8, 3)], "sm80": [(32, 64, 32, 32, 8, 2)],
+_SMALL_FORWARD = {"sm90": [(64, 64, 32, 8, 3)], "sm80": [(32, 32, 16, 4, 2)], "fallback": [(32, 32, 32, 4, 2)]}
+_SMALL_BACKWARD = {"sm90": [(64, 64, 32, 64, 8, 3)], "sm80": [(32, 32, 32, 32, 4, 2)],
                    "fallback": [(32, 32, 32, 32, 4, 2)]}
 _TABLES = {"forward": (_FORWARD, _SMALL_FORWARD), "backward": (_BACKWARD, _SMALL_BACKWARD),
            "block_backward": (_BLOCK_BACKWARD, _SMALL_BACKWARD)}
