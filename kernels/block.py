@@ -233,8 +233,8 @@ def _fold_tile(
             pos_weight += tl.sum(p, axis=1)
         if MASKED or EXCLUDE_POSITIVES:
             t = tl.where(denominator, t, float("-inf"))
-    elif MASKED:
-        p, kept, denominator = _entry_masks(rows, cols, col_mask, t, self_offset, HAS_SELF, EXCLUDE_POSITIVES)
+    elif MASKED:  # no positives in this block: nothing for EXCLUDE_POSITIVES to leave out
+        p, kept, denominator = _entry_masks(rows, cols, col_mask, t, self_offset, HAS_SELF, False)
         t = tl.where(denominator, t, float("-inf"))
     new_max = tl.maximum(running_max, tl.max(t, axis=1))
     # Rows with no entry yet keep max −inf; shift by 0 there so exp2(−inf − shift) = 0, not NaN.

@@ -75,12 +75,8 @@ CASES = [
 
 
 # Open defects of a backend, reported to its owner; non-strict so that the fix shows up as XPASS.
-KNOWN_GAPS = {
-    (
-        "triton",
-        "dcl-no-positives",
-    ): "kernels/block.py: exclude_positives on a block without positives excludes every entry",
-}
+# (backend, case name) -> reason, for a backend gap that is known and tracked (xfail, not strict).
+KNOWN_GAPS: dict[tuple[str, str], str] = {}
 
 
 def _inputs(case: Case, seed: int = 0):

@@ -333,11 +333,7 @@ def single_process(case: Case, dtype: torch.dtype, world: int):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("scheme", SCHEMES)
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
-def test_ddp_matches_single_process(case, scheme, backend, dtype, world, request):
-    if backend == "triton" and case.loss == "dcl":  # see tests/test_block.py KNOWN_GAPS
-        request.applymarker(
-            pytest.mark.xfail(reason="kernels/block.py: exclude_positives without positives", strict=False)
-        )
+def test_ddp_matches_single_process(case, scheme, backend, dtype, world):
     expected_loss, expected_grads = single_process(case, dtype, world)
     for rank, results in enumerate(world_results(world)):
         if isinstance(results[case.name, scheme, backend, dtype], str):
