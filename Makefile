@@ -35,7 +35,11 @@ constraints:
 
 install: $(STAMP)
 
+# Lint and format check (ruff, configured in pyproject.toml), then the suite: float64 references, the
+# Triton kernels through the interpreter, the CUDA source's logic built for the host, docs and doctests.
 test: $(STAMP)
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 	$(PY) -m pytest -q tests
 
 demo: $(STAMP)

@@ -2,6 +2,7 @@
 for sm90 / sm80 without a GPU, read back from ptxas and the SASS. A small set (the NT-Xent kernels, one
 config), since every compile costs seconds of CPU; the full table is bench/results/compile-*.
 """
+
 from __future__ import annotations
 
 import json
@@ -38,8 +39,25 @@ def test_quick_report_rows_json_and_markdown(tmp_path):
 def test_fp32_default_uses_tensor_cores_on_sm80(tmp_path):
     """fp32 rows compile to tf32x3 MMA (mma.sync on Ampere) by default, not FMA."""
     json_path = tmp_path / "report.json"
-    assert compile_report.main(["--arch", "sm80", "--dtypes", "fp32", "--dims", "128", "--configs", "1",
-                                "--kernels", "ntxent_forward", "--json", str(json_path)]) == 0
+    assert (
+        compile_report.main(
+            [
+                "--arch",
+                "sm80",
+                "--dtypes",
+                "fp32",
+                "--dims",
+                "128",
+                "--configs",
+                "1",
+                "--kernels",
+                "ntxent_forward",
+                "--json",
+                str(json_path),
+            ]
+        )
+        == 0
+    )
     (row,) = json.loads(json_path.read_text())["rows"]
     assert row["precision"] == "tf32x3" and row["mma"] == "mma.sync"
 

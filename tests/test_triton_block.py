@@ -5,14 +5,15 @@ Odd shapes (A = 23 anchors ≠ K = 37 keys: no multiple of the interpreter's 16-
 sub_dim prefixes of strided rows, τ = 0.01, every positives kind with and without a self entry,
 exclude_positives (DCL), a global lse that differs from the block's own, bf16 and float64.
 """
+
 from __future__ import annotations
 
 import pytest
 import torch
 import torch.nn.functional as F
+from loss_cases import relative_error
 
 from fastcl._blocks import Layout, inverse_norms
-from loss_cases import relative_error
 
 pytestmark = pytest.mark.triton
 block = pytest.importorskip("fastcl.kernels.block")
@@ -29,8 +30,13 @@ def _layout(kind: str, self_offset, generator: torch.Generator, exclude: bool = 
             index = torch.where(index == torch.arange(A) + self_offset, -1, index)
         return Layout(positives="index", self_offset=self_offset, pos_index=index, exclude_positives=exclude)
     if kind == "labels":
-        return Layout(positives="labels", self_offset=self_offset, a_labels=torch.randint(0, 4, (A,), generator=generator),
-                      k_labels=torch.randint(0, 4, (K,), generator=generator), exclude_positives=exclude)
+        return Layout(
+            positives="labels",
+            self_offset=self_offset,
+            a_labels=torch.randint(0, 4, (A,), generator=generator),
+            k_labels=torch.randint(0, 4, (K,), generator=generator),
+            exclude_positives=exclude,
+        )
     if kind == "mask":  # soft weights on a 7 × 11 sample mask, read as mask[a mod 7, c mod 11]
         weights = torch.rand(7, 11, generator=generator) * (torch.rand(7, 11, generator=generator) < 0.4)
         return Layout(positives="mask", self_offset=self_offset, mask=weights, exclude_positives=exclude)
@@ -79,7 +85,7 @@ def _rows(dtype, depth, sub_dim, normalize, strided, generator):
     if normalize:
         a[3] *= 1e-3  # a short row: its normalization backward is ~1e3 larger
     else:  # raw rows of norm ≤ ~0.3 keep |s| ≤ ~10 at τ = 0.01 (fp32 cannot resolve exp(s) of |s| ~ 1000)
-        a, k = a * 0.3 / depth ** 0.5, k * 0.3 / depth ** 0.5
+        a, k = a * 0.3 / depth**0.5, k * 0.3 / depth**0.5
     if strided:  # a: a transposed buffer; k: every other column of a twice-as-wide one
         a = a.T.contiguous().T
         wide = torch.zeros(K, 2 * depth, dtype=torch.float64)
@@ -101,8 +107,9 @@ def _run(dtype, depth, sub_dim, tau, kind, self_offset, normalize, strided=False
     lse_shift = torch.rand(A, generator=generator, dtype=torch.float64) * 0.5
     ref = _reference(a, k, tau, sub_dim, layout, normalize, lse_shift, alpha, beta)
     forward = block.block_forward(a, a_inv, k, k_inv, tau_t, sub_dim, layout)
-    backward = block.block_backward(a, a_inv, k, k_inv, tau_t, sub_dim, layout, ref[3].to(acc), alpha.to(acc),
-                                    beta.to(acc))
+    backward = block.block_backward(
+        a, a_inv, k, k_inv, tau_t, sub_dim, layout, ref[3].to(acc), alpha.to(acc), beta.to(acc)
+    )
     return a, k, a_inv, k_inv, tau_t, layout, ref, forward, backward, (ref[3].to(acc), alpha.to(acc), beta.to(acc))
 
 
@@ -124,13 +131,16 @@ CASES = [  # (kind, self_offset, normalize, depth, sub_dim, strided, exclude)
 ]
 
 
-@pytest.mark.parametrize("kind,self_offset,normalize,depth,sub_dim,strided,exclude", CASES,
-                         ids=[f"{c[0]}-self{c[1]}-norm{int(c[2])}-D{c[3]}-sub{c[4]}-strided{int(c[5])}-dcl{int(c[6])}"
-                              for c in CASES])
+@pytest.mark.parametrize(
+    "kind,self_offset,normalize,depth,sub_dim,strided,exclude",
+    CASES,
+    ids=[f"{c[0]}-self{c[1]}-norm{int(c[2])}-D{c[3]}-sub{c[4]}-strided{int(c[5])}-dcl{int(c[6])}" for c in CASES],
+)
 @pytest.mark.parametrize("tau", [0.01, 0.5])
 def test_fp32_matches_float64(kind, self_offset, normalize, depth, sub_dim, strided, exclude, tau):
-    *_, ref, forward, backward, _ = _run(torch.float32, depth, sub_dim, tau, kind, self_offset, normalize,
-                                         strided, exclude)
+    *_, ref, forward, backward, _ = _run(
+        torch.float32, depth, sub_dim, tau, kind, self_offset, normalize, strided, exclude
+    )
     for got, want in zip(forward, ref[:3]):
         _close(got, want, 1e-5)
     d_a, d_k, gs = backward
@@ -143,7 +153,8 @@ def test_fp32_matches_float64(kind, self_offset, normalize, depth, sub_dim, stri
 def test_float64_and_torch_reference_primitive():
     """float64 rows (fp64 dots) at 1e-10, and the same numbers as the torch backend's primitive."""
     a, k, a_inv, k_inv, tau, layout, ref, forward, backward, coefficients = _run(
-        torch.float64, 17, 13, 0.01, "labels", 0, True, strided=True)
+        torch.float64, 17, 13, 0.01, "labels", 0, True, strided=True
+    )
     for got, want in zip(forward, ref[:3]):
         _close(got, want, 1e-10)
     for got, want in zip(backward[:2], ref[4:6]):
@@ -177,8 +188,9 @@ def test_empty_anchor_gives_minus_inf_and_no_nan():
     layout = Layout(positives="none", self_offset=0)
     lse, pos_sum, pos_weight = block.block_forward(a, None, a, None, torch.tensor(0.1), 8, layout)
     assert lse.item() == float("-inf") and pos_sum.item() == 0 and pos_weight.item() == 0
-    d_a, d_k, gs = block.block_backward(a, None, a, None, torch.tensor(0.1), 8, layout, lse, torch.ones(1),
-                                        torch.ones(1))
+    d_a, d_k, gs = block.block_backward(
+        a, None, a, None, torch.tensor(0.1), 8, layout, lse, torch.ones(1), torch.ones(1)
+    )
     assert torch.equal(d_a, torch.zeros(1, 8)) and torch.equal(d_k, torch.zeros(1, 8)) and gs.item() == 0
 
 
@@ -196,6 +208,8 @@ def test_bad_input_names_the_argument():
     with pytest.raises(ValueError, match="k: expected the dtype"):
         block.block_forward(a, None, k.double(), None, tau, 8, Layout())
     with pytest.raises(ValueError, match="pos_index"):
-        block.block_forward(a, None, k, None, tau, 8, Layout(positives="index", pos_index=torch.zeros(3, dtype=torch.long)))
+        block.block_forward(
+            a, None, k, None, tau, 8, Layout(positives="index", pos_index=torch.zeros(3, dtype=torch.long))
+        )
     with pytest.raises(NotImplementedError, match="epilogue"):
         block.block_forward(a, None, k, None, tau, 8, Layout(epilogue="sigmoid"))

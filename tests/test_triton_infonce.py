@@ -5,16 +5,17 @@ N ∈ {13, 37} is no multiple of the interpreter's 16-row tiles; N = 37 gives th
 2 column splits, so the partial log-sum-exp merges (and a group walking two row blocks) run. D ∈ {3, 17,
 64} crosses the 16-wide feature chunks, and D = 64 needs 4 output slices of 16 in the backward.
 """
+
 from __future__ import annotations
 
 import pytest
 import torch
+from loss_cases import Batch, assert_no_worse_than_naive, make_batch, reference_of, relative_error, run
+from test_triton_ntxent import assert_triton_matches, backend_loss, on_device
 
 import fastcl
 from fastcl.kernels import _common
 from fastcl.profiler import naive
-from loss_cases import Batch, assert_no_worse_than_naive, make_batch, reference_of, relative_error, run
-from test_triton_ntxent import assert_triton_matches, backend_loss, on_device
 
 pytestmark = pytest.mark.triton
 
@@ -40,7 +41,9 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("n, dim, tau, options, dtype", CASES, ids=lambda v: _tau_id(v) if not isinstance(v, torch.dtype) else str(v)[6:])
+@pytest.mark.parametrize(
+    "n, dim, tau, options, dtype", CASES, ids=lambda v: _tau_id(v) if not isinstance(v, torch.dtype) else str(v)[6:]
+)
 def test_matches_reference_and_torch_backend(n, dim, tau, options, dtype, triton_device):
     batch = make_batch("info_nce", n, dim, seed=n + dim)
     assert_triton_matches("info_nce", batch, tau, dtype, triton_device, RTOL[dtype], **options)
@@ -178,7 +181,9 @@ def test_kernels_compile_for_sm90_without_spills():
 
     import triton
 
-    if not os.path.exists(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas-blackwell")):
+    if not os.path.exists(
+        os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas-blackwell")
+    ):
         pytest.skip("this triton wheel ships no ptxas-blackwell")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

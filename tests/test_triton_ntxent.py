@@ -7,6 +7,7 @@ kernels read the rows in place, so the strided cases hand the op views (transpos
 column of a wider one) with a sub_dim prefix. Also ``assert_triton_matches`` and the layouts, shared
 with test_triton_supcon.py.
 """
+
 from __future__ import annotations
 
 import functools
@@ -18,10 +19,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from loss_cases import Batch, assert_no_worse_than_naive, make_batch, reference_of, relative_error, run
 
 import fastcl
 from fastcl.profiler import naive
-from loss_cases import Batch, assert_no_worse_than_naive, make_batch, reference_of, relative_error, run
 
 pytestmark = pytest.mark.triton
 
@@ -46,10 +47,12 @@ def every_other(x: torch.Tensor) -> torch.Tensor:
 def laid_out(fn, *layouts):
     """``fn`` called on the tensor arguments re-laid-out by ``layouts`` (differentiable, same values), so the
     op receives non-contiguous views while the test's leaves and the reference stay plain."""
+
     def call(*tensors, **options):
         views = [layout(t) for layout, t in zip(layouts, tensors)]
         assert not any(v.is_contiguous() for v in views)
         return fn(*views, **options)
+
     return call
 
 
@@ -61,7 +64,11 @@ def assert_results_close(actual, expected, rtol: float, what: str, temperature=N
     """Loss, input gradients and dL/dτ within ``rtol`` (relative_error). dL/dτ = −Σ G·s/τ (+ L/τ) cancels
     terms of size ~L/τ, so, as in loss_cases.assert_matches_reference, it is measured against
     max(|dL/dτ|, 1/τ) when ``temperature`` is given."""
-    assert relative_error(actual.loss.cpu(), expected.loss.cpu()) <= rtol, (what, actual.loss.item(), expected.loss.item())
+    assert relative_error(actual.loss.cpu(), expected.loss.cpu()) <= rtol, (
+        what,
+        actual.loss.item(),
+        expected.loss.item(),
+    )
     for i, (g, g_ref) in enumerate(zip(actual.grads, expected.grads)):
         error = relative_error(g.cpu(), g_ref.cpu())
         assert error <= rtol, f"{what}: input {i} gradient, relative error {error:.3g}"
@@ -78,10 +85,12 @@ def assert_triton_matches(loss: str, batch: Batch, temperature, dtype: torch.dty
     assert ours.loss.shape == () and ours.loss.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
     for g in ours.grads:
         assert g.dtype == dtype and g.device.type == device.type
-    assert_results_close(ours, reference_of(loss, batch, temperature, dtype, **options), rtol, "vs float64 reference",
-                         temperature)
-    assert_results_close(ours, run(backend_loss(loss, "torch"), on, temperature, dtype, **options), rtol,
-                         "vs torch backend", temperature)
+    assert_results_close(
+        ours, reference_of(loss, batch, temperature, dtype, **options), rtol, "vs float64 reference", temperature
+    )
+    assert_results_close(
+        ours, run(backend_loss(loss, "torch"), on, temperature, dtype, **options), rtol, "vs torch backend", temperature
+    )
     return ours
 
 
@@ -96,7 +105,9 @@ CASES = [
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
-@pytest.mark.parametrize("dim, tau, options", CASES, ids=lambda v: repr(v) if not isinstance(v, torch.Tensor) else f"tensor({float(v):g})")
+@pytest.mark.parametrize(
+    "dim, tau, options", CASES, ids=lambda v: repr(v) if not isinstance(v, torch.Tensor) else f"tensor({float(v):g})"
+)
 def test_matches_reference_and_torch_backend(dim, tau, options, dtype, triton_device):
     batch = make_batch("nt_xent", 13, dim, seed=dim)
     assert_triton_matches("nt_xent", batch, tau, dtype, triton_device, RTOL[dtype], **options)
@@ -104,8 +115,9 @@ def test_matches_reference_and_torch_backend(dim, tau, options, dtype, triton_de
 
 def test_smallest_batch(triton_device):
     """N = 2: every tile is mostly padding; each row has two negatives."""
-    assert_triton_matches("nt_xent", make_batch("nt_xent", 2, 5, seed=21), 0.1, torch.float32, triton_device,
-                          RTOL[torch.float32])
+    assert_triton_matches(
+        "nt_xent", make_batch("nt_xent", 2, 5, seed=21), 0.1, torch.float32, triton_device, RTOL[torch.float32]
+    )
 
 
 def test_strided_inputs_match_contiguous(triton_device):
@@ -119,8 +131,11 @@ def test_strided_inputs_match_contiguous(triton_device):
 
 @pytest.mark.parametrize(
     "dtype, tau, normalize, rtol",
-    [(torch.float32, torch.tensor(0.01), True, 1e-5), (torch.float64, torch.tensor(2.0), False, 1e-10),
-     (torch.bfloat16, torch.tensor(0.1), True, 2e-2)],
+    [
+        (torch.float32, torch.tensor(0.01), True, 1e-5),
+        (torch.float64, torch.tensor(2.0), False, 1e-10),
+        (torch.bfloat16, torch.tensor(0.1), True, 2e-2),
+    ],
     ids=["f32-tau0.01", "f64-unnormalized", "bf16"],
 )
 def test_sub_dim_of_wide_strided_rows(dtype, tau, normalize, rtol, triton_device):
@@ -234,6 +249,7 @@ def test_backward_ops_trace_with_fake_tensors():
 
 # --- GPU only: large shapes and memory --------------------------------------------------------------
 
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype, rtol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)], ids=["f32", "bf16"])
 def test_large_batch_matches_torch_backend(dtype, rtol):
@@ -250,7 +266,9 @@ def test_wide_features_match_torch_backend(dim):
     """D up to 4096: many BLOCK_D chunks and several BLOCK_DO output slices."""
     batch = on_device(make_batch("nt_xent", 1000, dim, seed=dim), torch.device("cuda"))
     ours = run(backend_loss("nt_xent", "triton"), batch, torch.tensor(0.1), torch.float32)
-    assert_results_close(ours, run(backend_loss("nt_xent", "torch"), batch, torch.tensor(0.1), torch.float32), 1e-5, f"D = {dim}")
+    assert_results_close(
+        ours, run(backend_loss("nt_xent", "torch"), batch, torch.tensor(0.1), torch.float32), 1e-5, f"D = {dim}"
+    )
 
 
 @pytest.mark.gpu

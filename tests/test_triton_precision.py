@@ -6,13 +6,14 @@ the user asked for them. The accuracy test emulates Triton's tf32x3 decompositio
 rounded to TF32 as ``cvt.rna.tf32`` does, three products, fp32 accumulation) and compares its error vs
 float64 with naive fp32 PyTorch and with plain TF32.
 """
+
 from __future__ import annotations
 
 import pytest
 import torch
+from loss_cases import relative_error
 
 import fastcl
-from loss_cases import relative_error
 
 pytestmark = pytest.mark.triton
 _common = pytest.importorskip("fastcl.kernels._common")

@@ -4,16 +4,24 @@ values, input gradients and dL/dτ. N = 13 samples, so M = 26 or 39 rows: no mul
 view-major rows are read in place from features [N, V, D] with any strides (sub_dim prefix, fused
 normalization, clamped norms).
 """
+
 from __future__ import annotations
 
 import pytest
 import torch
-
-from fastcl.profiler import naive
 from loss_cases import assert_no_worse_than_naive, make_batch, reference_of, relative_error, run
 from test_triton_ntxent import (
-    RTOL, assert_results_close, assert_triton_matches, backend_loss, every_other, laid_out, on_device, transposed,
+    RTOL,
+    assert_results_close,
+    assert_triton_matches,
+    backend_loss,
+    every_other,
+    laid_out,
+    on_device,
+    transposed,
 )
+
+from fastcl.profiler import naive
 
 pytestmark = pytest.mark.triton
 
@@ -50,7 +58,13 @@ def test_matches_reference_and_torch_backend(dim, tau, options, triton_device):
 def test_float64_mask(contrast_mode, triton_device):
     batch = make_batch("supcon", 13, 17, views=3, targets="mask", seed=4)
     assert_triton_matches(
-        "supcon", batch, torch.tensor(0.05), torch.float64, triton_device, RTOL[torch.float64], contrast_mode=contrast_mode
+        "supcon",
+        batch,
+        torch.tensor(0.05),
+        torch.float64,
+        triton_device,
+        RTOL[torch.float64],
+        contrast_mode=contrast_mode,
     )
 
 
@@ -60,7 +74,13 @@ def test_anchors_without_positives_are_left_out(contrast_mode, triton_device):
     batch = make_batch("supcon", 13, 17, views=1, targets=None, seed=9)
     batch.targets["labels"] = torch.tensor([10, 1, 1, 11, 2, 2, 2, 12, 1, 3, 3, 4, 4])
     assert_triton_matches(
-        "supcon", batch, torch.tensor(0.2), torch.float32, triton_device, RTOL[torch.float32], contrast_mode=contrast_mode
+        "supcon",
+        batch,
+        torch.tensor(0.2),
+        torch.float32,
+        triton_device,
+        RTOL[torch.float32],
+        contrast_mode=contrast_mode,
     )
 
 
@@ -76,7 +96,13 @@ def test_no_positive_at_all_gives_zero_loss_and_gradients(triton_device):
 def test_strided_inputs_match_contiguous(triton_device):
     """Features [N, V, D] as every other column of a wider buffer: strided rows, read in place."""
     batch = on_device(make_batch("supcon", 11, 17, views=3, seed=5), triton_device)
-    a = run(laid_out(backend_loss("supcon", "triton"), every_other), batch, torch.tensor(0.2), torch.float64, normalize=False)
+    a = run(
+        laid_out(backend_loss("supcon", "triton"), every_other),
+        batch,
+        torch.tensor(0.2),
+        torch.float64,
+        normalize=False,
+    )
     b = run(backend_loss("supcon", "triton"), batch, torch.tensor(0.2), torch.float64, normalize=False)
     assert relative_error(a.loss, b.loss) <= 1e-14
     assert relative_error(a.grads[0], b.grads[0]) <= 1e-14
@@ -86,7 +112,13 @@ def test_strided_inputs_match_contiguous(triton_device):
     "layout, dtype, tau, options, rtol",
     [
         (transposed, torch.float32, torch.tensor(0.01), {"targets": "labels"}, 1e-5),
-        (every_other, torch.float64, torch.tensor(2.0), {"targets": "mask", "normalize": False, "contrast_mode": "one"}, 1e-10),
+        (
+            every_other,
+            torch.float64,
+            torch.tensor(2.0),
+            {"targets": "mask", "normalize": False, "contrast_mode": "one"},
+            1e-10,
+        ),
         (transposed, torch.bfloat16, torch.tensor(0.1), {"targets": "labels"}, 2e-2),
     ],
     ids=["transposed-f32-tau0.01", "every-other-f64-unnormalized-mask-one", "transposed-bf16"],
@@ -115,8 +147,10 @@ def test_rows_with_clamped_norm(triton_device):
     (g,) = ours.grads
     tiny = torch.zeros(13, 2, dtype=torch.bool)
     tiny[2, 1] = tiny[6, 0] = True
-    for truth in (reference_of("supcon", batch, tau, torch.float64),
-                  run(backend_loss("supcon", "torch"), batch, tau, torch.float64)):
+    for truth in (
+        reference_of("supcon", batch, tau, torch.float64),
+        run(backend_loss("supcon", "torch"), batch, tau, torch.float64),
+    ):
         assert relative_error(ours.loss.cpu(), truth.loss) <= RTOL[torch.float64]
         assert relative_error(ours.tau_grad.cpu(), truth.tau_grad) <= RTOL[torch.float64]
         (g_ref,) = truth.grads
@@ -151,15 +185,20 @@ def test_16bit_inputs_no_worse_than_naive(dtype, triton_device):
 
 # --- GPU only: large shapes and memory --------------------------------------------------------------
 
+
 @pytest.mark.gpu
 @pytest.mark.parametrize(
     "targets, contrast_mode, n", [("labels", "all", 32768), ("mask", "one", 8192)], ids=["labels-all", "mask-one"]
 )
 def test_large_batch_matches_torch_backend(targets, contrast_mode, n):
     """M = 65 536 rows (labels, 2 views) and a 8192² asymmetric mask: triton vs the torch backend on the GPU."""
-    batch = on_device(make_batch("supcon", n, 128, views=65536 // n, targets=targets, n_classes=100, seed=3), torch.device("cuda"))
+    batch = on_device(
+        make_batch("supcon", n, 128, views=65536 // n, targets=targets, n_classes=100, seed=3), torch.device("cuda")
+    )
     ours = run(backend_loss("supcon", "triton"), batch, torch.tensor(0.1), torch.float32, contrast_mode=contrast_mode)
-    expected = run(backend_loss("supcon", "torch"), batch, torch.tensor(0.1), torch.float32, contrast_mode=contrast_mode)
+    expected = run(
+        backend_loss("supcon", "torch"), batch, torch.tensor(0.1), torch.float32, contrast_mode=contrast_mode
+    )
     assert relative_error(ours.loss.cpu(), expected.loss.cpu()) <= 1e-5
     assert relative_error(ours.grads[0].cpu(), expected.grads[0].cpu()) <= 1e-5
     assert relative_error(ours.tau_grad.cpu(), expected.tau_grad.cpu()) <= 1e-4

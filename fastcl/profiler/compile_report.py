@@ -30,6 +30,7 @@ Example:
     >>> args.arch, args.dtypes, args.kernels
     (['sm90'], ['bf16'], ['ntxent'])
 """
+
 from __future__ import annotations
 
 import argparse
@@ -44,21 +45,37 @@ from pathlib import Path
 
 from fastcl.kernels.compile_only import ARCHES, DTYPES, compile_one, init_worker, list_tasks
 
-COLUMNS = ("kernel", "arch", "dtype", "config", "D", "registers", "spill_stores", "spill_loads", "shared_bytes",
-           "fits", "mma", "loop_instructions", "instructions_per_element", "ex2_per_element")
+COLUMNS = (
+    "kernel",
+    "arch",
+    "dtype",
+    "config",
+    "D",
+    "registers",
+    "spill_stores",
+    "spill_loads",
+    "shared_bytes",
+    "fits",
+    "mma",
+    "loop_instructions",
+    "instructions_per_element",
+    "ex2_per_element",
+)
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     """The report's command line (see the module docstring)."""
     parser = argparse.ArgumentParser(prog="fastcl bench --compile-only", description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", default="sm80,sm90", help="comma-separated: sm80, sm90")
-    parser.add_argument("--dtypes", default="bf16,fp16,fp32,fp32-tf32",
-                        help=f"comma-separated, of {', '.join(DTYPES)}")
+    parser.add_argument("--dtypes", default="bf16,fp16,fp32,fp32-tf32", help=f"comma-separated, of {', '.join(DTYPES)}")
     parser.add_argument("--dims", default="128,512", help="comma-separated feature widths D'")
     parser.add_argument("--kernels", default="", help="comma-separated substrings; only kernels whose name has one")
     parser.add_argument("--configs", type=int, default=0, help="only the first N configs of each table (0: all)")
-    parser.add_argument("--quick", action="store_true",
-                        help="CI set: sm90, bf16, D' = 128, the first config of the NT-Xent kernels (or --kernels)")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="CI set: sm90, bf16, D' = 128, the first config of the NT-Xent kernels (or --kernels)",
+    )
     parser.add_argument("--jobs", type=int, default=1, help="parallel compile processes")
     parser.add_argument("--json", dest="json_path", help="write the rows and metadata as JSON")
     parser.add_argument("--markdown", dest="markdown_path", help="write a markdown table")
@@ -83,6 +100,7 @@ def _split(text: str, allowed: dict, flag: str) -> list[str]:
 
 # --- driver ----------------------------------------------------------------------------------------------
 
+
 def run_report(args: argparse.Namespace, progress=None) -> list[dict]:
     """Report rows for the selection in ``args``, in task order. Compiles in ``args.jobs`` fresh processes
     (spawned, ``TRITON_INTERPRET=0``): the kernels must be compiled, not interpreted."""
@@ -92,8 +110,9 @@ def run_report(args: argparse.Namespace, progress=None) -> list[dict]:
     os.environ["TRITON_INTERPRET"] = "0"
     try:
         context = multiprocessing.get_context("spawn")
-        with concurrent.futures.ProcessPoolExecutor(max(1, args.jobs), mp_context=context,
-                                                    initializer=init_worker) as pool:
+        with concurrent.futures.ProcessPoolExecutor(
+            max(1, args.jobs), mp_context=context, initializer=init_worker
+        ) as pool:
             # Listed in a worker too: this process may have imported the kernels in interpreter mode.
             tasks = pool.submit(list_tasks, args.arch, args.dtypes, args.dims, args.kernels, args.configs).result()
             rows = []
@@ -116,20 +135,35 @@ def metadata() -> dict:
     import torch
     import triton
     from triton.backends.nvidia.compiler import get_ptxas
-    versions = {name: subprocess.run([get_ptxas(arch).path, "--version"], capture_output=True,
-                                     text=True).stdout.strip().splitlines()[-1] for name, arch in ARCHES.items()}
-    return dict(kind="compile-time (not measured): static SASS/ptxas figures, no kernel ran",
-                date=datetime.date.today().isoformat(), triton=triton.__version__, torch=torch.__version__,
-                ptxas=versions, host=platform.node() and "cpu-only")
+
+    versions = {
+        name: subprocess.run([get_ptxas(arch).path, "--version"], capture_output=True, text=True)
+        .stdout.strip()
+        .splitlines()[-1]
+        for name, arch in ARCHES.items()
+    }
+    return dict(
+        kind="compile-time (not measured): static SASS/ptxas figures, no kernel ran",
+        date=datetime.date.today().isoformat(),
+        triton=triton.__version__,
+        torch=torch.__version__,
+        ptxas=versions,
+        host=platform.node() and "cpu-only",
+    )
 
 
 def to_markdown(rows: list[dict], meta: dict) -> str:
     """The rows as a markdown table under a header saying what kind of evidence they are."""
-    lines = [f"# Compile-only kernel report ({meta['date']})", "",
-             f"**{meta['kind']}.** Triton {meta['triton']}, ptxas {meta['ptxas']['sm90']}. "
-             "Instructions and ex2 are static SASS counts of the element loop per similarity element "
-             "(see `fastcl/profiler/compile_report.py`).", "",
-             "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines = [
+        f"# Compile-only kernel report ({meta['date']})",
+        "",
+        f"**{meta['kind']}.** Triton {meta['triton']}, ptxas {meta['ptxas']['sm90']}. "
+        "Instructions and ex2 are static SASS counts of the element loop per similarity element "
+        "(see `fastcl/profiler/compile_report.py`).",
+        "",
+        "| " + " | ".join(COLUMNS) + " |",
+        "|" + "---|" * len(COLUMNS),
+    ]
     for row in rows:
         if "error" in row:
             cells = [str(row.get(c, "")) for c in COLUMNS[:5]] + [f"error: {row['error']}"] + [""] * (len(COLUMNS) - 6)
@@ -169,13 +203,18 @@ def main(argv: list[str]) -> int:
 
     def progress(row):
         if "error" in row:
-            print(f"{row['kernel']:<28} {row['arch']} {row['dtype']:<9} D={row['D']:<5} {row['config']:<22} "
-                  f"ERROR {row['error']}", flush=True)
+            print(
+                f"{row['kernel']:<28} {row['arch']} {row['dtype']:<9} D={row['D']:<5} {row['config']:<22} "
+                f"ERROR {row['error']}",
+                flush=True,
+            )
         else:
-            print(f"{row['kernel']:<28} {row['arch']} {row['dtype']:<9} D={row['D']:<5} {row['config']:<22} "
-                  f"regs {row['registers']:>3} spill {row['spill_stores']:>5} smem {row['shared_bytes']:>6} "
-                  f"{row['mma']:<8} instr/elem {row['instructions_per_element']} ex2/elem {row['ex2_per_element']}",
-                  flush=True)
+            print(
+                f"{row['kernel']:<28} {row['arch']} {row['dtype']:<9} D={row['D']:<5} {row['config']:<22} "
+                f"regs {row['registers']:>3} spill {row['spill_stores']:>5} smem {row['shared_bytes']:>6} "
+                f"{row['mma']:<8} instr/elem {row['instructions_per_element']} ex2/elem {row['ex2_per_element']}",
+                flush=True,
+            )
 
     rows = run_report(args, progress)
     meta = metadata()
