@@ -5,7 +5,6 @@ contract (``<loss>_forward`` / ``<loss>_backward``, see ``fastcl/torch_backend/_
 primitive (``block_forward`` / ``block_backward``, docs/block-engine.md) lazily, so
 that importing it does not import triton.
 """
-
 import importlib
 
 _EXPORTS = {

@@ -61,7 +61,6 @@ Example (host side):
     >>> dot_precision(torch.bfloat16)
     'ieee'
 """
-
 from __future__ import annotations
 
 import functools
@@ -151,21 +150,12 @@ _BLOCK_BACKWARD = {
 # Small tiles, the only ones for 4-byte rows (fp32 dots: tf32x3 holds high and low parts of both
 # operands in registers) and for the block kernels' label / mask positives (:func:`needs_small_tiles`).
 _SMALL_FORWARD = {"sm90": [(64, 64, 32, 8, 3)], "sm80": [(32, 32, 16, 4, 2)], "fallback": [(32, 32, 32, 4, 2)]}
-_SMALL_BACKWARD = {
-    "sm90": [(64, 64, 32, 64, 8, 3)],
-    "sm80": [(32, 32, 32, 32, 4, 2)],
-    "fallback": [(32, 32, 32, 32, 4, 2)],
-}
-_TABLES = {
-    "forward": (_FORWARD, _SMALL_FORWARD),
-    "backward": (_BACKWARD, _SMALL_BACKWARD),
-    "block_backward": (_BLOCK_BACKWARD, _SMALL_BACKWARD),
-}
-_INTERPRETER = {
-    "forward": (16, 16, 16, 1, 1),
-    "backward": (16, 16, 16, 16, 1, 1),
-    "block_backward": (16, 16, 16, 16, 1, 1),
-}
+_SMALL_BACKWARD = {"sm90": [(64, 64, 32, 64, 8, 3)], "sm80": [(32, 32, 32, 32, 4, 2)],
+                   "fallback": [(32, 32, 32, 32, 4, 2)]}
+_TABLES = {"forward": (_FORWARD, _SMALL_FORWARD), "backward": (_BACKWARD, _SMALL_BACKWARD),
+           "block_backward": (_BLOCK_BACKWARD, _SMALL_BACKWARD)}
+_INTERPRETER = {"forward": (16, 16, 16, 1, 1), "backward": (16, 16, 16, 16, 1, 1),
+                "block_backward": (16, 16, 16, 16, 1, 1)}
 
 
 def _architecture() -> str:
@@ -256,22 +246,11 @@ PRUNE = {"early_config_prune": _prune_wide_tiles}
 
 @triton.jit
 def similarity_tile(
-    a_ptr,
-    stride_am,
-    stride_ad,
-    rows,
-    row_mask,
-    b_ptr,
-    stride_bm,
-    stride_bd,
-    cols,
-    col_mask,
+    a_ptr, stride_am, stride_ad, rows, row_mask,
+    b_ptr, stride_bm, stride_bd, cols, col_mask,
     D,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    PRECISION: tl.constexpr,
-    ACC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    PRECISION: tl.constexpr, ACC: tl.constexpr,
 ):
     """[BLOCK_M, BLOCK_N] tile of A[rows] · B[cols]ᵀ (not divided by τ), accumulated in ACC."""
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
@@ -279,16 +258,10 @@ def similarity_tile(
     for d0 in range(0, D, BLOCK_D):
         d = d0 + offs_d
         d_mask = d < D
-        a = tl.load(
-            a_ptr + rows.to(tl.int64)[:, None] * stride_am + d[None, :] * stride_ad,
-            mask=row_mask[:, None] & d_mask[None, :],
-            other=0.0,
-        )
-        b = tl.load(
-            b_ptr + cols.to(tl.int64)[:, None] * stride_bm + d[None, :] * stride_bd,
-            mask=col_mask[:, None] & d_mask[None, :],
-            other=0.0,
-        )
+        a = tl.load(a_ptr + rows.to(tl.int64)[:, None] * stride_am + d[None, :] * stride_ad,
+                    mask=row_mask[:, None] & d_mask[None, :], other=0.0)
+        b = tl.load(b_ptr + cols.to(tl.int64)[:, None] * stride_bm + d[None, :] * stride_bd,
+                    mask=col_mask[:, None] & d_mask[None, :], other=0.0)
         acc = mma(a, tl.trans(b), acc, PRECISION, ACC)
     return acc
 
@@ -374,19 +347,9 @@ def load_stacked(src, rows, row_mask, d, d_mask):
 
 @triton.jit
 def stacked_logits(
-    src,
-    rows,
-    row_mask,
-    row_scale,
-    cols,
-    col_mask,
-    col_scale,
-    D,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    PRECISION: tl.constexpr,
-    ACC: tl.constexpr,
+    src, rows, row_mask, row_scale, cols, col_mask, col_scale, D,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    PRECISION: tl.constexpr, ACC: tl.constexpr,
 ):
     """[BLOCK_M, BLOCK_N] tile s = (Z[rows] · Z[cols]ᵀ) · row_scale · col_scale of the stacked rows Z.
 
@@ -427,25 +390,14 @@ def store_row_gradient(
         z = load_stacked(src, rows, row_mask, out_d, out_mask).to(ACC)
         radial = tl.where(inv < _CLAMPED_INV_NORM, radial, 0.0)
         dz = d_hat * inv[:, None] - (radial * inv * inv)[:, None] * z
-    tl.store(
-        stacked_pointers(dst, rows, out_d), dz.to(dst[0].dtype.element_ty), mask=row_mask[:, None] & out_mask[None, :]
-    )
+    tl.store(stacked_pointers(dst, rows, out_d), dz.to(dst[0].dtype.element_ty),
+             mask=row_mask[:, None] & out_mask[None, :])
 
 
 @triton.jit
 def accumulate_gradient_tile(
-    d_hat,
-    t,
-    src,
-    cols,
-    col_mask,
-    inv_cols,
-    out_d,
-    out_mask,
-    PRECISION: tl.constexpr,
-    ACC: tl.constexpr,
-    PRESCALE: tl.constexpr,
-    SCALE_OPERAND: tl.constexpr,
+    d_hat, t, src, cols, col_mask, inv_cols, out_d, out_mask,
+    PRECISION: tl.constexpr, ACC: tl.constexpr, PRESCALE: tl.constexpr, SCALE_OPERAND: tl.constexpr,
 ):
     """d_hat + (T·PRESCALE)·diag(r_cols)·Z[cols, out_d]: a backward's second GEMM on one tile of T.
 
@@ -463,47 +415,22 @@ def accumulate_gradient_tile(
 
 @triton.jit
 def finish_row_gradient(
-    src,
-    dst,
-    rows,
-    row_mask,
-    out_d,
-    out_mask,
-    inv_rows,
-    d_hat,
-    radial,
-    scale_ptr,
-    radial_scale_ptr,
-    radial_ptr,
-    NORMALIZE: tl.constexpr,
-    ACC: tl.constexpr,
+    src, dst, rows, row_mask, out_d, out_mask, inv_rows, d_hat, radial, scale_ptr, radial_scale_ptr, radial_ptr,
+    NORMALIZE: tl.constexpr, ACC: tl.constexpr,
 ):
     """Scales dẑ by *scale_ptr and ⟨ẑ, dẑ⟩ by *radial_scale_ptr, stores the latter (output slice 0 only:
     the host sums it for dL/dτ) and dL/dz through :func:`store_row_gradient`."""
     radial *= tl.load(radial_scale_ptr)
     if tl.program_id(1) == 0:
         tl.store(radial_ptr + rows, radial, mask=row_mask)
-    store_row_gradient(
-        src, dst, rows, row_mask, out_d, out_mask, inv_rows, d_hat * tl.load(scale_ptr), radial, NORMALIZE, ACC
-    )
+    store_row_gradient(src, dst, rows, row_mask, out_d, out_mask, inv_rows, d_hat * tl.load(scale_ptr), radial,
+                       NORMALIZE, ACC)
 
 
 @triton.jit
 def _inverse_norms_kernel(
-    first_ptr,
-    first_stride_m,
-    first_stride_d,
-    rest_ptr,
-    rest_stride_block,
-    rest_stride_m,
-    rest_stride_d,
-    N,
-    out_ptr,
-    M,
-    D,
-    BLOCK: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    ACC: tl.constexpr,
+    first_ptr, first_stride_m, first_stride_d, rest_ptr, rest_stride_block, rest_stride_m, rest_stride_d, N,
+    out_ptr, M, D, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr,
 ):
     src = (first_ptr, first_stride_m, first_stride_d, rest_ptr, rest_stride_block, rest_stride_m, rest_stride_d, N)
     rows = (tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)).to(tl.int64)
@@ -523,13 +450,8 @@ def inverse_norms(rows: tuple, m: int, sub_dim: int) -> torch.Tensor:
     out = torch.empty(m, dtype=dtype, device=like.device)
     block = 16 if interpreted() else 128
     _inverse_norms_kernel[(triton.cdiv(m, block),)](
-        *rows,
-        out,
-        m,
-        sub_dim,
-        BLOCK=block,
-        BLOCK_D=max(16, min(64, triton.next_power_of_2(sub_dim))),
-        ACC=accumulator(like.dtype),
+        *rows, out, m, sub_dim,
+        BLOCK=block, BLOCK_D=max(16, min(64, triton.next_power_of_2(sub_dim))), ACC=accumulator(like.dtype),
     )
     return out
 

@@ -16,7 +16,6 @@ normalizes it with the reference functions (``fastcl.augment.pipeline.finish``).
 Where it differs from the kornia path: float rounding only (summation order of the bilinear weights and
 the contrast mean, fused multiply-adds); measured and tested tolerance in docs/augment.md.
 """
-
 from __future__ import annotations
 
 from typing import Dict, Sequence
@@ -87,7 +86,7 @@ def _resample(x_ptr, n, pix, mask, box_ptr, flip, S, sxb, sxc, sxh, sxw, C: tl.c
     ox = tl.where(flip != 0, S - 1 - ox, ox)
     ix, stepx, lx = _source_index(ox, w.to(tl.float32) / S, w)
     iy, stepy, ly = _source_index(oy, h.to(tl.float32) / S, h)
-    base = x_ptr + n.to(tl.int64) * sxb + (y0 + iy).to(tl.int64) * sxh + (x0 + ix).to(tl.int64) * sxw
+    base = (x_ptr + n.to(tl.int64) * sxb + (y0 + iy).to(tl.int64) * sxh + (x0 + ix).to(tl.int64) * sxw)
     dx = stepx.to(tl.int64) * sxw
     dy = stepy.to(tl.int64) * sxh
     r = _bilinear(base, mask, dx, dy, lx, ly, IS_U8)
@@ -177,22 +176,9 @@ def _colour_step(op, f, r, g, b, mean, C: tl.constexpr, HUE_YIQ: tl.constexpr):
 
 @triton.jit
 def _contrast_mean_kernel(
-    x_ptr,
-    mean_ptr,
-    box_ptr,
-    flip_ptr,
-    jitter_ptr,
-    order_ptr,
-    contrast_pos_ptr,
-    S,
-    sxb,
-    sxc,
-    sxh,
-    sxw,
-    C: tl.constexpr,
-    IS_U8: tl.constexpr,
-    HUE_YIQ: tl.constexpr,
-    BLOCK: tl.constexpr,
+    x_ptr, mean_ptr, box_ptr, flip_ptr, jitter_ptr, order_ptr, contrast_pos_ptr,
+    S, sxb, sxc, sxh, sxw,
+    C: tl.constexpr, IS_U8: tl.constexpr, HUE_YIQ: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """mean_ptr[n] = mean gray level of sample n after the jitter steps that precede contrast."""
     n = tl.program_id(0)
@@ -218,36 +204,11 @@ def _contrast_mean_kernel(
 
 @triton.jit
 def _augment_view_kernel(
-    x_ptr,
-    out_ptr,
-    box_ptr,
-    flip_ptr,
-    jitter_ptr,
-    jitter_apply_ptr,
-    order_ptr,
-    gray_ptr,
-    solarize_threshold_ptr,
-    solarize_apply_ptr,
-    contrast_mean_ptr,
-    mean0,
-    mean1,
-    mean2,
-    std0,
-    std1,
-    std2,
-    S,
-    sxb,
-    sxc,
-    sxh,
-    sxw,
-    sob,
-    soc,
-    soh,
-    sow,
-    C: tl.constexpr,
-    IS_U8: tl.constexpr,
-    HUE_YIQ: tl.constexpr,
-    SOLARIZE_NORMALIZE: tl.constexpr,
+    x_ptr, out_ptr, box_ptr, flip_ptr, jitter_ptr, jitter_apply_ptr, order_ptr, gray_ptr,
+    solarize_threshold_ptr, solarize_apply_ptr, contrast_mean_ptr,
+    mean0, mean1, mean2, std0, std1, std2,
+    S, sxb, sxc, sxh, sxw, sob, soc, soh, sow,
+    C: tl.constexpr, IS_U8: tl.constexpr, HUE_YIQ: tl.constexpr, SOLARIZE_NORMALIZE: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     n = tl.program_id(0)
@@ -312,30 +273,13 @@ def augment_view(
     box = params["box"]
     jitter = params["jitter"].to(torch.float32)
     _contrast_mean_kernel[(batch,)](
-        x, contrast_mean, box, flags["flip"], jitter, order, contrast_pos, size, *x.stride(), BLOCK=block, **common
-    )
+        x, contrast_mean, box, flags["flip"], jitter, order, contrast_pos, size, *x.stride(), BLOCK=block, **common)
     mean3 = [float(m) for m in mean] * (3 // len(mean))
     std3 = [float(s) for s in std] * (3 // len(std))
     grid = (batch, triton.cdiv(size * size, block))
     _augment_view_kernel[grid](
-        x,
-        out,
-        box,
-        flags["flip"],
-        jitter,
-        flags["jitter_apply"],
-        order,
-        flags["gray"],
-        params["solarize_threshold"].to(torch.float32),
-        flags["solarize_apply"],
-        contrast_mean,
-        *mean3,
-        *std3,
-        size,
-        *x.stride(),
-        *out.stride(),
-        SOLARIZE_NORMALIZE=solarize_normalize,
-        BLOCK=block,
-        **common,
-    )
+        x, out, box, flags["flip"], jitter, flags["jitter_apply"], order, flags["gray"],
+        params["solarize_threshold"].to(torch.float32), flags["solarize_apply"], contrast_mean,
+        *mean3, *std3, size, *x.stride(), *out.stride(),
+        SOLARIZE_NORMALIZE=solarize_normalize, BLOCK=block, **common)
     return out

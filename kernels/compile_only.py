@@ -6,7 +6,6 @@ target=GPUTarget("cuda", arch, 32))`` under the JIT's own specialization of the 
 ptxas -v and nvdisasm on the result, and returns the report row. It must run in a process where Triton
 is not in interpreter mode (the report spawns fresh workers). :func:`analyze_sass` reads the SASS.
 """
-
 from __future__ import annotations
 
 import json
@@ -39,35 +38,23 @@ def init_worker() -> None:
 def _nvdisasm() -> str:
     """Triton's bundled nvdisasm (next to its ptxas)."""
     from triton.backends.nvidia.compiler import get_ptxas
-
     return str(Path(get_ptxas(90).path).with_name("nvdisasm"))
 
 
 def _ptxas_resources(ptx: str, arch: int) -> dict:
     """Registers and spill bytes from ``ptxas -v`` with Triton's flags."""
     from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
-
     with tempfile.TemporaryDirectory() as tmp:
         source = Path(tmp, "kernel.ptx")
         source.write_text(ptx)
         log = subprocess.run(
-            [
-                get_ptxas(arch).path,
-                "-lineinfo",
-                "-v",
-                "--regAllocOptLevel=2",
-                f"--gpu-name={sm_arch_from_capability(arch)}",
-                str(source),
-                "-o",
-                str(source.with_suffix(".o")),
-            ],
-            check=True,
-            capture_output=True,
-            text=True,
-        ).stderr
+            [get_ptxas(arch).path, "-lineinfo", "-v", "--regAllocOptLevel=2",
+             f"--gpu-name={sm_arch_from_capability(arch)}", str(source), "-o", str(source.with_suffix(".o"))],
+            check=True, capture_output=True, text=True).stderr
     registers = re.search(r"Used (\d+) registers", log)
     spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
-    return dict(registers=int(registers.group(1)), spill_stores=int(spills.group(1)), spill_loads=int(spills.group(2)))
+    return dict(registers=int(registers.group(1)), spill_stores=int(spills.group(1)),
+                spill_loads=int(spills.group(2)))
 
 
 _INSTRUCTION = re.compile(r"/\*([0-9a-f]+)\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)([^;]*);")
@@ -121,18 +108,13 @@ def analyze_sass(sass: str) -> dict:
     if not holding:
         return dict(mma=mma, loop_instructions=None, loop_ex2=None, loop_mma=None)
     start, end = min(holding, key=lambda loop: loop[1] - loop[0])
-    body = [op for op in opcodes[start : end + 1] if op != "NOP"]
-    return dict(
-        mma=mma,
-        loop_instructions=len(body),
-        loop_ex2=sum(op.startswith("MUFU.EX2") for op in body),
-        loop_mma=sum(op.startswith(("HGMMA", "HMMA", "DMMA")) for op in body),
-    )
+    body = [op for op in opcodes[start:end + 1] if op != "NOP"]
+    return dict(mma=mma, loop_instructions=len(body), loop_ex2=sum(op.startswith("MUFU.EX2") for op in body),
+                loop_mma=sum(op.startswith(("HGMMA", "HMMA", "DMMA")) for op in body))
 
 
 def _cache_path(kernel_hash: str) -> Path:
     from triton import knobs
-
     return Path(knobs.cache.dir) / "fastcl-compile-report" / f"{kernel_hash}.json"
 
 
@@ -148,21 +130,13 @@ def compile_one(task: dict) -> dict:
     from fastcl.kernels._common import tile_configs
 
     dtype_name, precision = DTYPES[task["dtype"]]
-    spec = next(s for s in compile_specs(getattr(torch, dtype_name), precision, task["D"]) if s.name == task["kernel"])
-    config = tile_configs(spec.kind, task["arch_name"], getattr(torch, dtype_name), spec.constexprs)[
-        task["config_index"]
-    ]
-    row = dict(
-        kernel=spec.name,
-        arch=task["arch_name"],
-        dtype=task["dtype"],
-        precision=precision,
-        D=task["D"],
-        config=_config_name(config),
-        num_warps=config.num_warps,
-        num_stages=config.num_stages,
-        **{k.lower(): v for k, v in config.kwargs.items()},
-    )
+    spec = next(s for s in compile_specs(getattr(torch, dtype_name), precision, task["D"])
+                if s.name == task["kernel"])
+    config = tile_configs(spec.kind, task["arch_name"], getattr(torch, dtype_name),
+                          spec.constexprs)[task["config_index"]]
+    row = dict(kernel=spec.name, arch=task["arch_name"], dtype=task["dtype"], precision=precision, D=task["D"],
+               config=_config_name(config), num_warps=config.num_warps, num_stages=config.num_stages,
+               **{k.lower(): v for k, v in config.kwargs.items()})
     arch = ARCHES[task["arch_name"]]
     target = GPUTarget("cuda", arch, 32)
     backend = make_backend(target)
@@ -177,7 +151,8 @@ def compile_one(task: dict) -> dict:
     options, signature, constexprs, attrs = fn._pack_args(backend, meta, bound, specialization, options)
     started = time.perf_counter()
     try:
-        compiled = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target, options=options.__dict__)
+        compiled = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target,
+                                  options=options.__dict__)
     except Exception as error:  # a config the compiler rejects is a finding, not a crash of the report
         return {**row, "error": f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"}
     row["compile_seconds"] = round(time.perf_counter() - started, 2)
@@ -188,12 +163,10 @@ def compile_one(task: dict) -> dict:
         with tempfile.TemporaryDirectory() as tmp:
             cubin = Path(tmp, "kernel.cubin")
             cubin.write_bytes(compiled.asm["cubin"])
-            sass = subprocess.run([_nvdisasm(), "-c", str(cubin)], check=True, capture_output=True, text=True).stdout
-        measured = {
-            **_ptxas_resources(compiled.asm["ptx"], arch),
-            **analyze_sass(sass),
-            "shared_bytes": compiled.metadata.shared,
-        }
+            sass = subprocess.run([_nvdisasm(), "-c", str(cubin)], check=True, capture_output=True,
+                                  text=True).stdout
+        measured = {**_ptxas_resources(compiled.asm["ptx"], arch), **analyze_sass(sass),
+                    "shared_bytes": compiled.metadata.shared}
         cache.parent.mkdir(parents=True, exist_ok=True)
         cache.write_text(json.dumps(measured))
     row.update(measured)
@@ -229,8 +202,8 @@ def list_tasks(arches: list[str], dtypes: list[str], dims: list[int], kernels: l
                         continue
                     table = tile_configs(spec.kind, arch_name, getattr(torch, dtype_name), spec.constexprs)
                     count = min(len(table), configs) if configs else len(table)
-                    tasks += [
-                        dict(kernel=spec.name, arch_name=arch_name, dtype=dtype, D=d, config_index=i)
-                        for i in range(count)
-                    ]
+                    tasks += [dict(kernel=spec.name, arch_name=arch_name, dtype=dtype, D=d, config_index=i)
+                              for i in range(count)]
     return tasks
+
+

@@ -29,7 +29,6 @@ descriptors there). GEMM-units (docs/spec.md's FLOP model):
 1 (forward) + 2 (dQ: recompute + GEMM) + 2 (dK: recompute + GEMM) = 5 for D' ≤ BLOCK_DO; wider D'
 re-walks the tiles once per BLOCK_DO slice of output features. See docs/kernels-infonce.md.
 """
-
 from __future__ import annotations
 
 import math
@@ -68,76 +67,23 @@ _INTERPRETER_PROGRAMS = 4
 
 @triton.jit
 def _logits(
-    q_ptr,
-    stride_qn,
-    stride_qd,
-    rows,
-    row_mask,
-    inv_q,
-    k_ptr,
-    stride_kn,
-    stride_kd,
-    cols,
-    col_mask,
-    inv_k,
-    tau,
-    D,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    PRECISION: tl.constexpr,
-    ACC: tl.constexpr,
+    q_ptr, stride_qn, stride_qd, rows, row_mask, inv_q, k_ptr, stride_kn, stride_kd, cols, col_mask, inv_k, tau, D,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
 ):
     """s = (q_rows · k_colsᵀ) · inv_q · inv_k / τ on raw rows: the one formula every pass uses."""
-    s = similarity_tile(
-        q_ptr,
-        stride_qn,
-        stride_qd,
-        rows,
-        row_mask,
-        k_ptr,
-        stride_kn,
-        stride_kd,
-        cols,
-        col_mask,
-        D,
-        BLOCK_M,
-        BLOCK_N,
-        BLOCK_D,
-        PRECISION,
-        ACC,
-    )
+    s = similarity_tile(q_ptr, stride_qn, stride_qd, rows, row_mask, k_ptr, stride_kn, stride_kd, cols, col_mask,
+                        D, BLOCK_M, BLOCK_N, BLOCK_D, PRECISION, ACC)
     return s * inv_q[:, None] * inv_k[None, :] / tau
 
 
-@triton.autotune(
-    configs=autotune_configs("forward"), key=["D", "SHAPE_BUCKET", "SYMMETRIC", "PRECISION"], prune_configs_by=PRUNE
-)
+@triton.autotune(configs=autotune_configs("forward"), key=["D", "SHAPE_BUCKET", "SYMMETRIC", "PRECISION"],
+                 prune_configs_by=PRUNE)
 @triton.jit
 def _infonce_forward_kernel(
-    q_ptr,
-    stride_qn,
-    stride_qd,
-    k_ptr,
-    stride_kn,
-    stride_kd,
-    inv_q_ptr,
-    inv_k_ptr,
-    tau_ptr,
-    row_partial_ptr,
-    col_partial_ptr,
-    N,
-    D,
-    GROUPS,
-    SPLITS,
-    SHAPE_BUCKET,
-    SYMMETRIC: tl.constexpr,
-    NORMALIZE: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    PRECISION: tl.constexpr,
-    ACC: tl.constexpr,
+    q_ptr, stride_qn, stride_qd, k_ptr, stride_kn, stride_kd, inv_q_ptr, inv_k_ptr, tau_ptr,
+    row_partial_ptr, col_partial_ptr, N, D, GROUPS, SPLITS, SHAPE_BUCKET,
+    SYMMETRIC: tl.constexpr, NORMALIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
 ):
     group = tl.program_id(0)
     split = tl.program_id(1)
@@ -159,30 +105,11 @@ def _infonce_forward_kernel(
         for tile in range(first_tile, last_tile):
             cols = (tile * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
             col_mask = cols < N
-            s = _logits(
-                q_ptr,
-                stride_qn,
-                stride_qd,
-                rows,
-                row_mask,
-                inv_q,
-                k_ptr,
-                stride_kn,
-                stride_kd,
-                cols,
-                col_mask,
-                load_inverse_norms(inv_k_ptr, cols, col_mask, NORMALIZE, ACC),
-                tau,
-                D,
-                BLOCK_M,
-                BLOCK_N,
-                BLOCK_D,
-                PRECISION,
-                ACC,
-            )
+            s = _logits(q_ptr, stride_qn, stride_qd, rows, row_mask, inv_q, k_ptr, stride_kn, stride_kd, cols, col_mask,
+                        load_inverse_norms(inv_k_ptr, cols, col_mask, NORMALIZE, ACC), tau, D,
+                        BLOCK_M, BLOCK_N, BLOCK_D, PRECISION, ACC)
             running_max, running_sum = online_logsumexp(
-                running_max, running_sum, tl.where(col_mask[None, :], s, float("-inf"))
-            )
+                running_max, running_sum, tl.where(col_mask[None, :], s, float("-inf")))
             if SYMMETRIC:
                 # Every tile holds a valid row, so the column max is finite: no −inf − −inf.
                 s = tl.where(row_mask[:, None], s, float("-inf"))
@@ -216,28 +143,9 @@ def _merge_partials(partial_ptr, count, N, rows, row_mask, ACC: tl.constexpr):
 
 @triton.jit
 def _infonce_finish_kernel(
-    q_ptr,
-    stride_qn,
-    stride_qd,
-    k_ptr,
-    stride_kn,
-    stride_kd,
-    inv_q_ptr,
-    inv_k_ptr,
-    tau_ptr,
-    row_partial_ptr,
-    col_partial_ptr,
-    lse_rows_ptr,
-    lse_cols_ptr,
-    terms_ptr,
-    N,
-    D,
-    GROUPS,
-    SPLITS,
-    SYMMETRIC: tl.constexpr,
-    NORMALIZE: tl.constexpr,
-    BLOCK: tl.constexpr,
-    BLOCK_D: tl.constexpr,
+    q_ptr, stride_qn, stride_qd, k_ptr, stride_kn, stride_kd, inv_q_ptr, inv_k_ptr, tau_ptr,
+    row_partial_ptr, col_partial_ptr, lse_rows_ptr, lse_cols_ptr, terms_ptr, N, D, GROUPS, SPLITS,
+    SYMMETRIC: tl.constexpr, NORMALIZE: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr,
     ACC: tl.constexpr,
 ):
     """Per row i: lse_rows, lse_cols (symmetric), and the loss term lse_i − s_ii (+ lsecol_i − s_ii)."""
@@ -265,9 +173,8 @@ def _infonce_finish_kernel(
 
 
 @triton.jit
-def _gradient_tile(
-    s, rows, row_mask, cols, col_mask, lse_rows, lse_cols, SYMMETRIC: tl.constexpr, PRESCALE: tl.constexpr
-):
+def _gradient_tile(s, rows, row_mask, cols, col_mask, lse_rows, lse_cols, SYMMETRIC: tl.constexpr,
+                   PRESCALE: tl.constexpr):
     """N·∂L/∂S / w on one tile (times PRESCALE), zero outside the valid rows and columns."""
     g = tl.exp(s - lse_rows[:, None])
     if SYMMETRIC:
@@ -292,44 +199,19 @@ def _column_lse(lse_cols_ptr, cols, col_mask, SYMMETRIC: tl.constexpr, ACC: tl.c
 @triton.jit
 def _normalized_slice(x_ptr, stride_n, stride_d, idx, mask, inv, out, out_mask, ACC: tl.constexpr):
     """x[idx, out] · inv[idx] (the normalized rows' slice) in the input dtype, as a GEMM operand."""
-    x = tl.load(
-        x_ptr + idx[:, None] * stride_n + out[None, :] * stride_d, mask=mask[:, None] & out_mask[None, :], other=0.0
-    )
+    x = tl.load(x_ptr + idx[:, None] * stride_n + out[None, :] * stride_d, mask=mask[:, None] & out_mask[None, :],
+                other=0.0)
     return (x.to(ACC) * inv[:, None]).to(x.dtype)
 
 
-@triton.autotune(
-    configs=autotune_configs("backward"), key=["D", "SHAPE_BUCKET", "SYMMETRIC", "PRECISION"], prune_configs_by=PRUNE
-)
+@triton.autotune(configs=autotune_configs("backward"), key=["D", "SHAPE_BUCKET", "SYMMETRIC", "PRECISION"],
+                 prune_configs_by=PRUNE)
 @triton.jit
 def _infonce_dq_kernel(
-    q_ptr,
-    stride_qn,
-    stride_qd,
-    k_ptr,
-    stride_kn,
-    stride_kd,
-    inv_q_ptr,
-    inv_k_ptr,
-    tau_ptr,
-    scale_ptr,
-    lse_rows_ptr,
-    lse_cols_ptr,
-    dq_ptr,
-    stride_dn,
-    stride_dd,
-    radial_ptr,
-    N,
-    D,
-    SHAPE_BUCKET,
-    SYMMETRIC: tl.constexpr,
-    NORMALIZE: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    BLOCK_DO: tl.constexpr,
-    PRECISION: tl.constexpr,
-    ACC: tl.constexpr,
+    q_ptr, stride_qn, stride_qd, k_ptr, stride_kn, stride_kd, inv_q_ptr, inv_k_ptr, tau_ptr, scale_ptr,
+    lse_rows_ptr, lse_cols_ptr, dq_ptr, stride_dn, stride_dd, radial_ptr, N, D, SHAPE_BUCKET,
+    SYMMETRIC: tl.constexpr, NORMALIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
     PRESCALE: tl.constexpr,
 ):
     """Row owner: dq̂[rows, out] = scale · Σ_J G_{rows,J} k̂[J, out], then F.normalize's backward.
@@ -347,27 +229,8 @@ def _infonce_dq_kernel(
         cols = (start + tl.arange(0, BLOCK_N)).to(tl.int64)
         col_mask = cols < N
         inv_k = load_inverse_norms(inv_k_ptr, cols, col_mask, NORMALIZE, ACC)
-        s = _logits(
-            q_ptr,
-            stride_qn,
-            stride_qd,
-            rows,
-            row_mask,
-            inv_q,
-            k_ptr,
-            stride_kn,
-            stride_kd,
-            cols,
-            col_mask,
-            inv_k,
-            tau,
-            D,
-            BLOCK_M,
-            BLOCK_N,
-            BLOCK_D,
-            PRECISION,
-            ACC,
-        )
+        s = _logits(q_ptr, stride_qn, stride_qd, rows, row_mask, inv_q, k_ptr, stride_kn, stride_kd, cols, col_mask,
+                    inv_k, tau, D, BLOCK_M, BLOCK_N, BLOCK_D, PRECISION, ACC)
         lse_cols = _column_lse(lse_cols_ptr, cols, col_mask, SYMMETRIC, ACC)
         g = _gradient_tile(s, rows, row_mask, cols, col_mask, lse_rows, lse_cols, SYMMETRIC, PRESCALE)
         radial += tl.sum(g * s, axis=1)
@@ -377,52 +240,18 @@ def _infonce_dq_kernel(
     radial *= scale * tau
     if tl.program_id(1) == 0:
         tl.store(radial_ptr + rows, radial, mask=row_mask)
-    store_row_gradient(
-        single_rows(q_ptr, stride_qn, stride_qd, N),
-        single_rows(dq_ptr, stride_dn, stride_dd, N),
-        rows,
-        row_mask,
-        out,
-        out_mask,
-        inv_q,
-        dq * scale,
-        radial,
-        NORMALIZE,
-        ACC,
-    )
+    store_row_gradient(single_rows(q_ptr, stride_qn, stride_qd, N), single_rows(dq_ptr, stride_dn, stride_dd, N),
+                       rows, row_mask, out, out_mask, inv_q, dq * scale, radial, NORMALIZE, ACC)
 
 
-@triton.autotune(
-    configs=autotune_configs("backward"), key=["D", "SHAPE_BUCKET", "SYMMETRIC", "PRECISION"], prune_configs_by=PRUNE
-)
+@triton.autotune(configs=autotune_configs("backward"), key=["D", "SHAPE_BUCKET", "SYMMETRIC", "PRECISION"],
+                 prune_configs_by=PRUNE)
 @triton.jit
 def _infonce_dk_kernel(
-    q_ptr,
-    stride_qn,
-    stride_qd,
-    k_ptr,
-    stride_kn,
-    stride_kd,
-    inv_q_ptr,
-    inv_k_ptr,
-    tau_ptr,
-    scale_ptr,
-    lse_rows_ptr,
-    lse_cols_ptr,
-    dk_ptr,
-    stride_dn,
-    stride_dd,
-    N,
-    D,
-    SHAPE_BUCKET,
-    SYMMETRIC: tl.constexpr,
-    NORMALIZE: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    BLOCK_DO: tl.constexpr,
-    PRECISION: tl.constexpr,
-    ACC: tl.constexpr,
+    q_ptr, stride_qn, stride_qd, k_ptr, stride_kn, stride_kd, inv_q_ptr, inv_k_ptr, tau_ptr, scale_ptr,
+    lse_rows_ptr, lse_cols_ptr, dk_ptr, stride_dn, stride_dd, N, D, SHAPE_BUCKET,
+    SYMMETRIC: tl.constexpr, NORMALIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
     PRESCALE: tl.constexpr,
 ):
     """Column owner: dk̂[cols, out] = scale · Σ_I G_{I,cols}ᵀ q̂[I, out], from the forward's tile q_I·k_colsᵀ,
@@ -440,50 +269,19 @@ def _infonce_dk_kernel(
         rows = (start + tl.arange(0, BLOCK_M)).to(tl.int64)
         row_mask = rows < N
         inv_q = load_inverse_norms(inv_q_ptr, rows, row_mask, NORMALIZE, ACC)
-        s = _logits(
-            q_ptr,
-            stride_qn,
-            stride_qd,
-            rows,
-            row_mask,
-            inv_q,
-            k_ptr,
-            stride_kn,
-            stride_kd,
-            cols,
-            col_mask,
-            inv_k,
-            tau,
-            D,
-            BLOCK_M,
-            BLOCK_N,
-            BLOCK_D,
-            PRECISION,
-            ACC,
-        )
+        s = _logits(q_ptr, stride_qn, stride_qd, rows, row_mask, inv_q, k_ptr, stride_kn, stride_kd, cols, col_mask,
+                    inv_k, tau, D, BLOCK_M, BLOCK_N, BLOCK_D, PRECISION, ACC)
         lse_rows = tl.load(lse_rows_ptr + rows, mask=row_mask, other=0.0)
         g = _gradient_tile(s, rows, row_mask, cols, col_mask, lse_rows, lse_cols, SYMMETRIC, PRESCALE)
         radial += tl.sum(g * s, axis=0)
         q_hat = _normalized_slice(q_ptr, stride_qn, stride_qd, rows, row_mask, inv_q, out, out_mask, ACC)
         dk = mma(tl.trans(g).to(q_hat.dtype), q_hat, dk, PRECISION, ACC)
     scale = tl.load(scale_ptr)
-    store_row_gradient(
-        single_rows(k_ptr, stride_kn, stride_kd, N),
-        single_rows(dk_ptr, stride_dn, stride_dd, N),
-        cols,
-        col_mask,
-        out,
-        out_mask,
-        inv_k,
-        dk * scale,
-        radial * (scale * tau),
-        NORMALIZE,
-        ACC,
-    )
+    store_row_gradient(single_rows(k_ptr, stride_kn, stride_kd, N), single_rows(dk_ptr, stride_dn, stride_dd, N),
+                       cols, col_mask, out, out_mask, inv_k, dk * scale, radial * (scale * tau), NORMALIZE, ACC)
 
 
 # --- host side ------------------------------------------------------------------------------------------
-
 
 def _programs_per_launch(device: torch.device) -> int:
     if interpreted() or device.type != "cuda":
@@ -531,18 +329,8 @@ def infonce_forward(
     col_partial = torch.empty((groups, n), dtype=acc_dtype, device=q.device) if symmetric else row_partial
     rows = (q, q.stride(0), q.stride(1), k, k.stride(0), k.stride(1), *norms, tau)
     _infonce_forward_kernel[(groups, splits)](
-        *rows,
-        row_partial,
-        col_partial,
-        n,
-        d,
-        groups,
-        splits,
-        shape_bucket(n),
-        SYMMETRIC=symmetric,
-        NORMALIZE=normalize,
-        PRECISION=precision,
-        ACC=acc,
+        *rows, row_partial, col_partial, n, d, groups, splits, shape_bucket(n),
+        SYMMETRIC=symmetric, NORMALIZE=normalize, PRECISION=precision, ACC=acc,
     )
 
     lse_rows = torch.empty(n, dtype=acc_dtype, device=q.device)
@@ -550,20 +338,8 @@ def infonce_forward(
     terms = torch.empty(n, dtype=acc_dtype, device=q.device)
     block = 16 if interpreted() else 128
     _infonce_finish_kernel[(triton.cdiv(n, block),)](
-        *rows,
-        row_partial,
-        col_partial,
-        lse_rows,
-        lse_cols if symmetric else lse_rows,
-        terms,
-        n,
-        d,
-        groups,
-        splits,
-        SYMMETRIC=symmetric,
-        NORMALIZE=normalize,
-        BLOCK=block,
-        BLOCK_D=max(16, min(64, triton.next_power_of_2(d))),
+        *rows, row_partial, col_partial, lse_rows, lse_cols if symmetric else lse_rows, terms, n, d, groups, splits,
+        SYMMETRIC=symmetric, NORMALIZE=normalize, BLOCK=block, BLOCK_D=max(16, min(64, triton.next_power_of_2(d))),
         ACC=acc,
     )
     loss = terms.mean() * (0.5 if symmetric else 1.0)
@@ -572,17 +348,8 @@ def infonce_forward(
 
 @triton_op("fastcl::triton_infonce_backward", mutates_args=())
 def infonce_backward(
-    grad: Tensor,
-    q: Tensor,
-    k: Tensor,
-    tau: Tensor,
-    sub_dim: int,
-    normalize: bool,
-    symmetric: bool,
-    lse_rows: Tensor,
-    lse_cols: Tensor,
-    inv_norms_q: Tensor,
-    inv_norms_k: Tensor,
+    grad: Tensor, q: Tensor, k: Tensor, tau: Tensor, sub_dim: int, normalize: bool, symmetric: bool,
+    lse_rows: Tensor, lse_cols: Tensor, inv_norms_q: Tensor, inv_norms_k: Tensor,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(dL/dq, dL/dk) shaped like q, k (exactly zero beyond sub_dim) and Σ_ij G_ij s_ij (for dL/dτ)."""
     n, d = q.shape[0], sub_dim
@@ -592,33 +359,17 @@ def infonce_backward(
     new = torch.zeros if d < q.shape[1] else torch.empty
     dq, dk = new(q.shape, dtype=q.dtype, device=q.device), new(k.shape, dtype=k.dtype, device=k.device)
     radial = torch.empty(n, dtype=tau.dtype, device=q.device)
-    common = dict(
-        SYMMETRIC=symmetric,
-        NORMALIZE=normalize,
-        PRECISION=dot_precision(q.dtype),
-        ACC=accumulator(q.dtype),
-        PRESCALE=prescale,
-    )
-    operands = (
-        q,
-        q.stride(0),
-        q.stride(1),
-        k,
-        k.stride(0),
-        k.stride(1),
-        *((inv_norms_q, inv_norms_k) if normalize else (tau, tau)),
-        tau,
-        scale,
-        lse_rows,
-        lse_cols if symmetric else lse_rows,
-    )
+    common = dict(SYMMETRIC=symmetric, NORMALIZE=normalize, PRECISION=dot_precision(q.dtype), ACC=accumulator(q.dtype),
+                  PRESCALE=prescale)
+    operands = (q, q.stride(0), q.stride(1), k, k.stride(0), k.stride(1),
+                *((inv_norms_q, inv_norms_k) if normalize else (tau, tau)), tau, scale, lse_rows,
+                lse_cols if symmetric else lse_rows)
     wrap_triton(_infonce_dq_kernel)[lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), triton.cdiv(d, meta["BLOCK_DO"]))](
-        *operands, dq, dq.stride(0), dq.stride(1), radial, n, d, shape_bucket(n), **common
-    )
+        *operands, dq, dq.stride(0), dq.stride(1), radial, n, d, shape_bucket(n), **common)
     wrap_triton(_infonce_dk_kernel)[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(d, meta["BLOCK_DO"]))](
-        *operands, dk, dk.stride(0), dk.stride(1), n, d, shape_bucket(n), **common
-    )
+        *operands, dk, dk.stride(0), dk.stride(1), n, d, shape_bucket(n), **common)
     return dq, dk, radial.sum()
+
 
 
 def compile_specs(dtype: torch.dtype, precision: str, sub_dim: int, n: int = 4096) -> list[CompileSpec]:
@@ -633,31 +384,16 @@ def compile_specs(dtype: torch.dtype, precision: str, sub_dim: int, n: int = 409
         name = "infonce" if symmetric else "infonce_onedir"
         common = dict(SYMMETRIC=symmetric, NORMALIZE=True, PRECISION=precision, ACC=accumulator(dtype))
         partials = torch.empty(16, n, dtype=acc_dtype)
-        specs.append(
-            CompileSpec(
-                f"{name}_forward",
-                "forward",
-                _infonce_forward_kernel.fn,
-                (*operands, partials, partials, n, sub_dim, 16, 16, shape_bucket(n)),
-                common,
-            )
-        )
+        specs.append(CompileSpec(f"{name}_forward", "forward", _infonce_forward_kernel.fn,
+                                 (*operands, partials, partials, n, sub_dim, 16, 16, shape_bucket(n)), common))
         backward = dict(common, PRESCALE=gradient_prescale(dtype))
         lse = (tau, vector(), vector())
         specs += [
-            CompileSpec(
-                f"{name}_dq",
-                "backward",
-                _infonce_dq_kernel.fn,
-                (*operands, *lse, torch.empty_like(q), q.stride(0), q.stride(1), vector(), n, sub_dim, shape_bucket(n)),
-                backward,
-            ),
-            CompileSpec(
-                f"{name}_dk",
-                "backward",
-                _infonce_dk_kernel.fn,
-                (*operands, *lse, torch.empty_like(k), k.stride(0), k.stride(1), n, sub_dim, shape_bucket(n)),
-                backward,
-            ),
+            CompileSpec(f"{name}_dq", "backward", _infonce_dq_kernel.fn,
+                        (*operands, *lse, torch.empty_like(q), q.stride(0), q.stride(1), vector(), n, sub_dim,
+                         shape_bucket(n)), backward),
+            CompileSpec(f"{name}_dk", "backward", _infonce_dk_kernel.fn,
+                        (*operands, *lse, torch.empty_like(k), k.stride(0), k.stride(1), n, sub_dim,
+                         shape_bucket(n)), backward),
         ]
     return specs

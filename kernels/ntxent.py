@@ -19,7 +19,6 @@ owns BLOCK_M rows × BLOCK_DO output features of dz1/dz2 and writes them once; p
 0 also store c (Σ_i c_i / 2 = Σ_ij G_ij s_ij is what dL/dτ needs). For D' ≤ BLOCK_DO that is 3 GEMM-units
 in total (forward, recompute, dZ); wider D' re-walks the tiles once per BLOCK_DO slice.
 """
-
 from __future__ import annotations
 
 import torch
@@ -48,31 +47,14 @@ from fastcl.kernels._common import (
 from fastcl.ops import accumulation_dtype
 
 
-@triton.autotune(
-    configs=autotune_configs("forward"), key=["D", "SHAPE_BUCKET", "PRECISION", "NORMALIZE"], prune_configs_by=PRUNE
-)
+@triton.autotune(configs=autotune_configs("forward"), key=["D", "SHAPE_BUCKET", "PRECISION", "NORMALIZE"],
+                 prune_configs_by=PRUNE)
 @triton.jit
 def _ntxent_forward_kernel(
-    z1_ptr,
-    stride_1m,
-    stride_1d,
-    z2_ptr,
-    stride_2b,
-    stride_2m,
-    stride_2d,
-    N,
-    inv_ptr,
-    tau_ptr,
-    lse_ptr,
-    positive_ptr,
-    D,
-    SHAPE_BUCKET,
-    NORMALIZE: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    PRECISION: tl.constexpr,
-    ACC: tl.constexpr,
+    z1_ptr, stride_1m, stride_1d, z2_ptr, stride_2b, stride_2m, stride_2d, N,
+    inv_ptr, tau_ptr, lse_ptr, positive_ptr, D, SHAPE_BUCKET,
+    NORMALIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    PRECISION: tl.constexpr, ACC: tl.constexpr,
 ):
     z = (z1_ptr, stride_1m, stride_1d, z2_ptr, stride_2b, stride_2m, stride_2d, N)
     M = 2 * N
@@ -86,21 +68,9 @@ def _ntxent_forward_kernel(
     for start in range(0, M, BLOCK_N):
         cols = (start + tl.arange(0, BLOCK_N)).to(tl.int64)
         col_mask = cols < M
-        s = stacked_logits(
-            z,
-            rows,
-            row_mask,
-            row_scale,
-            cols,
-            col_mask,
-            load_inverse_norms(inv_ptr, cols, col_mask, NORMALIZE, ACC),
-            D,
-            BLOCK_M,
-            BLOCK_N,
-            BLOCK_D,
-            PRECISION,
-            ACC,
-        )
+        s = stacked_logits(z, rows, row_mask, row_scale, cols, col_mask,
+                           load_inverse_norms(inv_ptr, cols, col_mask, NORMALIZE, ACC), D,
+                           BLOCK_M, BLOCK_N, BLOCK_D, PRECISION, ACC)
         positive += tl.sum(tl.where(cols[None, :] == partner[:, None], s, 0.0), axis=1)
         s = tl.where(col_mask[None, :] & (cols[None, :] != rows[:, None]), s, float("-inf"))
         running_max, running_sum = online_logsumexp(running_max, running_sum, s)
@@ -108,43 +78,15 @@ def _ntxent_forward_kernel(
     tl.store(positive_ptr + rows, positive, mask=row_mask)
 
 
-@triton.autotune(
-    configs=autotune_configs("backward"), key=["D", "SHAPE_BUCKET", "PRECISION", "NORMALIZE"], prune_configs_by=PRUNE
-)
+@triton.autotune(configs=autotune_configs("backward"), key=["D", "SHAPE_BUCKET", "PRECISION", "NORMALIZE"],
+                 prune_configs_by=PRUNE)
 @triton.jit
 def _ntxent_backward_kernel(
-    z1_ptr,
-    stride_1m,
-    stride_1d,
-    z2_ptr,
-    stride_2b,
-    stride_2m,
-    stride_2d,
-    N,
-    dz1_ptr,
-    stride_d1m,
-    stride_d1d,
-    dz2_ptr,
-    stride_d2b,
-    stride_d2m,
-    stride_d2d,
-    N_OUT,
-    inv_ptr,
-    tau_ptr,
-    lse_ptr,
-    scale_ptr,
-    radial_scale_ptr,
-    radial_ptr,
-    D,
-    SHAPE_BUCKET,
-    NORMALIZE: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    BLOCK_DO: tl.constexpr,
-    PRECISION: tl.constexpr,
-    ACC: tl.constexpr,
-    PRESCALE: tl.constexpr,
+    z1_ptr, stride_1m, stride_1d, z2_ptr, stride_2b, stride_2m, stride_2d, N,
+    dz1_ptr, stride_d1m, stride_d1d, dz2_ptr, stride_d2b, stride_d2m, stride_d2d, N_OUT,
+    inv_ptr, tau_ptr, lse_ptr, scale_ptr, radial_scale_ptr, radial_ptr, D, SHAPE_BUCKET,
+    NORMALIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_DO: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr, PRESCALE: tl.constexpr,
     SCALE_OPERAND: tl.constexpr,
 ):
     z = (z1_ptr, stride_1m, stride_1d, z2_ptr, stride_2b, stride_2m, stride_2d, N)
@@ -165,9 +107,8 @@ def _ntxent_backward_kernel(
         cols = (start + tl.arange(0, BLOCK_N)).to(tl.int64)
         col_mask = cols < M
         inv_cols = load_inverse_norms(inv_ptr, cols, col_mask, NORMALIZE, ACC)
-        s = stacked_logits(
-            z, rows, row_mask, row_scale, cols, col_mask, inv_cols, D, BLOCK_M, BLOCK_N, BLOCK_D, PRECISION, ACC
-        )
+        s = stacked_logits(z, rows, row_mask, row_scale, cols, col_mask, inv_cols, D,
+                           BLOCK_M, BLOCK_N, BLOCK_D, PRECISION, ACC)
         lse_cols = tl.load(lse_ptr + cols, mask=col_mask, other=0.0)
         # Self and padding entries: −inf in the exponentials and 0 in t·s, so their terms are 0 (never inf·0).
         contrast = row_mask[:, None] & col_mask[None, :] & (cols[None, :] != rows[:, None])
@@ -175,25 +116,10 @@ def _ntxent_backward_kernel(
         t = tl.exp(excluded - lse_rows[:, None]) + tl.exp(excluded - lse_cols[None, :])
         t -= tl.where(contrast & (cols[None, :] == partner[:, None]), 2.0, 0.0)
         radial += tl.sum(t * tl.where(contrast, s, 0.0), axis=1)
-        d_hat = accumulate_gradient_tile(
-            d_hat, t, z, cols, col_mask, inv_cols, out_d, out_mask, PRECISION, ACC, PRESCALE, SCALE_OPERAND
-        )
-    finish_row_gradient(
-        z,
-        dz_out,
-        rows,
-        row_mask,
-        out_d,
-        out_mask,
-        inv_rows,
-        d_hat,
-        radial,
-        scale_ptr,
-        radial_scale_ptr,
-        radial_ptr,
-        NORMALIZE,
-        ACC,
-    )
+        d_hat = accumulate_gradient_tile(d_hat, t, z, cols, col_mask, inv_cols, out_d, out_mask,
+                                         PRECISION, ACC, PRESCALE, SCALE_OPERAND)
+    finish_row_gradient(z, dz_out, rows, row_mask, out_d, out_mask, inv_rows, d_hat, radial,
+                        scale_ptr, radial_scale_ptr, radial_ptr, NORMALIZE, ACC)
 
 
 def ntxent_forward(z1: Tensor, z2: Tensor, tau: Tensor, sub_dim: int, normalize: bool) -> tuple[Tensor, Tensor, Tensor]:
@@ -205,16 +131,8 @@ def ntxent_forward(z1: Tensor, z2: Tensor, tau: Tensor, sub_dim: int, normalize:
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]),)  # noqa: E731
     # Without normalization the kernel never reads the inverse norms; it gets a valid buffer instead.
     _ntxent_forward_kernel[grid](
-        *rows,
-        inv if normalize else tau,
-        tau,
-        lse,
-        positive,
-        sub_dim,
-        shape_bucket(m),
-        NORMALIZE=normalize,
-        PRECISION=dot_precision(z1.dtype),
-        ACC=accumulator(z1.dtype),
+        *rows, inv if normalize else tau, tau, lse, positive, sub_dim, shape_bucket(m),
+        NORMALIZE=normalize, PRECISION=dot_precision(z1.dtype), ACC=accumulator(z1.dtype),
     )
     return (lse - positive).mean(), lse, inv
 
@@ -237,20 +155,9 @@ def ntxent_backward(
     radial = torch.empty(m, dtype=tau.dtype, device=z1.device)
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(sub_dim, meta["BLOCK_DO"]))  # noqa: E731
     wrap_triton(_ntxent_backward_kernel)[grid](
-        *pair_rows(z1, z2),
-        *pair_rows(dz1, dz2),
-        inv_norms if normalize else tau,
-        tau,
-        lse,
-        scale,
-        radial_scale,
-        radial,
-        sub_dim,
-        shape_bucket(m),
-        NORMALIZE=normalize,
-        PRECISION=dot_precision(z1.dtype),
-        ACC=accumulator(z1.dtype),
-        PRESCALE=prescale,
+        *pair_rows(z1, z2), *pair_rows(dz1, dz2), inv_norms if normalize else tau, tau, lse, scale,
+        radial_scale, radial, sub_dim, shape_bucket(m),
+        NORMALIZE=normalize, PRECISION=dot_precision(z1.dtype), ACC=accumulator(z1.dtype), PRESCALE=prescale,
         SCALE_OPERAND=z1.dtype == torch.float16,
     )
     return dz1, dz2, radial.sum() / 2
@@ -264,25 +171,10 @@ def compile_specs(dtype: torch.dtype, precision: str, sub_dim: int, n: int = 204
     tau = torch.empty((), dtype=acc)
     common = dict(NORMALIZE=True, PRECISION=precision, ACC=accumulator(dtype))
     forward = (*pair_rows(z1, z2), vector(), tau, vector(), vector(), sub_dim, shape_bucket(2 * n))
-    backward = (
-        *pair_rows(z1, z2),
-        *pair_rows(torch.empty_like(z1), torch.empty_like(z2)),
-        vector(),
-        tau,
-        vector(),
-        tau,
-        tau,
-        vector(),
-        sub_dim,
-        shape_bucket(2 * n),
-    )
+    backward = (*pair_rows(z1, z2), *pair_rows(torch.empty_like(z1), torch.empty_like(z2)), vector(), tau, vector(),
+                tau, tau, vector(), sub_dim, shape_bucket(2 * n))
     return [
         CompileSpec("ntxent_forward", "forward", _ntxent_forward_kernel.fn, forward, common),
-        CompileSpec(
-            "ntxent_backward",
-            "backward",
-            _ntxent_backward_kernel.fn,
-            backward,
-            dict(common, PRESCALE=gradient_prescale(dtype), SCALE_OPERAND=dtype == torch.float16),
-        ),
+        CompileSpec("ntxent_backward", "backward", _ntxent_backward_kernel.fn, backward,
+                    dict(common, PRESCALE=gradient_prescale(dtype), SCALE_OPERAND=dtype == torch.float16)),
     ]

@@ -22,7 +22,6 @@ and dz_r = r_r (dẑ_r − c_r r_r z_r) (F.normalize's backward). Each program o
 features of dfeatures; output slice 0 stores c (Σ_r c_r / 2 = Σ G s, for dL/dτ). Non-anchor row blocks
 (``"one"``) only walk the anchor columns, where the transposed term lives.
 """
-
 from __future__ import annotations
 
 from typing import Optional
@@ -55,27 +54,13 @@ from fastcl.torch_backend.supcon import positive_counts
 
 
 @triton.jit
-def _positive_tile(
-    labels_ptr,
-    stride_label,
-    mask_ptr,
-    stride_mask_a,
-    stride_mask_c,
-    anchor_samples,
-    contrast_samples,
-    valid,
-    HAS_MASK: tl.constexpr,
-):
+def _positive_tile(labels_ptr, stride_label, mask_ptr, stride_mask_a, stride_mask_c,
+                   anchor_samples, contrast_samples, valid, HAS_MASK: tl.constexpr):
     """P[a, c] for a tile: labels equal, or mask[a, c] != 0 (loads masked by ``valid``)."""
     if HAS_MASK:
         # int64 offsets: an N×N mask passes 2³¹ bytes at N ≈ 46 000.
-        flags = tl.load(
-            mask_ptr
-            + anchor_samples.to(tl.int64)[:, None] * stride_mask_a
-            + contrast_samples.to(tl.int64)[None, :] * stride_mask_c,
-            mask=valid,
-            other=0,
-        )
+        flags = tl.load(mask_ptr + anchor_samples.to(tl.int64)[:, None] * stride_mask_a
+                        + contrast_samples.to(tl.int64)[None, :] * stride_mask_c, mask=valid, other=0)
         same = flags != 0
     else:
         anchor_labels = tl.load(labels_ptr + anchor_samples * stride_label)
@@ -84,41 +69,16 @@ def _positive_tile(
     return valid & same
 
 
-@triton.autotune(
-    configs=autotune_configs("forward"),
-    key=["D", "SHAPE_BUCKET", "PRECISION", "NORMALIZE", "HAS_MASK"],
-    prune_configs_by=PRUNE,
-)
+@triton.autotune(configs=autotune_configs("forward"),
+                 key=["D", "SHAPE_BUCKET", "PRECISION", "NORMALIZE", "HAS_MASK"], prune_configs_by=PRUNE)
 @triton.jit
 def _supcon_forward_kernel(
-    f_ptr,
-    stride_n,
-    stride_d,
-    rest_ptr,
-    stride_v,
-    rest_stride_n,
-    rest_stride_d,
-    N,
-    labels_ptr,
-    stride_label,
-    mask_ptr,
-    stride_mask_0,
-    stride_mask_1,
-    inv_ptr,
-    tau_ptr,
-    lse_ptr,
-    positive_sum_ptr,
-    M,
-    n_anchors,
-    D,
-    SHAPE_BUCKET,
-    HAS_MASK: tl.constexpr,
-    NORMALIZE: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    PRECISION: tl.constexpr,
-    ACC: tl.constexpr,
+    f_ptr, stride_n, stride_d, rest_ptr, stride_v, rest_stride_n, rest_stride_d, N,
+    labels_ptr, stride_label, mask_ptr, stride_mask_0, stride_mask_1,
+    inv_ptr, tau_ptr, lse_ptr, positive_sum_ptr, M, n_anchors, D, SHAPE_BUCKET,
+    HAS_MASK: tl.constexpr, NORMALIZE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    PRECISION: tl.constexpr, ACC: tl.constexpr,
 ):
     z = (f_ptr, stride_n, stride_d, rest_ptr, stride_v, rest_stride_n, rest_stride_d, N)
     rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
@@ -131,81 +91,30 @@ def _supcon_forward_kernel(
     for start in range(0, M, BLOCK_N):
         cols = (start + tl.arange(0, BLOCK_N)).to(tl.int64)
         col_mask = cols < M
-        s = stacked_logits(
-            z,
-            rows,
-            row_mask,
-            row_scale,
-            cols,
-            col_mask,
-            load_inverse_norms(inv_ptr, cols, col_mask, NORMALIZE, ACC),
-            D,
-            BLOCK_M,
-            BLOCK_N,
-            BLOCK_D,
-            PRECISION,
-            ACC,
-        )
+        s = stacked_logits(z, rows, row_mask, row_scale, cols, col_mask,
+                           load_inverse_norms(inv_ptr, cols, col_mask, NORMALIZE, ACC), D,
+                           BLOCK_M, BLOCK_N, BLOCK_D, PRECISION, ACC)
         # No row mask here: rows past the anchors are never stored, and keeping their columns avoids log(0).
         contrast = col_mask[None, :] & (cols[None, :] != rows[:, None])
-        positive = _positive_tile(
-            labels_ptr, stride_label, mask_ptr, stride_mask_0, stride_mask_1, row_samples, cols % N, contrast, HAS_MASK
-        )
+        positive = _positive_tile(labels_ptr, stride_label, mask_ptr, stride_mask_0, stride_mask_1,
+                                  row_samples, cols % N, contrast, HAS_MASK)
         positive_sum += tl.sum(tl.where(positive, s, 0.0), axis=1)
         running_max, running_sum = online_logsumexp(running_max, running_sum, tl.where(contrast, s, float("-inf")))
     tl.store(lse_ptr + rows, finish_logsumexp(running_max, running_sum), mask=row_mask)
     tl.store(positive_sum_ptr + rows, positive_sum, mask=row_mask)
 
 
-@triton.autotune(
-    configs=autotune_configs("backward"),
-    key=["D", "SHAPE_BUCKET", "PRECISION", "NORMALIZE", "HAS_MASK"],
-    prune_configs_by=PRUNE,
-)
+@triton.autotune(configs=autotune_configs("backward"),
+                 key=["D", "SHAPE_BUCKET", "PRECISION", "NORMALIZE", "HAS_MASK"], prune_configs_by=PRUNE)
 @triton.jit
 def _supcon_backward_kernel(
-    f_ptr,
-    stride_n,
-    stride_d,
-    rest_ptr,
-    stride_v,
-    rest_stride_n,
-    rest_stride_d,
-    N,
-    df_ptr,
-    stride_dfn,
-    stride_dfd,
-    df_rest_ptr,
-    stride_dfv,
-    df_rest_stride_n,
-    df_rest_stride_d,
-    N_OUT,
-    labels_ptr,
-    stride_label,
-    mask_ptr,
-    stride_mask_0,
-    stride_mask_1,
-    inv_ptr,
-    tau_ptr,
-    lse_ptr,
-    counts_ptr,
-    scale_ptr,
-    radial_scale_ptr,
-    radial_ptr,
-    M,
-    n_anchors,
-    D,
-    SHAPE_BUCKET,
-    HAS_MASK: tl.constexpr,
-    NORMALIZE: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    BLOCK_DO: tl.constexpr,
-    PRECISION: tl.constexpr,
-    ACC: tl.constexpr,
-    PRESCALE: tl.constexpr,
-    SCALE_OPERAND: tl.constexpr,
+    f_ptr, stride_n, stride_d, rest_ptr, stride_v, rest_stride_n, rest_stride_d, N,
+    df_ptr, stride_dfn, stride_dfd, df_rest_ptr, stride_dfv, df_rest_stride_n, df_rest_stride_d, N_OUT,
+    labels_ptr, stride_label, mask_ptr, stride_mask_0, stride_mask_1,
+    inv_ptr, tau_ptr, lse_ptr, counts_ptr, scale_ptr, radial_scale_ptr, radial_ptr, M, n_anchors, D, SHAPE_BUCKET,
+    HAS_MASK: tl.constexpr, NORMALIZE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr,
+    PRECISION: tl.constexpr, ACC: tl.constexpr, PRESCALE: tl.constexpr, SCALE_OPERAND: tl.constexpr,
 ):
     z = (f_ptr, stride_n, stride_d, rest_ptr, stride_v, rest_stride_n, rest_stride_d, N)
     dz_out = (df_ptr, stride_dfn, stride_dfd, df_rest_ptr, stride_dfv, df_rest_stride_n, df_rest_stride_d, N_OUT)
@@ -231,38 +140,19 @@ def _supcon_backward_kernel(
         col_mask = cols < M
         col_samples = cols % N
         inv_cols = load_inverse_norms(inv_ptr, cols, col_mask, NORMALIZE, ACC)
-        s = stacked_logits(
-            z, rows, row_mask, row_scale, cols, col_mask, inv_cols, D, BLOCK_M, BLOCK_N, BLOCK_D, PRECISION, ACC
-        )
+        s = stacked_logits(z, rows, row_mask, row_scale, cols, col_mask, inv_cols, D,
+                           BLOCK_M, BLOCK_N, BLOCK_D, PRECISION, ACC)
         col_is_anchor = cols < n_anchors
         count_cols = tl.load(counts_ptr + cols, mask=col_is_anchor, other=0)
         lse_cols = tl.where(count_cols > 0, tl.load(lse_ptr + cols, mask=col_is_anchor, other=0.0), float("inf"))
         inv_count_cols = tl.where(count_cols > 0, 1.0 / tl.maximum(count_cols, 1).to(ACC), 0.0)
         contrast = row_mask[:, None] & col_mask[None, :] & (cols[None, :] != rows[:, None])
-        positive = _positive_tile(
-            labels_ptr,
-            stride_label,
-            mask_ptr,
-            stride_mask_0,
-            stride_mask_1,
-            row_samples,
-            col_samples,
-            contrast,
-            HAS_MASK,
-        )
+        positive = _positive_tile(labels_ptr, stride_label, mask_ptr, stride_mask_0, stride_mask_1,
+                                  row_samples, col_samples, contrast, HAS_MASK)
         if HAS_MASK:
             # P_cr = mask[c, r]: the mask may be asymmetric.
-            positive_t = _positive_tile(
-                labels_ptr,
-                stride_label,
-                mask_ptr,
-                stride_mask_1,
-                stride_mask_0,
-                row_samples,
-                col_samples,
-                contrast,
-                HAS_MASK,
-            )
+            positive_t = _positive_tile(labels_ptr, stride_label, mask_ptr, stride_mask_1, stride_mask_0,
+                                        row_samples, col_samples, contrast, HAS_MASK)
         else:
             positive_t = positive
         # Self and padding entries: −inf in the exponentials and 0 in t·s, so their terms are 0 (never inf·0).
@@ -270,25 +160,10 @@ def _supcon_backward_kernel(
         t = tl.exp(excluded - lse_rows[:, None]) - tl.where(positive, inv_count_rows[:, None], 0.0)
         t += tl.exp(excluded - lse_cols[None, :]) - tl.where(positive_t, inv_count_cols[None, :], 0.0)
         radial += tl.sum(t * tl.where(contrast, s, 0.0), axis=1)
-        d_hat = accumulate_gradient_tile(
-            d_hat, t, z, cols, col_mask, inv_cols, out_d, out_mask, PRECISION, ACC, PRESCALE, SCALE_OPERAND
-        )
-    finish_row_gradient(
-        z,
-        dz_out,
-        rows,
-        row_mask,
-        out_d,
-        out_mask,
-        inv_rows,
-        d_hat,
-        radial,
-        scale_ptr,
-        radial_scale_ptr,
-        radial_ptr,
-        NORMALIZE,
-        ACC,
-    )
+        d_hat = accumulate_gradient_tile(d_hat, t, z, cols, col_mask, inv_cols, out_d, out_mask,
+                                         PRECISION, ACC, PRESCALE, SCALE_OPERAND)
+    finish_row_gradient(z, dz_out, rows, row_mask, out_d, out_mask, inv_rows, d_hat, radial,
+                        scale_ptr, radial_scale_ptr, radial_ptr, NORMALIZE, ACC)
 
 
 def _positive_source(labels: Optional[Tensor], mask: Optional[Tensor]) -> tuple:
@@ -300,14 +175,8 @@ def _positive_source(labels: Optional[Tensor], mask: Optional[Tensor]) -> tuple:
 
 
 def supcon_forward(
-    features: Tensor,
-    labels: Optional[Tensor],
-    mask: Optional[Tensor],
-    tau: Tensor,
-    base_temperature: float,
-    n_anchors: int,
-    sub_dim: int,
-    normalize: bool,
+    features: Tensor, labels: Optional[Tensor], mask: Optional[Tensor], tau: Tensor, base_temperature: float,
+    n_anchors: int, sub_dim: int, normalize: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     n, views, _ = features.shape
     m, acc = n * views, accumulation_dtype(features.dtype)
@@ -319,23 +188,9 @@ def supcon_forward(
     grid = lambda meta: (triton.cdiv(n_anchors, meta["BLOCK_M"]),)  # noqa: E731
     # Without normalization the kernel never reads the inverse norms; it gets a valid buffer instead.
     _supcon_forward_kernel[grid](
-        *rows,
-        labels_ptr,
-        stride_label,
-        mask_ptr,
-        stride_mask_0,
-        stride_mask_1,
-        inv if normalize else tau,
-        tau,
-        lse,
-        positive_sum,
-        m,
-        n_anchors,
-        sub_dim,
-        shape_bucket(m),
-        HAS_MASK=has_mask,
-        NORMALIZE=normalize,
-        PRECISION=dot_precision(features.dtype),
+        *rows, labels_ptr, stride_label, mask_ptr, stride_mask_0, stride_mask_1,
+        inv if normalize else tau, tau, lse, positive_sum, m, n_anchors, sub_dim, shape_bucket(m),
+        HAS_MASK=has_mask, NORMALIZE=normalize, PRECISION=dot_precision(features.dtype),
         ACC=accumulator(features.dtype),
     )
     counts = positive_counts(labels, mask, m)[:n_anchors].to(torch.int32)
@@ -375,30 +230,12 @@ def supcon_backward(
     labels_ptr, stride_label, mask_ptr, stride_mask_0, stride_mask_1, has_mask = _positive_source(labels, mask)
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(sub_dim, meta["BLOCK_DO"]))  # noqa: E731
     wrap_triton(_supcon_backward_kernel)[grid](
-        *view_major_rows(features),
-        *view_major_rows(dfeatures),
-        labels_ptr,
-        stride_label,
-        mask_ptr,
-        stride_mask_0,
-        stride_mask_1,
-        inv_norms if normalize else tau,
-        tau,
-        lse,
-        counts,
-        scale,
-        radial_scale,
-        radial,
-        m,
-        n_anchors,
-        sub_dim,
+        *view_major_rows(features), *view_major_rows(dfeatures),
+        labels_ptr, stride_label, mask_ptr, stride_mask_0, stride_mask_1,
+        inv_norms if normalize else tau, tau, lse, counts, scale, radial_scale, radial, m, n_anchors, sub_dim,
         shape_bucket(m),
-        HAS_MASK=has_mask,
-        NORMALIZE=normalize,
-        PRECISION=dot_precision(features.dtype),
-        ACC=accumulator(features.dtype),
-        PRESCALE=prescale,
-        SCALE_OPERAND=features.dtype == torch.float16,
+        HAS_MASK=has_mask, NORMALIZE=normalize, PRECISION=dot_precision(features.dtype),
+        ACC=accumulator(features.dtype), PRESCALE=prescale, SCALE_OPERAND=features.dtype == torch.float16,
     )
     return dfeatures, radial.sum() / 2
 
@@ -411,48 +248,18 @@ def compile_specs(dtype: torch.dtype, precision: str, sub_dim: int, n: int = 204
     vector = lambda: torch.empty(m, dtype=acc)  # noqa: E731
     tau = torch.empty((), dtype=acc)
     specs = []
-    for name, labels, mask in (
-        ("labels", torch.empty(n, dtype=torch.int64), None),
-        ("mask", None, torch.empty(n, n, dtype=torch.bool)),
-    ):
+    for name, labels, mask in (("labels", torch.empty(n, dtype=torch.int64), None),
+                               ("mask", None, torch.empty(n, n, dtype=torch.bool))):
         positives = _positive_source(labels, mask)[:5]
         common = dict(HAS_MASK=mask is not None, NORMALIZE=True, PRECISION=precision, ACC=accumulator(dtype))
-        forward = (
-            *view_major_rows(features),
-            *positives,
-            vector(),
-            tau,
-            vector(),
-            vector(),
-            m,
-            m,
-            sub_dim,
-            shape_bucket(m),
-        )
-        backward = (
-            *view_major_rows(features),
-            *view_major_rows(torch.empty_like(features)),
-            *positives,
-            vector(),
-            tau,
-            vector(),
-            torch.empty(m, dtype=torch.int32),
-            tau,
-            tau,
-            vector(),
-            m,
-            m,
-            sub_dim,
-            shape_bucket(m),
-        )
+        forward = (*view_major_rows(features), *positives, vector(), tau, vector(), vector(), m, m, sub_dim,
+                   shape_bucket(m))
+        backward = (*view_major_rows(features), *view_major_rows(torch.empty_like(features)), *positives,
+                    vector(), tau, vector(), torch.empty(m, dtype=torch.int32), tau, tau, vector(), m, m, sub_dim,
+                    shape_bucket(m))
         specs += [
             CompileSpec(f"supcon_{name}_forward", "forward", _supcon_forward_kernel.fn, forward, common),
-            CompileSpec(
-                f"supcon_{name}_backward",
-                "backward",
-                _supcon_backward_kernel.fn,
-                backward,
-                dict(common, PRESCALE=gradient_prescale(dtype), SCALE_OPERAND=dtype == torch.float16),
-            ),
+            CompileSpec(f"supcon_{name}_backward", "backward", _supcon_backward_kernel.fn, backward,
+                        dict(common, PRESCALE=gradient_prescale(dtype), SCALE_OPERAND=dtype == torch.float16)),
         ]
     return specs
