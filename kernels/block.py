@@ -1,7 +1,8 @@
 """The block primitive (docs/block-engine.md) as Triton kernels: A anchor rows × K key rows from two
 tensors (any strides, first ``sub_dim`` features read in place), fused normalization through the given
 inverse norms, every ``Layout.positives`` kind, ``self_offset`` and ``exclude_positives``; deterministic,
-no atomics. The softmax epilogue only: ``epilogue="sigmoid"`` raises NotImplementedError.
+no atomics. Both epilogues: softmax (log-sum-exp) and SigLIP's sigmoid (SIGMOID constexpr: Σ softplus(s + b)
+forward, G = alpha·σ(s + b) − beta·P backward, gs = [Σ G·s, Σ G]).
 
 Logits in base 2: every tile is t = (a·kᵀ)·(a_inv·log2 e/τ)·k_inv = s·log2 e — the row scale (with 1/τ and
 log2 e folded in) is computed once per anchor block, so the element loop does one exp2 per element and
@@ -69,7 +70,8 @@ from fastcl.kernels._common import (
 # Autotuning of the two backward passes (keyed like the forward) and their even-width flags.
 _BACKWARD_TUNING = triton.autotune(
     configs=autotune_configs("block_backward"), prune_configs_by=PRUNE,
-    key=["D", "SHAPE_BUCKET", "PRECISION", "NORMALIZE", "POSITIVES", "HAS_SELF", "EXCLUDE_POSITIVES"])
+    key=["D", "SHAPE_BUCKET", "PRECISION", "NORMALIZE", "POSITIVES", "HAS_SELF", "EXCLUDE_POSITIVES",
+         "SIGMOID"])
 _EVEN_FEATURES = triton.heuristics({"EVEN_D": lambda args: args["D"] % args["BLOCK_D"] == 0,
                                     "EVEN_DO": lambda args: args["D"] % args["BLOCK_DO"] == 0})
 _LOG2E = tl.constexpr(math.log2(math.e))
@@ -190,16 +192,27 @@ def _key_tile_logits(
 
 
 @triton.jit
+def _softplus2(u):
+    """log2(1 + 2^u) = softplus(u·ln 2)·log2 e, safe for any u (−inf → 0): max(u, 0) + log2(1 + y) with
+    y = 2^−|u| ≤ 1, log1p through w = 1 + y: log2(w)·y/(w − 1) (y·log2 e where w rounds to 1)."""
+    y = tl.exp2(-tl.abs(u))
+    w = 1.0 + y
+    rounded = w == 1.0
+    return tl.maximum(u, 0.0) + tl.where(rounded, y * _LOG2E, tl.log2(w) * (y / tl.where(rounded, 1.0, w - 1.0)))
+
+
+@triton.jit
 def _fold_tile(
     running_max, running_sum, pos_sum, pos_weight, start,
     a_ptrs, b_ptrs0, stride_km, stride_kd, k_inv_ptr, rows, row_mask, row_scale, pos_rows, a_labels,
-    k_labels_ptr, mask_ptr, stride_mask_a, stride_mask_k, mask_rows, mask_cols, self_offset, K, D, stride_ad,
+    k_labels_ptr, mask_ptr, stride_mask_a, stride_mask_k, mask_rows, mask_cols, self_offset, bias2, K, D, stride_ad,
     NORMALIZE: tl.constexpr, POSITIVES: tl.constexpr, HAS_SELF: tl.constexpr, EXCLUDE_POSITIVES: tl.constexpr,
-    MASKED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    SIGMOID: tl.constexpr, MASKED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     EVEN_D: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
 ):
     """Folds key tile ``start`` into the anchors' running statistics. MASKED: the tile may hold padding
-    columns or self entries; unmasked tiles (the steady state) skip every mask."""
+    columns or self entries; unmasked tiles (the steady state) skip every mask. SIGMOID: running_sum
+    accumulates Σ log2(1 + 2^(t + b·log2 e)) (excluded entries are t = −inf → 0); running_max is unused."""
     cols, col_mask, t, k_inv = _key_tile_logits(
         start, a_ptrs, b_ptrs0, k_inv_ptr, row_mask, row_scale, K, D, stride_ad, stride_km, stride_kd, NORMALIZE,
         MASKED, BLOCK_M, BLOCK_N, BLOCK_D, EVEN_D, PRECISION, ACC)
@@ -236,10 +249,14 @@ def _fold_tile(
     elif MASKED:  # no positives in this block: nothing for EXCLUDE_POSITIVES to leave out
         p, kept, denominator = _entry_masks(rows, cols, col_mask, t, self_offset, HAS_SELF, False)
         t = tl.where(denominator, t, float("-inf"))
-    new_max = tl.maximum(running_max, tl.max(t, axis=1))
-    # Rows with no entry yet keep max −inf; shift by 0 there so exp2(−inf − shift) = 0, not NaN.
-    shift = tl.where(new_max == float("-inf"), 0.0, new_max)
-    running_sum = running_sum * tl.exp2(running_max - shift) + tl.sum(tl.exp2(t - shift[:, None]), axis=1)
+    if SIGMOID:
+        new_max = running_max
+        running_sum += tl.sum(_softplus2(t + bias2), axis=1)
+    else:
+        new_max = tl.maximum(running_max, tl.max(t, axis=1))
+        # Rows with no entry yet keep max −inf; shift by 0 there so exp2(−inf − shift) = 0, not NaN.
+        shift = tl.where(new_max == float("-inf"), 0.0, new_max)
+        running_sum = running_sum * tl.exp2(running_max - shift) + tl.sum(tl.exp2(t - shift[:, None]), axis=1)
     return new_max, running_sum, pos_sum, pos_weight
 
 
@@ -268,16 +285,17 @@ def _index_positive(
 
 
 @triton.autotune(configs=autotune_configs("forward"),
-                 key=["D", "SHAPE_BUCKET", "PRECISION", "NORMALIZE", "POSITIVES", "HAS_SELF", "EXCLUDE_POSITIVES"],
+                 key=["D", "SHAPE_BUCKET", "PRECISION", "NORMALIZE", "POSITIVES", "HAS_SELF", "EXCLUDE_POSITIVES",
+                      "SIGMOID"],
                  prune_configs_by=PRUNE)
 @triton.heuristics({"EVEN_D": lambda args: args["D"] % args["BLOCK_D"] == 0})
 @triton.jit
 def _block_forward_kernel(
     a_ptr, stride_am, stride_ad, k_ptr, stride_km, stride_kd, a_inv_ptr, k_inv_ptr, tau_ptr,
     pos_index_ptr, a_labels_ptr, k_labels_ptr, mask_ptr, stride_mask_a, stride_mask_k, mask_rows, mask_cols,
-    self_offset, lse_ptr, pos_sum_ptr, pos_weight_ptr, A, K, D, SHAPE_BUCKET,
+    self_offset, bias_ptr, lse_ptr, pos_sum_ptr, pos_weight_ptr, A, K, D, SHAPE_BUCKET,
     NORMALIZE: tl.constexpr, POSITIVES: tl.constexpr, HAS_SELF: tl.constexpr, EXCLUDE_POSITIVES: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
+    SIGMOID: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
     PRECISION: tl.constexpr, ACC: tl.constexpr,
 ):
     first_row = tl.program_id(0) * BLOCK_M
@@ -285,6 +303,7 @@ def _block_forward_kernel(
     row_mask = rows < A
     row_scale = load_inverse_norms(a_inv_ptr, rows, row_mask, NORMALIZE, ACC) * (_LOG2E / tl.load(tau_ptr))
     pos_rows, a_labels = _row_positives(pos_index_ptr, a_labels_ptr, rows, row_mask, POSITIVES)
+    bias2 = tl.load(bias_ptr).to(ACC) * _LOG2E  # sigmoid: b in base 2 (a placeholder otherwise, unused)
     a_ptrs = a_ptr + rows.to(tl.int64)[:, None] * stride_am + tl.arange(0, BLOCK_D)[None, :] * stride_ad
     tile_cols = tl.arange(0, BLOCK_N).to(tl.int64)
     b_ptrs0 = k_ptr + tile_cols[:, None] * stride_km + tl.arange(0, BLOCK_D)[None, :] * stride_kd
@@ -304,40 +323,50 @@ def _block_forward_kernel(
         running_max, running_sum, pos_sum, pos_weight = _fold_tile(
             running_max, running_sum, pos_sum, pos_weight, tile * BLOCK_N, a_ptrs, b_ptrs0, stride_km, stride_kd,
             k_inv_ptr, rows, row_mask, row_scale, pos_rows, a_labels, k_labels_ptr, mask_ptr, stride_mask_a,
-            stride_mask_k, mask_rows, mask_cols, self_offset, K, D, stride_ad, NORMALIZE, POSITIVES, HAS_SELF,
-            EXCLUDE_POSITIVES, False, BLOCK_M, BLOCK_N, BLOCK_D, EVEN_D, PRECISION, ACC)
+            stride_mask_k, mask_rows, mask_cols, self_offset, bias2, K, D, stride_ad, NORMALIZE, POSITIVES,
+            HAS_SELF, EXCLUDE_POSITIVES, SIGMOID, False, BLOCK_M, BLOCK_N, BLOCK_D, EVEN_D, PRECISION, ACC)
     for tile in range(self_hi, full):
         running_max, running_sum, pos_sum, pos_weight = _fold_tile(
             running_max, running_sum, pos_sum, pos_weight, tile * BLOCK_N, a_ptrs, b_ptrs0, stride_km, stride_kd,
             k_inv_ptr, rows, row_mask, row_scale, pos_rows, a_labels, k_labels_ptr, mask_ptr, stride_mask_a,
-            stride_mask_k, mask_rows, mask_cols, self_offset, K, D, stride_ad, NORMALIZE, POSITIVES, HAS_SELF,
-            EXCLUDE_POSITIVES, False, BLOCK_M, BLOCK_N, BLOCK_D, EVEN_D, PRECISION, ACC)
+            stride_mask_k, mask_rows, mask_cols, self_offset, bias2, K, D, stride_ad, NORMALIZE, POSITIVES,
+            HAS_SELF, EXCLUDE_POSITIVES, SIGMOID, False, BLOCK_M, BLOCK_N, BLOCK_D, EVEN_D, PRECISION, ACC)
     # The masked tiles: [self_lo, self_hi), then the tail tile (if K is no multiple of BLOCK_N).
     for step in range(0, self_hi - self_lo + tl.cdiv(K, BLOCK_N) - full):
         tile = tl.where(self_lo + step < self_hi, self_lo + step, full)
         running_max, running_sum, pos_sum, pos_weight = _fold_tile(
             running_max, running_sum, pos_sum, pos_weight, tile * BLOCK_N, a_ptrs, b_ptrs0, stride_km, stride_kd,
             k_inv_ptr, rows, row_mask, row_scale, pos_rows, a_labels, k_labels_ptr, mask_ptr, stride_mask_a,
-            stride_mask_k, mask_rows, mask_cols, self_offset, K, D, stride_ad, NORMALIZE, POSITIVES, HAS_SELF,
-            EXCLUDE_POSITIVES, True, BLOCK_M, BLOCK_N, BLOCK_D, EVEN_D, PRECISION, ACC)
+            stride_mask_k, mask_rows, mask_cols, self_offset, bias2, K, D, stride_ad, NORMALIZE, POSITIVES,
+            HAS_SELF, EXCLUDE_POSITIVES, SIGMOID, True, BLOCK_M, BLOCK_N, BLOCK_D, EVEN_D, PRECISION, ACC)
     if POSITIVES == 1:
         pos_sum, pos_weight = _index_positive(a_ptr, stride_am, stride_ad, k_ptr, stride_km, stride_kd, k_inv_ptr,
                                               rows, row_mask, row_scale, pos_rows, self_offset, D, NORMALIZE,
                                               HAS_SELF, BLOCK_M, BLOCK_D, ACC)
-    tl.store(lse_ptr + rows, (running_max + tl.log2(running_sum)) * _LN2, mask=row_mask)
+    if SIGMOID:
+        tl.store(lse_ptr + rows, running_sum * _LN2, mask=row_mask)
+    else:
+        tl.store(lse_ptr + rows, (running_max + tl.log2(running_sum)) * _LN2, mask=row_mask)
     tl.store(pos_sum_ptr + rows, pos_sum * _LN2, mask=row_mask)
     tl.store(pos_weight_ptr + rows, pos_weight, mask=row_mask)
 
 
 @triton.jit
-def _row_coefficients(lse_ptr, alpha_ptr, beta_ptr, rows, row_mask, PRESCALE: tl.constexpr):
-    """(lse·log2 e, alpha·PRESCALE, beta·PRESCALE) of the rows; an anchor with lse = −inf (no entry
-    anywhere) has no exponential term, so alpha = 0 and lse2 = 0 there (never exp2(+inf))."""
-    lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
-    empty = lse == float("-inf")
-    alpha = tl.where(empty, 0.0, tl.load(alpha_ptr + rows, mask=row_mask, other=0.0))
+def _row_coefficients(lse_ptr, alpha_ptr, beta_ptr, bias_ptr, rows, row_mask, PRESCALE: tl.constexpr,
+                      SIGMOID: tl.constexpr):
+    """(lse2, alpha·PRESCALE, beta·PRESCALE) of the rows. Softmax: lse2 = lse·log2 e; an anchor with
+    lse = −inf (no entry anywhere) has no exponential term, so alpha = 0 and lse2 = 0 there (never
+    exp2(+inf)). Sigmoid: lse is not read; lse2 = −b·log2 e, so (s + b)·log2 e = t − lse2."""
     beta = tl.load(beta_ptr + rows, mask=row_mask, other=0.0)
-    return tl.where(empty, 0.0, lse * _LOG2E), alpha * PRESCALE, beta * PRESCALE
+    alpha = tl.load(alpha_ptr + rows, mask=row_mask, other=0.0)
+    if SIGMOID:
+        lse2 = tl.zeros(rows.shape, dtype=alpha.dtype) - tl.load(bias_ptr).to(alpha.dtype) * _LOG2E
+    else:
+        lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
+        empty = lse == float("-inf")
+        alpha = tl.where(empty, 0.0, alpha)
+        lse2 = tl.where(empty, 0.0, lse * _LOG2E)
+    return lse2, alpha * PRESCALE, beta * PRESCALE
 
 
 @triton.jit
@@ -345,12 +374,17 @@ def _gradient_tile(
     t, rows, row_mask, cols, col_mask, lse2, alpha, beta, pos_rows, a_labels, k_labels_ptr, mask_ptr,
     stride_mask_a, stride_mask_k, mask_rows, mask_cols, self_offset,
     POSITIVES: tl.constexpr, HAS_SELF: tl.constexpr, EXCLUDE_POSITIVES: tl.constexpr, INDEX_IN_LOOP: tl.constexpr,
-    MASKED: tl.constexpr, ACC: tl.constexpr,
+    MASKED: tl.constexpr, ACC: tl.constexpr, SIGMOID: tl.constexpr,
 ):
     """G·PRESCALE for a tile of base-2 logits t. MASKED: padding and self entries are zeroed; unmasked
     tiles have none. Index positives enter only when INDEX_IN_LOOP (the key pass) or for the DCL
-    exclusion; the anchor pass adds −beta·k̂_pos outside the loop."""
-    e = tl.exp2(t - lse2[:, None])
+    exclusion; the anchor pass adds −beta·k̂_pos outside the loop. SIGMOID: e = σ(s + b) (lse2 = −b·log2 e)."""
+    if SIGMOID:
+        u = t - lse2[:, None]  # (s + b)·log2 e
+        y = tl.exp2(-tl.abs(u))  # ≤ 1: σ = 1/(1 + y) for u ≥ 0, y/(1 + y) below, no overflow
+        e = tl.where(u >= 0.0, 1.0, y) / (1.0 + y)
+    else:
+        e = tl.exp2(t - lse2[:, None])
     if POSITIVES == 2:
         if MASKED:
             k_labels = tl.load(k_labels_ptr + cols, mask=col_mask, other=0)
@@ -386,29 +420,32 @@ def _gradient_tile(
 
 @triton.jit
 def _anchor_tile(
-    d_hat, start, a_ptrs, b_ptrs0, slice_ptrs0, stride_km, stride_kd, k_inv_ptr, rows, row_mask, row_scale, lse2,
-    alpha, beta,
+    d_hat, g_sum, start, a_ptrs, b_ptrs0, slice_ptrs0, stride_km, stride_kd, k_inv_ptr, rows, row_mask, row_scale,
+    lse2, alpha, beta,
     pos_rows, a_labels, k_labels_ptr, mask_ptr, stride_mask_a, stride_mask_k, mask_rows, mask_cols, self_offset,
     K, D, stride_ad, out, out_mask,
     NORMALIZE: tl.constexpr, POSITIVES: tl.constexpr, HAS_SELF: tl.constexpr, EXCLUDE_POSITIVES: tl.constexpr,
-    MASKED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    SIGMOID: tl.constexpr, MASKED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     EVEN_D: tl.constexpr, EVEN_DO: tl.constexpr, SCALE_OPERAND: tl.constexpr, PRECISION: tl.constexpr,
     ACC: tl.constexpr,
 ):
-    """d_hat += G[rows, tile]·k̂[tile, out] (times PRESCALE) for key tile ``start``."""
+    """d_hat += G[rows, tile]·k̂[tile, out] (times PRESCALE) for key tile ``start``; SIGMOID: g_sum += Σ_c G
+    (times PRESCALE; Σ G is the sigmoid epilogue's dL/db)."""
     cols, col_mask, t, k_inv = _key_tile_logits(
         start, a_ptrs, b_ptrs0, k_inv_ptr, row_mask, row_scale, K, D, stride_ad, stride_km, stride_kd, NORMALIZE,
         MASKED, BLOCK_M, BLOCK_N, BLOCK_D, EVEN_D, PRECISION, ACC)
     g = _gradient_tile(t, rows, row_mask, cols, col_mask, lse2, alpha, beta, pos_rows, a_labels, k_labels_ptr,
                        mask_ptr, stride_mask_a, stride_mask_k, mask_rows, mask_cols, self_offset, POSITIVES,
-                       HAS_SELF, EXCLUDE_POSITIVES, False, MASKED, ACC)
+                       HAS_SELF, EXCLUDE_POSITIVES, False, MASKED, ACC, SIGMOID)
+    if SIGMOID:
+        g_sum += tl.sum(g, axis=1)
     k_slice = _load_slice(slice_ptrs0 + tl.cast(start, tl.int64) * stride_km, col_mask, out_mask, MASKED, EVEN_DO)
     if NORMALIZE:
         if SCALE_OPERAND:  # float16: k̂ = k·r (|k̂| ≤ 1) as the operand, so G·r·PRESCALE cannot overflow
             k_slice = (k_slice.to(ACC) * k_inv[:, None]).to(k_slice.dtype)
         else:
             g = g * k_inv[None, :]
-    return mma(g.to(k_slice.dtype), k_slice, d_hat, PRECISION, ACC)
+    return mma(g.to(k_slice.dtype), k_slice, d_hat, PRECISION, ACC), g_sum
 
 
 @triton.jit
@@ -438,14 +475,15 @@ def _self_tiles(first, extent, offset, block, full):
 def _block_anchor_kernel(
     a_ptr, stride_am, stride_ad, k_ptr, stride_km, stride_kd, a_inv_ptr, k_inv_ptr, tau_ptr,
     pos_index_ptr, a_labels_ptr, k_labels_ptr, mask_ptr, stride_mask_a, stride_mask_k, mask_rows, mask_cols,
-    self_offset, lse_ptr, alpha_ptr, beta_ptr, da_ptr, A, K, D, SHAPE_BUCKET,
+    self_offset, bias_ptr, lse_ptr, alpha_ptr, beta_ptr, da_ptr, gsum_ptr, A, K, D, SHAPE_BUCKET,
     NORMALIZE: tl.constexpr, POSITIVES: tl.constexpr, HAS_SELF: tl.constexpr, EXCLUDE_POSITIVES: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr,
+    SIGMOID: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr,
     EVEN_D: tl.constexpr, EVEN_DO: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
     PRESCALE: tl.constexpr, SCALE_OPERAND: tl.constexpr,
 ):
     """Anchor owner: dâ[rows, out] = Σ_c G k̂_c / τ into d_a (the normalization backward is the row
-    epilogue's, which needs the whole row)."""
+    epilogue's, which needs the whole row); SIGMOID: the programs of the first feature slice also store
+    Σ_c G per anchor into gsum."""
     first_row = tl.program_id(0) * BLOCK_M
     rows = first_row + tl.arange(0, BLOCK_M)
     row_mask = rows < A
@@ -454,39 +492,42 @@ def _block_anchor_kernel(
     tau = tl.load(tau_ptr)
     row_scale = load_inverse_norms(a_inv_ptr, rows, row_mask, NORMALIZE, ACC) * (_LOG2E / tau)
     pos_rows, a_labels = _row_positives(pos_index_ptr, a_labels_ptr, rows, row_mask, POSITIVES)
-    lse2, alpha, beta = _row_coefficients(lse_ptr, alpha_ptr, beta_ptr, rows, row_mask, PRESCALE)
+    lse2, alpha, beta = _row_coefficients(lse_ptr, alpha_ptr, beta_ptr, bias_ptr, rows, row_mask, PRESCALE, SIGMOID)
     a_ptrs = a_ptr + rows.to(tl.int64)[:, None] * stride_am + tl.arange(0, BLOCK_D)[None, :] * stride_ad
     tile_cols = tl.arange(0, BLOCK_N).to(tl.int64)
     b_ptrs0 = k_ptr + tile_cols[:, None] * stride_km + tl.arange(0, BLOCK_D)[None, :] * stride_kd
     slice_ptrs0 = k_ptr + tile_cols[:, None] * stride_km + out[None, :] * stride_kd
     d_hat = tl.zeros((BLOCK_M, BLOCK_DO), dtype=ACC)
+    g_sum = tl.zeros((BLOCK_M,), dtype=ACC)
     full = K // BLOCK_N
     self_lo = full
     self_hi = full
     if HAS_SELF:
         self_lo, self_hi = _self_tiles(first_row, BLOCK_M, self_offset, BLOCK_N, full)
     for tile in range(0, self_lo):
-        d_hat = _anchor_tile(
-            d_hat, tile * BLOCK_N, a_ptrs, b_ptrs0, slice_ptrs0, stride_km, stride_kd, k_inv_ptr, rows, row_mask,
-            row_scale, lse2,
+        d_hat, g_sum = _anchor_tile(
+            d_hat, g_sum, tile * BLOCK_N, a_ptrs, b_ptrs0, slice_ptrs0, stride_km, stride_kd, k_inv_ptr, rows,
+            row_mask, row_scale, lse2,
             alpha, beta, pos_rows, a_labels, k_labels_ptr, mask_ptr, stride_mask_a, stride_mask_k, mask_rows,
             mask_cols, self_offset, K, D, stride_ad, out, out_mask, NORMALIZE, POSITIVES, HAS_SELF,
-            EXCLUDE_POSITIVES, False, BLOCK_M, BLOCK_N, BLOCK_D, EVEN_D, EVEN_DO, SCALE_OPERAND, PRECISION, ACC)
+            EXCLUDE_POSITIVES, SIGMOID, False, BLOCK_M, BLOCK_N, BLOCK_D, EVEN_D, EVEN_DO, SCALE_OPERAND,
+            PRECISION, ACC)
     for tile in range(self_hi, full):
-        d_hat = _anchor_tile(
-            d_hat, tile * BLOCK_N, a_ptrs, b_ptrs0, slice_ptrs0, stride_km, stride_kd, k_inv_ptr, rows, row_mask,
-            row_scale, lse2,
+        d_hat, g_sum = _anchor_tile(
+            d_hat, g_sum, tile * BLOCK_N, a_ptrs, b_ptrs0, slice_ptrs0, stride_km, stride_kd, k_inv_ptr, rows,
+            row_mask, row_scale, lse2,
             alpha, beta, pos_rows, a_labels, k_labels_ptr, mask_ptr, stride_mask_a, stride_mask_k, mask_rows,
             mask_cols, self_offset, K, D, stride_ad, out, out_mask, NORMALIZE, POSITIVES, HAS_SELF,
-            EXCLUDE_POSITIVES, False, BLOCK_M, BLOCK_N, BLOCK_D, EVEN_D, EVEN_DO, SCALE_OPERAND, PRECISION, ACC)
+            EXCLUDE_POSITIVES, SIGMOID, False, BLOCK_M, BLOCK_N, BLOCK_D, EVEN_D, EVEN_DO, SCALE_OPERAND,
+            PRECISION, ACC)
     for step in range(0, self_hi - self_lo + tl.cdiv(K, BLOCK_N) - full):
         tile = tl.where(self_lo + step < self_hi, self_lo + step, full)
-        d_hat = _anchor_tile(
-            d_hat, tile * BLOCK_N, a_ptrs, b_ptrs0, slice_ptrs0, stride_km, stride_kd, k_inv_ptr, rows, row_mask,
-            row_scale, lse2,
+        d_hat, g_sum = _anchor_tile(
+            d_hat, g_sum, tile * BLOCK_N, a_ptrs, b_ptrs0, slice_ptrs0, stride_km, stride_kd, k_inv_ptr, rows,
+            row_mask, row_scale, lse2,
             alpha, beta, pos_rows, a_labels, k_labels_ptr, mask_ptr, stride_mask_a, stride_mask_k, mask_rows,
             mask_cols, self_offset, K, D, stride_ad, out, out_mask, NORMALIZE, POSITIVES, HAS_SELF,
-            EXCLUDE_POSITIVES, True, BLOCK_M, BLOCK_N, BLOCK_D, EVEN_D, EVEN_DO, SCALE_OPERAND, PRECISION, ACC)
+            EXCLUDE_POSITIVES, SIGMOID, True, BLOCK_M, BLOCK_N, BLOCK_D, EVEN_D, EVEN_DO, SCALE_OPERAND, PRECISION, ACC)
     if POSITIVES == 1:
         # −beta_a·k̂_pos(a): a gather of the positives' rows, outside the loop.
         valid = row_mask & (pos_rows >= 0)
@@ -498,6 +539,11 @@ def _block_anchor_kernel(
         if NORMALIZE:
             k_pos = k_pos * tl.load(k_inv_ptr + pos, mask=valid, other=1.0)[:, None]
         d_hat -= tl.where(valid, beta, 0.0)[:, None] * k_pos
+        if SIGMOID:
+            g_sum -= tl.where(valid, beta, 0.0)
+    if SIGMOID:
+        if tl.program_id(1) == 0:
+            tl.store(gsum_ptr + rows, g_sum / PRESCALE, mask=row_mask)
     tl.store(da_ptr + rows.to(tl.int64)[:, None] * D + out[None, :], d_hat / (PRESCALE * tau),
              mask=row_mask[:, None] & out_mask[None, :])
 
@@ -506,9 +552,9 @@ def _block_anchor_kernel(
 def _key_tile(
     d_hat, start, cols, col_mask, b_ptrs, a_ptrs0, slice_ptrs0, stride_am, stride_ad, a_inv_ptr, k_inv, col_scale_tau,
     pos_index_ptr, a_labels_ptr, k_labels_ptr, mask_ptr, stride_mask_a, stride_mask_k, mask_rows, mask_cols,
-    self_offset, lse_ptr, alpha_ptr, beta_ptr, A, D, stride_kd, out, out_mask,
+    self_offset, bias_ptr, lse_ptr, alpha_ptr, beta_ptr, A, D, stride_kd, out, out_mask,
     NORMALIZE: tl.constexpr, POSITIVES: tl.constexpr, HAS_SELF: tl.constexpr, EXCLUDE_POSITIVES: tl.constexpr,
-    MASKED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    SIGMOID: tl.constexpr, MASKED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     EVEN_D: tl.constexpr, EVEN_DO: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
     PRESCALE: tl.constexpr, SCALE_OPERAND: tl.constexpr,
 ):
@@ -525,10 +571,10 @@ def _key_tile(
     a_inv = load_inverse_norms(a_inv_ptr, rows, row_mask, NORMALIZE, ACC)
     t = acc * (a_inv * _LOG2E)[:, None] * col_scale_tau[None, :]
     pos_rows, a_labels = _row_positives(pos_index_ptr, a_labels_ptr, rows, row_mask, POSITIVES)
-    lse2, alpha, beta = _row_coefficients(lse_ptr, alpha_ptr, beta_ptr, rows, row_mask, PRESCALE)
+    lse2, alpha, beta = _row_coefficients(lse_ptr, alpha_ptr, beta_ptr, bias_ptr, rows, row_mask, PRESCALE, SIGMOID)
     g = _gradient_tile(t, rows, row_mask, cols, col_mask, lse2, alpha, beta, pos_rows, a_labels, k_labels_ptr,
                        mask_ptr, stride_mask_a, stride_mask_k, mask_rows, mask_cols, self_offset, POSITIVES,
-                       HAS_SELF, EXCLUDE_POSITIVES, True, MASKED, ACC)
+                       HAS_SELF, EXCLUDE_POSITIVES, True, MASKED, ACC, SIGMOID)
     a_slice = _load_slice(slice_ptrs0 + tl.cast(start, tl.int64) * stride_am, row_mask, out_mask, MASKED, EVEN_DO)
     if NORMALIZE:
         if SCALE_OPERAND:  # float16: â = a·r as the operand (see _anchor_tile)
@@ -544,9 +590,9 @@ def _key_tile(
 def _block_key_kernel(
     a_ptr, stride_am, stride_ad, k_ptr, stride_km, stride_kd, a_inv_ptr, k_inv_ptr, tau_ptr,
     pos_index_ptr, a_labels_ptr, k_labels_ptr, mask_ptr, stride_mask_a, stride_mask_k, mask_rows, mask_cols,
-    self_offset, lse_ptr, alpha_ptr, beta_ptr, dk_ptr, A, K, D, SHAPE_BUCKET,
+    self_offset, bias_ptr, lse_ptr, alpha_ptr, beta_ptr, dk_ptr, A, K, D, SHAPE_BUCKET,
     NORMALIZE: tl.constexpr, POSITIVES: tl.constexpr, HAS_SELF: tl.constexpr, EXCLUDE_POSITIVES: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr,
+    SIGMOID: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr,
     EVEN_D: tl.constexpr, EVEN_DO: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
     PRESCALE: tl.constexpr, SCALE_OPERAND: tl.constexpr,
 ):
@@ -577,25 +623,25 @@ def _block_key_kernel(
         d_hat = _key_tile(
             d_hat, tile * BLOCK_M, cols, col_mask, b_ptrs, a_ptrs0, slice_ptrs0, stride_am, stride_ad, a_inv_ptr, k_inv,
             col_scale_tau, pos_index_ptr, a_labels_ptr, k_labels_ptr, mask_ptr, stride_mask_a, stride_mask_k,
-            mask_rows, mask_cols, self_offset, lse_ptr, alpha_ptr, beta_ptr, A, D, stride_kd, out, out_mask,
-            NORMALIZE, POSITIVES, HAS_SELF, EXCLUDE_POSITIVES, False, BLOCK_M, BLOCK_N, BLOCK_D, EVEN_D, EVEN_DO,
-            PRECISION, ACC, PRESCALE, SCALE_OPERAND)
+            mask_rows, mask_cols, self_offset, bias_ptr, lse_ptr, alpha_ptr, beta_ptr, A, D, stride_kd, out,
+            out_mask, NORMALIZE, POSITIVES, HAS_SELF, EXCLUDE_POSITIVES, SIGMOID, False, BLOCK_M, BLOCK_N,
+            BLOCK_D, EVEN_D, EVEN_DO, PRECISION, ACC, PRESCALE, SCALE_OPERAND)
     for tile in range(self_hi, full):
         d_hat = _key_tile(
             d_hat, tile * BLOCK_M, cols, col_mask, b_ptrs, a_ptrs0, slice_ptrs0, stride_am, stride_ad, a_inv_ptr, k_inv,
             col_scale_tau, pos_index_ptr, a_labels_ptr, k_labels_ptr, mask_ptr, stride_mask_a, stride_mask_k,
-            mask_rows, mask_cols, self_offset, lse_ptr, alpha_ptr, beta_ptr, A, D, stride_kd, out, out_mask,
-            NORMALIZE, POSITIVES, HAS_SELF, EXCLUDE_POSITIVES, False, BLOCK_M, BLOCK_N, BLOCK_D, EVEN_D, EVEN_DO,
-            PRECISION, ACC, PRESCALE, SCALE_OPERAND)
+            mask_rows, mask_cols, self_offset, bias_ptr, lse_ptr, alpha_ptr, beta_ptr, A, D, stride_kd, out,
+            out_mask, NORMALIZE, POSITIVES, HAS_SELF, EXCLUDE_POSITIVES, SIGMOID, False, BLOCK_M, BLOCK_N,
+            BLOCK_D, EVEN_D, EVEN_DO, PRECISION, ACC, PRESCALE, SCALE_OPERAND)
     row_tiles = tl.cdiv(A, BLOCK_M)
     for step in range(0, self_hi - self_lo + row_tiles - full):
         tile = tl.where(self_lo + step < self_hi, self_lo + step, full + (step - (self_hi - self_lo)))
         d_hat = _key_tile(
             d_hat, tile * BLOCK_M, cols, col_mask, b_ptrs, a_ptrs0, slice_ptrs0, stride_am, stride_ad, a_inv_ptr, k_inv,
             col_scale_tau, pos_index_ptr, a_labels_ptr, k_labels_ptr, mask_ptr, stride_mask_a, stride_mask_k,
-            mask_rows, mask_cols, self_offset, lse_ptr, alpha_ptr, beta_ptr, A, D, stride_kd, out, out_mask,
-            NORMALIZE, POSITIVES, HAS_SELF, EXCLUDE_POSITIVES, True, BLOCK_M, BLOCK_N, BLOCK_D, EVEN_D, EVEN_DO,
-            PRECISION, ACC, PRESCALE, SCALE_OPERAND)
+            mask_rows, mask_cols, self_offset, bias_ptr, lse_ptr, alpha_ptr, beta_ptr, A, D, stride_kd, out,
+            out_mask, NORMALIZE, POSITIVES, HAS_SELF, EXCLUDE_POSITIVES, SIGMOID, True, BLOCK_M, BLOCK_N,
+            BLOCK_D, EVEN_D, EVEN_DO, PRECISION, ACC, PRESCALE, SCALE_OPERAND)
     tl.store(dk_ptr + cols.to(tl.int64)[:, None] * D + out[None, :], d_hat / (PRESCALE * tau),
              mask=col_mask[:, None] & out_mask[None, :])
 
@@ -644,9 +690,6 @@ def _check(a: Tensor, a_inv: Optional[Tensor], k: Tensor, k_inv: Optional[Tensor
         raise ValueError("a_inv, k_inv: give both inverse norms or neither")
     if tau.dim() != 0:
         raise ValueError(f"tau: expected a 0-dim tensor, got shape {tuple(tau.shape)}")
-    if layout.epilogue != "softmax":
-        raise NotImplementedError(f"layout.epilogue={layout.epilogue!r}: the Triton block kernels implement the "
-                                  "softmax epilogue only")
 
 
 def _int32_labels(labels: Tensor, device: torch.device) -> Tensor:
@@ -663,8 +706,9 @@ def _int32_labels(labels: Tensor, device: torch.device) -> Tensor:
 
 
 def _layout_args(layout: Layout, a: Tensor, k: Tensor, placeholder: Tensor) -> tuple[tuple, dict]:
-    """(kernel arguments from pos_index to self_offset, layout constexprs). Absent tensors get a valid
-    placeholder buffer the kernel never reads."""
+    """(kernel arguments from pos_index to the bias, layout constexprs). Absent tensors get a valid
+    placeholder buffer the kernel never reads; the sigmoid epilogue's bias is a 0-dim accumulation-dtype
+    tensor (0 when None)."""
     index = labels_a = labels_k = mask = placeholder
     stride_mask_a = stride_mask_k = 0
     mask_rows = mask_cols = 1
@@ -685,11 +729,17 @@ def _layout_args(layout: Layout, a: Tensor, k: Tensor, placeholder: Tensor) -> t
         mask = mask.view(torch.uint8) if mask.dtype == torch.bool else mask
         stride_mask_a, stride_mask_k = mask.stride()
         mask_rows, mask_cols = mask.shape
+    sigmoid = layout.epilogue == "sigmoid"
+    bias = placeholder
+    if sigmoid:
+        acc = accumulation_dtype(a.dtype)
+        bias = (torch.zeros((), dtype=acc, device=a.device) if layout.bias is None
+                else layout.bias.to(device=a.device, dtype=acc).reshape(()).contiguous())
     has_self = layout.self_offset is not None
     args = (index, labels_a, labels_k, mask, stride_mask_a, stride_mask_k, mask_rows, mask_cols,
-            layout.self_offset if has_self else 0)
+            layout.self_offset if has_self else 0, bias)
     return args, dict(POSITIVES=_POSITIVES[layout.positives], HAS_SELF=has_self,
-                      EXCLUDE_POSITIVES=layout.exclude_positives)
+                      EXCLUDE_POSITIVES=layout.exclude_positives, SIGMOID=sigmoid)
 
 
 def _row_args(a: Tensor, a_inv: Optional[Tensor], k: Tensor, k_inv: Optional[Tensor], tau: Tensor) -> tuple:
@@ -711,11 +761,11 @@ def block_forward(
         layout: positives, self entry and exclusions of the block.
 
     Returns:
-        lse (−inf for an anchor the block leaves nothing), pos_sum = Σ_c P s, pos_weight = Σ_c P.
+        lse (softmax: −inf for an anchor the block leaves nothing; sigmoid: Σ softplus(s + b) over the
+        entries not excluded), pos_sum = Σ_c P s, pos_weight = Σ_c P.
 
     Raises:
         ValueError: inconsistent shapes, dtypes or layout tensors (named in the message).
-        NotImplementedError: the sigmoid epilogue.
     """
     _check(a, a_inv, k, k_inv, tau, sub_dim, layout)
     n_anchors, n_keys = a.shape[0], k.shape[0]
@@ -735,18 +785,19 @@ def block_backward(
     layout: Layout, lse: Tensor, alpha: Tensor, beta: Tensor,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(d_a [A, sub_dim], d_k [K, sub_dim], gs) of one block: gradients with respect to the RAW rows for
-    G_ac = alpha_a·exp(s_ac − lse_a) − beta_a·P_ac, and gs = Σ G·s (docs/block-engine.md).
+    G_ac = alpha_a·exp(s_ac − lse_a) − beta_a·P_ac (sigmoid: alpha_a·σ(s_ac + b) − beta_a·P_ac), and gs
+    (docs/block-engine.md).
 
     Args:
         a, a_inv, k, k_inv, tau, sub_dim, layout: as in :func:`block_forward`.
-        lse: [A] GLOBAL per-anchor log-sum-exp (accumulation dtype).
+        lse: [A] GLOBAL per-anchor log-sum-exp (accumulation dtype; unused by the sigmoid epilogue).
         alpha, beta: [A] per-anchor coefficients (accumulation dtype).
 
     Returns:
-        d_a, d_k in the accumulation dtype and gs, a 0-dim tensor.
+        d_a, d_k in the accumulation dtype and gs: Σ G·s, a 0-dim tensor (sigmoid: [Σ G·s, Σ G], shape [2]).
 
     Raises:
-        ValueError / NotImplementedError: as :func:`block_forward`; lse/alpha/beta of the wrong shape.
+        ValueError: as :func:`block_forward`; lse/alpha/beta of the wrong shape.
     """
     _check(a, a_inv, k, k_inv, tau, sub_dim, layout)
     n_anchors, n_keys = a.shape[0], k.shape[0]
@@ -758,15 +809,19 @@ def block_backward(
     d_a = torch.empty(n_anchors, sub_dim, dtype=acc, device=a.device)
     d_k = torch.empty(n_keys, sub_dim, dtype=acc, device=a.device)
     layout_args, flags = _layout_args(layout, a, k, tau)
+    # Σ_c G per anchor (sigmoid only; the softmax kernels never touch it).
+    g_sum = torch.empty(n_anchors if flags["SIGMOID"] else 1, dtype=acc, device=a.device)
     meta = dict(NORMALIZE=a_inv is not None, PRECISION=dot_precision(a.dtype), ACC=accumulator(a.dtype),
                 PRESCALE=gradient_prescale(a.dtype), SCALE_OPERAND=a.dtype == torch.float16, **flags)
     rows, bucket = _row_args(a, a_inv, k, k_inv, tau), shape_bucket(max(n_anchors, n_keys))
     _block_anchor_kernel[lambda m: (triton.cdiv(n_anchors, m["BLOCK_M"]), triton.cdiv(sub_dim, m["BLOCK_DO"]))](
-        *rows, *layout_args, lse, alpha, beta, d_a, n_anchors, n_keys, sub_dim, bucket, **meta)
+        *rows, *layout_args, lse, alpha, beta, d_a, g_sum, n_anchors, n_keys, sub_dim, bucket, **meta)
     _block_key_kernel[lambda m: (triton.cdiv(n_keys, m["BLOCK_N"]), triton.cdiv(sub_dim, m["BLOCK_DO"]))](
         *rows, *layout_args, lse, alpha, beta, d_k, n_anchors, n_keys, sub_dim, bucket, **meta)
     radial = _normalization_backward(a, a_inv, d_a, tau)
     _normalization_backward(k, k_inv, d_k, tau)
+    if flags["SIGMOID"]:
+        return d_a, d_k, torch.stack([radial.sum(), g_sum.sum()])
     return d_a, d_k, radial.sum()
 
 
@@ -803,8 +858,8 @@ def compile_specs(dtype: torch.dtype, precision: str, sub_dim: int, n: int = 409
             CompileSpec(f"block_{name}_forward", "forward", _block_forward_kernel.fn,
                         (*rows, *layout_args, vector(), vector(), vector(), n, n, sub_dim, shape_bucket(n)), common),
             CompileSpec(f"block_{name}_anchor", "block_backward", _block_anchor_kernel.fn,
-                        (*rows, *layout_args, *coefficients, torch.empty(n, sub_dim, dtype=acc), n, n, sub_dim,
-                         shape_bucket(n)), backward),
+                        (*rows, *layout_args, *coefficients, torch.empty(n, sub_dim, dtype=acc), vector(), n, n,
+                         sub_dim, shape_bucket(n)), backward),
             CompileSpec(f"block_{name}_key", "block_backward", _block_key_kernel.fn,
                         (*rows, *layout_args, *coefficients, torch.empty(n, sub_dim, dtype=acc), n, n, sub_dim,
                          shape_bucket(n)), backward),

@@ -8,6 +8,8 @@ exclude_positives (DCL), a global lse that differs from the block's own, bf16 an
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -150,6 +152,50 @@ def test_fp32_matches_float64(kind, self_offset, normalize, depth, sub_dim, stri
     assert abs(gs.item() - ref[6].item()) <= 1e-5 * max(1.0, ref[4].abs().max().item())
 
 
+def _sigmoid_run(primitive, a, k, sub_dim, layout, normalize, alpha, beta, precision):
+    a_inv = inverse_norms(a, sub_dim) if normalize else None
+    k_inv = inverse_norms(k, sub_dim) if normalize else None
+    tau = torch.tensor(0.01, dtype=precision)
+    stats = primitive.block_forward(a, a_inv, k, k_inv, tau, sub_dim, layout)
+    grads = primitive.block_backward(
+        a, a_inv, k, k_inv, tau, sub_dim, layout, stats[0], alpha.to(precision), beta.to(precision)
+    )
+    return (*stats, *grads)
+
+
+@pytest.mark.parametrize(
+    "kind,self_offset,normalize,depth,sub_dim,strided,exclude",
+    CASES,
+    ids=[f"{c[0]}-self{c[1]}-norm{int(c[2])}-D{c[3]}-sub{c[4]}-strided{int(c[5])}-dcl{int(c[6])}" for c in CASES],
+)
+@pytest.mark.parametrize("bias", [None, -10.0], ids=["nobias", "bias"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+def test_sigmoid_matches_float64(kind, self_offset, normalize, depth, sub_dim, strided, exclude, bias, dtype):
+    """SigLIP's epilogue (Σ softplus(s + b) forward, σ(s + b) gradient, gs = [Σ G·s, Σ G]) on the odd
+    shapes at τ = 0.01 (|s + b| up to ~100), against the torch reference primitive in float64."""
+    generator = torch.Generator().manual_seed(1)
+    a, k = _rows(dtype, depth, sub_dim, normalize, strided, generator)
+    layout = dataclasses.replace(_layout(kind, self_offset, generator, exclude), epilogue="sigmoid")
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    alpha = torch.rand(A, generator=generator, dtype=torch.float64)
+    beta = torch.rand(A, generator=generator, dtype=torch.float64)
+    rtol = 1e-5 if dtype == torch.float32 else 1e-10
+    got_layout, want_layout = (
+        dataclasses.replace(layout, bias=None if bias is None else torch.tensor(bias, dtype=precision))
+        for precision in (acc, torch.float64)
+    )
+    got = _sigmoid_run(block, a, k, sub_dim, got_layout, normalize, alpha, beta, acc)
+    want = _sigmoid_run(
+        torch_block, a.double(), k.double(), sub_dim, want_layout, normalize, alpha, beta, torch.float64
+    )
+    assert got[5].shape == (2,) and got[5].dtype == acc
+    for name, g, w in zip(("stat", "pos_sum", "pos_weight", "d_a", "d_k"), got, want):
+        assert g.dtype == acc and g.shape == w.shape, name
+        _close(g, w, rtol)
+    scale = max(1.0, want[5].abs().max().item())
+    assert (got[5].double() - want[5]).abs().max().item() <= rtol * 10 * scale, (got[5], want[5])
+
+
 def test_float64_and_torch_reference_primitive():
     """float64 rows (fp64 dots) at 1e-10, and the same numbers as the torch backend's primitive."""
     a, k, a_inv, k_inv, tau, layout, ref, forward, backward, coefficients = _run(
@@ -211,5 +257,3 @@ def test_bad_input_names_the_argument():
         block.block_forward(
             a, None, k, None, tau, 8, Layout(positives="index", pos_index=torch.zeros(3, dtype=torch.long))
         )
-    with pytest.raises(NotImplementedError, match="epilogue"):
-        block.block_forward(a, None, k, None, tau, 8, Layout(epilogue="sigmoid"))
