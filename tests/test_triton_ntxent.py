@@ -22,7 +22,7 @@ import torch
 from loss_cases import Batch, assert_no_worse_than_naive, make_batch, reference_of, relative_error, run
 
 import fastcl
-from fastcl.profiler import naive
+from fastcl.reference import naive_nt_xent
 
 pytestmark = pytest.mark.triton
 
@@ -197,7 +197,7 @@ def test_16bit_inputs_no_worse_than_naive(dtype, triton_device):
     truth = reference_of("nt_xent", batch, tau, dtype)
     on = on_device(batch, triton_device)
     ours = run(backend_loss("nt_xent", "triton"), on, tau, dtype)
-    baseline = run(naive.nt_xent, on, tau, dtype)
+    baseline = run(naive_nt_xent, on, tau, dtype)
     assert_no_worse_than_naive(ours, baseline, truth, dtype)
 
 

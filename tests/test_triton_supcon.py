@@ -21,7 +21,7 @@ from test_triton_ntxent import (
     transposed,
 )
 
-from fastcl.profiler import naive
+from fastcl.reference import naive_supcon
 
 pytestmark = pytest.mark.triton
 
@@ -179,7 +179,7 @@ def test_16bit_inputs_no_worse_than_naive(dtype, triton_device):
     truth = reference_of("supcon", batch, tau, dtype)
     on = on_device(batch, triton_device)
     ours = run(backend_loss("supcon", "triton"), on, tau, dtype)
-    baseline = run(lambda features, temperature, labels: naive.supcon(features, labels, temperature), on, tau, dtype)
+    baseline = run(lambda features, temperature, labels: naive_supcon(features, labels, temperature), on, tau, dtype)
     assert_no_worse_than_naive(ours, baseline, truth, dtype)
 
 
