@@ -840,7 +840,8 @@ def _normalization_backward(x: Tensor, inv: Optional[Tensor], grad: Tensor, tau:
 
 def compile_specs(dtype: torch.dtype, precision: str, sub_dim: int, n: int = 4096) -> list[CompileSpec]:
     """The three block kernels for the compile-only report: contiguous [n, sub_dim] anchors and keys,
-    normalized, self entry, with labels (SupCon's gather block) and with a positive index (NT-Xent's)."""
+    normalized, self entry, with labels (SupCon's gather block) and with a positive index (NT-Xent's); and
+    SigLIP's sigmoid epilogue (images × texts, index positives, no self entry)."""
     acc = accumulation_dtype(dtype)
     a, k = (torch.empty(n, sub_dim, dtype=dtype) for _ in range(2))
     vector = lambda: torch.empty(n, dtype=acc)  # noqa: E731
@@ -849,7 +850,8 @@ def compile_specs(dtype: torch.dtype, precision: str, sub_dim: int, n: int = 409
     specs = []
     ids = torch.zeros(n, dtype=torch.int64)
     for name, layout in (("index", Layout(positives="index", self_offset=0, pos_index=ids)),
-                         ("labels", Layout(positives="labels", self_offset=0, a_labels=ids, k_labels=ids))):
+                         ("labels", Layout(positives="labels", self_offset=0, a_labels=ids, k_labels=ids)),
+                         ("sigmoid", Layout(positives="index", pos_index=ids, epilogue="sigmoid", bias=tau))):
         layout_args, flags = _layout_args(layout, a, k, tau)
         common = dict(NORMALIZE=True, PRECISION=precision, ACC=accumulator(dtype), **flags)
         backward = dict(common, PRESCALE=gradient_prescale(dtype), SCALE_OPERAND=dtype == torch.float16)
