@@ -136,10 +136,10 @@ def supcon(
     sub_dim: int,
     normalize: bool,
     backend: str,
-) -> tuple[Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """features [N, V, D]; rows are view-major (row v·N + n = features[n, v]). Exactly one of labels [N] /
-    bool mask [N, N] is given. Anchors are rows 0..n_anchors-1. Returns (loss, lse[n_anchors], inverse
-    norms[V·N] or [0])."""
+    bool mask [N, N] is given. Anchors are rows 0..n_anchors-1. Returns (loss, lse[n_anchors], int32
+    |P(a)|[n_anchors] (the backward reuses them: no second count), inverse norms[V·N] or [0])."""
     no_autocast, impl = _backend(backend, features)
     with no_autocast:
         return impl.supcon_forward(features, labels, mask, tau, base_temperature, n_anchors, sub_dim, normalize)
@@ -152,6 +152,7 @@ def _(features, labels, mask, tau, base_temperature, n_anchors, sub_dim, normali
     return (
         features.new_empty((), dtype=acc),
         features.new_empty((n_anchors,), dtype=acc),
+        features.new_empty((n_anchors,), dtype=torch.int32),
         _norms_fake(features, m, normalize),
     )
 
@@ -162,13 +163,24 @@ def _supcon_setup(ctx, inputs, output):
     ctx.save_for_backward(features, labels, mask, tau, *output)
 
 
-def _supcon_backward(ctx, grad_loss, _grad_lse, _grad_norms):
-    features, labels, mask, tau, loss, lse, inv_norms = ctx.saved_tensors
+def _supcon_backward(ctx, grad_loss, _grad_lse, _grad_counts, _grad_norms):
+    features, labels, mask, tau, loss, lse, counts, inv_norms = ctx.saved_tensors
     base_temperature, n_anchors, sub_dim, normalize, backend = ctx.options
     no_autocast, impl = _backend(backend, features)
     with no_autocast:
         dfeatures, grad_dot_logits = impl.supcon_backward(
-            grad_loss, features, labels, mask, tau, base_temperature, n_anchors, sub_dim, normalize, lse, inv_norms
+            grad_loss,
+            features,
+            labels,
+            mask,
+            tau,
+            base_temperature,
+            n_anchors,
+            sub_dim,
+            normalize,
+            lse,
+            counts,
+            inv_norms,
         )
     dtau = None
     if ctx.needs_input_grad[3]:

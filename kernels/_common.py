@@ -12,7 +12,7 @@ Host side (plain Python, stable names):
   slice of output features one program accumulates). Entries for sm90 (H100/H200), sm80 (A100) and a
   small fallback; under the interpreter ONE small config (16×16 tiles), since autotuning there is
   far too slow. Use with ``triton.autotune(configs=..., key=["D", "SHAPE_BUCKET", ...],
-  prune_configs_by=PRUNE)``: Triton adds the dtypes of all tensor arguments to the key, so the tuning is
+  prune_configs_by=prune(kind))``: Triton adds the dtypes of all tensor arguments to the key, so the tuning is
   keyed on D, the size bucket and dtype. Forward and backward kernels are tuned independently (the
   backward never waits for a forward's choice, e.g. under torch.compile). Kernels must name the feature
   dimension argument ``D``. :func:`tile_configs` gives one architecture's table (the compile-only
@@ -20,7 +20,8 @@ Host side (plain Python, stable names):
 - :func:`gradient_prescale` — factor applied to a gradient tile (|values| ≤ 2) before it is cast to
   float16 for the second GEMM, so softmax weights ~1/M stay out of fp16's subnormal range; divide the
   result by it (it is a power of two: exact).
-- :data:`PRUNE` — ``prune_configs_by`` dict that drops feature tiles far wider than D.
+- :func:`prune` — the ``prune_configs_by`` dict of a kind: keeps the table a launch uses (small tiles,
+  the sigmoid epilogue's tables) and drops feature tiles far wider than D.
 - :func:`pair_rows` / :func:`view_major_rows` (device side: :func:`single_rows`) — a *stacked-rows
   descriptor*: the 8 kernel arguments
   ``(first, first_stride_m, first_stride_d, rest, rest_stride_block, rest_stride_m, rest_stride_d, N)``
@@ -139,23 +140,32 @@ _BACKWARD = {
     "sm80": [(64, 64, 64, 64, 8, 3), (64, 64, 32, 32, 8, 2)],
     "fallback": [(64, 32, 32, 64, 4, 2), (32, 32, 32, 32, 4, 2)],
 }
+# The block primitive's forward (kernels/block.py) folds the row scale into its exp2 and keeps only the
+# running (max, sum) per row: its 128×64 tile fits 4 warps (one warpgroup, 64 elements per thread, half
+# the per-tile row work per element of 8 warps); the local kernels' SupCon-with-mask spilled there.
+_BLOCK_FORWARD = dict(_FORWARD, sm90=[(128, 128, 64, 8, 3), (128, 64, 64, 4, 3), (64, 128, 64, 4, 4),
+                                      (64, 64, 32, 4, 3)])
 # The block primitive's backward passes (kernels/block.py) carry less per tile than the symmetric
 # backwards: at 4 warps they stay below 255 registers without spills on sm90 and halve the per-tile
 # overhead per element.
-_BLOCK_BACKWARD = {
-    "sm90": [(64, 64, 64, 64, 4, 3), (64, 64, 32, 64, 4, 3)],
-    "sm80": _BACKWARD["sm80"],
-    "fallback": _BACKWARD["fallback"],
-}
+_BLOCK_BACKWARD = dict(_BACKWARD, sm90=[(64, 64, 64, 64, 4, 3), (64, 64, 32, 64, 4, 3)])
 # Small tiles, the only ones for 4-byte rows (fp32 dots: tf32x3 holds high and low parts of both
-# operands in registers) and for the block kernels' label / mask positives (:func:`needs_small_tiles`).
+# operands in registers) and for the block kernels' per-element positives (:func:`needs_small_tiles`).
 _SMALL_FORWARD = {"sm90": [(64, 64, 32, 8, 3)], "sm80": [(32, 32, 16, 4, 2)], "fallback": [(32, 32, 32, 4, 2)]}
 _SMALL_BACKWARD = {"sm90": [(64, 64, 32, 64, 8, 3)], "sm80": [(32, 32, 32, 32, 4, 2)],
                    "fallback": [(32, 32, 32, 32, 4, 2)]}
+# SigLIP's sigmoid epilogue (softplus forward, σ backward) holds more per element: the report found spills
+# in 64×128 forward tiles on sm90, in the 64-wide gradient slices of 4-warp 16-bit key passes and of the fp32
+# (tf32x3) small tiles; its launches use these tables instead.
+_SIGMOID_BLOCK_FORWARD = dict(_BLOCK_FORWARD, sm90=[e for e in _BLOCK_FORWARD["sm90"] if e != (64, 128, 64, 4, 4)])
+_SIGMOID_BLOCK_BACKWARD = dict(_BLOCK_BACKWARD, sm90=[(64, 64, 64, 64, 4, 3), (64, 64, 32, 32, 4, 3)])
+_SIGMOID_SMALL_BACKWARD = dict(_SMALL_BACKWARD, sm90=[(64, 64, 32, 32, 8, 3)])
 _TABLES = {"forward": (_FORWARD, _SMALL_FORWARD), "backward": (_BACKWARD, _SMALL_BACKWARD),
-           "block_backward": (_BLOCK_BACKWARD, _SMALL_BACKWARD)}
+           "block_forward": (_BLOCK_FORWARD, _SMALL_FORWARD), "block_backward": (_BLOCK_BACKWARD, _SMALL_BACKWARD)}
+_SIGMOID_TABLES = {"block_forward": (_SIGMOID_BLOCK_FORWARD, _SMALL_FORWARD),
+                   "block_backward": (_SIGMOID_BLOCK_BACKWARD, _SIGMOID_SMALL_BACKWARD)}
 _INTERPRETER = {"forward": (16, 16, 16, 1, 1), "backward": (16, 16, 16, 16, 1, 1),
-                "block_backward": (16, 16, 16, 16, 1, 1)}
+                "block_forward": (16, 16, 16, 1, 1), "block_backward": (16, 16, 16, 16, 1, 1)}
 
 
 def _architecture() -> str:
@@ -166,15 +176,18 @@ def _architecture() -> str:
 
 
 def _config(kind: str, entry: tuple) -> triton.Config:
-    names = ("BLOCK_M", "BLOCK_N", "BLOCK_D") + (("BLOCK_DO",) if kind != "forward" else ())
+    names = ("BLOCK_M", "BLOCK_N", "BLOCK_D") + (("BLOCK_DO",) if not kind.endswith("forward") else ())
     *blocks, warps, stages = entry
     return triton.Config(dict(zip(names, blocks)), num_warps=warps, num_stages=stages)
 
 
-def needs_small_tiles(dtype: torch.dtype, constexprs: dict) -> bool:
-    """Whether a launch keeps only the small tiles: 4-byte rows, or the block kernels' label / mask
-    positives (their per-tile label compares and weights spill in 128-row tiles)."""
-    return dtype.itemsize >= 4 or constexprs.get("POSITIVES", 0) >= 2
+def needs_small_tiles(kind: str, dtype: torch.dtype, constexprs: dict) -> bool:
+    """Whether a launch of a ``kind`` kernel keeps only the small tiles: 4-byte rows, the block kernels'
+    mask positives (a weight read per element), or label positives inside a forward element loop (only
+    with EXCLUDE_POSITIVES; otherwise they come from class sums outside it): their per-element weights
+    and extra row sums spill in 128-row tiles. The block backwards' label compares fit the main tiles."""
+    positives = constexprs.get("POSITIVES", 0)
+    return dtype.itemsize >= 4 or positives == 3 or (positives == 2 and kind.endswith("forward"))
 
 
 def tile_configs(kind: str, arch: str, dtype: torch.dtype | None = None, constexprs: dict | None = None) -> list:
@@ -188,26 +201,26 @@ def tile_configs(kind: str, arch: str, dtype: torch.dtype | None = None, constex
     """
     if kind not in _TABLES:
         raise ValueError(f"kind: expected one of {list(_TABLES)}, got {kind!r}")
-    table, small = _TABLES[kind]
+    table, small = _SIGMOID_TABLES[kind] if (constexprs or {}).get("SIGMOID") else _TABLES[kind]
     if arch not in table:
         raise ValueError(f"arch: expected one of {list(table)}, got {arch!r}")
-    if dtype is not None and needs_small_tiles(dtype, constexprs or {}):
+    if dtype is not None and needs_small_tiles(kind, dtype, constexprs or {}):
         table = small
     return [_config(kind, e) for e in table[arch]]
 
 
 @functools.lru_cache(maxsize=None)
 def autotune_configs(kind: str) -> list:
-    """Configs for ``kind`` in {"forward", "backward", "block_backward"} on this machine: the
-    architecture's table and its small tiles (PRUNE keeps the ones a launch may use; see the module
-    docstring)."""
+    """Configs for ``kind`` in {"forward", "backward", "block_forward", "block_backward"} on this machine:
+    the architecture's tables, small tiles and sigmoid tables (:func:`prune` keeps the ones a launch may
+    use; see the module docstring)."""
     if kind not in _TABLES:
         raise ValueError(f"kind: expected one of {list(_TABLES)}, got {kind!r}")
     if interpreted():
         return [_config(kind, _INTERPRETER[kind])]
-    table, small = _TABLES[kind]
     arch = _architecture()
-    return [_config(kind, e) for e in dict.fromkeys(table[arch] + small[arch])]
+    tables = [_TABLES[kind]] + ([_SIGMOID_TABLES[kind]] if kind in _SIGMOID_TABLES else [])
+    return [_config(kind, e) for e in dict.fromkeys(sum((t[arch] for pair in tables for t in pair), []))]
 
 
 class CompileSpec(NamedTuple):
@@ -222,26 +235,25 @@ class CompileSpec(NamedTuple):
     constexprs: dict
 
 
-def _in_tables(config, small: bool) -> bool:
-    """Whether ``config`` is an entry of this machine's small-tile tables (``small``) or main tables."""
-    entry = (*config.kwargs.values(), config.num_warps, config.num_stages)
-    return any(entry in tables[small][_architecture()] for tables in _TABLES.values())
-
-
-def _prune_wide_tiles(configs, named_args, **kwargs):
-    """Keeps the small tiles only for launches that need them (:func:`needs_small_tiles`), the others
-    otherwise, and drops configs whose feature tiles are wider than D needs (they only add masked work)."""
+def _prune_wide_tiles(kind, configs, named_args, **kwargs):
+    """Keeps the configs of the table this launch uses (:func:`tile_configs`: small tiles where
+    :func:`needs_small_tiles`, the sigmoid epilogue's own tables) and drops those whose feature tiles are
+    wider than D needs (they only add masked work)."""
     if interpreted():
         return configs
     rows = next(v for v in named_args.values() if isinstance(v, torch.Tensor))
-    small = needs_small_tiles(rows.dtype, kwargs)
-    kept = [c for c in configs if _in_tables(c, small)]
+    allowed = {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_D"], c.kwargs.get("BLOCK_DO"), c.num_warps,
+                c.num_stages) for c in tile_configs(kind, _architecture(), rows.dtype, kwargs)}
+    kept = [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_D"],
+                                   c.kwargs.get("BLOCK_DO"), c.num_warps, c.num_stages) in allowed]
     width = max(16, triton.next_power_of_2(int(named_args["D"])))
     narrow = [c for c in kept if c.kwargs["BLOCK_D"] <= width and c.kwargs.get("BLOCK_DO", 0) <= max(width, 64)]
     return narrow or kept[-1:] or configs[-1:]
 
 
-PRUNE = {"early_config_prune": _prune_wide_tiles}
+def prune(kind: str) -> dict:
+    """``prune_configs_by`` for kernels tuned over :func:`autotune_configs` (``kind``)."""
+    return {"early_config_prune": functools.partial(_prune_wide_tiles, kind)}
 
 
 @triton.jit

@@ -14,9 +14,11 @@ tiles holding the anchors' own rows when ``self_offset`` is set, and the tail ti
 fold with masks. Pointers are built once for tile 0 and moved by one scalar offset per tile.
 
 Forward — one program per block of BLOCK_M anchors walks the key tiles: the online (max, sum) of exp2
-over the entries left in the denominator; label positives are a per-element compare (int32 labels),
-mask positives a weight read; index positives are not in the loop at all: s_{a,pos(a)} is one row dot
-per anchor after it. Stores lse[A], pos_sum[A], pos_weight[A].
+over the entries left in the denominator; mask positives are a weight read per element; index positives
+are not in the loop at all: s_{a,pos(a)} is one row dot per anchor after it; nor are label positives:
+Σ_{c: y_c = y_a} s_ac = â·(Σ_{c: y_c = y_a} k̂_c)/τ from per-class sums of the key rows (torch, O(K·D'),
+``_label_positives``) — only when the denominator must drop the positives too (EXCLUDE_POSITIVES) does
+the loop compare labels (int32) per element. Stores lse[A], pos_sum[A], pos_weight[A].
 
 Backward — G_ac = alpha_a·exp(s_ac − lse_a) − beta_a·P_ac (0 on the self entry and padding; the
 exponential term 0 on excluded entries), from the recomputed tile:
@@ -53,7 +55,6 @@ from torch import Tensor
 
 from fastcl._blocks import Layout, accumulation_dtype
 from fastcl.kernels._common import (
-    PRUNE,
     CompileSpec,
     accumulator,
     autotune_configs,
@@ -62,6 +63,7 @@ from fastcl.kernels._common import (
     interpreted,
     load_inverse_norms,
     mma,
+    prune,
     shape_bucket,
     single_rows,
     store_row_gradient,
@@ -69,7 +71,7 @@ from fastcl.kernels._common import (
 
 # Autotuning of the two backward passes (keyed like the forward) and their even-width flags.
 _BACKWARD_TUNING = triton.autotune(
-    configs=autotune_configs("block_backward"), prune_configs_by=PRUNE,
+    configs=autotune_configs("block_backward"), prune_configs_by=prune("block_backward"),
     key=["D", "SHAPE_BUCKET", "PRECISION", "NORMALIZE", "POSITIVES", "HAS_SELF", "EXCLUDE_POSITIVES",
          "SIGMOID"])
 _EVEN_FEATURES = triton.heuristics({"EVEN_D": lambda args: args["D"] % args["BLOCK_D"] == 0,
@@ -167,10 +169,12 @@ def _key_tile_logits(
     start, a_ptrs, b_ptrs0, k_inv_ptr, row_mask, row_scale, K, D, stride_ad, stride_km, stride_kd,
     NORMALIZE: tl.constexpr, MASKED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
+    SCALE_ROWS: tl.constexpr = True,
 ):
     """(cols, col_mask, t, k_inv) of key tile ``start`` for a fixed anchor block: base-2 logits
-    t = (a·kᵀ)·row_scale·k_inv. Tile-0 pointers plus one scalar offset: no per-element index math;
-    MASKED: the tile may hold padding keys (unmasked tiles get a constant-true mask)."""
+    t = (a·kᵀ)·row_scale·k_inv; without SCALE_ROWS t/row_scale (the forward folds the row scale into
+    its exp2's FFMA). Tile-0 pointers plus one scalar offset: no per-element index math; MASKED: the
+    tile may hold padding keys (unmasked tiles get a constant-true mask)."""
     cols = start + tl.arange(0, BLOCK_N)
     if MASKED:
         col_mask = cols < K
@@ -184,21 +188,33 @@ def _key_tile_logits(
             k_inv = tl.load(k_inv_ptr + cols, mask=col_mask, other=1.0)
         else:
             k_inv = tl.load(k_inv_ptr + cols)
-        t = acc * row_scale[:, None] * k_inv[None, :]
+        t = acc * k_inv[None, :]
     else:
         k_inv = tl.full((BLOCK_N,), 1.0, ACC)
-        t = acc * row_scale[:, None]
+        t = acc
+    if SCALE_ROWS:
+        t = t * row_scale[:, None]
     return cols, col_mask, t, k_inv
 
 
 @triton.jit
-def _softplus2(u):
+def _divide(x, y, ACC: tl.constexpr):
+    """x / y for a denominator in [1, 2]: the fast (2-ulp) float32 division, no IEEE slow path (whose
+    call frame ptxas reports as spill stores); float64 divides exactly."""
+    if ACC == tl.float32:
+        return tl.math.fdiv(x, y, approx=True)
+    else:
+        return x / y
+
+
+@triton.jit
+def _softplus2(u, ACC: tl.constexpr):
     """log2(1 + 2^u) = softplus(u·ln 2)·log2 e, safe for any u (−inf → 0): max(u, 0) + log2(1 + y) with
-    y = 2^−|u| ≤ 1, log1p through w = 1 + y: log2(w)·y/(w − 1) (y·log2 e where w rounds to 1)."""
+    y = 2^−|u| ≤ 1. log1p through w = 1 + y: log2(w) plus the rounding of w, (y − (w − 1))·log2 e / w
+    (exactly y·log2 e where w rounds to 1)."""
     y = tl.exp2(-tl.abs(u))
     w = 1.0 + y
-    rounded = w == 1.0
-    return tl.maximum(u, 0.0) + tl.where(rounded, y * _LOG2E, tl.log2(w) * (y / tl.where(rounded, 1.0, w - 1.0)))
+    return tl.maximum(u, 0.0) + tl.log2(w) + _divide((y - (w - 1.0)) * _LOG2E, w, ACC)
 
 
 @triton.jit
@@ -212,10 +228,12 @@ def _fold_tile(
 ):
     """Folds key tile ``start`` into the anchors' running statistics. MASKED: the tile may hold padding
     columns or self entries; unmasked tiles (the steady state) skip every mask. SIGMOID: running_sum
-    accumulates Σ log2(1 + 2^(t + b·log2 e)) (excluded entries are t = −inf → 0); running_max is unused."""
+    accumulates Σ log2(1 + 2^(t + b·log2 e)) (excluded entries are t = −inf → 0); running_max is unused.
+    The tile holds u = t/row_scale (row_scale > 0 keeps the order, so the running max is kept in u); the
+    row scale enters the exp2 argument's FFMA and the row sums once per tile."""
     cols, col_mask, t, k_inv = _key_tile_logits(
         start, a_ptrs, b_ptrs0, k_inv_ptr, row_mask, row_scale, K, D, stride_ad, stride_km, stride_kd, NORMALIZE,
-        MASKED, BLOCK_M, BLOCK_N, BLOCK_D, EVEN_D, PRECISION, ACC)
+        MASKED, BLOCK_M, BLOCK_N, BLOCK_D, EVEN_D, PRECISION, ACC, False)
     if POSITIVES == 2:
         # Labels: a compare per element, no weight tile (keeps registers down).
         if MASKED:
@@ -228,7 +246,7 @@ def _fold_tile(
             if HAS_SELF:
                 kept = kept & (cols[None, :] != rows[:, None] + self_offset)
             same = same & kept
-        pos_sum += tl.sum(tl.where(same, t, 0.0), axis=1)
+        pos_sum += tl.sum(tl.where(same, t, 0.0), axis=1) * row_scale
         pos_weight += tl.sum(same.to(ACC), axis=1)
         if MASKED:
             t = tl.where(kept, t, float("-inf"))
@@ -242,7 +260,7 @@ def _fold_tile(
         elif EXCLUDE_POSITIVES:
             denominator = p == 0.0
         if POSITIVES == 3:  # index positives are summed outside the loop
-            pos_sum += tl.sum(p * t, axis=1)
+            pos_sum += tl.sum(p * t, axis=1) * row_scale
             pos_weight += tl.sum(p, axis=1)
         if MASKED or EXCLUDE_POSITIVES:
             t = tl.where(denominator, t, float("-inf"))
@@ -251,12 +269,13 @@ def _fold_tile(
         t = tl.where(denominator, t, float("-inf"))
     if SIGMOID:
         new_max = running_max
-        running_sum += tl.sum(_softplus2(t + bias2), axis=1)
+        running_sum += tl.sum(_softplus2(t * row_scale[:, None] + bias2, ACC), axis=1)
     else:
         new_max = tl.maximum(running_max, tl.max(t, axis=1))
         # Rows with no entry yet keep max −inf; shift by 0 there so exp2(−inf − shift) = 0, not NaN.
-        shift = tl.where(new_max == float("-inf"), 0.0, new_max)
-        running_sum = running_sum * tl.exp2(running_max - shift) + tl.sum(tl.exp2(t - shift[:, None]), axis=1)
+        shift = tl.where(new_max == float("-inf"), 0.0, new_max * row_scale)
+        running_sum = running_sum * tl.exp2(running_max * row_scale - shift) \
+            + tl.sum(tl.exp2(t * row_scale[:, None] - shift[:, None]), axis=1)
     return new_max, running_sum, pos_sum, pos_weight
 
 
@@ -284,10 +303,10 @@ def _index_positive(
     return tl.where(valid, dot * row_scale, 0.0), tl.where(valid, 1.0, 0.0).to(ACC)
 
 
-@triton.autotune(configs=autotune_configs("forward"),
+@triton.autotune(configs=autotune_configs("block_forward"),
                  key=["D", "SHAPE_BUCKET", "PRECISION", "NORMALIZE", "POSITIVES", "HAS_SELF", "EXCLUDE_POSITIVES",
                       "SIGMOID"],
-                 prune_configs_by=PRUNE)
+                 prune_configs_by=prune("block_forward"))
 @triton.heuristics({"EVEN_D": lambda args: args["D"] % args["BLOCK_D"] == 0})
 @triton.jit
 def _block_forward_kernel(
@@ -346,7 +365,7 @@ def _block_forward_kernel(
     if SIGMOID:
         tl.store(lse_ptr + rows, running_sum * _LN2, mask=row_mask)
     else:
-        tl.store(lse_ptr + rows, (running_max + tl.log2(running_sum)) * _LN2, mask=row_mask)
+        tl.store(lse_ptr + rows, (running_max * row_scale + tl.log2(running_sum)) * _LN2, mask=row_mask)
     tl.store(pos_sum_ptr + rows, pos_sum * _LN2, mask=row_mask)
     tl.store(pos_weight_ptr + rows, pos_weight, mask=row_mask)
 
@@ -382,7 +401,7 @@ def _gradient_tile(
     if SIGMOID:
         u = t - lse2[:, None]  # (s + b)·log2 e
         y = tl.exp2(-tl.abs(u))  # ≤ 1: σ = 1/(1 + y) for u ≥ 0, y/(1 + y) below, no overflow
-        e = tl.where(u >= 0.0, 1.0, y) / (1.0 + y)
+        e = _divide(tl.where(u >= 0.0, 1.0, y), 1.0 + y, ACC)
     else:
         e = tl.exp2(t - lse2[:, None])
     if POSITIVES == 2:
@@ -772,12 +791,69 @@ def block_forward(
     acc = accumulation_dtype(a.dtype)
     lse, pos_sum, pos_weight = (torch.empty(n_anchors, dtype=acc, device=a.device) for _ in range(3))
     layout_args, flags = _layout_args(layout, a, k, tau)
+    class_sums = _uses_class_sums(flags)
+    if class_sums:  # the element loop only sees the self entry; the positives come from the class sums below
+        flags = dict(flags, POSITIVES=_POSITIVES["none"])
     _block_forward_kernel[lambda meta: (triton.cdiv(n_anchors, meta["BLOCK_M"]),)](
         *_row_args(a, a_inv, k, k_inv, tau), *layout_args, lse, pos_sum, pos_weight, n_anchors, n_keys, sub_dim,
         shape_bucket(max(n_anchors, n_keys)),
         NORMALIZE=a_inv is not None, PRECISION=dot_precision(a.dtype), ACC=accumulator(a.dtype), **flags,
     )
+    if class_sums:
+        pos_sum, pos_weight = _label_positives(a, a_inv, k, k_inv, tau, sub_dim, layout)
     return lse, pos_sum, pos_weight
+
+
+def _uses_class_sums(flags: dict) -> bool:
+    """Label positives leave the element loop (:func:`_label_positives`) unless the denominator must
+    drop them too (EXCLUDE_POSITIVES: then each entry needs its compare anyway)."""
+    return flags["POSITIVES"] == _POSITIVES["labels"] and not flags["EXCLUDE_POSITIVES"]
+
+
+def _row_chunks(n: int, sub_dim: int):
+    """Row spans whose [rows, sub_dim] accumulation-dtype temporaries stay near 16 MB."""
+    step = max(1, (1 << 22) // sub_dim)
+    return ((start, min(start + step, n)) for start in range(0, n, step))
+
+
+def _unit_rows(x: Tensor, inv: Optional[Tensor], index, sub_dim: int, acc) -> Tensor:
+    """x̂[index, :sub_dim] in the accumulation dtype (index: a slice or an index tensor)."""
+    rows = x[index, :sub_dim].to(acc)
+    return rows if inv is None else rows * inv[index, None]
+
+
+def _label_positives(a: Tensor, a_inv: Optional[Tensor], k: Tensor, k_inv: Optional[Tensor], tau: Tensor,
+                     sub_dim: int, layout: Layout) -> tuple[Tensor, Tensor]:
+    """(pos_sum, pos_weight) of label positives outside the element loop. Σ_{c: y_c = y_a} s_ac =
+    â·(Σ_{c: y_c = y_a} k̂_c)/τ: one sum of the key rows per class (O(K·D'), a [classes, D'] buffer), one
+    dot per anchor, minus the anchor's own entry when it is one of the keys. torch.unique syncs once."""
+    acc = accumulation_dtype(a.dtype)
+    a_labels, k_labels = (x.to(device=a.device, dtype=torch.int64) for x in (layout.a_labels, layout.k_labels))
+    classes, k_class = torch.unique(k_labels, return_inverse=True)
+    if classes.numel() == 0:
+        zeros = torch.zeros(a.shape[0], dtype=acc, device=a.device)
+        return zeros, zeros.clone()
+    sums = torch.zeros(classes.numel(), sub_dim, dtype=acc, device=a.device)
+    for start, stop in _row_chunks(k.shape[0], sub_dim):
+        sums.index_add_(0, k_class[start:stop], _unit_rows(k, k_inv, slice(start, stop), sub_dim, acc))
+    counts = torch.bincount(k_class, minlength=classes.numel()).to(acc)
+    slot = torch.searchsorted(classes, a_labels).clamp(max=classes.numel() - 1)
+    found = classes[slot] == a_labels
+    own = torch.arange(a.shape[0], device=a.device) + (layout.self_offset or 0)
+    has_own = (own >= 0) & (own < k.shape[0]) if layout.self_offset is not None else torch.zeros_like(found)
+    own = torch.where(has_own, own, 0)
+    has_own &= found & (k_labels[own] == a_labels)
+    dots = torch.empty(a.shape[0], dtype=acc, device=a.device)
+    for start, stop in _row_chunks(a.shape[0], sub_dim):
+        unit = _unit_rows(a, a_inv, slice(start, stop), sub_dim, acc)
+        partner = sums[slot[start:stop]]
+        if layout.self_offset is not None:  # the anchor's own key row leaves its class sum
+            index = own[start:stop]
+            partner = partner - has_own[start:stop, None] * _unit_rows(k, k_inv, index, sub_dim, acc)
+        dots[start:stop] = (unit * partner).sum(dim=1)
+    pos_sum = torch.where(found, dots / tau, 0.0)
+    pos_weight = torch.where(found, counts[slot], 0.0) - has_own.to(acc)
+    return pos_sum, pos_weight
 
 
 def block_backward(
@@ -854,11 +930,13 @@ def compile_specs(dtype: torch.dtype, precision: str, sub_dim: int, n: int = 409
                          ("sigmoid", Layout(positives="index", pos_index=ids, epilogue="sigmoid", bias=tau))):
         layout_args, flags = _layout_args(layout, a, k, tau)
         common = dict(NORMALIZE=True, PRECISION=precision, ACC=accumulator(dtype), **flags)
+        # As block_forward launches it: label positives come from class sums, not the element loop.
+        forward = dict(common, POSITIVES=_POSITIVES["none"]) if _uses_class_sums(flags) else common
         backward = dict(common, PRESCALE=gradient_prescale(dtype), SCALE_OPERAND=dtype == torch.float16)
         coefficients = (vector(), vector(), vector())
         specs += [
-            CompileSpec(f"block_{name}_forward", "forward", _block_forward_kernel.fn,
-                        (*rows, *layout_args, vector(), vector(), vector(), n, n, sub_dim, shape_bucket(n)), common),
+            CompileSpec(f"block_{name}_forward", "block_forward", _block_forward_kernel.fn,
+                        (*rows, *layout_args, vector(), vector(), vector(), n, n, sub_dim, shape_bucket(n)), forward),
             CompileSpec(f"block_{name}_anchor", "block_backward", _block_anchor_kernel.fn,
                         (*rows, *layout_args, *coefficients, torch.empty(n, sub_dim, dtype=acc), vector(), n, n,
                          sub_dim, shape_bucket(n)), backward),

@@ -40,7 +40,6 @@ from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
 from fastcl.kernels._common import (
-    PRUNE,
     CompileSpec,
     accumulator,
     autotune_configs,
@@ -53,6 +52,7 @@ from fastcl.kernels._common import (
     mma,
     online_logsumexp,
     pair_rows,
+    prune,
     shape_bucket,
     similarity_tile,
     single_rows,
@@ -77,7 +77,7 @@ def _logits(
 
 
 @triton.autotune(configs=autotune_configs("forward"), key=["D", "SHAPE_BUCKET", "SYMMETRIC", "PRECISION"],
-                 prune_configs_by=PRUNE)
+                 prune_configs_by=prune("forward"))
 @triton.jit
 def _infonce_forward_kernel(
     q_ptr, stride_qn, stride_qd, k_ptr, stride_kn, stride_kd, inv_q_ptr, inv_k_ptr, tau_ptr,
@@ -205,7 +205,7 @@ def _normalized_slice(x_ptr, stride_n, stride_d, idx, mask, inv, out, out_mask, 
 
 
 @triton.autotune(configs=autotune_configs("backward"), key=["D", "SHAPE_BUCKET", "SYMMETRIC", "PRECISION"],
-                 prune_configs_by=PRUNE)
+                 prune_configs_by=prune("backward"))
 @triton.jit
 def _infonce_dq_kernel(
     q_ptr, stride_qn, stride_qd, k_ptr, stride_kn, stride_kd, inv_q_ptr, inv_k_ptr, tau_ptr, scale_ptr,
@@ -245,7 +245,7 @@ def _infonce_dq_kernel(
 
 
 @triton.autotune(configs=autotune_configs("backward"), key=["D", "SHAPE_BUCKET", "SYMMETRIC", "PRECISION"],
-                 prune_configs_by=PRUNE)
+                 prune_configs_by=prune("backward"))
 @triton.jit
 def _infonce_dk_kernel(
     q_ptr, stride_qn, stride_qd, k_ptr, stride_kn, stride_kd, inv_q_ptr, inv_k_ptr, tau_ptr, scale_ptr,

@@ -28,7 +28,6 @@ from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
 from fastcl.kernels._common import (
-    PRUNE,
     CompileSpec,
     accumulate_gradient_tile,
     accumulator,
@@ -41,6 +40,7 @@ from fastcl.kernels._common import (
     load_inverse_norms,
     online_logsumexp,
     pair_rows,
+    prune,
     shape_bucket,
     stacked_logits,
 )
@@ -48,7 +48,7 @@ from fastcl.ops import accumulation_dtype
 
 
 @triton.autotune(configs=autotune_configs("forward"), key=["D", "SHAPE_BUCKET", "PRECISION", "NORMALIZE"],
-                 prune_configs_by=PRUNE)
+                 prune_configs_by=prune("forward"))
 @triton.jit
 def _ntxent_forward_kernel(
     z1_ptr, stride_1m, stride_1d, z2_ptr, stride_2b, stride_2m, stride_2d, N,
@@ -79,7 +79,7 @@ def _ntxent_forward_kernel(
 
 
 @triton.autotune(configs=autotune_configs("backward"), key=["D", "SHAPE_BUCKET", "PRECISION", "NORMALIZE"],
-                 prune_configs_by=PRUNE)
+                 prune_configs_by=prune("backward"))
 @triton.jit
 def _ntxent_backward_kernel(
     z1_ptr, stride_1m, stride_1d, z2_ptr, stride_2b, stride_2m, stride_2d, N,

@@ -33,7 +33,6 @@ from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
 from fastcl.kernels._common import (
-    PRUNE,
     CompileSpec,
     accumulate_gradient_tile,
     accumulator,
@@ -45,6 +44,7 @@ from fastcl.kernels._common import (
     inverse_norms,
     load_inverse_norms,
     online_logsumexp,
+    prune,
     shape_bucket,
     stacked_logits,
     view_major_rows,
@@ -70,7 +70,7 @@ def _positive_tile(labels_ptr, stride_label, mask_ptr, stride_mask_a, stride_mas
 
 
 @triton.autotune(configs=autotune_configs("forward"),
-                 key=["D", "SHAPE_BUCKET", "PRECISION", "NORMALIZE", "HAS_MASK"], prune_configs_by=PRUNE)
+                 key=["D", "SHAPE_BUCKET", "PRECISION", "NORMALIZE", "HAS_MASK"], prune_configs_by=prune("forward"))
 @triton.jit
 def _supcon_forward_kernel(
     f_ptr, stride_n, stride_d, rest_ptr, stride_v, rest_stride_n, rest_stride_d, N,
@@ -105,7 +105,7 @@ def _supcon_forward_kernel(
 
 
 @triton.autotune(configs=autotune_configs("backward"),
-                 key=["D", "SHAPE_BUCKET", "PRECISION", "NORMALIZE", "HAS_MASK"], prune_configs_by=PRUNE)
+                 key=["D", "SHAPE_BUCKET", "PRECISION", "NORMALIZE", "HAS_MASK"], prune_configs_by=prune("backward"))
 @triton.jit
 def _supcon_backward_kernel(
     f_ptr, stride_n, stride_d, rest_ptr, stride_v, rest_stride_n, rest_stride_d, N,
@@ -177,7 +177,7 @@ def _positive_source(labels: Optional[Tensor], mask: Optional[Tensor]) -> tuple:
 def supcon_forward(
     features: Tensor, labels: Optional[Tensor], mask: Optional[Tensor], tau: Tensor, base_temperature: float,
     n_anchors: int, sub_dim: int, normalize: bool,
-) -> tuple[Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     n, views, _ = features.shape
     m, acc = n * views, accumulation_dtype(features.dtype)
     rows = view_major_rows(features)
@@ -197,7 +197,7 @@ def supcon_forward(
     weighted = counts > 0
     per_anchor = torch.where(weighted, lse - positive_sum / counts.clamp(min=1).to(acc), 0.0)
     loss = (tau / base_temperature) * per_anchor.sum() / weighted.sum().clamp(min=1).to(acc)
-    return loss, lse, inv
+    return loss, lse, counts, inv
 
 
 @triton_op("fastcl::triton_supcon_backward", mutates_args=())
@@ -212,12 +212,13 @@ def supcon_backward(
     sub_dim: int,
     normalize: bool,
     lse: Tensor,
+    counts: Tensor,
     inv_norms: Tensor,
 ) -> tuple[Tensor, Tensor]:
-    """dL/dfeatures shaped like features (exactly zero beyond sub_dim) and Σ_ij G_ij s_ij."""
+    """dL/dfeatures shaped like features (exactly zero beyond sub_dim) and Σ_ij G_ij s_ij; counts: the
+    forward's int32 |P(a)| (no class count here)."""
     n, views, dim = features.shape
     m = n * views
-    counts = positive_counts(labels, mask, m)[:n_anchors].to(torch.int32)
     prescale = gradient_prescale(features.dtype)
     n_weighted = (counts > 0).sum().clamp(min=1).to(tau.dtype)
     grad = grad.to(tau.dtype)

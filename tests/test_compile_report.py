@@ -83,3 +83,16 @@ def test_sass_element_loop_is_the_innermost_loop_with_ex2():
 """
     assert analyze_sass(sass) == dict(mma="mma.sync", loop_instructions=6, loop_ex2=2, loop_mma=1)
     assert analyze_sass("    /*0000*/                   FFMA R1, R2, R3, R1 ;\n")["mma"] == "fma"
+
+
+def test_block_forward_with_labels_meets_the_instruction_target(tmp_path):
+    """SupCon's labels block keeps its positives out of the element loop (class sums): the sm90 bf16 forward
+    stays within the 12 instructions and one ex2 per similarity element of docs/kernels.md, without spills."""
+    json_path = tmp_path / "report.json"
+    argv = ["--arch", "sm90", "--dtypes", "bf16", "--dims", "128", "--configs", "1"]
+    assert compile_report.main(argv + ["--kernels", "block_labels_forward", "--json", str(json_path)]) == 0
+    (row,) = json.loads(json_path.read_text())["rows"]
+    assert row["kernel"] == "block_labels_forward" and row["mma"] == "wgmma"
+    assert row["spill_stores"] == 0 and row["spill_loads"] == 0
+    assert 0 < row["instructions_per_element"] <= 12
+    assert row["ex2_per_element"] == pytest.approx(1.0, abs=0.1)

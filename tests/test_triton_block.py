@@ -31,11 +31,11 @@ def _layout(kind: str, self_offset, generator: torch.Generator, exclude: bool = 
         if self_offset is not None:  # the positive is never the anchor itself
             index = torch.where(index == torch.arange(A) + self_offset, -1, index)
         return Layout(positives="index", self_offset=self_offset, pos_index=index, exclude_positives=exclude)
-    if kind == "labels":
+    if kind in ("labels", "labels_sparse"):  # sparse: anchors of classes 4 and 5, which no key has
         return Layout(
             positives="labels",
             self_offset=self_offset,
-            a_labels=torch.randint(0, 4, (A,), generator=generator),
+            a_labels=torch.randint(0, 6 if kind == "labels_sparse" else 4, (A,), generator=generator),
             k_labels=torch.randint(0, 4, (K,), generator=generator),
             exclude_positives=exclude,
         )
@@ -127,6 +127,8 @@ CASES = [  # (kind, self_offset, normalize, depth, sub_dim, strided, exclude)
     ("index", 5, False, 3, 3, True, False),
     ("labels", 0, True, 17, 9, True, False),
     ("labels", None, True, 3, 3, False, True),
+    ("labels_sparse", 14, False, 17, 17, False, False),
+    ("labels_sparse", None, True, 40, 33, True, False),
     ("mask", 2, True, 17, 17, False, False),
     ("mask", None, False, 17, 13, True, True),
     ("none", 0, True, 17, 17, True, False),

@@ -225,9 +225,11 @@ _TRACE_BACKWARDS = textwrap.dedent(
     graph = make_fx(trace, tracing_mode="fake")(grad, z1, z2, tau, lse, inv)
     assert "fastcl.triton_ntxent_backward" in graph.code, graph.code
     features, labels = torch.randn(13, 2, 40), torch.randint(0, 3, (13,))
-    trace = lambda g, f, y, t, l, r: supcon_backward(g, f, y, None, t, 0.07, 26, 17, True, l, r)
-    graph = make_fx(trace, tracing_mode="fake")(grad, features, labels, tau, lse, inv)
+    counts = torch.randint(0, 5, (26,), dtype=torch.int32)
+    trace = lambda g, f, y, t, l, c, r: supcon_backward(g, f, y, None, t, 0.07, 26, 17, True, l, c, r)
+    graph = make_fx(trace, tracing_mode="fake")(grad, features, labels, tau, lse, counts, inv)
     assert "fastcl.triton_supcon_backward" in graph.code, graph.code
+    assert "sort" not in graph.code and "searchsorted" not in graph.code, graph.code  # |P(a)| come from the forward
     q, k, lse_cols, inv_k = torch.randn(13, 40), torch.randn(40, 13).T, torch.randn(13), torch.rand(13)
     trace = lambda g, a, b, t, l, c, r, s: infonce_backward(g, a, b, t, 17, True, True, l, c, r, s)
     graph = make_fx(trace, tracing_mode="fake")(grad, q, k, tau, lse[:13], lse_cols, inv[:13], inv_k)

@@ -17,9 +17,10 @@ for float64 rows) tensor on the rows' device, ``grad`` the 0-dim upstream gradie
     infonce_backward(grad, q, k, tau, sub_dim, normalize, symmetric, lse_rows, lse_cols, inv_norms_q, inv_norms_k)
         -> (dq, dk, gs)
     supcon_forward(features[N, V, D], labels[N] | None, bool mask[N, N] | None, tau, base_temperature,
-                   n_anchors, sub_dim, normalize) -> (loss, lse[n_anchors], inv_norms[V·N] | [0])
+                   n_anchors, sub_dim, normalize) -> (loss, lse[n_anchors], int32 |P(a)|[n_anchors],
+                   inv_norms[V·N] | [0])
     supcon_backward(grad, features, labels, mask, tau, base_temperature, n_anchors, sub_dim, normalize,
-                    lse, inv_norms) -> (dfeatures, gs)
+                    lse, counts, inv_norms) -> (dfeatures, gs)
 
 Rows are Z = [z1; z2] for NT-Xent and view-major (row v·N + n = features[n, v]) for SupCon, whose
 anchors are rows 0..n_anchors-1. ``inv_norms`` are 1/max(‖row[:sub_dim]‖, 1e-12) (empty when not

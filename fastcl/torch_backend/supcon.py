@@ -54,10 +54,9 @@ def positive_counts(labels: Optional[Tensor], mask: Optional[Tensor], m: int) ->
     return (views * per_sample - self_positive).repeat(views)
 
 
-def _anchor_weights(counts: Tensor, n_anchors: int, kappa: Tensor) -> Tensor:
-    """κ/|A⁺| for anchors with a positive, 0 for the others and for non-anchor rows."""
-    valid = torch.zeros_like(counts, dtype=kappa.dtype)
-    valid[:n_anchors] = (counts[:n_anchors] > 0).to(kappa.dtype)
+def _anchor_weights(counts: Tensor, kappa: Tensor) -> Tensor:
+    """κ/|A⁺| for anchors with a positive (counts: |P(a)| of the anchors), 0 for the others."""
+    valid = (counts > 0).to(kappa.dtype)
     return valid * kappa / valid.sum().clamp(min=1)
 
 
@@ -85,11 +84,11 @@ def supcon_forward(
     n_anchors: int,
     sub_dim: int,
     normalize: bool,
-) -> tuple[Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     zc, norms = _view_major_rows(features, sub_dim, normalize)
     zs = zc / tau
     m = zc.shape[0]
-    counts = positive_counts(labels, mask, m)
+    counts = positive_counts(labels, mask, m)[:n_anchors]
     lse = zc.new_empty(n_anchors)
     if labels is not None:
         row_class, n_classes = _row_classes(labels, features.shape[1])
@@ -104,11 +103,11 @@ def supcon_forward(
             positives.diagonal(offset=start).fill_(False)
             positive_sum[start:stop] = torch.where(positives, s, 0.0).sum(dim=1)
         lse[start:stop] = row_logsumexp(mask_self(s, start))
-    weights = _anchor_weights(counts, n_anchors, tau / base_temperature)[:n_anchors]
-    positive_mean = positive_sum / counts[:n_anchors].clamp(min=1)
+    weights = _anchor_weights(counts, tau / base_temperature)
+    positive_mean = positive_sum / counts.clamp(min=1)
     # An anchor with no other row has lse = −inf; it has no positive either, and must add 0, not 0·(−inf).
     per_anchor = torch.where(weights > 0, weights * (lse - positive_mean), 0.0)
-    return per_anchor.sum(), lse, 1.0 / norms.clamp_min(NORM_EPS)
+    return per_anchor.sum(), lse, counts.to(torch.int32), 1.0 / norms.clamp_min(NORM_EPS)
 
 
 def supcon_backward(
@@ -122,13 +121,15 @@ def supcon_backward(
     sub_dim: int,
     normalize: bool,
     lse: Tensor,
+    counts: Tensor,
     inv_norms: Tensor,
 ) -> tuple[Tensor, Tensor]:
     zc, norms = _view_major_rows(features, sub_dim, normalize)
     zs = zc / tau
     m = zc.shape[0]
-    counts = positive_counts(labels, mask, m)
-    weights = _anchor_weights(counts, n_anchors, tau / base_temperature)
+    # κ/|A⁺| per row: the forward's |P(a)| for the anchors, 0 for the rows that are no anchor.
+    weights = torch.cat([_anchor_weights(counts, tau / base_temperature), zc.new_zeros(m - n_anchors)])
+    counts = torch.cat([counts, counts.new_zeros(m - n_anchors)])
     positive_weights = weights / counts.clamp(min=1).to(zc.dtype)  # κ/(|A⁺|·|P(r)|)
     # w·softmax = exp(s − (lse − log w)); rows that are not anchors with a positive get +inf (weight 0).
     lse_all = torch.cat([lse, lse.new_full((m - n_anchors,), float("inf"))])
