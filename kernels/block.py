@@ -916,8 +916,8 @@ def _normalization_backward(x: Tensor, inv: Optional[Tensor], grad: Tensor, tau:
 
 def compile_specs(dtype: torch.dtype, precision: str, sub_dim: int, n: int = 4096) -> list[CompileSpec]:
     """The three block kernels for the compile-only report: contiguous [n, sub_dim] anchors and keys,
-    normalized, self entry, with labels (SupCon's gather block) and with a positive index (NT-Xent's); and
-    SigLIP's sigmoid epilogue (images × texts, index positives, no self entry)."""
+    normalized, self entry, with labels or a bool sample mask (SupCon's blocks) and with a positive index
+    (NT-Xent's); and SigLIP's sigmoid epilogue (images × texts, index positives, no self entry)."""
     acc = accumulation_dtype(dtype)
     a, k = (torch.empty(n, sub_dim, dtype=dtype) for _ in range(2))
     vector = lambda: torch.empty(n, dtype=acc)  # noqa: E731
@@ -927,6 +927,7 @@ def compile_specs(dtype: torch.dtype, precision: str, sub_dim: int, n: int = 409
     ids = torch.zeros(n, dtype=torch.int64)
     for name, layout in (("index", Layout(positives="index", self_offset=0, pos_index=ids)),
                          ("labels", Layout(positives="labels", self_offset=0, a_labels=ids, k_labels=ids)),
+                         ("mask", Layout(positives="mask", self_offset=0, mask=torch.empty(n, n, dtype=torch.bool))),
                          ("sigmoid", Layout(positives="index", pos_index=ids, epilogue="sigmoid", bias=tau))):
         layout_args, flags = _layout_args(layout, a, k, tau)
         common = dict(NORMALIZE=True, PRECISION=precision, ACC=accumulator(dtype), **flags)
