@@ -263,6 +263,17 @@ def test_large_batch_matches_torch_backend(dtype, rtol):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("loss", ["nt_xent", "supcon"])
+def test_small_temperature_gradient_matches_float64(loss):
+    """fp32, τ = 0.01, M = 8192: dL/dτ (which cancels terms of size ~1/τ) vs the float64 formula. The forward
+    and the backward are tuned independently, so their tiles may sum s in different orders."""
+    batch = on_device(make_batch(loss, 4096, 128, seed=5), torch.device("cuda"))
+    ours = run(backend_loss(loss, "triton"), batch, torch.tensor(0.01), torch.float32)
+    expected = reference_of(loss, batch, torch.tensor(0.01), torch.float32)
+    assert_results_close(ours, expected, 1e-5, "tau = 0.01", 0.01)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("dim", [1000, 4096])
 def test_wide_features_match_torch_backend(dim):
     """D up to 4096: many BLOCK_D chunks and several BLOCK_DO output slices."""
