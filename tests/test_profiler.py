@@ -280,3 +280,12 @@ def test_workers_sleep_idle_openmp_threads_unless_told_otherwise(monkeypatch):
     assert _worker_env()["OMP_WAIT_POLICY"] == "PASSIVE"
     monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
     assert _worker_env()["OMP_WAIT_POLICY"] == "ACTIVE"
+
+
+def test_load_note_says_whether_other_processes_competed():
+    from fastcl.profiler.report import _load_note
+
+    quiet = {"loadavg_1min_before": 0.4, "loadavg_1min_after": 1.8, "threads": 2}
+    assert _load_note(quiet) == "within the thread count"
+    assert "competed" in _load_note(dict(quiet, loadavg_1min_before=19.0))
+    assert _load_note({"threads": 2}) == "load unknown"

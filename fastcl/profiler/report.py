@@ -148,6 +148,17 @@ def write_json(path: str | Path, meta: dict, records: Sequence[dict]) -> None:
     Path(path).write_text(json.dumps({"meta": meta, "records": list(records)}, indent=2) + "\n")
 
 
+def _load_note(meta: dict) -> str:
+    """Whether other processes competed for the CPU during the run, by the 1-min load averages."""
+    loads = [v for v in (meta.get("loadavg_1min_before"), meta.get("loadavg_1min_after")) if v is not None]
+    threads = meta.get("threads")
+    if not loads or not threads:
+        return "load unknown"
+    if max(loads) > threads:
+        return "above the thread count, other processes competed for the CPU"
+    return "within the thread count"
+
+
 def write_markdown(path: str | Path, meta: dict, records: Sequence[dict]) -> None:
     """Provenance, the side-by-side summary, then every record."""
     peers = ", ".join(f"{name} {version}" for name, version in meta.get("peers", {}).items())
@@ -171,8 +182,7 @@ def write_markdown(path: str | Path, meta: dict, records: Sequence[dict]) -> Non
         + (f"{limit / 2**30:.1f} GiB (beyond it: OOM)" if limit else "none"),
         (
             f"- 1-min load average before / after: {meta.get('loadavg_1min_before')} / "
-            f"{meta.get('loadavg_1min_after')} (above the thread count, other processes competed for the CPU); "
-            f"run time: {meta.get('elapsed_s')} s"
+            f"{meta.get('loadavg_1min_after')} ({_load_note(meta)}); run time: {meta.get('elapsed_s')} s"
         ),
         "",
         "## Side by side (fwd+bwd time, × naive, % of matmul; ! = above the ceiling)",
