@@ -162,8 +162,18 @@ _SIGMOID_BLOCK_BACKWARD = dict(_BLOCK_BACKWARD, sm90=[(64, 64, 64, 64, 4, 3), (6
 _SIGMOID_SMALL_BACKWARD = dict(_SMALL_BACKWARD, sm90=[(64, 64, 32, 32, 8, 3)])
 _TABLES = {"forward": (_FORWARD, _SMALL_FORWARD), "backward": (_BACKWARD, _SMALL_BACKWARD),
            "block_forward": (_BLOCK_FORWARD, _SMALL_FORWARD), "block_backward": (_BLOCK_BACKWARD, _SMALL_BACKWARD)}
-_SIGMOID_TABLES = {"block_forward": (_SIGMOID_BLOCK_FORWARD, _SMALL_FORWARD),
-                   "block_backward": (_SIGMOID_BLOCK_BACKWARD, _SIGMOID_SMALL_BACKWARD)}
+# Symmetric InfoNCE's one-pass forward also folds each tile's column log-sum-exp into a partial: per
+# column work, repeated by every warp that holds a slice of the column. 64-row tiles at 4 warps (one
+# warpgroup) keep that near 0.06-0.16 ex2 per element; the 8-warp and 64×64 entries paid 0.4-1.1 more
+# (sm90: 3.03 ex2 and 75 instructions per element at 128×128 / 8 warps vs 2.06 and 52-55 here).
+_SYMMETRIC_FORWARD = dict(_FORWARD, sm90=[(64, 128, 64, 4, 4), (64, 128, 32, 4, 3)],
+                          sm80=[(64, 128, 32, 4, 3), (64, 128, 64, 4, 3)])
+# Tables that replace a kind's main / small ones when a launch sets the named constexpr.
+_OVERRIDES = {
+    ("block_forward", "SIGMOID"): (_SIGMOID_BLOCK_FORWARD, _SMALL_FORWARD),
+    ("block_backward", "SIGMOID"): (_SIGMOID_BLOCK_BACKWARD, _SIGMOID_SMALL_BACKWARD),
+    ("forward", "SYMMETRIC"): (_SYMMETRIC_FORWARD, _SMALL_FORWARD),
+}
 _INTERPRETER = {"forward": (16, 16, 16, 1, 1), "backward": (16, 16, 16, 16, 1, 1),
                 "block_forward": (16, 16, 16, 1, 1), "block_backward": (16, 16, 16, 16, 1, 1)}
 
@@ -201,7 +211,8 @@ def tile_configs(kind: str, arch: str, dtype: torch.dtype | None = None, constex
     """
     if kind not in _TABLES:
         raise ValueError(f"kind: expected one of {list(_TABLES)}, got {kind!r}")
-    table, small = _SIGMOID_TABLES[kind] if (constexprs or {}).get("SIGMOID") else _TABLES[kind]
+    flags = constexprs or {}
+    table, small = next((t for (k, flag), t in _OVERRIDES.items() if k == kind and flags.get(flag)), _TABLES[kind])
     if arch not in table:
         raise ValueError(f"arch: expected one of {list(table)}, got {arch!r}")
     if dtype is not None and needs_small_tiles(kind, dtype, constexprs or {}):
@@ -219,7 +230,7 @@ def autotune_configs(kind: str) -> list:
     if interpreted():
         return [_config(kind, _INTERPRETER[kind])]
     arch = _architecture()
-    tables = [_TABLES[kind]] + ([_SIGMOID_TABLES[kind]] if kind in _SIGMOID_TABLES else [])
+    tables = [_TABLES[kind]] + [t for (k, _), t in _OVERRIDES.items() if k == kind]
     return [_config(kind, e) for e in dict.fromkeys(sum((t[arch] for pair in tables for t in pair), []))]
 
 

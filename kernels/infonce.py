@@ -119,8 +119,9 @@ def _infonce_forward_kernel(
                 # The group's first row block writes its slot; later ones fold into it (log-add-exp).
                 later_visit = tl.zeros_like(cols) + block > first_block
                 earlier = tl.load(slot, mask=col_mask & later_visit, other=float("-inf"))
+                # log(e^a + e^b) = top + log(1 + e^(low − top)): one exp per column (e^0 = 1 exactly).
                 top = tl.maximum(earlier, tile_lse)
-                merged = top + tl.log(tl.exp(earlier - top) + tl.exp(tile_lse - top))
+                merged = top + tl.log(1.0 + tl.exp(tl.minimum(earlier, tile_lse) - top))
                 tl.store(slot, merged, mask=col_mask)
         tl.store(row_partial_ptr + split * N + rows, finish_logsumexp(running_max, running_sum), mask=row_mask)
         if SYMMETRIC:
