@@ -215,7 +215,7 @@ def tile_configs(kind: str, arch: str, dtype: torch.dtype | None = None, constex
     table, small = next((t for (k, flag), t in _OVERRIDES.items() if k == kind and flags.get(flag)), _TABLES[kind])
     if arch not in table:
         raise ValueError(f"arch: expected one of {list(table)}, got {arch!r}")
-    if dtype is not None and needs_small_tiles(kind, dtype, constexprs or {}):
+    if dtype is not None and needs_small_tiles(kind, dtype, flags):
         table = small
     return [_config(kind, e) for e in table[arch]]
 
@@ -253,10 +253,9 @@ def _prune_wide_tiles(kind, configs, named_args, **kwargs):
     if interpreted():
         return configs
     rows = next(v for v in named_args.values() if isinstance(v, torch.Tensor))
-    allowed = {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_D"], c.kwargs.get("BLOCK_DO"), c.num_warps,
-                c.num_stages) for c in tile_configs(kind, _architecture(), rows.dtype, kwargs)}
-    kept = [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_D"],
-                                   c.kwargs.get("BLOCK_DO"), c.num_warps, c.num_stages) in allowed]
+    entry = lambda c: (*c.kwargs.values(), c.num_warps, c.num_stages)  # noqa: E731
+    allowed = {entry(c) for c in tile_configs(kind, _architecture(), rows.dtype, kwargs)}
+    kept = [c for c in configs if entry(c) in allowed]
     width = max(16, triton.next_power_of_2(int(named_args["D"])))
     narrow = [c for c in kept if c.kwargs["BLOCK_D"] <= width and c.kwargs.get("BLOCK_DO", 0) <= max(width, 64)]
     return narrow or kept[-1:] or configs[-1:]

@@ -724,6 +724,21 @@ def _int32_labels(labels: Tensor, device: torch.device) -> Tensor:
     return labels.to(torch.int32).contiguous()
 
 
+def _check_label_shapes(layout: Layout, a: Tensor, k: Tensor) -> None:
+    if layout.a_labels.shape != (a.shape[0],) or layout.k_labels.shape != (k.shape[0],):
+        raise ValueError(f"layout.a_labels, layout.k_labels: expected shapes ({a.shape[0]},) and "
+                         f"({k.shape[0]},), got {tuple(layout.a_labels.shape)} and {tuple(layout.k_labels.shape)}")
+
+
+def _forward_layout(layout: Layout) -> Layout:
+    """The layout the forward kernel sees: label positives leave the element loop (their sums come from
+    :func:`_label_positives`) unless the denominator must drop them too (EXCLUDE_POSITIVES: then each
+    entry needs its compare anyway); the self entry and the epilogue stay."""
+    if layout.positives != "labels" or layout.exclude_positives:
+        return layout
+    return Layout(self_offset=layout.self_offset, epilogue=layout.epilogue, bias=layout.bias)
+
+
 def _layout_args(layout: Layout, a: Tensor, k: Tensor, placeholder: Tensor) -> tuple[tuple, dict]:
     """(kernel arguments from pos_index to the bias, layout constexprs). Absent tensors get a valid
     placeholder buffer the kernel never reads; the sigmoid epilogue's bias is a 0-dim accumulation-dtype
@@ -736,10 +751,8 @@ def _layout_args(layout: Layout, a: Tensor, k: Tensor, placeholder: Tensor) -> t
         if index.shape != (a.shape[0],):
             raise ValueError(f"layout.pos_index: expected shape ({a.shape[0]},), got {tuple(index.shape)}")
     elif layout.positives == "labels":
+        _check_label_shapes(layout, a, k)
         labels_a, labels_k = (_int32_labels(x, a.device) for x in (layout.a_labels, layout.k_labels))
-        if labels_a.shape != (a.shape[0],) or labels_k.shape != (k.shape[0],):
-            raise ValueError(f"layout.a_labels, layout.k_labels: expected shapes ({a.shape[0]},) and "
-                             f"({k.shape[0]},), got {tuple(labels_a.shape)} and {tuple(labels_k.shape)}")
     elif layout.positives == "mask":
         mask = layout.mask
         if mask.dim() != 2 or mask.device != a.device:
@@ -790,10 +803,11 @@ def block_forward(
     n_anchors, n_keys = a.shape[0], k.shape[0]
     acc = accumulation_dtype(a.dtype)
     lse, pos_sum, pos_weight = (torch.empty(n_anchors, dtype=acc, device=a.device) for _ in range(3))
-    layout_args, flags = _layout_args(layout, a, k, tau)
-    class_sums = _uses_class_sums(flags)
-    if class_sums:  # the element loop only sees the self entry; the positives come from the class sums below
-        flags = dict(flags, POSITIVES=_POSITIVES["none"])
+    kernel_layout = _forward_layout(layout)
+    class_sums = kernel_layout is not layout
+    if class_sums:
+        _check_label_shapes(layout, a, k)
+    layout_args, flags = _layout_args(kernel_layout, a, k, tau)
     _block_forward_kernel[lambda meta: (triton.cdiv(n_anchors, meta["BLOCK_M"]),)](
         *_row_args(a, a_inv, k, k_inv, tau), *layout_args, lse, pos_sum, pos_weight, n_anchors, n_keys, sub_dim,
         shape_bucket(max(n_anchors, n_keys)),
@@ -802,12 +816,6 @@ def block_forward(
     if class_sums:
         pos_sum, pos_weight = _label_positives(a, a_inv, k, k_inv, tau, sub_dim, layout)
     return lse, pos_sum, pos_weight
-
-
-def _uses_class_sums(flags: dict) -> bool:
-    """Label positives leave the element loop (:func:`_label_positives`) unless the denominator must
-    drop them too (EXCLUDE_POSITIVES: then each entry needs its compare anyway)."""
-    return flags["POSITIVES"] == _POSITIVES["labels"] and not flags["EXCLUDE_POSITIVES"]
 
 
 def _row_chunks(n: int, sub_dim: int):
@@ -931,13 +939,14 @@ def compile_specs(dtype: torch.dtype, precision: str, sub_dim: int, n: int = 409
                          ("sigmoid", Layout(positives="index", pos_index=ids, epilogue="sigmoid", bias=tau))):
         layout_args, flags = _layout_args(layout, a, k, tau)
         common = dict(NORMALIZE=True, PRECISION=precision, ACC=accumulator(dtype), **flags)
-        # As block_forward launches it: label positives come from class sums, not the element loop.
-        forward = dict(common, POSITIVES=_POSITIVES["none"]) if _uses_class_sums(flags) else common
+        # As block_forward launches it (label positives come from class sums, not the element loop).
+        forward_args, forward_flags = _layout_args(_forward_layout(layout), a, k, tau)
+        forward = dict(common, **forward_flags)
         backward = dict(common, PRESCALE=gradient_prescale(dtype), SCALE_OPERAND=dtype == torch.float16)
         coefficients = (vector(), vector(), vector())
         specs += [
             CompileSpec(f"block_{name}_forward", "block_forward", _block_forward_kernel.fn,
-                        (*rows, *layout_args, vector(), vector(), vector(), n, n, sub_dim, shape_bucket(n)), forward),
+                        (*rows, *forward_args, vector(), vector(), vector(), n, n, sub_dim, shape_bucket(n)), forward),
             CompileSpec(f"block_{name}_anchor", "block_backward", _block_anchor_kernel.fn,
                         (*rows, *layout_args, *coefficients, torch.empty(n, sub_dim, dtype=acc), vector(), n, n,
                          sub_dim, shape_bucket(n)), backward),
