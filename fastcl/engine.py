@@ -417,12 +417,15 @@ def _(grad, rows, labels, mask, tau, bias, lse, pos_weight, scalars, plan, part_
 
 
 def _setup(ctx, inputs, output):
+    ctx.set_materialize_grads(False)  # the auxiliary outputs never get a gradient: no zero tensors for them
     rows, labels, mask, tau, bias, plan, part_sizes, normalize, mode, backend = inputs
     ctx.options = (plan, part_sizes, normalize, mode, backend)
     ctx.save_for_backward(rows, labels, mask, tau, bias, *output[1:])
 
 
 def _op_backward(ctx, grad_loss, *_grad_aux):
+    if grad_loss is None:  # the loss itself got no gradient (only an auxiliary output did): all zero
+        return (None,) * len(ctx.needs_input_grad)
     rows, labels, mask, tau, bias, lse, pos_weight, scalars = ctx.saved_tensors
     d_rows, d_tau, d_bias = _block_loss_backward_op(
         grad_loss, rows, labels, mask, tau, bias, lse, pos_weight, scalars, *ctx.options

@@ -57,12 +57,15 @@ def _(z1, z2, tau, sub_dim, normalize, backend):
 
 
 def _ntxent_setup(ctx, inputs, output):
+    ctx.set_materialize_grads(False)  # the auxiliary outputs never get a gradient: no zero tensors for them
     z1, z2, tau, sub_dim, normalize, backend = inputs
     ctx.options = (sub_dim, normalize, backend)
     ctx.save_for_backward(z1, z2, tau, output[1], output[2])
 
 
 def _ntxent_backward(ctx, grad_loss, _grad_lse, _grad_norms):
+    if grad_loss is None:  # the loss itself got no gradient (only an auxiliary output did): all zero
+        return (None,) * len(ctx.needs_input_grad)
     z1, z2, tau, lse, inv_norms = ctx.saved_tensors
     sub_dim, normalize, backend = ctx.options
     no_autocast, impl = _backend(backend, z1)
@@ -102,12 +105,15 @@ def _(q, k, tau, sub_dim, normalize, symmetric, backend):
 
 
 def _infonce_setup(ctx, inputs, output):
+    ctx.set_materialize_grads(False)  # the auxiliary outputs never get a gradient: no zero tensors for them
     q, k, tau, sub_dim, normalize, symmetric, backend = inputs
     ctx.options = (sub_dim, normalize, symmetric, backend)
     ctx.save_for_backward(q, k, tau, *output[1:])
 
 
 def _infonce_backward(ctx, grad_loss, *_grad_aux):
+    if grad_loss is None:  # the loss itself got no gradient (only an auxiliary output did): all zero
+        return (None,) * len(ctx.needs_input_grad)
     q, k, tau, lse_rows, lse_cols, inv_norms_q, inv_norms_k = ctx.saved_tensors
     sub_dim, normalize, symmetric, backend = ctx.options
     no_autocast, impl = _backend(backend, q)
@@ -136,10 +142,11 @@ def supcon(
     sub_dim: int,
     normalize: bool,
     backend: str,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """features [N, V, D]; rows are view-major (row v·N + n = features[n, v]). Exactly one of labels [N] /
     bool mask [N, N] is given. Anchors are rows 0..n_anchors-1. Returns (loss, lse[n_anchors], int32
-    |P(a)|[n_anchors] (the backward reuses them: no second count), inverse norms[V·N] or [0])."""
+    |P(a)|[n_anchors], int32 class ids [N] (labels) or [0] (mask) — the backward reuses both: no second
+    count or sort — inverse norms[V·N] or [0])."""
     no_autocast, impl = _backend(backend, features)
     with no_autocast:
         return impl.supcon_forward(features, labels, mask, tau, base_temperature, n_anchors, sub_dim, normalize)
@@ -153,18 +160,22 @@ def _(features, labels, mask, tau, base_temperature, n_anchors, sub_dim, normali
         features.new_empty((), dtype=acc),
         features.new_empty((n_anchors,), dtype=acc),
         features.new_empty((n_anchors,), dtype=torch.int32),
+        features.new_empty((features.shape[0] if labels is not None else 0,), dtype=torch.int32),
         _norms_fake(features, m, normalize),
     )
 
 
 def _supcon_setup(ctx, inputs, output):
+    ctx.set_materialize_grads(False)  # the auxiliary outputs never get a gradient: no zero tensors for them
     features, labels, mask, tau, base_temperature, n_anchors, sub_dim, normalize, backend = inputs
     ctx.options = (base_temperature, n_anchors, sub_dim, normalize, backend)
     ctx.save_for_backward(features, labels, mask, tau, *output)
 
 
-def _supcon_backward(ctx, grad_loss, _grad_lse, _grad_counts, _grad_norms):
-    features, labels, mask, tau, loss, lse, counts, inv_norms = ctx.saved_tensors
+def _supcon_backward(ctx, grad_loss, _grad_lse, _grad_counts, _grad_classes, _grad_norms):
+    if grad_loss is None:  # the loss itself got no gradient (only an auxiliary output did): all zero
+        return (None,) * len(ctx.needs_input_grad)
+    features, labels, mask, tau, loss, lse, counts, classes, inv_norms = ctx.saved_tensors
     base_temperature, n_anchors, sub_dim, normalize, backend = ctx.options
     no_autocast, impl = _backend(backend, features)
     with no_autocast:
@@ -180,6 +191,7 @@ def _supcon_backward(ctx, grad_loss, _grad_lse, _grad_counts, _grad_norms):
             normalize,
             lse,
             counts,
+            classes,
             inv_norms,
         )
     dtau = None

@@ -1,4 +1,4 @@
-"""Helpers shared by the similarity kernels (NT-Xent, SupCon, cross-view InfoNCE).
+"""Helpers shared by the similarity kernels (the block primitive, NT-Xent, SupCon, cross-view InfoNCE).
 
 Host side (plain Python, stable names):
 
@@ -7,9 +7,11 @@ Host side (plain Python, stable names):
   float32 on tensor cores by default (``"tf32x3"``), ``"tf32"`` / ``"ieee"`` when PyTorch's fp32
   matmul precision was set to that; ``"ieee"`` for 16-bit and float64 rows.
 - :func:`accumulator` — the Triton accumulation dtype (``tl.float64`` for float64 rows, else fp32).
-- :func:`autotune_configs` — ``triton.Config`` lists for ``"forward"`` kernels (meta-parameters
-  ``BLOCK_M``, ``BLOCK_N``, ``BLOCK_D``) and ``"backward"`` kernels (adds ``BLOCK_DO``, the width of the
-  slice of output features one program accumulates). Entries for sm90 (H100/H200), sm80 (A100) and a
+- :func:`autotune_configs` — ``triton.Config`` lists for ``*forward`` kinds (meta-parameters
+  ``BLOCK_M``, ``BLOCK_N``, ``BLOCK_D``) and ``*backward`` kinds (adds ``BLOCK_DO``, the width of the
+  slice of output features one program accumulates): ``forward`` / ``backward`` (InfoNCE's tiles),
+  ``block_forward`` / ``block_backward`` (the block primitive, NT-Xent's and SupCon's forwards) and
+  ``symmetric_backward`` (NT-Xent's and SupCon's one-pass backwards). Entries for sm90 (H100/H200), sm80 (A100) and a
   small fallback; under the interpreter ONE small config (16×16 tiles), since autotuning there is
   far too slow. Use with ``triton.autotune(configs=..., key=["D", "SHAPE_BUCKET", ...],
   prune_configs_by=prune(kind))``: Triton adds the dtypes of all tensor arguments to the key, so the tuning is
@@ -28,7 +30,9 @@ Host side (plain Python, stable names):
   of a virtual [M, D] matrix whose row r = b·N + n is ``first[n]`` for b = 0, else ``rest[n]`` shifted by
   b·rest_stride_block elements: ``[z1; z2]`` from two tensors, or SupCon's view-major rows of
   features [N, V, D], read in place through the user's strides (no cat, no reshape copy); one matrix x
-  is ``pair_rows(x, x)`` with m = N (InfoNCE's q and k).
+  is ``pair_rows(x, x)`` with m = N (InfoNCE's q and k). The inverse-norm pre-pass and the row
+  epilogues use it; the element loops take one [rows, D] matrix per launch instead (no per-element
+  pointer selects).
 - :func:`inverse_norms` — the fused normalization's O(M·D') pre-pass: 1/max(‖row[:D']‖, 1e-12) per
   stacked row (one launch), in the accumulation dtype.
 - :func:`shape_bucket` — the size bucket every autotune key holds (``SHAPE_BUCKET`` kernel argument).
@@ -48,13 +52,10 @@ Device side (``@triton.jit``):
   along axis 1, safe for rows whose columns so far are all −inf, and the final ``max + log(sum)``.
 - :func:`stacked_pointers` / :func:`load_stacked` — element pointers / masked loads of rows × features
   of a stacked-rows descriptor ``src`` (a tuple; rows int64).
-- :func:`stacked_logits` — s = (Z[rows]·Z[cols]ᵀ)·row_scale·col_scale for a stacked Z: the raw rows go
-  into the GEMM, the fused normalization and 1/τ scale the accumulated tile (16-bit operands stay raw).
 - :func:`load_inverse_norms` — stored inverse norms, or ones when the loss does not normalize.
 - :func:`store_row_gradient` — dL/dz from dL/dẑ for ẑ = z·r: F.normalize's backward
   r·(dẑ − ẑ⟨ẑ, dẑ⟩), only r·dẑ where the norm was clamped, identity without normalization.
-- :func:`accumulate_gradient_tile` / :func:`finish_row_gradient` — the stacked-rows backward's second
-  GEMM per tile (T·diag(r)·Z, fp16-safe) and its epilogue (scales, ⟨ẑ, dẑ⟩ store, dL/dz store).
+- :func:`finish_row_gradient` — a backward program's epilogue (scales, ⟨ẑ, dẑ⟩ store, dL/dz store).
 
 Example (host side):
     >>> import torch
@@ -160,8 +161,16 @@ _SMALL_BACKWARD = {"sm90": [(64, 64, 32, 64, 8, 3)], "sm80": [(32, 32, 32, 32, 4
 _SIGMOID_BLOCK_FORWARD = dict(_BLOCK_FORWARD, sm90=[e for e in _BLOCK_FORWARD["sm90"] if e != (64, 128, 64, 4, 4)])
 _SIGMOID_BLOCK_BACKWARD = dict(_BLOCK_BACKWARD, sm90=[(64, 64, 64, 64, 4, 3), (64, 64, 32, 32, 4, 3)])
 _SIGMOID_SMALL_BACKWARD = dict(_SMALL_BACKWARD, sm90=[(64, 64, 32, 32, 8, 3)])
+# The symmetric backwards of NT-Xent and SupCon (kernels/block.py ``_symmetric_keys``: two exponentials per
+# element and a column lse per tile) on the block backward's sm90 tiles; on sm80 the 64x64x32x32 / 8-warp
+# entry spilled 12-80 B (ptxas held it at 128 registers). Small tiles: 64x32x16x32 / 4 warps was the one
+# candidate without spills in every small-tile launch on sm90 (tf32x3 and mask positives: 64x64 tiles spilled
+# 4 B-1.2 KB), 32x32x16x32 on sm80 (32x32x32x32 spilled 32 B with a mask in tf32x3).
+_SYMMETRIC_BACKWARD = dict(_BLOCK_BACKWARD, sm80=[(64, 64, 64, 64, 8, 3), (64, 64, 32, 64, 8, 3)])
+_SMALL_SYMMETRIC_BACKWARD = dict(_SMALL_BACKWARD, sm90=[(64, 32, 16, 32, 4, 3)], sm80=[(32, 32, 16, 32, 4, 2)])
 _TABLES = {"forward": (_FORWARD, _SMALL_FORWARD), "backward": (_BACKWARD, _SMALL_BACKWARD),
-           "block_forward": (_BLOCK_FORWARD, _SMALL_FORWARD), "block_backward": (_BLOCK_BACKWARD, _SMALL_BACKWARD)}
+           "block_forward": (_BLOCK_FORWARD, _SMALL_FORWARD), "block_backward": (_BLOCK_BACKWARD, _SMALL_BACKWARD),
+           "symmetric_backward": (_SYMMETRIC_BACKWARD, _SMALL_SYMMETRIC_BACKWARD)}
 # Symmetric InfoNCE's one-pass forward also folds each tile's column log-sum-exp into a partial: per
 # column work, repeated by every warp that holds a slice of the column. 64-row tiles at 4 warps (one
 # warpgroup) keep that near 0.06-0.16 ex2 per element; the 8-warp and 64×64 entries paid 0.4-1.1 more
@@ -175,7 +184,8 @@ _OVERRIDES = {
     ("forward", "SYMMETRIC"): (_SYMMETRIC_FORWARD, _SMALL_FORWARD),
 }
 _INTERPRETER = {"forward": (16, 16, 16, 1, 1), "backward": (16, 16, 16, 16, 1, 1),
-                "block_forward": (16, 16, 16, 1, 1), "block_backward": (16, 16, 16, 16, 1, 1)}
+                "block_forward": (16, 16, 16, 1, 1), "block_backward": (16, 16, 16, 16, 1, 1),
+                "symmetric_backward": (16, 16, 16, 16, 1, 1)}
 
 
 def _architecture() -> str:
@@ -222,7 +232,8 @@ def tile_configs(kind: str, arch: str, dtype: torch.dtype | None = None, constex
 
 @functools.lru_cache(maxsize=None)
 def autotune_configs(kind: str) -> list:
-    """Configs for ``kind`` in {"forward", "backward", "block_forward", "block_backward"} on this machine:
+    """Configs for ``kind`` (a key of ``_TABLES``: "forward", "backward", "block_forward", "block_backward",
+    "symmetric_backward") on this machine:
     the architecture's tables, small tiles and sigmoid tables (:func:`prune` keeps the ones a launch may
     use; see the module docstring)."""
     if kind not in _TABLES:
@@ -368,28 +379,6 @@ def load_stacked(src, rows, row_mask, d, d_mask):
 
 
 @triton.jit
-def stacked_logits(
-    src, rows, row_mask, row_scale, cols, col_mask, col_scale, D,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    PRECISION: tl.constexpr, ACC: tl.constexpr,
-):
-    """[BLOCK_M, BLOCK_N] tile s = (Z[rows] · Z[cols]ᵀ) · row_scale · col_scale of the stacked rows Z.
-
-    The raw rows (first D features) are the GEMM operands; the scales (inverse norms, 1/τ) multiply
-    the accumulated tile. Every pass of a loss computes its tiles with this one formula.
-    """
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
-    offs_d = tl.arange(0, BLOCK_D)
-    for d0 in range(0, D, BLOCK_D):
-        d = d0 + offs_d
-        d_mask = d < D
-        a = load_stacked(src, rows, row_mask, d, d_mask)
-        b = load_stacked(src, cols, col_mask, d, d_mask)
-        acc = mma(a, tl.trans(b), acc, PRECISION, ACC)
-    return acc * row_scale[:, None] * col_scale[None, :]
-
-
-@triton.jit
 def load_inverse_norms(inv_ptr, idx, mask, NORMALIZE: tl.constexpr, ACC: tl.constexpr):
     """The rows' stored inverse norms, or ones when the loss does not normalize (×1 is exact)."""
     if NORMALIZE:
@@ -414,25 +403,6 @@ def store_row_gradient(
         dz = d_hat * inv[:, None] - (radial * inv * inv)[:, None] * z
     tl.store(stacked_pointers(dst, rows, out_d), dz.to(dst[0].dtype.element_ty),
              mask=row_mask[:, None] & out_mask[None, :])
-
-
-@triton.jit
-def accumulate_gradient_tile(
-    d_hat, t, src, cols, col_mask, inv_cols, out_d, out_mask,
-    PRECISION: tl.constexpr, ACC: tl.constexpr, PRESCALE: tl.constexpr, SCALE_OPERAND: tl.constexpr,
-):
-    """d_hat + (T·PRESCALE)·diag(r_cols)·Z[cols, out_d]: a backward's second GEMM on one tile of T.
-
-    The GEMM runs in the rows' dtype. SCALE_OPERAND (float16): T·r·PRESCALE could overflow, so
-    ẑ = r·z (|ẑ| ≤ 1) is the operand instead of the raw z.
-    """
-    z_cols = load_stacked(src, cols, col_mask, out_d, out_mask)
-    if SCALE_OPERAND:
-        g = (t * PRESCALE).to(z_cols.dtype)
-        z_cols = (z_cols.to(ACC) * inv_cols[:, None]).to(z_cols.dtype)
-    else:
-        g = (t * (inv_cols * PRESCALE)[None, :]).to(z_cols.dtype)
-    return mma(g, z_cols, d_hat, PRECISION, ACC)
 
 
 @triton.jit

@@ -280,6 +280,65 @@ def _fold_tile(
 
 
 @triton.jit
+def _self_tiles(first, extent, offset, block, full):
+    """[lo, hi) of the tiles of size ``block`` (clipped to [0, full)) that hold indices first + offset ..
+    first + extent − 1 + offset: where a block's self entries lie."""
+    lo = tl.minimum(tl.maximum((first + offset) // block, 0), full)
+    hi = tl.minimum(tl.maximum(tl.cdiv(first + extent + offset, block), lo), full)
+    return lo, hi
+
+
+@triton.jit
+def _tile_ranges(first, extent, offset, n, block, HAS_SELF: tl.constexpr):
+    """(full, self_lo, self_hi) for walking n rows in tiles of ``block``: tiles [0, full) hold no padding,
+    [self_lo, self_hi) the self entries of the block's ``extent`` rows from ``first`` (none without HAS_SELF)."""
+    full = n // block
+    self_lo = full
+    self_hi = full
+    if HAS_SELF:
+        self_lo, self_hi = _self_tiles(first, extent, offset, block, full)
+    return full, self_lo, self_hi
+
+
+@triton.jit
+def _fold_keys(
+    running_max, running_sum, pos_sum, pos_weight, first_row, a_ptrs, k_ptr, stride_km, stride_kd, k_inv_ptr,
+    rows, row_mask, row_scale, pos_rows, a_labels, k_labels_ptr, mask_ptr, stride_mask_a, stride_mask_k,
+    mask_rows, mask_cols, self_offset, bias2, K, D, stride_ad,
+    NORMALIZE: tl.constexpr, POSITIVES: tl.constexpr, HAS_SELF: tl.constexpr, EXCLUDE_POSITIVES: tl.constexpr,
+    SIGMOID: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
+    PRECISION: tl.constexpr, ACC: tl.constexpr,
+):
+    """Folds all K key rows at ``k_ptr`` into the anchor block's running statistics (see :func:`_fold_tile`).
+    Key tiles [0, full) hold no padding; with a self entry, tiles [self_lo, self_hi) hold the anchors' own
+    rows. Those and the tail tile go through the masked fold, the rest through the unmasked one."""
+    tile_cols = tl.arange(0, BLOCK_N).to(tl.int64)
+    b_ptrs0 = k_ptr + tile_cols[:, None] * stride_km + tl.arange(0, BLOCK_D)[None, :] * stride_kd
+    full, self_lo, self_hi = _tile_ranges(first_row, BLOCK_M, self_offset, K, BLOCK_N, HAS_SELF)
+    for tile in range(0, self_lo):
+        running_max, running_sum, pos_sum, pos_weight = _fold_tile(
+            running_max, running_sum, pos_sum, pos_weight, tile * BLOCK_N, a_ptrs, b_ptrs0, stride_km, stride_kd,
+            k_inv_ptr, rows, row_mask, row_scale, pos_rows, a_labels, k_labels_ptr, mask_ptr, stride_mask_a,
+            stride_mask_k, mask_rows, mask_cols, self_offset, bias2, K, D, stride_ad, NORMALIZE, POSITIVES,
+            HAS_SELF, EXCLUDE_POSITIVES, SIGMOID, False, BLOCK_M, BLOCK_N, BLOCK_D, EVEN_D, PRECISION, ACC)
+    for tile in range(self_hi, full):
+        running_max, running_sum, pos_sum, pos_weight = _fold_tile(
+            running_max, running_sum, pos_sum, pos_weight, tile * BLOCK_N, a_ptrs, b_ptrs0, stride_km, stride_kd,
+            k_inv_ptr, rows, row_mask, row_scale, pos_rows, a_labels, k_labels_ptr, mask_ptr, stride_mask_a,
+            stride_mask_k, mask_rows, mask_cols, self_offset, bias2, K, D, stride_ad, NORMALIZE, POSITIVES,
+            HAS_SELF, EXCLUDE_POSITIVES, SIGMOID, False, BLOCK_M, BLOCK_N, BLOCK_D, EVEN_D, PRECISION, ACC)
+    # The masked tiles: [self_lo, self_hi), then the tail tile (if K is no multiple of BLOCK_N).
+    for step in range(0, self_hi - self_lo + tl.cdiv(K, BLOCK_N) - full):
+        tile = tl.where(self_lo + step < self_hi, self_lo + step, full)
+        running_max, running_sum, pos_sum, pos_weight = _fold_tile(
+            running_max, running_sum, pos_sum, pos_weight, tile * BLOCK_N, a_ptrs, b_ptrs0, stride_km, stride_kd,
+            k_inv_ptr, rows, row_mask, row_scale, pos_rows, a_labels, k_labels_ptr, mask_ptr, stride_mask_a,
+            stride_mask_k, mask_rows, mask_cols, self_offset, bias2, K, D, stride_ad, NORMALIZE, POSITIVES,
+            HAS_SELF, EXCLUDE_POSITIVES, SIGMOID, True, BLOCK_M, BLOCK_N, BLOCK_D, EVEN_D, PRECISION, ACC)
+    return running_max, running_sum, pos_sum, pos_weight
+
+
+@triton.jit
 def _index_positive(
     a_ptr, stride_am, stride_ad, k_ptr, stride_km, stride_kd, k_inv_ptr, rows, row_mask, row_scale, pos_rows,
     self_offset, D, NORMALIZE: tl.constexpr, HAS_SELF: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -324,40 +383,15 @@ def _block_forward_kernel(
     pos_rows, a_labels = _row_positives(pos_index_ptr, a_labels_ptr, rows, row_mask, POSITIVES)
     bias2 = tl.load(bias_ptr).to(ACC) * _LOG2E  # sigmoid: b in base 2 (a placeholder otherwise, unused)
     a_ptrs = a_ptr + rows.to(tl.int64)[:, None] * stride_am + tl.arange(0, BLOCK_D)[None, :] * stride_ad
-    tile_cols = tl.arange(0, BLOCK_N).to(tl.int64)
-    b_ptrs0 = k_ptr + tile_cols[:, None] * stride_km + tl.arange(0, BLOCK_D)[None, :] * stride_kd
     running_max = tl.full((BLOCK_M,), float("-inf"), dtype=ACC)
     running_sum = tl.zeros((BLOCK_M,), dtype=ACC)
     pos_sum = tl.zeros((BLOCK_M,), dtype=ACC)
     pos_weight = tl.zeros((BLOCK_M,), dtype=ACC)
-    # Key tiles [0, full) hold no padding; with a self entry, tiles [self_lo, self_hi) hold the anchors' own
-    # rows. Those and the tail tile go through the masked fold, the rest through the unmasked one.
-    full = K // BLOCK_N
-    self_lo = full
-    self_hi = full
-    if HAS_SELF:
-        self_lo = tl.minimum(tl.maximum((first_row + self_offset) // BLOCK_N, 0), full)
-        self_hi = tl.minimum(tl.maximum(tl.cdiv(first_row + BLOCK_M + self_offset, BLOCK_N), self_lo), full)
-    for tile in range(0, self_lo):
-        running_max, running_sum, pos_sum, pos_weight = _fold_tile(
-            running_max, running_sum, pos_sum, pos_weight, tile * BLOCK_N, a_ptrs, b_ptrs0, stride_km, stride_kd,
-            k_inv_ptr, rows, row_mask, row_scale, pos_rows, a_labels, k_labels_ptr, mask_ptr, stride_mask_a,
-            stride_mask_k, mask_rows, mask_cols, self_offset, bias2, K, D, stride_ad, NORMALIZE, POSITIVES,
-            HAS_SELF, EXCLUDE_POSITIVES, SIGMOID, False, BLOCK_M, BLOCK_N, BLOCK_D, EVEN_D, PRECISION, ACC)
-    for tile in range(self_hi, full):
-        running_max, running_sum, pos_sum, pos_weight = _fold_tile(
-            running_max, running_sum, pos_sum, pos_weight, tile * BLOCK_N, a_ptrs, b_ptrs0, stride_km, stride_kd,
-            k_inv_ptr, rows, row_mask, row_scale, pos_rows, a_labels, k_labels_ptr, mask_ptr, stride_mask_a,
-            stride_mask_k, mask_rows, mask_cols, self_offset, bias2, K, D, stride_ad, NORMALIZE, POSITIVES,
-            HAS_SELF, EXCLUDE_POSITIVES, SIGMOID, False, BLOCK_M, BLOCK_N, BLOCK_D, EVEN_D, PRECISION, ACC)
-    # The masked tiles: [self_lo, self_hi), then the tail tile (if K is no multiple of BLOCK_N).
-    for step in range(0, self_hi - self_lo + tl.cdiv(K, BLOCK_N) - full):
-        tile = tl.where(self_lo + step < self_hi, self_lo + step, full)
-        running_max, running_sum, pos_sum, pos_weight = _fold_tile(
-            running_max, running_sum, pos_sum, pos_weight, tile * BLOCK_N, a_ptrs, b_ptrs0, stride_km, stride_kd,
-            k_inv_ptr, rows, row_mask, row_scale, pos_rows, a_labels, k_labels_ptr, mask_ptr, stride_mask_a,
-            stride_mask_k, mask_rows, mask_cols, self_offset, bias2, K, D, stride_ad, NORMALIZE, POSITIVES,
-            HAS_SELF, EXCLUDE_POSITIVES, SIGMOID, True, BLOCK_M, BLOCK_N, BLOCK_D, EVEN_D, PRECISION, ACC)
+    running_max, running_sum, pos_sum, pos_weight = _fold_keys(
+        running_max, running_sum, pos_sum, pos_weight, first_row, a_ptrs, k_ptr, stride_km, stride_kd, k_inv_ptr,
+        rows, row_mask, row_scale, pos_rows, a_labels, k_labels_ptr, mask_ptr, stride_mask_a, stride_mask_k,
+        mask_rows, mask_cols, self_offset, bias2, K, D, stride_ad, NORMALIZE, POSITIVES, HAS_SELF, EXCLUDE_POSITIVES,
+        SIGMOID, BLOCK_M, BLOCK_N, BLOCK_D, EVEN_D, PRECISION, ACC)
     if POSITIVES == 1:
         pos_sum, pos_weight = _index_positive(a_ptr, stride_am, stride_ad, k_ptr, stride_km, stride_kd, k_inv_ptr,
                                               rows, row_mask, row_scale, pos_rows, self_offset, D, NORMALIZE,
@@ -468,6 +502,90 @@ def _anchor_tile(
 
 
 @triton.jit
+def _symmetric_tile(
+    d_hat, radial, start, a_ptrs, b_ptrs0, slice_ptrs0, stride_km, stride_kd, k_inv_ptr, k_lse2_ptr, k_weight_ptr,
+    rows, row_mask, row_scale, lse2_rows, w_rows, mask_ptr, stride_mask_a, stride_mask_k, self_offset, K, D,
+    stride_ad, out_mask,
+    NORMALIZE: tl.constexpr, POSITIVES: tl.constexpr, MASKED: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, EVEN_DO: tl.constexpr,
+    PRECISION: tl.constexpr, ACC: tl.constexpr, PRESCALE: tl.constexpr, SCALE_OPERAND: tl.constexpr,
+):
+    """One key tile of a symmetric (single-loss) backward, where rows and keys are the same rows Z:
+    T_rc = 2^{u·c_r − L_r} + 2^{u·c_r − L_c} (both softmax terms of entry (r, c) from one tile; L = lse·log2 e,
+    +inf for a row with no term) minus, for mask positives (POSITIVES == 3), w_r·P_rc + w_c·P_cr.
+    d_hat += T·PRESCALE·ẑ[tile, out]; radial += Σ_c T_rc·u_rc (u = s·τ/r_r: the row scale once, after the
+    loop). Other positives are the caller's, outside the loop. MASKED: the tile may hold padding keys or
+    the self entry c = r + self_offset."""
+    cols, col_mask, u, k_inv = _key_tile_logits(
+        start, a_ptrs, b_ptrs0, k_inv_ptr, row_mask, row_scale, K, D, stride_ad, stride_km, stride_kd, NORMALIZE,
+        MASKED, BLOCK_M, BLOCK_N, BLOCK_D, EVEN_D, PRECISION, ACC, False)
+    if MASKED:
+        lse2_cols = tl.load(k_lse2_ptr + cols, mask=col_mask, other=float("inf"))
+    else:
+        lse2_cols = tl.load(k_lse2_ptr + cols)
+    e = tl.exp2(u * row_scale[:, None] - lse2_rows[:, None]) + tl.exp2(u * row_scale[:, None] - lse2_cols[None, :])
+    if POSITIVES == 3:
+        if MASKED:
+            w_cols = tl.load(k_weight_ptr + cols, mask=col_mask, other=0.0)
+        else:
+            w_cols = tl.load(k_weight_ptr + cols)
+        # P_rc = mask[r, c] and P_cr = mask[c, r] (the mask may be asymmetric).
+        p = _positive_weights(rows, row_mask, cols, col_mask, rows, rows, k_weight_ptr, mask_ptr, stride_mask_a,
+                              stride_mask_k, K, K, POSITIVES, ACC)
+        p_t = _positive_weights(rows, row_mask, cols, col_mask, rows, rows, k_weight_ptr, mask_ptr, stride_mask_k,
+                                stride_mask_a, K, K, POSITIVES, ACC)
+        e -= w_rows[:, None] * p + w_cols[None, :] * p_t
+    if MASKED:
+        kept = row_mask[:, None] & col_mask[None, :] & (cols[None, :] != rows[:, None] + self_offset)
+        e = tl.where(kept, e, 0.0)
+    radial += tl.sum(e * u, axis=1)
+    k_slice = _load_slice(slice_ptrs0 + tl.cast(start, tl.int64) * stride_km, col_mask, out_mask, MASKED, EVEN_DO)
+    if NORMALIZE and SCALE_OPERAND:  # float16: ẑ = z·r (|ẑ| ≤ 1) as the operand, so T·r·PRESCALE cannot overflow
+        k_slice = (k_slice.to(ACC) * k_inv[:, None]).to(k_slice.dtype)
+        g = e * PRESCALE
+    else:
+        g = e * (k_inv * PRESCALE)[None, :]
+    return mma(g.to(k_slice.dtype), k_slice, d_hat, PRECISION, ACC), radial
+
+
+@triton.jit
+def _symmetric_keys(
+    d_hat, radial, first_row, a_ptrs, k_ptr, stride_km, stride_kd, k_inv_ptr, k_lse2_ptr, k_weight_ptr,
+    rows, row_mask, row_scale, lse2_rows, w_rows, mask_ptr, stride_mask_a, stride_mask_k, self_offset, K, D,
+    stride_ad, out, out_mask,
+    NORMALIZE: tl.constexpr, POSITIVES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, EVEN_DO: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
+    PRESCALE: tl.constexpr, SCALE_OPERAND: tl.constexpr,
+):
+    """Walks all K key rows at ``k_ptr`` with :func:`_symmetric_tile`: steady tiles unmasked, then the self
+    tiles (entry c = r + self_offset; an offset ≥ K means none) and the tail tile masked."""
+    tile_cols = tl.arange(0, BLOCK_N).to(tl.int64)
+    b_ptrs0 = k_ptr + tile_cols[:, None] * stride_km + tl.arange(0, BLOCK_D)[None, :] * stride_kd
+    slice_ptrs0 = k_ptr + tile_cols[:, None] * stride_km + out[None, :] * stride_kd
+    full, self_lo, self_hi = _tile_ranges(first_row, BLOCK_M, self_offset, K, BLOCK_N, True)
+    for tile in range(0, self_lo):
+        d_hat, radial = _symmetric_tile(
+            d_hat, radial, tile * BLOCK_N, a_ptrs, b_ptrs0, slice_ptrs0, stride_km, stride_kd, k_inv_ptr, k_lse2_ptr,
+            k_weight_ptr, rows, row_mask, row_scale, lse2_rows, w_rows, mask_ptr, stride_mask_a, stride_mask_k,
+            self_offset, K, D, stride_ad, out_mask, NORMALIZE, POSITIVES, False, BLOCK_M, BLOCK_N, BLOCK_D, EVEN_D,
+            EVEN_DO, PRECISION, ACC, PRESCALE, SCALE_OPERAND)
+    for tile in range(self_hi, full):
+        d_hat, radial = _symmetric_tile(
+            d_hat, radial, tile * BLOCK_N, a_ptrs, b_ptrs0, slice_ptrs0, stride_km, stride_kd, k_inv_ptr, k_lse2_ptr,
+            k_weight_ptr, rows, row_mask, row_scale, lse2_rows, w_rows, mask_ptr, stride_mask_a, stride_mask_k,
+            self_offset, K, D, stride_ad, out_mask, NORMALIZE, POSITIVES, False, BLOCK_M, BLOCK_N, BLOCK_D, EVEN_D,
+            EVEN_DO, PRECISION, ACC, PRESCALE, SCALE_OPERAND)
+    for step in range(0, self_hi - self_lo + tl.cdiv(K, BLOCK_N) - full):
+        tile = tl.where(self_lo + step < self_hi, self_lo + step, full)
+        d_hat, radial = _symmetric_tile(
+            d_hat, radial, tile * BLOCK_N, a_ptrs, b_ptrs0, slice_ptrs0, stride_km, stride_kd, k_inv_ptr, k_lse2_ptr,
+            k_weight_ptr, rows, row_mask, row_scale, lse2_rows, w_rows, mask_ptr, stride_mask_a, stride_mask_k,
+            self_offset, K, D, stride_ad, out_mask, NORMALIZE, POSITIVES, True, BLOCK_M, BLOCK_N, BLOCK_D, EVEN_D,
+            EVEN_DO, PRECISION, ACC, PRESCALE, SCALE_OPERAND)
+    return d_hat, radial
+
+
+@triton.jit
 def _load_slice(ptrs, idx_mask, out_mask, MASK_IDX: tl.constexpr, EVEN_DO: tl.constexpr):
     """A [rows, out] slice through precomputed pointers (masked only where it can leave the tensor)."""
     if MASK_IDX:
@@ -477,15 +595,6 @@ def _load_slice(ptrs, idx_mask, out_mask, MASK_IDX: tl.constexpr, EVEN_DO: tl.co
     else:
         x = tl.load(ptrs, mask=out_mask[None, :], other=0.0)
     return x
-
-
-@triton.jit
-def _self_tiles(first, extent, offset, block, full):
-    """[lo, hi) of the tiles of size ``block`` (clipped to [0, full)) that hold indices first + offset ..
-    first + extent − 1 + offset: where a block's self entries lie."""
-    lo = tl.minimum(tl.maximum((first + offset) // block, 0), full)
-    hi = tl.minimum(tl.maximum(tl.cdiv(first + extent + offset, block), lo), full)
-    return lo, hi
 
 
 @_BACKWARD_TUNING
@@ -518,11 +627,7 @@ def _block_anchor_kernel(
     slice_ptrs0 = k_ptr + tile_cols[:, None] * stride_km + out[None, :] * stride_kd
     d_hat = tl.zeros((BLOCK_M, BLOCK_DO), dtype=ACC)
     g_sum = tl.zeros((BLOCK_M,), dtype=ACC)
-    full = K // BLOCK_N
-    self_lo = full
-    self_hi = full
-    if HAS_SELF:
-        self_lo, self_hi = _self_tiles(first_row, BLOCK_M, self_offset, BLOCK_N, full)
+    full, self_lo, self_hi = _tile_ranges(first_row, BLOCK_M, self_offset, K, BLOCK_N, HAS_SELF)
     for tile in range(0, self_lo):
         d_hat, g_sum = _anchor_tile(
             d_hat, g_sum, tile * BLOCK_N, a_ptrs, b_ptrs0, slice_ptrs0, stride_km, stride_kd, k_inv_ptr, rows,
@@ -632,12 +737,8 @@ def _block_key_kernel(
     d_hat = tl.zeros((BLOCK_N, BLOCK_DO), dtype=ACC)
     # Padding keys (the last key block) only feed their own rows of d_hat, which are never stored: no
     # anchor tile needs a key mask. Masked tiles: the anchors' self entries and the last anchor tile.
-    full = A // BLOCK_M
-    self_lo = full
-    self_hi = full
-    if HAS_SELF:
-        # Anchor a is key a + self_offset: the anchors first_col − self_offset ... hold this block's self entries.
-        self_lo, self_hi = _self_tiles(first_col, BLOCK_N, -self_offset, BLOCK_M, full)
+    # Anchor a is key a + self_offset: the anchors first_col − self_offset ... hold this block's self entries.
+    full, self_lo, self_hi = _tile_ranges(first_col, BLOCK_N, -self_offset, A, BLOCK_M, HAS_SELF)
     for tile in range(0, self_lo):
         d_hat = _key_tile(
             d_hat, tile * BLOCK_M, cols, col_mask, b_ptrs, a_ptrs0, slice_ptrs0, stride_am, stride_ad, a_inv_ptr, k_inv,

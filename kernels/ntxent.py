@@ -1,25 +1,32 @@
-"""NT-Xent (docs/spec.md) as fused Triton kernels: O(M) memory, deterministic backward, no atomics.
+"""NT-Xent (docs/spec.md) as fused Triton kernels on the block loop (kernels/block.py): O(M) memory,
+deterministic backward, no atomics.
 
-Rows are Z = [z1; z2] (M = 2N), pos(i) = (i + N) mod M, read in place: row i < N from z1, else z2 row
-i − N, each through its own strides, first D' = ``sub_dim`` features only (see ``_common.pair_rows``).
-With ``normalize`` a pre-pass stores r_i = 1/max(‖z_i[:D']‖, 1e-12) (O(M·D'), ``_common.inverse_norms``);
-the tiles use the raw rows, s_ij = (z_i·z_j)·r_i·r_j/τ (r = 1 without normalization).
+Rows are Z = [z1; z2] (M = 2N), pos(i) = (i + N) mod M. Each launch takes the anchors of one view, read
+in place through their own strides (first D' = ``sub_dim`` features): the same view's rows are keys with
+a self entry at the same index, the other view's rows are keys whose row at the same index is the
+positive. Two launches per pass (view 1, view 2), no stacked-row pointer selects. With ``normalize`` a
+pre-pass stores r_i = 1/max(‖z_i[:D']‖, 1e-12) (O(M·D'), ``_common.inverse_norms``).
 
-Forward — one program per block of BLOCK_M anchor rows walks all column tiles: S tile, self-mask,
-online running max and sum, and picks s_{i,pos(i)} from the tile that holds it. It stores lse[M] and
-the positive logits; the loss is the torch mean of ``lse − positive`` (deterministic).
+Logits in base 2 as in the block loop: u = (z_i·z_j)·r_j per element; the row scale c_i = r_i·log2 e/τ
+enters each exp2's FFMA, so t = u·c_i = s·log2 e is never a separate multiply.
+
+Forward — one program per block of BLOCK_M anchors folds the own view's key tiles (self entry in the few
+masked tiles) and the other view's (``block._fold_keys``: steady tiles without masks, pointers moved by
+one scalar offset per tile), then s_{i,pos(i)} as one row dot outside the loop. Stores lse[M] and the
+positive logits; the loss is the torch mean of ``lse − positive`` (deterministic).
 
 Backward — with G = ∂L/∂S (symmetric positions, M·G_ij = softmax_i(j) − 1[j = pos(i)]),
-    T_ij = M·(G_ij + G_ji) = e^{s_ij − lse_i} + e^{s_ij − lse_j} − 2·1[j = pos(i)]
+    T_ij = M·(G_ij + G_ji) = 2^{t_ij − L_i} + 2^{t_ij − L_j} − 2·1[j = pos(i)]   (L = lse·log2 e)
     dẑ_i = Σ_j T_ij r_j z_j / (M τ),   c_i = ⟨ẑ_i, dẑ_i⟩ = Σ_j T_ij s_ij / M,   dz_i = r_i (dẑ_i − c_i r_i z_i)
-All from ONE recomputed tile (the forward's helper, operands and precision; the backward's own autotuned
-tile config, so the last bits of s may differ from the forward's) and the stored
-lse of the rows and columns; one GEMM multiplies T (columns scaled by r_j) by the raw z_J. Each program
-owns BLOCK_M rows × BLOCK_DO output features of dz1/dz2 and writes them once; programs of output slice
-0 also store c (Σ_i c_i / 2 = Σ_ij G_ij s_ij is what dL/dτ needs). For D' ≤ BLOCK_DO that is 3 GEMM-units
-in total (forward, recompute, dZ); wider D' re-walks the tiles once per BLOCK_DO slice.
+from ONE recomputed tile per (anchor block, key tile): both exponentials come from the same u, so one
+GEMM-unit of recompute and one of dZ cover the whole symmetric gradient. The partner's −2 is a gather
+after the loop (its logit a row dot), not a compare per element. Each program owns BLOCK_M rows ×
+BLOCK_DO output features of its view's gradient and writes them once; programs of output slice 0 also
+store c (Σ_i c_i / 2 = Σ_ij G_ij s_ij is what dL/dτ needs). Wider D' re-walks the tiles once per slice.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 import triton
@@ -29,111 +36,138 @@ from torch.library import triton_op, wrap_triton
 
 from fastcl.kernels._common import (
     CompileSpec,
-    accumulate_gradient_tile,
     accumulator,
     autotune_configs,
     dot_precision,
-    finish_logsumexp,
     finish_row_gradient,
     gradient_prescale,
     inverse_norms,
     load_inverse_norms,
-    online_logsumexp,
     pair_rows,
     prune,
     shape_bucket,
-    stacked_logits,
+    single_rows,
+)
+from fastcl.kernels.block import (
+    _EVEN_FEATURES,
+    _LN2,
+    _LOG2E,
+    _fold_keys,
+    _index_positive,
+    _load_slice,
+    _symmetric_keys,
 )
 from fastcl.ops import accumulation_dtype
 
+_KEY = ["D", "SHAPE_BUCKET", "PRECISION", "NORMALIZE"]
 
-@triton.autotune(configs=autotune_configs("forward"), key=["D", "SHAPE_BUCKET", "PRECISION", "NORMALIZE"],
-                 prune_configs_by=prune("forward"))
+
+@triton.autotune(configs=autotune_configs("block_forward"), key=_KEY, prune_configs_by=prune("block_forward"))
+@triton.heuristics({"EVEN_D": lambda args: args["D"] % args["BLOCK_D"] == 0})
 @triton.jit
 def _ntxent_forward_kernel(
-    z1_ptr, stride_1m, stride_1d, z2_ptr, stride_2b, stride_2m, stride_2d, N,
-    inv_ptr, tau_ptr, lse_ptr, positive_ptr, D, SHAPE_BUCKET,
+    a_ptr, stride_am, stride_ad, b_ptr, stride_bm, stride_bd, inv_ptr, own_start, other_start, tau_ptr,
+    lse_ptr, positive_ptr, N, D, SHAPE_BUCKET,
     NORMALIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    PRECISION: tl.constexpr, ACC: tl.constexpr,
+    EVEN_D: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
 ):
-    z = (z1_ptr, stride_1m, stride_1d, z2_ptr, stride_2b, stride_2m, stride_2d, N)
-    M = 2 * N
-    rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-    row_mask = rows < M
-    partner = (rows + N) % M
-    row_scale = load_inverse_norms(inv_ptr, rows, row_mask, NORMALIZE, ACC) / tl.load(tau_ptr)
+    """Anchors a[rows] (stacked rows own_start + rows); keys: a itself (self entry), then b (the positive)."""
+    first_row = tl.program_id(0) * BLOCK_M
+    rows = first_row + tl.arange(0, BLOCK_M)
+    row_mask = rows < N
+    a_inv_ptr = inv_ptr + own_start
+    b_inv_ptr = inv_ptr + other_start
+    row_scale = load_inverse_norms(a_inv_ptr, rows, row_mask, NORMALIZE, ACC) * (_LOG2E / tl.load(tau_ptr))
+    a_ptrs = a_ptr + rows.to(tl.int64)[:, None] * stride_am + tl.arange(0, BLOCK_D)[None, :] * stride_ad
     running_max = tl.full((BLOCK_M,), float("-inf"), dtype=ACC)
     running_sum = tl.zeros((BLOCK_M,), dtype=ACC)
-    positive = tl.zeros((BLOCK_M,), dtype=ACC)
-    for start in range(0, M, BLOCK_N):
-        cols = (start + tl.arange(0, BLOCK_N)).to(tl.int64)
-        col_mask = cols < M
-        s = stacked_logits(z, rows, row_mask, row_scale, cols, col_mask,
-                           load_inverse_norms(inv_ptr, cols, col_mask, NORMALIZE, ACC), D,
-                           BLOCK_M, BLOCK_N, BLOCK_D, PRECISION, ACC)
-        positive += tl.sum(tl.where(cols[None, :] == partner[:, None], s, 0.0), axis=1)
-        s = tl.where(col_mask[None, :] & (cols[None, :] != rows[:, None]), s, float("-inf"))
-        running_max, running_sum = online_logsumexp(running_max, running_sum, s)
-    tl.store(lse_ptr + rows, finish_logsumexp(running_max, running_sum), mask=row_mask)
-    tl.store(positive_ptr + rows, positive, mask=row_mask)
+    unused = tl.zeros((BLOCK_M,), dtype=ACC)  # the fold's positive sums: NT-Xent's positive is a row dot
+    no_labels = tl.zeros((BLOCK_M,), dtype=tl.int32)
+    for view in tl.static_range(2):
+        if view == 0:
+            k_ptr, stride_km, stride_kd, k_inv_ptr = a_ptr, stride_am, stride_ad, a_inv_ptr
+        else:
+            k_ptr, stride_km, stride_kd, k_inv_ptr = b_ptr, stride_bm, stride_bd, b_inv_ptr
+        running_max, running_sum, unused, unused = _fold_keys(
+            running_max, running_sum, unused, unused, first_row, a_ptrs, k_ptr, stride_km, stride_kd, k_inv_ptr,
+            rows, row_mask, row_scale, no_labels, no_labels, tau_ptr, tau_ptr, 0, 0, 1, 1, 0, 0.0, N, D, stride_ad,
+            NORMALIZE, 0, view == 0, False, False, BLOCK_M, BLOCK_N, BLOCK_D, EVEN_D, PRECISION, ACC)
+    positive, _ = _index_positive(a_ptr, stride_am, stride_ad, b_ptr, stride_bm, stride_bd, b_inv_ptr, rows,
+                                  row_mask, row_scale, rows, 0, D, NORMALIZE, False, BLOCK_M, BLOCK_D, ACC)
+    tl.store(lse_ptr + own_start + rows, (running_max * row_scale + tl.log2(running_sum)) * _LN2, mask=row_mask)
+    tl.store(positive_ptr + own_start + rows, positive * _LN2, mask=row_mask)
 
 
-@triton.autotune(configs=autotune_configs("backward"), key=["D", "SHAPE_BUCKET", "PRECISION", "NORMALIZE"],
-                 prune_configs_by=prune("backward"))
+@triton.autotune(configs=autotune_configs("symmetric_backward"), key=_KEY, prune_configs_by=prune("symmetric_backward"))
+@_EVEN_FEATURES
 @triton.jit
 def _ntxent_backward_kernel(
-    z1_ptr, stride_1m, stride_1d, z2_ptr, stride_2b, stride_2m, stride_2d, N,
-    dz1_ptr, stride_d1m, stride_d1d, dz2_ptr, stride_d2b, stride_d2m, stride_d2d, N_OUT,
-    inv_ptr, tau_ptr, lse_ptr, scale_ptr, radial_scale_ptr, radial_ptr, D, SHAPE_BUCKET,
+    a_ptr, stride_am, stride_ad, b_ptr, stride_bm, stride_bd, da_ptr, stride_dam, stride_dad,
+    inv_ptr, own_start, other_start, tau_ptr, lse2_ptr, scale_ptr, radial_scale_ptr, radial_ptr, N, D, SHAPE_BUCKET,
     NORMALIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_DO: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr, PRESCALE: tl.constexpr,
-    SCALE_OPERAND: tl.constexpr,
+    BLOCK_DO: tl.constexpr, EVEN_D: tl.constexpr, EVEN_DO: tl.constexpr, PRECISION: tl.constexpr,
+    ACC: tl.constexpr, PRESCALE: tl.constexpr, SCALE_OPERAND: tl.constexpr,
 ):
-    z = (z1_ptr, stride_1m, stride_1d, z2_ptr, stride_2b, stride_2m, stride_2d, N)
-    dz_out = (dz1_ptr, stride_d1m, stride_d1d, dz2_ptr, stride_d2b, stride_d2m, stride_d2d, N_OUT)
-    M = 2 * N
-    rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-    row_mask = rows < M
-    partner = (rows + N) % M
-    out_d = tl.program_id(1) * BLOCK_DO + tl.arange(0, BLOCK_DO)
-    out_mask = out_d < D
-    tau = tl.load(tau_ptr)
-    inv_rows = load_inverse_norms(inv_ptr, rows, row_mask, NORMALIZE, ACC)
-    row_scale = inv_rows / tau
-    lse_rows = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
+    """dz of the anchors a[rows] (stacked rows own_start + rows), features ``out``, into da; lse2 = lse·log2 e."""
+    first_row = tl.program_id(0) * BLOCK_M
+    rows = first_row + tl.arange(0, BLOCK_M)
+    row_mask = rows < N
+    out = tl.program_id(1) * BLOCK_DO + tl.arange(0, BLOCK_DO)
+    out_mask = out < D
+    a_inv_ptr = inv_ptr + own_start
+    b_inv_ptr = inv_ptr + other_start
+    inv_rows = load_inverse_norms(a_inv_ptr, rows, row_mask, NORMALIZE, ACC)
+    row_scale = inv_rows * (_LOG2E / tl.load(tau_ptr))
+    lse2_rows = tl.load(lse2_ptr + own_start + rows, mask=row_mask, other=0.0)
+    a_ptrs = a_ptr + rows.to(tl.int64)[:, None] * stride_am + tl.arange(0, BLOCK_D)[None, :] * stride_ad
     d_hat = tl.zeros((BLOCK_M, BLOCK_DO), dtype=ACC)
     radial = tl.zeros((BLOCK_M,), dtype=ACC)
-    for start in range(0, M, BLOCK_N):
-        cols = (start + tl.arange(0, BLOCK_N)).to(tl.int64)
-        col_mask = cols < M
-        inv_cols = load_inverse_norms(inv_ptr, cols, col_mask, NORMALIZE, ACC)
-        s = stacked_logits(z, rows, row_mask, row_scale, cols, col_mask, inv_cols, D,
-                           BLOCK_M, BLOCK_N, BLOCK_D, PRECISION, ACC)
-        lse_cols = tl.load(lse_ptr + cols, mask=col_mask, other=0.0)
-        # Self and padding entries: −inf in the exponentials and 0 in t·s, so their terms are 0 (never inf·0).
-        contrast = row_mask[:, None] & col_mask[None, :] & (cols[None, :] != rows[:, None])
-        excluded = tl.where(contrast, s, float("-inf"))
-        t = tl.exp(excluded - lse_rows[:, None]) + tl.exp(excluded - lse_cols[None, :])
-        t -= tl.where(contrast & (cols[None, :] == partner[:, None]), 2.0, 0.0)
-        radial += tl.sum(t * tl.where(contrast, s, 0.0), axis=1)
-        d_hat = accumulate_gradient_tile(d_hat, t, z, cols, col_mask, inv_cols, out_d, out_mask,
-                                         PRECISION, ACC, PRESCALE, SCALE_OPERAND)
-    finish_row_gradient(z, dz_out, rows, row_mask, out_d, out_mask, inv_rows, d_hat, radial,
-                        scale_ptr, radial_scale_ptr, radial_ptr, NORMALIZE, ACC)
+    for view in tl.static_range(2):
+        if view == 0:  # the own view: self entries at the same index
+            k_ptr, stride_km, stride_kd, k_start, self_offset = a_ptr, stride_am, stride_ad, own_start, 0
+        else:  # the other view: no self entry (an offset of N is out of range)
+            k_ptr, stride_km, stride_kd, k_start, self_offset = b_ptr, stride_bm, stride_bd, other_start, N
+        d_hat, radial = _symmetric_keys(
+            d_hat, radial, first_row, a_ptrs, k_ptr, stride_km, stride_kd, inv_ptr + k_start, lse2_ptr + k_start,
+            tau_ptr, rows, row_mask, row_scale, lse2_rows, row_scale, tau_ptr, 0, 0, self_offset, N, D, stride_ad,
+            out, out_mask, NORMALIZE, 0, BLOCK_M, BLOCK_N, BLOCK_D, EVEN_D, EVEN_DO, PRECISION, ACC, PRESCALE,
+            SCALE_OPERAND)
+    # The partner's −2: ẑ_pos(i) gathered once, its logit a row dot (both outside the element loop).
+    positive, _ = _index_positive(a_ptr, stride_am, stride_ad, b_ptr, stride_bm, stride_bd, b_inv_ptr, rows,
+                                  row_mask, row_scale, rows, 0, D, NORMALIZE, False, BLOCK_M, BLOCK_D, ACC)
+    partner = _load_slice(b_ptr + rows.to(tl.int64)[:, None] * stride_bm + out[None, :] * stride_bd, row_mask,
+                          out_mask, True, EVEN_DO).to(ACC)
+    partner *= load_inverse_norms(b_inv_ptr, rows, row_mask, NORMALIZE, ACC)[:, None]
+    d_hat -= (2.0 * PRESCALE) * partner
+    radial = (radial * row_scale - 2.0 * positive) * _LN2
+    finish_row_gradient(single_rows(a_ptr, stride_am, stride_ad, N), single_rows(da_ptr, stride_dam, stride_dad, N),
+                        rows, row_mask, out, out_mask, inv_rows, d_hat, radial, scale_ptr, radial_scale_ptr,
+                        radial_ptr + own_start, NORMALIZE, ACC)
+
+
+def _views(z1: Tensor, z2: Tensor):
+    """(anchors, other view, own stacked start, other stacked start) for the two launches of a pass."""
+    n = z1.shape[0]
+    return ((z1, z2, 0, n), (z2, z1, n, 0))
+
+
+def _strided(x: Tensor) -> tuple:
+    return x, x.stride(0), x.stride(1)
 
 
 def ntxent_forward(z1: Tensor, z2: Tensor, tau: Tensor, sub_dim: int, normalize: bool) -> tuple[Tensor, Tensor, Tensor]:
-    m, acc = 2 * z1.shape[0], accumulation_dtype(z1.dtype)
-    rows = pair_rows(z1, z2)
-    inv = inverse_norms(rows, m, sub_dim) if normalize else torch.empty(0, dtype=acc, device=z1.device)
+    n, acc = z1.shape[0], accumulation_dtype(z1.dtype)
+    m = 2 * n
+    inv = inverse_norms(pair_rows(z1, z2), m, sub_dim) if normalize else torch.empty(0, dtype=acc, device=z1.device)
     lse = torch.empty(m, dtype=acc, device=z1.device)
     positive = torch.empty(m, dtype=acc, device=z1.device)
-    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]),)  # noqa: E731
-    # Without normalization the kernel never reads the inverse norms; it gets a valid buffer instead.
-    _ntxent_forward_kernel[grid](
-        *rows, inv if normalize else tau, tau, lse, positive, sub_dim, shape_bucket(m),
-        NORMALIZE=normalize, PRECISION=dot_precision(z1.dtype), ACC=accumulator(z1.dtype),
-    )
+    grid = lambda meta: (triton.cdiv(n, meta["BLOCK_M"]),)  # noqa: E731
+    for a, b, own, other in _views(z1, z2):
+        # Without normalization the kernel never reads the inverse norms; it gets a valid buffer instead.
+        _ntxent_forward_kernel[grid](
+            *_strided(a), *_strided(b), inv if normalize else tau, own, other, tau, lse, positive, n, sub_dim,
+            shape_bucket(m), NORMALIZE=normalize, PRECISION=dot_precision(z1.dtype), ACC=accumulator(z1.dtype),
+        )
     return (lse - positive).mean(), lse, inv
 
 
@@ -153,28 +187,30 @@ def ntxent_backward(
     dz1 = new(z1.shape, dtype=z1.dtype, device=z1.device)
     dz2 = new(z2.shape, dtype=z2.dtype, device=z2.device)
     radial = torch.empty(m, dtype=tau.dtype, device=z1.device)
-    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(sub_dim, meta["BLOCK_DO"]))  # noqa: E731
-    wrap_triton(_ntxent_backward_kernel)[grid](
-        *pair_rows(z1, z2), *pair_rows(dz1, dz2), inv_norms if normalize else tau, tau, lse, scale,
-        radial_scale, radial, sub_dim, shape_bucket(m),
-        NORMALIZE=normalize, PRECISION=dot_precision(z1.dtype), ACC=accumulator(z1.dtype), PRESCALE=prescale,
-        SCALE_OPERAND=z1.dtype == torch.float16,
-    )
+    grid = lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), triton.cdiv(sub_dim, meta["BLOCK_DO"]))  # noqa: E731
+    lse2 = lse * math.log2(math.e)
+    for (a, b, own, other), da in zip(_views(z1, z2), (dz1, dz2)):
+        wrap_triton(_ntxent_backward_kernel)[grid](
+            *_strided(a), *_strided(b), *_strided(da), inv_norms if normalize else tau, own, other, tau, lse2, scale,
+            radial_scale, radial, n, sub_dim, shape_bucket(m),
+            NORMALIZE=normalize, PRECISION=dot_precision(z1.dtype), ACC=accumulator(z1.dtype), PRESCALE=prescale,
+            SCALE_OPERAND=z1.dtype == torch.float16,
+        )
     return dz1, dz2, radial.sum() / 2
 
 
 def compile_specs(dtype: torch.dtype, precision: str, sub_dim: int, n: int = 2048) -> list[CompileSpec]:
-    """The forward and backward kernels as launched on contiguous [n, sub_dim] rows (normalized)."""
+    """The forward and backward kernels as launched on contiguous [n, sub_dim] rows (normalized; view 1)."""
     acc = accumulation_dtype(dtype)
     z1, z2 = (torch.empty(n, sub_dim, dtype=dtype) for _ in range(2))
     vector = lambda: torch.empty(2 * n, dtype=acc)  # noqa: E731
     tau = torch.empty((), dtype=acc)
     common = dict(NORMALIZE=True, PRECISION=precision, ACC=accumulator(dtype))
-    forward = (*pair_rows(z1, z2), vector(), tau, vector(), vector(), sub_dim, shape_bucket(2 * n))
-    backward = (*pair_rows(z1, z2), *pair_rows(torch.empty_like(z1), torch.empty_like(z2)), vector(), tau, vector(),
-                tau, tau, vector(), sub_dim, shape_bucket(2 * n))
+    forward = (*_strided(z1), *_strided(z2), vector(), 0, n, tau, vector(), vector(), n, sub_dim, shape_bucket(2 * n))
+    backward = (*_strided(z1), *_strided(z2), *_strided(torch.empty_like(z1)), vector(), 0, n, tau, vector(), tau,
+                tau, vector(), n, sub_dim, shape_bucket(2 * n))
     return [
-        CompileSpec("ntxent_forward", "forward", _ntxent_forward_kernel.fn, forward, common),
-        CompileSpec("ntxent_backward", "backward", _ntxent_backward_kernel.fn, backward,
+        CompileSpec("ntxent_forward", "block_forward", _ntxent_forward_kernel.fn, forward, common),
+        CompileSpec("ntxent_backward", "symmetric_backward", _ntxent_backward_kernel.fn, backward,
                     dict(common, PRESCALE=gradient_prescale(dtype), SCALE_OPERAND=dtype == torch.float16)),
     ]

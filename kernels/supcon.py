@@ -1,29 +1,37 @@
-"""SupCon L_out (docs/spec.md) as fused Triton kernels: O(M) memory, deterministic backward, no atomics.
+"""SupCon L_out (docs/spec.md) as fused Triton kernels on the block loop (kernels/block.py): O(M) memory,
+deterministic backward, no atomics.
 
-Rows are view-major (M = V·N, row r = v·N + n is features[n, v]), read in place through the strides of
-features [N, V, D] (first D' = ``sub_dim`` features; ``_common.view_major_rows``); anchors are rows
-0..n_anchors−1 (``contrast_mode="all"``: all rows, ``"one"``: view 0). Positives P(a) come from
-``labels[N]`` compared per tile, or from the bool ``mask[N, N]`` read tile by tile (mask[a mod N, c mod N]);
-self excluded. With ``normalize`` a pre-pass stores r = 1/max(‖row[:D']‖, 1e-12) (O(M·D')) and the tiles
-are s_rc = (z_r·z_c)·r_r·r_c/τ on the raw rows (r = 1 without normalization).
+Rows are view-major (M = V·N, row r = v·N + n is features[n, v]); each view is an [N, D] matrix read in
+place through the strides of features [N, V, D] (first D' = ``sub_dim`` features). Anchors are the views
+0..anchor_views−1 (``contrast_mode="all"``: every view, ``"one"``: view 0). A launch's program owns
+BLOCK_M rows of one view (grid axis: the view) and walks the key views in turn: the own view holds the
+self entries (the few masked tiles), the others none (a self offset of N, out of range). With ``normalize``
+a pre-pass stores r = 1/max(‖row[:D']‖, 1e-12) (O(M·D')); logits are base 2 as in the block loop.
 
-Forward — one program per block of anchor rows walks all column tiles: S tile, self-mask, online
-max and sum (→ lse), and the sum of s over the tile's positives. |P(a)| comes from the labels / mask
-in O(N log N) / O(N²) bool reads, so with A⁺ = anchors having a positive and κ = τ/τ_b
+Positives — labels: no compare in the element loop. With per-class sums of the unit rows C_y (torch,
+O(M·D'), a class id per sample from one sort: ``torch_backend.supcon.label_classes``),
+Σ_{p∈P(a)} s_ap = ẑ_a·(C_{y_a} − ẑ_a)/τ and |P(a)| = V·|y_a| − 1. A bool mask [N, N]: a weight read per
+element (mask[a mod N, c mod N]), small tiles (not a tuned path).
+
+Forward — per anchor block the online (max, sum) of exp2 over every key view (``block._fold_keys``),
+storing lse and, for a mask, Σ_{c∈P} s and |P|. With A⁺ = anchors having a positive and κ = τ/τ_b,
     L = κ/|A⁺| · Σ_{a∈A⁺} (lse_a − possum_a/|P(a)|)          (0 when A⁺ is empty)
 is a deterministic torch reduction of per-row buffers.
 
-Backward — with v_a = 1[a ∈ A⁺] and G = ∂L/∂S = κ/|A⁺| · Ĝ,
-    T_rc = Ĝ_rc + Ĝ_cr = v_r (e^{s_rc − lse_r} − P_rc/|P(r)|) + v_c (e^{s_rc − lse_c} − P_cr/|P(c)|)
-from one recomputed tile (the forward's helper, operands and config) and the stored lse; P_cr is the
-label comparison again, or mask[c mod N, r mod N] for a (possibly asymmetric) mask. One GEMM per tile
-gives dẑ_r = Σ_c T_rc r_c z_c · κ/(|A⁺|τ); the same tile gives c_r = ⟨ẑ_r, dẑ_r⟩ = κ/|A⁺| Σ_c T_rc s_rc,
-and dz_r = r_r (dẑ_r − c_r r_r z_r) (F.normalize's backward). Each program owns BLOCK_M rows × BLOCK_DO
-features of dfeatures; output slice 0 stores c (Σ_r c_r / 2 = Σ G s, for dL/dτ). Non-anchor row blocks
-(``"one"``) only walk the anchor columns, where the transposed term lives.
+Backward — with w_r = 1/|P(r)| for r ∈ A⁺ (else 0) and G = ∂L/∂S = κ/|A⁺| · Ĝ,
+    T_rc = Ĝ_rc + Ĝ_cr = [r∈A⁺] e^{s_rc − lse_r} + [c∈A⁺] e^{s_rc − lse_c} − (w_r P_rc + w_c P_cr)
+from one recomputed tile per (row block, key tile) (``block._symmetric_keys``; L = +inf for rows outside
+A⁺ switches their exponential off). dẑ_r = Σ_c T_rc ẑ_c · κ/(|A⁺|τ), c_r = ⟨ẑ_r, dẑ_r⟩, dz_r =
+r_r (dẑ_r − c_r r_r z_r) (F.normalize's backward). Labels: the positive part is a class-sum lookup after
+the loop, Σ_{c∈P(r)} (w_r + w_c) ẑ_c = w_y (C_y + C^A_y) − 2w_r ẑ_r for an anchor row of class y (C^A: the
+sums over the anchor views; w_y = 1/|P| of class y's anchors), w_y C^A_y for a row of a non-anchor view;
+its part of c_r is a torch row dot. Rows of a non-anchor view only walk the anchor views' columns, where
+their transposed terms live. Each program owns BLOCK_M rows × BLOCK_DO features of dfeatures; output
+slice 0 stores c (Σ_r c_r / 2 = Σ G s, for dL/dτ).
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -34,144 +42,156 @@ from torch.library import triton_op, wrap_triton
 
 from fastcl.kernels._common import (
     CompileSpec,
-    accumulate_gradient_tile,
     accumulator,
     autotune_configs,
     dot_precision,
-    finish_logsumexp,
     finish_row_gradient,
     gradient_prescale,
     inverse_norms,
     load_inverse_norms,
-    online_logsumexp,
     prune,
     shape_bucket,
-    stacked_logits,
+    single_rows,
     view_major_rows,
+)
+from fastcl.kernels.block import (
+    _EVEN_FEATURES,
+    _LN2,
+    _LOG2E,
+    _POSITIVES,
+    _fold_keys,
+    _load_slice,
+    _row_chunks,
+    _symmetric_keys,
 )
 from fastcl.ops import accumulation_dtype
 from fastcl.torch_backend.supcon import positive_counts
 
-
-@triton.jit
-def _positive_tile(labels_ptr, stride_label, mask_ptr, stride_mask_a, stride_mask_c,
-                   anchor_samples, contrast_samples, valid, HAS_MASK: tl.constexpr):
-    """P[a, c] for a tile: labels equal, or mask[a, c] != 0 (loads masked by ``valid``)."""
-    if HAS_MASK:
-        # int64 offsets: an N×N mask passes 2³¹ bytes at N ≈ 46 000.
-        flags = tl.load(mask_ptr + anchor_samples.to(tl.int64)[:, None] * stride_mask_a
-                        + contrast_samples.to(tl.int64)[None, :] * stride_mask_c, mask=valid, other=0)
-        same = flags != 0
-    else:
-        anchor_labels = tl.load(labels_ptr + anchor_samples * stride_label)
-        contrast_labels = tl.load(labels_ptr + contrast_samples * stride_label)
-        same = anchor_labels[:, None] == contrast_labels[None, :]
-    return valid & same
+_KEY = ["D", "SHAPE_BUCKET", "PRECISION", "NORMALIZE", "POSITIVES"]
 
 
-@triton.autotune(configs=autotune_configs("forward"),
-                 key=["D", "SHAPE_BUCKET", "PRECISION", "NORMALIZE", "HAS_MASK"], prune_configs_by=prune("forward"))
+@triton.autotune(configs=autotune_configs("block_forward"), key=_KEY, prune_configs_by=prune("block_forward"))
+@triton.heuristics({"EVEN_D": lambda args: args["D"] % args["BLOCK_D"] == 0})
 @triton.jit
 def _supcon_forward_kernel(
-    f_ptr, stride_n, stride_d, rest_ptr, stride_v, rest_stride_n, rest_stride_d, N,
-    labels_ptr, stride_label, mask_ptr, stride_mask_0, stride_mask_1,
-    inv_ptr, tau_ptr, lse_ptr, positive_sum_ptr, M, n_anchors, D, SHAPE_BUCKET,
-    HAS_MASK: tl.constexpr, NORMALIZE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    PRECISION: tl.constexpr, ACC: tl.constexpr,
+    f_ptr, stride_n, stride_v, stride_d, inv_ptr, tau_ptr, mask_ptr, stride_mask_0, stride_mask_1,
+    lse_ptr, pos_sum_ptr, pos_weight_ptr, N, V, D, SHAPE_BUCKET,
+    NORMALIZE: tl.constexpr, POSITIVES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
 ):
-    z = (f_ptr, stride_n, stride_d, rest_ptr, stride_v, rest_stride_n, rest_stride_d, N)
-    rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-    row_mask = rows < n_anchors
-    row_samples = rows % N  # in range for padding rows too, so label loads need no mask
-    row_scale = load_inverse_norms(inv_ptr, rows, row_mask, NORMALIZE, ACC) / tl.load(tau_ptr)
+    """Anchors: rows of view program_id(1). POSITIVES: 3 (mask, summed in the loop) or 0 (labels: the
+    positive sums come from class sums on the host)."""
+    view = tl.program_id(1)
+    first_row = tl.program_id(0) * BLOCK_M
+    rows = first_row + tl.arange(0, BLOCK_M)
+    row_mask = rows < N
+    a_ptr = f_ptr + tl.cast(view, tl.int64) * stride_v
+    row_scale = load_inverse_norms(inv_ptr + view * N, rows, row_mask, NORMALIZE, ACC) * (_LOG2E / tl.load(tau_ptr))
+    a_ptrs = a_ptr + rows.to(tl.int64)[:, None] * stride_n + tl.arange(0, BLOCK_D)[None, :] * stride_d
     running_max = tl.full((BLOCK_M,), float("-inf"), dtype=ACC)
     running_sum = tl.zeros((BLOCK_M,), dtype=ACC)
-    positive_sum = tl.zeros((BLOCK_M,), dtype=ACC)
-    for start in range(0, M, BLOCK_N):
-        cols = (start + tl.arange(0, BLOCK_N)).to(tl.int64)
-        col_mask = cols < M
-        s = stacked_logits(z, rows, row_mask, row_scale, cols, col_mask,
-                           load_inverse_norms(inv_ptr, cols, col_mask, NORMALIZE, ACC), D,
-                           BLOCK_M, BLOCK_N, BLOCK_D, PRECISION, ACC)
-        # No row mask here: rows past the anchors are never stored, and keeping their columns avoids log(0).
-        contrast = col_mask[None, :] & (cols[None, :] != rows[:, None])
-        positive = _positive_tile(labels_ptr, stride_label, mask_ptr, stride_mask_0, stride_mask_1,
-                                  row_samples, cols % N, contrast, HAS_MASK)
-        positive_sum += tl.sum(tl.where(positive, s, 0.0), axis=1)
-        running_max, running_sum = online_logsumexp(running_max, running_sum, tl.where(contrast, s, float("-inf")))
-    tl.store(lse_ptr + rows, finish_logsumexp(running_max, running_sum), mask=row_mask)
-    tl.store(positive_sum_ptr + rows, positive_sum, mask=row_mask)
+    pos_sum = tl.zeros((BLOCK_M,), dtype=ACC)
+    pos_weight = tl.zeros((BLOCK_M,), dtype=ACC)
+    unused = tl.zeros((BLOCK_M,), dtype=tl.int32)  # index positives and labels: not read
+    for key_view in range(0, V):
+        # The own view holds the self entries; elsewhere an offset of N puts them out of range.
+        self_offset = tl.where(key_view == view, 0, N)
+        k_ptr = f_ptr + tl.cast(key_view, tl.int64) * stride_v
+        running_max, running_sum, pos_sum, pos_weight = _fold_keys(
+            running_max, running_sum, pos_sum, pos_weight, first_row, a_ptrs, k_ptr, stride_n, stride_d, inv_ptr +
+            key_view * N, rows, row_mask, row_scale, unused, unused, tau_ptr, mask_ptr, stride_mask_0,
+            stride_mask_1, N, N, self_offset, 0.0, N, D, stride_d, NORMALIZE, POSITIVES, True, False, False,
+            BLOCK_M, BLOCK_N, BLOCK_D, EVEN_D, PRECISION, ACC)
+    out = view * N + rows
+    tl.store(lse_ptr + out, (running_max * row_scale + tl.log2(running_sum)) * _LN2, mask=row_mask)
+    if POSITIVES == 3:
+        tl.store(pos_sum_ptr + out, pos_sum * _LN2, mask=row_mask)
+        tl.store(pos_weight_ptr + out, pos_weight, mask=row_mask)
 
 
-@triton.autotune(configs=autotune_configs("backward"),
-                 key=["D", "SHAPE_BUCKET", "PRECISION", "NORMALIZE", "HAS_MASK"], prune_configs_by=prune("backward"))
+@triton.autotune(configs=autotune_configs("symmetric_backward"), key=_KEY, prune_configs_by=prune("symmetric_backward"))
+@_EVEN_FEATURES
 @triton.jit
 def _supcon_backward_kernel(
-    f_ptr, stride_n, stride_d, rest_ptr, stride_v, rest_stride_n, rest_stride_d, N,
-    df_ptr, stride_dfn, stride_dfd, df_rest_ptr, stride_dfv, df_rest_stride_n, df_rest_stride_d, N_OUT,
-    labels_ptr, stride_label, mask_ptr, stride_mask_0, stride_mask_1,
-    inv_ptr, tau_ptr, lse_ptr, counts_ptr, scale_ptr, radial_scale_ptr, radial_ptr, M, n_anchors, D, SHAPE_BUCKET,
-    HAS_MASK: tl.constexpr, NORMALIZE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr,
+    f_ptr, stride_n, stride_v, stride_d, df_ptr, stride_dfn, stride_dfv, stride_dfd, inv_ptr, tau_ptr,
+    mask_ptr, stride_mask_0, stride_mask_1, lse2_ptr, weight_ptr, class_ptr, class_sums_ptr, positive_radial_ptr,
+    scale_ptr, radial_scale_ptr, radial_ptr, N, V, anchor_views, D, SHAPE_BUCKET,
+    NORMALIZE: tl.constexpr, POSITIVES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr, EVEN_D: tl.constexpr, EVEN_DO: tl.constexpr,
     PRECISION: tl.constexpr, ACC: tl.constexpr, PRESCALE: tl.constexpr, SCALE_OPERAND: tl.constexpr,
 ):
-    z = (f_ptr, stride_n, stride_d, rest_ptr, stride_v, rest_stride_n, rest_stride_d, N)
-    dz_out = (df_ptr, stride_dfn, stride_dfd, df_rest_ptr, stride_dfv, df_rest_stride_n, df_rest_stride_d, N_OUT)
-    row_start = tl.program_id(0) * BLOCK_M
-    rows = (row_start + tl.arange(0, BLOCK_M)).to(tl.int64)
-    row_mask = rows < M
-    row_samples = rows % N
-    out_d = tl.program_id(1) * BLOCK_DO + tl.arange(0, BLOCK_DO)
-    out_mask = out_d < D
-    inv_rows = load_inverse_norms(inv_ptr, rows, row_mask, NORMALIZE, ACC)
-    row_scale = inv_rows / tl.load(tau_ptr)
-    row_is_anchor = rows < n_anchors
-    # Rows outside A⁺ (no positive, not an anchor, padding) get lse = +inf and 1/|P| = 0: no term.
-    count_rows = tl.load(counts_ptr + rows, mask=row_is_anchor, other=0)
-    lse_rows = tl.where(count_rows > 0, tl.load(lse_ptr + rows, mask=row_is_anchor, other=0.0), float("inf"))
-    inv_count_rows = tl.where(count_rows > 0, 1.0 / tl.maximum(count_rows, 1).to(ACC), 0.0)
-    # Rows past the anchors only receive the transposed term, which lives in the anchor columns.
-    n_cols = tl.where(row_start < n_anchors, M, n_anchors)
+    """dfeatures of rows ``rows`` of view program_id(2), features ``out``. lse2 [M]: lse·log2 e for rows in
+    A⁺, +inf elsewhere; weight [M]: w_r. Labels (POSITIVES == 0): class [N] (a class id per sample),
+    class_sums [anchor-view rows / other rows, N, D'] (C + C^A and C^A by class id), positive_radial [M]
+    (the positive part of Σ_c T_rc s_rc, negated)."""
+    view = tl.program_id(2)
+    first_row = tl.program_id(0) * BLOCK_M
+    rows = first_row + tl.arange(0, BLOCK_M)
+    row_mask = rows < N
+    out = tl.program_id(1) * BLOCK_DO + tl.arange(0, BLOCK_DO)
+    out_mask = out < D
+    row_start = view * N
+    a_ptr = f_ptr + tl.cast(view, tl.int64) * stride_v
+    inv_rows = load_inverse_norms(inv_ptr + row_start, rows, row_mask, NORMALIZE, ACC)
+    row_scale = inv_rows * (_LOG2E / tl.load(tau_ptr))
+    lse2_rows = tl.load(lse2_ptr + row_start + rows, mask=row_mask, other=float("inf"))
+    w_rows = tl.load(weight_ptr + row_start + rows, mask=row_mask, other=0.0)
+    a_ptrs = a_ptr + rows.to(tl.int64)[:, None] * stride_n + tl.arange(0, BLOCK_D)[None, :] * stride_d
     d_hat = tl.zeros((BLOCK_M, BLOCK_DO), dtype=ACC)
     radial = tl.zeros((BLOCK_M,), dtype=ACC)
-    for start in range(0, n_cols, BLOCK_N):
-        cols = (start + tl.arange(0, BLOCK_N)).to(tl.int64)
-        col_mask = cols < M
-        col_samples = cols % N
-        inv_cols = load_inverse_norms(inv_ptr, cols, col_mask, NORMALIZE, ACC)
-        s = stacked_logits(z, rows, row_mask, row_scale, cols, col_mask, inv_cols, D,
-                           BLOCK_M, BLOCK_N, BLOCK_D, PRECISION, ACC)
-        col_is_anchor = cols < n_anchors
-        count_cols = tl.load(counts_ptr + cols, mask=col_is_anchor, other=0)
-        lse_cols = tl.where(count_cols > 0, tl.load(lse_ptr + cols, mask=col_is_anchor, other=0.0), float("inf"))
-        inv_count_cols = tl.where(count_cols > 0, 1.0 / tl.maximum(count_cols, 1).to(ACC), 0.0)
-        contrast = row_mask[:, None] & col_mask[None, :] & (cols[None, :] != rows[:, None])
-        positive = _positive_tile(labels_ptr, stride_label, mask_ptr, stride_mask_0, stride_mask_1,
-                                  row_samples, col_samples, contrast, HAS_MASK)
-        if HAS_MASK:
-            # P_cr = mask[c, r]: the mask may be asymmetric.
-            positive_t = _positive_tile(labels_ptr, stride_label, mask_ptr, stride_mask_1, stride_mask_0,
-                                        row_samples, col_samples, contrast, HAS_MASK)
-        else:
-            positive_t = positive
-        # Self and padding entries: −inf in the exponentials and 0 in t·s, so their terms are 0 (never inf·0).
-        excluded = tl.where(contrast, s, float("-inf"))
-        t = tl.exp(excluded - lse_rows[:, None]) - tl.where(positive, inv_count_rows[:, None], 0.0)
-        t += tl.exp(excluded - lse_cols[None, :]) - tl.where(positive_t, inv_count_cols[None, :], 0.0)
-        radial += tl.sum(t * tl.where(contrast, s, 0.0), axis=1)
-        d_hat = accumulate_gradient_tile(d_hat, t, z, cols, col_mask, inv_cols, out_d, out_mask,
-                                         PRECISION, ACC, PRESCALE, SCALE_OPERAND)
-    finish_row_gradient(z, dz_out, rows, row_mask, out_d, out_mask, inv_rows, d_hat, radial,
-                        scale_ptr, radial_scale_ptr, radial_ptr, NORMALIZE, ACC)
+    # Rows of a view without anchors only have transposed terms, which live in the anchor views' columns.
+    key_views = tl.where(view < anchor_views, V, anchor_views)
+    for key_view in range(0, key_views):
+        k_start = key_view * N
+        d_hat, radial = _symmetric_keys(
+            d_hat, radial, first_row, a_ptrs, f_ptr + tl.cast(key_view, tl.int64) * stride_v, stride_n, stride_d,
+            inv_ptr + k_start, lse2_ptr + k_start, weight_ptr + k_start, rows, row_mask, row_scale, lse2_rows,
+            w_rows, mask_ptr, stride_mask_0, stride_mask_1, tl.where(key_view == view, 0, N), N, D, stride_d, out,
+            out_mask, NORMALIZE, POSITIVES, BLOCK_M, BLOCK_N, BLOCK_D, EVEN_D, EVEN_DO, PRECISION, ACC, PRESCALE,
+            SCALE_OPERAND)
+    radial = radial * row_scale * _LN2
+    if POSITIVES != 3:
+        # −Σ_{c∈P(r)} (w_r + w_c) ẑ_c: one class-sum row per anchor (w_y from the sample's view-0 row).
+        slot = tl.load(class_ptr + rows, mask=row_mask, other=0).to(tl.int64)
+        slot += tl.where(view < anchor_views, 0, N)
+        sums = _load_slice(class_sums_ptr + slot[:, None] * D + out[None, :], row_mask, out_mask, True, EVEN_DO)
+        own = _load_slice(a_ptr + rows.to(tl.int64)[:, None] * stride_n + out[None, :] * stride_d, row_mask,
+                          out_mask, True, EVEN_DO).to(ACC) * inv_rows[:, None]
+        w_class = tl.load(weight_ptr + rows, mask=row_mask, other=0.0)
+        d_hat -= PRESCALE * (w_class[:, None] * sums - (2.0 * w_rows)[:, None] * own)
+        radial -= tl.load(positive_radial_ptr + row_start + rows, mask=row_mask, other=0.0)
+    finish_row_gradient(single_rows(a_ptr, stride_n, stride_d, N),
+                        single_rows(df_ptr + tl.cast(view, tl.int64) * stride_dfv, stride_dfn, stride_dfd, N), rows,
+                        row_mask, out, out_mask, inv_rows, d_hat, radial, scale_ptr, radial_scale_ptr,
+                        radial_ptr + row_start, NORMALIZE, ACC)
 
 
-def _positive_source(labels: Optional[Tensor], mask: Optional[Tensor]) -> tuple:
-    """(labels_ptr, stride, mask_ptr, stride_0, stride_1, HAS_MASK); the absent one is passed as None."""
-    if mask is not None:
-        flags = mask.view(torch.uint8) if mask.dtype == torch.bool else mask
-        return None, 0, flags, flags.stride(0), flags.stride(1), True
-    return labels, labels.stride(0), None, 0, 0, False
+def _positive_source(mask: Optional[Tensor], placeholder: Tensor) -> tuple:
+    """(mask_ptr, stride_0, stride_1, POSITIVES): a mask's bytes, or a placeholder the kernels never read."""
+    if mask is None:
+        return placeholder, 0, 0, _POSITIVES["none"]
+    flags = mask.view(torch.uint8) if mask.dtype == torch.bool else mask
+    return flags, flags.stride(0), flags.stride(1), _POSITIVES["mask"]
+
+
+def _unit_views(features: Tensor, inv: Optional[Tensor], start: int, stop: int, sub_dim: int) -> Tensor:
+    """ẑ of samples start..stop in every view: [stop − start, V, sub_dim] in the accumulation dtype."""
+    n, views, _ = features.shape
+    rows = features[start:stop, :, :sub_dim].to(accumulation_dtype(features.dtype))
+    return rows if inv is None else rows * inv.view(views, n)[:, start:stop].T[:, :, None]
+
+
+def _chunks(features: Tensor, sub_dim: int):
+    return _row_chunks(features.shape[0], features.shape[1] * sub_dim)
+
+
+def _class_sums(features: Tensor, inv: Optional[Tensor], classes: Tensor, sub_dim: int, views: int) -> Tensor:
+    """[N, sub_dim]: row y holds Σ ẑ over the samples of class id y in views 0..views−1 (0 for unused ids)."""
+    n = features.shape[0]
+    sums = torch.zeros(n, sub_dim, dtype=accumulation_dtype(features.dtype), device=features.device)
+    for start, stop in _chunks(features, sub_dim):
+        sums.index_add_(0, classes[start:stop], _unit_views(features, inv, start, stop, sub_dim)[:, :views].sum(1))
+    return sums
 
 
 def supcon_forward(
@@ -179,25 +199,36 @@ def supcon_forward(
     n_anchors: int, sub_dim: int, normalize: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     n, views, _ = features.shape
-    m, acc = n * views, accumulation_dtype(features.dtype)
-    rows = view_major_rows(features)
-    inv = inverse_norms(rows, m, sub_dim) if normalize else torch.empty(0, dtype=acc, device=features.device)
+    anchor_views, acc = n_anchors // n, accumulation_dtype(features.dtype)
+    inv = inverse_norms(view_major_rows(features), n * views, sub_dim) if normalize else None
     lse = torch.empty(n_anchors, dtype=acc, device=features.device)
-    positive_sum = torch.empty(n_anchors, dtype=acc, device=features.device)
-    labels_ptr, stride_label, mask_ptr, stride_mask_0, stride_mask_1, has_mask = _positive_source(labels, mask)
-    grid = lambda meta: (triton.cdiv(n_anchors, meta["BLOCK_M"]),)  # noqa: E731
+    mask_ptr, stride_mask_0, stride_mask_1, positives = _positive_source(mask, tau)
+    pos_sum, pos_weight = (torch.empty(n_anchors if mask is not None else 1, dtype=acc, device=features.device)
+                           for _ in range(2))
+    grid = lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), anchor_views)  # noqa: E731
     # Without normalization the kernel never reads the inverse norms; it gets a valid buffer instead.
     _supcon_forward_kernel[grid](
-        *rows, labels_ptr, stride_label, mask_ptr, stride_mask_0, stride_mask_1,
-        inv if normalize else tau, tau, lse, positive_sum, m, n_anchors, sub_dim, shape_bucket(m),
-        HAS_MASK=has_mask, NORMALIZE=normalize, PRECISION=dot_precision(features.dtype),
+        features, *features.stride(), inv if normalize else tau, tau, mask_ptr, stride_mask_0, stride_mask_1,
+        lse, pos_sum, pos_weight, n, views, sub_dim, shape_bucket(n * views),
+        NORMALIZE=normalize, POSITIVES=positives, PRECISION=dot_precision(features.dtype),
         ACC=accumulator(features.dtype),
     )
-    counts = positive_counts(labels, mask, m)[:n_anchors].to(torch.int32)
+    if mask is None:
+        # Σ_{p∈P(a)} s_ap = ẑ_a·(C_{y_a} − ẑ_a)/τ from per-class sums; |P(a)| = V·|y_a| − 1.
+        counts, classes = positive_counts(labels, None, views)
+        counts, class_ids = counts[:n_anchors].to(torch.int32), classes.long()
+        sums = _class_sums(features, inv, class_ids, sub_dim, views)
+        pos_sum = torch.empty(anchor_views, n, dtype=acc, device=features.device)
+        for start, stop in _chunks(features, sub_dim):
+            unit = _unit_views(features, inv, start, stop, sub_dim)[:, :anchor_views]
+            pos_sum[:, start:stop] = ((sums[class_ids[start:stop], None] - unit) * unit).sum(-1).T / tau
+        pos_sum = pos_sum.reshape(-1)
+    else:
+        counts, classes = pos_weight.to(torch.int32), torch.empty(0, dtype=torch.int32, device=features.device)
     weighted = counts > 0
-    per_anchor = torch.where(weighted, lse - positive_sum / counts.clamp(min=1).to(acc), 0.0)
+    per_anchor = torch.where(weighted, lse - pos_sum / counts.clamp(min=1).to(acc), 0.0)
     loss = (tau / base_temperature) * per_anchor.sum() / weighted.sum().clamp(min=1).to(acc)
-    return loss, lse, counts, inv
+    return loss, lse, counts, classes, inv if normalize else torch.empty(0, dtype=acc, device=features.device)
 
 
 @triton_op("fastcl::triton_supcon_backward", mutates_args=())
@@ -213,29 +244,51 @@ def supcon_backward(
     normalize: bool,
     lse: Tensor,
     counts: Tensor,
+    classes: Tensor,
     inv_norms: Tensor,
 ) -> tuple[Tensor, Tensor]:
-    """dL/dfeatures shaped like features (exactly zero beyond sub_dim) and Σ_ij G_ij s_ij; counts: the
-    forward's int32 |P(a)| (no class count here)."""
+    """dL/dfeatures shaped like features (exactly zero beyond sub_dim) and Σ_ij G_ij s_ij; counts and
+    classes: the forward's int32 |P(a)| and class ids (no count or sort here)."""
     n, views, dim = features.shape
-    m = n * views
+    m, anchor_views = n * views, n_anchors // n
+    acc = tau.dtype
     prescale = gradient_prescale(features.dtype)
-    n_weighted = (counts > 0).sum().clamp(min=1).to(tau.dtype)
-    grad = grad.to(tau.dtype)
+    weighted = counts > 0
+    n_weighted = weighted.sum().clamp(min=1).to(acc)
+    grad = grad.to(acc)
     scale = (grad / (base_temperature * n_weighted * prescale)).reshape(())  # κ/τ = 1/τ_b
     radial_scale = (grad * tau / (base_temperature * n_weighted)).reshape(())  # κ/|A⁺|
+    rest = lambda value: torch.full((m - n_anchors,), value, dtype=acc, device=features.device)  # noqa: E731
+    weight = torch.cat([torch.where(weighted, 1.0 / counts.clamp(min=1).to(acc), 0.0), rest(0.0)])
+    lse2 = torch.cat([torch.where(weighted, lse * math.log2(math.e), float("inf")), rest(float("inf"))])
     # The kernel writes the first sub_dim features; the rest of each row stays exactly zero.
     new = torch.zeros if sub_dim < dim else torch.empty
     dfeatures = new(features.shape, dtype=features.dtype, device=features.device)
-    radial = torch.empty(m, dtype=tau.dtype, device=features.device)
-    labels_ptr, stride_label, mask_ptr, stride_mask_0, stride_mask_1, has_mask = _positive_source(labels, mask)
-    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(sub_dim, meta["BLOCK_DO"]))  # noqa: E731
+    radial = torch.empty(m, dtype=acc, device=features.device)
+    mask_ptr, stride_mask_0, stride_mask_1, positives = _positive_source(mask, tau)
+    class_ids = class_sums = positive_radial = tau
+    if mask is None:
+        inv = inv_norms if normalize else None
+        class_ids = classes.long()
+        sums = _class_sums(features, inv, class_ids, sub_dim, views)
+        anchor_sums = sums if anchor_views == views else _class_sums(features, inv, class_ids, sub_dim, anchor_views)
+        # By class id: C + C^A for the anchor views' rows, C^A for the others'.
+        class_sums = torch.stack([sums + anchor_sums, anchor_sums][: 1 if anchor_views == views else 2])
+        kind = (torch.arange(views, device=features.device) >= anchor_views).long()
+        positive_radial = torch.empty(views, n, dtype=acc, device=features.device)
+        for start, stop in _chunks(features, sub_dim):
+            unit = _unit_views(features, inv, start, stop, sub_dim)
+            by_view = class_sums[:, class_ids[start:stop]][kind].transpose(0, 1)  # [rows, V, sub_dim]
+            w_rows = weight.view(views, n)[:, start:stop].T[:, :, None]
+            positive = weight[start:stop, None, None] * by_view - 2.0 * w_rows * unit
+            positive_radial[:, start:stop] = (unit * positive).sum(-1).T / tau
+        class_ids = classes
+    grid = lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), triton.cdiv(sub_dim, meta["BLOCK_DO"]), views)  # noqa: E731
     wrap_triton(_supcon_backward_kernel)[grid](
-        *view_major_rows(features), *view_major_rows(dfeatures),
-        labels_ptr, stride_label, mask_ptr, stride_mask_0, stride_mask_1,
-        inv_norms if normalize else tau, tau, lse, counts, scale, radial_scale, radial, m, n_anchors, sub_dim,
-        shape_bucket(m),
-        HAS_MASK=has_mask, NORMALIZE=normalize, PRECISION=dot_precision(features.dtype),
+        features, *features.stride(), dfeatures, *dfeatures.stride(), inv_norms if normalize else tau, tau,
+        mask_ptr, stride_mask_0, stride_mask_1, lse2, weight, class_ids, class_sums, positive_radial, scale,
+        radial_scale, radial, n, views, anchor_views, sub_dim, shape_bucket(m),
+        NORMALIZE=normalize, POSITIVES=positives, PRECISION=dot_precision(features.dtype),
         ACC=accumulator(features.dtype), PRESCALE=prescale, SCALE_OPERAND=features.dtype == torch.float16,
     )
     return dfeatures, radial.sum() / 2
@@ -249,18 +302,18 @@ def compile_specs(dtype: torch.dtype, precision: str, sub_dim: int, n: int = 204
     vector = lambda: torch.empty(m, dtype=acc)  # noqa: E731
     tau = torch.empty((), dtype=acc)
     specs = []
-    for name, labels, mask in (("labels", torch.empty(n, dtype=torch.int64), None),
-                               ("mask", None, torch.empty(n, n, dtype=torch.bool))):
-        positives = _positive_source(labels, mask)[:5]
-        common = dict(HAS_MASK=mask is not None, NORMALIZE=True, PRECISION=precision, ACC=accumulator(dtype))
-        forward = (*view_major_rows(features), *positives, vector(), tau, vector(), vector(), m, m, sub_dim,
-                   shape_bucket(m))
-        backward = (*view_major_rows(features), *view_major_rows(torch.empty_like(features)), *positives,
-                    vector(), tau, vector(), torch.empty(m, dtype=torch.int32), tau, tau, vector(), m, m, sub_dim,
+    for name, mask in (("labels", None), ("mask", torch.empty(n, n, dtype=torch.bool))):
+        mask_ptr, stride_mask_0, stride_mask_1, positives = _positive_source(mask, tau)
+        common = dict(NORMALIZE=True, POSITIVES=positives, PRECISION=precision, ACC=accumulator(dtype))
+        forward = (features, *features.stride(), vector(), tau, mask_ptr, stride_mask_0, stride_mask_1, vector(),
+                   vector(), vector(), n, 2, sub_dim, shape_bucket(m))
+        backward = (features, *features.stride(), torch.empty_like(features), *features.stride(), vector(), tau,
+                    mask_ptr, stride_mask_0, stride_mask_1, vector(), vector(), torch.empty(n, dtype=torch.int32),
+                    torch.empty(1, n, sub_dim, dtype=acc), vector(), tau, tau, vector(), n, 2, 2, sub_dim,
                     shape_bucket(m))
         specs += [
-            CompileSpec(f"supcon_{name}_forward", "forward", _supcon_forward_kernel.fn, forward, common),
-            CompileSpec(f"supcon_{name}_backward", "backward", _supcon_backward_kernel.fn, backward,
+            CompileSpec(f"supcon_{name}_forward", "block_forward", _supcon_forward_kernel.fn, forward, common),
+            CompileSpec(f"supcon_{name}_backward", "symmetric_backward", _supcon_backward_kernel.fn, backward,
                         dict(common, PRESCALE=gradient_prescale(dtype), SCALE_OPERAND=dtype == torch.float16)),
         ]
     return specs

@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 from loss_cases import Batch, assert_no_worse_than_naive, make_batch, reference_of, relative_error, run
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastcl
 from fastcl.reference import naive_nt_xent
@@ -225,11 +226,12 @@ _TRACE_BACKWARDS = textwrap.dedent(
     graph = make_fx(trace, tracing_mode="fake")(grad, z1, z2, tau, lse, inv)
     assert "fastcl.triton_ntxent_backward" in graph.code, graph.code
     features, labels = torch.randn(13, 2, 40), torch.randint(0, 3, (13,))
-    counts = torch.randint(0, 5, (26,), dtype=torch.int32)
-    trace = lambda g, f, y, t, l, c, r: supcon_backward(g, f, y, None, t, 0.07, 26, 17, True, l, c, r)
-    graph = make_fx(trace, tracing_mode="fake")(grad, features, labels, tau, lse, counts, inv)
+    counts, classes = torch.randint(0, 5, (26,), dtype=torch.int32), torch.randint(0, 13, (13,), dtype=torch.int32)
+    trace = lambda g, f, y, t, l, c, k, r: supcon_backward(g, f, y, None, t, 0.07, 26, 17, True, l, c, k, r)
+    graph = make_fx(trace, tracing_mode="fake")(grad, features, labels, tau, lse, counts, classes, inv)
     assert "fastcl.triton_supcon_backward" in graph.code, graph.code
-    assert "sort" not in graph.code and "searchsorted" not in graph.code, graph.code  # |P(a)| come from the forward
+    # |P(a)| and the class ids come from the forward: no count, sort or unique in the backward.
+    assert not any(op in graph.code for op in ("sort", "searchsorted", "unique")), graph.code
     q, k, lse_cols, inv_k = torch.randn(13, 40), torch.randn(40, 13).T, torch.randn(13), torch.rand(13)
     trace = lambda g, a, b, t, l, c, r, s: infonce_backward(g, a, b, t, 17, True, True, l, c, r, s)
     graph = make_fx(trace, tracing_mode="fake")(grad, q, k, tau, lse[:13], lse_cols, inv[:13], inv_k)
@@ -247,6 +249,30 @@ def test_backward_ops_trace_with_fake_tensors():
     root = Path(__file__).resolve().parents[1]
     result = subprocess.run([sys.executable, "-c", _TRACE_BACKWARDS], cwd=root, env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+class _OpLog(TorchDispatchMode):
+    """Records the aten ops that run under it."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("loss", ["nt_xent", "info_nce"])
+def test_backward_materializes_no_zero_gradients(loss, triton_device):
+    """The ops' auxiliary outputs (lse, inverse norms) get no gradient: autograd must not allocate zero
+    tensors for them (``ctx.set_materialize_grads(False)``), and these backwards allocate none themselves
+    (sub_dim = D: the gradients need no zero fill)."""
+    z1, z2 = (torch.randn(9, 5, device=triton_device, requires_grad=True) for _ in range(2))
+    value = getattr(fastcl.functional, loss)(z1, z2, torch.tensor(0.5, requires_grad=True), backend="triton")
+    with _OpLog() as log:
+        value.backward()
+    assert z1.grad is not None and not [op for op in log.ops if "zero" in op or "fill" in op], log.ops
 
 
 # --- GPU only: large shapes and memory --------------------------------------------------------------

@@ -18,14 +18,16 @@ for float64 rows) tensor on the rows' device, ``grad`` the 0-dim upstream gradie
         -> (dq, dk, gs)
     supcon_forward(features[N, V, D], labels[N] | None, bool mask[N, N] | None, tau, base_temperature,
                    n_anchors, sub_dim, normalize) -> (loss, lse[n_anchors], int32 |P(a)|[n_anchors],
-                   inv_norms[V·N] | [0])
+                   int32 classes[N] | [0], inv_norms[V·N] | [0])
     supcon_backward(grad, features, labels, mask, tau, base_temperature, n_anchors, sub_dim, normalize,
-                    lse, counts, inv_norms) -> (dfeatures, gs)
+                    lse, counts, classes, inv_norms) -> (dfeatures, gs)
 
 Rows are Z = [z1; z2] for NT-Xent and view-major (row v·N + n = features[n, v]) for SupCon, whose
-anchors are rows 0..n_anchors-1. ``inv_norms`` are 1/max(‖row[:sub_dim]‖, 1e-12) (empty when not
-normalizing). Gradients have the inputs' shapes and dtypes and are exactly zero after ``sub_dim``.
-``gs`` = Σ_ij G_ij s_ij with G = grad·∂L/∂S, a 0-dim tensor the op turns into dL/dτ.
+anchors are rows 0..n_anchors-1; ``classes`` gives each sample a class id in [0, N) when there are
+labels (``torch_backend.supcon.label_classes``), so the backward never sorts. ``inv_norms`` are
+1/max(‖row[:sub_dim]‖, 1e-12) (empty when not normalizing). Gradients have the inputs' shapes and dtypes
+and are exactly zero after ``sub_dim``. ``gs`` = Σ_ij G_ij s_ij with G = grad·∂L/∂S, a 0-dim tensor the
+op turns into dL/dτ.
 Losses and log-sum-exps are float32 (float64 for float64 rows); gradients have the rows' dtype.
 Each pass walks anchor row blocks of ``rows_per_chunk`` rows against all columns, so the largest
 temporary is a few ``rows × M`` float32 tiles (see :func:`chunk_rows`).

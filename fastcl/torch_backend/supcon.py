@@ -39,19 +39,27 @@ def _positive_tile(mask: Tensor, start: int, stop: int, m: int) -> Tensor:
     return mask[rows][:, cols]
 
 
-def positive_counts(labels: Optional[Tensor], mask: Optional[Tensor], m: int) -> Tensor:
-    """|P(r)| for every row r: V·#{samples positive to r's sample} − [r's sample is positive to itself].
+def label_classes(labels: Tensor) -> tuple[Tensor, Tensor]:
+    """(first, size) per sample: the sorted position of the first sample of its class (a class id in
+    [0, N)) and the class size. Sort + searchsorted: static shapes, so torch.compile can trace it
+    (``unique`` cannot)."""
+    ordered = labels.sort().values
+    first = torch.searchsorted(ordered, labels)
+    return first, torch.searchsorted(ordered, labels, right=True) - first
 
-    Class sizes by sort + searchsorted (static shapes, so torch.compile can trace it; ``unique`` cannot).
-    """
+
+def positive_counts(labels: Optional[Tensor], mask: Optional[Tensor], views: int) -> tuple[Tensor, Tensor]:
+    """(|P(r)| for every row r, int32 class ids [N] (labels) or an empty tensor (mask)). |P(r)| is
+    V·#{samples positive to r's sample} − [r's sample is positive to itself]; the class ids
+    (:func:`label_classes`) let the backward build class sums without sorting again."""
     if labels is not None:
-        ordered = labels.sort().values
-        per_sample = torch.searchsorted(ordered, labels, right=True) - torch.searchsorted(ordered, labels)
+        classes, per_sample = label_classes(labels)
         self_positive = 1
+        classes = classes.to(torch.int32)
     else:
         per_sample, self_positive = mask.sum(dim=1), mask.diagonal().long()
-    views = m // per_sample.shape[0]
-    return (views * per_sample - self_positive).repeat(views)
+        classes = per_sample.new_empty(0, dtype=torch.int32)
+    return (views * per_sample - self_positive).repeat(views), classes
 
 
 def _anchor_weights(counts: Tensor, kappa: Tensor) -> Tensor:
@@ -62,12 +70,6 @@ def _anchor_weights(counts: Tensor, kappa: Tensor) -> Tensor:
 
 def _class_sums(values: Tensor, row_class: Tensor, n_classes: int) -> Tensor:
     return values.new_zeros(n_classes, values.shape[1]).index_add_(0, row_class, values)
-
-
-def _row_classes(labels: Tensor, views: int) -> tuple[Tensor, int]:
-    """Each row's class as an index 0..n_classes-1, and n_classes."""
-    classes, inverse = torch.unique(labels, return_inverse=True)
-    return inverse.repeat(views), classes.shape[0]
 
 
 def _view_major_rows(features: Tensor, sub_dim: int, normalize: bool) -> tuple[Tensor, Tensor]:
@@ -88,11 +90,13 @@ def supcon_forward(
     zc, norms = _view_major_rows(features, sub_dim, normalize)
     zs = zc / tau
     m = zc.shape[0]
-    counts = positive_counts(labels, mask, m)[:n_anchors]
+    n, views, _ = features.shape
+    counts, classes = positive_counts(labels, mask, views)
+    counts = counts[:n_anchors]
     lse = zc.new_empty(n_anchors)
     if labels is not None:
-        row_class, n_classes = _row_classes(labels, features.shape[1])
-        others = _class_sums(zc, row_class, n_classes)[row_class[:n_anchors]] - zc[:n_anchors]
+        row_class = classes.long().repeat(views)
+        others = _class_sums(zc, row_class, n)[row_class[:n_anchors]] - zc[:n_anchors]
         positive_sum = (zs[:n_anchors] * others).sum(dim=1)
     else:
         positive_sum = zc.new_empty(n_anchors)
@@ -107,7 +111,7 @@ def supcon_forward(
     positive_mean = positive_sum / counts.clamp(min=1)
     # An anchor with no other row has lse = −inf; it has no positive either, and must add 0, not 0·(−inf).
     per_anchor = torch.where(weights > 0, weights * (lse - positive_mean), 0.0)
-    return per_anchor.sum(), lse, counts.to(torch.int32), 1.0 / norms.clamp_min(NORM_EPS)
+    return per_anchor.sum(), lse, counts.to(torch.int32), classes, 1.0 / norms.clamp_min(NORM_EPS)
 
 
 def supcon_backward(
@@ -122,6 +126,7 @@ def supcon_backward(
     normalize: bool,
     lse: Tensor,
     counts: Tensor,
+    classes: Tensor,
     inv_norms: Tensor,
 ) -> tuple[Tensor, Tensor]:
     zc, norms = _view_major_rows(features, sub_dim, normalize)
@@ -148,7 +153,8 @@ def supcon_backward(
         dz[start:stop] = g @ zc
     if labels is not None:
         # Σ_{c∈P(r)} (a_r + a_c) ẑ_c with a = positive_weights: class sums minus the row itself.
-        row_class, n_classes = _row_classes(labels, features.shape[1])
+        n_classes = features.shape[0]
+        row_class = classes.long().repeat(features.shape[1])
         weighted = positive_weights[:, None] * zc
         dz -= positive_weights[:, None] * (_class_sums(zc, row_class, n_classes)[row_class] - zc)
         dz -= _class_sums(weighted, row_class, n_classes)[row_class] - weighted
