@@ -934,20 +934,24 @@ def _unit_rows(x: Tensor, inv: Optional[Tensor], index, sub_dim: int, acc) -> Te
 def _label_positives(a: Tensor, a_inv: Optional[Tensor], k: Tensor, k_inv: Optional[Tensor], tau: Tensor,
                      sub_dim: int, layout: Layout) -> tuple[Tensor, Tensor]:
     """(pos_sum, pos_weight) of label positives outside the element loop. Σ_{c: y_c = y_a} s_ac =
-    â·(Σ_{c: y_c = y_a} k̂_c)/τ: one sum of the key rows per class (O(K·D'), a [classes, D'] buffer), one
-    dot per anchor, minus the anchor's own entry when it is one of the keys. torch.unique syncs once."""
+    â·(Σ_{c: y_c = y_a} k̂_c)/τ: one sum of the key rows per class (O(K·D')), one dot per anchor, minus
+    the anchor's own entry when it is one of the keys. A class is named by the sorted position of its
+    first key (one sort, searchsorted for the anchors): static shapes and no host sync, at the price of a
+    [K, D'] sum buffer (rows of absent positions stay 0)."""
     acc = accumulation_dtype(a.dtype)
     a_labels, k_labels = (x.to(device=a.device, dtype=torch.int64) for x in (layout.a_labels, layout.k_labels))
-    classes, k_class = torch.unique(k_labels, return_inverse=True)
-    if classes.numel() == 0:
+    if k.shape[0] == 0:
         zeros = torch.zeros(a.shape[0], dtype=acc, device=a.device)
         return zeros, zeros.clone()
-    sums = torch.zeros(classes.numel(), sub_dim, dtype=acc, device=a.device)
+    ordered = k_labels.sort().values
+    k_class = torch.searchsorted(ordered, k_labels)
+    sums = torch.zeros(k.shape[0], sub_dim, dtype=acc, device=a.device)
     for start, stop in _row_chunks(k.shape[0], sub_dim):
         sums.index_add_(0, k_class[start:stop], _unit_rows(k, k_inv, slice(start, stop), sub_dim, acc))
-    counts = torch.bincount(k_class, minlength=classes.numel()).to(acc)
-    slot = torch.searchsorted(classes, a_labels).clamp(max=classes.numel() - 1)
-    found = classes[slot] == a_labels
+    slot = torch.searchsorted(ordered, a_labels)
+    counts = (torch.searchsorted(ordered, a_labels, right=True) - slot).to(acc)
+    found = counts > 0
+    slot = slot.clamp(max=k.shape[0] - 1)
     own = torch.arange(a.shape[0], device=a.device) + (layout.self_offset or 0)
     has_own = (own >= 0) & (own < k.shape[0]) if layout.self_offset is not None else torch.zeros_like(found)
     own = torch.where(has_own, own, 0)
@@ -961,7 +965,7 @@ def _label_positives(a: Tensor, a_inv: Optional[Tensor], k: Tensor, k_inv: Optio
             partner = partner - has_own[start:stop, None] * _unit_rows(k, k_inv, index, sub_dim, acc)
         dots[start:stop] = (unit * partner).sum(dim=1)
     pos_sum = torch.where(found, dots / tau, 0.0)
-    pos_weight = torch.where(found, counts[slot], 0.0) - has_own.to(acc)
+    pos_weight = counts - has_own.to(acc)
     return pos_sum, pos_weight
 
 

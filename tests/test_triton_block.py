@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from loss_cases import relative_error
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from fastcl._blocks import Layout, inverse_norms
 
@@ -240,6 +241,25 @@ def test_empty_anchor_gives_minus_inf_and_no_nan():
         a, None, a, None, torch.tensor(0.1), 8, layout, lse, torch.ones(1), torch.ones(1)
     )
     assert torch.equal(d_a, torch.zeros(1, 8)) and torch.equal(d_k, torch.zeros(1, 8)) and gs.item() == 0
+
+
+def test_label_positives_need_no_host_sync():
+    """Label positives come from class sums named by one sort (static shapes): no ``unique`` and no
+    device-to-host read (``item`` / ``_local_scalar_dense``) in the forward."""
+    generator = torch.Generator().manual_seed(3)
+    layout = _layout("labels_sparse", 0, generator)
+    a = torch.randn(A, 17, generator=generator)
+    k = torch.cat([a, torch.randn(K - A, 17, generator=generator)])
+    ops = []
+
+    class Log(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    with Log():
+        block.block_forward(a, None, k, None, torch.tensor(0.5), 17, layout)
+    assert not [op for op in ops if "unique" in op or "scalar_dense" in op or "nonzero" in op], ops
 
 
 def test_deterministic():
