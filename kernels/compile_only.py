@@ -136,7 +136,7 @@ def compile_one(task: dict) -> dict:
                           spec.constexprs)[task["config_index"]]
     row = dict(kernel=spec.name, arch=task["arch_name"], dtype=task["dtype"], precision=precision, D=task["D"],
                config=_config_name(config), num_warps=config.num_warps, num_stages=config.num_stages,
-               **{k.lower(): v for k, v in config.kwargs.items()})
+               **{k.lower(): v for k, v in config.kwargs.items() if k.startswith("BLOCK")})
     arch = ARCHES[task["arch_name"]]
     target = GPUTarget("cuda", arch, 32)
     backend = make_backend(target)
