@@ -10,8 +10,10 @@
 //             A row pass then applies the normalization's backward in place.
 //
 // Math paths: float16 / bfloat16 rows → WMMA 16×16×16 (fp32 accumulation); float32 rows → WMMA TF32
-// 16×16×8 when PyTorch allows TF32 for matmuls, else FMA on the CUDA cores; float64 → FMA. sm_80 and
-// sm_90 run the same mma.sync code (no wgmma).
+// 16×16×8 with each operand split into TF32 high and low parts, three products (3xTF32, about fp32
+// accuracy: the default), one TF32 product when PyTorch allows TF32 for matmuls, or FMA on the CUDA cores
+// when PyTorch's fp32 matmul precision is "ieee"; float64 → FMA. sm_80 and sm_90 run the same mma.sync
+// code (no wgmma).
 #include <type_traits>
 
 #include "block_launch.h"
@@ -32,7 +34,7 @@ namespace {
 
 constexpr int kThreads = 128;  // 4 warps; every tile shape below assumes it
 
-enum MathPath { kFma = 0, kWmma16 = 1, kWmmaTf32 = 2 };
+enum MathPath { kFma = 0, kWmma16 = 1, kWmmaTf32 = 2, kWmmaTf32x3 = 3 };
 
 // Tile shapes per path. kRows: anchor and key tile (equal, so the dk̂ pass reuses the warp layout);
 // kChunk: features per S chunk; kSlice: output features per backward CTA. Shared memory stays under the
@@ -45,7 +47,7 @@ struct Config {
   static constexpr int kRows = std::is_same<scalar_t, double>::value ? 32 : 64;
   static constexpr int kChunk = kPath == kFma ? 16 : 32;
   // Wider slices spill (bfloat16 at 128) or exceed the TF32 kernels' registers.
-  static constexpr int kSlice = kPath == kWmmaTf32 ? 32 : 64;
+  static constexpr int kSlice = kPath == kWmmaTf32 || kPath == kWmmaTf32x3 ? 32 : 64;
   static constexpr int kPad = 16 / sizeof(scalar_t);  // keeps WMMA leading dimensions multiples of 16 bytes
   static constexpr int kAccPad = 16 / sizeof(acc);
   static constexpr int kLdChunk = kChunk + kPad;
@@ -270,12 +272,36 @@ using Operand = wmma::fragment<Use, 16, 16, Wmma<scalar_t>::kStep, typename Wmma
 template <typename scalar_t>
 using Accumulator = wmma::fragment<wmma::accumulator, 16, 16, Wmma<scalar_t>::kStep, float>;
 
-template <typename Fragment, typename scalar_t>
-__device__ __forceinline__ void load_operand(Fragment& fragment, const scalar_t* pointer, int ld) {
-  wmma::load_matrix_sync(fragment, pointer, ld);
-  if constexpr (std::is_same<scalar_t, float>::value) {
-    for (int i = 0; i < fragment.num_elements; ++i) fragment.x[i] = wmma::__float_to_tf32(fragment.x[i]);
+// One WMMA operand as the math path multiplies it: 16-bit values as loaded, TF32 rounded, or (3xTF32) the
+// fp32 value split into x ≈ hi + lo, both TF32 (lo is unused, and compiled away, on the other paths).
+template <class Cfg, typename Use, typename Layout>
+struct WmmaOperand {
+  using scalar_t = typename Cfg::scalar;
+  Operand<scalar_t, Use, Layout> hi;
+  Operand<scalar_t, Use, Layout> lo;
+
+  __device__ __forceinline__ void load(const scalar_t* pointer, int ld) {
+    wmma::load_matrix_sync(hi, pointer, ld);
+    if constexpr (Cfg::path == kWmmaTf32) {
+      for (int i = 0; i < hi.num_elements; ++i) hi.x[i] = wmma::__float_to_tf32(hi.x[i]);
+    } else if constexpr (Cfg::path == kWmmaTf32x3) {
+      for (int i = 0; i < hi.num_elements; ++i) {
+        const float x = hi.x[i];
+        hi.x[i] = wmma::__float_to_tf32(x);
+        lo.x[i] = wmma::__float_to_tf32(x - hi.x[i]);
+      }
+    }
   }
+};
+
+// acc += lhs·rhs; 3xTF32 adds the two cross terms first (the small ones), then hi·hi (lo·lo is below fp32).
+template <class Cfg, typename Acc, typename Lhs, typename Rhs>
+__device__ __forceinline__ void multiply(Acc& acc, const Lhs& lhs, const Rhs& rhs) {
+  if constexpr (Cfg::path == kWmmaTf32x3) {
+    wmma::mma_sync(acc, lhs.lo, rhs.hi, acc);
+    wmma::mma_sync(acc, lhs.hi, rhs.lo, acc);
+  }
+  wmma::mma_sync(acc, lhs.hi, rhs.hi, acc);
 }
 
 template <class Cfg>
@@ -292,13 +318,13 @@ struct Similarity<Cfg, false> {
   __device__ __forceinline__ void add_chunk(Smem<Cfg>& smem) {
 #pragma unroll
     for (int kk = 0; kk < Cfg::kChunk; kk += Wmma<scalar_t>::kStep) {
-      Operand<scalar_t, wmma::matrix_a, wmma::row_major> lhs;
-      load_operand(lhs, smem.a() + warp * 16 * Cfg::kLdChunk + kk, Cfg::kLdChunk);
+      WmmaOperand<Cfg, wmma::matrix_a, wmma::row_major> lhs;
+      lhs.load(smem.a() + warp * 16 * Cfg::kLdChunk + kk, Cfg::kLdChunk);
 #pragma unroll
       for (int j = 0; j < Cfg::kRows / 16; ++j) {
-        Operand<scalar_t, wmma::matrix_b, wmma::col_major> rhs;  // Kᵀ: element (d, c) at k[c][d]
-        load_operand(rhs, smem.k() + j * 16 * Cfg::kLdChunk + kk, Cfg::kLdChunk);
-        wmma::mma_sync(dots[j], lhs, rhs, dots[j]);
+        WmmaOperand<Cfg, wmma::matrix_b, wmma::col_major> rhs;  // Kᵀ: element (d, c) at k[c][d]
+        rhs.load(smem.k() + j * 16 * Cfg::kLdChunk + kk, Cfg::kLdChunk);
+        multiply<Cfg>(dots[j], lhs, rhs);
       }
     }
   }
@@ -330,14 +356,14 @@ struct SliceAccumulator<Cfg, false> {
 #pragma unroll
     for (int kk = 0; kk < Cfg::kRows; kk += Wmma<scalar_t>::kStep) {
       using LhsLayout = typename std::conditional<kTransposed, wmma::col_major, wmma::row_major>::type;
-      Operand<scalar_t, wmma::matrix_a, LhsLayout> lhs;
+      WmmaOperand<Cfg, wmma::matrix_a, LhsLayout> lhs;
       // Tᵀ[warp rows][kk..]: element (row, inner) of Tᵀ is t[inner][row], i.e. column-major with ld.
-      load_operand(lhs, kTransposed ? t + kk * ld + warp * 16 : t + warp * 16 * ld + kk, ld);
+      lhs.load(kTransposed ? t + kk * ld + warp * 16 : t + warp * 16 * ld + kk, ld);
 #pragma unroll
       for (int j = 0; j < Cfg::kSlice / 16; ++j) {
-        Operand<scalar_t, wmma::matrix_b, wmma::row_major> rhs;
-        load_operand(rhs, smem.slice() + kk * Cfg::kLdSlice + j * 16, Cfg::kLdSlice);
-        wmma::mma_sync(sums[j], lhs, rhs, sums[j]);
+        WmmaOperand<Cfg, wmma::matrix_b, wmma::row_major> rhs;
+        rhs.load(smem.slice() + kk * Cfg::kLdSlice + j * 16, Cfg::kLdSlice);
+        multiply<Cfg>(sums[j], lhs, rhs);
       }
     }
   }
@@ -629,8 +655,12 @@ const char* with_config(const BlockArgs& b, const Launch& launch) {
     case ScalarType::kHalf: return launch.template run<Config<__half, kWmma16>>();
     case ScalarType::kBFloat16: return launch.template run<Config<__nv_bfloat16, kWmma16>>();
     case ScalarType::kFloat:
-      return b.allow_tf32 ? launch.template run<Config<float, kWmmaTf32>>()
-                          : launch.template run<Config<float, kFma>>();
+      switch (b.fp32_precision) {
+        case Fp32Precision::kTf32x3: return launch.template run<Config<float, kWmmaTf32x3>>();
+        case Fp32Precision::kTf32: return launch.template run<Config<float, kWmmaTf32>>();
+        case Fp32Precision::kIeee: return launch.template run<Config<float, kFma>>();
+      }
+      return "fastcl: unsupported fp32 precision";
     case ScalarType::kDouble: return launch.template run<Config<double, kFma>>();
   }
   return "fastcl: unsupported dtype";

@@ -8,6 +8,11 @@ namespace fastcl {
 
 enum class ScalarType : int { kHalf = 0, kBFloat16 = 1, kFloat = 2, kDouble = 3 };
 
+// How float32 rows multiply (PyTorch's fp32 matmul setting, read by the binding): three TF32 tensor-core
+// products per product, the low-order terms of both operands included (about fp32 accuracy; the
+// default), one TF32 product (the user allowed TF32), or exact FMA on the CUDA cores (asked for "ieee").
+enum class Fp32Precision : int { kTf32x3 = 0, kTf32 = 1, kIeee = 2 };
+
 // One side of the block: `count` rows read as data[row * stride_row + d * stride_dim] for d < sub_dim.
 // `inv`: [count] inverse norms in the accumulation dtype, or nullptr (no normalization).
 struct RowsArg {
@@ -37,7 +42,7 @@ struct LayoutArg {
 
 struct BlockArgs {
   ScalarType dtype;  // of a and k
-  bool allow_tf32;   // float32 rows: TF32 tensor cores, else exact FMA
+  Fp32Precision fp32_precision;  // float32 rows only
   RowsArg a;
   RowsArg k;
   int64_t sub_dim;

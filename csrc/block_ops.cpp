@@ -6,6 +6,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/extension.h>
 #include <torch/library.h>
+#include <torch/version.h>
 
 #include <optional>
 #include <tuple>
@@ -42,6 +43,26 @@ void check_vector(const optional<Tensor>& x, const char* name, int64_t length, a
 
 const void* data_or_null(const optional<Tensor>& x) { return x ? x->data_ptr() : nullptr; }
 
+// float32 rows: 3xTF32 tensor cores unless PyTorch's fp32 matmul precision says otherwise — TF32 when the
+// user allowed it (fp32_precision = "tf32", set_float32_matmul_precision("high"), allow_tf32), exact FMA when
+// they asked for "ieee" (fp32_precision = "ieee" or set_float32_matmul_precision("highest")); the same rule as
+// the Triton backend (kernels/_common.py, dot_precision). Torch before 2.9 has only allow_tf32, whose
+// default cannot be told apart from a request for full precision: 3xTF32 unless TF32 is allowed.
+fastcl::Fp32Precision fp32_precision() {
+  auto& context = at::globalContext();
+#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 9)
+  at::Float32Precision setting = context.float32Precision(at::Float32Backend::CUDA, at::Float32Op::MATMUL);
+  if (setting == at::Float32Precision::NONE) {
+    setting = context.float32Precision(at::Float32Backend::GENERIC, at::Float32Op::ALL);
+  }
+  if (setting == at::Float32Precision::TF32) return fastcl::Fp32Precision::kTf32;
+  if (setting == at::Float32Precision::IEEE) return fastcl::Fp32Precision::kIeee;
+  return fastcl::Fp32Precision::kTf32x3;
+#else
+  return context.allowTF32CuBLAS() ? fastcl::Fp32Precision::kTf32 : fastcl::Fp32Precision::kTf32x3;
+#endif
+}
+
 fastcl::BlockArgs block_args(const Tensor& a, const optional<Tensor>& a_inv, const Tensor& k,
                              const optional<Tensor>& k_inv, const Tensor& tau, int64_t sub_dim, int64_t self_offset,
                              bool has_self, int64_t positives, bool exclude_positives, int64_t epilogue,
@@ -77,9 +98,7 @@ fastcl::BlockArgs block_args(const Tensor& a, const optional<Tensor>& a_inv, con
   }
   fastcl::BlockArgs args{};
   args.dtype = scalar_type(a, "a");
-  // TF32 exactly when PyTorch's own float32 cuBLAS matmuls would use it (the fp32_precision / allow_tf32
-  // settings); otherwise the exact FMA path.
-  args.allow_tf32 = at::globalContext().allowTF32CuBLAS();
+  args.fp32_precision = fp32_precision();
   args.a = {a.data_ptr(), a.size(0), a.stride(0), a.stride(1), data_or_null(a_inv)};
   args.k = {k.data_ptr(), k.size(0), k.stride(0), k.stride(1), data_or_null(k_inv)};
   args.sub_dim = sub_dim;

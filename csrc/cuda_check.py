@@ -58,7 +58,7 @@ def short_name(mangled: str) -> str:
         name = subprocess.run(["c++filt", mangled], capture_output=True, text=True).stdout.strip()
     name = name.replace("fastcl::(anonymous namespace)::", "")
     name = re.sub(r"\(.*\)$", "", name).removeprefix("void ")
-    paths = ("fma", "wmma16", "wmma-tf32")  # the MathPath enum of block_kernels.cu
+    paths = ("fma", "wmma16", "wmma-tf32", "wmma-tf32x3")  # the MathPath enum of block_kernels.cu
     name = re.sub(r"Config<([\w:]+), (\d)>", lambda m: f"{m.group(1)}, {paths[int(m.group(2))]}", name)
     return name.replace(" >", ">")
 

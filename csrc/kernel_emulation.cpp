@@ -208,13 +208,14 @@ void emulate_launch(Kernel kernel, dim3 grid, unsigned threads, Args... args) {
 namespace {
 
 template <typename row_t, typename acc_t>
-fastcl::BlockArgs block_args(fastcl::ScalarType dtype, bool allow_tf32, const row_t* a, const acc_t* a_inv,
+fastcl::BlockArgs block_args(fastcl::ScalarType dtype, fastcl::Fp32Precision precision, const row_t* a,
+                             const acc_t* a_inv,
                              const row_t* k, const acc_t* k_inv, const int64_t* rows, const int64_t* layout_ints,
                              const acc_t* scalars, const int64_t* pos_index, const int64_t* a_labels,
                              const int64_t* k_labels, const acc_t* mask) {
   fastcl::BlockArgs b{};
   b.dtype = dtype;
-  b.allow_tf32 = allow_tf32;
+  b.fp32_precision = precision;
   b.a = {a, rows[0], rows[1], rows[2], a_inv};
   b.k = {k, rows[3], rows[4], rows[5], k_inv};
   b.sub_dim = rows[6];
@@ -226,12 +227,12 @@ fastcl::BlockArgs block_args(fastcl::ScalarType dtype, bool allow_tf32, const ro
 
 }  // namespace
 
-#define FASTCL_EMULATED_ENTRY_POINTS(row_t, acc_t, suffix, dtype, allow_tf32)                                     \
+#define FASTCL_EMULATED_ENTRY_POINTS(row_t, acc_t, suffix, dtype, precision)                                      \
   extern "C" const char* fastcl_block_forward_##suffix(                                                           \
       const row_t* a, const acc_t* a_inv, const row_t* k, const acc_t* k_inv, const int64_t* rows,               \
       const int64_t* layout_ints, const acc_t* scalars, const int64_t* pos_index, const int64_t* a_labels,        \
       const int64_t* k_labels, const acc_t* mask, acc_t* lse, acc_t* pos_sum, acc_t* pos_weight) {                \
-    const fastcl::BlockArgs b = block_args(dtype, allow_tf32, a, a_inv, k, k_inv, rows, layout_ints, scalars,     \
+    const fastcl::BlockArgs b = block_args(dtype, precision, a, a_inv,   k, k_inv, rows, layout_ints, scalars,     \
                                            pos_index, a_labels, k_labels, mask);                                  \
     return fastcl::launch_block_forward(b, lse, pos_sum, pos_weight, nullptr);                                    \
   }                                                                                                               \
@@ -240,7 +241,7 @@ fastcl::BlockArgs block_args(fastcl::ScalarType dtype, bool allow_tf32, const ro
       const int64_t* layout_ints, const acc_t* scalars, const int64_t* pos_index, const int64_t* a_labels,        \
       const int64_t* k_labels, const acc_t* mask, const acc_t* lse, const acc_t* alpha, const acc_t* beta,        \
       acc_t* d_a, acc_t* d_k, acc_t* grad_sums) {                                                                 \
-    const fastcl::BlockArgs b = block_args(dtype, allow_tf32, a, a_inv, k, k_inv, rows, layout_ints, scalars,     \
+    const fastcl::BlockArgs b = block_args(dtype, precision, a, a_inv,   k, k_inv, rows, layout_ints, scalars,     \
                                            pos_index, a_labels, k_labels, mask);                                  \
     std::fill(d_a, d_a + rows[0] * rows[6], acc_t(0)); /* the op zero-fills its outputs too */                  \
     std::fill(d_k, d_k + rows[3] * rows[6], acc_t(0));                                                            \
@@ -248,8 +249,10 @@ fastcl::BlockArgs block_args(fastcl::ScalarType dtype, bool allow_tf32, const ro
     return fastcl::launch_block_backward(b, lse, alpha, beta, d_a, d_k, grad_sums, nullptr);                      \
   }
 
-FASTCL_EMULATED_ENTRY_POINTS(float, float, float32, fastcl::ScalarType::kFloat, false)
-FASTCL_EMULATED_ENTRY_POINTS(double, double, float64, fastcl::ScalarType::kDouble, false)
-FASTCL_EMULATED_ENTRY_POINTS(float, float, float32_tf32, fastcl::ScalarType::kFloat, true)
-FASTCL_EMULATED_ENTRY_POINTS(__nv_bfloat16, float, bfloat16, fastcl::ScalarType::kBFloat16, false)
-FASTCL_EMULATED_ENTRY_POINTS(__half, float, float16, fastcl::ScalarType::kHalf, false)
+constexpr auto kIeee = fastcl::Fp32Precision::kIeee;  // the precision argument matters for float32 rows only
+FASTCL_EMULATED_ENTRY_POINTS(float, float, float32, fastcl::ScalarType::kFloat, kIeee)
+FASTCL_EMULATED_ENTRY_POINTS(double, double, float64, fastcl::ScalarType::kDouble, kIeee)
+FASTCL_EMULATED_ENTRY_POINTS(float, float, float32_tf32, fastcl::ScalarType::kFloat, fastcl::Fp32Precision::kTf32)
+FASTCL_EMULATED_ENTRY_POINTS(float, float, float32_tf32x3, fastcl::ScalarType::kFloat, fastcl::Fp32Precision::kTf32x3)
+FASTCL_EMULATED_ENTRY_POINTS(__nv_bfloat16, float, bfloat16, fastcl::ScalarType::kBFloat16, kIeee)
+FASTCL_EMULATED_ENTRY_POINTS(__half, float, float16, fastcl::ScalarType::kHalf, kIeee)

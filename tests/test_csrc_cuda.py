@@ -3,8 +3,9 @@
 Skipped without a CUDA device (marker ``gpu``); the first run compiles the extension just in time unless
 ``pip install`` built ``fastcl._C``. Reuses tests/test_block.py's cases and dense reference, and adds
 blocks larger than the kernels' tiles (64 rows, 32/64-feature slices: several key tiles, anchor tiles and
-output slices, partial last tiles), float16, TF32, bit-identical reruns and ``torch.compile``. Without a
-GPU the same per-tile code runs in tests/test_csrc_host.py.
+output slices, partial last tiles), float16, 3xTF32 (the fp32 default), TF32 and FMA on request,
+bit-identical reruns and ``torch.compile``. Without a GPU the same per-tile code runs in
+tests/test_csrc_host.py.
 """
 
 from __future__ import annotations
@@ -48,6 +49,21 @@ def test_tf32_when_pytorch_allows_it(case):
         check_against_reference(case, torch.float32, run_cuda, tolerance=(5e-3, 1e-2))
     finally:
         torch.backends.cuda.matmul.allow_tf32 = previous
+
+
+@pytest.mark.parametrize("case", TILED[:3], ids=[c.name for c in TILED[:3]])
+def test_exact_fma_when_pytorch_asks_for_ieee(case):
+    """fp32 rows run 3xTF32 by default (test_cuda_primitive_matches_float64) and exact FMA when PyTorch's
+    fp32 matmul precision is "ieee"."""
+    matmul = torch.backends.cuda.matmul
+    if not hasattr(matmul, "fp32_precision"):
+        pytest.skip("this torch has no fp32_precision setting")
+    previous = matmul.fp32_precision
+    matmul.fp32_precision = "ieee"
+    try:
+        check_against_reference(case, torch.float32, run_cuda)
+    finally:
+        matmul.fp32_precision = previous
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -93,7 +93,7 @@ def emulated_kernels() -> ctypes.CDLL:
             )
             os.replace(partial, target)  # atomic: concurrent test processes never load a partial file
     library = ctypes.CDLL(str(target))
-    for suffix in (*ENTRY_POINTS.values(), "float32_tf32"):
+    for suffix in (*ENTRY_POINTS.values(), "float32_tf32", "float32_tf32x3"):
         for pass_ in ("forward", "backward"):  # the launchers' error string, None on success
             getattr(library, f"fastcl_block_{pass_}_{suffix}").restype = ctypes.c_char_p
     return library
@@ -136,15 +136,16 @@ def kernel_primitive(a, a_inv, k, k_inv, tau: float, sub_dim: int, layout: Layou
     return d_a, d_k, (gs if layout.epilogue == "sigmoid" else gs[0])
 
 
-def run_emulated(case: Case, a, k, fields, alpha, beta, dtype, *, tf32=False, lse_shift=None):
+def run_emulated(case: Case, a, k, fields, alpha, beta, dtype, *, fp32_path="", lse_shift=None):
     """tests/test_block.py's run_primitive for the emulated kernels: rows in ``dtype``; float32 through
-    the TF32 tensor-core path when ``tf32``; the backward gets the forward's lse (+ ``lse_shift``)."""
+    the FMA path, or the tensor-core path ``fp32_path`` ("tf32", "tf32x3"); the backward gets the
+    forward's lse (+ ``lse_shift``)."""
     acc = accumulation_dtype(dtype)
     a, k = a.to(dtype), k.to(dtype)
     d = case.sub_dim or case.dim
     a_inv, k_inv = (inverse_norms(a, d), inverse_norms(k, d)) if case.normalize else (None, None)
     layout = _layout(case, fields, dtype, acc)
-    entry_point = ENTRY_POINTS[dtype] + ("_tf32" if tf32 else "")
+    entry_point = ENTRY_POINTS[dtype] + (f"_{fp32_path}" if fp32_path else "")
     stats = kernel_primitive(a, a_inv, k, k_inv, case.tau, d, layout, entry_point)
     lse = stats[0] if lse_shift is None else stats[0] + lse_shift
     grads = kernel_primitive(a, a_inv, k, k_inv, case.tau, d, layout, entry_point, backward=(lse, alpha, beta))
@@ -237,7 +238,15 @@ def test_emulated_cuda_kernels_match_float64(case, dtype):
 
 def test_emulated_tf32_path():
     """float32 rows through the TF32 WMMA path (operands rounded to 10 mantissa bits)."""
-    check_against_reference(TILED[1], torch.float32, functools.partial(run_emulated, tf32=True), tolerance=(5e-3, 1e-2))
+    run = functools.partial(run_emulated, fp32_path="tf32")
+    check_against_reference(TILED[1], torch.float32, run, tolerance=(5e-3, 1e-2))
+
+
+@pytest.mark.parametrize("case", TILED, ids=lambda case: case.name)
+def test_emulated_tf32x3_path_has_float32_accuracy(case):
+    """float32 rows through the default 3xTF32 WMMA path (each operand split into TF32 high and low parts,
+    three products): the fp32 tolerance of the exact FMA path (one TF32 product is held to 5e-3 above)."""
+    check_against_reference(case, torch.float32, functools.partial(run_emulated, fp32_path="tf32x3"))
 
 
 def test_emulated_cuda_kernels_are_deterministic():
