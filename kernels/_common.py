@@ -195,13 +195,15 @@ def _architecture() -> str:
     return "sm90" if major >= 9 else "sm80" if major == 8 else "fallback"
 
 
+# Compile options of every launch. The element loops are written for FFMA contraction (the row scale enters
+# each exp2's FFMA); Triton 3.9 enables it by default but turns the default off in 3.10, so it is explicit.
+LAUNCH_OPTIONS = {"enable_fp_fusion": True}
+
+
 def _config(kind: str, entry: tuple) -> triton.Config:
     names = ("BLOCK_M", "BLOCK_N", "BLOCK_D") + (("BLOCK_DO",) if not kind.endswith("forward") else ())
     *blocks, warps, stages = entry
-    # The element loops are written for FFMA contraction (the row scale enters each exp2's FFMA); Triton
-    # 3.9 enables it by default but announces the default turns off in 3.10, so it is requested here.
-    return triton.Config({**dict(zip(names, blocks)), "enable_fp_fusion": True}, num_warps=warps,
-                         num_stages=stages)
+    return triton.Config({**dict(zip(names, blocks)), **LAUNCH_OPTIONS}, num_warps=warps, num_stages=stages)
 
 
 def needs_small_tiles(kind: str, dtype: torch.dtype, constexprs: dict) -> bool:
@@ -454,6 +456,7 @@ def inverse_norms(rows: tuple, m: int, sub_dim: int) -> torch.Tensor:
     _inverse_norms_kernel[(triton.cdiv(m, block),)](
         *rows, out, m, sub_dim,
         BLOCK=block, BLOCK_D=max(16, min(64, triton.next_power_of_2(sub_dim))), ACC=accumulator(like.dtype),
+        **LAUNCH_OPTIONS,
     )
     return out
 

@@ -25,6 +25,7 @@ import triton
 import triton.language as tl
 
 from fastcl.augment.colour import RGB_TO_YIQ, YIQ_TO_RGB
+from fastcl.kernels._common import LAUNCH_OPTIONS
 
 _TWO_PI = tl.constexpr(6.283185307179586)
 # Forward / inverse YIQ matrices as compile-time constants (Triton cannot read Python globals otherwise).
@@ -268,7 +269,7 @@ def augment_view(
     contrast_pos = (order == 1).to(torch.int32).argmax(dim=-1).to(torch.int32)
     flags = {name: params[name].to(torch.int8) for name in ("flip", "jitter_apply", "gray", "solarize_apply")}
     block = min(1024, triton.next_power_of_2(size * size))
-    common = dict(C=channels, IS_U8=x.dtype == torch.uint8, HUE_YIQ=hue_mode == "yiq")
+    common = dict(C=channels, IS_U8=x.dtype == torch.uint8, HUE_YIQ=hue_mode == "yiq", **LAUNCH_OPTIONS)
     contrast_mean = torch.empty(batch, dtype=torch.float32, device=x.device)
     box = params["box"]
     jitter = params["jitter"].to(torch.float32)

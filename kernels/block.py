@@ -55,6 +55,7 @@ from torch import Tensor
 
 from fastcl._blocks import Layout, accumulation_dtype
 from fastcl.kernels._common import (
+    LAUNCH_OPTIONS,
     CompileSpec,
     accumulator,
     autotune_configs,
@@ -1022,7 +1023,7 @@ def _normalization_backward(x: Tensor, inv: Optional[Tensor], grad: Tensor, tau:
     _normalization_backward_kernel[(triton.cdiv(n, block),)](
         x, x.stride(0), x.stride(1), inv if inv is not None else tau, grad, radial, n, sub_dim,
         NORMALIZE=inv is not None, BLOCK=block, BLOCK_D=max(16, min(64, triton.next_power_of_2(sub_dim))),
-        ACC=accumulator(x.dtype),
+        ACC=accumulator(x.dtype), **LAUNCH_OPTIONS,
     )
     return radial
 

@@ -40,6 +40,7 @@ from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
 from fastcl.kernels._common import (
+    LAUNCH_OPTIONS,
     CompileSpec,
     accumulator,
     autotune_configs,
@@ -341,7 +342,7 @@ def infonce_forward(
     _infonce_finish_kernel[(triton.cdiv(n, block),)](
         *rows, row_partial, col_partial, lse_rows, lse_cols if symmetric else lse_rows, terms, n, d, groups, splits,
         SYMMETRIC=symmetric, NORMALIZE=normalize, BLOCK=block, BLOCK_D=max(16, min(64, triton.next_power_of_2(d))),
-        ACC=acc,
+        ACC=acc, **LAUNCH_OPTIONS,
     )
     loss = terms.mean() * (0.5 if symmetric else 1.0)
     return loss, lse_rows, lse_cols, inv_q, inv_k
