@@ -281,23 +281,16 @@ def _fold_tile(
 
 
 @triton.jit
-def _self_tiles(first, extent, offset, block, full):
-    """[lo, hi) of the tiles of size ``block`` (clipped to [0, full)) that hold indices first + offset ..
-    first + extent − 1 + offset: where a block's self entries lie."""
-    lo = tl.minimum(tl.maximum((first + offset) // block, 0), full)
-    hi = tl.minimum(tl.maximum(tl.cdiv(first + extent + offset, block), lo), full)
-    return lo, hi
-
-
-@triton.jit
 def _tile_ranges(first, extent, offset, n, block, HAS_SELF: tl.constexpr):
-    """(full, self_lo, self_hi) for walking n rows in tiles of ``block``: tiles [0, full) hold no padding,
-    [self_lo, self_hi) the self entries of the block's ``extent`` rows from ``first`` (none without HAS_SELF)."""
+    """(full, self_lo, self_hi) for walking n rows in tiles of ``block``: tiles [0, full) hold no padding;
+    [self_lo, self_hi) (clipped to [0, full)) hold indices first + offset .. first + extent − 1 + offset,
+    where the block's self entries lie (an empty range without HAS_SELF)."""
     full = n // block
     self_lo = full
     self_hi = full
     if HAS_SELF:
-        self_lo, self_hi = _self_tiles(first, extent, offset, block, full)
+        self_lo = tl.minimum(tl.maximum((first + offset) // block, 0), full)
+        self_hi = tl.minimum(tl.maximum(tl.cdiv(first + extent + offset, block), self_lo), full)
     return full, self_lo, self_hi
 
 

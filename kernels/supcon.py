@@ -185,12 +185,17 @@ def _chunks(features: Tensor, sub_dim: int):
     return _row_chunks(features.shape[0], features.shape[1] * sub_dim)
 
 
-def _class_sums(features: Tensor, inv: Optional[Tensor], classes: Tensor, sub_dim: int, views: int) -> Tensor:
-    """[N, sub_dim]: row y holds Σ ẑ over the samples of class id y in views 0..views−1 (0 for unused ids)."""
+def _unit_class_sums(features: Tensor, inv: Optional[Tensor], classes: Tensor, sub_dim: int,
+                     view_counts: tuple[int, ...]) -> list[Tensor]:
+    """One [N, sub_dim] tensor per entry v of ``view_counts``: row y holds Σ ẑ over the samples of class id y
+    in views 0..v−1 (0 for unused ids). One pass over the features for all of them."""
     n = features.shape[0]
-    sums = torch.zeros(n, sub_dim, dtype=accumulation_dtype(features.dtype), device=features.device)
+    sums = [torch.zeros(n, sub_dim, dtype=accumulation_dtype(features.dtype), device=features.device)
+            for _ in view_counts]
     for start, stop in _chunks(features, sub_dim):
-        sums.index_add_(0, classes[start:stop], _unit_views(features, inv, start, stop, sub_dim)[:, :views].sum(1))
+        unit = _unit_views(features, inv, start, stop, sub_dim)
+        for total, views in zip(sums, view_counts):
+            total.index_add_(0, classes[start:stop], unit[:, :views].sum(1))
     return sums
 
 
@@ -217,7 +222,7 @@ def supcon_forward(
         # Σ_{p∈P(a)} s_ap = ẑ_a·(C_{y_a} − ẑ_a)/τ from per-class sums; |P(a)| = V·|y_a| − 1.
         counts, classes = positive_counts(labels, None, views)
         counts, class_ids = counts[:n_anchors].to(torch.int32), classes.long()
-        sums = _class_sums(features, inv, class_ids, sub_dim, views)
+        (sums,) = _unit_class_sums(features, inv, class_ids, sub_dim, (views,))
         pos_sum = torch.empty(anchor_views, n, dtype=acc, device=features.device)
         for start, stop in _chunks(features, sub_dim):
             unit = _unit_views(features, inv, start, stop, sub_dim)[:, :anchor_views]
@@ -266,14 +271,17 @@ def supcon_backward(
     dfeatures = new(features.shape, dtype=features.dtype, device=features.device)
     radial = torch.empty(m, dtype=acc, device=features.device)
     mask_ptr, stride_mask_0, stride_mask_1, positives = _positive_source(mask, tau)
-    class_ids = class_sums = positive_radial = tau
+    class_sums = positive_radial = tau
     if mask is None:
         inv = inv_norms if normalize else None
         class_ids = classes.long()
-        sums = _class_sums(features, inv, class_ids, sub_dim, views)
-        anchor_sums = sums if anchor_views == views else _class_sums(features, inv, class_ids, sub_dim, anchor_views)
-        # By class id: C + C^A for the anchor views' rows, C^A for the others'.
-        class_sums = torch.stack([sums + anchor_sums, anchor_sums][: 1 if anchor_views == views else 2])
+        if anchor_views == views:
+            (sums,) = _unit_class_sums(features, inv, class_ids, sub_dim, (views,))
+            class_sums = (2.0 * sums)[None]  # C + C^A with C^A = C
+        else:
+            sums, anchor_sums = _unit_class_sums(features, inv, class_ids, sub_dim, (views, anchor_views))
+            # By class id: C + C^A for the anchor views' rows, C^A for the others'.
+            class_sums = torch.stack([sums + anchor_sums, anchor_sums])
         kind = (torch.arange(views, device=features.device) >= anchor_views).long()
         positive_radial = torch.empty(views, n, dtype=acc, device=features.device)
         for start, stop in _chunks(features, sub_dim):
@@ -282,12 +290,11 @@ def supcon_backward(
             w_rows = weight.view(views, n)[:, start:stop].T[:, :, None]
             positive = weight[start:stop, None, None] * by_view - 2.0 * w_rows * unit
             positive_radial[:, start:stop] = (unit * positive).sum(-1).T / tau
-        class_ids = classes
     grid = lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), triton.cdiv(sub_dim, meta["BLOCK_DO"]), views)  # noqa: E731
     wrap_triton(_supcon_backward_kernel)[grid](
         features, *features.stride(), dfeatures, *dfeatures.stride(), inv_norms if normalize else tau, tau,
-        mask_ptr, stride_mask_0, stride_mask_1, lse2, weight, class_ids, class_sums, positive_radial, scale,
-        radial_scale, radial, n, views, anchor_views, sub_dim, shape_bucket(m),
+        mask_ptr, stride_mask_0, stride_mask_1, lse2, weight, classes if mask is None else tau, class_sums,
+        positive_radial, scale, radial_scale, radial, n, views, anchor_views, sub_dim, shape_bucket(m),
         NORMALIZE=normalize, POSITIVES=positives, PRECISION=dot_precision(features.dtype),
         ACC=accumulator(features.dtype), PRESCALE=prescale, SCALE_OPERAND=features.dtype == torch.float16,
     )
