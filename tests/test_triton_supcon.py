@@ -35,6 +35,9 @@ CASES = [
     (17, torch.tensor(0.1), {"targets": "labels", "views": 3, "contrast_mode": "one"}),
     (17, torch.tensor(0.5), {"targets": "labels", "sub_dim": 4, "base_temperature": 1.0}),
     (17, torch.tensor(5.0), {"targets": "labels", "normalize": False}),
+    # τ = 0.01 through the mask path and the non-anchor views' class-sum path ("one").
+    (17, torch.tensor(0.01), {"targets": "mask", "views": 3, "contrast_mode": "one"}),
+    (17, torch.tensor(0.01), {"targets": "labels", "views": 3, "contrast_mode": "one"}),
 ]
 _BATCH_KEYS = ("views", "targets")
 
