@@ -7,7 +7,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench install clean cuda-check constraints repro
+.PHONY: demo test bench install clean cuda-check constraints repro package-check
 
 # Tests and the demo install from pinned versions (constraints/test.txt), so a registry release cannot
 # change what CI runs; pyproject's ranges stay loose for users. `make constraints` refreshes the pins.
@@ -58,9 +58,14 @@ bench: $(STAMP)
 cuda-check: $(STAMP)
 	$(PY) csrc/cuda_check.py
 
+# Builds the sdist and the wheel (python -m build), checks them (twine check, LICENSE, py.typed, no tests in
+# the sdist), installs the wheel into a clean venv next to TORCH and calls a loss from it (.ci/package_check.py).
+package-check: $(STAMP)
+	$(PY) .ci/package_check.py --torch "$(TORCH)"
+
 # Regenerates the committed `fastcl repro --quick` results in docs/repro/ (CPU, minutes per paper).
 repro: $(STAMP)
 	$(VENV)/bin/fastcl repro all --quick --out docs/repro
 
 clean:
-	rm -rf $(VENV) runs site .pytest_cache
+	rm -rf $(VENV) runs site .pytest_cache dist

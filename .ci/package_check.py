@@ -1,0 +1,100 @@
+"""`make package-check`: build the sdist and the wheel as a user would, check them, install the wheel into a
+clean virtual environment and use it.
+
+1. ``python -m build``: the sdist, then the wheel built from the unpacked sdist (so the sdist alone builds);
+2. ``twine check --strict`` on both (metadata, the README renders as the long description);
+3. contents: LICENSE in both, ``fastcl/py.typed`` and the Triton kernels in the wheel, no tests in the sdist;
+4. a fresh venv with only the torch build named by ``--torch`` (installed first, as docs/install.md says)
+   and the wheel; from outside the checkout: import, one loss call with its gradient, a lazy submodule,
+   and the ``fastcl`` entry point.
+
+Usage: python .ci/package_check.py [--torch 'torch==2.13.0'] [--keep]
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+import zipfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+DIST = ROOT / "dist"
+
+USE = """
+import subprocess, sys, torch, fastcl
+z1 = torch.randn(32, 16, requires_grad=True)
+loss = fastcl.NTXentLoss(temperature=0.5)(z1, torch.randn(32, 16))
+loss.backward()
+loss = loss.detach()
+assert loss.ndim == 0 and torch.isfinite(loss) and z1.grad.abs().sum() > 0, loss
+assert 'nt_xent' in fastcl.registry.LOSSES and fastcl.torch_backend.chunk_size
+assert fastcl.__file__.startswith(sys.prefix), fastcl.__file__  # the installed wheel, not the checkout
+print('fastcl', fastcl.__version__, 'from', fastcl.__file__, 'loss', round(loss.item(), 4))
+"""
+
+
+def run(*command: str, cwd: Path = ROOT) -> None:
+    print("+", " ".join(command), flush=True)
+    subprocess.run(command, cwd=cwd, check=True)
+
+
+def check_contents(sdist: Path, wheel: Path) -> None:
+    with tarfile.open(sdist) as archive:
+        sdist_names = [name.split("/", 1)[1] for name in archive.getnames() if "/" in name]
+    with zipfile.ZipFile(wheel) as archive:
+        wheel_names = archive.namelist()
+    problems = []
+    if "LICENSE" not in sdist_names:
+        problems.append("sdist: no LICENSE")
+    if not any(name.endswith(".dist-info/licenses/LICENSE") for name in wheel_names):
+        problems.append("wheel: no LICENSE in its .dist-info/licenses/")
+    for needed in ("fastcl/py.typed", "fastcl/kernels/block.py", "fastcl/csrc/block_kernels.cu"):
+        if needed not in wheel_names:
+            problems.append(f"wheel: no {needed}")
+    shipped_tests = [name for name in sdist_names if name.startswith("tests/")]
+    if shipped_tests:
+        problems.append(f"sdist: ships {len(shipped_tests)} test files (MANIFEST.in prunes tests/)")
+    if any(name.startswith("tests/") for name in wheel_names):
+        problems.append("wheel: ships tests/")
+    if problems:
+        sys.exit("package-check failed:\n  " + "\n  ".join(problems))
+    print(f"contents: {sdist.name} ({len(sdist_names)} files), {wheel.name} ({len(wheel_names)} files) as expected")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--torch", default="torch==2.13.0", help="the torch requirement the clean venv installs first")
+    parser.add_argument("--keep", action="store_true", help="keep the clean venv (printed) for inspection")
+    args = parser.parse_args()
+    start = time.monotonic()
+    shutil.rmtree(DIST, ignore_errors=True)
+    run(sys.executable, "-m", "build", "--outdir", str(DIST), str(ROOT))
+    (sdist,), (wheel,) = DIST.glob("*.tar.gz"), DIST.glob("*.whl")
+    run(sys.executable, "-m", "twine", "check", "--strict", str(sdist), str(wheel))
+    check_contents(sdist, wheel)
+
+    scratch = Path(tempfile.mkdtemp(prefix="fastcl-package-check-"))
+    try:
+        venv = scratch / "venv"
+        run(sys.executable, "-m", "venv", str(venv))
+        python = str(venv / "bin" / "python")
+        run(python, "-m", "pip", "install", "-q", args.torch)  # first, so the wheel's torch>=2.4 is satisfied
+        run(python, "-m", "pip", "install", "-q", str(wheel))
+        run(python, "-c", USE, cwd=scratch)
+        run(str(venv / "bin" / "fastcl"), "--version", cwd=scratch)
+    finally:
+        if args.keep:
+            print(f"kept {scratch}")
+        else:
+            shutil.rmtree(scratch, ignore_errors=True)
+    print(f"package-check passed in {time.monotonic() - start:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
