@@ -44,7 +44,7 @@ test: $(STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/fastcl train --dataset spirograph --method simclr --encoder convnet --train-size 8192 \
-		--test-size 1024 --epochs 3 --batch-size 128 --lr 0.5 --eval-every 0 --out runs/demo
+		--test-size 1024 --epochs 3 --batch-size 128 --lr 0.5 --eval-every 0 --out runs/demo --overwrite
 	$(VENV)/bin/fastcl bench --quick
 
 # The API reference, rendered from the docstrings into site/api/ (open site/api/index.html).

@@ -37,7 +37,7 @@ run_augment() {
 
 run_epoch() {
     python -m fastcl.train --dataset synthetic --train-size 50000 --test-size 10 --encoder resnet18 \
-        --batch-size 512 --epochs 3 --amp --compile --time-epoch --no-progress --out "$stem-epoch"
+        --batch-size 512 --epochs 3 --amp --compile --time-epoch --no-progress --out "$stem-epoch" --overwrite
 }
 
 case "$section" in

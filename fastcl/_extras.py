@@ -16,6 +16,14 @@ from types import ModuleType
 _PIP_NAMES = {"sklearn": "scikit-learn", "PIL": "pillow"}
 
 
+class MissingExtraError(ImportError):
+    """An optional dependency is not installed; ``extra`` names the fastcl extra that brings it."""
+
+    def __init__(self, message: str, extra: str) -> None:
+        super().__init__(message)
+        self.extra = extra
+
+
 def require(module: str, extra: str, feature: str) -> ModuleType:
     """Imports ``module`` or raises an ImportError naming the extra that installs it.
 
@@ -25,13 +33,15 @@ def require(module: str, extra: str, feature: str) -> ModuleType:
         feature: what needs it, for the message, e.g. ``"fastcl.augment"``.
 
     Raises:
-        ImportError: ``module`` is not installed; the message says ``pip install 'fastcl[<extra>]'``.
+        MissingExtraError: an ImportError: ``module`` is not installed; the message says
+            ``pip install 'fastcl[<extra>]'``.
     """
     try:
         return importlib.import_module(module)
     except ImportError as error:
         package = _PIP_NAMES.get(module, module)
-        raise ImportError(
+        raise MissingExtraError(
             f"{feature} needs the '{package}' package, which is not installed: pip install 'fastcl[{extra}]' "
-            f"(or pip install {package})"
+            f"(or pip install {package})",
+            extra,
         ) from error

@@ -1,9 +1,15 @@
-"""The ``fastcl`` command: ``fastcl train ...`` (reference trainer) and ``fastcl bench ...`` (kernel profiler)."""
+"""The ``fastcl`` command: ``fastcl train ...`` (reference trainer), ``fastcl bench ...`` (kernel profiler), ...
+
+Exit status: 0 done, 2 a usage error (the message names the option), 1 a missing extra (one line naming it:
+``pip install 'fastcl[train]'``) or a run that produced nothing.
+"""
 
 from __future__ import annotations
 
 import importlib
 import sys
+
+from fastcl._extras import MissingExtraError
 
 _COMMANDS = {
     "train": ("fastcl.train", "train a SimCLR / SupCon / DirectCLR model (fastcl train --help)"),
@@ -13,7 +19,7 @@ _COMMANDS = {
 
 
 def _usage() -> str:
-    lines = ["usage: fastcl {train,bench,repro} [options]", "", "commands:"]
+    lines = [f"usage: fastcl {{{','.join(_COMMANDS)}}} [options]", "", "commands:"]
     lines += [f"  {name:<6} {help_}" for name, (_, help_) in _COMMANDS.items()]
     return "\n".join(lines)
 
@@ -34,8 +40,12 @@ def main(argv: list[str] | None = None) -> int:
     if argv[0] not in _COMMANDS:
         print(f"fastcl: unknown command {argv[0]!r}\n\n{_usage()}", file=sys.stderr)
         return 2
-    module = importlib.import_module(_COMMANDS[argv[0]][0])
-    return module.main(argv[1:]) or 0
+    try:  # an extra's module raises on import (even for --help) or when a feature first needs it
+        module = importlib.import_module(_COMMANDS[argv[0]][0])
+        return module.main(argv[1:]) or 0
+    except MissingExtraError as error:
+        print(f"fastcl {argv[0]}: {error}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ of the block primitive of the backend that ``backend=`` / :mod:`fastcl.dispatch`
 
 from __future__ import annotations
 
+import warnings
 from typing import Iterator, Optional
 
 import torch
@@ -48,14 +49,33 @@ def world_size() -> int:
 
 
 def resolve_mode(distributed: str) -> str:
-    """ "local", "gather" or "ring" for this call."""
+    """ "local", "gather" or "ring" for this call. An explicit "gather" or "ring" without an initialized
+    process group runs locally and warns, once per mode and process (not while torch.compile traces)."""
     if distributed not in MODES:
         raise ValueError(f"distributed: expected one of {list(MODES)}, got {distributed!r}")
     if distributed == "auto":
         return "gather" if world_size() > 1 else "local"
     if distributed != "local" and world_size() == 1:
+        if not (dist.is_available() and dist.is_initialized()):
+            _warn_no_process_group(distributed)
         return "local"
     return distributed
+
+
+_WARNED_NO_GROUP: set = set()
+
+
+def _warn_no_process_group(mode: str) -> None:
+    if mode in _WARNED_NO_GROUP or torch.compiler.is_compiling():
+        return
+    _WARNED_NO_GROUP.add(mode)
+    warnings.warn(
+        f"distributed={mode!r} was requested but no torch.distributed process group is initialized: the loss "
+        "runs on this process's rows only (as distributed='local'). Initialize the process group first "
+        "(torchrun, dist.init_process_group), or pass distributed='local' or 'auto' to say so.",
+        UserWarning,
+        stacklevel=4,
+    )
 
 
 def local_sizes(part_sizes: list[int], device: torch.device) -> list[list[int]]:

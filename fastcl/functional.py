@@ -21,6 +21,7 @@ Which code runs (docs/block-engine.md): a single-process call the fused local fa
 from __future__ import annotations
 
 import numbers
+import warnings
 from typing import Optional
 
 import torch
@@ -287,7 +288,9 @@ def supcon(
         temperature: τ > 0, a float or a 0-dim tensor. base_temperature: τ_b > 0, a float.
         contrast_mode: "all" (every row is an anchor) or "one" (view 0 only).
         positives_missing: anchors without positives are left out of the mean ("drop") or count as 0 in
-            it ("zero", SupContrast's mean over all anchors). If no anchor has a positive, L = 0.
+            it ("zero", SupContrast's mean over all anchors). If no anchor has a positive, L = 0, with a
+            ``UserWarning`` where that is known without a device sync: CPU tensors, or ``check_finite=True``
+            (single process; one view with all-distinct labels or a mask without a positive pair).
         sub_dim, normalize, backend, distributed, check_finite: see the module docstring.
 
     Returns:
@@ -330,6 +333,9 @@ def supcon(
     on_engine = mode != "local" or soft_mask or positives_missing == "zero"
     backend, on_engine = _route(backend, features.device, on_engine)
     tau = _finish_checks(("features",), (features,), temperature, backend, check_finite, features.device, features)
+    readable = features.device.type == "cpu" or (check_finite is True and features.device.type != "meta")
+    if mode == "local" and readable and _check_finite_default(check_finite, backend):
+        _warn_if_no_positive(n, views, labels, mask)
     n_anchors = n if contrast_mode == "one" else views * n
     if not on_engine:
         if labels is None and mask is None:
@@ -345,6 +351,27 @@ def supcon(
     return block_loss(
         rows, plan, [n] * views, tau, labels=labels, mask=mask, normalize=normalize, mode=mode, backend=backend
     )
+
+
+def _warn_if_no_positive(n: int, views: int, labels: Optional[Tensor], mask: Optional[Tensor]) -> None:
+    """Warns when no anchor of a single-process SupCon call has a positive (the loss is then 0 and trains
+    nothing). With two or more views every sample's other views are positives unless a mask says otherwise."""
+    if mask is not None:
+        off_diagonal = ~torch.eye(n, dtype=torch.bool, device=mask.device)
+        positive = bool((mask != 0).any()) if views > 1 else bool(((mask != 0) & off_diagonal).any())
+        why = "the mask has no positive pair"
+    elif views > 1 or n == 0:
+        return
+    else:
+        positive = labels is not None and bool(labels.unique().numel() < n)
+        why = "one view and no two samples share a label" if labels is not None else "one view and no labels"
+    if not positive:
+        warnings.warn(
+            f"supcon: no anchor has a positive ({why}), so the loss is 0 and trains nothing; give two or more "
+            "views, labels that samples share, or a mask with positives",
+            UserWarning,
+            stacklevel=3,
+        )
 
 
 def dcl(

@@ -6,7 +6,9 @@ Run ``fastcl train --help`` (or ``python -m fastcl.train --help``). A quick CPU 
         --epochs 3 --batch-size 128 --lr 0.5 --eval-every 0 --out runs/spiro
 
 Outputs in ``--out``: ``metrics.jsonl`` (one JSON object per evaluation), ``checkpoint.pt`` (written
-atomically at the end of every epoch), ``spectrum.png`` (collapse monitor), and a summary table on stdout.
+atomically at the end of every epoch), ``spectrum.png`` (collapse monitor); a summary table and the
+outputs' paths on stdout. An ``--out`` that holds a previous run is refused unless ``--resume`` continues
+it or ``--overwrite`` replaces it.
 Under ``torchrun`` the run is data-parallel (DDP, SyncBatchNorm, DistributedSampler); ``--batch-size`` is
 the global batch, and the losses draw negatives from all ranks (``--distributed-loss``, default "auto").
 """
@@ -29,9 +31,11 @@ from fastcl._extras import require
 for _module in ("numpy", "tqdm", "sklearn", "matplotlib", "kornia"):
     require(_module, "train", "fastcl train")
 
-from fastcl import registry  # noqa: E402
+from fastcl import dispatch, registry  # noqa: E402
+from fastcl.augment import PRESETS  # noqa: E402
 from fastcl.checkpoint import rng_state, save_atomic, set_rng_state  # noqa: E402
 from fastcl.data import DATASETS, build_source  # noqa: E402
+from fastcl.distributed import MODES  # noqa: E402
 from fastcl.evaluation import evaluate, plot_spectra  # noqa: E402
 from fastcl.models import ENCODERS, HEADS, ContrastiveModel, build_encoder  # noqa: E402
 from fastcl.optim import LARS, parameter_groups, warmup_cosine  # noqa: E402
@@ -39,6 +43,8 @@ from fastcl.optim import LARS, parameter_groups, warmup_cosine  # noqa: E402
 # --method names come from the loss registry: each names the registered loss it trains with.
 METHODS = tuple(registry.METHODS)
 DEFAULT_TEMPERATURE = {method: registry.get(name).default_temperature for method, name in registry.METHODS.items()}
+# What a run leaves in --out: a folder holding any of them holds a previous run.
+RUN_FILES = ("checkpoint.pt", "metrics.jsonl", "spectrum.png", "timing.json")
 # Arguments that define the model, data or schedule: a checkpoint only resumes a run that agrees on them.
 RESUME_MUST_MATCH = (
     "method",
@@ -57,6 +63,18 @@ RESUME_MUST_MATCH = (
     "temperature",
     "gp_lambda",
 )
+
+
+def _device_name(text: str) -> str:
+    """``--device``: "auto" or a name torch.device accepts (cpu, cuda, cuda:1, mps, ...)."""
+    if text != "auto":
+        try:
+            torch.device(text)
+        except RuntimeError:
+            raise argparse.ArgumentTypeError(
+                f"expected auto or a torch device (cpu, cuda, cuda:1, mps), got {text!r}"
+            ) from None
+    return text
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -91,11 +109,15 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="default: " + ", ".join(f"{m} {t}" for m, t in DEFAULT_TEMPERATURE.items()),
     )
-    p.add_argument("--aug-preset", default="simclr", help="fastcl.augment preset (image datasets)")
+    p.add_argument(
+        "--aug-preset", choices=tuple(PRESETS), default="simclr", help="fastcl.augment preset (image datasets)"
+    )
     p.add_argument("--aug-strength", type=float, default=1.0)
-    p.add_argument("--backend", default="auto", help="loss backend: auto, torch, triton, cuda")
-    p.add_argument("--distributed-loss", default="auto", help="negatives across ranks: auto, local, gather, ring")
-    p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:1, ...")
+    p.add_argument("--backend", choices=("auto", *dispatch.BACKENDS), default="auto", help="loss backend")
+    p.add_argument("--distributed-loss", choices=MODES, default="auto", help="negatives across ranks")
+    p.add_argument(
+        "--device", type=_device_name, default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:1, ..."
+    )
     p.add_argument(
         "--amp",
         nargs="?",
@@ -123,8 +145,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--test-size", type=int, default=None, help="use a fixed subset of N test items")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/fastcl", help="output directory")
-    p.add_argument(
+    resume = p.add_mutually_exclusive_group()
+    resume.add_argument(
         "--resume", nargs="?", const="auto", default=None, help="resume from OUT/checkpoint.pt (or from the given path)"
+    )
+    resume.add_argument(
+        "--overwrite", action="store_true", help="replace the previous run in --out (refused without it or --resume)"
     )
     p.add_argument(
         "--time-epoch",
@@ -293,6 +319,9 @@ class Trainer:
         self.args = args = resolve_defaults(args)
         self.rank, self.world, self.device = _setup_distributed(args)
         device = self.device
+        reason = None if args.backend == "auto" else dispatch.unavailable_reason(args.backend, device)
+        if reason is not None:
+            raise ValueError(f"--backend {args.backend}: cannot run on {device}: {reason}")
         torch.manual_seed(args.seed + self.rank)
         self.out = Path(args.out)
         self.source = (
@@ -526,19 +555,38 @@ def _write_timing(path: Path, args, device: torch.device, world: int, timings: l
     print(f"timing written to {path}: " + ", ".join(f"epoch {t['epoch']} {t['seconds']:.2f} s" for t in timings))
 
 
+def previous_run(out: Path) -> list[str]:
+    """The files of a previous run in ``out`` (empty when there is none)."""
+    return [name for name in RUN_FILES if (out / name).exists()]
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``fastcl train`` and ``python -m fastcl.train``; bad flags exit with status 2."""
+    """Entry point of ``fastcl train`` and ``python -m fastcl.train``; bad flags exit with status 2 before any
+    work, and the outputs' paths are printed at the end."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    out = Path(args.out)
+    found = previous_run(out)
+    if found and args.resume is None and not args.overwrite:
+        parser.error(
+            f"--out {out} holds a previous run ({', '.join(found)}): pass --resume to continue it, --overwrite "
+            "to replace it, or another --out"
+        )
     trainer = None
     try:
         try:
             trainer = Trainer(args)
         except (ValueError, FileNotFoundError) as error:
             parser.error(str(error))
+        if args.overwrite and trainer.rank == 0:  # only once every flag has been accepted
+            for name in found:
+                (out / name).unlink()
         trainer.fit()
         if dist.is_available() and dist.is_initialized():
             dist.barrier()  # rank 0 evaluates and saves last: no rank tears its connections down before that
+        written = previous_run(out)
+        if trainer.rank == 0 and written:
+            print(f"outputs in {out}: " + ", ".join(written))
     finally:
         # DDP's reducer holds the process group: release the model first, so that its destructor never
         # runs against a destroyed group (a suspected cause of a rare gloo abort at exit).

@@ -72,9 +72,14 @@ def test_cli_streams_rows_and_writes_every_file(tmp_path, capsys, monkeypatch):
     assert f"nt_xent · naive · M={m}" in captured.err and f"supcon · torch · M={m}" in captured.err
     table, summary = captured.out.split("side by side")
     rows = [line for line in table.splitlines() if line.strip().startswith(LOSSES)]
-    # What cannot run is reported first, then the ceiling, then naive (so later rows have their ratios).
+    # The ceiling first, then naive (so later rows have their ratios); what cannot run is listed once below.
     impls = [row.split()[1] for row in rows]
-    assert impls == [impl for impl in ("cuda", "infcl", "matmul", "naive", "torch") for _ in LOSSES]
+    assert impls == [impl for impl in ("matmul", "naive", "torch") for _ in LOSSES]
+    assert all(len(line) <= 120 for line in table.splitlines()), max(table.splitlines(), key=len)
+    skipped = {(r["impl"], r["note"]) for r in _json(out / "bench.json")["records"] if r["status"] == "skipped"}
+    assert {impl for impl, _ in skipped} == {"cuda", "infcl"}
+    for impl, note in skipped:  # each implementation and reason once, naming the losses it applies to
+        assert summary.count(f": {note}\n") == 1 and f"skipped {impl} (" in summary, (impl, note)
     assert all(loss in summary for loss in LOSSES)
     result = _json(out / "bench.json")
     total = len(result["records"])

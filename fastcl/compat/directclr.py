@@ -4,8 +4,9 @@
     from fastcl.compat.directclr import infoNCE             # after
 
 * ``infoNCE(nn, p, temperature=0.1)``: one-way InfoNCE of normalized ``nn`` against normalized ``p``;
-  under DDP over the rows of all ranks, as DirectCLR's ``gather_from_all`` (fastcl's
-  ``distributed="gather"``: the same value on every rank and, after DDP's average, the same gradients).
+  under DDP over the rows of all ranks, as DirectCLR's ``gather_from_all`` (fastcl's ``distributed="auto"``,
+  which is "gather" under a process group: the same value on every rank and, after DDP's average, the same
+  gradients; in one process it runs locally without the warning an explicit "gather" gives there).
 * ``directclr_loss(r1, r2, dim=360, temperature=0.1)``: the ``--mode directclr`` loss,
   ``infoNCE(z1, z2) / 2 + infoNCE(z2, z1) / 2`` with ``z = r[:, :dim]``; the prefix is read in place.
 * ``group_loss(r1, r2, idx=None, groups=8, temperature=0.1)``: the ``--mode group`` loss, the sum over
@@ -43,7 +44,7 @@ def infoNCE(nn: Tensor, p: Tensor, temperature: float = 0.1) -> Tensor:  # noqa:
         torch.Size([])
     """
     check_rows(("nn", "p"), (nn, p), None)
-    return functional.info_nce(nn, p, temperature, symmetric=False, distributed="gather")
+    return functional.info_nce(nn, p, temperature, symmetric=False, distributed="auto")
 
 
 def directclr_loss(r1: Tensor, r2: Tensor, dim: int = 360, temperature: float = 0.1) -> Tensor:
@@ -62,7 +63,7 @@ def directclr_loss(r1: Tensor, r2: Tensor, dim: int = 360, temperature: float = 
         >>> loss = directclr_loss(torch.randn(8, 2048), torch.randn(8, 2048))
     """
     check_rows(("r1", "r2"), (r1, r2), None)
-    return functional.info_nce(r1, r2, temperature, sub_dim=dim, symmetric=True, distributed="gather")
+    return functional.info_nce(r1, r2, temperature, sub_dim=dim, symmetric=True, distributed="auto")
 
 
 def group_loss(
@@ -102,5 +103,5 @@ def group_loss(
     loss = 0
     for start in range(0, d, size):
         cols = idx[start : start + size]
-        loss = loss + functional.info_nce(r1[:, cols], r2[:, cols], temperature, symmetric=True, distributed="gather")
+        loss = loss + functional.info_nce(r1[:, cols], r2[:, cols], temperature, symmetric=True, distributed="auto")
     return loss

@@ -4,8 +4,11 @@
     $ fastcl bench --device cpu --impl torch,naive,compile,pml --sizes 1024,4096,8192 --out bench/results/cpu
     $ fastcl bench --compile-only --quick        # compile-time kernel report (registers, spills, ...)
 
-Rows are printed as cases finish; the JSON, the markdown and (with matplotlib) the plot are always written
-to a results folder, ``runs/bench/<UTC time>/`` unless ``--out`` names one, and rewritten after every row.
+Rows are printed as cases finish (at most 120 columns; implementations that cannot run here are listed
+once below the table, with the reason); the JSON, the markdown and (with matplotlib) the plot are always
+written to a results folder, ``runs/bench/<UTC time>/`` unless ``--out`` names one (refused when it holds a
+previous run, unless ``--overwrite``), and rewritten after every row. Exit status: 0 when at least one
+implementation ran, 1 when none did, 2 on bad arguments.
 """
 
 from __future__ import annotations
@@ -22,8 +25,16 @@ from typing import Optional, Sequence
 
 import torch
 
-from fastcl.profiler.cases import DTYPES, FUSED, IMPLS, LOSSES, Case, unavailable_reason
-from fastcl.profiler.report import format_header, format_row, format_summary, write_json, write_markdown, write_plot
+from fastcl.profiler.cases import CEILING, DTYPES, FUSED, IMPLS, LOSSES, Case, unavailable_reason
+from fastcl.profiler.report import (
+    format_header,
+    format_notes,
+    format_row,
+    format_summary,
+    write_json,
+    write_markdown,
+    write_plot,
+)
 from fastcl.profiler.runner import CEILING_METHOD, FLOP_MODEL, ISOLATION, run_bench
 
 __all__ = ["main", "build_parser", "parse_bytes", "QUICK", "DEFAULTS"]
@@ -120,7 +131,11 @@ def build_parser() -> argparse.ArgumentParser:
         "fastcl bench --compile-only --help",
     )
     parser.add_argument(
-        "--loss", type=_names(LOSSES, "--loss"), help=f"comma list of {','.join(LOSSES)} or all (default)"
+        "--loss",
+        "--losses",
+        dest="loss",
+        type=_names(LOSSES, "--loss"),
+        help=f"comma list of {','.join(LOSSES)} or all (default)",
     )
     parser.add_argument(
         "--impl",
@@ -131,8 +146,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--sizes", type=_sizes, help=f"M values (default {','.join(map(str, DEFAULTS['sizes']))})")
     parser.add_argument("--dim", type=_positive("--dim"), help=f"D (default {DEFAULTS['dim']})")
     parser.add_argument("--sub-dim", type=_positive("--sub-dim"), default=None, help="DirectCLR prefix D' (default: D)")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="input dtype (default fp32)")
+    parser.add_argument(
+        "--device",
+        choices=("cpu", "cuda"),
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        help="default: cuda where a CUDA device exists, else cpu",
+    )
     parser.add_argument(
         "--repeats",
         type=_positive("--repeats", 0),
@@ -159,8 +179,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--out",
         metavar="DIR",
-        help="results folder for bench.json, bench.md and bench.png (default runs/bench/<UTC time>)",
+        help="results folder for bench.json, bench.md and bench.png (default runs/bench/<UTC time>); one "
+        "that holds a previous run is refused unless --overwrite",
     )
+    parser.add_argument("--overwrite", action="store_true", help="replace a previous run in --out")
     parser.add_argument("--json", metavar="PATH", help="write the JSON here instead of DIR/bench.json")
     parser.add_argument("--markdown", metavar="PATH", help="write the markdown here instead of DIR/bench.md")
     parser.add_argument(
@@ -264,21 +286,27 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.plot and not has_matplotlib:
         parser.error("--plot: needs matplotlib (pip install 'fastcl[plot]')")
     paths = _paths(args)
+    if args.out and (Path(args.out) / "bench.json").exists() and not args.overwrite:
+        parser.error(
+            f"--out {args.out} holds a previous run (bench.json): pass --overwrite to replace it, or another --out"
+        )
     progress = _Progress(not args.no_progress)
     command = "fastcl bench " + " ".join(shlex.quote(a) for a in argv)
 
     def on_record(record: dict, meta: dict, records: list) -> None:
         progress.clear()
-        if len(records) == 1:
+        meta["command"] = command
+        write_json(paths["json"], meta, records)
+        write_markdown(paths["markdown"], meta, records)
+        if record["status"] == "skipped":  # listed once below the table
+            return
+        if not any(r["status"] != "skipped" for r in records[:-1]):
             print(
                 f"{meta['device_name']} ({meta['device']}, {meta['threads']} threads), torch {meta['torch']}, "
                 f"D={args.dim}, dtype={args.dtype}, median of ~{args.repeats} runs; {meta['date']}"
             )
             print(format_header())
         print(format_row(record), flush=True)
-        meta["command"] = command
-        write_json(paths["json"], meta, records)
-        write_markdown(paths["markdown"], meta, records)
 
     try:
         meta, records = run_bench(
@@ -310,9 +338,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             f"note: {len(above)} row(s) ran faster than the matmul ceiling (marked !): "
             + ", ".join(f"{r['loss']} {r['impl']} M={r['M']}" for r in above)
         )
-    skipped = [r for r in records if r["status"] == "skipped"]
-    for note in dict.fromkeys(r["note"] for r in skipped):
-        print(f"skipped: {note}")
+    for line in format_notes(records):
+        print(line)
     write_json(paths["json"], meta, records)
     write_markdown(paths["markdown"], meta, records)
     written = [paths["json"], paths["markdown"]]
@@ -322,6 +349,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     elif not args.no_plot:
         print("plot: not drawn, matplotlib is not installed (pip install 'fastcl[plot]')")
     print(f"results ({meta['elapsed_s']} s): " + ", ".join(map(str, written)))
+    if not any(r["status"] == "ok" and r["impl"] != CEILING for r in records):
+        print("fastcl bench: no implementation ran (see the skipped and failed ones above)", file=sys.stderr)
+        return 1
     return 0
 
 

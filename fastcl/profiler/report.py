@@ -19,6 +19,8 @@ __all__ = [
     "format_row",
     "format_table",
     "format_summary",
+    "format_notes",
+    "ROW_WIDTH",
     "write_json",
     "write_markdown",
     "write_plot",
@@ -50,33 +52,38 @@ RECORD_FIELDS = (
     "loadavg_1min",
 )
 
-# (record key, title, width in the streamed table, format)
+# (record key, title, width in the streamed table, format). The widths add up to at most 120 columns with the
+# status word; a non-ok row's note is printed below the table (format_notes), not in the row.
+ROW_WIDTH = 120
 _COLUMNS = (
     ("loss", "loss", 8, "{}"),
     ("impl", "impl", 7, "{}"),
     ("M", "M", 6, "{}"),
-    ("fwd_ms", "fwd ms", 9, "{:.2f}"),
-    ("bwd_ms", "bwd ms", 9, "{:.2f}"),
-    ("total_ms", "total ms", 9, "{:.2f}"),
+    ("fwd_ms", "fwd ms", 8, "{:.2f}"),
+    ("bwd_ms", "bwd ms", 8, "{:.2f}"),
+    ("total_ms", "total ms", 8, "{:.2f}"),
     ("peak_mem_bytes", "peak MiB", 8, None),
-    ("tflops", "TFLOP/s", 8, "{:.4f}"),
-    ("ratio_vs_naive", "time ×naive", 11, "{:.2f}"),
-    ("mem_ratio_vs_naive", "mem ×naive", 10, "{:.3f}"),
-    ("fraction_of_matmul", "% of matmul", 11, None),
-    ("loadavg_1min", "load", 5, "{:.1f}"),
+    ("tflops", "TFLOP/s", 7, None),
+    ("ratio_vs_naive", "t×naive", 7, "{:.2f}"),
+    ("mem_ratio_vs_naive", "mem×naive", 9, "{:.3f}"),
+    ("fraction_of_matmul", "%matmul", 7, None),
+    ("loadavg_1min", "load", 4, "{:.1f}"),
     ("status", "status", 0, "{}"),
 )
 
 
-def _cell(record: dict, key: str, fmt: Optional[str]) -> str:
+def _cell(record: dict, key: str, fmt: Optional[str], note: bool = True) -> str:
     value = record.get(key)
     if value is None:
         return "—"
     if key == "peak_mem_bytes":
         return f"{value / 2**20:.1f}"
     if key == "fraction_of_matmul":  # "!" marks a rate above the matmul ceiling (see the row's note)
-        return f"{100 * value:.1f}" + ("!" if record.get("above_ceiling") else "")
-    if key == "status" and record.get("note"):
+        percent = 100 * value
+        return (f"{percent:.1f}" if percent < 1000 else f"{percent:.0f}") + ("!" if record.get("above_ceiling") else "")
+    if key == "tflops":  # at most 7 characters, from a tiny CPU case to a GPU's peak
+        return f"{value:.0f}" if value >= 1000 else f"{value:.3g}" if value >= 1e-3 else f"{value:.1e}"
+    if key == "status" and note and record.get("note"):
         return f"{value}: {record['note']}"
     return fmt.format(value)
 
@@ -92,8 +99,26 @@ def format_header() -> str:
 
 
 def format_row(record: dict) -> str:
-    """One record as a line of the streamed table (fixed widths, so rows can be printed as they finish)."""
-    return _line([_cell(record, key, fmt) for key, _, _, fmt in _COLUMNS])
+    """One record as a line of the streamed table (fixed widths, so rows can be printed as they finish; at
+    most ``ROW_WIDTH`` columns for the numbers of any CPU or GPU run: the note is left out)."""
+    return _line([_cell(record, key, fmt, note=False) for key, _, _, fmt in _COLUMNS])
+
+
+def format_notes(records: Sequence[dict]) -> list[str]:
+    """Lines for below the table: each skipped implementation once with its reason, then each row that did
+    not finish (error, OOM) with its note."""
+    lines = []
+    skipped: dict = {}
+    for r in records:
+        if r["status"] == "skipped":
+            skipped.setdefault((r["impl"], r["note"]), []).append(r["loss"])
+    for (impl, note), losses in skipped.items():
+        losses = list(dict.fromkeys(losses))
+        lines.append(f"skipped {impl} ({', '.join(losses)}): {note}")
+    for r in records:
+        if r["status"] not in ("ok", "skipped") and r.get("note"):
+            lines.append(f"{r['status']}: {r['loss']} {r['impl']} M={r['M']}: {r['note']}")
+    return lines
 
 
 def _sorted(records: Sequence[dict]) -> list[dict]:
@@ -130,7 +155,8 @@ def _summary_cell(record: Optional[dict]) -> str:
 
 def format_summary(records: Sequence[dict], markdown: bool = False) -> str:
     """Side by side per (loss, M): each implementation's fwd+bwd time, its ratio to naive, its % of matmul."""
-    impls = list(dict.fromkeys(r["impl"] for r in records))
+    # An implementation that ran nowhere gets no column (format_notes says why it was skipped).
+    impls = list(dict.fromkeys(r["impl"] for r in records if r["status"] != "skipped"))
     keys = list(dict.fromkeys((r["loss"], r["M"]) for r in _sorted(records)))
     by_key = {(r["loss"], r["M"], r["impl"]): r for r in records}
     header = ["loss", "M", *impls]
