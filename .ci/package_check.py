@@ -5,8 +5,8 @@ clean virtual environment and use it.
 2. ``twine check --strict`` on both (metadata, the README renders as the long description);
 3. contents: LICENSE in both, ``fastcl/py.typed`` and the Triton kernels in the wheel, no tests in the sdist;
 4. a fresh venv with only the torch build named by ``--torch`` (installed first, as docs/install.md says)
-   and the wheel; from outside the checkout: import, one loss call with its gradient, a lazy submodule,
-   and the ``fastcl`` entry point.
+   and the wheel (core, no extra); from outside the checkout: import, one loss call with its gradient, the
+   lazy submodules, the ``fastcl`` entry point, and every ```python block of README.md as written.
 
 Usage: python .ci/package_check.py [--torch 'torch==2.13.0'] [--keep]
 """
@@ -14,6 +14,7 @@ Usage: python .ci/package_check.py [--torch 'torch==2.13.0'] [--keep]
 from __future__ import annotations
 
 import argparse
+import re
 import shutil
 import subprocess
 import sys
@@ -37,6 +38,11 @@ assert 'nt_xent' in fastcl.registry.LOSSES and fastcl.torch_backend.chunk_size
 assert fastcl.__file__.startswith(sys.prefix), fastcl.__file__  # the installed wheel, not the checkout
 print('fastcl', fastcl.__version__, 'from', fastcl.__file__, 'loss', round(loss.item(), 4))
 """
+
+
+def readme_examples() -> list[str]:
+    """The ```python blocks of README.md (all of them must run on the core install)."""
+    return re.findall(r"^```python\n(.*?)^```", (ROOT / "README.md").read_text(), flags=re.S | re.M)
 
 
 def run(*command: str, cwd: Path = ROOT) -> None:
@@ -88,6 +94,12 @@ def main() -> None:
         run(python, "-m", "pip", "install", "-q", str(wheel))
         run(python, "-c", USE, cwd=scratch)
         run(str(venv / "bin" / "fastcl"), "--version", cwd=scratch)
+        examples = readme_examples()
+        for number, code in enumerate(examples, 1):
+            print(f"README.md python block {number} of {len(examples)}:", flush=True)
+            run(python, "-c", code, cwd=scratch)
+        installed = sum(f.stat().st_size for f in venv.glob("lib/python*/site-packages/fastcl/**/*") if f.is_file())
+        print(f"wheel {wheel.stat().st_size / 1e3:.0f} kB, installed package {installed / 1e6:.1f} MB")
     finally:
         if args.keep:
             print(f"kept {scratch}")

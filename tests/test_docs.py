@@ -212,3 +212,117 @@ def test_public_api_docstrings_document_arguments_and_show_an_example(obj):
     if takes_arguments:
         assert any(h in doc for h in ("Args:", "Attributes:")), f"{obj.__qualname__}: no Args/Attributes section"
     assert "Example" in doc, f"{obj.__qualname__}: no Example section"
+
+
+# ---- the README as a front page, and links that resolve wherever the repository is shown ------------------
+
+README_MAX_LINES = 130  # issue 25: the README is a front page; the rest lives under docs/
+_LINK = re.compile(r"(?<!\\)!?\[[^\]\n]*\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)")
+_CODE_SPAN = re.compile(r"`[^`\n]*`")
+
+
+def _markdown_files() -> list[Path]:
+    command = ["git", "ls-files", "--cached", "--others", "--exclude-standard", "*.md"]  # not the ignored ones
+    tracked = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    if tracked.returncode != 0:
+        return [ROOT / "README.md", *sorted((ROOT / "docs").glob("**/*.md"))]
+    return sorted({ROOT / name for name in tracked.stdout.split()} | {ROOT / "README.md", ROOT / "docs/README.md"})
+
+
+def _anchors(path: Path) -> set[str]:
+    """The anchors GitHub gives the headings of a markdown file (lower case, punctuation dropped, spaces to
+    hyphens, -1, -2, ... for repeats)."""
+    seen: dict[str, int] = {}
+    anchors = set()
+    in_code = False
+    for line in path.read_text().splitlines():
+        if line.lstrip().startswith("```"):
+            in_code = not in_code
+        if in_code or not re.match(r"#{1,6} ", line):
+            continue
+        text = re.sub(r"\[([^\]]*)\]\([^)]*\)", r"\1", line.lstrip("#").strip()).replace("`", "")
+        slug = re.sub(r"[^\w\- ]", "", text.lower()).replace(" ", "-")
+        count = seen.get(slug, 0)
+        seen[slug] = count + 1
+        anchors.add(slug if count == 0 else f"{slug}-{count}")
+    return anchors
+
+
+def _links(path: Path) -> list[tuple[int, str]]:
+    found, in_code = [], False
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if line.lstrip().startswith("```"):
+            in_code = not in_code
+        if not in_code:
+            found += [(number, target) for target in _LINK.findall(_CODE_SPAN.sub("", line))]
+    return found
+
+
+def test_every_relative_link_in_the_markdown_resolves():
+    broken = []
+    for path in _markdown_files():
+        for number, target in _links(path):
+            if re.match(r"[a-z][a-z0-9+.-]*:", target):  # https:, mailto: ...
+                continue
+            where = f"{path.relative_to(ROOT)}:{number}: {target}"
+            file_part, _, anchor = target.partition("#")
+            if file_part.startswith("/"):
+                broken.append(f"{where} (absolute path: breaks on the repository's page)")
+                continue
+            resolved = (path.parent / file_part).resolve() if file_part else path
+            if ROOT not in resolved.parents and resolved != ROOT:
+                broken.append(f"{where} (outside the repository)")
+            elif not resolved.exists():
+                broken.append(f"{where} (no such file)")
+            elif anchor and resolved.suffix == ".md" and anchor not in _anchors(resolved):
+                broken.append(f"{where} (no heading with that anchor)")
+    assert not broken, "broken links:\n" + "\n".join(broken)
+
+
+def test_readme_is_a_front_page():
+    text = (ROOT / "README.md").read_text()
+    assert len(text.splitlines()) <= README_MAX_LINES
+    top = "\n".join(text.splitlines()[:15])
+    assert "nothing in fastcl has run on a GPU yet" in top  # the status is on the first screen
+    for loss in ("InfoNCE", "NT-Xent", "SupCon", "DCL", "SigLIP"):
+        assert loss in top, loss
+    commands = re.findall(r"^make (\w[\w-]*)", text, flags=re.M)
+    assert commands == ["demo", "test"], commands  # exactly the two set-up commands
+    install = text[text.index("## Install") :]
+    assert "pip install torch --index-url https://download.pytorch.org/whl/cpu" in install
+    assert re.search(r"^pip install \.\s", install, re.M)  # from a clone, not from a registry
+    assert "[docs/README.md](docs/README.md)" in text
+
+
+# ---- packaging ----------------------------------------------------------------------------------------------
+
+
+def test_license_is_the_verbatim_apache_2_text():
+    import hashlib
+
+    # The MD5 of the Apache Software Foundation's LICENSE-2.0.txt, as most projects ship it unmodified.
+    assert hashlib.md5((ROOT / "LICENSE").read_bytes()).hexdigest() == "3b83ef96387f14655fc854ddc3c6bd57"
+
+
+def test_package_metadata_says_what_is_true():
+    import tomllib
+
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    project, setuptools = pyproject["project"], pyproject["tool"]["setuptools"]
+    assert project["version"] == fastcl.__version__
+    assert project["license"] == "Apache-2.0" and project["license-files"] == ["LICENSE"]
+    assert "urls" not in project  # no public repository or documentation site exists yet: no invented URL
+    assert "py.typed" in setuptools["package-data"]["fastcl"] and (ROOT / "fastcl" / "py.typed").is_file()
+    assert {"build", "twine"} <= {re.split(r"[<>=;\[ ]", d)[0] for d in project["optional-dependencies"]["dev"]}
+    pins = (ROOT / "constraints" / "test.txt").read_text()
+    assert re.search(r"^build==", pins, re.M) and re.search(r"^twine==", pins, re.M)
+    assert re.search(rf"^version: {re.escape(fastcl.__version__)}$", (ROOT / "CITATION.cff").read_text(), re.M)
+    assert f"## {fastcl.__version__}" in (ROOT / "CHANGELOG.md").read_text()
+    manifest = (ROOT / "MANIFEST.in").read_text().splitlines()
+    assert "prune tests" in manifest and any(line.startswith("include LICENSE") for line in manifest)
+
+
+def test_ci_runs_the_package_check():
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert "make test" in ci and "make package-check" in ci
+    assert "package-check:" in (ROOT / "Makefile").read_text()
