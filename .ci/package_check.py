@@ -46,7 +46,8 @@ def readme_examples() -> list[str]:
 
 
 def run(*command: str, cwd: Path = ROOT) -> None:
-    print("+", " ".join(command), flush=True)
+    shown = [c if "\n" not in c else repr(c.strip().splitlines()[0] + " ...") for c in command]
+    print("+", " ".join(shown), flush=True)
     subprocess.run(command, cwd=cwd, check=True)
 
 

@@ -192,11 +192,16 @@ def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
         "feature_averaging": args.feature_averaging,
         "gp_draws": args.gp_draws,
         "eval_batch_size": args.eval_batch_size,
+        "kappa": args.kappa,
+        "gp_clamp": args.gp_clamp,
     }
+    for name in ("train_size", "test_size", "stop_after_steps"):  # optional: None means "all" / "never"
+        if getattr(args, name) is not None:
+            positive[name] = getattr(args, name)
     for name, value in positive.items():
         if not value > 0:
             raise ValueError(f"--{name.replace('_', '-')} must be > 0, got {value}")
-    for name in ("gp_lambda", "eval_every", "weight_decay", "warmup_epochs"):
+    for name in ("gp_lambda", "eval_every", "weight_decay", "warmup_epochs", "momentum", "aug_strength"):
         if getattr(args, name) < 0:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
     if args.batch_size < 2:

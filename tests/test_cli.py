@@ -40,6 +40,11 @@ def _no_data_loading(monkeypatch):
         (["--device", "gpu0"], "argument --device: expected auto or a torch device"),
         (["--amp", "fp8"], "argument --amp: invalid choice: 'fp8'"),
         (["--epochs", "0"], "--epochs must be > 0"),
+        (["--train-size", "-5"], "--train-size must be > 0, got -5"),
+        (["--kappa", "0"], "--kappa must be > 0"),
+        (["--momentum", "-1"], "--momentum must be >= 0"),
+        (["--aug-strength", "-1"], "--aug-strength must be >= 0"),
+        (["--stop-after-steps", "0"], "--stop-after-steps must be > 0"),
         (["--resume", "--overwrite"], "not allowed with argument"),
     ],
 )
@@ -108,6 +113,34 @@ def test_bench_accepts_losses_as_an_alias():
     from fastcl.profiler.cli import build_parser
 
     assert build_parser().parse_args(["--losses", "nt_xent,supcon"]).loss == ["nt_xent", "supcon"]
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--losses", "ntxent"], "argument --loss/--losses: --loss: expected a comma list of"),
+        (["--timeout", "-1"], "argument --timeout: expected seconds > 0, got '-1'"),
+        (["--dtype", "fp8"], "argument --dtype: invalid choice: 'fp8'"),
+    ],
+)
+def test_bench_refuses_a_bad_flag_in_one_line(capsys, argv, message):
+    from fastcl.profiler import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main([*argv, "--no-progress"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_bench_help_shows_the_defaults(capsys):
+    from fastcl.profiler import main
+
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    for shown in ("--loss LOSS, --losses LOSS", "(default 1024,4096,8192)", "(default fp32)", "(default 600)"):
+        assert shown in help_text, shown
 
 
 def test_bench_exits_non_zero_when_nothing_ran(tmp_path, capsys):

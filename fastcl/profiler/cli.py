@@ -106,6 +106,16 @@ def _positive(flag: str, minimum: int = 1):
     return parse
 
 
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected seconds > 0, got {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``fastcl bench`` (``fastcl bench --help`` prints it)."""
     parser = argparse.ArgumentParser(
@@ -174,7 +184,10 @@ def build_parser() -> argparse.ArgumentParser:
         "one worker for the whole run; case: one per case; none: all in this process",
     )
     parser.add_argument(
-        "--timeout", type=float, default=600.0, help="seconds per case in a worker before it is an error"
+        "--timeout",
+        type=_seconds,
+        default=600.0,
+        help="seconds per case in a worker before it is an error (default 600)",
     )
     parser.add_argument(
         "--out",
