@@ -4,9 +4,11 @@ clean virtual environment and use it.
 1. ``python -m build``: the sdist, then the wheel built from the unpacked sdist (so the sdist alone builds);
 2. ``twine check --strict`` on both (metadata, the README renders as the long description);
 3. contents: LICENSE in both, ``fastcl/py.typed`` and the Triton kernels in the wheel, no tests in the sdist;
-4. a fresh venv with only the torch build named by ``--torch`` (installed first, as docs/install.md says)
-   and the wheel (core, no extra); from outside the checkout: import, one loss call with its gradient, the
-   lazy submodules, the ``fastcl`` entry point, and every ```python block of README.md as written.
+4. a fresh venv with only the torch build named by ``--torch`` (installed first, as the README says), then
+   the README's ``pip install .`` from the checkout (core, no extra) and every ```python block of README.md
+   as written, run from outside the checkout;
+5. the wheel installed over it in the same venv: import, one loss call with its gradient, the lazy
+   submodules and the ``fastcl`` entry point.
 
 Usage: python .ci/package_check.py [--torch 'torch==2.13.0'] [--keep]
 """
@@ -91,14 +93,15 @@ def main() -> None:
         venv = scratch / "venv"
         run(sys.executable, "-m", "venv", str(venv))
         python = str(venv / "bin" / "python")
-        run(python, "-m", "pip", "install", "-q", args.torch)  # first, so the wheel's torch>=2.4 is satisfied
-        run(python, "-m", "pip", "install", "-q", str(wheel))
-        run(python, "-c", USE, cwd=scratch)
-        run(str(venv / "bin" / "fastcl"), "--version", cwd=scratch)
+        run(python, "-m", "pip", "install", "-q", args.torch)  # first, so fastcl's torch requirement is satisfied
+        run(python, "-m", "pip", "install", "-q", str(ROOT))  # the README's `pip install .` from a clone
         examples = readme_examples()
         for number, code in enumerate(examples, 1):
             print(f"README.md python block {number} of {len(examples)}:", flush=True)
             run(python, "-c", code, cwd=scratch)
+        run(python, "-m", "pip", "install", "-q", "--force-reinstall", "--no-deps", str(wheel))
+        run(python, "-c", USE, cwd=scratch)
+        run(str(venv / "bin" / "fastcl"), "--version", cwd=scratch)
         installed = sum(f.stat().st_size for f in venv.glob("lib/python*/site-packages/fastcl/**/*") if f.is_file())
         print(f"wheel {wheel.stat().st_size / 1e3:.0f} kB, installed package {installed / 1e6:.1f} MB")
     finally:

@@ -26,10 +26,15 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DistributedSampler
 
-from fastcl._extras import require
+from fastcl._extras import MissingExtraError, require
 
-for _module in ("numpy", "tqdm", "sklearn", "matplotlib", "kornia"):
-    require(_module, "train", "fastcl train")
+try:
+    for _module in ("numpy", "tqdm", "sklearn", "matplotlib", "kornia"):
+        require(_module, "train", "fastcl train")
+except MissingExtraError as _missing:
+    if __name__ == "__main__":  # python -m fastcl.train / torchrun: one line naming the extra, as `fastcl train`
+        sys.exit(f"fastcl train: {_missing}")
+    raise
 
 from fastcl import dispatch, registry  # noqa: E402
 from fastcl.augment import PRESETS  # noqa: E402
