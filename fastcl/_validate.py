@@ -2,7 +2,7 @@
 
 Every failure is a ``ValueError`` (``TypeError`` for wrong types) whose message names the argument, what
 was expected and what was received. Shape checks are free; value checks (finite inputs, τ > 0 for a tensor
-τ) read the data and are only run when ``check_finite`` is on.
+τ) read the data and are only run when ``check_finite`` is on (never on meta tensors, which have no data).
 """
 
 from __future__ import annotations
@@ -76,7 +76,7 @@ def temperature(
             raise TypeError(f"{name}: expected a floating tensor, got dtype {value.dtype}")
         if value.device != device and value.device.type != "cpu":
             raise ValueError(f"{name}: expected device {device} (as the embeddings), got {value.device}")
-        if check_values:
+        if check_values and value.device.type != "meta":  # a meta tensor has no value to read
             v = float(value.detach())
             if not (math.isfinite(v) and v > 0):
                 raise ValueError(f"{name}: expected a finite value > 0, got {v}")
@@ -97,6 +97,9 @@ def flag(name: str, value) -> None:
 
 
 def finite(name: str, t: torch.Tensor) -> None:
+    """Raises on NaN/Inf in ``t`` (reads the data: one device sync); a meta tensor has no data and passes."""
+    if t.device.type == "meta":
+        return
     if not bool(torch.isfinite(t).all()):
         raise ValueError(f"{name}: contains NaN or Inf ({_describe(t)}); pass check_finite=False to skip this check")
 

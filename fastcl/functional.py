@@ -9,8 +9,10 @@ Options every loss takes:
   overrides it), "torch", "triton" or "cuda". A backend that cannot run here raises ``RuntimeError``.
 * ``distributed``: "auto" ("gather" under an initialized process group of world size > 1, else
   "local"), "local", "gather" or "ring" (docs/distributed.md). The backend is honoured in every mode.
-* ``check_finite``: raise ``ValueError`` on NaN/Inf embeddings or a non-positive tensor temperature;
-  None (default) checks on the torch backend only, since reading the data costs a device sync.
+* ``check_finite``: raise ``ValueError`` on NaN/Inf embeddings or a non-finite or non-positive tensor
+  temperature, a debugging aid that reads the data (one device sync). Off by default on every backend
+  (docs/spec.md, "Non-finite input"): NaN/Inf propagate to the loss and its gradients, as AMP's
+  ``GradScaler`` needs to skip the step, and nothing syncs the host.
 
 Which code runs (docs/block-engine.md): a single-process call the fused local fast paths cover runs
 :mod:`fastcl.ops`; gather/ring mode and the options only the block engine has (soft masks,
@@ -44,17 +46,16 @@ def _temperature_tensor(value: Temperature, like: Tensor, checked: bool) -> Tens
         return torch.full((), float(value), dtype=acc, device=like.device)
     tau = value.to(device=like.device, dtype=acc)
     if not checked:
-        # No host sync: the device raises if a learnable τ has drifted to ≤ 0 or NaN.
-        torch._assert_async((tau > 0) & torch.isfinite(tau), "temperature: expected a finite value > 0")
+        # No host sync: the device raises if a learnable τ has drifted to ≤ 0; NaN/Inf propagate to the
+        # loss like NaN/Inf embeddings (docs/spec.md, "Non-finite input").
+        torch._assert_async(~(tau <= 0), "temperature: expected a value > 0")
     return tau
 
 
-def _check_finite_default(check_finite: Optional[bool], backend: str) -> bool:
-    # Reading the data costs a device sync; on by default only on the torch (reference / CPU) backend,
-    # and never while torch.compile traces (it would be a data-dependent branch).
-    if torch.compiler.is_compiling():
-        return False
-    return backend == "torch" if check_finite is None else check_finite
+def _checking(check_finite: bool) -> bool:
+    # Reading the data costs a device sync: only on request, and never while torch.compile traces (it
+    # would be a data-dependent branch).
+    return check_finite and not torch.compiler.is_compiling()
 
 
 def _route(backend: str, device: torch.device, on_engine: bool) -> tuple[str, bool]:
@@ -81,12 +82,11 @@ def _check_two_views(names, a: Tensor, b: Tensor, sub_dim, *, paired: bool = Tru
 
 def _check_flags(normalize, check_finite) -> None:
     _validate.flag("normalize", normalize)
-    if check_finite is not None:
-        _validate.flag("check_finite", check_finite)
+    _validate.flag("check_finite", check_finite)
 
 
-def _finish_checks(names, tensors, temperature, backend, check_finite, device, like):
-    checking = _check_finite_default(check_finite, backend)
+def _finish_checks(names, tensors, temperature, check_finite, device, like):
+    checking = _checking(check_finite)
     _validate.temperature("temperature", temperature, device, checking)
     if checking:
         for name, t in zip(names, tensors):
@@ -148,7 +148,7 @@ def nt_xent(
     normalize: bool = True,
     backend: str = "auto",
     distributed: str = "auto",
-    check_finite: Optional[bool] = None,
+    check_finite: bool = False,
 ) -> Tensor:
     """SimCLR's 2N-way NT-Xent over the rows of Z = [z1; z2] (M = 2N).
 
@@ -178,7 +178,7 @@ def nt_xent(
     _check_flags(normalize, check_finite)
     mode = _distributed.resolve_mode(distributed)
     backend, on_engine = _route(backend, z1.device, mode != "local")
-    tau = _finish_checks(("z1", "z2"), (z1, z2), temperature, backend, check_finite, z1.device, z1)
+    tau = _finish_checks(("z1", "z2"), (z1, z2), temperature, check_finite, z1.device, z1)
     if not on_engine:
         return ops.ntxent(z1, z2, tau, d, normalize, backend)[0]
     n = z1.shape[0]
@@ -197,7 +197,7 @@ def info_nce(
     symmetric: bool = True,
     backend: str = "auto",
     distributed: str = "auto",
-    check_finite: Optional[bool] = None,
+    check_finite: bool = False,
 ) -> Tensor:
     """Cross-view InfoNCE: ``q_i`` against all keys ``k_j``, no same-view negatives.
 
@@ -250,7 +250,7 @@ def info_nce(
     mode = _distributed.resolve_mode(distributed)
     on_engine = mode != "local" or targets is not None or n_q != n_k
     backend, on_engine = _route(backend, q.device, on_engine)
-    tau = _finish_checks(("q", "k"), (q, k), temperature, backend, check_finite, q.device, q)
+    tau = _finish_checks(("q", "k"), (q, k), temperature, check_finite, q.device, q)
     if not on_engine:
         return ops.infonce(q, k, tau, d, normalize, symmetric, backend)[0]
     rows = torch.cat([q[:, :d], k[:, :d]])
@@ -271,7 +271,7 @@ def supcon(
     normalize: bool = True,
     backend: str = "auto",
     distributed: str = "auto",
-    check_finite: Optional[bool] = None,
+    check_finite: bool = False,
 ) -> Tensor:
     """Supervised contrastive loss L_out with SupContrast's semantics.
 
@@ -332,9 +332,10 @@ def supcon(
     soft_mask = mask is not None and mask.is_floating_point()
     on_engine = mode != "local" or soft_mask or positives_missing == "zero"
     backend, on_engine = _route(backend, features.device, on_engine)
-    tau = _finish_checks(("features",), (features,), temperature, backend, check_finite, features.device, features)
-    readable = features.device.type == "cpu" or (check_finite is True and features.device.type != "meta")
-    if mode == "local" and readable and _check_finite_default(check_finite, backend):
+    tau = _finish_checks(("features",), (features,), temperature, check_finite, features.device, features)
+    # Reading labels / the mask is free on the CPU; on a device only when check_finite asked for reads.
+    readable = features.device.type == "cpu" or (check_finite and features.device.type != "meta")
+    if mode == "local" and readable and not torch.compiler.is_compiling():
         _warn_if_no_positive(n, views, labels, mask)
     n_anchors = n if contrast_mode == "one" else views * n
     if not on_engine:
@@ -384,7 +385,7 @@ def dcl(
     normalize: bool = True,
     backend: str = "auto",
     distributed: str = "auto",
-    check_finite: Optional[bool] = None,
+    check_finite: bool = False,
 ) -> Tensor:
     """Decoupled contrastive loss (DCL, Yeh et al. 2022, Eq. 6): NT-Xent without the positive pair in the
     denominator; with ``weight_sigma``, the weighted DCLW.
@@ -425,7 +426,7 @@ def dcl(
             f"z1: DCL needs N >= 2 rows per view (its denominators hold the other samples), got shape {tuple(z1.shape)}"
         )
     backend, _ = _route(backend, z1.device, True)
-    tau = _finish_checks(("z1", "z2"), (z1, z2), temperature, backend, check_finite, z1.device, z1)
+    tau = _finish_checks(("z1", "z2"), (z1, z2), temperature, check_finite, z1.device, z1)
     n = z1.shape[0]
     rows = torch.cat([z1[:, :d], z2[:, :d]])
     return block_loss(rows, _dcl_plan(weight_sigma), [n, n], tau, normalize=normalize, mode=mode, backend=backend)
@@ -442,7 +443,7 @@ def siglip(
     normalize: bool = True,
     backend: str = "auto",
     distributed: str = "auto",
-    check_finite: Optional[bool] = None,
+    check_finite: bool = False,
 ) -> Tensor:
     """SigLIP's pairwise sigmoid loss (Zhai et al. 2023), as open_clip's ``SigLipLoss``.
 
@@ -476,7 +477,7 @@ def siglip(
     _check_flags(normalize, check_finite)
     mode = _distributed.resolve_mode(distributed)
     backend, _ = _route(backend, x.device, True)
-    checking = _check_finite_default(check_finite, backend)
+    checking = _checking(check_finite)
     if logit_scale is not None and temperature is not None:
         raise ValueError("logit_scale, temperature: give at most one of them (temperature = 1 / logit_scale), got both")
     if temperature is not None:

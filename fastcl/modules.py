@@ -11,8 +11,9 @@ every step needs no new module. The options shared by all of them:
   or ``"triton"``; ``FASTCL_BACKEND`` overrides ``"auto"``.
 * ``distributed``: ``"auto"`` (the global batch under an initialized process group of world size > 1),
   ``"local"``, ``"gather"`` or ``"ring"``; see ``docs/distributed.md``.
-* ``check_finite``: raise on NaN/Inf embeddings or a non-positive tensor temperature. ``None`` (the
-  default) checks on the torch backend only, because the check costs a device sync.
+* ``check_finite``: raise on NaN/Inf embeddings or a non-finite or non-positive tensor temperature, a
+  debugging aid that costs a device sync. Off by default: NaN/Inf propagate to the loss, as AMP's
+  ``GradScaler`` needs (docs/spec.md, "Non-finite input").
 """
 
 from __future__ import annotations
@@ -79,7 +80,7 @@ class NTXentLoss(_TemperatureMixin, nn.Module):
         normalize: L2-normalize the rows inside the loss.
         backend: ``"auto"``, ``"torch"`` or ``"triton"``.
         distributed: ``"auto"``, ``"local"``, ``"gather"`` or ``"ring"`` (see ``docs/distributed.md``).
-        check_finite: raise on NaN/Inf inputs; ``None``: on the torch backend only.
+        check_finite: raise on NaN/Inf inputs (a debugging aid; one device sync). Default: they propagate.
 
     Shape:
         z1, z2: ``[N, D]``, same shape, dtype and device. Output: ``[]``.
@@ -116,7 +117,7 @@ class NTXentLoss(_TemperatureMixin, nn.Module):
         normalize: bool = True,
         backend: str = "auto",
         distributed: str = "auto",
-        check_finite: Optional[bool] = None,
+        check_finite: bool = False,
     ):
         super().__init__()
         self._store_temperature(temperature)
@@ -164,7 +165,7 @@ class InfoNCELoss(_TemperatureMixin, nn.Module):
         symmetric: average both directions (``True``) or return ``ℓ(q, k)`` only.
         backend: ``"auto"``, ``"torch"`` or ``"triton"``.
         distributed: ``"auto"``, ``"local"``, ``"gather"`` or ``"ring"``.
-        check_finite: raise on NaN/Inf inputs; ``None``: on the torch backend only.
+        check_finite: raise on NaN/Inf inputs (a debugging aid; one device sync). Default: they propagate.
 
     Shape:
         q: ``[N, D]``; k: ``[N, D]`` (``[K, D]``, K ≥ N, with ``symmetric=False``); targets: ``[N]``
@@ -198,7 +199,7 @@ class InfoNCELoss(_TemperatureMixin, nn.Module):
         symmetric: bool = True,
         backend: str = "auto",
         distributed: str = "auto",
-        check_finite: Optional[bool] = None,
+        check_finite: bool = False,
     ):
         super().__init__()
         self._store_temperature(temperature)
@@ -263,7 +264,7 @@ class DirectCLRLoss(InfoNCELoss):
         temperature: Temperature = 0.1,
         backend: str = "auto",
         distributed: str = "auto",
-        check_finite: Optional[bool] = None,
+        check_finite: bool = False,
     ):
         super().__init__(
             temperature,
@@ -329,7 +330,7 @@ class SupConLoss(_TemperatureMixin, nn.Module):
         normalize: bool = True,
         backend: str = "auto",
         distributed: str = "auto",
-        check_finite: Optional[bool] = None,
+        check_finite: bool = False,
         positives_missing: str = "drop",
     ):
         super().__init__()
@@ -382,7 +383,7 @@ class DCLLoss(NTXentLoss):
         normalize: L2-normalize the rows inside the loss.
         backend: ``"auto"``, ``"torch"``, ``"triton"`` or ``"cuda"``.
         distributed: ``"auto"``, ``"local"``, ``"gather"`` or ``"ring"``.
-        check_finite: raise on NaN/Inf inputs; ``None``: on the torch backend only.
+        check_finite: raise on NaN/Inf inputs (a debugging aid; one device sync). Default: they propagate.
 
     Shape:
         z1, z2: ``[N, D]``, N ≥ 2. Output: ``[]``.
@@ -408,7 +409,7 @@ class DCLLoss(NTXentLoss):
         normalize: bool = True,
         backend: str = "auto",
         distributed: str = "auto",
-        check_finite: Optional[bool] = None,
+        check_finite: bool = False,
     ):
         super().__init__(temperature, sub_dim, normalize, backend, distributed, check_finite)
 
@@ -448,7 +449,7 @@ class SigLIPLoss(nn.Module):
         normalize: bool = True,
         backend: str = "auto",
         distributed: str = "auto",
-        check_finite: Optional[bool] = None,
+        check_finite: bool = False,
     ):
         super().__init__()
         self.logit_scale, self.logit_bias = logit_scale, logit_bias  # an nn.Parameter registers itself
