@@ -139,3 +139,17 @@ def mask(value, n: int, device: torch.device) -> None:
 def choice(name: str, value: str, allowed: Sequence[str]) -> None:
     if value not in allowed:
         raise ValueError(f"{name}: expected one of {list(allowed)}, got {value!r}")
+
+
+def weight(value, shapes: Sequence[tuple[int, ...]], device: torch.device) -> None:
+    """Per-anchor weights: a floating tensor of one of ``shapes`` (per sample, or the shape of the
+    per-anchor losses) on the embeddings' device."""
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"weight: expected a torch.Tensor of per-anchor weights, got {type(value).__name__}")
+    if not value.is_floating_point():
+        raise TypeError(f"weight: expected a floating dtype, got {value.dtype}")
+    if tuple(value.shape) not in [tuple(s) for s in shapes]:
+        expected = " or ".join(str(tuple(s)) for s in shapes)
+        raise ValueError(f"weight: expected shape {expected} (per sample, or per anchor), got {tuple(value.shape)}")
+    if value.device != device:
+        raise ValueError(f"weight: expected device {device} (as the embeddings), got {value.device}")

@@ -14,17 +14,24 @@ Nothing but O(anchors) statistics is saved between the two: the backward exchang
 Per-anchor loss (softmax epilogue), from the statistics merged over all blocks:
 
     ℓ_a = κ · (lse_a − pos_sum_a / pos_weight_a)      κ = τ/τ_b (SupCon) else 1
-    L = Σ_passes weight_p · Σ_{a counted} ℓ_a / #counted
+    L = Σ_passes weight_p · Σ_{a counted} w_a·ℓ_a / #counted     (reduction "mean")
+    L = Σ_a w_a·ℓ_a                                                (reduction "sum")
 
 (a pass whose positives are "none" is a negatives-only term, ℓ_a = κ·lse_a: DCL's same-view part)
 and for the sigmoid epilogue (SigLIP) ℓ_a = Σ_c softplus(z_ac) − Σ_c P_ac z_ac with z = s + b. Anchors
 without positives add 0 and are dropped from the count (``missing="drop"``) or counted (``"zero"``).
+w_a is the caller's per-anchor weight (1 when none is given). The op also returns every ℓ_a (reduction
+"none"), and its backward takes an upstream gradient per anchor as well as one for L: both only change
+the per-anchor coefficients alpha_a / beta_a the block primitive already takes, so no kernel knows about
+reductions or weights.
 
 Gradient contract (gather/ring): with W ranks, when every rank backpropagates the returned loss and DDP
 averages the gradients, the parameter gradients (temperature included) equal single-process training
 on the rank-major concatenated batch. Rank r's anchors contribute L_r with Σ_r L_r = L; the op returns L
 and backpropagates W·(upstream gradient)·L_r, whose key part reaches the owning ranks, so DDP's 1/W
-average gives exactly dL/dθ.
+average gives exactly dL/dθ. Reduction "none" returns this rank's own ℓ_a; their upstream gradients are
+backpropagated as they are (no factor W), so DDP's average of what each rank makes of its ℓ_a (e.g. their
+mean over equal local batches) is the gradient of the same function of the global batch.
 """
 
 from __future__ import annotations
@@ -45,6 +52,7 @@ from fastcl._blocks import Layout, accumulation_dtype, inverse_norms
 __all__ = ["Pass", "Plan", "block_loss"]
 
 ROW_LABELS = ("none", "given", "samples", "targets")
+REDUCTIONS = ("mean", "sum", "none")
 
 
 @dataclass(frozen=True)
@@ -264,7 +272,7 @@ def _anchor_terms(
     return terms, counted
 
 
-def _forward(rows, labels, mask, tau, bias, plan_str, part_sizes, normalize, mode, backend):
+def _forward(rows, labels, mask, tau, bias, anchor_weight, plan_str, part_sizes, normalize, mode, backend, reduction):
     plan = _decode(plan_str)
     run = _Run(rows, labels, mask, tau, bias, plan, part_sizes, normalize, mode, backend)
     spans = run.anchor_spans()
@@ -285,45 +293,77 @@ def _forward(rows, labels, mask, tau, bias, plan_str, part_sizes, normalize, mod
             m[1] += pos_sum
             m[2] += pos_weight
     kappa = tau / plan.base_temperature if plan.base_temperature is not None else 1.0
-    sums, counts = [], []
+    sums, counts, all_terms = [], [], []
     for p, (s0, s1), (lse, pos_sum, pos_weight) in zip(plan.passes, spans, merged):
         terms, counted = _anchor_terms(plan, p, lse, pos_sum, pos_weight, kappa, run.bias, run.positive_scale(s0, s1))
-        sums.append(terms.sum())
+        offset = sum(t.numel() for t in all_terms)
+        weighted = terms if anchor_weight is None else terms * anchor_weight[offset : offset + terms.numel()]
+        sums.append(weighted.sum())
         counts.append(counted.sum())
-    local_totals = torch.stack(sums + counts)
-    totals = local_totals.clone()
+        all_terms.append(terms)
+    totals = torch.stack(sums + counts)
     if mode != "local":
         dist.all_reduce(totals)
     n_passes = len(plan.passes)
     global_counts = totals[n_passes:].clamp(min=1)
-    weights = torch.tensor([p.weight for p in plan.passes], dtype=acc, device=rows.device)
-    loss = (weights * totals[:n_passes] / global_counts).sum()
-    own_share = (weights * local_totals[:n_passes] / global_counts).sum()
+    loss = (_pass_coefficients(plan, global_counts, reduction) * totals[:n_passes]).sum()
     lse_all = torch.cat([m[0] for m in merged])
     weight_all = torch.cat([m[2] for m in merged])
-    return loss, lse_all, weight_all, torch.cat([global_counts, own_share[None]])
+    return loss, lse_all, weight_all, global_counts, torch.cat(all_terms)
+
+
+def _pass_coefficients(plan: Plan, counts: Tensor, reduction: str) -> Tensor:
+    """dL/d(Σ_{a in pass p} w_a·ℓ_a) per pass: weight_p / #counted_p for "mean", 1 for "sum" ("none"
+    returns the ℓ_a, and L is computed as "mean")."""
+    if reduction == "sum":
+        return torch.ones_like(counts)
+    weights = torch.tensor([p.weight for p in plan.passes], dtype=counts.dtype, device=counts.device)
+    return weights / counts
 
 
 def _backward(
-    grad, rows, labels, mask, tau, bias, lse_all, weight_all, scalars, plan_str, part_sizes, normalize, mode, backend
+    grad,
+    grad_terms,
+    rows,
+    labels,
+    mask,
+    tau,
+    bias,
+    anchor_weight,
+    lse_all,
+    weight_all,
+    counts,
+    terms_all,
+    plan_str,
+    part_sizes,
+    normalize,
+    mode,
+    backend,
+    reduction,
 ):
     plan = _decode(plan_str)
     run = _Run(rows, labels, mask, tau, bias, plan, part_sizes, normalize, mode, backend)
     acc = tau.dtype
-    n_passes = len(plan.passes)
-    counts, own_share = scalars[:n_passes], scalars[n_passes]
-    scale = grad.to(acc) * run.world
+    # The upstream gradient of every ℓ_a (before κ): from L (times W, see the gradient contract) and from
+    # the per-anchor output. d_weight_a = dL/dw_a.
+    per_pass = grad.to(acc) * run.world * _pass_coefficients(plan, counts, reduction)
+    spans = run.anchor_spans()
+    from_loss = torch.cat([per_pass[i].expand(s1 - s0) for i, (s0, s1) in enumerate(spans)])
+    d_weight = from_loss * terms_all if anchor_weight is not None else terms_all.new_zeros(0)
+    upstream = from_loss if anchor_weight is None else from_loss * anchor_weight
+    if grad_terms is not None:
+        upstream = upstream + grad_terms.to(acc)
     kappa = tau / plan.base_temperature if plan.base_temperature is not None else 1.0
     alphas, betas, lses, offset = [], [], [], 0
-    for i, (s0, s1) in enumerate(run.anchor_spans()):
+    for i, (s0, s1) in enumerate(spans):
         lse, pos_weight = lse_all[offset : offset + s1 - s0], weight_all[offset : offset + s1 - s0]
+        coefficient = upstream[offset : offset + s1 - s0]
         offset += s1 - s0
-        coefficient = scale * plan.passes[i].weight / counts[i]
         if plan.epilogue == "sigmoid":
-            alpha = coefficient.expand_as(lse)
+            alpha = coefficient
             beta = alpha
         elif plan.passes[i].positives == "none":
-            alpha = (coefficient * kappa).expand_as(lse)
+            alpha = coefficient * kappa
             beta = torch.zeros_like(lse)
         else:
             has_positive = pos_weight > 0
@@ -348,9 +388,9 @@ def _backward(
     d_rows += run.exchange.collect_key_grad()
     d_tau = -gs[0] / tau
     if plan.base_temperature is not None:
-        d_tau = d_tau + scale * own_share / tau  # L = (τ/τ_b)·F(S): the prefactor's share
+        d_tau = d_tau + (upstream * terms_all).sum() / tau  # ℓ_a = (τ/τ_b)·F_a(S): the prefactor's share
     d_bias = gs[1] if plan.epilogue == "sigmoid" else torch.zeros_like(gs[1])
-    return d_rows.to(rows.dtype), d_tau, d_bias
+    return d_rows.to(rows.dtype), d_tau, d_bias, d_weight
 
 
 # --- the custom ops ---------------------------------------------------------------------------------------
@@ -363,72 +403,116 @@ def _block_loss_op(
     mask: Optional[Tensor],
     tau: Tensor,
     bias: Optional[Tensor],
+    anchor_weight: Optional[Tensor],
     plan: str,
     part_sizes: list[int],
     normalize: bool,
     mode: str,
     backend: str,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Returns (loss, merged per-anchor statistic, pos_weight, [counts per pass..., own share])."""
+    reduction: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Returns (loss, merged per-anchor statistic, pos_weight, counted anchors per pass, ℓ per anchor)."""
     with torch.autocast(rows.device.type, enabled=False):
-        return _forward(rows, labels, mask, tau, bias, plan, part_sizes, normalize, mode, backend)
+        return _forward(
+            rows, labels, mask, tau, bias, anchor_weight, plan, part_sizes, normalize, mode, backend, reduction
+        )
+
+
+def _anchor_count(plan: str, part_sizes: list[int]) -> int:
+    return sum(stop - start for start, stop in (_rows_of(part_sizes, p.anchors) for p in _decode(plan).passes))
 
 
 @_block_loss_op.register_fake
-def _(rows, labels, mask, tau, bias, plan, part_sizes, normalize, mode, backend):
-    decoded = _decode(plan)
-    anchors = sum(_rows_of(part_sizes, p.anchors)[1] - _rows_of(part_sizes, p.anchors)[0] for p in decoded.passes)
+def _(rows, labels, mask, tau, bias, anchor_weight, plan, part_sizes, normalize, mode, backend, reduction):
+    anchors = _anchor_count(plan, part_sizes)
     acc = tau.dtype
     return (
         rows.new_empty((), dtype=acc),
         rows.new_empty((anchors,), dtype=acc),
         rows.new_empty((anchors,), dtype=acc),
-        rows.new_empty((len(decoded.passes) + 1,), dtype=acc),
+        rows.new_empty((len(_decode(plan).passes),), dtype=acc),
+        rows.new_empty((anchors,), dtype=acc),
     )
 
 
 @torch.library.custom_op("fastcl::block_loss_backward", mutates_args=())
 def _block_loss_backward_op(
     grad: Tensor,
+    grad_terms: Optional[Tensor],
     rows: Tensor,
     labels: Optional[Tensor],
     mask: Optional[Tensor],
     tau: Tensor,
     bias: Optional[Tensor],
+    anchor_weight: Optional[Tensor],
     lse: Tensor,
     pos_weight: Tensor,
-    scalars: Tensor,
+    counts: Tensor,
+    terms: Tensor,
     plan: str,
     part_sizes: list[int],
     normalize: bool,
     mode: str,
     backend: str,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Returns (d_rows, dL/dτ, dL/db)."""
+    reduction: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Returns (d_rows, dL/dτ, dL/db, dL/dw per anchor or [0] without weights)."""
     with torch.autocast(rows.device.type, enabled=False):
         return _backward(
-            grad, rows, labels, mask, tau, bias, lse, pos_weight, scalars, plan, part_sizes, normalize, mode, backend
+            grad,
+            grad_terms,
+            rows,
+            labels,
+            mask,
+            tau,
+            bias,
+            anchor_weight,
+            lse,
+            pos_weight,
+            counts,
+            terms,
+            plan,
+            part_sizes,
+            normalize,
+            mode,
+            backend,
+            reduction,
         )
 
 
 @_block_loss_backward_op.register_fake
-def _(grad, rows, labels, mask, tau, bias, lse, pos_weight, scalars, plan, part_sizes, normalize, mode, backend):
-    return torch.empty_like(rows), tau.new_empty(()), tau.new_empty(())
+def _(grad, grad_terms, rows, labels, mask, tau, bias, anchor_weight, lse, pos_weight, counts, terms, *options):
+    weights = terms.numel() if anchor_weight is not None else 0
+    return torch.empty_like(rows), tau.new_empty(()), tau.new_empty(()), terms.new_empty((weights,))
 
 
 def _setup(ctx, inputs, output):
     ctx.set_materialize_grads(False)  # the auxiliary outputs never get a gradient: no zero tensors for them
-    rows, labels, mask, tau, bias, plan, part_sizes, normalize, mode, backend = inputs
-    ctx.options = (plan, part_sizes, normalize, mode, backend)
-    ctx.save_for_backward(rows, labels, mask, tau, bias, *output[1:])
+    rows, labels, mask, tau, bias, anchor_weight, plan, part_sizes, normalize, mode, backend, reduction = inputs
+    ctx.options = (plan, part_sizes, normalize, mode, backend, reduction)
+    ctx.save_for_backward(rows, labels, mask, tau, bias, anchor_weight, *output[1:])
 
 
-def _op_backward(ctx, grad_loss, *_grad_aux):
-    if grad_loss is None:  # the loss itself got no gradient (only an auxiliary output did): all zero
+def _op_backward(ctx, grad_loss, _grad_lse, _grad_pos_weight, _grad_counts, grad_terms):
+    if grad_loss is None and grad_terms is None:  # only auxiliary outputs got a gradient: all zero
         return (None,) * len(ctx.needs_input_grad)
-    rows, labels, mask, tau, bias, lse, pos_weight, scalars = ctx.saved_tensors
-    d_rows, d_tau, d_bias = _block_loss_backward_op(
-        grad_loss, rows, labels, mask, tau, bias, lse, pos_weight, scalars, *ctx.options
+    rows, labels, mask, tau, bias, anchor_weight, lse, pos_weight, counts, terms = ctx.saved_tensors
+    if grad_loss is None:  # reduction "none": only the per-anchor losses are used
+        grad_loss = tau.new_zeros(())
+    d_rows, d_tau, d_bias, d_weight = _block_loss_backward_op(
+        grad_loss,
+        grad_terms,
+        rows,
+        labels,
+        mask,
+        tau,
+        bias,
+        anchor_weight,
+        lse,
+        pos_weight,
+        counts,
+        terms,
+        *ctx.options,
     )
     return (
         d_rows,
@@ -436,6 +520,8 @@ def _op_backward(ctx, grad_loss, *_grad_aux):
         None,
         d_tau.to(tau.dtype) if ctx.needs_input_grad[3] else None,
         d_bias.to(bias.dtype) if bias is not None and ctx.needs_input_grad[4] else None,
+        d_weight if anchor_weight is not None and ctx.needs_input_grad[5] else None,
+        None,
         None,
         None,
         None,
@@ -456,9 +542,11 @@ def block_loss(
     labels: Optional[Tensor] = None,
     mask: Optional[Tensor] = None,
     bias: Optional[Tensor] = None,
+    anchor_weight: Optional[Tensor] = None,
     normalize: bool = True,
     mode: str = "local",
     backend: str = "torch",
+    reduction: str = "mean",
 ) -> Tensor:
     """The loss of ``plan`` over ``rows`` (this rank's parts, stacked), its anchors against every block.
 
@@ -473,12 +561,16 @@ def block_loss(
         labels: per-sample labels (``plan.labels`` "given") or per-anchor global key indices ("targets").
         mask: [N, N] floating positive weights (passes with positives="mask"; single process).
         bias: 0-dim logit bias of the sigmoid epilogue.
+        anchor_weight: [anchors] per-anchor weights w_a (the passes' anchors in order; dL/dw when it
+            requires grad), or None for w = 1.
         normalize: L2-normalize the rows (fused into the primitive through inverse norms).
         mode: "local", "gather" or "ring" (already resolved).
         backend: a concrete backend that exposes the block primitive.
+        reduction: "mean", "sum" (of w_a·ℓ_a; the global one on every rank under gather/ring) or "none".
 
     Returns:
-        The 0-dim loss in the accumulation dtype (the global loss on every rank).
+        The 0-dim loss in the accumulation dtype (the global loss on every rank), or for "none" this
+        rank's per-anchor ℓ_a (the passes' anchors in order, 0 for anchors without a positive).
 
     Example:
         >>> z = torch.randn(6, 4)
@@ -489,5 +581,21 @@ def block_loss(
     acc = accumulation_dtype(rows.dtype)
     if bias is not None:
         bias = bias.to(acc)
+    if anchor_weight is not None:
+        anchor_weight = anchor_weight.to(acc)
     encoded = plan.encode() if isinstance(plan, Plan) else plan
-    return _block_loss_op(rows, labels, mask, tau.to(acc), bias, encoded, list(part_sizes), normalize, mode, backend)[0]
+    outputs = _block_loss_op(
+        rows,
+        labels,
+        mask,
+        tau.to(acc),
+        bias,
+        anchor_weight,
+        encoded,
+        list(part_sizes),
+        normalize,
+        mode,
+        backend,
+        reduction,
+    )
+    return outputs[4] if reduction == "none" else outputs[0]

@@ -9,6 +9,9 @@ Options every loss takes:
   overrides it), "torch", "triton" or "cuda". A backend that cannot run here raises ``RuntimeError``.
 * ``distributed``: "auto" ("gather" under an initialized process group of world size > 1, else
   "local"), "local", "gather" or "ring" (docs/distributed.md). The backend is honoured in every mode.
+* ``reduction``: "mean" (default), "sum" or "none" (the per-anchor losses ℓ_a, shaped as the inputs'
+  anchors); ``weight``: per-anchor weights w_a, [N] per sample or the shape of the per-anchor losses.
+  docs/spec.md, "Reductions and weights", defines both; they run on the block engine.
 * ``check_finite``: raise ``ValueError`` on NaN/Inf embeddings or a non-finite or non-positive tensor
   temperature, a debugging aid that reads the data (one device sync). Off by default on every backend
   (docs/spec.md, "Non-finite input"): NaN/Inf propagate to the loss and its gradients, as AMP's
@@ -38,6 +41,7 @@ from fastcl.engine import Pass, Plan, block_loss
 __all__ = ["nt_xent", "info_nce", "supcon", "dcl", "siglip"]
 
 MISSING_POLICIES = ("drop", "zero")
+REDUCTIONS = ("mean", "sum", "none")
 
 
 def _temperature_tensor(value: Temperature, like: Tensor, checked: bool) -> Tensor:
@@ -83,6 +87,38 @@ def _check_two_views(names, a: Tensor, b: Tensor, sub_dim, *, paired: bool = Tru
 def _check_flags(normalize, check_finite) -> None:
     _validate.flag("normalize", normalize)
     _validate.flag("check_finite", check_finite)
+
+
+def _check_reduction(reduction: str, weight: Optional[Tensor]) -> bool:
+    """Validates ``reduction``; True when it or ``weight`` asks for the block engine (the fused local
+    paths compute the unweighted mean only)."""
+    _validate.choice("reduction", reduction, REDUCTIONS)
+    return reduction != "mean" or weight is not None
+
+
+def _anchor_weight(weight: Optional[Tensor], grid: tuple[int, ...], transposed: bool, device) -> Optional[Tensor]:
+    """The engine's per-anchor weight vector from the user's ``weight``. ``grid`` is the anchors' shape in
+    the engine's order ((parts, N) or (N,), flattened row-major); the user sees it transposed for SupCon's
+    [N, V]. A per-sample [N] weight applies to every part's anchor of the sample."""
+    if weight is None:
+        return None
+    per_anchor = grid[::-1] if transposed else grid
+    _validate.weight(weight, list(dict.fromkeys([(grid[-1],), per_anchor])), device)
+    if weight.dim() == 2 and transposed:
+        weight = weight.T
+    return weight.expand(grid).reshape(-1)
+
+
+def _engine_loss(rows, plan, part_sizes, tau, grid, weight, reduction, *, transposed=False, **options) -> Tensor:
+    """block_loss with ``reduction`` and ``weight``; "none" gives w_a·ℓ_a in the user's per-anchor shape."""
+    w = _anchor_weight(weight, grid, transposed, rows.device)
+    if reduction != "none":
+        return block_loss(rows, plan, part_sizes, tau, anchor_weight=w, reduction=reduction, **options)
+    terms = block_loss(rows, plan, part_sizes, tau, reduction="none", **options)
+    if w is not None:
+        terms = terms * w.to(terms.dtype)
+    terms = terms.view(grid)
+    return terms.T if transposed else terms
 
 
 def _finish_checks(names, tensors, temperature, check_finite, device, like):
@@ -148,6 +184,8 @@ def nt_xent(
     normalize: bool = True,
     backend: str = "auto",
     distributed: str = "auto",
+    reduction: str = "mean",
+    weight: Optional[Tensor] = None,
     check_finite: bool = False,
 ) -> Tensor:
     """SimCLR's 2N-way NT-Xent over the rows of Z = [z1; z2] (M = 2N).
@@ -158,10 +196,11 @@ def nt_xent(
     Args:
         z1, z2: [N, D] the two views (same shape, dtype and device; any strides, any float dtype).
         temperature: τ > 0, a float or a 0-dim tensor (dL/dτ when it requires grad).
-        sub_dim, normalize, backend, distributed, check_finite: see the module docstring.
+        sub_dim, normalize, backend, distributed, reduction, weight, check_finite: see the module docstring.
 
     Returns:
         The 0-dim loss, float32 (float64 for float64 inputs); under gather/ring the global-batch loss.
+        ``reduction="none"``: [2, N], row 0 the z1 anchors' ℓ_i, row 1 the z2 anchors'.
 
     Raises:
         TypeError, ValueError: bad input, naming the argument. RuntimeError: a backend that cannot run here.
@@ -176,14 +215,16 @@ def nt_xent(
     """
     d = _check_two_views(("z1", "z2"), z1, z2, sub_dim)
     _check_flags(normalize, check_finite)
+    weighted = _check_reduction(reduction, weight)
     mode = _distributed.resolve_mode(distributed)
-    backend, on_engine = _route(backend, z1.device, mode != "local")
+    backend, on_engine = _route(backend, z1.device, mode != "local" or weighted)
     tau = _finish_checks(("z1", "z2"), (z1, z2), temperature, check_finite, z1.device, z1)
     if not on_engine:
         return ops.ntxent(z1, z2, tau, d, normalize, backend)[0]
     n = z1.shape[0]
     rows = torch.cat([z1[:, :d], z2[:, :d]])
-    return block_loss(rows, _nt_xent_plan(), [n, n], tau, normalize=normalize, mode=mode, backend=backend)
+    options = dict(normalize=normalize, mode=mode, backend=backend)
+    return _engine_loss(rows, _nt_xent_plan(), [n, n], tau, (2, n), weight, reduction, **options)
 
 
 def info_nce(
@@ -197,6 +238,8 @@ def info_nce(
     symmetric: bool = True,
     backend: str = "auto",
     distributed: str = "auto",
+    reduction: str = "mean",
+    weight: Optional[Tensor] = None,
     check_finite: bool = False,
 ) -> Tensor:
     """Cross-view InfoNCE: ``q_i`` against all keys ``k_j``, no same-view negatives.
@@ -213,10 +256,12 @@ def info_nce(
             ``symmetric=False``. None: query i's positive is key i (of the same rank under gather/ring),
             which needs Nq ≤ Nk.
         symmetric: average both directions (needs Nq = Nk and no ``targets``).
-        sub_dim, normalize, backend, distributed, check_finite: see the module docstring.
+        sub_dim, normalize, backend, distributed, reduction, weight, check_finite: see the module docstring.
 
     Returns:
-        The 0-dim loss, float32 (float64 for float64 inputs).
+        The 0-dim loss, float32 (float64 for float64 inputs). ``reduction="none"``: [2, N] (row 0 the
+        queries' ℓ(q_i, k), row 1 the keys' ℓ(k_i, q)) when symmetric, else [Nq]; a query without a
+        positive key has ℓ = 0.
 
     Raises:
         TypeError, ValueError: bad input, naming the argument. RuntimeError: a backend that cannot run here.
@@ -247,15 +292,18 @@ def info_nce(
         raise ValueError(
             f"k: query i's positive is key i, so Nk >= Nq is needed; got Nq = {n_q}, Nk = {n_k} (or pass targets)"
         )
+    weighted = _check_reduction(reduction, weight)
     mode = _distributed.resolve_mode(distributed)
-    on_engine = mode != "local" or targets is not None or n_q != n_k
+    on_engine = mode != "local" or targets is not None or n_q != n_k or weighted
     backend, on_engine = _route(backend, q.device, on_engine)
     tau = _finish_checks(("q", "k"), (q, k), temperature, check_finite, q.device, q)
     if not on_engine:
         return ops.infonce(q, k, tau, d, normalize, symmetric, backend)[0]
     rows = torch.cat([q[:, :d], k[:, :d]])
     plan = _info_nce_plan(targets is not None, symmetric)
-    return block_loss(rows, plan, [n_q, n_k], tau, labels=targets, normalize=normalize, mode=mode, backend=backend)
+    grid = (2, n_q) if symmetric else (n_q,)
+    options = dict(labels=targets, normalize=normalize, mode=mode, backend=backend)
+    return _engine_loss(rows, plan, [n_q, n_k], tau, grid, weight, reduction, **options)
 
 
 def supcon(
@@ -271,6 +319,8 @@ def supcon(
     normalize: bool = True,
     backend: str = "auto",
     distributed: str = "auto",
+    reduction: str = "mean",
+    weight: Optional[Tensor] = None,
     check_finite: bool = False,
 ) -> Tensor:
     """Supervised contrastive loss L_out with SupContrast's semantics.
@@ -291,10 +341,12 @@ def supcon(
             it ("zero", SupContrast's mean over all anchors). If no anchor has a positive, L = 0, with a
             ``UserWarning`` where that is known without a device sync: CPU tensors, or ``check_finite=True``
             (single process; one view with all-distinct labels or a mask without a positive pair).
-        sub_dim, normalize, backend, distributed, check_finite: see the module docstring.
+        sub_dim, normalize, backend, distributed, reduction, weight, check_finite: see the module docstring.
 
     Returns:
-        The 0-dim loss, float32 (float64 for float64 inputs).
+        The 0-dim loss, float32 (float64 for float64 inputs). ``reduction="none"``: [N, V] (entry
+        [n, v] is anchor features[n, v]'s ℓ_a), [N] with ``contrast_mode="one"``; ℓ_a = 0 for an anchor
+        without positives.
 
     Raises:
         TypeError, ValueError: bad input, naming the argument. RuntimeError: a backend that cannot run here.
@@ -330,7 +382,8 @@ def supcon(
             f"as labels instead, or distributed='local'"
         )
     soft_mask = mask is not None and mask.is_floating_point()
-    on_engine = mode != "local" or soft_mask or positives_missing == "zero"
+    weighted = _check_reduction(reduction, weight)
+    on_engine = mode != "local" or soft_mask or positives_missing == "zero" or weighted
     backend, on_engine = _route(backend, features.device, on_engine)
     tau = _finish_checks(("features",), (features,), temperature, check_finite, features.device, features)
     # Reading labels / the mask is free on the CPU; on a device only when check_finite asked for reads.
@@ -349,9 +402,9 @@ def supcon(
         mask = mask.to(accumulation_dtype(features.dtype))
     given = "mask" if mask is not None else "labels" if labels is not None else "none"
     plan = _supcon_plan(views, contrast_mode, given, float(base_temperature), positives_missing)
-    return block_loss(
-        rows, plan, [n] * views, tau, labels=labels, mask=mask, normalize=normalize, mode=mode, backend=backend
-    )
+    grid = (n,) if contrast_mode == "one" else (views, n)
+    options = dict(labels=labels, mask=mask, normalize=normalize, mode=mode, backend=backend)
+    return _engine_loss(rows, plan, [n] * views, tau, grid, weight, reduction, transposed=len(grid) == 2, **options)
 
 
 def _warn_if_no_positive(n: int, views: int, labels: Optional[Tensor], mask: Optional[Tensor]) -> None:
@@ -385,6 +438,8 @@ def dcl(
     normalize: bool = True,
     backend: str = "auto",
     distributed: str = "auto",
+    reduction: str = "mean",
+    weight: Optional[Tensor] = None,
     check_finite: bool = False,
 ) -> Tensor:
     """Decoupled contrastive loss (DCL, Yeh et al. 2022, Eq. 6): NT-Xent without the positive pair in the
@@ -400,7 +455,7 @@ def dcl(
             gather/ring the other ranks' rows fill the denominators).
         temperature: τ > 0, a float or a 0-dim tensor.
         weight_sigma: σ > 0 of DCLW's weights (lightly's default 0.5), or None for DCL.
-        sub_dim, normalize, backend, distributed, check_finite: see the module docstring.
+        sub_dim, normalize, backend, distributed, reduction, weight, check_finite: see the module docstring.
 
     Returns:
         The 0-dim loss, float32 (float64 for float64 inputs).
@@ -425,11 +480,13 @@ def dcl(
         raise ValueError(
             f"z1: DCL needs N >= 2 rows per view (its denominators hold the other samples), got shape {tuple(z1.shape)}"
         )
+    _check_reduction(reduction, weight)
     backend, _ = _route(backend, z1.device, True)
     tau = _finish_checks(("z1", "z2"), (z1, z2), temperature, check_finite, z1.device, z1)
     n = z1.shape[0]
     rows = torch.cat([z1[:, :d], z2[:, :d]])
-    return block_loss(rows, _dcl_plan(weight_sigma), [n, n], tau, normalize=normalize, mode=mode, backend=backend)
+    options = dict(normalize=normalize, mode=mode, backend=backend)
+    return _engine_loss(rows, _dcl_plan(weight_sigma), [n, n], tau, (2, n), weight, reduction, **options)
 
 
 def siglip(
@@ -443,6 +500,8 @@ def siglip(
     normalize: bool = True,
     backend: str = "auto",
     distributed: str = "auto",
+    reduction: str = "mean",
+    weight: Optional[Tensor] = None,
     check_finite: bool = False,
 ) -> Tensor:
     """SigLIP's pairwise sigmoid loss (Zhai et al. 2023), as open_clip's ``SigLipLoss``.
@@ -458,7 +517,7 @@ def siglip(
             0-dim tensor (dL/dt when it requires grad). None: 10, or 1/``temperature``.
         logit_bias: b, a float or a 0-dim tensor (dL/db when it requires grad); SigLIP initialises −10.
         temperature: τ = 1/t instead of ``logit_scale`` (the keyword every fastcl loss takes).
-        sub_dim, normalize, backend, distributed, check_finite: see the module docstring.
+        sub_dim, normalize, backend, distributed, reduction, weight, check_finite: see the module docstring.
 
     Returns:
         The 0-dim loss, float32 (float64 for float64 inputs).
@@ -475,6 +534,7 @@ def siglip(
     """
     d = _check_two_views(("x", "y"), x, y, sub_dim)
     _check_flags(normalize, check_finite)
+    _check_reduction(reduction, weight)
     mode = _distributed.resolve_mode(distributed)
     backend, _ = _route(backend, x.device, True)
     checking = _checking(check_finite)
@@ -503,4 +563,5 @@ def siglip(
     bias = _temperature_tensor(logit_bias, x, True)
     rows = torch.cat([x[:, :d], y[:, :d]])
     n = x.shape[0]
-    return block_loss(rows, _siglip_plan(), [n, n], tau, bias=bias, normalize=normalize, mode=mode, backend=backend)
+    options = dict(bias=bias, normalize=normalize, mode=mode, backend=backend)
+    return _engine_loss(rows, _siglip_plan(), [n, n], tau, (n,), weight, reduction, **options)

@@ -11,6 +11,9 @@ every step needs no new module. The options shared by all of them:
   or ``"triton"``; ``FASTCL_BACKEND`` overrides ``"auto"``.
 * ``distributed``: ``"auto"`` (the global batch under an initialized process group of world size > 1),
   ``"local"``, ``"gather"`` or ``"ring"``; see ``docs/distributed.md``.
+* ``reduction``: ``"mean"`` (default), ``"sum"`` or ``"none"`` (the per-anchor losses, shaped as the
+  inputs' anchors); each ``forward`` also takes ``weight``, per-anchor weights ([N] per sample or the
+  per-anchor shape). docs/spec.md, "Reductions and weights".
 * ``check_finite``: raise on NaN/Inf embeddings or a non-finite or non-positive tensor temperature, a
   debugging aid that costs a device sync. Off by default: NaN/Inf propagate to the loss, as AMP's
   ``GradScaler`` needs (docs/spec.md, "Non-finite input").
@@ -81,6 +84,7 @@ class NTXentLoss(_TemperatureMixin, nn.Module):
         backend: ``"auto"``, ``"torch"`` or ``"triton"``.
         distributed: ``"auto"``, ``"local"``, ``"gather"`` or ``"ring"`` (see ``docs/distributed.md``).
         check_finite: raise on NaN/Inf inputs (a debugging aid; one device sync). Default: they propagate.
+        reduction: ``"mean"``, ``"sum"`` or ``"none"`` (per-anchor losses; docs/spec.md).
 
     Shape:
         z1, z2: ``[N, D]``, same shape, dtype and device. Output: ``[]``.
@@ -118,16 +122,20 @@ class NTXentLoss(_TemperatureMixin, nn.Module):
         backend: str = "auto",
         distributed: str = "auto",
         check_finite: bool = False,
+        reduction: str = "mean",
     ):
         super().__init__()
         self._store_temperature(temperature)
         self.sub_dim, self.normalize, self.check_finite = sub_dim, normalize, check_finite
-        self.backend, self.distributed = backend, distributed
+        self.backend, self.distributed, self.reduction = backend, distributed, reduction
 
     _loss = staticmethod(functional.nt_xent)
 
-    def forward(self, z1: Tensor, z2: Tensor, temperature: Optional[Temperature] = None) -> Tensor:
-        """Args: z1, z2: the two views ``[N, D]``; temperature: this call's τ (``None``: the module's)."""
+    def forward(
+        self, z1: Tensor, z2: Tensor, temperature: Optional[Temperature] = None, weight: Optional[Tensor] = None
+    ) -> Tensor:
+        """Args: z1, z2: the two views ``[N, D]``; temperature: this call's τ (``None``: the module's);
+        weight: per-anchor weights, ``[N]`` or ``[2, N]``."""
         return self._loss(
             z1,
             z2,
@@ -136,13 +144,16 @@ class NTXentLoss(_TemperatureMixin, nn.Module):
             normalize=self.normalize,
             backend=self.backend,
             distributed=self.distributed,
+            reduction=self.reduction,
+            weight=weight,
             check_finite=self.check_finite,
         )
 
     def extra_repr(self) -> str:
         return (
             f"{self._temperature_repr()}, sub_dim={self.sub_dim}, normalize={self.normalize}, "
-            f"backend={self.backend!r}, distributed={self.distributed!r}, check_finite={self.check_finite}"
+            f"backend={self.backend!r}, distributed={self.distributed!r}, reduction={self.reduction!r}, "
+            f"check_finite={self.check_finite}"
         )
 
 
@@ -166,6 +177,7 @@ class InfoNCELoss(_TemperatureMixin, nn.Module):
         backend: ``"auto"``, ``"torch"`` or ``"triton"``.
         distributed: ``"auto"``, ``"local"``, ``"gather"`` or ``"ring"``.
         check_finite: raise on NaN/Inf inputs (a debugging aid; one device sync). Default: they propagate.
+        reduction: ``"mean"``, ``"sum"`` or ``"none"`` (per-anchor losses; docs/spec.md).
 
     Shape:
         q: ``[N, D]``; k: ``[N, D]`` (``[K, D]``, K ≥ N, with ``symmetric=False``); targets: ``[N]``
@@ -200,17 +212,25 @@ class InfoNCELoss(_TemperatureMixin, nn.Module):
         backend: str = "auto",
         distributed: str = "auto",
         check_finite: bool = False,
+        reduction: str = "mean",
     ):
         super().__init__()
         self._store_temperature(temperature)
         self.sub_dim, self.normalize, self.symmetric = sub_dim, normalize, symmetric
         self.backend, self.distributed, self.check_finite = backend, distributed, check_finite
+        self.reduction = reduction
 
     def forward(
-        self, q: Tensor, k: Tensor, temperature: Optional[Temperature] = None, targets: Optional[Tensor] = None
+        self,
+        q: Tensor,
+        k: Tensor,
+        temperature: Optional[Temperature] = None,
+        targets: Optional[Tensor] = None,
+        weight: Optional[Tensor] = None,
     ) -> Tensor:
         """Args: q, k: queries and keys (e.g. image and text); temperature: this call's τ; targets: the
-        index of each query's positive key (``symmetric=False`` only), default ``arange(N)``."""
+        index of each query's positive key (``symmetric=False`` only), default ``arange(N)``; weight:
+        per-anchor weights, ``[N]`` (or ``[2, N]`` when symmetric)."""
         return functional.info_nce(
             q,
             k,
@@ -221,6 +241,8 @@ class InfoNCELoss(_TemperatureMixin, nn.Module):
             symmetric=self.symmetric,
             backend=self.backend,
             distributed=self.distributed,
+            reduction=self.reduction,
+            weight=weight,
             check_finite=self.check_finite,
         )
 
@@ -228,7 +250,7 @@ class InfoNCELoss(_TemperatureMixin, nn.Module):
         return (
             f"{self._temperature_repr()}, sub_dim={self.sub_dim}, normalize={self.normalize}, "
             f"symmetric={self.symmetric}, backend={self.backend!r}, distributed={self.distributed!r}, "
-            f"check_finite={self.check_finite}"
+            f"reduction={self.reduction!r}, check_finite={self.check_finite}"
         )
 
 
@@ -240,7 +262,7 @@ class DirectCLRLoss(InfoNCELoss):
     Args:
         sub_dim: length of the prefix d0 (360 in the paper's code).
         temperature: τ > 0 (0.1 in the paper's code).
-        backend, distributed, check_finite: as :class:`InfoNCELoss`.
+        backend, distributed, check_finite, reduction: as :class:`InfoNCELoss`.
 
     Shape:
         r1, r2: ``[N, D]`` representations with D ≥ ``sub_dim``. Output: ``[]``.
@@ -265,6 +287,7 @@ class DirectCLRLoss(InfoNCELoss):
         backend: str = "auto",
         distributed: str = "auto",
         check_finite: bool = False,
+        reduction: str = "mean",
     ):
         super().__init__(
             temperature,
@@ -274,6 +297,7 @@ class DirectCLRLoss(InfoNCELoss):
             backend=backend,
             distributed=distributed,
             check_finite=check_finite,
+            reduction=reduction,
         )
 
 
@@ -297,7 +321,7 @@ class SupConLoss(_TemperatureMixin, nn.Module):
         contrast_mode: ``"all"`` (every row is an anchor) or ``"one"`` (view 0 only).
         sub_dim: use only the first ``sub_dim`` features; ``None``: all D.
         normalize: L2-normalize the rows inside the loss.
-        backend, distributed, check_finite: as :class:`NTXentLoss`.
+        backend, distributed, check_finite, reduction: as :class:`NTXentLoss`.
         positives_missing: ``"drop"`` or ``"zero"`` (see above).
 
     Shape:
@@ -332,12 +356,13 @@ class SupConLoss(_TemperatureMixin, nn.Module):
         distributed: str = "auto",
         check_finite: bool = False,
         positives_missing: str = "drop",
+        reduction: str = "mean",
     ):
         super().__init__()
         self._store_temperature(temperature)
         self.base_temperature, self.contrast_mode = base_temperature, contrast_mode
         self.sub_dim, self.normalize, self.backend, self.distributed = sub_dim, normalize, backend, distributed
-        self.check_finite, self.positives_missing = check_finite, positives_missing
+        self.check_finite, self.positives_missing, self.reduction = check_finite, positives_missing, reduction
 
     def forward(
         self,
@@ -345,8 +370,10 @@ class SupConLoss(_TemperatureMixin, nn.Module):
         labels: Optional[Tensor] = None,
         mask: Optional[Tensor] = None,
         temperature: Optional[Temperature] = None,
+        weight: Optional[Tensor] = None,
     ) -> Tensor:
-        """Args: features ``[N, V, D]``; labels ``[N]`` or mask ``[N, N]`` (or neither); temperature: this call's τ."""
+        """Args: features ``[N, V, D]``; labels ``[N]`` or mask ``[N, N]`` (or neither); temperature: this
+        call's τ; weight: per-anchor weights, ``[N]`` or ``[N, V]``."""
         return functional.supcon(
             features,
             labels,
@@ -359,6 +386,8 @@ class SupConLoss(_TemperatureMixin, nn.Module):
             normalize=self.normalize,
             backend=self.backend,
             distributed=self.distributed,
+            reduction=self.reduction,
+            weight=weight,
             check_finite=self.check_finite,
         )
 
@@ -367,7 +396,7 @@ class SupConLoss(_TemperatureMixin, nn.Module):
             f"{self._temperature_repr()}, base_temperature={self.base_temperature}, "
             f"contrast_mode={self.contrast_mode!r}, sub_dim={self.sub_dim}, normalize={self.normalize}, "
             f"backend={self.backend!r}, distributed={self.distributed!r}, check_finite={self.check_finite}, "
-            f"positives_missing={self.positives_missing!r}"
+            f"positives_missing={self.positives_missing!r}, reduction={self.reduction!r}"
         )
 
 
@@ -384,6 +413,7 @@ class DCLLoss(NTXentLoss):
         backend: ``"auto"``, ``"torch"``, ``"triton"`` or ``"cuda"``.
         distributed: ``"auto"``, ``"local"``, ``"gather"`` or ``"ring"``.
         check_finite: raise on NaN/Inf inputs (a debugging aid; one device sync). Default: they propagate.
+        reduction: ``"mean"``, ``"sum"`` or ``"none"`` (per-anchor losses; docs/spec.md).
 
     Shape:
         z1, z2: ``[N, D]``, N ≥ 2. Output: ``[]``.
@@ -410,8 +440,9 @@ class DCLLoss(NTXentLoss):
         backend: str = "auto",
         distributed: str = "auto",
         check_finite: bool = False,
+        reduction: str = "mean",
     ):
-        super().__init__(temperature, sub_dim, normalize, backend, distributed, check_finite)
+        super().__init__(temperature, sub_dim, normalize, backend, distributed, check_finite, reduction)
 
 
 class SigLIPLoss(nn.Module):
@@ -422,7 +453,7 @@ class SigLIPLoss(nn.Module):
         logit_scale: t > 0 (already exponentiated): a float, a 0-dim tensor or an ``nn.Parameter``
             (learned; registered on the module). SigLIP initialises t = 10.
         logit_bias: b: a float, a 0-dim tensor or an ``nn.Parameter``. SigLIP initialises −10.
-        sub_dim, normalize, backend, distributed, check_finite: as :class:`DCLLoss`.
+        sub_dim, normalize, backend, distributed, check_finite, reduction: as :class:`DCLLoss`.
 
     Shape:
         x, y: ``[N, D]`` paired rows. Output: ``[]``.
@@ -450,16 +481,23 @@ class SigLIPLoss(nn.Module):
         backend: str = "auto",
         distributed: str = "auto",
         check_finite: bool = False,
+        reduction: str = "mean",
     ):
         super().__init__()
         self.logit_scale, self.logit_bias = logit_scale, logit_bias  # an nn.Parameter registers itself
         self.sub_dim, self.normalize, self.check_finite = sub_dim, normalize, check_finite
-        self.backend, self.distributed = backend, distributed
+        self.backend, self.distributed, self.reduction = backend, distributed, reduction
 
     def forward(
-        self, x: Tensor, y: Tensor, logit_scale: Optional[Temperature] = None, logit_bias: Optional[Temperature] = None
+        self,
+        x: Tensor,
+        y: Tensor,
+        logit_scale: Optional[Temperature] = None,
+        logit_bias: Optional[Temperature] = None,
+        weight: Optional[Tensor] = None,
     ) -> Tensor:
-        """Args: x, y: ``[N, D]``; logit_scale, logit_bias: this call's t and b (``None``: the module's)."""
+        """Args: x, y: ``[N, D]``; logit_scale, logit_bias: this call's t and b (``None``: the module's);
+        weight: per-anchor (per x row) weights ``[N]``."""
         return functional.siglip(
             x,
             y,
@@ -469,5 +507,7 @@ class SigLIPLoss(nn.Module):
             normalize=self.normalize,
             backend=self.backend,
             distributed=self.distributed,
+            reduction=self.reduction,
+            weight=weight,
             check_finite=self.check_finite,
         )

@@ -44,31 +44,55 @@ def _tau(temperature) -> Tensor | float:
     return temperature.double() if isinstance(temperature, Tensor) else float(temperature)
 
 
-def nt_xent(z1, z2, temperature=0.5, sub_dim=None, normalize=True) -> Tensor:
+def _reduce(terms: Tensor, counted: Tensor, weight, reduction: str, groups: int = 1, sample_axis: int = -1) -> Tensor:
+    """docs/spec.md, "Reductions and weights": ``terms`` ℓ_a (0 where not counted) in the user's per-anchor
+    shape; ``weight`` is that shape or [N] per sample, broadcast along ``sample_axis``. "mean" averages
+    each of ``groups`` equal slices along dim 0 (the two directions of symmetric InfoNCE) over its counted
+    anchors, then averages the slices."""
+    if weight is not None:
+        w = weight.double().cpu()
+        if w.dim() < terms.dim():
+            w = w.unsqueeze(1 if sample_axis == 0 else 0)
+        terms = terms * w.expand(terms.shape)
+    if reduction == "none":
+        return terms
+    if reduction == "sum":
+        return terms.sum()
+    slices = zip(terms.chunk(groups), counted.chunk(groups))
+    return sum(t.sum() / max(float(c.sum()), 1.0) for t, c in slices) / groups
+
+
+def nt_xent(z1, z2, temperature=0.5, sub_dim=None, normalize=True, reduction="mean", weight=None) -> Tensor:
     z = torch.cat([_rows(z1, sub_dim, normalize), _rows(z2, sub_dim, normalize)])
     m, n = z.shape[0], z.shape[0] // 2
     s = z @ z.T / _tau(temperature)
-    total = 0.0
+    terms = []
     for i in range(m):
         pos = i + n if i < n else i - n
         others = torch.cat([s[i, :i], s[i, i + 1 :]])
-        total = total + (-s[i, pos] + torch.logsumexp(others, 0))
-    return total / m
+        terms.append(-s[i, pos] + torch.logsumexp(others, 0))
+    return _reduce(torch.stack(terms).view(2, n), torch.ones(2, n), weight, reduction)
 
 
-def _info_nce_one_way(q, k, tau, targets=None):
+def _info_nce_one_way(q, k, tau, targets=None) -> tuple[Tensor, Tensor]:
+    """(ℓ_i per query, 0 without a positive key; counted_i)."""
     s = q @ k.T / tau
     positives = torch.arange(q.shape[0]) if targets is None else targets.cpu()
-    terms = [-s[i, t] + torch.logsumexp(s[i], 0) for i, t in enumerate(positives.tolist()) if 0 <= t < k.shape[0]]
-    return torch.stack(terms).mean() if terms else torch.zeros((), dtype=torch.float64)
+    zero = torch.zeros((), dtype=torch.float64)
+    valid = [0 <= t < k.shape[0] for t in positives.tolist()]
+    terms = [-s[i, t] + torch.logsumexp(s[i], 0) if ok else zero for i, (t, ok) in enumerate(zip(positives, valid))]
+    return torch.stack(terms), torch.tensor(valid, dtype=torch.float64)
 
 
-def info_nce(q, k, temperature=0.1, sub_dim=None, normalize=True, symmetric=True, targets=None) -> Tensor:
+def info_nce(
+    q, k, temperature=0.1, sub_dim=None, normalize=True, symmetric=True, targets=None, reduction="mean", weight=None
+) -> Tensor:
     """Query i's positive is key ``targets[i]`` (default i); queries whose target is no key are left out."""
     q, k, tau = _rows(q, sub_dim, normalize), _rows(k, sub_dim, normalize), _tau(temperature)
     if not symmetric:
-        return _info_nce_one_way(q, k, tau, targets)
-    return 0.5 * _info_nce_one_way(q, k, tau) + 0.5 * _info_nce_one_way(k, q, tau)
+        return _reduce(*_info_nce_one_way(q, k, tau, targets), weight, reduction)
+    (forward, counted), (backward, _) = _info_nce_one_way(q, k, tau), _info_nce_one_way(k, q, tau)
+    return _reduce(torch.stack([forward, backward]), torch.stack([counted, counted]), weight, reduction, groups=2)
 
 
 def supcon(
@@ -81,6 +105,8 @@ def supcon(
     sub_dim=None,
     normalize=True,
     positives_missing="drop",
+    reduction="mean",
+    weight=None,
 ) -> Tensor:
     """A floating ``mask`` weighs the positives (soft mask); anchors without positives are left out of
     the mean ("drop") or add 0 to it ("zero")."""
@@ -90,29 +116,33 @@ def supcon(
     sample = torch.arange(views * n) % n
     if mask is None:
         lab = torch.arange(n) if labels is None else labels.cpu()
-        weight = (lab[:, None] == lab[None, :]).double()
+        pair_weight = (lab[:, None] == lab[None, :]).double()
     else:
-        weight = mask.cpu().double() if mask.is_floating_point() else (mask.cpu() != 0).double()
+        pair_weight = mask.cpu().double() if mask.is_floating_point() else (mask.cpu() != 0).double()
     tau = _tau(temperature)
     s = z @ z.T / tau
-    anchors = range(n) if contrast_mode == "one" else range(views * n)
-    terms, missing = [], 0
-    for a in anchors:
+    n_anchors = n if contrast_mode == "one" else views * n
+    terms = [torch.zeros((), dtype=torch.float64)] * n_anchors
+    counted = torch.full((n_anchors,), float(positives_missing == "zero"), dtype=torch.float64)
+    for a in range(n_anchors):
         others = [c for c in range(views * n) if c != a]
-        positives = [p for p in others if weight[sample[a], sample[p]] != 0]
+        positives = [p for p in others if pair_weight[sample[a], sample[p]] != 0]
         if not positives:
-            missing += 1
             continue
         log_denominator = torch.logsumexp(s[a, others], 0)
-        w = [weight[sample[a], sample[p]] for p in positives]
+        w = [pair_weight[sample[a], sample[p]] for p in positives]
         mean_log_prob = sum(wp * (s[a, p] - log_denominator) for wp, p in zip(w, positives)) / sum(w)
-        terms.append(-(tau / base_temperature) * mean_log_prob)
-    if not terms:
-        return torch.zeros((), dtype=torch.float64)
-    return torch.stack(terms).sum() / (len(terms) + (missing if positives_missing == "zero" else 0))
+        terms[a] = -(tau / base_temperature) * mean_log_prob
+        counted[a] = 1.0
+    terms = torch.stack(terms)
+    if contrast_mode == "all":  # view-major anchors → the user's [N, V]
+        terms, counted = terms.view(views, n).T, counted.view(views, n).T
+    return _reduce(terms, counted, weight, reduction, sample_axis=0)
 
 
-def dcl(z1, z2, temperature=0.1, sub_dim=None, normalize=True, weight_sigma=None) -> Tensor:
+def dcl(
+    z1, z2, temperature=0.1, sub_dim=None, normalize=True, weight_sigma=None, reduction="mean", weight=None
+) -> Tensor:
     """DCL (Yeh et al. 2022, Eq. 6): per anchor, −w_i·s_pos + log Σ over every other row of both views
     but the positive (one log-sum-exp); the mean over each view's anchors, the two views averaged.
     w_i = 1, or DCLW's 2 − N·softmax_i(⟨ẑ1_i, ẑ2_i⟩/σ) (constant: no gradient through it)."""
@@ -124,17 +154,27 @@ def dcl(z1, z2, temperature=0.1, sub_dim=None, normalize=True, weight_sigma=None
         w = (2 - n * torch.softmax(pair, dim=0)).tolist()
 
     def one_view(u, v):
-        total = 0.0
+        terms = []
         for i in range(n):
             others = [j for j in range(n) if j != i]
             negatives = torch.cat([u[i] @ u[others].T, u[i] @ v[others].T]) / tau
-            total = total - w[i] * (u[i] @ v[i]) / tau + torch.logsumexp(negatives, 0)
-        return total / n
+            terms.append(-w[i] * (u[i] @ v[i]) / tau + torch.logsumexp(negatives, 0))
+        return torch.stack(terms)
 
-    return 0.5 * one_view(a, b) + 0.5 * one_view(b, a)
+    return _reduce(torch.stack([one_view(a, b), one_view(b, a)]), torch.ones(2, n), weight, reduction)
 
 
-def siglip(x, y, logit_scale=None, logit_bias=-10.0, sub_dim=None, normalize=True, temperature=None) -> Tensor:
+def siglip(
+    x,
+    y,
+    logit_scale=None,
+    logit_bias=-10.0,
+    sub_dim=None,
+    normalize=True,
+    temperature=None,
+    reduction="mean",
+    weight=None,
+) -> Tensor:
     """SigLIP: −(1/N) Σ_ij log σ(label_ij (t·⟨x̂_i, ŷ_j⟩ + b)), label +1 for i = j, −1 otherwise;
     t = ``logit_scale`` (default 10) or 1/``temperature``."""
     a, b = _rows(x, sub_dim, normalize), _rows(y, sub_dim, normalize)
@@ -149,7 +189,8 @@ def siglip(x, y, logit_scale=None, logit_bias=-10.0, sub_dim=None, normalize=Tru
     bias = logit_bias.double() if isinstance(logit_bias, Tensor) else float(logit_bias)
     n = a.shape[0]
     labels = 2 * torch.eye(n, dtype=torch.float64) - 1
-    return -F.logsigmoid(labels * (t * a @ b.T + bias)).sum() / n
+    terms = -F.logsigmoid(labels * (t * a @ b.T + bias)).sum(dim=1)  # per x row
+    return _reduce(terms, torch.ones(n), weight, reduction)
 
 
 # --- naive PyTorch ------------------------------------------------------------------------------------

@@ -32,10 +32,12 @@ class Encoder(nn.Module):
         z1, z2 = self.proj(x1), self.proj(x2)
         tau = self.log_tau.exp()
         if self.loss == "supcon":
-            return fastcl.functional.supcon(
+            out = fastcl.functional.supcon(
                 torch.stack([z1, z2], dim=1), labels, temperature=tau, backend="torch", **self.options
             )
-        return getattr(fastcl.functional, self.loss)(z1, z2, tau, backend="torch", **self.options)
+        else:
+            out = getattr(fastcl.functional, self.loss)(z1, z2, tau, backend="torch", **self.options)
+        return (out * torch.linspace(0.5, 1.5, out.numel()).view(out.shape)).sum() if out.dim() else out
 
 
 def _inputs(seed: int):
@@ -66,6 +68,10 @@ CASES = [
     ("info_nce", {"symmetric": False, "targets": torch.tensor([3, 1, 4, 1, 5, 9, 2, 6, 5, 3])}),
     ("dcl", {"sub_dim": 9}),
     ("siglip", {"logit_bias": -3.0}),  # the learnable τ enters as the logit scale t
+    # reductions and per-anchor weights (the engine's per-anchor upstream gradients)
+    ("nt_xent", {"reduction": "none"}),
+    ("supcon", {"reduction": "sum", "weight": torch.linspace(0.0, 2.0, N)}),
+    ("info_nce", {"reduction": "none", "symmetric": False}),
 ]
 
 

@@ -68,6 +68,7 @@ class Case:
     views: int = 2
     sizes: str = "even"
     targets: str = "none"  # SupCon: "labels" / "samples" (labels=None); InfoNCE: "keys" (explicit targets)
+    weighted: bool = False  # a per-sample weight (0.5 + class id)
 
 
 CASES = [
@@ -83,6 +84,12 @@ CASES = [
     Case("dcl-uneven", "dcl", sizes="uneven"),
     Case("dclw", "dcl", {"weight_sigma": 0.5}),
     Case("siglip-uneven", "siglip", {"sub_dim": 6}, sizes="uneven"),
+    # reductions and per-anchor weights; "none": every rank backpropagates the sum of its own ℓ_a
+    Case("ntxent-sum-weighted-uneven", "nt_xent", {"reduction": "sum"}, sizes="uneven", weighted=True),
+    Case("ntxent-none-uneven", "nt_xent", {"reduction": "none"}, sizes="uneven"),
+    Case("infonce-targets-weighted", "info_nce", {"symmetric": False}, views=3, targets="keys", weighted=True),
+    Case("supcon-none-weighted", "supcon", {"reduction": "none"}, targets="labels", sizes="uneven", weighted=True),
+    Case("siglip-sum", "siglip", {"reduction": "sum"}, sizes="uneven"),
 ]
 
 
@@ -123,7 +130,13 @@ def _key_targets(sizes: list[int]) -> list[torch.Tensor]:
     return targets
 
 
-def loss_of(case: Case, fn, embeddings, tau, labels, targets=None, logit_bias=None, **extra):
+def _weight(case: Case, labels: torch.Tensor):
+    return 0.5 + labels.to(torch.float64) if case.weighted else None
+
+
+def loss_of(case: Case, fn, embeddings, tau, labels, targets=None, logit_bias=None, weight=None, **extra):
+    if weight is not None:
+        extra["weight"] = weight
     if case.loss == "siglip":
         return fn(embeddings[:, 0], embeddings[:, 1], temperature=tau, logit_bias=logit_bias, **case.options, **extra)
     if case.loss == "supcon":
@@ -164,6 +177,7 @@ def _train_step(case: Case, scheme: str, backend: str, dtype: torch.dtype, rank:
     start = sum(sizes[:rank])
     x, labels = global_batch(case, world)
     x, labels = x[start : start + sizes[rank]].to(dtype), labels[start : start + sizes[rank]]
+    weight = _weight(case, labels)
     if case.targets == "samples":
         labels = None  # SupCon without labels: each global sample is its own class, across ranks too
     net = DistributedDataParallel(TinyNet(logit_bias=case.loss == "siglip").to(dtype))
@@ -176,10 +190,11 @@ def _train_step(case: Case, scheme: str, backend: str, dtype: torch.dtype, rank:
         labels,
         _key_targets(sizes)[rank],
         logit_bias,
+        weight,
         distributed=scheme,
         backend=backend,
     )
-    loss.backward()
+    loss.sum().backward()  # reduction "none": this rank's own per-anchor losses
     return loss.detach(), {name: p.grad.detach().clone() for name, p in net.module.named_parameters()}
 
 
@@ -211,10 +226,9 @@ def _footprint(scheme: str, rank: int, world: int, n: int = 4) -> dict:
     plan = Pass((0, 2), (0, 2), "pairs", exclude_self=True)
     plan = engine.Plan(passes=(plan,)).encode()
     with _Footprint(D_OUT) as footprint:
-        loss, lse, weight, scalars = engine._forward(rows, None, None, tau, None, plan, [n, n], True, scheme, "torch")
-        engine._backward(
-            torch.ones(()), rows, None, None, tau, None, lse, weight, scalars, plan, [n, n], True, scheme, "torch"
-        )
+        options = (plan, [n, n], True, scheme, "torch", "mean")
+        loss, lse, weight, counts, terms = engine._forward(rows, None, None, tau, None, None, *options)
+        engine._backward(torch.ones(()), None, rows, None, None, tau, None, None, lse, weight, counts, terms, *options)
     return {"rows_held": footprint.rows_held, "sent_bytes": footprint.sent_bytes}
 
 
@@ -309,6 +323,7 @@ def single_process(case: Case, dtype: torch.dtype, world: int):
     """The same model trained on the whole concatenated batch, through the float64 formula; the model
     and inputs are first rounded to ``dtype``, as the ranks see them."""
     x, labels = global_batch(case, world)
+    weight = _weight(case, labels)
     net = TinyNet(logit_bias=case.loss == "siglip").to(dtype).double()
     embeddings, tau, logit_bias = net(x.to(dtype).double())
     if case.targets == "keys":  # rank-major keys: [view 1; view 2] of each rank's samples
@@ -317,12 +332,23 @@ def single_process(case: Case, dtype: torch.dtype, world: int):
             starts.append(starts[-1] + n)
         q = embeddings[:, 0]
         keys = torch.cat([embeddings[a:b, v] for a, b in zip(starts, starts[1:]) for v in (1, 2)])
-        loss = registry.get("info_nce").reference(q, keys, tau, targets=torch.cat(_key_targets(sizes)), **case.options)
+        targets = torch.cat(_key_targets(sizes))
+        loss = registry.get("info_nce").reference(q, keys, tau, targets=targets, weight=weight, **case.options)
     else:
         labels = None if case.targets == "samples" else labels
-        loss = loss_of(case, registry.get(case.loss).reference, embeddings, tau, labels, logit_bias=logit_bias)
-    loss.backward()
+        reference = registry.get(case.loss).reference
+        loss = loss_of(case, reference, embeddings, tau, labels, logit_bias=logit_bias, weight=weight)
+    # "none": every rank backpropagates its own ℓ_a's sum and DDP averages, i.e. the global sum / world
+    scale = 1.0 / world if loss.dim() else 1.0
+    (loss.sum() * scale).backward()
     return loss.detach(), {name: p.grad for name, p in net.named_parameters()}
+
+
+def _rank_slice(case: Case, per_anchor: torch.Tensor, world: int, rank: int) -> torch.Tensor:
+    """Rank ``rank``'s anchors of the global per-anchor losses (samples: SupCon's rows, else the last axis)."""
+    sizes = LOCAL_SIZES[world][case.sizes]
+    start, stop = sum(sizes[:rank]), sum(sizes[: rank + 1])
+    return per_anchor[start:stop] if case.loss == "supcon" else per_anchor[..., start:stop]
 
 
 # --- tests -----------------------------------------------------------------------------------------------
@@ -340,7 +366,9 @@ def test_ddp_matches_single_process(case, scheme, backend, dtype, world):
             pytest.skip(f"{backend}: {results[case.name, scheme, backend, dtype]}")
         loss, grads = results[case.name, scheme, backend, dtype]
         assert loss.dtype == dtype
-        assert relative_error(loss, expected_loss) <= RTOL[dtype], (rank, loss.item(), expected_loss.item())
+        expected = _rank_slice(case, expected_loss, world, rank) if expected_loss.dim() else expected_loss
+        assert loss.shape == expected.shape
+        assert relative_error(loss, expected) <= RTOL[dtype], (rank, loss, expected)
         for name, expected in expected_grads.items():
             error = relative_error(grads[name], expected)
             assert error <= RTOL[dtype], f"rank {rank}, {name}: relative error {error:.3g}"

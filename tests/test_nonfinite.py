@@ -50,7 +50,7 @@ def no_value_reads(monkeypatch):
     monkeypatch.setattr(_validate, "finite", forbidden)
 
 
-@pytest.mark.parametrize("engine", [False], ids=["fused"])
+@pytest.mark.parametrize("engine", [False, True], ids=["fused", "engine"])
 @pytest.mark.parametrize("bad", list(BAD))
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("name", list(registry.LOSSES))
