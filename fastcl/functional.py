@@ -30,11 +30,12 @@ import warnings
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from fastcl import _validate, dispatch, ops
 from fastcl import distributed as _distributed
-from fastcl._blocks import accumulation_dtype
+from fastcl._blocks import NORM_EPS, accumulation_dtype
 from fastcl._validate import Temperature
 from fastcl.engine import Pass, Plan, block_loss
 
@@ -71,6 +72,25 @@ def _route(backend: str, device: torch.device, on_engine: bool) -> tuple[str, bo
         if dispatch.has_fused_losses(concrete):
             return concrete, False
     return dispatch.resolve_block(backend, device), True
+
+
+def _check_queue(queue, q: Tensor, n_q: int, n_k: int, symmetric: bool, targets, distributed: str) -> None:
+    if not isinstance(queue, Tensor):
+        raise TypeError(f"queue: expected a torch.Tensor [K, D] of keys, got {type(queue).__name__}")
+    if not queue.is_floating_point() or queue.dim() != 2 or queue.shape[0] == 0 or queue.shape[1] != q.shape[1]:
+        raise ValueError(
+            f"queue: expected a floating [K, {q.shape[1]}] tensor (K >= 1 keys of q's D), got shape "
+            f"{tuple(queue.shape)}, dtype {queue.dtype}"
+        )
+    if queue.device != q.device:
+        raise ValueError(f"queue: expected device {q.device} (as q), got {queue.device}")
+    if symmetric:
+        raise ValueError("queue: MoCo's loss is one-directional (queries against keys); pass symmetric=False")
+    if targets is not None:
+        raise ValueError("queue: query i's positive is key i; targets cannot be combined with a queue")
+    if n_q != n_k:
+        raise ValueError(f"k: expected N = {n_q} rows (one key per query) with a queue, got {n_k}")
+    _validate.choice("distributed", distributed, ("auto", "local"))
 
 
 def _check_two_views(names, a: Tensor, b: Tensor, sub_dim, *, paired: bool = True) -> int:
@@ -121,6 +141,33 @@ def _engine_loss(rows, plan, part_sizes, tau, grid, weight, reduction, *, transp
     return terms.T if transposed else terms
 
 
+def _reduce(terms: Tensor, weight: Optional[Tensor], reduction: str) -> Tensor:
+    """docs/spec.md's reductions of per-anchor losses that are all counted, in one process."""
+    if weight is not None:
+        terms = terms * weight.to(terms.dtype)
+    if reduction == "none":
+        return terms
+    return terms.sum() if reduction == "sum" else terms.sum() / terms.shape[0]
+
+
+def _queue_loss(q, k, queue, tau, d, normalize, batch_negatives, reduction, weight, backend) -> Tensor:
+    """One-directional InfoNCE of q against key k_i and the queue's rows (MoCo), on the block engine."""
+    n = q.shape[0]
+    rows = torch.cat([q[:, :d], k[:, :d], queue[:, :d].to(q.dtype)])
+    sizes = [n, n, queue.shape[0]]
+    options = dict(normalize=normalize, mode="local", backend=backend)
+    if batch_negatives:
+        return _engine_loss(rows, _queue_plan(True), sizes, tau, (n,), weight, reduction, **options)
+    lse_queue = block_loss(rows, _queue_plan(False), sizes, tau, reduction="none", **options)
+    # The positive logit s(q_i, k_i): O(N·D) outside the kernels, with the engine's normalization.
+    unit_q, unit_k = q[:, :d].to(tau.dtype), k[:, :d].to(tau.dtype)
+    if normalize:
+        unit_q, unit_k = F.normalize(unit_q, dim=1, eps=NORM_EPS), F.normalize(unit_k, dim=1, eps=NORM_EPS)
+    positive = (unit_q * unit_k).sum(dim=1) / tau
+    terms = torch.logaddexp(positive, lse_queue) - positive
+    return _reduce(terms, _anchor_weight(weight, (n,), False, q.device), reduction)
+
+
 def _finish_checks(names, tensors, temperature, check_finite, device, like):
     checking = _checking(check_finite)
     _validate.temperature("temperature", temperature, device, checking)
@@ -147,6 +194,16 @@ def _info_nce_plan(targets: bool, symmetric: bool) -> str:
             passes=(Pass((0, 1), (1, 2), "diagonal", weight=0.5), Pass((1, 2), (0, 1), "diagonal", weight=0.5))
         ).encode()
     return Plan(passes=(Pass((0, 1), (1, 2), "diagonal"),)).encode()
+
+
+@dispatch.constant_for_compile
+def _queue_plan(batch_negatives: bool) -> str:
+    """Rows [q; k; queue]. With the batch's keys as negatives, one pass of the queries against [k; queue]
+    (positive: key i). Without (MoCo), the queue alone is a key block without positives; the positive
+    logit joins the log-sum-exp outside the engine (:func:`_queue_loss`)."""
+    if batch_negatives:
+        return Plan(passes=(Pass((0, 1), (1, 3), "diagonal"),)).encode()
+    return Plan(passes=(Pass((0, 1), (2, 3), "none"),)).encode()
 
 
 @dispatch.constant_for_compile
@@ -233,6 +290,8 @@ def info_nce(
     temperature: Temperature = 0.1,
     *,
     targets: Optional[Tensor] = None,
+    queue: Optional[Tensor] = None,
+    batch_negatives: bool = False,
     sub_dim: Optional[int] = None,
     normalize: bool = True,
     symmetric: bool = True,
@@ -255,6 +314,12 @@ def info_nce(
             whose target matches no key has no positive and is left out of the mean. Needs
             ``symmetric=False``. None: query i's positive is key i (of the same rank under gather/ring),
             which needs Nq ≤ Nk.
+        queue: [K, D] extra negative keys (MoCo's queue, e.g. :attr:`fastcl.MemoryBank.keys`): query i's
+            positive is key i and its negatives are the queue's rows only, as MoCo
+            (docs/spec.md, "InfoNCE with a queue (MoCo)"). Needs ``symmetric=False``, Nq = Nk and no
+            ``targets``; the loss is per process (MoCo's: each rank's queries, DDP averages), so
+            ``distributed`` must be "auto" or "local". No gradient reaches the queue.
+        batch_negatives: with a queue, also use the batch's other keys k_j (j ≠ i) as negatives.
         symmetric: average both directions (needs Nq = Nk and no ``targets``).
         sub_dim, normalize, backend, distributed, reduction, weight, check_finite: see the module docstring.
 
@@ -286,6 +351,9 @@ def info_nce(
         )
     if symmetric and targets is not None:
         raise ValueError("targets: explicit positives define one direction only; pass symmetric=False with them")
+    _validate.flag("batch_negatives", batch_negatives)
+    if queue is not None:
+        _check_queue(queue, q, n_q, n_k, symmetric, targets, distributed)
     if targets is not None:
         _validate.targets(targets, n_q, q.device)
     elif n_q > n_k:
@@ -293,10 +361,14 @@ def info_nce(
             f"k: query i's positive is key i, so Nk >= Nq is needed; got Nq = {n_q}, Nk = {n_k} (or pass targets)"
         )
     weighted = _check_reduction(reduction, weight)
-    mode = _distributed.resolve_mode(distributed)
-    on_engine = mode != "local" or targets is not None or n_q != n_k or weighted
+    mode = "local" if queue is not None else _distributed.resolve_mode(distributed)
+    on_engine = mode != "local" or targets is not None or n_q != n_k or weighted or queue is not None
     backend, on_engine = _route(backend, q.device, on_engine)
     tau = _finish_checks(("q", "k"), (q, k), temperature, check_finite, q.device, q)
+    if queue is not None:
+        if _checking(check_finite):
+            _validate.finite("queue", queue)
+        return _queue_loss(q, k, queue.detach(), tau, d, normalize, batch_negatives, reduction, weight, backend)
     if not on_engine:
         return ops.infonce(q, k, tau, d, normalize, symmetric, backend)[0]
     rows = torch.cat([q[:, :d], k[:, :d]])

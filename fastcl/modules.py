@@ -174,6 +174,7 @@ class InfoNCELoss(_TemperatureMixin, nn.Module):
         normalize: L2-normalize the rows inside the loss (CLIP models normalize before the loss:
             ``normalize=False`` then skips the redundant work).
         symmetric: average both directions (``True``) or return ``ℓ(q, k)`` only.
+        batch_negatives: with a ``queue`` (MoCo), also use the batch's other keys as negatives.
         backend: ``"auto"``, ``"torch"`` or ``"triton"``.
         distributed: ``"auto"``, ``"local"``, ``"gather"`` or ``"ring"``.
         check_finite: raise on NaN/Inf inputs (a debugging aid; one device sync). Default: they propagate.
@@ -213,12 +214,13 @@ class InfoNCELoss(_TemperatureMixin, nn.Module):
         distributed: str = "auto",
         check_finite: bool = False,
         reduction: str = "mean",
+        batch_negatives: bool = False,
     ):
         super().__init__()
         self._store_temperature(temperature)
         self.sub_dim, self.normalize, self.symmetric = sub_dim, normalize, symmetric
         self.backend, self.distributed, self.check_finite = backend, distributed, check_finite
-        self.reduction = reduction
+        self.reduction, self.batch_negatives = reduction, batch_negatives
 
     def forward(
         self,
@@ -227,15 +229,19 @@ class InfoNCELoss(_TemperatureMixin, nn.Module):
         temperature: Optional[Temperature] = None,
         targets: Optional[Tensor] = None,
         weight: Optional[Tensor] = None,
+        queue: Optional[Tensor] = None,
     ) -> Tensor:
         """Args: q, k: queries and keys (e.g. image and text); temperature: this call's τ; targets: the
         index of each query's positive key (``symmetric=False`` only), default ``arange(N)``; weight:
-        per-anchor weights, ``[N]`` (or ``[2, N]`` when symmetric)."""
+        per-anchor weights, ``[N]`` (or ``[2, N]`` when symmetric); queue: ``[K, D]`` MoCo negatives
+        (``symmetric=False``; e.g. :attr:`fastcl.MemoryBank.keys`)."""
         return functional.info_nce(
             q,
             k,
             self._temperature(temperature),
             targets=targets,
+            queue=queue,
+            batch_negatives=self.batch_negatives,
             sub_dim=self.sub_dim,
             normalize=self.normalize,
             symmetric=self.symmetric,
@@ -250,7 +256,7 @@ class InfoNCELoss(_TemperatureMixin, nn.Module):
         return (
             f"{self._temperature_repr()}, sub_dim={self.sub_dim}, normalize={self.normalize}, "
             f"symmetric={self.symmetric}, backend={self.backend!r}, distributed={self.distributed!r}, "
-            f"reduction={self.reduction!r}, check_finite={self.check_finite}"
+            f"reduction={self.reduction!r}, batch_negatives={self.batch_negatives}, check_finite={self.check_finite}"
         )
 
 

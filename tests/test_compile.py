@@ -72,6 +72,7 @@ CASES = [
     ("nt_xent", {"reduction": "none"}),
     ("supcon", {"reduction": "sum", "weight": torch.linspace(0.0, 2.0, N)}),
     ("info_nce", {"reduction": "none", "symmetric": False}),
+    ("info_nce", {"symmetric": False, "queue": torch.randn(7, D)}),  # MoCo: a key block without positives
 ]
 
 
