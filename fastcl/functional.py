@@ -25,6 +25,7 @@ Which code runs (docs/block-engine.md): a single-process call the fused local fa
 
 from __future__ import annotations
 
+import math
 import numbers
 import warnings
 from typing import Optional
@@ -147,7 +148,62 @@ def _reduce(terms: Tensor, weight: Optional[Tensor], reduction: str) -> Tensor:
         terms = terms * weight.to(terms.dtype)
     if reduction == "none":
         return terms
-    return terms.sum() if reduction == "sum" else terms.sum() / terms.shape[0]
+    return terms.sum() if reduction == "sum" else terms.sum() / terms.numel()
+
+
+def _check_hard_negatives(beta, tau_plus, mode: str, negatives: int) -> bool:
+    """Validates HCL's β ≥ 0 and the debiasing prior 0 ≤ τ⁺ < 1; True when either is in use."""
+    if beta is None and tau_plus is None:
+        return False
+    for name, value, upper in (("beta", beta, math.inf), ("tau_plus", tau_plus, 1.0)):
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise TypeError(f"{name}: expected a float or None, got {type(value).__name__}")
+        if not 0.0 <= float(value) < upper:
+            raise ValueError(f"{name}: expected 0 <= {name} < {upper}, got {value}")
+    if mode != "local":
+        raise ValueError(
+            f"beta, tau_plus: the hard-negative estimators run in one process only (distributed={mode!r}); "
+            "pass distributed='local'"
+        )
+    if negatives < 1:
+        raise ValueError("beta, tau_plus: the estimators need at least one negative per anchor (N >= 2)")
+    return True
+
+
+def _positive_logits(a: Tensor, b: Tensor, tau: Tensor, normalize: bool) -> Tensor:
+    """s(a_i, b_i) row by row in the accumulation dtype, with the engine's normalization (O(N·D))."""
+    a, b = a.to(tau.dtype), b.to(tau.dtype)
+    if normalize:
+        a, b = F.normalize(a, dim=1, eps=NORM_EPS), F.normalize(b, dim=1, eps=NORM_EPS)
+    return (a * b).sum(dim=1) / tau
+
+
+def _hard_negative_loss(rows, plan, part_sizes, tau, grid, positive, negatives, beta, tau_plus, weight, **options):
+    """Per-anchor loss of the hard-negative estimators (docs/spec.md, "Hard negatives"), reduced.
+
+    ``plan`` leaves self and the positive out of the denominator, so the engine's per-anchor output at
+    temperature τ/c is log Σ_neg exp(c·s) − c·s_pos; ``positive`` is s_pos per anchor (engine order)."""
+    reduction = options.pop("reduction")
+
+    def log_sum_neg(scale: float) -> Tensor:  # log Σ_{j neg} exp(scale·s_ij)
+        terms = block_loss(rows, plan, part_sizes, tau / scale, reduction="none", mode="local", **options)
+        return terms + scale * positive
+
+    beta, tau_plus = float(beta or 0.0), float(tau_plus or 0.0)
+    # log of the reweighted negative sum  N_neg · Σ exp((1+β)s) / Σ exp(βs)   (Σ exp(s) when β = 0)
+    log_reweighted = log_sum_neg(1.0 + beta)
+    if beta > 0:
+        log_reweighted = log_reweighted - log_sum_neg(beta) + math.log(negatives)
+    # Ng = (reweighted − τ⁺·N_neg·exp(s_pos)) / (1 − τ⁺), clamped below at N_neg·exp(−1/τ) (the authors'
+    # constant bound), all scaled by exp(−shift) so that no exponential overflows at small τ.
+    shift = torch.maximum(log_reweighted, positive).detach()
+    estimate = (torch.exp(log_reweighted - shift) - tau_plus * negatives * torch.exp(positive - shift)) / (1 - tau_plus)
+    estimate = torch.clamp(estimate, min=negatives * torch.exp(-1.0 / tau.detach() - shift))
+    terms = shift + torch.log(torch.exp(positive - shift) + estimate) - positive
+    w = _anchor_weight(weight, grid, False, rows.device)
+    return _reduce(terms, w, reduction).view(grid) if reduction == "none" else _reduce(terms, w, reduction)
 
 
 def _queue_loss(q, k, queue, tau, d, normalize, batch_negatives, reduction, weight, backend) -> Tensor:
@@ -186,14 +242,16 @@ def _nt_xent_plan() -> str:
 
 
 @dispatch.constant_for_compile
-def _info_nce_plan(targets: bool, symmetric: bool) -> str:
+def _info_nce_plan(targets: bool, symmetric: bool, exclude_positives: bool = False) -> str:
+    """``exclude_positives``: the positive key also leaves the denominator (the hard-negative estimators'
+    log-sum-exp over negatives)."""
     if targets:
         return Plan(passes=(Pass((0, 1), (1, 2), "labels"),), labels="targets").encode()
     if symmetric:
-        return Plan(
-            passes=(Pass((0, 1), (1, 2), "diagonal", weight=0.5), Pass((1, 2), (0, 1), "diagonal", weight=0.5))
-        ).encode()
-    return Plan(passes=(Pass((0, 1), (1, 2), "diagonal"),)).encode()
+        passes = (Pass((0, 1), (1, 2), "diagonal", weight=0.5), Pass((1, 2), (0, 1), "diagonal", weight=0.5))
+    else:
+        passes = (Pass((0, 1), (1, 2), "diagonal"),)
+    return Plan(passes=passes, exclude_positives=exclude_positives).encode()
 
 
 @dispatch.constant_for_compile
@@ -237,6 +295,8 @@ def nt_xent(
     z2: Tensor,
     temperature: Temperature = 0.5,
     *,
+    beta: Optional[float] = None,
+    tau_plus: Optional[float] = None,
     sub_dim: Optional[int] = None,
     normalize: bool = True,
     backend: str = "auto",
@@ -253,6 +313,9 @@ def nt_xent(
     Args:
         z1, z2: [N, D] the two views (same shape, dtype and device; any strides, any float dtype).
         temperature: τ > 0, a float or a 0-dim tensor (dL/dτ when it requires grad).
+        beta, tau_plus: the hard-negative estimators (docs/spec.md, "Hard negatives"): HCL's concentration
+            β ≥ 0 (Robinson et al. 2021) and the debiasing positive-class prior 0 ≤ τ⁺ < 1 (Chuang et al.
+            2020); None: off. Single process, N ≥ 2.
         sub_dim, normalize, backend, distributed, reduction, weight, check_finite: see the module docstring.
 
     Returns:
@@ -274,12 +337,19 @@ def nt_xent(
     _check_flags(normalize, check_finite)
     weighted = _check_reduction(reduction, weight)
     mode = _distributed.resolve_mode(distributed)
-    backend, on_engine = _route(backend, z1.device, mode != "local" or weighted)
+    n = z1.shape[0]
+    hard = _check_hard_negatives(beta, tau_plus, mode, 2 * n - 2)
+    backend, on_engine = _route(backend, z1.device, mode != "local" or weighted or hard)
     tau = _finish_checks(("z1", "z2"), (z1, z2), temperature, check_finite, z1.device, z1)
     if not on_engine:
         return ops.ntxent(z1, z2, tau, d, normalize, backend)[0]
-    n = z1.shape[0]
     rows = torch.cat([z1[:, :d], z2[:, :d]])
+    if hard:
+        positive = _positive_logits(z1[:, :d], z2[:, :d], tau, normalize).repeat(2)
+        return _hard_negative_loss(
+            rows, _dcl_plan(None), [n, n], tau, (2, n), positive, 2 * n - 2, beta, tau_plus, weight,
+            reduction=reduction, normalize=normalize, backend=backend,
+        )  # fmt: skip
     options = dict(normalize=normalize, mode=mode, backend=backend)
     return _engine_loss(rows, _nt_xent_plan(), [n, n], tau, (2, n), weight, reduction, **options)
 
@@ -292,6 +362,8 @@ def info_nce(
     targets: Optional[Tensor] = None,
     queue: Optional[Tensor] = None,
     batch_negatives: bool = False,
+    beta: Optional[float] = None,
+    tau_plus: Optional[float] = None,
     sub_dim: Optional[int] = None,
     normalize: bool = True,
     symmetric: bool = True,
@@ -320,6 +392,8 @@ def info_nce(
             ``targets``; the loss is per process (MoCo's: each rank's queries, DDP averages), so
             ``distributed`` must be "auto" or "local". No gradient reaches the queue.
         batch_negatives: with a queue, also use the batch's other keys k_j (j ≠ i) as negatives.
+        beta, tau_plus: the hard-negative estimators, as :func:`nt_xent` (negatives: the other N − 1
+            keys; needs Nq = Nk, no ``targets`` and no ``queue``).
         symmetric: average both directions (needs Nq = Nk and no ``targets``).
         sub_dim, normalize, backend, distributed, reduction, weight, check_finite: see the module docstring.
 
@@ -362,9 +436,21 @@ def info_nce(
         )
     weighted = _check_reduction(reduction, weight)
     mode = "local" if queue is not None else _distributed.resolve_mode(distributed)
-    on_engine = mode != "local" or targets is not None or n_q != n_k or weighted or queue is not None
+    hard = _check_hard_negatives(beta, tau_plus, mode, n_q - 1)
+    if hard and (targets is not None or queue is not None or n_q != n_k):
+        raise ValueError(
+            "beta, tau_plus: the estimators need one positive key per query (Nq = Nk), no targets or queue"
+        )
+    on_engine = mode != "local" or targets is not None or n_q != n_k or weighted or queue is not None or hard
     backend, on_engine = _route(backend, q.device, on_engine)
     tau = _finish_checks(("q", "k"), (q, k), temperature, check_finite, q.device, q)
+    if hard:
+        rows, positive = torch.cat([q[:, :d], k[:, :d]]), _positive_logits(q[:, :d], k[:, :d], tau, normalize)
+        grid = (2, n_q) if symmetric else (n_q,)
+        return _hard_negative_loss(
+            rows, _info_nce_plan(False, symmetric, True), [n_q, n_k], tau, grid, positive.repeat(len(grid)),
+            n_q - 1, beta, tau_plus, weight, reduction=reduction, normalize=normalize, backend=backend,
+        )  # fmt: skip
     if queue is not None:
         if _checking(check_finite):
             _validate.finite("queue", queue)

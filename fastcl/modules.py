@@ -85,6 +85,8 @@ class NTXentLoss(_TemperatureMixin, nn.Module):
         distributed: ``"auto"``, ``"local"``, ``"gather"`` or ``"ring"`` (see ``docs/distributed.md``).
         check_finite: raise on NaN/Inf inputs (a debugging aid; one device sync). Default: they propagate.
         reduction: ``"mean"``, ``"sum"`` or ``"none"`` (per-anchor losses; docs/spec.md).
+        beta, tau_plus: hard negatives (docs/spec.md, "Hard negatives"): HCL's concentration β ≥ 0 and the
+            debiased estimator's positive-class prior 0 ≤ τ⁺ < 1; None: off (single process).
 
     Shape:
         z1, z2: ``[N, D]``, same shape, dtype and device. Output: ``[]``.
@@ -123,11 +125,14 @@ class NTXentLoss(_TemperatureMixin, nn.Module):
         distributed: str = "auto",
         check_finite: bool = False,
         reduction: str = "mean",
+        beta: Optional[float] = None,
+        tau_plus: Optional[float] = None,
     ):
         super().__init__()
         self._store_temperature(temperature)
         self.sub_dim, self.normalize, self.check_finite = sub_dim, normalize, check_finite
         self.backend, self.distributed, self.reduction = backend, distributed, reduction
+        self.hard_negatives = {} if beta is None and tau_plus is None else {"beta": beta, "tau_plus": tau_plus}
 
     _loss = staticmethod(functional.nt_xent)
 
@@ -147,13 +152,15 @@ class NTXentLoss(_TemperatureMixin, nn.Module):
             reduction=self.reduction,
             weight=weight,
             check_finite=self.check_finite,
+            **self.hard_negatives,
         )
 
     def extra_repr(self) -> str:
+        hard = "".join(f", {k}={v}" for k, v in self.hard_negatives.items())
         return (
             f"{self._temperature_repr()}, sub_dim={self.sub_dim}, normalize={self.normalize}, "
             f"backend={self.backend!r}, distributed={self.distributed!r}, reduction={self.reduction!r}, "
-            f"check_finite={self.check_finite}"
+            f"check_finite={self.check_finite}{hard}"
         )
 
 
@@ -175,6 +182,7 @@ class InfoNCELoss(_TemperatureMixin, nn.Module):
             ``normalize=False`` then skips the redundant work).
         symmetric: average both directions (``True``) or return ``ℓ(q, k)`` only.
         batch_negatives: with a ``queue`` (MoCo), also use the batch's other keys as negatives.
+        beta, tau_plus: hard-negative estimators (HCL's β, the debiased τ⁺), as :class:`NTXentLoss`.
         backend: ``"auto"``, ``"torch"`` or ``"triton"``.
         distributed: ``"auto"``, ``"local"``, ``"gather"`` or ``"ring"``.
         check_finite: raise on NaN/Inf inputs (a debugging aid; one device sync). Default: they propagate.
@@ -215,12 +223,15 @@ class InfoNCELoss(_TemperatureMixin, nn.Module):
         check_finite: bool = False,
         reduction: str = "mean",
         batch_negatives: bool = False,
+        beta: Optional[float] = None,
+        tau_plus: Optional[float] = None,
     ):
         super().__init__()
         self._store_temperature(temperature)
         self.sub_dim, self.normalize, self.symmetric = sub_dim, normalize, symmetric
         self.backend, self.distributed, self.check_finite = backend, distributed, check_finite
         self.reduction, self.batch_negatives = reduction, batch_negatives
+        self.hard_negatives = {} if beta is None and tau_plus is None else {"beta": beta, "tau_plus": tau_plus}
 
     def forward(
         self,
@@ -242,6 +253,7 @@ class InfoNCELoss(_TemperatureMixin, nn.Module):
             targets=targets,
             queue=queue,
             batch_negatives=self.batch_negatives,
+            **self.hard_negatives,
             sub_dim=self.sub_dim,
             normalize=self.normalize,
             symmetric=self.symmetric,

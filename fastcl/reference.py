@@ -22,6 +22,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -62,21 +63,48 @@ def _reduce(terms: Tensor, counted: Tensor, weight, reduction: str, groups: int 
     return sum(t.sum() / max(float(c.sum()), 1.0) for t, c in slices) / groups
 
 
-def nt_xent(z1, z2, temperature=0.5, sub_dim=None, normalize=True, reduction="mean", weight=None) -> Tensor:
+def _hard_negative_term(s_pos: Tensor, s_neg: Tensor, tau, beta, tau_plus) -> Tensor:
+    """docs/spec.md, "Hard negatives": −log(pos / (pos + Ng)) with Ng the debiased (τ⁺), reweighted (β)
+    estimate of the negatives' sum, clamped below at N·exp(−1/τ); plain exponentials (float64)."""
+    pos, neg, count = torch.exp(s_pos), torch.exp(s_neg), s_neg.shape[0]
+    tau = float(tau.detach()) if isinstance(tau, Tensor) else tau
+    importance = torch.exp(float(beta or 0.0) * s_neg)
+    reweighted = (importance * neg).sum() / importance.mean()
+    tau_plus = float(tau_plus or 0.0)
+    estimate = (reweighted - tau_plus * count * pos) / (1 - tau_plus)
+    estimate = torch.clamp(estimate, min=count * math.exp(-1.0 / tau))
+    return -torch.log(pos / (pos + estimate))
+
+
+def nt_xent(
+    z1, z2, temperature=0.5, sub_dim=None, normalize=True, reduction="mean", weight=None, beta=None, tau_plus=None
+) -> Tensor:
+    """``beta`` / ``tau_plus``: the hard-negative estimators over the 2N − 2 negatives of each anchor."""
     z = torch.cat([_rows(z1, sub_dim, normalize), _rows(z2, sub_dim, normalize)])
     m, n = z.shape[0], z.shape[0] // 2
     s = z @ z.T / _tau(temperature)
+    hard = beta is not None or tau_plus is not None
     terms = []
     for i in range(m):
         pos = i + n if i < n else i - n
+        if hard:
+            negatives = s[i, [j for j in range(m) if j not in (i, pos)]]
+            terms.append(_hard_negative_term(s[i, pos], negatives, _tau(temperature), beta, tau_plus))
+            continue
         others = torch.cat([s[i, :i], s[i, i + 1 :]])
         terms.append(-s[i, pos] + torch.logsumexp(others, 0))
     return _reduce(torch.stack(terms).view(2, n), torch.ones(2, n), weight, reduction)
 
 
-def _info_nce_one_way(q, k, tau, targets=None) -> tuple[Tensor, Tensor]:
+def _info_nce_one_way(q, k, tau, targets=None, beta=None, tau_plus=None) -> tuple[Tensor, Tensor]:
     """(ℓ_i per query, 0 without a positive key; counted_i)."""
     s = q @ k.T / tau
+    if beta is not None or tau_plus is not None:
+        n = q.shape[0]
+        terms = [
+            _hard_negative_term(s[i, i], s[i, [j for j in range(n) if j != i]], tau, beta, tau_plus) for i in range(n)
+        ]
+        return torch.stack(terms), torch.ones(n, dtype=torch.float64)
     positives = torch.arange(q.shape[0]) if targets is None else targets.cpu()
     zero = torch.zeros((), dtype=torch.float64)
     valid = [0 <= t < k.shape[0] for t in positives.tolist()]
@@ -85,13 +113,25 @@ def _info_nce_one_way(q, k, tau, targets=None) -> tuple[Tensor, Tensor]:
 
 
 def info_nce(
-    q, k, temperature=0.1, sub_dim=None, normalize=True, symmetric=True, targets=None, reduction="mean", weight=None
+    q,
+    k,
+    temperature=0.1,
+    sub_dim=None,
+    normalize=True,
+    symmetric=True,
+    targets=None,
+    reduction="mean",
+    weight=None,
+    beta=None,
+    tau_plus=None,
 ) -> Tensor:
-    """Query i's positive is key ``targets[i]`` (default i); queries whose target is no key are left out."""
+    """Query i's positive is key ``targets[i]`` (default i); queries whose target is no key are left out.
+    ``beta`` / ``tau_plus``: the hard-negative estimators over the other N − 1 keys."""
     q, k, tau = _rows(q, sub_dim, normalize), _rows(k, sub_dim, normalize), _tau(temperature)
+    hard = dict(beta=beta, tau_plus=tau_plus)
     if not symmetric:
-        return _reduce(*_info_nce_one_way(q, k, tau, targets), weight, reduction)
-    (forward, counted), (backward, _) = _info_nce_one_way(q, k, tau), _info_nce_one_way(k, q, tau)
+        return _reduce(*_info_nce_one_way(q, k, tau, targets, **hard), weight, reduction)
+    (forward, counted), (backward, _) = _info_nce_one_way(q, k, tau, **hard), _info_nce_one_way(k, q, tau, **hard)
     return _reduce(torch.stack([forward, backward]), torch.stack([counted, counted]), weight, reduction, groups=2)
 
 
