@@ -20,7 +20,7 @@ __version__ = "0.1.0"
 from fastcl import functional
 from fastcl.dispatch import available_backends
 from fastcl.memory_bank import MemoryBank
-from fastcl.modules import DCLLoss, DirectCLRLoss, InfoNCELoss, NTXentLoss, SigLIPLoss, SupConLoss
+from fastcl.modules import CLIPLoss, DCLLoss, DirectCLRLoss, InfoNCELoss, NTXentLoss, SigLIPLoss, SupConLoss
 
 __all__ = [
     "NTXentLoss",
@@ -29,6 +29,7 @@ __all__ = [
     "SupConLoss",
     "DCLLoss",
     "SigLIPLoss",
+    "CLIPLoss",
     "MemoryBank",
     "functional",
     "compat",

@@ -22,15 +22,18 @@ def _describe(t: torch.Tensor) -> str:
     return f"shape {tuple(t.shape)}, dtype {t.dtype}, device {t.device}"
 
 
-def embeddings(name: str, t, ndim: int) -> None:
-    """A floating tensor of rank ``ndim`` with at least one row and one feature."""
+_SHAPES = {2: "2-D [N, D]", 3: "3-D [N, V, D]"}
+
+
+def embeddings(name: str, t, ndim: Union[int, tuple[int, ...]]) -> None:
+    """A floating tensor of rank ``ndim`` (or one of the ranks ``ndim``) with at least one row and one feature."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
     if t.dtype not in _FLOAT_DTYPES:
         raise TypeError(f"{name}: expected a floating tensor (float64/float32/bfloat16/float16), got dtype {t.dtype}")
-    if t.dim() != ndim:
-        shape = "[N, D]" if ndim == 2 else "[N, V, D]"
-        raise ValueError(f"{name}: expected a {ndim}-D tensor {shape}, got {_describe(t)}")
+    ranks = (ndim,) if isinstance(ndim, int) else ndim
+    if t.dim() not in ranks:
+        raise ValueError(f"{name}: expected a {' or '.join(_SHAPES[r] for r in ranks)} tensor, got {_describe(t)}")
     if t.shape[0] == 0:
         raise ValueError(f"{name}: empty batch (N = 0), got {_describe(t)}")
     if t.shape[-1] == 0:

@@ -488,7 +488,8 @@ def supcon(
     ℓ_a = −(τ/τ_b) Σ_p w_ap [s_ap − log Σ_{c∈A(a)} exp(s_ac)] / Σ_p w_ap.
 
     Args:
-        features: [N, V, D] V views of N samples.
+        features: [N, V, D] V views of N samples, or [N, D] (one view: with labels, the other samples
+            of a class are the positives).
         labels: [N] integer class ids (under gather/ring: ids meaning the same class on every rank).
         mask: [N, N] positive weights, single process only. A bool or integer mask is a set (nonzero =
             positive); a floating mask gives soft weights w_ap = mask[n_a, n_p] (SupContrast's weighted mask).
@@ -517,8 +518,11 @@ def supcon(
         >>> supcon(feats, mask=soft, positives_missing="zero").shape
         torch.Size([])
     """
-    _validate.embeddings("features", features, 3)
+    _validate.embeddings("features", features, (2, 3))
     _check_flags(normalize, check_finite)
+    one_view = features.dim() == 2  # [N, D] with labels: one view, the per-anchor losses [N]
+    if one_view:
+        features = features.unsqueeze(1)
     n, views, dim = features.shape
     if views == 0:
         raise ValueError(f"features: expected at least one view (V >= 1), got shape {tuple(features.shape)}")
@@ -562,7 +566,8 @@ def supcon(
     plan = _supcon_plan(views, contrast_mode, given, float(base_temperature), positives_missing)
     grid = (n,) if contrast_mode == "one" else (views, n)
     options = dict(labels=labels, mask=mask, normalize=normalize, mode=mode, backend=backend)
-    return _engine_loss(rows, plan, [n] * views, tau, grid, weight, reduction, transposed=len(grid) == 2, **options)
+    out = _engine_loss(rows, plan, [n] * views, tau, grid, weight, reduction, transposed=len(grid) == 2, **options)
+    return out.squeeze(1) if one_view and reduction == "none" and out.dim() == 2 else out
 
 
 def _warn_if_no_positive(n: int, views: int, labels: Optional[Tensor], mask: Optional[Tensor]) -> None:

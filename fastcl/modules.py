@@ -21,14 +21,35 @@ every step needs no new module. The options shared by all of them:
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
+import torch
 from torch import Tensor, nn
 
 from fastcl import functional
 from fastcl._validate import Temperature
 
-__all__ = ["NTXentLoss", "InfoNCELoss", "DirectCLRLoss", "SupConLoss", "DCLLoss", "SigLIPLoss"]
+__all__ = ["NTXentLoss", "InfoNCELoss", "DirectCLRLoss", "SupConLoss", "DCLLoss", "SigLIPLoss", "CLIPLoss"]
+
+MAX_LOGIT_SCALE = 100.0  # open_clip clamps its learnable log t to [0, ln 100] after every step (CLIP's bound)
+
+
+def _owned_logit_scale(module: nn.Module, initial: float, max_logit_scale: float) -> None:
+    """Registers ``module.logit_scale``, a learnable log t as open_clip stores it (docs/spec.md, "Names")."""
+    for name, value in (("logit_scale", initial), ("max_logit_scale", max_logit_scale)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+            raise ValueError(f"{name}: expected a finite float > 0 (t itself, not its log), got {value!r}")
+    module.logit_scale = nn.Parameter(torch.tensor(math.log(initial)))
+    module.max_logit_scale = float(max_logit_scale)
+
+
+def _clamped_scale(module: nn.Module) -> Tensor:
+    """t = exp(logit_scale) after open_clip's in-place clamp of log t to [0, ln max] (open_clip clamps after
+    each optimizer step; clamping before each use gives every forward the same value)."""
+    with torch.no_grad():
+        module.logit_scale.clamp_(0.0, math.log(module.max_logit_scale))
+    return module.logit_scale.exp()
 
 
 def _as_scalar(tau: Temperature) -> Temperature:
@@ -472,6 +493,10 @@ class SigLIPLoss(nn.Module):
             (learned; registered on the module). SigLIP initialises t = 10.
         logit_bias: b: a float, a 0-dim tensor or an ``nn.Parameter``. SigLIP initialises −10.
         sub_dim, normalize, backend, distributed, check_finite, reduction: as :class:`DCLLoss`.
+        learnable: the module owns t and b as parameters, initialised from ``logit_scale`` / ``logit_bias``
+            (floats): ``self.logit_scale`` holds log t, as open_clip stores it, clamped like open_clip's to
+            t ≤ ``max_logit_scale``; ``self.logit_bias`` holds b.
+        max_logit_scale: the clamp of a learnable t (open_clip's 100).
 
     Shape:
         x, y: ``[N, D]`` paired rows. Output: ``[]``.
@@ -488,6 +513,9 @@ class SigLIPLoss(nn.Module):
         >>> loss_fn(torch.randn(8, 32), torch.randn(8, 32)).backward()
         >>> loss_fn.logit_scale.grad is not None and loss_fn.logit_bias.grad is not None
         True
+        >>> owned = SigLIPLoss(learnable=True)                  # owns log t = log 10 and b = -10
+        >>> sorted(name for name, _ in owned.named_parameters())
+        ['logit_bias', 'logit_scale']
     """
 
     def __init__(
@@ -500,9 +528,18 @@ class SigLIPLoss(nn.Module):
         distributed: str = "auto",
         check_finite: bool = False,
         reduction: str = "mean",
+        learnable: bool = False,
+        max_logit_scale: float = MAX_LOGIT_SCALE,
     ):
         super().__init__()
-        self.logit_scale, self.logit_bias = logit_scale, logit_bias  # an nn.Parameter registers itself
+        self.learnable = learnable
+        if learnable:
+            if isinstance(logit_bias, bool) or not isinstance(logit_bias, (int, float)):
+                raise TypeError(f"logit_bias: expected a float (the initial b) with learnable=True, got {logit_bias!r}")
+            _owned_logit_scale(self, logit_scale, max_logit_scale)
+            self.logit_bias = nn.Parameter(torch.tensor(float(logit_bias)))
+        else:
+            self.logit_scale, self.logit_bias = logit_scale, logit_bias  # an nn.Parameter registers itself
         self.sub_dim, self.normalize, self.check_finite = sub_dim, normalize, check_finite
         self.backend, self.distributed, self.reduction = backend, distributed, reduction
 
@@ -516,10 +553,12 @@ class SigLIPLoss(nn.Module):
     ) -> Tensor:
         """Args: x, y: ``[N, D]``; logit_scale, logit_bias: this call's t and b (``None``: the module's);
         weight: per-anchor (per x row) weights ``[N]``."""
+        if logit_scale is None:
+            logit_scale = _clamped_scale(self) if self.learnable else self.logit_scale
         return functional.siglip(
             x,
             y,
-            self.logit_scale if logit_scale is None else logit_scale,
+            logit_scale,
             self.logit_bias if logit_bias is None else logit_bias,
             sub_dim=self.sub_dim,
             normalize=self.normalize,
@@ -528,4 +567,85 @@ class SigLIPLoss(nn.Module):
             reduction=self.reduction,
             weight=weight,
             check_finite=self.check_finite,
+        )
+
+
+class CLIPLoss(nn.Module):
+    """CLIP's symmetric InfoNCE (Radford et al. 2021, https://arxiv.org/abs/2103.00020) owning its learnable
+    logit scale: ``L = ½ [CE(t·x̂ŷᵀ, I) + CE(t·ŷx̂ᵀ, I)]``, :func:`fastcl.functional.info_nce` with τ = 1/t.
+
+    ``self.logit_scale`` holds log t as open_clip stores it (initialised to log(1/0.07), as open_clip's
+    ``init_logit_scale``); each forward first clamps it in place to [0, ln ``max_logit_scale``], as
+    open_clip's training loop does after every optimizer step, so a checkpoint's value loads as is.
+    For open_clip's own call forms use :class:`fastcl.compat.open_clip.ClipLoss`.
+
+    Args:
+        logit_scale: the initial t (not its log): open_clip's 1/0.07.
+        learnable: own t as a parameter (``True``) or keep it fixed.
+        max_logit_scale: the clamp of t (open_clip's 100).
+        sub_dim, normalize, backend, distributed, check_finite, reduction: as :class:`InfoNCELoss`.
+
+    Shape:
+        image_features, text_features: ``[N, D]`` paired rows. Output: ``[]`` (``[2, N]`` for
+        ``reduction="none"``: row 0 the images' ℓ, row 1 the texts').
+
+    Returns:
+        The loss, 0-dim float32 (float64 for float64 inputs).
+
+    Raises:
+        ValueError, TypeError: bad input, naming the argument. RuntimeError: a backend that cannot run here.
+
+    Example:
+        >>> import torch
+        >>> loss_fn = CLIPLoss()
+        >>> round(float(loss_fn.logit_scale.exp()), 4)                 # 1 / 0.07
+        14.2857
+        >>> loss_fn(torch.randn(8, 32), torch.randn(8, 32)).backward()
+        >>> loss_fn.logit_scale.grad is not None
+        True
+    """
+
+    def __init__(
+        self,
+        logit_scale: float = 1 / 0.07,
+        learnable: bool = True,
+        max_logit_scale: float = MAX_LOGIT_SCALE,
+        sub_dim: Optional[int] = None,
+        normalize: bool = True,
+        backend: str = "auto",
+        distributed: str = "auto",
+        check_finite: bool = False,
+        reduction: str = "mean",
+    ):
+        super().__init__()
+        self.learnable = learnable
+        if learnable:
+            _owned_logit_scale(self, logit_scale, max_logit_scale)
+        else:
+            self.logit_scale = logit_scale
+        self.sub_dim, self.normalize, self.check_finite = sub_dim, normalize, check_finite
+        self.backend, self.distributed, self.reduction = backend, distributed, reduction
+
+    def forward(self, image_features: Tensor, text_features: Tensor, weight: Optional[Tensor] = None) -> Tensor:
+        """Args: image_features, text_features: ``[N, D]``; weight: per-anchor weights ``[N]`` or ``[2, N]``."""
+        scale = _clamped_scale(self) if self.learnable else self.logit_scale
+        return functional.info_nce(
+            image_features,
+            text_features,
+            1.0 / scale,
+            symmetric=True,
+            sub_dim=self.sub_dim,
+            normalize=self.normalize,
+            backend=self.backend,
+            distributed=self.distributed,
+            reduction=self.reduction,
+            weight=weight,
+            check_finite=self.check_finite,
+        )
+
+    def extra_repr(self) -> str:
+        scale = float(self.logit_scale.detach().exp()) if self.learnable else self.logit_scale
+        return (
+            f"t={scale:.4g}, learnable={self.learnable}, sub_dim={self.sub_dim}, normalize={self.normalize}, "
+            f"backend={self.backend!r}, distributed={self.distributed!r}, reduction={self.reduction!r}"
         )

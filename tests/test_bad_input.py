@@ -34,7 +34,7 @@ CASES = [
     # rank
     ("nt_xent-rank3", lambda: nt_xent(_rows(N, D, 1), Z), ValueError, ["z1", "2-D", "(4, 8, 1)"]),
     ("nt_xent-rank1-z2", lambda: nt_xent(Z, _rows(D)), ValueError, ["z2", "2-D", "(8,)"]),
-    ("supcon-rank2", lambda: supcon(Z), ValueError, ["features", "3-D", "(4, 8)"]),
+    ("supcon-rank1", lambda: supcon(_rows(D)), ValueError, ["features", "2-D [N, D] or 3-D [N, V, D]", "(8,)"]),
     ("supcon-rank4", lambda: supcon(_rows(N, 2, D, 1)), ValueError, ["features", "3-D"]),
     # N and D mismatches between views
     ("info_nce-N-mismatch", lambda: info_nce(Z, _rows(N + 1, D)), ValueError, ["k", "N = 4", "(5, 8)"]),
