@@ -117,3 +117,24 @@ def test_supcon_takes_n_by_d_features_with_labels(reduction):
     assert flat.shape == ((9,) if reduction == "none" else ())
     assert torch.equal(flat, one_view.reshape(flat.shape))
     assert relative_error(flat, expected.reshape(flat.shape)) <= RTOL
+
+
+@pytest.mark.parametrize("make", [fastcl.CLIPLoss, lambda: fastcl.SigLIPLoss(learnable=True)], ids=["clip", "siglip"])
+def test_owned_parameters_compile_fullgraph(make):
+    """The in-place clamp before each use is captured by torch.compile(fullgraph=True): same loss and grads."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()
+    loss_fn, counter = make(), CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(loss_fn, backend=counter, fullgraph=True)
+    x, y = torch.randn(6, 8), torch.randn(6, 8)
+    results = []
+    for fn in (compiled, loss_fn):
+        loss_fn.zero_grad()
+        loss = fn(x, y)
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in loss_fn.parameters()]))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-6, atol=0)
+    for g, h in zip(results[0][1], results[1][1]):
+        torch.testing.assert_close(g, h, rtol=1e-5, atol=1e-7)
+    assert counter.frame_count == 1
