@@ -19,12 +19,24 @@ _EXPORTS = {
 }
 
 
-def compile_specs(dtype, precision: str, sub_dim: int) -> list:
+def compile_specs(dtype, precision: str, sub_dim: int, layout: str = "contiguous") -> list:
     """Every shipped tile kernel as ``kernels._common.CompileSpec`` rows, for the compile-only report
-    (``fastcl.profiler.compile_report``): rows of ``dtype``, dots in ``precision``, width ``sub_dim``."""
+    (``fastcl.profiler.compile_report``): rows of ``dtype`` in ``layout`` (``_common.LAYOUTS``), dots in
+    ``precision``, width ``sub_dim``."""
     specs = []
     for module in ("ntxent", "supcon", "infonce", "block"):
-        specs += importlib.import_module(f"{__name__}.{module}").compile_specs(dtype, precision, sub_dim)
+        specs += importlib.import_module(f"{__name__}.{module}").compile_specs(dtype, precision, sub_dim,
+                                                                               layout=layout)
+    return specs
+
+
+def auxiliary_specs(dtype, sub_dim: int, layout: str = "contiguous") -> list:
+    """The kernels outside the tile tables (the inverse-norm pre-pass, row epilogues, InfoNCE's finish, the
+    augmentation kernels) as ``CompileSpec`` rows of kind ``"launch"`` (compiled with their launch's own
+    block sizes and 4 warps), for the address check (``compile_only.address_check``)."""
+    specs = []
+    for module in ("_common", "infonce", "block", "augment"):
+        specs += importlib.import_module(f"{__name__}.{module}").auxiliary_specs(dtype, sub_dim, layout=layout)
     return specs
 
 

@@ -250,6 +250,29 @@ def autotune_configs(kind: str) -> list:
     return [_config(kind, e) for e in dict.fromkeys(sum((t[arch] for pair in tables for t in pair), []))]
 
 
+# Input layouts the compile-only report's address check compiles each kernel for: contiguous rows (Triton
+# specializes the unit feature stride away), column-major rows (a transposed view: the row stride is the unit
+# one, the feature stride a runtime value) and every other column of a wider buffer (both strides runtime,
+# as for a sub_dim slice of a strided view).
+LAYOUTS = ("contiguous", "transposed", "strided")
+
+
+def example_rows(shape: tuple, dtype: torch.dtype, layout: str = "contiguous") -> torch.Tensor:
+    """An uninitialized tensor of ``shape`` (last dim: features) in one of :data:`LAYOUTS`, for compile specs.
+
+    Example:
+        >>> [example_rows((4, 8), torch.float32, layout).stride() for layout in LAYOUTS]
+        [(8, 1), (1, 4), (16, 2)]
+    """
+    if layout == "contiguous":
+        return torch.empty(shape, dtype=dtype)
+    if layout == "transposed":
+        return torch.empty(shape[::-1], dtype=dtype).permute(*range(len(shape) - 1, -1, -1))
+    if layout == "strided":
+        return torch.empty((*shape[:-1], 2 * shape[-1]), dtype=dtype)[..., ::2]
+    raise ValueError(f"layout: expected one of {LAYOUTS}, got {layout!r}")
+
+
 class CompileSpec(NamedTuple):
     """One kernel as the compile-only report compiles it: a name, its config table ("forward" /
     "backward" / "block_backward"), the ``@triton.jit`` function, launch arguments (CPU tensors of the real shapes: only
@@ -296,9 +319,9 @@ def similarity_tile(
     for d0 in range(0, D, BLOCK_D):
         d = d0 + offs_d
         d_mask = d < D
-        a = tl.load(a_ptr + rows.to(tl.int64)[:, None] * stride_am + d[None, :] * stride_ad,
+        a = tl.load(a_ptr + rows.to(tl.int64)[:, None] * stride_am + d.to(tl.int64)[None, :] * stride_ad,
                     mask=row_mask[:, None] & d_mask[None, :], other=0.0)
-        b = tl.load(b_ptr + cols.to(tl.int64)[:, None] * stride_bm + d[None, :] * stride_bd,
+        b = tl.load(b_ptr + cols.to(tl.int64)[:, None] * stride_bm + d.to(tl.int64)[None, :] * stride_bd,
                     mask=col_mask[:, None] & d_mask[None, :], other=0.0)
         acc = mma(a, tl.trans(b), acc, PRECISION, ACC)
     return acc
@@ -367,12 +390,15 @@ def single_rows(ptr, stride_m, stride_d, n):
 
 @triton.jit
 def stacked_pointers(src, rows, d):
-    """Pointers to the [rows, d] elements of the stacked rows ``src`` (see :func:`pair_rows`)."""
+    """Pointers to the [rows, d] elements of the stacked rows ``src`` (see :func:`pair_rows`). Every
+    index × stride product is int64 (rows × stride or d × a transposed view's stride may pass 2³¹); the
+    block / local split stays in the rows' own width (no 64-bit division for int32 rows)."""
     first_ptr, first_stride_m, first_stride_d, rest_ptr, rest_stride_block, rest_stride_m, rest_stride_d, n = src
     block = rows // n
-    local = rows - block * n
-    first = first_ptr + local[:, None] * first_stride_m + d[None, :] * first_stride_d
-    rest = rest_ptr + block[:, None] * rest_stride_block + local[:, None] * rest_stride_m + d[None, :] * rest_stride_d
+    local = (rows % n).to(tl.int64)[:, None]
+    d = d.to(tl.int64)[None, :]
+    first = first_ptr + local * first_stride_m + d * first_stride_d
+    rest = rest_ptr + block.to(tl.int64)[:, None] * rest_stride_block + local * rest_stride_m + d * rest_stride_d
     # One load through selected pointers: the select is constant along d, so loads stay vectorized.
     return tl.where((block == 0)[:, None], first, rest)
 
@@ -459,6 +485,16 @@ def inverse_norms(rows: tuple, m: int, sub_dim: int) -> torch.Tensor:
         **LAUNCH_OPTIONS,
     )
     return out
+
+
+def auxiliary_specs(dtype: torch.dtype, sub_dim: int, n: int = 4096, layout: str = "contiguous") -> list[CompileSpec]:
+    """The inverse-norm pre-pass as NT-Xent ([z1; z2]) and SupCon (view-major [n, 2, sub_dim]) launch it."""
+    out = torch.empty(2 * n, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+    meta = dict(BLOCK=128, BLOCK_D=max(16, min(64, triton.next_power_of_2(sub_dim))), ACC=accumulator(dtype))
+    pair = pair_rows(example_rows((n, sub_dim), dtype, layout), example_rows((n, sub_dim), dtype, layout))
+    views = view_major_rows(example_rows((n, 2, sub_dim), dtype, layout))
+    return [CompileSpec(f"inverse_norms_{name}", "launch", _inverse_norms_kernel, (*rows, out, 2 * n, sub_dim), meta)
+            for name, rows in (("pair", pair), ("views", views))]
 
 
 def shape_bucket(rows: int) -> int:

@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 from fastcl.augment.colour import RGB_TO_YIQ, YIQ_TO_RGB
-from fastcl.kernels._common import LAUNCH_OPTIONS
+from fastcl.kernels._common import LAUNCH_OPTIONS, CompileSpec
 
 _TWO_PI = tl.constexpr(6.283185307179586)
 # Forward / inverse YIQ matrices as compile-time constants (Triton cannot read Python globals otherwise).
@@ -92,8 +92,9 @@ def _resample(x_ptr, n, pix, mask, box_ptr, flip, S, sxb, sxc, sxh, sxw, C: tl.c
     dy = stepy.to(tl.int64) * sxh
     r = _bilinear(base, mask, dx, dy, lx, ly, IS_U8)
     if C == 3:
+        # Channel steps as pointer steps (no 2 × stride product in int32).
         g = _bilinear(base + sxc, mask, dx, dy, lx, ly, IS_U8)
-        b = _bilinear(base + 2 * sxc, mask, dx, dy, lx, ly, IS_U8)
+        b = _bilinear(base + sxc + sxc, mask, dx, dy, lx, ly, IS_U8)
     else:
         g = r
         b = r
@@ -244,7 +245,7 @@ def _augment_view_kernel(
     tl.store(out, r.to(out_ptr.dtype.element_ty), mask=mask)
     if C == 3:
         tl.store(out + soc, g.to(out_ptr.dtype.element_ty), mask=mask)
-        tl.store(out + 2 * soc, b.to(out_ptr.dtype.element_ty), mask=mask)
+        tl.store(out + soc + soc, b.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def augment_view(
@@ -284,3 +285,27 @@ def augment_view(
         *mean3, *std3, size, *x.stride(), *out.stride(),
         SOLARIZE_NORMALIZE=solarize_normalize, BLOCK=block, **common)
     return out
+
+
+def auxiliary_specs(dtype: torch.dtype, sub_dim: int = 0, layout: str = "contiguous", batch: int = 256,
+                    height: int = 256, size: int = 224) -> list[CompileSpec]:
+    """Both kernels as :func:`augment_view` launches them: a uint8 [batch, 3, height, height] batch in ``layout``
+    ("transposed": channels-last, "strided": every other column of a wider image) into a [batch, 3, size, size]
+    view of ``dtype`` (``sub_dim`` is not used)."""
+    x = torch.empty(batch, 3, height, height * (2 if layout == "strided" else 1), dtype=torch.uint8)
+    x = x[..., ::2] if layout == "strided" else x
+    x = x.contiguous(memory_format=torch.channels_last) if layout == "transposed" else x
+    out = torch.empty(batch, 3, size, size, dtype=dtype)
+    box, order = torch.empty(batch, 4, dtype=torch.int64), torch.empty(batch, 4, dtype=torch.int64)
+    flags, factors = torch.empty(batch, dtype=torch.int8), torch.empty(batch, 4, dtype=torch.float32)
+    vector = torch.empty(batch, dtype=torch.float32)
+    block = min(1024, triton.next_power_of_2(size * size))
+    meta = dict(C=3, IS_U8=True, HUE_YIQ=False, BLOCK=block)
+    return [
+        CompileSpec("augment_contrast_mean", "launch", _contrast_mean_kernel,
+                    (x, vector, box, flags, factors, order, torch.empty(batch, dtype=torch.int32), size,
+                     *x.stride()), meta),
+        CompileSpec("augment_view", "launch", _augment_view_kernel,
+                    (x, out, box, flags, factors, flags, order, flags, vector, flags, vector, *([0.5] * 6), size,
+                     *x.stride(), *out.stride()), dict(meta, SOLARIZE_NORMALIZE=True)),
+    ]

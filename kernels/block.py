@@ -60,6 +60,7 @@ from fastcl.kernels._common import (
     accumulator,
     autotune_configs,
     dot_precision,
+    example_rows,
     gradient_prescale,
     interpreted,
     load_inverse_norms,
@@ -160,8 +161,8 @@ def _similarity_chunks(
         else:
             b = tl.load(b_ptrs, mask=d_mask[None, :], other=0.0)
         acc = mma(a, tl.trans(b), acc, PRECISION, ACC)
-        a_ptrs += BLOCK_D * stride_ad
-        b_ptrs += BLOCK_D * stride_kd
+        a_ptrs += BLOCK_D * tl.cast(stride_ad, tl.int64)
+        b_ptrs += BLOCK_D * tl.cast(stride_kd, tl.int64)
     return acc
 
 
@@ -307,7 +308,7 @@ def _fold_keys(
     Key tiles [0, full) hold no padding; with a self entry, tiles [self_lo, self_hi) hold the anchors' own
     rows. Those and the tail tile go through the masked fold, the rest through the unmasked one."""
     tile_cols = tl.arange(0, BLOCK_N).to(tl.int64)
-    b_ptrs0 = k_ptr + tile_cols[:, None] * stride_km + tl.arange(0, BLOCK_D)[None, :] * stride_kd
+    b_ptrs0 = k_ptr + tile_cols[:, None] * stride_km + tl.arange(0, BLOCK_D).to(tl.int64)[None, :] * stride_kd
     full, self_lo, self_hi = _tile_ranges(first_row, BLOCK_M, self_offset, K, BLOCK_N, HAS_SELF)
     for tile in range(0, self_lo):
         running_max, running_sum, pos_sum, pos_weight = _fold_tile(
@@ -348,8 +349,10 @@ def _index_positive(
     for d0 in range(0, D, BLOCK_D):
         d = d0 + tl.arange(0, BLOCK_D)
         mask = valid[:, None] & (d < D)[None, :]
-        a = tl.load(a_ptr + rows.to(tl.int64)[:, None] * stride_am + d[None, :] * stride_ad, mask=mask, other=0.0)
-        k = tl.load(k_ptr + pos.to(tl.int64)[:, None] * stride_km + d[None, :] * stride_kd, mask=mask, other=0.0)
+        a = tl.load(a_ptr + rows.to(tl.int64)[:, None] * stride_am + d.to(tl.int64)[None, :] * stride_ad, mask=mask,
+                    other=0.0)
+        k = tl.load(k_ptr + pos.to(tl.int64)[:, None] * stride_km + d.to(tl.int64)[None, :] * stride_kd, mask=mask,
+                    other=0.0)
         dot += tl.sum(a.to(ACC) * k.to(ACC), axis=1)
     if NORMALIZE:
         dot *= tl.load(k_inv_ptr + pos, mask=valid, other=1.0)
@@ -376,7 +379,7 @@ def _block_forward_kernel(
     row_scale = load_inverse_norms(a_inv_ptr, rows, row_mask, NORMALIZE, ACC) * (_LOG2E / tl.load(tau_ptr))
     pos_rows, a_labels = _row_positives(pos_index_ptr, a_labels_ptr, rows, row_mask, POSITIVES)
     bias2 = tl.load(bias_ptr).to(ACC) * _LOG2E  # sigmoid: b in base 2 (a placeholder otherwise, unused)
-    a_ptrs = a_ptr + rows.to(tl.int64)[:, None] * stride_am + tl.arange(0, BLOCK_D)[None, :] * stride_ad
+    a_ptrs = a_ptr + rows.to(tl.int64)[:, None] * stride_am + tl.arange(0, BLOCK_D).to(tl.int64)[None, :] * stride_ad
     running_max = tl.full((BLOCK_M,), float("-inf"), dtype=ACC)
     running_sum = tl.zeros((BLOCK_M,), dtype=ACC)
     pos_sum = tl.zeros((BLOCK_M,), dtype=ACC)
@@ -554,8 +557,8 @@ def _symmetric_keys(
     """Walks all K key rows at ``k_ptr`` with :func:`_symmetric_tile`: steady tiles unmasked, then the self
     tiles (entry c = r + self_offset; an offset ≥ K means none) and the tail tile masked."""
     tile_cols = tl.arange(0, BLOCK_N).to(tl.int64)
-    b_ptrs0 = k_ptr + tile_cols[:, None] * stride_km + tl.arange(0, BLOCK_D)[None, :] * stride_kd
-    slice_ptrs0 = k_ptr + tile_cols[:, None] * stride_km + out[None, :] * stride_kd
+    b_ptrs0 = k_ptr + tile_cols[:, None] * stride_km + tl.arange(0, BLOCK_D).to(tl.int64)[None, :] * stride_kd
+    slice_ptrs0 = k_ptr + tile_cols[:, None] * stride_km + out.to(tl.int64)[None, :] * stride_kd
     full, self_lo, self_hi = _tile_ranges(first_row, BLOCK_M, self_offset, K, BLOCK_N, True)
     for tile in range(0, self_lo):
         d_hat, radial = _symmetric_tile(
@@ -615,10 +618,10 @@ def _block_anchor_kernel(
     row_scale = load_inverse_norms(a_inv_ptr, rows, row_mask, NORMALIZE, ACC) * (_LOG2E / tau)
     pos_rows, a_labels = _row_positives(pos_index_ptr, a_labels_ptr, rows, row_mask, POSITIVES)
     lse2, alpha, beta = _row_coefficients(lse_ptr, alpha_ptr, beta_ptr, bias_ptr, rows, row_mask, PRESCALE, SIGMOID)
-    a_ptrs = a_ptr + rows.to(tl.int64)[:, None] * stride_am + tl.arange(0, BLOCK_D)[None, :] * stride_ad
+    a_ptrs = a_ptr + rows.to(tl.int64)[:, None] * stride_am + tl.arange(0, BLOCK_D).to(tl.int64)[None, :] * stride_ad
     tile_cols = tl.arange(0, BLOCK_N).to(tl.int64)
-    b_ptrs0 = k_ptr + tile_cols[:, None] * stride_km + tl.arange(0, BLOCK_D)[None, :] * stride_kd
-    slice_ptrs0 = k_ptr + tile_cols[:, None] * stride_km + out[None, :] * stride_kd
+    b_ptrs0 = k_ptr + tile_cols[:, None] * stride_km + tl.arange(0, BLOCK_D).to(tl.int64)[None, :] * stride_kd
+    slice_ptrs0 = k_ptr + tile_cols[:, None] * stride_km + out.to(tl.int64)[None, :] * stride_kd
     d_hat = tl.zeros((BLOCK_M, BLOCK_DO), dtype=ACC)
     g_sum = tl.zeros((BLOCK_M,), dtype=ACC)
     full, self_lo, self_hi = _tile_ranges(first_row, BLOCK_M, self_offset, K, BLOCK_N, HAS_SELF)
@@ -652,8 +655,8 @@ def _block_anchor_kernel(
         if HAS_SELF:
             valid = valid & (pos_rows != rows + self_offset)
         pos = tl.where(valid, pos_rows, 0)
-        k_pos = _load_slice(k_ptr + pos.to(tl.int64)[:, None] * stride_km + out[None, :] * stride_kd, valid, out_mask,
-                            True, EVEN_DO).to(ACC)
+        k_pos = _load_slice(k_ptr + pos.to(tl.int64)[:, None] * stride_km + out.to(tl.int64)[None, :] * stride_kd,
+                            valid, out_mask, True, EVEN_DO).to(ACC)
         if NORMALIZE:
             k_pos = k_pos * tl.load(k_inv_ptr + pos, mask=valid, other=1.0)[:, None]
         d_hat -= tl.where(valid, beta, 0.0)[:, None] * k_pos
@@ -724,10 +727,10 @@ def _block_key_kernel(
     tau = tl.load(tau_ptr)
     k_inv = load_inverse_norms(k_inv_ptr, cols, col_mask, NORMALIZE, ACC)
     col_scale_tau = k_inv / tau
-    b_ptrs = k_ptr + cols.to(tl.int64)[:, None] * stride_km + tl.arange(0, BLOCK_D)[None, :] * stride_kd
+    b_ptrs = k_ptr + cols.to(tl.int64)[:, None] * stride_km + tl.arange(0, BLOCK_D).to(tl.int64)[None, :] * stride_kd
     tile_rows = tl.arange(0, BLOCK_M).to(tl.int64)
-    a_ptrs0 = a_ptr + tile_rows[:, None] * stride_am + tl.arange(0, BLOCK_D)[None, :] * stride_ad
-    slice_ptrs0 = a_ptr + tile_rows[:, None] * stride_am + out[None, :] * stride_ad
+    a_ptrs0 = a_ptr + tile_rows[:, None] * stride_am + tl.arange(0, BLOCK_D).to(tl.int64)[None, :] * stride_ad
+    slice_ptrs0 = a_ptr + tile_rows[:, None] * stride_am + out.to(tl.int64)[None, :] * stride_ad
     d_hat = tl.zeros((BLOCK_N, BLOCK_DO), dtype=ACC)
     # Padding keys (the last key block) only feed their own rows of d_hat, which are never stored: no
     # anchor tile needs a key mask. Masked tiles: the anchors' self entries and the last anchor tile.
@@ -776,7 +779,8 @@ def _normalization_backward_kernel(
     for d0 in range(0, D, BLOCK_D):
         d = d0 + tl.arange(0, BLOCK_D)
         mask = row_mask[:, None] & (d < D)[None, :]
-        rows_x = tl.load(x_ptr + rows.to(tl.int64)[:, None] * stride_m + d[None, :] * stride_d, mask=mask, other=0.0)
+        rows_x = tl.load(x_ptr + rows.to(tl.int64)[:, None] * stride_m + d.to(tl.int64)[None, :] * stride_d, mask=mask,
+                         other=0.0)
         d_hat = tl.load(grad_ptr + rows.to(tl.int64)[:, None] * D + d[None, :], mask=mask, other=0.0)
         radial += tl.sum(rows_x.to(ACC) * d_hat, axis=1)
     radial *= inv
@@ -1021,12 +1025,24 @@ def _normalization_backward(x: Tensor, inv: Optional[Tensor], grad: Tensor, tau:
     return radial
 
 
-def compile_specs(dtype: torch.dtype, precision: str, sub_dim: int, n: int = 4096) -> list[CompileSpec]:
-    """The three block kernels for the compile-only report: contiguous [n, sub_dim] anchors and keys,
+def auxiliary_specs(dtype: torch.dtype, sub_dim: int, n: int = 4096, layout: str = "contiguous") -> list[CompileSpec]:
+    """The row epilogue (``_normalization_backward``) on [n, sub_dim] rows in ``layout``."""
+    acc = accumulation_dtype(dtype)
+    x = example_rows((n, sub_dim), dtype, layout)
+    vector = torch.empty(n, dtype=acc)
+    meta = dict(NORMALIZE=True, BLOCK=64, BLOCK_D=max(16, min(64, triton.next_power_of_2(sub_dim))),
+                ACC=accumulator(dtype))
+    args = (x, *x.stride(), vector, torch.empty(n, sub_dim, dtype=acc), vector, n, sub_dim)
+    return [CompileSpec("block_normalization_backward", "launch", _normalization_backward_kernel, args, meta)]
+
+
+def compile_specs(dtype: torch.dtype, precision: str, sub_dim: int, n: int = 4096,
+                  layout: str = "contiguous") -> list[CompileSpec]:
+    """The three block kernels for the compile-only report: [n, sub_dim] anchors and keys in ``layout``,
     normalized, self entry, with labels or a bool sample mask (SupCon's blocks) and with a positive index
     (NT-Xent's); and SigLIP's sigmoid epilogue (images × texts, index positives, no self entry)."""
     acc = accumulation_dtype(dtype)
-    a, k = (torch.empty(n, sub_dim, dtype=dtype) for _ in range(2))
+    a, k = (example_rows((n, sub_dim), dtype, layout) for _ in range(2))
     vector = lambda: torch.empty(n, dtype=acc)  # noqa: E731
     tau = torch.empty((), dtype=acc)
     rows = (a, a.stride(0), a.stride(1), k, k.stride(0), k.stride(1), vector(), vector(), tau)

@@ -45,6 +45,7 @@ from fastcl.kernels._common import (
     accumulator,
     autotune_configs,
     dot_precision,
+    example_rows,
     finish_logsumexp,
     gradient_prescale,
     interpreted,
@@ -97,6 +98,9 @@ def _infonce_forward_kernel(
     first_tile = split * col_tiles // SPLITS
     last_tile = (split + 1) * col_tiles // SPLITS
     tau = tl.load(tau_ptr)
+    # This program's partial slots: row partial `split`, column partial `group` (int64: split × N).
+    row_partials = row_partial_ptr + tl.cast(split, tl.int64) * N
+    col_partials = col_partial_ptr + tl.cast(group, tl.int64) * N
     for block in range(first_block, last_block):
         rows = (block * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
         row_mask = rows < N
@@ -116,7 +120,7 @@ def _infonce_forward_kernel(
                 s = tl.where(row_mask[:, None], s, float("-inf"))
                 tile_max = tl.max(s, axis=0)
                 tile_lse = tile_max + tl.log(tl.sum(tl.exp(s - tile_max[None, :]), axis=0))
-                slot = col_partial_ptr + group * N + cols
+                slot = col_partials + cols
                 # The group's first row block writes its slot; later ones fold into it (log-add-exp).
                 later_visit = tl.zeros_like(cols) + block > first_block
                 earlier = tl.load(slot, mask=col_mask & later_visit, other=float("-inf"))
@@ -124,7 +128,7 @@ def _infonce_forward_kernel(
                 top = tl.maximum(earlier, tile_lse)
                 merged = top + tl.log(1.0 + tl.exp(tl.minimum(earlier, tile_lse) - top))
                 tl.store(slot, merged, mask=col_mask)
-        tl.store(row_partial_ptr + split * N + rows, finish_logsumexp(running_max, running_sum), mask=row_mask)
+        tl.store(row_partials + rows, finish_logsumexp(running_max, running_sum), mask=row_mask)
         if SYMMETRIC:
             # Makes this row block's column-partial stores visible to the threads that read them next.
             tl.debug_barrier()
@@ -135,8 +139,9 @@ def _merge_partials(partial_ptr, count, N, rows, row_mask, ACC: tl.constexpr):
     """log Σ_p exp(partial[p, rows]) over p = 0..count-1, in that order."""
     running_max = tl.full(rows.shape, float("-inf"), dtype=ACC)
     running_sum = tl.zeros(rows.shape, dtype=ACC)
-    for p in range(0, count):
-        x = tl.load(partial_ptr + p * N + rows, mask=row_mask, other=0.0)
+    for _ in range(0, count):
+        x = tl.load(partial_ptr + rows, mask=row_mask, other=0.0)
+        partial_ptr += N  # the next partial's row: a pointer step, no p × N product
         top = tl.maximum(running_max, x)
         running_sum = running_sum * tl.exp(running_max - top) + tl.exp(x - top)
         running_max = top
@@ -159,8 +164,8 @@ def _infonce_finish_kernel(
     for d0 in range(0, D, BLOCK_D):
         d = d0 + tl.arange(0, BLOCK_D)
         mask = row_mask[:, None] & (d < D)[None, :]
-        a = tl.load(q_ptr + rows[:, None] * stride_qn + d[None, :] * stride_qd, mask=mask, other=0.0)
-        b = tl.load(k_ptr + rows[:, None] * stride_kn + d[None, :] * stride_kd, mask=mask, other=0.0)
+        a = tl.load(q_ptr + rows[:, None] * stride_qn + d.to(tl.int64)[None, :] * stride_qd, mask=mask, other=0.0)
+        b = tl.load(k_ptr + rows[:, None] * stride_kn + d.to(tl.int64)[None, :] * stride_kd, mask=mask, other=0.0)
         positive += tl.sum(a.to(ACC) * b.to(ACC), axis=1)
     positive = positive * load_inverse_norms(inv_q_ptr, rows, row_mask, NORMALIZE, ACC)
     positive = positive * load_inverse_norms(inv_k_ptr, rows, row_mask, NORMALIZE, ACC) / tl.load(tau_ptr)
@@ -201,8 +206,8 @@ def _column_lse(lse_cols_ptr, cols, col_mask, SYMMETRIC: tl.constexpr, ACC: tl.c
 @triton.jit
 def _normalized_slice(x_ptr, stride_n, stride_d, idx, mask, inv, out, out_mask, ACC: tl.constexpr):
     """x[idx, out] · inv[idx] (the normalized rows' slice) in the input dtype, as a GEMM operand."""
-    x = tl.load(x_ptr + idx[:, None] * stride_n + out[None, :] * stride_d, mask=mask[:, None] & out_mask[None, :],
-                other=0.0)
+    x = tl.load(x_ptr + idx.to(tl.int64)[:, None] * stride_n + out.to(tl.int64)[None, :] * stride_d,
+                mask=mask[:, None] & out_mask[None, :], other=0.0)
     return (x.to(ACC) * inv[:, None]).to(x.dtype)
 
 
@@ -374,13 +379,28 @@ def infonce_backward(
 
 
 
-def compile_specs(dtype: torch.dtype, precision: str, sub_dim: int, n: int = 4096) -> list[CompileSpec]:
-    """Symmetric and one-directional forward, dQ and dK, on contiguous [n, sub_dim] q and k (normalized)."""
+def auxiliary_specs(dtype: torch.dtype, sub_dim: int, n: int = 4096, layout: str = "contiguous") -> list[CompileSpec]:
+    """The forward's finish kernel (symmetric) on [n, sub_dim] q and k in ``layout``."""
     acc_dtype = accumulation_dtype(dtype)
-    q, k = (torch.empty(n, sub_dim, dtype=dtype) for _ in range(2))
+    q, k = (example_rows((n, sub_dim), dtype, layout) for _ in range(2))
+    vector = lambda: torch.empty(n, dtype=acc_dtype)  # noqa: E731
+    partials = torch.empty(16, n, dtype=acc_dtype)
+    args = (q, *q.stride(), k, *k.stride(), vector(), vector(), torch.empty((), dtype=acc_dtype), partials, partials,
+            vector(), vector(), vector(), n, sub_dim, 16, 16)
+    meta = dict(SYMMETRIC=True, NORMALIZE=True, BLOCK=128, BLOCK_D=max(16, min(64, triton.next_power_of_2(sub_dim))),
+                ACC=accumulator(dtype))
+    return [CompileSpec("infonce_finish", "launch", _infonce_finish_kernel, args, meta)]
+
+
+def compile_specs(dtype: torch.dtype, precision: str, sub_dim: int, n: int = 4096,
+                  layout: str = "contiguous") -> list[CompileSpec]:
+    """Symmetric and one-directional forward, dQ and dK, on [n, sub_dim] q and k in ``layout`` (normalized)."""
+    acc_dtype = accumulation_dtype(dtype)
+    q, k = (example_rows((n, sub_dim), dtype, layout) for _ in range(2))
     vector = lambda: torch.empty(n, dtype=acc_dtype)  # noqa: E731
     tau = torch.empty((), dtype=acc_dtype)
     operands = (q, q.stride(0), q.stride(1), k, k.stride(0), k.stride(1), vector(), vector(), tau)
+    grad = torch.empty(n, sub_dim, dtype=dtype)  # dq and dk: allocated contiguous by the op
     specs = []
     for symmetric in (True, False):
         name = "infonce" if symmetric else "infonce_onedir"
@@ -392,10 +412,10 @@ def compile_specs(dtype: torch.dtype, precision: str, sub_dim: int, n: int = 409
         lse = (tau, vector(), vector())
         specs += [
             CompileSpec(f"{name}_dq", "backward", _infonce_dq_kernel.fn,
-                        (*operands, *lse, torch.empty_like(q), q.stride(0), q.stride(1), vector(), n, sub_dim,
+                        (*operands, *lse, grad, *grad.stride(), vector(), n, sub_dim,
                          shape_bucket(n)), backward),
             CompileSpec(f"{name}_dk", "backward", _infonce_dk_kernel.fn,
-                        (*operands, *lse, torch.empty_like(k), k.stride(0), k.stride(1), n, sub_dim,
+                        (*operands, *lse, grad, *grad.stride(), n, sub_dim,
                          shape_bucket(n)), backward),
         ]
     return specs

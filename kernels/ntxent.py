@@ -39,6 +39,7 @@ from fastcl.kernels._common import (
     accumulator,
     autotune_configs,
     dot_precision,
+    example_rows,
     finish_row_gradient,
     gradient_prescale,
     inverse_norms,
@@ -78,7 +79,7 @@ def _ntxent_forward_kernel(
     a_inv_ptr = inv_ptr + own_start
     b_inv_ptr = inv_ptr + other_start
     row_scale = load_inverse_norms(a_inv_ptr, rows, row_mask, NORMALIZE, ACC) * (_LOG2E / tl.load(tau_ptr))
-    a_ptrs = a_ptr + rows.to(tl.int64)[:, None] * stride_am + tl.arange(0, BLOCK_D)[None, :] * stride_ad
+    a_ptrs = a_ptr + rows.to(tl.int64)[:, None] * stride_am + tl.arange(0, BLOCK_D).to(tl.int64)[None, :] * stride_ad
     running_max = tl.full((BLOCK_M,), float("-inf"), dtype=ACC)
     running_sum = tl.zeros((BLOCK_M,), dtype=ACC)
     unused = tl.zeros((BLOCK_M,), dtype=ACC)  # the fold's positive sums: NT-Xent's positive is a row dot
@@ -119,7 +120,7 @@ def _ntxent_backward_kernel(
     inv_rows = load_inverse_norms(a_inv_ptr, rows, row_mask, NORMALIZE, ACC)
     row_scale = inv_rows * (_LOG2E / tl.load(tau_ptr))
     lse2_rows = tl.load(lse2_ptr + own_start + rows, mask=row_mask, other=0.0)
-    a_ptrs = a_ptr + rows.to(tl.int64)[:, None] * stride_am + tl.arange(0, BLOCK_D)[None, :] * stride_ad
+    a_ptrs = a_ptr + rows.to(tl.int64)[:, None] * stride_am + tl.arange(0, BLOCK_D).to(tl.int64)[None, :] * stride_ad
     d_hat = tl.zeros((BLOCK_M, BLOCK_DO), dtype=ACC)
     radial = tl.zeros((BLOCK_M,), dtype=ACC)
     for view in tl.static_range(2):
@@ -135,8 +136,8 @@ def _ntxent_backward_kernel(
     # The partner's −2: ẑ_pos(i) gathered once, its logit a row dot (both outside the element loop).
     positive, _ = _index_positive(a_ptr, stride_am, stride_ad, b_ptr, stride_bm, stride_bd, b_inv_ptr, rows,
                                   row_mask, row_scale, rows, 0, D, NORMALIZE, False, BLOCK_M, BLOCK_D, ACC)
-    partner = _load_slice(b_ptr + rows.to(tl.int64)[:, None] * stride_bm + out[None, :] * stride_bd, row_mask,
-                          out_mask, True, EVEN_DO).to(ACC)
+    partner = _load_slice(b_ptr + rows.to(tl.int64)[:, None] * stride_bm + out.to(tl.int64)[None, :] * stride_bd,
+                          row_mask, out_mask, True, EVEN_DO).to(ACC)
     partner *= load_inverse_norms(b_inv_ptr, rows, row_mask, NORMALIZE, ACC)[:, None]
     d_hat -= (2.0 * PRESCALE) * partner
     radial = (radial * row_scale - 2.0 * positive) * _LN2
@@ -199,16 +200,18 @@ def ntxent_backward(
     return dz1, dz2, radial.sum() / 2
 
 
-def compile_specs(dtype: torch.dtype, precision: str, sub_dim: int, n: int = 2048) -> list[CompileSpec]:
-    """The forward and backward kernels as launched on contiguous [n, sub_dim] rows (normalized; view 1)."""
+def compile_specs(dtype: torch.dtype, precision: str, sub_dim: int, n: int = 2048,
+                  layout: str = "contiguous") -> list[CompileSpec]:
+    """The forward and backward kernels as launched on [n, sub_dim] rows in ``layout`` (normalized; view 1)."""
     acc = accumulation_dtype(dtype)
-    z1, z2 = (torch.empty(n, sub_dim, dtype=dtype) for _ in range(2))
+    z1, z2 = (example_rows((n, sub_dim), dtype, layout) for _ in range(2))
     vector = lambda: torch.empty(2 * n, dtype=acc)  # noqa: E731
     tau = torch.empty((), dtype=acc)
     common = dict(NORMALIZE=True, PRECISION=precision, ACC=accumulator(dtype))
     forward = (*_strided(z1), *_strided(z2), vector(), 0, n, tau, vector(), vector(), n, sub_dim, shape_bucket(2 * n))
-    backward = (*_strided(z1), *_strided(z2), *_strided(torch.empty_like(z1)), vector(), 0, n, tau, vector(), tau,
-                tau, vector(), n, sub_dim, shape_bucket(2 * n))
+    gradient = torch.empty(z1.shape, dtype=dtype)  # allocated contiguous by the op
+    backward = (*_strided(z1), *_strided(z2), *_strided(gradient), vector(), 0, n, tau, vector(), tau, tau, vector(), n,
+                sub_dim, shape_bucket(2 * n))
     return [
         CompileSpec("ntxent_forward", "block_forward", _ntxent_forward_kernel.fn, forward, common),
         CompileSpec("ntxent_backward", "symmetric_backward", _ntxent_backward_kernel.fn, backward,

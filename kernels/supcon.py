@@ -45,6 +45,7 @@ from fastcl.kernels._common import (
     accumulator,
     autotune_configs,
     dot_precision,
+    example_rows,
     finish_row_gradient,
     gradient_prescale,
     inverse_norms,
@@ -86,8 +87,9 @@ def _supcon_forward_kernel(
     rows = first_row + tl.arange(0, BLOCK_M)
     row_mask = rows < N
     a_ptr = f_ptr + tl.cast(view, tl.int64) * stride_v
-    row_scale = load_inverse_norms(inv_ptr + view * N, rows, row_mask, NORMALIZE, ACC) * (_LOG2E / tl.load(tau_ptr))
-    a_ptrs = a_ptr + rows.to(tl.int64)[:, None] * stride_n + tl.arange(0, BLOCK_D)[None, :] * stride_d
+    row_start = tl.cast(view, tl.int64) * N  # the view's first stacked row (int64 offsets: view × N)
+    row_scale = load_inverse_norms(inv_ptr + row_start, rows, row_mask, NORMALIZE, ACC) * (_LOG2E / tl.load(tau_ptr))
+    a_ptrs = a_ptr + rows.to(tl.int64)[:, None] * stride_n + tl.arange(0, BLOCK_D).to(tl.int64)[None, :] * stride_d
     running_max = tl.full((BLOCK_M,), float("-inf"), dtype=ACC)
     running_sum = tl.zeros((BLOCK_M,), dtype=ACC)
     pos_sum = tl.zeros((BLOCK_M,), dtype=ACC)
@@ -98,15 +100,14 @@ def _supcon_forward_kernel(
         self_offset = tl.where(key_view == view, 0, N)
         k_ptr = f_ptr + tl.cast(key_view, tl.int64) * stride_v
         running_max, running_sum, pos_sum, pos_weight = _fold_keys(
-            running_max, running_sum, pos_sum, pos_weight, first_row, a_ptrs, k_ptr, stride_n, stride_d, inv_ptr +
-            key_view * N, rows, row_mask, row_scale, unused, unused, tau_ptr, mask_ptr, stride_mask_0,
-            stride_mask_1, N, N, self_offset, 0.0, N, D, stride_d, NORMALIZE, POSITIVES, True, False, False,
-            BLOCK_M, BLOCK_N, BLOCK_D, EVEN_D, PRECISION, ACC)
-    out = view * N + rows
-    tl.store(lse_ptr + out, (running_max * row_scale + tl.log2(running_sum)) * _LN2, mask=row_mask)
+            running_max, running_sum, pos_sum, pos_weight, first_row, a_ptrs, k_ptr, stride_n, stride_d,
+            inv_ptr + tl.cast(key_view, tl.int64) * N, rows, row_mask, row_scale, unused, unused, tau_ptr, mask_ptr,
+            stride_mask_0, stride_mask_1, N, N, self_offset, 0.0, N, D, stride_d, NORMALIZE, POSITIVES, True, False,
+            False, BLOCK_M, BLOCK_N, BLOCK_D, EVEN_D, PRECISION, ACC)
+    tl.store(lse_ptr + row_start + rows, (running_max * row_scale + tl.log2(running_sum)) * _LN2, mask=row_mask)
     if POSITIVES == 3:
-        tl.store(pos_sum_ptr + out, pos_sum * _LN2, mask=row_mask)
-        tl.store(pos_weight_ptr + out, pos_weight, mask=row_mask)
+        tl.store(pos_sum_ptr + row_start + rows, pos_sum * _LN2, mask=row_mask)
+        tl.store(pos_weight_ptr + row_start + rows, pos_weight, mask=row_mask)
 
 
 @triton.autotune(configs=autotune_configs("symmetric_backward"), key=_KEY, prune_configs_by=prune("symmetric_backward"))
@@ -130,19 +131,19 @@ def _supcon_backward_kernel(
     row_mask = rows < N
     out = tl.program_id(1) * BLOCK_DO + tl.arange(0, BLOCK_DO)
     out_mask = out < D
-    row_start = view * N
+    row_start = tl.cast(view, tl.int64) * N  # the view's first stacked row (int64 offsets: view × N)
     a_ptr = f_ptr + tl.cast(view, tl.int64) * stride_v
     inv_rows = load_inverse_norms(inv_ptr + row_start, rows, row_mask, NORMALIZE, ACC)
     row_scale = inv_rows * (_LOG2E / tl.load(tau_ptr))
     lse2_rows = tl.load(lse2_ptr + row_start + rows, mask=row_mask, other=float("inf"))
     w_rows = tl.load(weight_ptr + row_start + rows, mask=row_mask, other=0.0)
-    a_ptrs = a_ptr + rows.to(tl.int64)[:, None] * stride_n + tl.arange(0, BLOCK_D)[None, :] * stride_d
+    a_ptrs = a_ptr + rows.to(tl.int64)[:, None] * stride_n + tl.arange(0, BLOCK_D).to(tl.int64)[None, :] * stride_d
     d_hat = tl.zeros((BLOCK_M, BLOCK_DO), dtype=ACC)
     radial = tl.zeros((BLOCK_M,), dtype=ACC)
     # Rows of a view without anchors only have transposed terms, which live in the anchor views' columns.
     key_views = tl.where(view < anchor_views, V, anchor_views)
     for key_view in range(0, key_views):
-        k_start = key_view * N
+        k_start = tl.cast(key_view, tl.int64) * N
         d_hat, radial = _symmetric_keys(
             d_hat, radial, first_row, a_ptrs, f_ptr + tl.cast(key_view, tl.int64) * stride_v, stride_n, stride_d,
             inv_ptr + k_start, lse2_ptr + k_start, weight_ptr + k_start, rows, row_mask, row_scale, lse2_rows,
@@ -155,8 +156,8 @@ def _supcon_backward_kernel(
         slot = tl.load(class_ptr + rows, mask=row_mask, other=0).to(tl.int64)
         slot += tl.where(view < anchor_views, 0, N)
         sums = _load_slice(class_sums_ptr + slot[:, None] * D + out[None, :], row_mask, out_mask, True, EVEN_DO)
-        own = _load_slice(a_ptr + rows.to(tl.int64)[:, None] * stride_n + out[None, :] * stride_d, row_mask,
-                          out_mask, True, EVEN_DO).to(ACC) * inv_rows[:, None]
+        own = _load_slice(a_ptr + rows.to(tl.int64)[:, None] * stride_n + out.to(tl.int64)[None, :] * stride_d,
+                          row_mask, out_mask, True, EVEN_DO).to(ACC) * inv_rows[:, None]
         w_class = tl.load(weight_ptr + rows, mask=row_mask, other=0.0)
         d_hat -= PRESCALE * (w_class[:, None] * sums - (2.0 * w_rows)[:, None] * own)
         radial -= tl.load(positive_radial_ptr + row_start + rows, mask=row_mask, other=0.0)
@@ -301,11 +302,12 @@ def supcon_backward(
     return dfeatures, radial.sum() / 2
 
 
-def compile_specs(dtype: torch.dtype, precision: str, sub_dim: int, n: int = 2048) -> list[CompileSpec]:
-    """Forward and backward with labels and with a bool mask, on contiguous features [n, 2, sub_dim]."""
+def compile_specs(dtype: torch.dtype, precision: str, sub_dim: int, n: int = 2048,
+                  layout: str = "contiguous") -> list[CompileSpec]:
+    """Forward and backward with labels and with a bool mask, on features [n, 2, sub_dim] in ``layout``."""
     acc = accumulation_dtype(dtype)
     m = 2 * n
-    features = torch.empty(n, 2, sub_dim, dtype=dtype)
+    features = example_rows((n, 2, sub_dim), dtype, layout)
     vector = lambda: torch.empty(m, dtype=acc)  # noqa: E731
     tau = torch.empty((), dtype=acc)
     specs = []
@@ -314,7 +316,8 @@ def compile_specs(dtype: torch.dtype, precision: str, sub_dim: int, n: int = 204
         common = dict(NORMALIZE=True, POSITIVES=positives, PRECISION=precision, ACC=accumulator(dtype))
         forward = (features, *features.stride(), vector(), tau, mask_ptr, stride_mask_0, stride_mask_1, vector(),
                    vector(), vector(), n, 2, sub_dim, shape_bucket(m))
-        backward = (features, *features.stride(), torch.empty_like(features), *features.stride(), vector(), tau,
+        gradient = torch.empty(features.shape, dtype=dtype)  # allocated contiguous by the op
+        backward = (features, *features.stride(), gradient, *gradient.stride(), vector(), tau,
                     mask_ptr, stride_mask_0, stride_mask_1, vector(), vector(), torch.empty(n, dtype=torch.int32),
                     torch.empty(1, n, sub_dim, dtype=acc), vector(), tau, tau, vector(), n, 2, 2, sub_dim,
                     shape_bucket(m))
