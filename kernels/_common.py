@@ -319,12 +319,24 @@ def similarity_tile(
     for d0 in range(0, D, BLOCK_D):
         d = d0 + offs_d
         d_mask = d < D
-        a = tl.load(a_ptr + rows.to(tl.int64)[:, None] * stride_am + d.to(tl.int64)[None, :] * stride_ad,
+        a = tl.load(a_ptr + rows.to(tl.int64)[:, None] * stride_am + stride_offsets(d, stride_ad)[None, :],
                     mask=row_mask[:, None] & d_mask[None, :], other=0.0)
-        b = tl.load(b_ptr + cols.to(tl.int64)[:, None] * stride_bm + d.to(tl.int64)[None, :] * stride_bd,
+        b = tl.load(b_ptr + cols.to(tl.int64)[:, None] * stride_bm + stride_offsets(d, stride_bd)[None, :],
                     mask=col_mask[:, None] & d_mask[None, :], other=0.0)
         acc = mma(a, tl.trans(b), acc, PRECISION, ACC)
     return acc
+
+
+@triton.jit
+def stride_offsets(index, stride):
+    """index × stride as a pointer offset, in int64 (a feature index times a transposed view's stride passes
+    2³¹ at N·D ≥ 2³¹). Triton specializes a stride equal to 1 into the constant 1 (a contiguous feature
+    axis); that product is the index itself and keeps its width, so contiguous rows compile as before."""
+    if isinstance(stride, int):  # specialized (only 1 is): no product
+        offsets = index * stride
+    else:
+        offsets = tl.cast(index, tl.int64) * stride
+    return offsets
 
 
 @triton.jit
@@ -396,9 +408,9 @@ def stacked_pointers(src, rows, d):
     first_ptr, first_stride_m, first_stride_d, rest_ptr, rest_stride_block, rest_stride_m, rest_stride_d, n = src
     block = rows // n
     local = (rows % n).to(tl.int64)[:, None]
-    d = d.to(tl.int64)[None, :]
-    first = first_ptr + local * first_stride_m + d * first_stride_d
-    rest = rest_ptr + block.to(tl.int64)[:, None] * rest_stride_block + local * rest_stride_m + d * rest_stride_d
+    first = first_ptr + local * first_stride_m + stride_offsets(d, first_stride_d)[None, :]
+    rest = rest_ptr + block.to(tl.int64)[:, None] * rest_stride_block + local * rest_stride_m \
+        + stride_offsets(d, rest_stride_d)[None, :]
     # One load through selected pointers: the select is constant along d, so loads stay vectorized.
     return tl.where((block == 0)[:, None], first, rest)
 

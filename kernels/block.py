@@ -69,6 +69,7 @@ from fastcl.kernels._common import (
     shape_bucket,
     single_rows,
     store_row_gradient,
+    stride_offsets,
 )
 
 # Autotuning of the two backward passes (keyed like the forward) and their even-width flags.
@@ -161,8 +162,8 @@ def _similarity_chunks(
         else:
             b = tl.load(b_ptrs, mask=d_mask[None, :], other=0.0)
         acc = mma(a, tl.trans(b), acc, PRECISION, ACC)
-        a_ptrs += BLOCK_D * tl.cast(stride_ad, tl.int64)
-        b_ptrs += BLOCK_D * tl.cast(stride_kd, tl.int64)
+        a_ptrs += stride_offsets(BLOCK_D, stride_ad)
+        b_ptrs += stride_offsets(BLOCK_D, stride_kd)
     return acc
 
 
@@ -308,7 +309,7 @@ def _fold_keys(
     Key tiles [0, full) hold no padding; with a self entry, tiles [self_lo, self_hi) hold the anchors' own
     rows. Those and the tail tile go through the masked fold, the rest through the unmasked one."""
     tile_cols = tl.arange(0, BLOCK_N).to(tl.int64)
-    b_ptrs0 = k_ptr + tile_cols[:, None] * stride_km + tl.arange(0, BLOCK_D).to(tl.int64)[None, :] * stride_kd
+    b_ptrs0 = k_ptr + tile_cols[:, None] * stride_km + stride_offsets(tl.arange(0, BLOCK_D), stride_kd)[None, :]
     full, self_lo, self_hi = _tile_ranges(first_row, BLOCK_M, self_offset, K, BLOCK_N, HAS_SELF)
     for tile in range(0, self_lo):
         running_max, running_sum, pos_sum, pos_weight = _fold_tile(
@@ -349,9 +350,9 @@ def _index_positive(
     for d0 in range(0, D, BLOCK_D):
         d = d0 + tl.arange(0, BLOCK_D)
         mask = valid[:, None] & (d < D)[None, :]
-        a = tl.load(a_ptr + rows.to(tl.int64)[:, None] * stride_am + d.to(tl.int64)[None, :] * stride_ad, mask=mask,
+        a = tl.load(a_ptr + rows.to(tl.int64)[:, None] * stride_am + stride_offsets(d, stride_ad)[None, :], mask=mask,
                     other=0.0)
-        k = tl.load(k_ptr + pos.to(tl.int64)[:, None] * stride_km + d.to(tl.int64)[None, :] * stride_kd, mask=mask,
+        k = tl.load(k_ptr + pos.to(tl.int64)[:, None] * stride_km + stride_offsets(d, stride_kd)[None, :], mask=mask,
                     other=0.0)
         dot += tl.sum(a.to(ACC) * k.to(ACC), axis=1)
     if NORMALIZE:
@@ -379,7 +380,7 @@ def _block_forward_kernel(
     row_scale = load_inverse_norms(a_inv_ptr, rows, row_mask, NORMALIZE, ACC) * (_LOG2E / tl.load(tau_ptr))
     pos_rows, a_labels = _row_positives(pos_index_ptr, a_labels_ptr, rows, row_mask, POSITIVES)
     bias2 = tl.load(bias_ptr).to(ACC) * _LOG2E  # sigmoid: b in base 2 (a placeholder otherwise, unused)
-    a_ptrs = a_ptr + rows.to(tl.int64)[:, None] * stride_am + tl.arange(0, BLOCK_D).to(tl.int64)[None, :] * stride_ad
+    a_ptrs = a_ptr + rows.to(tl.int64)[:, None] * stride_am + stride_offsets(tl.arange(0, BLOCK_D), stride_ad)[None, :]
     running_max = tl.full((BLOCK_M,), float("-inf"), dtype=ACC)
     running_sum = tl.zeros((BLOCK_M,), dtype=ACC)
     pos_sum = tl.zeros((BLOCK_M,), dtype=ACC)
@@ -557,8 +558,8 @@ def _symmetric_keys(
     """Walks all K key rows at ``k_ptr`` with :func:`_symmetric_tile`: steady tiles unmasked, then the self
     tiles (entry c = r + self_offset; an offset ≥ K means none) and the tail tile masked."""
     tile_cols = tl.arange(0, BLOCK_N).to(tl.int64)
-    b_ptrs0 = k_ptr + tile_cols[:, None] * stride_km + tl.arange(0, BLOCK_D).to(tl.int64)[None, :] * stride_kd
-    slice_ptrs0 = k_ptr + tile_cols[:, None] * stride_km + out.to(tl.int64)[None, :] * stride_kd
+    b_ptrs0 = k_ptr + tile_cols[:, None] * stride_km + stride_offsets(tl.arange(0, BLOCK_D), stride_kd)[None, :]
+    slice_ptrs0 = k_ptr + tile_cols[:, None] * stride_km + stride_offsets(out, stride_kd)[None, :]
     full, self_lo, self_hi = _tile_ranges(first_row, BLOCK_M, self_offset, K, BLOCK_N, True)
     for tile in range(0, self_lo):
         d_hat, radial = _symmetric_tile(
@@ -618,10 +619,10 @@ def _block_anchor_kernel(
     row_scale = load_inverse_norms(a_inv_ptr, rows, row_mask, NORMALIZE, ACC) * (_LOG2E / tau)
     pos_rows, a_labels = _row_positives(pos_index_ptr, a_labels_ptr, rows, row_mask, POSITIVES)
     lse2, alpha, beta = _row_coefficients(lse_ptr, alpha_ptr, beta_ptr, bias_ptr, rows, row_mask, PRESCALE, SIGMOID)
-    a_ptrs = a_ptr + rows.to(tl.int64)[:, None] * stride_am + tl.arange(0, BLOCK_D).to(tl.int64)[None, :] * stride_ad
+    a_ptrs = a_ptr + rows.to(tl.int64)[:, None] * stride_am + stride_offsets(tl.arange(0, BLOCK_D), stride_ad)[None, :]
     tile_cols = tl.arange(0, BLOCK_N).to(tl.int64)
-    b_ptrs0 = k_ptr + tile_cols[:, None] * stride_km + tl.arange(0, BLOCK_D).to(tl.int64)[None, :] * stride_kd
-    slice_ptrs0 = k_ptr + tile_cols[:, None] * stride_km + out.to(tl.int64)[None, :] * stride_kd
+    b_ptrs0 = k_ptr + tile_cols[:, None] * stride_km + stride_offsets(tl.arange(0, BLOCK_D), stride_kd)[None, :]
+    slice_ptrs0 = k_ptr + tile_cols[:, None] * stride_km + stride_offsets(out, stride_kd)[None, :]
     d_hat = tl.zeros((BLOCK_M, BLOCK_DO), dtype=ACC)
     g_sum = tl.zeros((BLOCK_M,), dtype=ACC)
     full, self_lo, self_hi = _tile_ranges(first_row, BLOCK_M, self_offset, K, BLOCK_N, HAS_SELF)
@@ -655,7 +656,7 @@ def _block_anchor_kernel(
         if HAS_SELF:
             valid = valid & (pos_rows != rows + self_offset)
         pos = tl.where(valid, pos_rows, 0)
-        k_pos = _load_slice(k_ptr + pos.to(tl.int64)[:, None] * stride_km + out.to(tl.int64)[None, :] * stride_kd,
+        k_pos = _load_slice(k_ptr + pos.to(tl.int64)[:, None] * stride_km + stride_offsets(out, stride_kd)[None, :],
                             valid, out_mask, True, EVEN_DO).to(ACC)
         if NORMALIZE:
             k_pos = k_pos * tl.load(k_inv_ptr + pos, mask=valid, other=1.0)[:, None]
@@ -727,10 +728,10 @@ def _block_key_kernel(
     tau = tl.load(tau_ptr)
     k_inv = load_inverse_norms(k_inv_ptr, cols, col_mask, NORMALIZE, ACC)
     col_scale_tau = k_inv / tau
-    b_ptrs = k_ptr + cols.to(tl.int64)[:, None] * stride_km + tl.arange(0, BLOCK_D).to(tl.int64)[None, :] * stride_kd
+    b_ptrs = k_ptr + cols.to(tl.int64)[:, None] * stride_km + stride_offsets(tl.arange(0, BLOCK_D), stride_kd)[None, :]
     tile_rows = tl.arange(0, BLOCK_M).to(tl.int64)
-    a_ptrs0 = a_ptr + tile_rows[:, None] * stride_am + tl.arange(0, BLOCK_D).to(tl.int64)[None, :] * stride_ad
-    slice_ptrs0 = a_ptr + tile_rows[:, None] * stride_am + out.to(tl.int64)[None, :] * stride_ad
+    a_ptrs0 = a_ptr + tile_rows[:, None] * stride_am + stride_offsets(tl.arange(0, BLOCK_D), stride_ad)[None, :]
+    slice_ptrs0 = a_ptr + tile_rows[:, None] * stride_am + stride_offsets(out, stride_ad)[None, :]
     d_hat = tl.zeros((BLOCK_N, BLOCK_DO), dtype=ACC)
     # Padding keys (the last key block) only feed their own rows of d_hat, which are never stored: no
     # anchor tile needs a key mask. Masked tiles: the anchors' self entries and the last anchor tile.
@@ -779,8 +780,8 @@ def _normalization_backward_kernel(
     for d0 in range(0, D, BLOCK_D):
         d = d0 + tl.arange(0, BLOCK_D)
         mask = row_mask[:, None] & (d < D)[None, :]
-        rows_x = tl.load(x_ptr + rows.to(tl.int64)[:, None] * stride_m + d.to(tl.int64)[None, :] * stride_d, mask=mask,
-                         other=0.0)
+        rows_x = tl.load(x_ptr + rows.to(tl.int64)[:, None] * stride_m + stride_offsets(d, stride_d)[None, :],
+                         mask=mask, other=0.0)
         d_hat = tl.load(grad_ptr + rows.to(tl.int64)[:, None] * D + d[None, :], mask=mask, other=0.0)
         radial += tl.sum(rows_x.to(ACC) * d_hat, axis=1)
     radial *= inv

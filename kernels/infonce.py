@@ -59,6 +59,7 @@ from fastcl.kernels._common import (
     similarity_tile,
     single_rows,
     store_row_gradient,
+    stride_offsets,
 )
 from fastcl.ops import accumulation_dtype
 
@@ -164,8 +165,8 @@ def _infonce_finish_kernel(
     for d0 in range(0, D, BLOCK_D):
         d = d0 + tl.arange(0, BLOCK_D)
         mask = row_mask[:, None] & (d < D)[None, :]
-        a = tl.load(q_ptr + rows[:, None] * stride_qn + d.to(tl.int64)[None, :] * stride_qd, mask=mask, other=0.0)
-        b = tl.load(k_ptr + rows[:, None] * stride_kn + d.to(tl.int64)[None, :] * stride_kd, mask=mask, other=0.0)
+        a = tl.load(q_ptr + rows[:, None] * stride_qn + stride_offsets(d, stride_qd)[None, :], mask=mask, other=0.0)
+        b = tl.load(k_ptr + rows[:, None] * stride_kn + stride_offsets(d, stride_kd)[None, :], mask=mask, other=0.0)
         positive += tl.sum(a.to(ACC) * b.to(ACC), axis=1)
     positive = positive * load_inverse_norms(inv_q_ptr, rows, row_mask, NORMALIZE, ACC)
     positive = positive * load_inverse_norms(inv_k_ptr, rows, row_mask, NORMALIZE, ACC) / tl.load(tau_ptr)
@@ -206,7 +207,7 @@ def _column_lse(lse_cols_ptr, cols, col_mask, SYMMETRIC: tl.constexpr, ACC: tl.c
 @triton.jit
 def _normalized_slice(x_ptr, stride_n, stride_d, idx, mask, inv, out, out_mask, ACC: tl.constexpr):
     """x[idx, out] · inv[idx] (the normalized rows' slice) in the input dtype, as a GEMM operand."""
-    x = tl.load(x_ptr + idx.to(tl.int64)[:, None] * stride_n + out.to(tl.int64)[None, :] * stride_d,
+    x = tl.load(x_ptr + idx.to(tl.int64)[:, None] * stride_n + stride_offsets(out, stride_d)[None, :],
                 mask=mask[:, None] & out_mask[None, :], other=0.0)
     return (x.to(ACC) * inv[:, None]).to(x.dtype)
 

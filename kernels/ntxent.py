@@ -48,6 +48,7 @@ from fastcl.kernels._common import (
     prune,
     shape_bucket,
     single_rows,
+    stride_offsets,
 )
 from fastcl.kernels.block import (
     _EVEN_FEATURES,
@@ -79,7 +80,7 @@ def _ntxent_forward_kernel(
     a_inv_ptr = inv_ptr + own_start
     b_inv_ptr = inv_ptr + other_start
     row_scale = load_inverse_norms(a_inv_ptr, rows, row_mask, NORMALIZE, ACC) * (_LOG2E / tl.load(tau_ptr))
-    a_ptrs = a_ptr + rows.to(tl.int64)[:, None] * stride_am + tl.arange(0, BLOCK_D).to(tl.int64)[None, :] * stride_ad
+    a_ptrs = a_ptr + rows.to(tl.int64)[:, None] * stride_am + stride_offsets(tl.arange(0, BLOCK_D), stride_ad)[None, :]
     running_max = tl.full((BLOCK_M,), float("-inf"), dtype=ACC)
     running_sum = tl.zeros((BLOCK_M,), dtype=ACC)
     unused = tl.zeros((BLOCK_M,), dtype=ACC)  # the fold's positive sums: NT-Xent's positive is a row dot
@@ -120,7 +121,7 @@ def _ntxent_backward_kernel(
     inv_rows = load_inverse_norms(a_inv_ptr, rows, row_mask, NORMALIZE, ACC)
     row_scale = inv_rows * (_LOG2E / tl.load(tau_ptr))
     lse2_rows = tl.load(lse2_ptr + own_start + rows, mask=row_mask, other=0.0)
-    a_ptrs = a_ptr + rows.to(tl.int64)[:, None] * stride_am + tl.arange(0, BLOCK_D).to(tl.int64)[None, :] * stride_ad
+    a_ptrs = a_ptr + rows.to(tl.int64)[:, None] * stride_am + stride_offsets(tl.arange(0, BLOCK_D), stride_ad)[None, :]
     d_hat = tl.zeros((BLOCK_M, BLOCK_DO), dtype=ACC)
     radial = tl.zeros((BLOCK_M,), dtype=ACC)
     for view in tl.static_range(2):
@@ -136,7 +137,7 @@ def _ntxent_backward_kernel(
     # The partner's −2: ẑ_pos(i) gathered once, its logit a row dot (both outside the element loop).
     positive, _ = _index_positive(a_ptr, stride_am, stride_ad, b_ptr, stride_bm, stride_bd, b_inv_ptr, rows,
                                   row_mask, row_scale, rows, 0, D, NORMALIZE, False, BLOCK_M, BLOCK_D, ACC)
-    partner = _load_slice(b_ptr + rows.to(tl.int64)[:, None] * stride_bm + out.to(tl.int64)[None, :] * stride_bd,
+    partner = _load_slice(b_ptr + rows.to(tl.int64)[:, None] * stride_bm + stride_offsets(out, stride_bd)[None, :],
                           row_mask, out_mask, True, EVEN_DO).to(ACC)
     partner *= load_inverse_norms(b_inv_ptr, rows, row_mask, NORMALIZE, ACC)[:, None]
     d_hat -= (2.0 * PRESCALE) * partner

@@ -53,6 +53,7 @@ from fastcl.kernels._common import (
     prune,
     shape_bucket,
     single_rows,
+    stride_offsets,
     view_major_rows,
 )
 from fastcl.kernels.block import (
@@ -89,7 +90,7 @@ def _supcon_forward_kernel(
     a_ptr = f_ptr + tl.cast(view, tl.int64) * stride_v
     row_start = tl.cast(view, tl.int64) * N  # the view's first stacked row (int64 offsets: view × N)
     row_scale = load_inverse_norms(inv_ptr + row_start, rows, row_mask, NORMALIZE, ACC) * (_LOG2E / tl.load(tau_ptr))
-    a_ptrs = a_ptr + rows.to(tl.int64)[:, None] * stride_n + tl.arange(0, BLOCK_D).to(tl.int64)[None, :] * stride_d
+    a_ptrs = a_ptr + rows.to(tl.int64)[:, None] * stride_n + stride_offsets(tl.arange(0, BLOCK_D), stride_d)[None, :]
     running_max = tl.full((BLOCK_M,), float("-inf"), dtype=ACC)
     running_sum = tl.zeros((BLOCK_M,), dtype=ACC)
     pos_sum = tl.zeros((BLOCK_M,), dtype=ACC)
@@ -137,7 +138,7 @@ def _supcon_backward_kernel(
     row_scale = inv_rows * (_LOG2E / tl.load(tau_ptr))
     lse2_rows = tl.load(lse2_ptr + row_start + rows, mask=row_mask, other=float("inf"))
     w_rows = tl.load(weight_ptr + row_start + rows, mask=row_mask, other=0.0)
-    a_ptrs = a_ptr + rows.to(tl.int64)[:, None] * stride_n + tl.arange(0, BLOCK_D).to(tl.int64)[None, :] * stride_d
+    a_ptrs = a_ptr + rows.to(tl.int64)[:, None] * stride_n + stride_offsets(tl.arange(0, BLOCK_D), stride_d)[None, :]
     d_hat = tl.zeros((BLOCK_M, BLOCK_DO), dtype=ACC)
     radial = tl.zeros((BLOCK_M,), dtype=ACC)
     # Rows of a view without anchors only have transposed terms, which live in the anchor views' columns.
@@ -156,7 +157,7 @@ def _supcon_backward_kernel(
         slot = tl.load(class_ptr + rows, mask=row_mask, other=0).to(tl.int64)
         slot += tl.where(view < anchor_views, 0, N)
         sums = _load_slice(class_sums_ptr + slot[:, None] * D + out[None, :], row_mask, out_mask, True, EVEN_DO)
-        own = _load_slice(a_ptr + rows.to(tl.int64)[:, None] * stride_n + out.to(tl.int64)[None, :] * stride_d,
+        own = _load_slice(a_ptr + rows.to(tl.int64)[:, None] * stride_n + stride_offsets(out, stride_d)[None, :],
                           row_mask, out_mask, True, EVEN_DO).to(ACC) * inv_rows[:, None]
         w_class = tl.load(weight_ptr + rows, mask=row_mask, other=0.0)
         d_hat -= PRESCALE * (w_class[:, None] * sums - (2.0 * w_rows)[:, None] * own)
