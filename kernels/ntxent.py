@@ -87,11 +87,14 @@ def _ntxent_forward_kernel(
     no_labels = tl.zeros((BLOCK_M,), dtype=tl.int32)
     for view in tl.static_range(2):
         if view == 0:
-            k_ptr, stride_km, stride_kd, k_inv_ptr = a_ptr, stride_am, stride_ad, a_inv_ptr
+            k_ptr, stride_km, k_inv_ptr = a_ptr, stride_am, a_inv_ptr
         else:
-            k_ptr, stride_km, stride_kd, k_inv_ptr = b_ptr, stride_bm, stride_bd, b_inv_ptr
+            k_ptr, stride_km, k_inv_ptr = b_ptr, stride_bm, b_inv_ptr
+        # The feature stride is passed, not assigned: an assignment turns a specialized unit stride into a
+        # tensor (``_common.stride_offsets`` would then widen contiguous offsets).
         running_max, running_sum, unused, unused = _fold_keys(
-            running_max, running_sum, unused, unused, first_row, a_ptrs, k_ptr, stride_km, stride_kd, k_inv_ptr,
+            running_max, running_sum, unused, unused, first_row, a_ptrs, k_ptr, stride_km,
+            stride_ad if view == 0 else stride_bd, k_inv_ptr,
             rows, row_mask, row_scale, no_labels, no_labels, tau_ptr, tau_ptr, 0, 0, 1, 1, 0, 0.0, N, D, stride_ad,
             NORMALIZE, 0, view == 0, False, False, BLOCK_M, BLOCK_N, BLOCK_D, EVEN_D, PRECISION, ACC)
     positive, _ = _index_positive(a_ptr, stride_am, stride_ad, b_ptr, stride_bm, stride_bd, b_inv_ptr, rows,
@@ -126,11 +129,12 @@ def _ntxent_backward_kernel(
     radial = tl.zeros((BLOCK_M,), dtype=ACC)
     for view in tl.static_range(2):
         if view == 0:  # the own view: self entries at the same index
-            k_ptr, stride_km, stride_kd, k_start, self_offset = a_ptr, stride_am, stride_ad, own_start, 0
+            k_ptr, stride_km, k_start, self_offset = a_ptr, stride_am, own_start, 0
         else:  # the other view: no self entry (an offset of N is out of range)
-            k_ptr, stride_km, stride_kd, k_start, self_offset = b_ptr, stride_bm, stride_bd, other_start, N
-        d_hat, radial = _symmetric_keys(
-            d_hat, radial, first_row, a_ptrs, k_ptr, stride_km, stride_kd, inv_ptr + k_start, lse2_ptr + k_start,
+            k_ptr, stride_km, k_start, self_offset = b_ptr, stride_bm, other_start, N
+        d_hat, radial = _symmetric_keys(  # the feature stride passed, not assigned (see the forward)
+            d_hat, radial, first_row, a_ptrs, k_ptr, stride_km, stride_ad if view == 0 else stride_bd,
+            inv_ptr + k_start, lse2_ptr + k_start,
             tau_ptr, rows, row_mask, row_scale, lse2_rows, row_scale, tau_ptr, 0, 0, self_offset, N, D, stride_ad,
             out, out_mask, NORMALIZE, 0, BLOCK_M, BLOCK_N, BLOCK_D, EVEN_D, EVEN_DO, PRECISION, ACC, PRESCALE,
             SCALE_OPERAND)

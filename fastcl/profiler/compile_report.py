@@ -17,6 +17,12 @@ feature stride), the same ptxas. No GPU is needed. Each row reports, all **compi
   ``instructions_per_element = loop_instructions × 32 × num_warps / (BLOCK_M × BLOCK_N)``: a warp
   instruction does the work of 32 threads, and a tile has BLOCK_M × BLOCK_N elements. ``ex2_per_element``
   counts ``MUFU.EX2`` the same way. These are static counts: a branch not taken still counts.
+- ``address_check``: ``"ok"`` when no pointer offset of the kernel is an int32 product of runtime values
+  (row × stride, feature × stride, view × N, ...) that could wrap past 2³¹ — a def-use walk over the
+  kernel's TTIR (``fastcl.kernels.compile_only.address_check``) for each input layout: contiguous rows (as
+  compiled for the other columns), column-major (transposed) rows and every other column of a wider
+  buffer (``_common.LAYOUTS``; those two are compiled to TTIR only). Otherwise the layout and the first
+  offending op with its source line. A fault fails the report (exit status 1).
 
 Usage (``fastcl bench --compile-only`` calls :func:`main`)::
 
@@ -60,6 +66,7 @@ COLUMNS = (
     "loop_instructions",
     "instructions_per_element",
     "ex2_per_element",
+    "address_check",
 )
 
 
@@ -158,7 +165,8 @@ def to_markdown(rows: list[dict], meta: dict) -> str:
         f"# Compile-only kernel report ({meta['date']})",
         "",
         f"**{meta['kind']}.** Triton {meta['triton']}, ptxas {meta['ptxas']['sm90']}. "
-        "Instructions and ex2 are static SASS counts of the element loop per similarity element "
+        "Instructions and ex2 are static SASS counts of the element loop per similarity element; "
+        "address_check walks the TTIR of contiguous, transposed and strided inputs for 32-bit offset products "
         "(see `fastcl/profiler/compile_report.py`).",
         "",
         "| " + " | ".join(COLUMNS) + " |",
@@ -187,17 +195,20 @@ def summarize(rows: list[dict]) -> list[str]:
             findings.append(f"{where}: shared memory {row['shared_bytes']} B > {row['shared_limit']} B")
         if row["mma"] == "fma" and row["precision"] != "ieee":
             findings.append(f"{where}: no tensor-core instruction")
+        if row["address_check"] != "ok":
+            findings.append(f"{where}: 32-bit address offset: {row['address_check']}")
     return findings
 
 
 def main(argv: list[str]) -> int:
-    """Runs the report; prints one line per kernel and the findings; 0 when every row compiled.
+    """Runs the report; prints one line per kernel and the findings; 0 when every row compiled and passed
+    the address check.
 
     Args:
         argv: command-line arguments without the program name (see :func:`parse_args`).
 
     Returns:
-        The exit status: 0, or 1 when a kernel failed to compile.
+        The exit status: 0, or 1 when a kernel failed to compile or a row's address check failed.
     """
     args = parse_args(argv)
 
@@ -212,7 +223,8 @@ def main(argv: list[str]) -> int:
             print(
                 f"{row['kernel']:<28} {row['arch']} {row['dtype']:<9} D={row['D']:<5} {row['config']:<22} "
                 f"regs {row['registers']:>3} spill {row['spill_stores']:>5} smem {row['shared_bytes']:>6} "
-                f"{row['mma']:<8} instr/elem {row['instructions_per_element']} ex2/elem {row['ex2_per_element']}",
+                f"{row['mma']:<8} instr/elem {row['instructions_per_element']} ex2/elem {row['ex2_per_element']} "
+                f"address {row['address_check']}",
                 flush=True,
             )
 
@@ -226,7 +238,7 @@ def main(argv: list[str]) -> int:
     print(f"{len(rows)} kernels compiled (compile-time figures, not measured); {len(findings)} findings")
     for line in findings:
         print("  " + line)
-    return 1 if any("error" in row for row in rows) else 0
+    return 1 if any("error" in row or row["address_check"] != "ok" for row in rows) else 0
 
 
 if __name__ == "__main__":
