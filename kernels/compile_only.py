@@ -420,16 +420,25 @@ def address_check(ttir: str) -> str:
     are runtime values (transposed, strided), not only contiguous rows.
 
     Example:
-        >>> bad = '''
+        >>> narrow = '''
         ... tt.func public @k(%x: !tt.ptr<f32>, %stride: i32) {
         ...   %pid = tt.get_program_id x : i32
         ...   %off = arith.muli %pid, %stride : i32
         ...   %p = tt.addptr %x, %off : !tt.ptr<f32>, i32
         ...   tt.return
         ... }'''
-        >>> address_check(bad)
+        >>> address_check(narrow)
         'i32 product reaches tt.addptr: %off = arith.muli %pid, %stride : i32'
-        >>> address_check(bad.replace(": i32\\n  %p", ": i64\\n  %p"))
+        >>> wide = '''
+        ... tt.func public @k(%x: !tt.ptr<f32>, %stride: i32) {
+        ...   %pid = tt.get_program_id x : i32
+        ...   %row = arith.extsi %pid : i32 to i64
+        ...   %stride64 = arith.extsi %stride : i32 to i64
+        ...   %off = arith.muli %row, %stride64 : i64
+        ...   %p = tt.addptr %x, %off : !tt.ptr<f32>, i64
+        ...   tt.return
+        ... }'''
+        >>> address_check(wide)
         'ok'
     """
     faults = address_faults(ttir)
