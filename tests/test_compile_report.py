@@ -29,13 +29,42 @@ def test_quick_report_rows_json_and_markdown(tmp_path):
         assert row["spill_stores"] == 0 and row["spill_loads"] == 0
         assert row["fits"] and 0 < row["shared_bytes"] <= row["shared_limit"]
         assert row["loop_instructions"] > 0 and row["instructions_per_element"] > 0
+        assert row["address_check"] == "ok"  # contiguous, column-major and strided inputs (tests/test_addressing.py)
     assert rows["ntxent_forward"]["ex2_per_element"] == pytest.approx(1.0, abs=0.1)
     assert rows["ntxent_backward"]["ex2_per_element"] == pytest.approx(2.0, abs=0.1)
     # The instruction budget (docs/kernels.md; needs FFMA contraction, which the configs request).
     assert rows["ntxent_forward"]["instructions_per_element"] <= 12
     assert rows["ntxent_backward"]["instructions_per_element"] <= 20
     table = markdown_path.read_text()
-    assert "not measured" in table and "ntxent_backward" in table
+    assert "not measured" in table and "ntxent_backward" in table and "| address_check |" in table
+
+
+def test_address_fault_is_a_finding_and_fails_the_report(monkeypatch, capsys):
+    """A row whose address check names a 32-bit offset is listed among the findings and the exit status is 1."""
+    row = dict(
+        kernel="k",
+        arch="sm90",
+        dtype="bf16",
+        precision="ieee",
+        D=128,
+        config="64x64x32/w4/s3",
+        registers=96,
+        spill_stores=0,
+        spill_loads=0,
+        shared_bytes=1024,
+        shared_limit=232448,
+        fits=True,
+        mma="wgmma",
+        instructions_per_element=10.0,
+        ex2_per_element=1.0,
+        address_check="transposed: i32 product reaches tt.addptr: %x = arith.muli %a, %b : i32 (k.py:3)",
+    )
+    (finding,) = compile_report.summarize([row])
+    assert "32-bit address offset" in finding and "k.py:3" in finding
+    monkeypatch.setattr(compile_report, "run_report", lambda args, progress=None: [row])
+    monkeypatch.setattr(compile_report, "metadata", lambda: {})
+    assert compile_report.main(["--quick"]) == 1
+    assert "32-bit address offset" in capsys.readouterr().out
 
 
 @pytest.mark.slow
