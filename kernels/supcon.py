@@ -143,14 +143,15 @@ def _supcon_backward_kernel(
     radial = tl.zeros((BLOCK_M,), dtype=ACC)
     # Rows of a view without anchors only have transposed terms, which live in the anchor views' columns.
     key_views = tl.where(view < anchor_views, V, anchor_views)
+    k_start = 0  # the key view's first stacked row: a running sum (no key_view × N product, one register)
     for key_view in range(0, key_views):
-        k_start = tl.cast(key_view, tl.int64) * N
         d_hat, radial = _symmetric_keys(
             d_hat, radial, first_row, a_ptrs, f_ptr + tl.cast(key_view, tl.int64) * stride_v, stride_n, stride_d,
             inv_ptr + k_start, lse2_ptr + k_start, weight_ptr + k_start, rows, row_mask, row_scale, lse2_rows,
             w_rows, mask_ptr, stride_mask_0, stride_mask_1, tl.where(key_view == view, 0, N), N, D, stride_d, out,
             out_mask, NORMALIZE, POSITIVES, BLOCK_M, BLOCK_N, BLOCK_D, EVEN_D, EVEN_DO, PRECISION, ACC, PRESCALE,
             SCALE_OPERAND)
+        k_start += N
     radial = radial * row_scale * _LN2
     if POSITIVES != 3:
         # −Σ_{c∈P(r)} (w_r + w_c) ẑ_c: one class-sum row per anchor (w_y from the sample's view-0 row).
