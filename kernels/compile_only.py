@@ -4,7 +4,9 @@
 :func:`compile_one` compiles one (kernel, config, dtype, D', arch) task with ``triton.compile(ASTSource,
 target=GPUTarget("cuda", arch, 32))`` under the JIT's own specialization of the launch arguments, runs
 ptxas -v and nvdisasm on the result, and returns the report row. It must run in a process where Triton
-is not in interpreter mode (the report spawns fresh workers). :func:`analyze_sass` reads the SASS.
+is not in interpreter mode (the report spawns fresh workers). :func:`analyze_sass` reads the SASS;
+:func:`address_check` walks a kernel's TTIR for 32-bit pointer offsets (:func:`layout_address_check`: in
+every input layout of ``_common.LAYOUTS``, the other layouts compiled to TTIR only by :func:`ttir`).
 """
 from __future__ import annotations
 
