@@ -51,7 +51,7 @@ from fastcl._blocks import Layout, accumulation_dtype, inverse_norms
 
 __all__ = ["Pass", "Plan", "block_loss"]
 
-ROW_LABELS = ("none", "given", "samples", "targets")
+ROW_LABELS = ("none", "given", "samples", "targets", "rows")
 REDUCTIONS = ("mean", "sum", "none")
 
 
@@ -76,7 +76,8 @@ class Pass:
 class Plan:
     """A loss as passes. ``labels``: how per-row labels are made from the op's ``labels`` argument:
     "none"; "given" (per-sample class ids, repeated per part); "samples" (each global sample its own
-    class); "targets" (part 0 rows carry the given global key indices, part 1 rows their own global index).
+    class); "targets" (part 0 rows carry the given global key indices, part 1 rows their own global index);
+    "rows" (one given label per row of this rank, as given: the compat layer's already-gathered batches).
     ``pair_weight_sigma``: σ of DCLW's weights w_i = 2 − N·softmax_i(⟨ẑ_i, ẑ'_i⟩/σ) over the N global
     pairs (parts 0 and 1, row i of each; no gradient through w), which scale each anchor's positive term."""
 
@@ -115,6 +116,8 @@ def _row_labels(plan: Plan, labels: Optional[Tensor], sizes: list[list[int]], ra
         return None
     if plan.labels == "given":
         return labels.to(torch.int64).repeat(len(mine))
+    if plan.labels == "rows":
+        return labels.to(torch.int64)
     if plan.labels == "samples":
         first = sum(s[0] for s in sizes[:rank])
         return (torch.arange(mine[0], device=device) + first).repeat(len(mine))

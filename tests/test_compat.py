@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from loss_cases import Result, assert_no_worse_than_naive, relative_error
+from peers import open_clip_loss as open_clip_peer
 from pytorch_metric_learning import losses as pml_losses
 from test_parity import supcontrast as supcontrast_reference
 from torch import Tensor, nn
@@ -240,16 +241,19 @@ def lightly_bank_reference(memory_bank, out0, out1, temperature):
     return nn.CrossEntropyLoss(reduction="mean")(logits, torch.zeros(logits.shape[0], dtype=torch.long))
 
 
-def solo_reference(z, indexes, temperature=0.1, full_gather=lambda x: x):
-    """solo-learn ``simclr_loss_func`` (vturrisi/solo-learn, solo/losses/simclr.py); ``full_gather`` is
-    the identity on one process (solo/utils/misc.py)."""
-    z = full_gather(F.normalize(z, dim=-1))
-    sim = torch.exp(torch.einsum("if, jf -> ij", z, z) / temperature)
-    indexes = full_gather(indexes)
+def solo_reference(z, indexes, temperature=0.1, gather=lambda x: x, rank=0):
+    """solo-learn ``simclr_loss_func`` on its main branch (vturrisi/solo-learn, solo/losses/simclr.py):
+    this rank's rows against ``gather(z)`` of every rank (solo/utils/misc.py ``gather``, the identity on
+    one process), the mean over this rank's rows."""
+    z = F.normalize(z, dim=-1)
+    gathered_z = gather(z)
+    sim = torch.exp(torch.einsum("if, jf -> ij", z, gathered_z) / temperature)
+    gathered_indexes = gather(indexes)
     indexes = indexes.unsqueeze(0)
-    pos_mask = indexes.t() == indexes
-    pos_mask.fill_diagonal_(0)
-    neg_mask = indexes.t() != indexes
+    gathered_indexes = gathered_indexes.unsqueeze(0)
+    pos_mask = indexes.t() == gathered_indexes
+    pos_mask[:, z.size(0) * rank :].fill_diagonal_(0)
+    neg_mask = indexes.t() != gathered_indexes
     pos = torch.sum(sim * pos_mask, 1)
     neg = torch.sum(sim * neg_mask, 1)
     return -(torch.mean(torch.log(pos / (pos + neg))))
@@ -418,16 +422,116 @@ def test_open_clip_logit_scale_at_call_time_every_step():
         assert relative_error(ours, logit_scale.grad) <= RTOL
 
 
-def test_open_clip_signature():
-    params = inspect.signature(open_clip.ClipLoss).parameters
-    assert list(params) == ["local_loss", "gather_with_grad", "cache_labels", "rank", "world_size", "use_horovod"]
-    assert [p.default for p in params.values()] == [False, False, False, 0, 1, False]
-    assert list(inspect.signature(open_clip.ClipLoss.forward).parameters)[1:] == [
-        "image_features",
-        "text_features",
-        "logit_scale",
-        "output_dict",
-    ]
+# open_clip's signatures, recorded from src/open_clip/loss.py of every open_clip_torch release since 2.20
+# (2.20.0, 2.22.0–2.29.0, 2.30.0–2.31.0, 2.32.0, 3.0.0–3.3.0; the wheels' own files) and, for the head,
+# from open_clip PR #1145 (``chunk_size`` appended to SigLipLoss.__init__, default 0).
+_CLIP_INIT = "local_loss=False, gather_with_grad=False, cache_labels=False, rank=0, world_size=1, use_horovod=False"
+OPEN_CLIP_SIGNATURES = {
+    "2.20": {"ClipLoss.forward": "image_features, text_features, logit_scale, output_dict=False"},
+    "2.22": {
+        "ClipLoss.forward": "image_features, text_features, logit_scale, output_dict=False",
+        "SigLipLoss": "cache_labels=False, rank=0, world_size=1, bidir=True, use_horovod=False",
+    },
+    "2.30": {"SigLipLoss": "cache_labels=False, rank=0, world_size=1, dist_impl=None"},
+    "2.32": {"ClipLoss.forward": "image_features, text_features, logit_scale, logit_bias=None, output_dict=False"},
+    "3.3": {
+        "ClipLoss": _CLIP_INIT,
+        "ClipLoss.forward": "image_features, text_features, logit_scale, logit_bias=None, output_dict=False",
+        "SigLipLoss": "cache_labels=False, rank=0, world_size=1, dist_impl=None",
+        "SigLipLoss.forward": "image_features, text_features, logit_scale, logit_bias, output_dict=False",
+    },
+    "head": {"SigLipLoss": "cache_labels=False, rank=0, world_size=1, dist_impl=None, chunk_size=0"},
+}
+
+
+def _parameters(text: str) -> list[tuple[str, object]]:
+    """("name", default or inspect.Parameter.empty) of a recorded parameter list."""
+    out = []
+    for item in text.split(", "):
+        name, _, default = item.partition("=")
+        out.append((name, eval(default) if default else inspect.Parameter.empty))
+    return out
+
+
+def _ours(name: str) -> list[tuple[str, object, object]]:
+    cls, _, method = name.partition(".")
+    fn = getattr(getattr(open_clip, cls), method) if method else getattr(open_clip, cls)
+    params = [p for p in inspect.signature(fn).parameters.values() if p.name != "self"]
+    return [(p.name, p.default, p.kind) for p in params]
+
+
+@pytest.mark.parametrize("version", list(OPEN_CLIP_SIGNATURES))
+def test_open_clip_signatures_of_every_release(version):
+    """Today's (3.3 and head) signatures are ours exactly, positional order included; an older
+    release's call forms bind to ours: its positional prefix where today's agrees, every keyword."""
+    for name, text in OPEN_CLIP_SIGNATURES[version].items():
+        theirs = _parameters(text)
+        ours = {p: (default, kind) for p, default, kind in _ours(name)}
+        for param, default in theirs:
+            assert param in ours, (version, name, param)
+            # 2.2x's SigLipLoss(bidir=True) is ours with bidir=None: dist_impl's default, "bidir".
+            assert ours[param][0] == default or (param, ours[param][0]) == ("bidir", None), (version, name, param)
+        if version in ("3.3", "head"):
+            positional = [(p, d) for p, d, kind in _ours(name) if kind == inspect.Parameter.POSITIONAL_OR_KEYWORD]
+            assert positional[: len(theirs)] == theirs, (version, name)
+            if version == "head" or name != "SigLipLoss":
+                assert len(positional) == len(theirs), (version, name)
+
+
+def test_open_clip_call_forms():
+    """open_clip's own calls: ``loss(**model_out, output_dict=True)`` with and without a bias, the
+    five-argument call, ``logit_bias=`` as a keyword; SigLIP's 2.2x ``bidir`` positionally and as a
+    keyword, ``chunk_size`` (any value, the same loss)."""
+    img, txt = F.normalize(rows(6, 8, seed=1), dim=1), F.normalize(rows(6, 8, seed=2), dim=1)
+    scale, bias = torch.tensor(14.0, dtype=torch.float64), torch.tensor(-3.0, dtype=torch.float64)
+    expected = open_clip_peer.ClipLoss()(img, txt, scale)
+    model_out = {"image_features": img, "text_features": txt, "logit_scale": scale}
+    for call in (
+        lambda loss: loss(**model_out, output_dict=True)["contrastive_loss"],
+        lambda loss: loss(**model_out, logit_bias=bias, output_dict=True)["contrastive_loss"],
+        lambda loss: loss(img, txt, scale, bias, True)["contrastive_loss"],
+        lambda loss: loss(img, txt, scale, logit_bias=bias),
+        lambda loss: loss(img, txt, scale, None, False),
+    ):
+        assert relative_error(call(open_clip.ClipLoss()), expected) <= RTOL
+        assert relative_error(call(open_clip_peer.ClipLoss()), expected) <= RTOL
+    siglip = open_clip_peer.SigLipLoss()(img, txt, scale, bias)
+    for loss_fn in (
+        open_clip.SigLipLoss(False, 0, 1, True),
+        open_clip.SigLipLoss(bidir=False),
+        open_clip.SigLipLoss(chunk_size=4),
+        open_clip.SigLipLoss(False, 0, 1, "gather", 512),
+    ):
+        assert relative_error(loss_fn(img, txt, scale, bias), siglip) <= RTOL
+    assert open_clip.SigLipLoss(bidir=False).dist_impl == "shift"
+    with pytest.raises(ValueError, match="chunk_size"):
+        open_clip.SigLipLoss(chunk_size=-1)
+    with pytest.raises(NotImplementedError, match="use_horovod"):
+        open_clip.SigLipLoss(use_horovod=True)
+
+
+@pytest.mark.parametrize("scale", [0.0, -3.0], ids=["zero", "negative"])
+def test_open_clip_any_logit_scale(scale):
+    """open_clip multiplies the logits by whatever scale it is given: 0 (loss log N) and negative
+    scales work there, so they work here, with the scale's gradient."""
+    img, txt = F.normalize(rows(5, 4, seed=3), dim=1), F.normalize(rows(5, 4, seed=4), dim=1)
+    s, b = torch.tensor(scale, dtype=torch.float64), torch.tensor(-1.0, dtype=torch.float64)
+    assert_same(open_clip.ClipLoss(), open_clip_peer.ClipLoss(), img, txt, s)
+    assert_same(open_clip.SigLipLoss(), open_clip_peer.SigLipLoss(), img, txt, s, b)
+    assert relative_error(open_clip.ClipLoss()(img, txt, scale), open_clip_peer.ClipLoss()(img, txt, scale)) <= RTOL
+
+
+def test_open_clip_logit_bias_gradient_is_exactly_zero():
+    """A bias on every logit of a softmax: the same loss, an exact zero gradient (open_clip's is
+    rounding noise around 0), the other gradients unchanged."""
+    img, txt = F.normalize(rows(7, 5, seed=5), dim=1), F.normalize(rows(7, 5, seed=6), dim=1)
+    scale = torch.tensor(20.0, dtype=torch.float64)
+    bias = torch.tensor(-4.0, dtype=torch.float64, requires_grad=True)
+    loss = open_clip.ClipLoss()(img, txt, scale, bias)
+    loss.backward()
+    assert bias.grad is not None and bias.grad.item() == 0.0
+    theirs = open_clip_peer.ClipLoss()(img, txt, scale, bias.detach())
+    assert relative_error(loss.detach(), theirs) <= RTOL
 
 
 # --- lightly ----------------------------------------------------------------------------------------
@@ -624,8 +728,22 @@ def test_inf_cl_values_and_gradients(nq, nk, labels, scale):
         return inf_cl_reference(*x[:2], idx, *x[2:])
 
     for ours in (inf_cl.cal_inf_loss, inf_cl.cal_ring_loss):
-        assert_same(lambda *x, ours=ours: ours(*x[:2], idx, *x[2:]), lambda *x: theirs(*x).mean(), *inputs)
-    assert_same(lambda *x: inf_cl.cal_flash_loss(*x[:2], idx, *x[2:]).sum(), lambda *x: theirs(*x).sum(), *inputs)
+        assert_same(lambda *x, ours=ours: ours(*x[:2], idx, *x[2:], head_dim=16), lambda *x: theirs(*x).mean(), *inputs)
+    assert_same(
+        lambda *x: inf_cl.cal_flash_loss(*x[:2], idx, *x[2:], head_dim=16).sum(), lambda *x: theirs(*x).sum(), *inputs
+    )
+
+
+@pytest.mark.parametrize("fn", [inf_cl.cal_inf_loss, inf_cl.cal_ring_loss, inf_cl.cal_flash_loss])
+def test_inf_cl_head_dim_must_divide_d(fn):
+    """Inf-CL views each row as [D / head_dim, head_dim] (``q.view(B, -1, head_dim)``): a head_dim that
+    does not divide D fails there (its default 256 with D = 48 included), and here with a ValueError
+    naming it; one that divides D gives the same loss whatever it is."""
+    q, k = rows(4, 48, seed=1), rows(4, 48, seed=2)
+    for bad in (256, 32, 0):
+        with pytest.raises(ValueError, match="head_dim"):
+            fn(q, k, head_dim=bad)
+    assert torch.allclose(fn(q, k, head_dim=16), fn(q, k, head_dim=48), rtol=RTOL, atol=0)
 
 
 # --- DirectCLR --------------------------------------------------------------------------------------
@@ -758,7 +876,7 @@ def test_float32_and_bfloat16_against_the_float64_peer(peer):
             lambda x, y: solo_reference(torch.cat([x, y]), labels.repeat(2)),
         ),
         "inf_cl-more-keys": (
-            lambda x, y: inf_cl.cal_inf_loss(x[:5], y, labels[:5] * 2, 10.0),
+            lambda x, y: inf_cl.cal_inf_loss(x[:5], y, labels[:5] * 2, 10.0, head_dim=8),
             lambda x, y: inf_cl_reference(x[:5], y, labels[:5] * 2, 10.0).mean(),
         ),
     }
@@ -789,8 +907,11 @@ def test_float32_and_bfloat16_against_the_float64_peer(peer):
         (lambda: pml.NTXentLoss(-1.0)(torch.randn(4, 3), torch.arange(4) % 2), "temperature"),
         (lambda: solo_learn.simclr_loss_func(torch.randn(6, 3), torch.arange(5)), "indexes"),
         (lambda: solo_learn.simclr_loss_func(torch.randn(6, 3).long(), torch.arange(6)), "z"),
-        (lambda: inf_cl.cal_flash_loss(torch.randn(4, 3), torch.randn(6, 5)), "k"),
-        (lambda: inf_cl.cal_inf_loss(torch.randn(4, 3), torch.randn(6, 3), labels=torch.arange(3)), "targets"),
+        (lambda: inf_cl.cal_flash_loss(torch.randn(4, 3), torch.randn(6, 5), head_dim=3), "k"),
+        (
+            lambda: inf_cl.cal_inf_loss(torch.randn(4, 3), torch.randn(6, 3), labels=torch.arange(3), head_dim=3),
+            "labels",
+        ),
         (lambda: open_clip.ClipLoss()(torch.randn(4, 3), torch.randn(4, 3), torch.ones(2)), "logit_scale"),
         (lambda: open_clip.ClipLoss()(torch.randn(4, 3), torch.randn(5, 3), 10.0), "text_features"),
         (lambda: lightly.NTXentLoss()(torch.randn(4, 3), torch.randn(4, 2)), "out1"),

@@ -121,7 +121,7 @@ def _cases():
         False,
     )
     cases["inf_cl"] = (
-        lambda a, b, s: inf_cl.cal_inf_loss(a, b, scale=s),
+        lambda a, b, s: inf_cl.cal_inf_loss(a, b, scale=s, head_dim=D_OUT),
         lambda a, b, s: _inf_cl_ring_reference(a, b, s),
         1 / 0.05,
         True,
@@ -135,7 +135,9 @@ def _cases():
     for name, classes in (("solo-learn-2-crops", None), ("solo-learn-supervised", 3)):
         cases[name] = (
             lambda a, b, s, c=classes: solo_learn.simclr_loss_func(torch.cat([a, b]), _solo_indexes(c), 0.2),
-            lambda a, b, s, c=classes: solo_reference(torch.cat([a, b]), _solo_indexes(c), 0.2, _full_gather),
+            lambda a, b, s, c=classes: solo_reference(
+                torch.cat([a, b]), _solo_indexes(c), 0.2, _full_gather, dist.get_rank()
+            ),
             1.0,
             False,
         )
@@ -149,7 +151,7 @@ def _solo_indexes(classes):
 
 
 def _full_gather(x):
-    """solo-learn's ``full_gather`` (solo/utils/misc.py) and DirectCLR's ``gather_from_all``
+    """solo-learn's ``gather`` (solo/utils/misc.py ``GatherLayer``) and DirectCLR's ``gather_from_all``
     (directclr/utils.py): their gather layers are the same code as lightly's GatherLayer."""
     return torch.cat(_LightlyGatherLayer.apply(x))
 
@@ -225,6 +227,12 @@ def test_peer_flags_under_ddp(name):
         for g, h in zip(grads, expected_grads):
             assert relative_error(g, h) <= RTOL, rank
         losses.append(loss)
-    per_rank = ("lightly-gather_distributed=True", "open_clip-local_loss=True", "lightly-DCL", "open_clip-Sig")
+    per_rank = (
+        "lightly-gather_distributed=True",
+        "open_clip-local_loss=True",
+        "lightly-DCL",
+        "open_clip-Sig",
+        "solo-learn",
+    )
     if name.startswith(per_rank):
         assert losses[0] != losses[1]  # per-rank values, as the peer reports them

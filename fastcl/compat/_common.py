@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
-from typing import Sequence, Union
+import numbers
+from typing import Optional, Sequence, Union
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from fastcl import _validate
+from fastcl import _validate, dispatch
 from fastcl._blocks import accumulation_dtype
 from fastcl.distributed import _reduce_scatter as reduce_scatter
 from fastcl.distributed import world_size
+from fastcl.engine import block_loss
 
 
 def check_rows(names: Sequence[str], tensors: Sequence[Tensor], temperature, same_n: bool = True) -> None:
@@ -69,16 +71,54 @@ def scale_grad(x: Tensor, factor: float) -> Tensor:
     return _ScaleGrad.apply(x, factor)
 
 
-def temperature_from_scale(scale: Union[float, Tensor]) -> Union[float, Tensor]:
-    """τ = 1 / logit_scale for an already exponentiated scale (float, 0-dim or ``[1]`` tensor); the
-    gradient reaches the scale."""
-    if isinstance(scale, Tensor):
-        if scale.numel() != 1:
-            raise ValueError(f"logit_scale: expected a scalar or a one-element tensor, got shape {tuple(scale.shape)}")
-        return 1.0 / scale.reshape(())
-    return 1.0 / float(scale)
+def scalar(name: str, value: Union[float, Tensor]) -> Union[float, Tensor]:
+    """A float, or a one-element tensor (0-dim or ``[1]``) as 0-dim: the peers' logit scales and biases.
+    No value is read (no host sync): 0, negative or non-finite values act as in the peer's formula."""
+    if isinstance(value, Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"{name}: expected a scalar or a one-element tensor, got shape {tuple(value.shape)}")
+        return value.reshape(())
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name}: expected a float or a one-element tensor, got {type(value).__name__}")
+    return float(value)
+
+
+def scale_rows(name: str, rows: Tensor, scale: Union[float, Tensor]) -> Tensor:
+    """``scale · rows``: a peer's logit scale multiplies the logits ``scale · a·kᵀ``; applied to one side's
+    rows (the loss then runs at τ = 1) it gives the same logits for any scale the peer accepts (0 and
+    negative included, where τ = 1/scale would not exist) and the scale's gradient flows. The rows keep
+    their dtype (a 0-dim scale does not promote them), as in the peer's ``logit_scale * features``."""
+    return rows * scalar(name, scale)
 
 
 def zero_loss(*rows: Tensor) -> Tensor:
     """An exact 0 connected to the inputs' graph (zero gradients, never NaN even for NaN rows)."""
     return sum(r[:0].sum().to(accumulation_dtype(r.dtype)) for r in rows)
+
+
+def plan_loss(
+    rows: Tensor,
+    plan: str,
+    part_sizes: Sequence[int],
+    tau: Union[float, Tensor] = 1.0,
+    *,
+    labels: Optional[Tensor] = None,
+    bias: Union[float, Tensor, None] = None,
+    normalize: bool = False,
+) -> Tensor:
+    """One process's :func:`fastcl.engine.block_loss` of ``plan`` over ``rows`` (the peers' own gathers
+    come before: a gathered copy is just more rows here), on the backend ``"auto"`` picks for them."""
+    acc = accumulation_dtype(rows.dtype)
+    device = rows.device
+    as_tensor = lambda v: v.to(acc) if isinstance(v, Tensor) else torch.full((), float(v), dtype=acc, device=device)  # noqa: E731
+    return block_loss(
+        rows,
+        plan,
+        list(part_sizes),
+        as_tensor(tau),
+        labels=labels,
+        bias=None if bias is None else as_tensor(bias),
+        normalize=normalize,
+        mode="local",
+        backend=dispatch.resolve_block("auto", device),
+    )

@@ -7,7 +7,9 @@ Same functions ``cal_inf_loss`` / ``cal_ring_loss`` (mean) and ``cal_flash_loss`
 arguments ``(q, k, labels=None, scale=None, head_dim=256)`` and values: one direction (q against k), rows
 used as given (no normalization), ``scale`` (an exponentiated logit scale, or None for 1) multiplies the
 logits, ``labels[i]`` is the index of q_i's positive in k (default ``arange``), and k may hold more rows
-than q. ``head_dim`` only shapes Inf-CL's kernels; the value does not depend on it (accepted, unused).
+than q. ``head_dim`` only shapes Inf-CL's kernels (its ``q.view(B, -1, head_dim)``), so it must divide D as
+there (a ``ValueError`` naming it otherwise); the value does not depend on it. NaN or Inf in q, k or the
+scale gives NaN, as Inf-CL, without a raise or a host sync.
 
 Under an initialized process group (as Inf-CL checks), ``cal_inf_loss`` / ``cal_ring_loss`` compute this
 rank's q against the k of every rank (``labels`` index this rank's k, as in Inf-CL), each rank's key
@@ -26,7 +28,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from fastcl import _validate, functional
-from fastcl.compat._common import all_gather_rows, check_rows, temperature_from_scale
+from fastcl.compat._common import all_gather_rows, check_rows, scale_rows
 from fastcl.compat._rowblocks import cross_entropy_rows
 from fastcl.distributed import world_size
 
@@ -49,8 +51,20 @@ class _AllReduceGrad(torch.autograd.Function):
         return grad
 
 
-def _tau(scale: Scale):
-    return 1.0 if scale is None else temperature_from_scale(scale)
+def _checked(q: Tensor, k: Tensor, labels: Optional[Tensor], scale: Scale, head_dim: int):
+    """Inf-CL's inputs checked in its terms: (scale·q, k, each query's positive key index)."""
+    check_rows(("q", "k"), (q, k), None, same_n=False)
+    d = q.shape[1]
+    if isinstance(head_dim, bool) or not isinstance(head_dim, int) or head_dim < 1 or d % head_dim:
+        raise ValueError(
+            f"head_dim: Inf-CL views each row as [D / head_dim, head_dim], so it must divide D = {d}; got {head_dim!r}"
+        )
+    positive = torch.arange(q.shape[0], device=q.device) if labels is None else labels.to(q.device)
+    try:
+        _validate.targets(positive, q.shape[0], q.device)
+    except (TypeError, ValueError) as error:
+        raise type(error)(str(error).replace("targets", "labels", 1)) from None
+    return (q if scale is None else scale_rows("scale", q, scale)), k, positive
 
 
 def cal_flash_loss(
@@ -62,21 +76,19 @@ def cal_flash_loss(
         q: ``[B, D]`` queries. k: ``[K, D]`` keys (K ≥ B allowed).
         labels: ``[B]`` index of each query's positive key; default ``arange(B)``.
         scale: logit scale (already exponentiated), float or one-element tensor; None: 1.
-        head_dim: unused (Inf-CL's kernel tiling).
+        head_dim: Inf-CL's kernel tiling; must divide D (no effect on the value).
 
     Returns:
         ``[B]``: ``log Σ_j exp(scale q_i·k_j) − scale q_i·k_{labels_i}``, float32 (float64 for float64).
 
     Example:
         >>> import torch
-        >>> q, k = torch.randn(4, 8), torch.randn(6, 8)
-        >>> cal_flash_loss(q, k, labels=torch.tensor([5, 0, 2, 2])).shape
+        >>> q, k = torch.randn(4, 32), torch.randn(6, 32)
+        >>> cal_flash_loss(q, k, labels=torch.tensor([5, 0, 2, 2]), head_dim=16).shape
         torch.Size([4])
     """
-    check_rows(("q", "k"), (q, k), _tau(scale), same_n=False)
-    positive = torch.arange(q.shape[0], device=q.device) if labels is None else labels.to(q.device)
-    _validate.targets(positive, q.shape[0], q.device)
-    return cross_entropy_rows(q, k, positive, _tau(scale))
+    q, k, positive = _checked(q, k, labels, scale, head_dim)
+    return cross_entropy_rows(q, k, positive, 1.0)
 
 
 def cal_inf_loss(
@@ -89,7 +101,7 @@ def cal_inf_loss(
         q: ``[B, D]`` queries. k: ``[K, D]`` keys (K ≥ B allowed).
         labels: ``[B]`` index of each query's positive in this rank's k; default ``arange(B)``.
         scale: logit scale (already exponentiated), float or one-element tensor; None: 1.
-        head_dim: unused (Inf-CL's kernel tiling).
+        head_dim: Inf-CL's kernel tiling; must divide D (no effect on the value).
 
     Returns:
         The 0-dim mean over this rank's queries.
@@ -100,22 +112,23 @@ def cal_inf_loss(
     Example:
         >>> import torch
         >>> import torch.nn.functional as F
-        >>> q, k = F.normalize(torch.randn(8, 16), dim=1), F.normalize(torch.randn(8, 16), dim=1)
+        >>> q, k = F.normalize(torch.randn(8, 256), dim=1), F.normalize(torch.randn(8, 256), dim=1)
         >>> scale = torch.tensor(1 / 0.07, requires_grad=True)
         >>> loss = cal_inf_loss(q, k, scale=scale)
         >>> loss.backward()
         >>> scale.grad is not None
         True
     """
-    positive = torch.arange(q.shape[0], device=q.device) if labels is None else labels.to(q.device)
-    if dist.is_available() and dist.is_initialized() and world_size() > 1:
-        if isinstance(scale, Tensor):
-            scale = _AllReduceGrad.apply(scale)
+    distributed = dist.is_available() and dist.is_initialized() and world_size() > 1
+    if distributed and isinstance(scale, Tensor):
+        scale = _AllReduceGrad.apply(scale)
+    q, k, positive = _checked(q, k, labels, scale, head_dim)
+    if distributed:
         k, positive = all_gather_rows(k, with_grad=True), positive + k.shape[0] * dist.get_rank()
     elif labels is None and q.shape[0] == k.shape[0]:
         positive = None  # query i's positive is key i: the fused cross-view InfoNCE
     return functional.info_nce(
-        q, k, _tau(scale), targets=positive, normalize=False, symmetric=False, distributed="local"
+        q, k, 1.0, targets=positive, normalize=False, symmetric=False, distributed="local", check_finite=False
     )
 
 
@@ -130,8 +143,8 @@ def cal_ring_loss(
 
     Example:
         >>> import torch
-        >>> q, k = torch.randn(8, 16), torch.randn(8, 16)
-        >>> bool(torch.isclose(cal_ring_loss(q, k), cal_inf_loss(q, k)))
+        >>> q, k = torch.randn(8, 64), torch.randn(8, 64)
+        >>> bool(torch.isclose(cal_ring_loss(q, k, head_dim=64), cal_inf_loss(q, k, head_dim=64)))
         True
     """
     return cal_inf_loss(q, k, labels, scale, head_dim)

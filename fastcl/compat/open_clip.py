@@ -4,11 +4,19 @@ change only the import.
     from open_clip.loss import ClipLoss, SigLipLoss            # before
     from fastcl.compat.open_clip import ClipLoss, SigLipLoss    # after
 
-Same constructor flags and ``forward(image_features, text_features, logit_scale, output_dict=False)``;
-the logit scale arrives at call time, already exponentiated, as a float, a 0-dim or a ``[1]`` tensor,
-and its gradient flows. Features are used as given (open_clip's models normalize them). With
-``world_size > 1`` the flags mean what they mean in open_clip (values and, after DDP's gradient
-average, parameter gradients equal open_clip's):
+Same constructors and call forms as open_clip today, every released one since 2.20 included:
+``ClipLoss(local_loss=False, gather_with_grad=False, cache_labels=False, rank=0, world_size=1,
+use_horovod=False)(image_features, text_features, logit_scale, logit_bias=None, output_dict=False)``
+(``logit_bias`` since 2.32; open_clip's ``loss(**model_out, output_dict=True)`` works) and
+``SigLipLoss(cache_labels=False, rank=0, world_size=1, dist_impl=None, chunk_size=0)(image_features,
+text_features, logit_scale, logit_bias, output_dict=False)`` (``chunk_size`` from open_clip's head; 2.22–2.29's
+``bidir`` / ``use_horovod`` are accepted as keywords, and a bool in ``dist_impl``'s place is 2.2x's ``bidir``).
+
+The logit scale arrives at call time, already exponentiated, as a float, a 0-dim or a ``[1]`` tensor, and
+multiplies the logits as in open_clip (any value: 0, negative, NaN act as there; its gradient flows).
+Features are used as given (open_clip's models normalize them); NaN or Inf in them gives NaN, as open_clip,
+without a raise or a host sync. With ``world_size > 1`` the flags mean what they mean in open_clip
+(values and, after DDP's gradient average, parameter gradients equal open_clip's):
 
 ==============================  ==========================================  ==============================
 flags                           loss on each rank                           runs on
@@ -19,26 +27,34 @@ local_loss=True                 this rank's rows against every rank's rows  Info
 gather_with_grad=False          gradients only through this rank's rows     (open_clip's 1/W scaling kept)
 ==============================  ==========================================  ==============================
 
-``use_horovod=True`` raises ``NotImplementedError``; ``cache_labels`` changes nothing (no label tensor is built).
+``use_horovod=True`` raises ``NotImplementedError``; ``cache_labels`` changes nothing (no label tensor is
+built); ``ClipLoss``'s ``logit_bias`` shifts every logit of a softmax and so changes neither the loss nor
+any gradient (its own gradient is exactly 0; a non-finite bias gives NaN, as open_clip).
 
-``SigLipLoss(cache_labels=False, rank=0, world_size=1, dist_impl=None)(image_features, text_features,
-logit_scale, logit_bias, output_dict=False)``: ``−Σ_ij log σ(y_ij (t·⟨x_i, y_j⟩ + b)) / N`` with y = +1 on
-the pairs and −1 elsewhere, on fastcl's SigLIP for one process; with ``world_size > 1`` each rank's
-images against the texts of every rank, divided by its own N (every ``dist_impl`` of open_clip gives
-that value and those gradients), as row blocks in PyTorch.
+``SigLipLoss``: ``−Σ_ij log σ(y_ij (t·⟨x_i, y_j⟩ + b)) / N`` with y = +1 on the pairs and −1 elsewhere, on
+fastcl's SigLIP for one process; with ``world_size > 1`` each rank's images against the texts of every
+rank, divided by its own N (every ``dist_impl`` of open_clip gives that value and those gradients), on the
+block engine. ``chunk_size`` only bounds open_clip's memory; fastcl never builds the N × N logits, so any
+value gives the same loss.
 """
 
 from __future__ import annotations
 
-from typing import Union
+from typing import Optional, Union
 
 import torch
 from torch import Tensor, nn
 
 from fastcl import functional
-from fastcl.compat._common import all_gather_rows, check_rows, scale_grad, temperature_from_scale
-from fastcl.compat._rowblocks import block_sum
+from fastcl.compat._common import all_gather_rows, check_rows, plan_loss, scalar, scale_grad, scale_rows
 from fastcl.distributed import world_size as process_world_size
+from fastcl.engine import Pass, Plan
+
+Scalar = Union[float, Tensor]
+DIST_IMPLS = ("bidir", "shift", "reduce", "gather")
+# SigLIP over [images; every rank's texts]: images against texts, positives where the text's global index
+# is the image's target (its own index on this rank), sigmoid epilogue.
+_RANK_SIGLIP_PLAN = Plan(passes=(Pass((0, 1), (1, 2), "labels"),), labels="targets", epilogue="sigmoid").encode()
 
 __all__ = ["ClipLoss", "SigLipLoss"]
 
@@ -95,17 +111,29 @@ class ClipLoss(nn.Module):
         self.use_horovod = use_horovod
 
     def forward(
-        self, image_features: Tensor, text_features: Tensor, logit_scale: Union[float, Tensor], output_dict=False
+        self,
+        image_features: Tensor,
+        text_features: Tensor,
+        logit_scale: Scalar,
+        logit_bias: Optional[Scalar] = None,
+        output_dict=False,
     ):
         check_rows(("image_features", "text_features"), (image_features, text_features), None)
-        tau = temperature_from_scale(logit_scale)
+        scale = scalar("logit_scale", logit_scale)
         if self.world_size > 1:
-            loss = self._distributed_loss(image_features, text_features, tau)
+            loss = self._distributed_loss(image_features, text_features, scale)
         else:
-            loss = functional.info_nce(image_features, text_features, tau, normalize=False, distributed="local")
+            scaled = scale_rows("logit_scale", image_features, scale)
+            loss = functional.info_nce(
+                scaled, text_features, 1.0, normalize=False, distributed="local", check_finite=False
+            )
+        if logit_bias is not None:
+            # A shift of every logit: no change to the softmax. Kept in the graph so that its gradient
+            # is an exact 0 and a non-finite bias gives NaN, as open_clip's logits + bias.
+            loss = loss + (scalar("logit_bias", logit_bias) * 0).to(loss.dtype)
         return {"contrastive_loss": loss} if output_dict else loss
 
-    def _distributed_loss(self, image_features: Tensor, text_features: Tensor, tau) -> Tensor:
+    def _distributed_loss(self, image_features: Tensor, text_features: Tensor, scale: Scalar) -> Tensor:
         if self.use_horovod:
             raise NotImplementedError(
                 "use_horovod: Horovod is not supported; use torch.distributed (use_horovod=False)"
@@ -121,14 +149,17 @@ class ClipLoss(nn.Module):
                 # through its own rows only, 1/W of the gather-with-gradient result (temperature excepted).
                 image_features = scale_grad(image_features, 1.0 / self.world_size)
                 text_features = scale_grad(text_features, 1.0 / self.world_size)
-            return functional.info_nce(image_features, text_features, tau, normalize=False, distributed="gather")
+            scaled = scale_rows("logit_scale", image_features, scale)
+            return functional.info_nce(
+                scaled, text_features, 1.0, normalize=False, distributed="gather", check_finite=False
+            )
         all_image = all_gather_rows(image_features, self.gather_with_grad)
         all_text = all_gather_rows(text_features, self.gather_with_grad)
         n = image_features.shape[0]
         positive = torch.arange(n, device=image_features.device) + n * self.rank
-        one_way = dict(targets=positive, normalize=False, symmetric=False, distributed="local")
-        per_image = functional.info_nce(image_features, all_text, tau, **one_way)
-        per_text = functional.info_nce(text_features, all_image, tau, **one_way)
+        one_way = dict(targets=positive, normalize=False, symmetric=False, distributed="local", check_finite=False)
+        per_image = functional.info_nce(scale_rows("logit_scale", image_features, scale), all_text, 1.0, **one_way)
+        per_text = functional.info_nce(scale_rows("logit_scale", text_features, scale), all_image, 1.0, **one_way)
         return (per_image + per_text) / 2
 
     def extra_repr(self) -> str:
@@ -146,7 +177,11 @@ class SigLipLoss(nn.Module):
         cache_labels: accepted for compatibility; no effect.
         rank: this process's rank. world_size: number of ranks (1: this rank's batch only).
         dist_impl: open_clip's exchange (``'bidir'``, ``'shift'``, ``'reduce'`` or ``'gather'``; None:
-            ``'bidir'``); all give the same loss and gradients, so it only is validated.
+            ``'bidir'``; a bool: open_clip 2.2x's ``bidir``, True ``'bidir'``, False ``'shift'``); all give
+            the same loss and gradients, so it only is validated.
+        chunk_size: open_clip's logit row chunks (0: none); no effect on the value (nothing N × N is built).
+        bidir: open_clip 2.22–2.29's flag (keyword only), as a bool ``dist_impl``.
+        use_horovod: open_clip 2.22–2.29's flag (keyword only); True raises ``NotImplementedError``.
 
     Shape:
         image_features, text_features: ``[N, D]`` (used as given); logit_scale (t, exponentiated) and
@@ -156,7 +191,8 @@ class SigLipLoss(nn.Module):
         The loss (0-dim), or ``{"contrastive_loss": loss}`` with ``output_dict=True``.
 
     Raises:
-        ValueError: an unknown ``dist_impl``, bad shapes, ``world_size`` not matching the process group.
+        ValueError: an unknown ``dist_impl``, a negative ``chunk_size``, bad shapes, ``world_size`` not
+            matching the process group.
 
     Example:
         >>> import torch
@@ -169,50 +205,71 @@ class SigLipLoss(nn.Module):
         True
     """
 
-    def __init__(self, cache_labels=False, rank=0, world_size=1, dist_impl=None):
+    def __init__(
+        self,
+        cache_labels: bool = False,
+        rank: int = 0,
+        world_size: int = 1,
+        dist_impl: Optional[str] = None,
+        chunk_size: int = 0,
+        *,
+        bidir: Optional[bool] = None,
+        use_horovod: bool = False,
+    ):
         super().__init__()
+        if use_horovod:
+            raise NotImplementedError("use_horovod: Horovod is not supported; use torch.distributed")
+        if isinstance(dist_impl, bool):  # open_clip 2.2x's fourth positional argument
+            dist_impl, bidir = None, dist_impl
+        if bidir is not None:
+            if dist_impl is not None:
+                raise ValueError(f"bidir, dist_impl: give one of them, got bidir={bidir!r}, dist_impl={dist_impl!r}")
+            dist_impl = "bidir" if bidir else "shift"
+        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 0:
+            raise ValueError(f"chunk_size: expected an int >= 0, got {chunk_size!r}")
         self.cache_labels = cache_labels
         self.rank = rank
         self.world_size = world_size
         self.dist_impl = dist_impl or "bidir"
-        if self.dist_impl not in ("bidir", "shift", "reduce", "gather"):
-            raise ValueError(f"dist_impl: expected one of ['bidir', 'shift', 'reduce', 'gather'], got {dist_impl!r}")
+        self.chunk_size = chunk_size
+        if self.dist_impl not in DIST_IMPLS:
+            raise ValueError(f"dist_impl: expected one of {list(DIST_IMPLS)}, got {dist_impl!r}")
 
-    def forward(self, image_features: Tensor, text_features: Tensor, logit_scale, logit_bias, output_dict=False):
+    def forward(
+        self,
+        image_features: Tensor,
+        text_features: Tensor,
+        logit_scale: Scalar,
+        logit_bias: Optional[Scalar],
+        output_dict=False,
+    ):
         check_rows(("image_features", "text_features"), (image_features, text_features), None)
-        tau = temperature_from_scale(logit_scale)
-        bias = 0.0 if logit_bias is None else logit_bias
-        if isinstance(bias, Tensor):
-            if bias.numel() != 1:
-                raise ValueError(
-                    f"logit_bias: expected a scalar or a one-element tensor, got shape {tuple(bias.shape)}"
-                )
-            bias = bias.reshape(())
+        scaled = scale_rows("logit_scale", image_features, logit_scale)
+        bias = 0.0 if logit_bias is None else scalar("logit_bias", logit_bias)
         if self.world_size > 1:
             if process_world_size() != self.world_size:
                 raise ValueError(
                     f"world_size: expected the initialized process group's size {process_world_size()}, "
                     f"got {self.world_size}"
                 )
-            loss = self._rank_loss(image_features, text_features, tau, bias)
+            loss = self._rank_loss(scaled, text_features, bias)
         else:
             loss = functional.siglip(
-                image_features, text_features, logit_bias=bias, temperature=tau, normalize=False, distributed="local"
+                scaled, text_features, 1.0, bias, normalize=False, distributed="local", check_finite=False
             )
         return {"contrastive_loss": loss} if output_dict else loss
 
-    def _rank_loss(self, image_features: Tensor, text_features: Tensor, tau, bias) -> Tensor:
-        """This rank's images against every rank's texts (gradients summed back to their owners)."""
-        n = image_features.shape[0]
+    def _rank_loss(self, scaled_images: Tensor, text_features: Tensor, bias: Scalar) -> Tensor:
+        """This rank's images against every rank's texts (gradients summed back to their owners), over
+        this rank's N: [images; all texts] as one block of the engine."""
+        n = scaled_images.shape[0]
         texts = all_gather_rows(text_features, with_grad=True)
-        pair = torch.arange(n, device=image_features.device) + n * self.rank
-
-        def term(s: Tensor, rows: slice) -> Tensor:
-            z = s + bias
-            positive = pair[rows, None] == torch.arange(s.shape[1], device=s.device)
-            return torch.nn.functional.softplus(torch.where(positive, -z, z)).sum()
-
-        return block_sum(image_features, texts, tau, term) / n
+        targets = torch.arange(n, device=scaled_images.device) + n * self.rank
+        rows = torch.cat([scaled_images, texts])
+        return plan_loss(rows, _RANK_SIGLIP_PLAN, [n, texts.shape[0]], labels=targets, bias=bias)
 
     def extra_repr(self) -> str:
-        return f"rank={self.rank}, world_size={self.world_size}, dist_impl={self.dist_impl!r}"
+        return (
+            f"rank={self.rank}, world_size={self.world_size}, dist_impl={self.dist_impl!r}, "
+            f"chunk_size={self.chunk_size}"
+        )
