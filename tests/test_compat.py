@@ -666,8 +666,27 @@ def test_pml_signatures_and_unsupported_options():
         "ref_emb",
         "ref_labels",
     ]
+    from pytorch_metric_learning import distances, reducers, regularizers
+
+    emb, labels = rows(10, 6, seed=3), _labels(10, 3, 5)
+    defaults = {
+        "NTXentLoss": dict(distance=distances.CosineSimilarity(), reducer=reducers.MeanReducer()),
+        "SupConLoss": dict(distance=distances.CosineSimilarity(), reducer=reducers.AvgNonZeroReducer()),
+    }
+    for name, options in defaults.items():  # pml's defaults, spelled out: accepted, pml's value
+        options = dict(options, embedding_regularizer=None, embedding_reg_weight=1, collect_stats=False)
+        ours, theirs = getattr(pml, name)(0.1, **options), getattr(pml_losses, name)(0.1, **options)
+        assert relative_error(ours(emb, labels), theirs(emb, labels)) <= RTOL
+    for option, value in (
+        ("distance", distances.LpDistance()),
+        ("distance", distances.CosineSimilarity(power=2)),
+        ("reducer", reducers.SumReducer()),
+        ("embedding_regularizer", regularizers.LpRegularizer()),
+    ):
+        with pytest.raises(NotImplementedError, match=option):
+            pml.NTXentLoss(0.1, **{option: value})
     with pytest.raises(NotImplementedError, match="reducer"):
-        pml.NTXentLoss(0.1, reducer=None)
+        pml.SupConLoss(0.1, reducer=reducers.MeanReducer())  # NT-Xent's default, not SupCon's
     with pytest.raises(NotImplementedError, match="indices_tuple"):
         pml.NTXentLoss()(torch.randn(4, 3), torch.arange(4), indices_tuple=(torch.arange(2),) * 4)
 
@@ -892,6 +911,108 @@ def test_float32_and_bfloat16_against_the_float64_peer(peer):
     assert_no_worse_than_naive(
         Result(*evaluate(ours, rounded), None), Result(*evaluate(theirs, rounded), None), truth, torch.bfloat16
     )
+
+
+def _non_finite_cases():
+    """peer → (ours, theirs) on two [9, 24] views; every compat loss and call path."""
+    labels = _labels(9, 3, 4)
+    pairs = torch.arange(9).repeat(2)
+
+    def views(x, y):
+        return torch.stack([x, y], 1)
+
+    return {
+        "supcontrast": (
+            lambda x, y: supcontrast.SupConLoss(0.1)(views(x, y), labels),
+            lambda x, y: supcontrast_reference(views(x, y), labels, temperature=0.1),
+        ),
+        "supcontrast-mask": (
+            lambda x, y: supcontrast.SupConLoss(0.1)(views(x, y), mask=torch.eye(9)),
+            lambda x, y: supcontrast_reference(views(x, y), mask=torch.eye(9).double(), temperature=0.1),
+        ),
+        "open_clip": (
+            lambda x, y: open_clip.ClipLoss()(x, y, 10.0, -1.0),
+            lambda x, y: open_clip_peer.ClipLoss()(x, y, 10.0, -1.0),
+        ),
+        "open_clip-siglip": (
+            lambda x, y: open_clip.SigLipLoss()(x, y, 10.0, -3.0),
+            lambda x, y: open_clip_peer.SigLipLoss()(x, y, 10.0, -3.0),
+        ),
+        "lightly": (lightly.NTXentLoss(0.1), lambda x, y: lightly_reference(x, y, 0.1)),
+        "lightly-dcl": (lightly.DCLLoss(0.1), lambda x, y: lightly_dcl_reference(x, y, 0.1)),
+        "lightly-dclw": (
+            lightly.DCLWLoss(0.1),
+            lambda x, y: lightly_dcl_reference(x, y, 0.1, lightly_mises_fisher_weights),
+        ),
+        "pml-ntxent-classes": (
+            lambda x, y: pml.NTXentLoss(0.1)(torch.cat([x, y]), labels.repeat(2)),
+            lambda x, y: pml_losses.NTXentLoss(0.1)(torch.cat([x, y]), labels.repeat(2)),
+        ),
+        "pml-ntxent-pairs": (
+            lambda x, y: pml.NTXentLoss(0.1)(torch.cat([x, y]), pairs),
+            lambda x, y: pml_losses.NTXentLoss(0.1)(torch.cat([x, y]), pairs),
+        ),
+        "pml-supcon": (
+            lambda x, y: pml.SupConLoss(0.1)(torch.cat([x, y]), labels.repeat(2)),
+            lambda x, y: pml_losses.SupConLoss(0.1)(torch.cat([x, y]), labels.repeat(2)),
+        ),
+        "pml-self-supervised": (
+            pml.SelfSupervisedLoss(pml.NTXentLoss(0.1), symmetric=False),
+            pml_losses.SelfSupervisedLoss(pml_losses.NTXentLoss(0.1), symmetric=False),
+        ),
+        "solo-2-crops": (
+            lambda x, y: solo_learn.simclr_loss_func(torch.cat([x, y]), pairs),
+            lambda x, y: solo_reference(torch.cat([x, y]), pairs),
+        ),
+        "solo-supervised": (
+            lambda x, y: solo_learn.simclr_loss_func(torch.cat([x, y]), labels.repeat(2)),
+            lambda x, y: solo_reference(torch.cat([x, y]), labels.repeat(2)),
+        ),
+        "inf_cl": (
+            lambda x, y: inf_cl.cal_inf_loss(x, y, None, 10.0, head_dim=8),
+            lambda x, y: inf_cl_reference(x, y, None, 10.0).mean(),
+        ),
+        "inf_cl-flash": (
+            lambda x, y: inf_cl.cal_flash_loss(x, y, None, 10.0, head_dim=8),
+            lambda x, y: inf_cl_reference(x, y, None, 10.0),
+        ),
+        "directclr": (directclr.infoNCE, directclr_reference),
+        "directclr-prefix": (
+            lambda x, y: directclr.directclr_loss(x, y, 8),
+            lambda x, y: (directclr_reference(x[:, :8], y[:, :8]) + directclr_reference(y[:, :8], x[:, :8])) / 2,
+        ),
+    }
+
+
+# Where the peer's loss is +Inf, fastcl's is NaN: the positive logit enters fastcl's statistics as Σ P·s,
+# and 0·(±Inf) is NaN there (docs/migration.md). Both are non-finite: GradScaler skips the step either way.
+_INF_BECOMES_NAN = {("open_clip-siglip", "inf"), ("open_clip-siglip", "-inf"), ("inf_cl", "inf")}
+
+
+def _finiteness(t: Tensor) -> Tensor:
+    """Per element: 0 finite, 1 NaN, 2 +Inf, 3 −Inf."""
+    return torch.isnan(t) * 1 + torch.isposinf(t) * 2 + torch.isneginf(t) * 3
+
+
+@pytest.mark.parametrize("bad", ["nan", "inf", "-inf"])
+@pytest.mark.parametrize("peer", list(_non_finite_cases()))
+def test_non_finite_input_gives_what_the_peer_gives(peer, bad):
+    """One NaN or ±Inf entry in the features: no raise (and no finite check: nothing reads the data
+    for it), and the loss is NaN / ±Inf / finite exactly where the peer's is (element-wise for
+    Inf-CL's per-row losses), so AMP's GradScaler sees what it sees with the peer."""
+    ours, theirs = _non_finite_cases()[peer]
+    x, y = F.normalize(rows(9, 24, seed=31), dim=1), F.normalize(rows(9, 24, seed=32), dim=1)
+    x[2, 3] = float(bad)
+    with torch.no_grad():
+        loss, expected = ours(x, y), theirs(x, y)
+    if (peer, bad) in _INF_BECOMES_NAN:
+        assert torch.isposinf(expected).any() and torch.isnan(loss).any()
+        return
+    assert torch.equal(_finiteness(loss), _finiteness(expected)), (loss, expected)
+    assert not torch.isfinite(loss).all()
+    finite = torch.isfinite(expected)
+    if finite.any():
+        assert relative_error(loss[finite], expected[finite]) <= RTOL
 
 
 @pytest.mark.parametrize(

@@ -44,7 +44,7 @@ def infoNCE(nn: Tensor, p: Tensor, temperature: float = 0.1) -> Tensor:  # noqa:
         torch.Size([])
     """
     check_rows(("nn", "p"), (nn, p), None)
-    return functional.info_nce(nn, p, temperature, symmetric=False, distributed="auto")
+    return functional.info_nce(nn, p, temperature, symmetric=False, distributed="auto", check_finite=False)
 
 
 def directclr_loss(r1: Tensor, r2: Tensor, dim: int = 360, temperature: float = 0.1) -> Tensor:
@@ -63,7 +63,7 @@ def directclr_loss(r1: Tensor, r2: Tensor, dim: int = 360, temperature: float = 
         >>> loss = directclr_loss(torch.randn(8, 2048), torch.randn(8, 2048))
     """
     check_rows(("r1", "r2"), (r1, r2), None)
-    return functional.info_nce(r1, r2, temperature, sub_dim=dim, symmetric=True, distributed="auto")
+    return functional.info_nce(r1, r2, temperature, sub_dim=dim, symmetric=True, distributed="auto", check_finite=False)
 
 
 def group_loss(
@@ -103,5 +103,7 @@ def group_loss(
     loss = 0
     for start in range(0, d, size):
         cols = idx[start : start + size]
-        loss = loss + functional.info_nce(r1[:, cols], r2[:, cols], temperature, symmetric=True, distributed="auto")
+        loss = loss + functional.info_nce(
+            r1[:, cols], r2[:, cols], temperature, symmetric=True, distributed="auto", check_finite=False
+        )
     return loss

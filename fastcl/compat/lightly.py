@@ -104,7 +104,7 @@ class NTXentLoss(nn.Module):
             return self._with_bank(out0, out1)
         if self.gather_distributed and world_size() > 1:
             return self._gathered(out0, out1)
-        return functional.nt_xent(out0, out1, self.temperature, distributed="local")
+        return functional.nt_xent(out0, out1, self.temperature, distributed="local", check_finite=False)
 
     def _gathered(self, out0: Tensor, out1: Tensor) -> Tensor:
         """lightly's gather: this rank's 2n rows against [out0 of all ranks; out1 of all ranks], self
@@ -245,7 +245,9 @@ class DCLLoss(nn.Module):
             raise ValueError(f"out0: DCL needs N >= 2 rows per view (its denominators hold the other samples), got {n}")
         if not gather and (self.weight_fn is None or self._sigma is not None):
             # One process, no weights or DCLW's: fastcl's fused DCL computes exactly this.
-            return functional.dcl(out0, out1, self.temperature, weight_sigma=self._sigma, distributed="local")
+            return functional.dcl(
+                out0, out1, self.temperature, weight_sigma=self._sigma, distributed="local", check_finite=False
+            )
         out0, out1 = F.normalize(out0, dim=1), F.normalize(out1, dim=1)
         keys0, keys1 = (all_gather_rows(z, with_grad=True) for z in (out0, out1)) if gather else (out0, out1)
         m = keys0.shape[0]

@@ -130,7 +130,8 @@ class ClipLoss(nn.Module):
         if logit_bias is not None:
             # A shift of every logit: no change to the softmax. Kept in the graph so that its gradient
             # is an exact 0 and a non-finite bias gives NaN, as open_clip's logits + bias.
-            loss = loss + (scalar("logit_bias", logit_bias) * 0).to(loss.dtype)
+            shift = scalar("logit_bias", logit_bias) * 0
+            loss = loss + (shift.to(loss.dtype) if isinstance(shift, Tensor) else shift)
         return {"contrastive_loss": loss} if output_dict else loss
 
     def _distributed_loss(self, image_features: Tensor, text_features: Tensor, scale: Scalar) -> Tensor:

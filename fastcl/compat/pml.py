@@ -15,9 +15,13 @@ pml's NT-Xent with labels scores each positive pair against the anchor's negativ
 InfoNCE and runs on the fused losses; with several positives per anchor it runs as row blocks in
 PyTorch (pml itself builds a positive-pairs × negative-pairs matrix there).
 
-Not supported (``NotImplementedError`` naming the argument): ``indices_tuple`` (miners) and pml's
-keyword options (``distance``, ``reducer``, ``embedding_regularizer``, ...). Per-rank under DDP, as pml
-(its ``DistributedLossWrapper`` is not mirrored).
+pml's keyword options are accepted at their default values: ``distance=None`` or ``CosineSimilarity()``
+(pml's default for both losses; ``power=1``), ``reducer=None`` or the loss's default reducer with default
+arguments (``MeanReducer()`` for NT-Xent, ``AvgNonZeroReducer()`` for SupCon), ``embedding_regularizer=None``
+(then ``embedding_reg_weight`` is unused), and ``collect_stats`` (pml's statistics, not recorded here).
+Any other value, and ``indices_tuple`` (miners), raise ``NotImplementedError`` naming the argument. NaN or
+Inf in the embeddings gives NaN, as pml, without a raise. Per-rank under DDP, as pml (its
+``DistributedLossWrapper`` is not mirrored).
 """
 
 from __future__ import annotations
@@ -35,18 +39,40 @@ from fastcl.compat._rowblocks import block_sum, masked_logsumexp
 __all__ = ["NTXentLoss", "SupConLoss", "SelfSupervisedLoss"]
 
 
-def _refuse_options(kwargs: dict) -> None:
-    if kwargs:
+# The reducer each loss uses when given none, with its default arguments (pml's get_default_reducer).
+_DEFAULT_REDUCERS = {"NTXentLoss": ("MeanReducer", {}), "SupConLoss": ("AvgNonZeroReducer", {"low": 0, "high": None})}
+
+
+def _is_default(name: str, value, loss: str) -> bool:
+    """Whether pml option ``name`` = ``value`` is what ``loss`` does by default (compared by class name
+    and the options that change the result: pml itself is not needed to use this module)."""
+    if value is None or name == "collect_stats":
+        return True
+    if name == "distance":
+        return type(value).__name__ == "CosineSimilarity" and getattr(value, "power", 1) == 1
+    if name == "reducer" and loss in _DEFAULT_REDUCERS:
+        cls, options = _DEFAULT_REDUCERS[loss]
+        return type(value).__name__ == cls and all(getattr(value, k, v) == v for k, v in options.items())
+    return name == "embedding_reg_weight"  # only read with an embedding_regularizer, which must be None
+
+
+def _refuse_options(kwargs: dict, loss: str) -> None:
+    """Accepts pml's options at their default values; any other raises, naming it."""
+    changed = sorted(name for name, value in kwargs.items() if not _is_default(name, value, loss))
+    if kwargs.get("embedding_regularizer") is None and "embedding_reg_weight" in changed:
+        changed.remove("embedding_reg_weight")
+    if changed:
+        given = ", ".join(f"{name}={kwargs[name]!r}" for name in changed)
         raise NotImplementedError(
-            f"{', '.join(sorted(kwargs))}: pml's keyword options are not supported by fastcl.compat.pml "
-            "(cosine similarity and pml's default reducers only)"
+            f"{', '.join(changed)}: fastcl.compat.pml supports pml's default options only (cosine similarity, "
+            f"the loss's default reducer, no embedding regularizer), got {given}"
         )
 
 
 class _PairLoss(nn.Module):
     def __init__(self, temperature: float, kwargs: dict):
         super().__init__()
-        _refuse_options(kwargs)
+        _refuse_options(kwargs, type(self).__name__)
         self.temperature = temperature
 
     def forward(
@@ -83,7 +109,9 @@ class _PairLoss(nn.Module):
         identity = torch.eye(positive.shape[0], dtype=torch.bool, device=positive.device)
         if positive.shape[0] == positive.shape[1] and torch.equal(positive, identity):
             # Each anchor's positive is the ref row of the same index, all others are negatives.
-            return functional.info_nce(embeddings, ref_emb, self.temperature, symmetric=False, distributed="local")
+            return functional.info_nce(
+                embeddings, ref_emb, self.temperature, symmetric=False, distributed="local", check_finite=False
+            )
         anchors, keys = F.normalize(embeddings, dim=1), F.normalize(ref_emb, dim=1)
         return self._pair_rows(anchors, keys, ids, ref_ids, None)
 
@@ -96,7 +124,7 @@ class NTXentLoss(_PairLoss):
 
     Args:
         temperature: τ > 0.
-        **kwargs: pml's options; any given raises ``NotImplementedError``.
+        **kwargs: pml's options, at their default values only (else ``NotImplementedError``).
 
     Shape:
         embeddings: ``[B, D]``; labels: ``[B]``; ref_emb: ``[K, D]``; ref_labels: ``[K]``. Output: ``[]``.
@@ -126,7 +154,13 @@ class NTXentLoss(_PairLoss):
         if counts.max() == 2:
             # At most one positive per anchor: each pair's denominator is every other row (SupCon, τ_b = τ).
             return functional.supcon(
-                embeddings[:, None], ids, None, self.temperature, base_temperature=self.temperature, distributed="local"
+                embeddings[:, None],
+                ids,
+                None,
+                self.temperature,
+                base_temperature=self.temperature,
+                distributed="local",
+                check_finite=False,
             )
         z = F.normalize(embeddings, dim=1)
         return self._pair_rows(z, z, ids, ids, torch.arange(z.shape[0], device=z.device))
@@ -151,7 +185,7 @@ class SupConLoss(_PairLoss):
 
     Args:
         temperature: τ > 0.
-        **kwargs: pml's options; any given raises ``NotImplementedError``.
+        **kwargs: pml's options, at their default values only (else ``NotImplementedError``).
 
     Returns:
         The loss (0-dim); 0 without positive or negative pairs.
@@ -171,7 +205,13 @@ class SupConLoss(_PairLoss):
         if counts.max() < 2 or counts.max() == embeddings.shape[0]:
             return zero_loss(embeddings)
         return functional.supcon(
-            embeddings[:, None], ids, None, self.temperature, base_temperature=self.temperature, distributed="local"
+            embeddings[:, None],
+            ids,
+            None,
+            self.temperature,
+            base_temperature=self.temperature,
+            distributed="local",
+            check_finite=False,
         )
 
     def _pair_rows(
@@ -209,7 +249,7 @@ class SelfSupervisedLoss(nn.Module):
 
     def __init__(self, loss, symmetric=True, **kwargs):
         super().__init__()
-        _refuse_options(kwargs)
+        _refuse_options(kwargs, type(self).__name__)
         if not isinstance(loss, (NTXentLoss, SupConLoss)):
             raise TypeError(f"loss: expected fastcl.compat.pml.NTXentLoss or SupConLoss, got {type(loss).__name__}")
         self.loss = loss

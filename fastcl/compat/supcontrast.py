@@ -104,6 +104,7 @@ class SupConLoss(nn.Module):
             positives_missing="zero",
             normalize=False,
             distributed="local",
+            check_finite=False,
         )
 
     def extra_repr(self) -> str:
