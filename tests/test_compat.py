@@ -367,6 +367,32 @@ def test_supcontrast_signature_and_errors():
         supcontrast.SupConLoss(0.1, "both")(torch.randn(4, 2, 8), torch.arange(4))
 
 
+@pytest.mark.parametrize("mode, views, tau", [("all", 2, 0.1), ("one", 3, 0.01), ("all", 1, 1.0)])
+def test_supcontrast_mask_gets_the_peers_gradient(mode, views, tau):
+    """A learnable (soft) mask: SupContrast differentiates its loss with respect to it; so does the
+    compat loss. SupContrast's ``mask.float()`` rounds that gradient to float32 and sums the weights in
+    float32 (module docstring), hence the 1e-6; an anchor whose weights sum to 0 (row 0) takes
+    SupContrast's guard."""
+    n = 7
+    features = rows(n, views, 9, seed=views)
+    features = features / features.norm(dim=-1).max()
+    gen = torch.Generator().manual_seed(3)
+    mask = torch.rand(n, n, generator=gen, dtype=torch.float64) * (torch.rand(n, n, generator=gen) < 0.7)
+    mask[0] = 0
+    grads = []
+    for loss_fn in (
+        lambda f, m: supcontrast.SupConLoss(tau, mode, 0.07)(f, mask=m),
+        lambda f, m: supcontrast_reference(f, mask=m, temperature=tau, contrast_mode=mode),
+    ):
+        f, m = features.clone().requires_grad_(), mask.clone().requires_grad_()
+        loss = loss_fn(f, m)
+        loss.backward()
+        grads.append((loss.detach(), f.grad, m.grad))
+    (loss, d_features, d_mask), (expected, expected_features, expected_mask) = grads
+    assert relative_error(loss, expected) <= 1e-6 and relative_error(d_features, expected_features) <= 1e-6
+    assert d_mask.dtype == torch.float64 and relative_error(d_mask, expected_mask) <= 1e-6
+
+
 def test_supcontrast_float32_small_temperature_stays_finite():
     """SupContrast's row-max shift includes the self logit: with four rows at pairwise cos −1/3 and
     τ = 0.01, every other exp underflows in float32 and its loss is NaN. The compat loss is finite and
@@ -544,6 +570,20 @@ def test_lightly_values_and_gradients(n, d, tau):
     ours = assert_same(loss_fn, lambda a, b: lightly_reference(a, b, tau), rows(n, d, seed=n), rows(n, d, seed=n + 3))
     if n == 1:
         assert ours.item() == 0.0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_lightly_one_pair_has_exactly_zero_gradients(dtype):
+    """One pair at τ = 0.01: lightly's cross-entropy over a single logit is exactly 0 with exactly zero
+    gradients in any dtype; so is the compat loss (not rounding noise)."""
+    out0, out1 = (rows(1, 16, seed=s).to(dtype).requires_grad_() for s in (1, 2))
+    loss = lightly.NTXentLoss(0.01)(out0, out1)
+    loss.backward()
+    assert loss.item() == 0.0 and loss.dtype == dtype
+    assert torch.count_nonzero(out0.grad) == 0 and torch.count_nonzero(out1.grad) == 0
+    theirs0, theirs1 = (x.detach().clone().requires_grad_() for x in (out0, out1))
+    lightly_reference(theirs0, theirs1, 0.01).backward()
+    assert torch.count_nonzero(theirs0.grad) == 0 and torch.count_nonzero(theirs1.grad) == 0
 
 
 @pytest.mark.parametrize("weights", [None, "mises-fisher", "with-grad"])

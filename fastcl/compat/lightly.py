@@ -8,7 +8,8 @@ Same constructor ``NTXentLoss(temperature=0.5, memory_bank_size=0, gather_distri
 ``forward(out0, out1)`` and values:
 
 * rows are L2-normalized inside the loss, as lightly does;
-* a batch of one pair gives exactly 0 (the positive is the only other row), as lightly;
+* a batch of one pair gives exactly 0 with exactly zero gradients (the positive is the only other row),
+  as lightly;
 * per-rank under DDP unless ``gather_distributed=True``, as lightly. With it, each rank's loss is the
   mean over its own 2n rows against the 2·(global batch) rows of every rank (lightly's value, which
   differs between ranks), with lightly's gradients; that path runs as row blocks in PyTorch;
@@ -104,6 +105,8 @@ class NTXentLoss(nn.Module):
             return self._with_bank(out0, out1)
         if self.gather_distributed and world_size() > 1:
             return self._gathered(out0, out1)
+        if out0.shape[0] == 1:
+            return _one_pair(out0, out1, self.temperature)
         return functional.nt_xent(out0, out1, self.temperature, distributed="local", check_finite=False)
 
     def _gathered(self, out0: Tensor, out1: Tensor) -> Tensor:
@@ -152,6 +155,14 @@ class NTXentLoss(nn.Module):
             f"temperature={self.temperature}, memory_bank_size={self.memory_bank_size}, "
             f"gather_distributed={self.gather_distributed}"
         )
+
+
+def _one_pair(out0: Tensor, out1: Tensor, temperature: float) -> Tensor:
+    """lightly's loss of one pair: each row's only candidate is its positive, a cross-entropy over one
+    logit, exactly 0 with exactly zero gradients (fastcl's fused NT-Xent leaves rounding noise there),
+    NaN for a non-finite row, as lightly."""
+    logit = (F.normalize(out0, dim=1) * F.normalize(out1, dim=1)).sum(dim=1) / temperature
+    return (torch.logsumexp(logit[:, None], dim=1) - logit).mean()
 
 
 def _bank_size(size: Union[int, Sequence[int]]) -> tuple[int, ...]:
