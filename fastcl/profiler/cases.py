@@ -11,7 +11,12 @@ Implementations (``IMPLS``):
 - ``torch``, ``triton``, ``cuda``: the fastcl functional with ``backend=`` that name;
 - ``naive``: the registry's naive PyTorch loss, which materialises the M×M logits;
 - ``compile``: ``torch.compile(naive, dynamic=False)``;
-- ``pml``, ``infcl``: the peer libraries, where installed and where they implement the loss.
+- ``compat``: the drop-in module of :mod:`fastcl.compat` for the loss (lightly's NT-Xent and DCL,
+  open_clip's ClipLoss and SigLipLoss, SupContrast's SupConLoss), on rows normalized as the peer's
+  model does where the peer's loss does not normalize;
+- ``pml``, ``infcl``, ``open_clip``: the peer libraries, where installed and where they implement the
+  loss (open_clip's ``loss.py`` is loaded from its installed files alone: the package's ``__init__``
+  needs torchvision).
 
     >>> case = Case("info_nce", "naive", m=64, dim=8)
     >>> call, leaves = build_workload(case)
@@ -23,6 +28,7 @@ Implementations (``IMPLS``):
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
 from dataclasses import asdict, dataclass
 from typing import Callable, Optional
@@ -38,6 +44,7 @@ __all__ = [
     "CEILING",
     "FUSED",
     "PEERS",
+    "COMPAT",
     "DTYPES",
     "Case",
     "ImplUnavailable",
@@ -50,8 +57,9 @@ __all__ = [
 LOSSES = tuple(registry.LOSSES)
 CEILING = "matmul"  # the pseudo-implementation every run measures first: the loss's GEMMs alone
 FUSED = ("torch", "triton", "cuda")
-PEERS = ("pml", "infcl")
-IMPLS = ("naive", *FUSED, "compile", *PEERS)
+PEERS = ("pml", "infcl", "open_clip")
+COMPAT = "compat"
+IMPLS = ("naive", *FUSED, "compile", COMPAT, *PEERS)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -174,6 +182,33 @@ def _infcl_info_nce(tau: float) -> Callable[..., Tensor]:
     return infcl_info_nce
 
 
+def _open_clip_loss_module():
+    """open_clip's ``loss.py`` from the installed distribution's files (its package ``__init__`` imports
+    torchvision, which may not load next to this torch); the module needs torch only."""
+    path = importlib.metadata.distribution("open_clip_torch").locate_file("open_clip/loss.py")
+    spec = importlib.util.spec_from_file_location("_fastcl_bench_open_clip_loss", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _unit(x: Tensor) -> Tensor:
+    import torch.nn.functional as F
+
+    return F.normalize(x, dim=-1)
+
+
+def _open_clip_info_nce(tau: float) -> Callable[..., Tensor]:
+    # CLIP's symmetric loss with logit_scale = 1/τ on the rows open_clip's model normalizes.
+    loss = _open_clip_loss_module().ClipLoss()
+    return lambda q, k: loss(_unit(q), _unit(k), 1.0 / tau)
+
+
+def _open_clip_siglip(tau: float) -> Callable[..., Tensor]:
+    loss = _open_clip_loss_module().SigLipLoss()
+    return lambda x, y: loss(_unit(x), _unit(y), 1.0 / tau, -10.0)
+
+
 @dataclass(frozen=True)
 class _Peer:
     """A peer library: its import name, how to install it, and per loss it implements, a builder
@@ -183,6 +218,7 @@ class _Peer:
     install: str
     losses: dict
     needs_cuda: bool = False
+    distribution: bool = False  # ``module`` names an installed distribution, not an importable module
 
 
 _PEERS = {
@@ -192,7 +228,38 @@ _PEERS = {
         {"nt_xent": _pml_nt_xent, "info_nce": _pml_info_nce, "supcon": _pml_supcon},
     ),
     "infcl": _Peer("inf_cl", "pip install inf_cl", {"info_nce": _infcl_info_nce}, needs_cuda=True),
+    "open_clip": _Peer(
+        "open_clip_torch",
+        "pip install --no-deps open_clip_torch",
+        {"info_nce": _open_clip_info_nce, "siglip": _open_clip_siglip},
+        distribution=True,
+    ),
 }
+
+
+def _compat_losses() -> dict:
+    """Registry loss → builder ``(τ) -> fn(*tensors, **targets)`` of its fastcl.compat drop-in."""
+    from fastcl.compat import lightly, open_clip, supcontrast
+
+    def supcon(tau: float):
+        loss = supcontrast.SupConLoss(tau, "all", tau)  # τ_b = τ: the registry's SupCon L_out
+        return lambda feats, labels: loss(_unit(feats), labels)
+
+    def info_nce(tau: float):
+        loss = open_clip.ClipLoss()
+        return lambda q, k: loss(_unit(q), _unit(k), 1.0 / tau)
+
+    def siglip(tau: float):
+        loss = open_clip.SigLipLoss()
+        return lambda x, y: loss(_unit(x), _unit(y), 1.0 / tau, -10.0)
+
+    return {
+        "nt_xent": lightly.NTXentLoss,
+        "dcl": lightly.DCLLoss,
+        "info_nce": info_nce,
+        "supcon": supcon,
+        "siglip": siglip,
+    }
 
 
 def unavailable_reason(impl: str, loss: str, device: str) -> Optional[str]:
@@ -213,16 +280,28 @@ def unavailable_reason(impl: str, loss: str, device: str) -> Optional[str]:
         return None if reason is None else f"fastcl backend {impl!r}: {reason}"
     if impl in ("naive", "compile"):
         return None
+    if impl == COMPAT:
+        return None if loss in _compat_losses() else f"compat has no drop-in for {loss}"
     if impl not in _PEERS:
         raise ValueError(f"--impl: expected names from {list(IMPLS)}, got {impl!r}")
     peer = _PEERS[impl]
     if loss not in peer.losses:
         return f"{impl} implements only {', '.join(peer.losses)}"
-    if importlib.util.find_spec(peer.module) is None:
+    if not _installed(peer):
         return f"{impl}: {peer.module} is not installed ({peer.install})"
     if peer.needs_cuda and not device.startswith("cuda"):
         return f"{impl}: {peer.module} needs a CUDA device"
     return None
+
+
+def _installed(peer: _Peer) -> bool:
+    if not peer.distribution:
+        return importlib.util.find_spec(peer.module) is not None
+    try:
+        importlib.metadata.distribution(peer.module)
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return True
 
 
 def build_workload(case: Case) -> tuple[Callable[[], Tensor], list[Tensor]]:
@@ -257,5 +336,6 @@ def build_workload(case: Case) -> tuple[Callable[[], Tensor], list[Tensor]]:
             torch._dynamo.reset()
             naive_loss = torch.compile(naive_loss, dynamic=False)
         return (lambda: naive_loss(*leaves)), leaves
-    peer = _PEERS[case.impl].losses[case.loss](tau)
+    builder = _compat_losses()[case.loss] if case.impl == COMPAT else _PEERS[case.impl].losses[case.loss]
+    peer = builder(tau)
     return (lambda: peer(*(cut(t) for t in leaves), **targets)), leaves
