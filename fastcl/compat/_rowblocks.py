@@ -1,11 +1,12 @@
 """Row-block evaluation of the few peer formulas that fastcl's fused losses do not compute.
 
-Some peers define losses that are not NT-Xent, cross-view InfoNCE or SupCon L_out as written in
-``docs/spec.md`` (SupContrast's soft masks, pytorch-metric-learning's per-pair NT-Xent with several
-positives, solo-learn's log of summed positives, Inf-CL's explicit positive indices). The compat layer
-evaluates those here: anchors in row blocks against all keys, each block under activation
-checkpointing, so no anchors × keys matrix is ever held (one ``rows × keys`` block at a time, forward
-and backward) and the gradient is exact autograd of the formula. Reductions run in float32 or wider.
+Some peers define losses that the block engine's statistics (log-sum-exp, Σ P·s, Σ P per anchor, one
+mean) cannot express: pytorch-metric-learning's per-pair NT-Xent with several positives, solo-learn's
+log of summed positives, lightly's memory bank (a positive outside the negatives' key block) and
+Inf-CL's per-row losses (no per-anchor output). The compat layer evaluates those here: anchors in row
+blocks against all keys, each block under activation checkpointing, so no anchors × keys matrix is
+ever held (one ``rows × keys`` block at a time, forward and backward) and the gradient is exact
+autograd of the formula. Reductions run in float32 or wider.
 """
 
 from __future__ import annotations

@@ -12,20 +12,22 @@ Same constructor ``NTXentLoss(temperature=0.5, memory_bank_size=0, gather_distri
   as lightly;
 * per-rank under DDP unless ``gather_distributed=True``, as lightly. With it, each rank's loss is the
   mean over its own 2n rows against the 2·(global batch) rows of every rank (lightly's value, which
-  differs between ranks), with lightly's gradients; that path runs as row blocks in PyTorch;
+  differs between ranks), with lightly's gradients, on fastcl's block engine;
 * ``abs(temperature) < 1e-8`` raises lightly's ``ValueError``;
 * ``memory_bank_size=(num_features, dim)`` keeps lightly's MoCo-style queue: the bank is drawn at
   construction exactly as lightly draws it (``torch.randn`` then normalized, so the same seed gives the
   same bank), the loss of ``out0`` against its positive ``out1`` and the bank's entries runs as row
-  blocks over the bank, and ``out1`` is enqueued afterwards when ``out0`` requires grad (gathered from
+  blocks over the bank (the engine has no positive-only key yet: a MoCo queue is issue 24's native
+  part), and ``out1`` is enqueued afterwards when ``out0`` requires grad (gathered from
   every rank first under ``gather_distributed``), as lightly.
 
 ``DCLLoss(temperature=0.1, weight_fn=None, gather_distributed=False)`` and ``DCLWLoss(temperature=0.1,
 sigma=0.5, gather_distributed=False)`` are lightly's decoupled contrastive losses (NT-Xent without the
 positive in the denominator; ``weight_fn(out0, out1)`` weights the positive term, DCLW with lightly's
-negative von Mises-Fisher weights), with the same DDP conventions as ``NTXentLoss``. They run as row
-blocks in PyTorch: ``fastcl.functional.dcl`` adds two separate log-sum-exps (same view, other view)
-where lightly and the DCL paper take one over both views' negatives.
+negative von Mises-Fisher weights), with the same DDP conventions as ``NTXentLoss``. On one process
+without weights or with DCLW's they are :func:`fastcl.functional.dcl`; a custom ``weight_fn`` or
+``gather_distributed`` runs the same DCL on the block engine, the weights' share of the positive term
+added on the N pairs.
 """
 
 from __future__ import annotations
@@ -40,9 +42,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastcl import functional
-from fastcl.compat._common import all_gather_rows, check_rows
-from fastcl.compat._rowblocks import block_sum, cross_entropy_rows
+from fastcl.compat._common import all_gather_rows, check_rows, plan_loss
+from fastcl.compat._rowblocks import block_sum
 from fastcl.distributed import world_size
+from fastcl.engine import Pass, Plan
 
 __all__ = ["NTXentLoss", "DCLLoss", "DCLWLoss", "negative_mises_fisher_weights"]
 
@@ -111,17 +114,9 @@ class NTXentLoss(nn.Module):
 
     def _gathered(self, out0: Tensor, out1: Tensor) -> Tensor:
         """lightly's gather: this rank's 2n rows against [out0 of all ranks; out1 of all ranks], self
-        excluded, gradients summed back to every row's owner (lightly's GatherLayer)."""
-        n = out0.shape[0]
-        out0, out1 = F.normalize(out0, dim=1), F.normalize(out1, dim=1)
-        keys0, keys1 = all_gather_rows(out0, with_grad=True), all_gather_rows(out1, with_grad=True)
-        m = keys0.shape[0]
-        own = torch.arange(n, device=out0.device) + n * torch_dist.get_rank()
-        keys = torch.cat([keys0, keys1])
-        anchors = torch.cat([out0, out1])
-        self_index = torch.cat([own, own + m])
-        positive = torch.cat([own + m, own])
-        return cross_entropy_rows(anchors, keys, positive, self.temperature, self_index=self_index).mean()
+        excluded, gradients summed back to every row's owner (lightly's GatherLayer), on the engine."""
+        rows, parts, ids = _gathered_views(out0, out1)
+        return plan_loss(rows, _GATHERED_NT_XENT_PLAN, parts, self.temperature, labels=ids, normalize=True)
 
     def _with_bank(self, out0: Tensor, out1: Tensor) -> Tensor:
         """out0_i against its positive out1_i and the bank as it was before this call (lightly's order)."""
@@ -155,6 +150,30 @@ class NTXentLoss(nn.Module):
             f"temperature={self.temperature}, memory_bank_size={self.memory_bank_size}, "
             f"gather_distributed={self.gather_distributed}"
         )
+
+
+def _own_rows_pass(part: int) -> Pass:
+    """This rank's rows of view ``part // 3`` against all rows of both views (see _gathered_views)."""
+    return Pass((part, part + 1), (0, 6), "labels", exclude_self=True, weight=0.5)
+
+
+# Over [out0 of lower ranks; own out0; higher ranks; out1 of lower ranks; own out1; higher ranks], positives
+# where the global sample ids are equal: NT-Xent's per-rank value under lightly's gather, and DCL's.
+_GATHERED_NT_XENT_PLAN = Plan(passes=(_own_rows_pass(1), _own_rows_pass(4)), labels="rows").encode()
+_GATHERED_DCL_PLAN = Plan(passes=(_own_rows_pass(1), _own_rows_pass(4)), labels="rows", exclude_positives=True).encode()
+
+
+def _gathered_views(out0: Tensor, out1: Tensor) -> tuple[Tensor, list[int], Tensor]:
+    """(rows, part sizes, per-row global sample ids) of both views of every rank (this rank's alone on one
+    process), gathered with lightly's gradient rule (each row's gradient summed over the ranks)."""
+    n = out0.shape[0]
+    gather = world_size() > 1
+    rank = torch_dist.get_rank() if gather else 0
+    keys0, keys1 = (all_gather_rows(z, with_grad=True) for z in (out0, out1)) if gather else (out0, out1)
+    m = keys0.shape[0]
+    view = [n * rank, n, m - n * (rank + 1)]
+    ids = torch.arange(m, device=out0.device)
+    return torch.cat([keys0, keys1]), view + view, torch.cat([ids, ids])
 
 
 def _one_pair(out0: Tensor, out1: Tensor, temperature: float) -> Tensor:
@@ -210,8 +229,8 @@ class DCLLoss(nn.Module):
     For view u of sample i (v the other view): ``ℓ = −w_i s(u_i, v_i) + log Σ_{j≠i} (e^{s(u_i, u_j)} +
     e^{s(u_i, v_j)})`` on normalized rows, ``w = weight_fn(u, v)`` (1 without one); the loss is the mean
     over i of the two views' terms, halved. On one process without weights or with DCLW's weights this is
-    :func:`fastcl.functional.dcl` (the fused loss); a custom ``weight_fn`` or ``gather_distributed`` runs
-    row blocks here, with lightly's per-rank values.
+    :func:`fastcl.functional.dcl`; a custom ``weight_fn`` or ``gather_distributed`` runs the block engine
+    here, with lightly's per-rank values.
 
     Args:
         temperature: τ > 0.
@@ -259,24 +278,17 @@ class DCLLoss(nn.Module):
             return functional.dcl(
                 out0, out1, self.temperature, weight_sigma=self._sigma, distributed="local", check_finite=False
             )
-        out0, out1 = F.normalize(out0, dim=1), F.normalize(out1, dim=1)
-        keys0, keys1 = (all_gather_rows(z, with_grad=True) for z in (out0, out1)) if gather else (out0, out1)
-        m = keys0.shape[0]
-        own = torch.arange(n, device=out0.device) + (n * torch_dist.get_rank() if gather else 0)
-        positive_index = torch.cat([own + m, own])
-        positive = (out0 * out1).sum(dim=1) / self.temperature
-        if self.weight_fn:
-            weighted = torch.cat([self.weight_fn(out0, out1), self.weight_fn(out1, out0)]) * positive.repeat(2)
-        else:
-            weighted = positive.repeat(2)
-
-        def term(s: Tensor, rows: slice) -> Tensor:
-            negatives = s.scatter(1, positive_index[rows, None], float("-inf"))
-            return torch.logsumexp(negatives, dim=1).sum()
-
-        anchors, keys = torch.cat([out0, out1]), torch.cat([keys0, keys1])
-        negative = block_sum(anchors, keys, self.temperature, term, self_index=torch.cat([own, own + m]))
-        return (negative - weighted.sum().to(negative.dtype)) / (2 * n)
+        # The engine's DCL weighs each positive term by 1; the weights' share is added back on the n pairs.
+        rows, parts, ids = _gathered_views(out0, out1) if gather else (torch.cat([out0, out1]), [0, n, 0] * 2, None)
+        if ids is None:
+            ids = torch.arange(n, device=out0.device).repeat(2)
+        loss = plan_loss(rows, _GATHERED_DCL_PLAN, parts, self.temperature, labels=ids, normalize=True)
+        if self.weight_fn is None:
+            return loss
+        unit0, unit1 = F.normalize(out0, dim=1), F.normalize(out1, dim=1)
+        positive = (unit0 * unit1).sum(dim=1) / self.temperature
+        weights = self.weight_fn(unit0, unit1) + self.weight_fn(unit1, unit0)
+        return loss + ((2 - weights) * positive).sum().to(loss.dtype) / (2 * n)
 
     def extra_repr(self) -> str:
         return (

@@ -11,9 +11,10 @@ without negative pairs gives 0). Labels are compared by equality (any dtype).
 
 pml's NT-Xent with labels scores each positive pair against the anchor's negatives only:
 ``−log(e^{s_ap} / (e^{s_ap} + Σ_{n: y_n ≠ y_a} e^{s_an}))``. Where every anchor has at most one positive
-(instance labels of two views, ``SelfSupervisedLoss``) that is fastcl's NT-Xent / SupCon / cross-view
-InfoNCE and runs on the fused losses; with several positives per anchor it runs as row blocks in
-PyTorch (pml itself builds a positive-pairs × negative-pairs matrix there).
+(instance labels of two views, ``SelfSupervisedLoss``, ``ref_emb`` rows with one positive each) that is
+fastcl's NT-Xent / SupCon / cross-view InfoNCE and runs on the fused losses or the block engine, as does
+SupCon with ``ref_emb``; NT-Xent with several positives per anchor runs as row blocks in PyTorch (pml
+itself builds a positive-pairs × negative-pairs matrix there).
 
 pml's keyword options are accepted at their default values: ``distance=None`` or ``CosineSimilarity()``
 (pml's default for both losses; ``power=1``), ``reducer=None`` or the loss's default reducer with default
@@ -33,11 +34,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastcl import functional
-from fastcl.compat._common import check_rows, zero_loss
+from fastcl.compat._common import check_rows, plan_loss, zero_loss
 from fastcl.compat._rowblocks import block_sum, masked_logsumexp
+from fastcl.engine import Pass, Plan
 
 __all__ = ["NTXentLoss", "SupConLoss", "SelfSupervisedLoss"]
 
+
+# Embeddings (part 0) against ref_emb (part 1), positives where the labels are equal.
+_CROSS_PLAN = Plan(passes=(Pass((0, 1), (1, 2), "labels"),), labels="rows").encode()
 
 # The reducer each loss uses when given none, with its default arguments (pml's get_default_reducer).
 _DEFAULT_REDUCERS = {"NTXentLoss": ("MeanReducer", {}), "SupConLoss": ("AvgNonZeroReducer", {"low": 0, "high": None})}
@@ -111,6 +116,14 @@ class _PairLoss(nn.Module):
             # Each anchor's positive is the ref row of the same index, all others are negatives.
             return functional.info_nce(
                 embeddings, ref_emb, self.temperature, symmetric=False, distributed="local", check_finite=False
+            )
+        if isinstance(self, SupConLoss) or positive.sum(dim=1).max() == 1:
+            # Anchors against the ref rows, positives by label: SupCon L_out (τ_b = τ), which with one
+            # positive per anchor is also pml's per-pair NT-Xent; anchors without positives left out.
+            rows = torch.cat([embeddings, ref_emb])
+            parts = [embeddings.shape[0], ref_emb.shape[0]]
+            return plan_loss(
+                rows, _CROSS_PLAN, parts, self.temperature, labels=torch.cat([ids, ref_ids]), normalize=True
             )
         anchors, keys = F.normalize(embeddings, dim=1), F.normalize(ref_emb, dim=1)
         return self._pair_rows(anchors, keys, ids, ref_ids, None)
@@ -213,19 +226,6 @@ class SupConLoss(_PairLoss):
             distributed="local",
             check_finite=False,
         )
-
-    def _pair_rows(
-        self, anchors: Tensor, keys: Tensor, ids: Tensor, key_ids: Tensor, self_index: Optional[Tensor]
-    ) -> Tensor:
-        def term(s: Tensor, rows: slice) -> Tensor:
-            positive = ids[rows, None] == key_ids[None, :]
-            n_positive = positive.sum(dim=1)
-            positive_logits = torch.where(positive, s, 0.0).sum(dim=1)
-            per_anchor = torch.logsumexp(s, dim=1) - positive_logits / n_positive.clamp(min=1)
-            return torch.where(n_positive > 0, per_anchor, 0.0).sum()
-
-        with_positive = (ids[:, None] == key_ids[None, :]).any(dim=1).sum()
-        return block_sum(anchors, keys, self.temperature, term, self_index=self_index) / with_positive
 
 
 class SelfSupervisedLoss(nn.Module):
