@@ -61,7 +61,7 @@ MEMORY_METHOD = {
     "cuda": "torch.cuda.max_memory_allocated during the call minus memory_allocated before it",
 }
 OMP_WAIT_POLICY = "PASSIVE"
-_PEER_DISTRIBUTIONS = ("pytorch-metric-learning", "triton", "inf-cl")
+_PEER_DISTRIBUTIONS = ("pytorch-metric-learning", "triton", "inf-cl", "open_clip_torch")
 _RESULT_PREFIX = '{"index": '
 
 
