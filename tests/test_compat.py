@@ -9,6 +9,7 @@ open_clip flags is tested in ``test_compat_ddp.py`` with these same transcriptio
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 
@@ -1077,11 +1078,35 @@ def test_non_finite_input_gives_what_the_peer_gives(peer, bad):
         (lambda: open_clip.ClipLoss()(torch.randn(4, 3), torch.randn(5, 3), 10.0), "text_features"),
         (lambda: lightly.NTXentLoss()(torch.randn(4, 3), torch.randn(4, 2)), "out1"),
         (lambda: directclr.group_loss(torch.randn(4, 64), torch.randn(4, 64), groups=7), "groups"),
+        (lambda: directclr.directclr_loss(torch.randn(4, 8), torch.randn(4, 8), dim=0), "dim"),
+        (lambda: directclr.infoNCE(torch.randn(4, 8), torch.randn(4, 8), -1.0), "temperature"),
+        (lambda: supcontrast.SupConLoss(0.1, "all", -1)(torch.randn(4, 2, 8), torch.arange(4)), "base_temperature"),
+        (lambda: supcontrast.SupConLoss()(torch.randn(4, 2, 8), mask=torch.ones(3, 3)), "mask"),
+        (lambda: pml.SelfSupervisedLoss(pml.NTXentLoss())(torch.randn(4, 8), torch.randn(5, 8)), "ref_emb"),
+        (lambda: inf_cl.cal_inf_loss(torch.randn(4, 8), torch.randn(4, 8), scale=torch.ones(2), head_dim=8), "scale"),
+        (lambda: open_clip.SigLipLoss()(torch.randn(4, 8), torch.randn(4, 8), 1.0, torch.ones(3)), "logit_bias"),
+        (lambda: open_clip.ClipLoss()(torch.randn(4, 8), torch.randn(4, 8), "10"), "logit_scale"),
     ],
 )
 def test_bad_input_names_the_argument(call, argument):
-    with pytest.raises((ValueError, TypeError), match=argument):
+    """Each error names an argument of the peer's own signature (never fastcl's internal q, z1, x)."""
+    with pytest.raises((ValueError, TypeError)) as error:
         call()
+    assert str(error.value).startswith(argument + ":"), str(error.value)
+
+
+def test_peer_forms_fastcl_would_refuse():
+    """Values the peers compute with, so the compat losses do too: DirectCLR's ``r[:, :dim]`` with
+    dim > D (all features), lightly's DCLW with σ ≤ 0 (its softmax of similarities / σ)."""
+    a, b = rows(6, 8, seed=1), rows(6, 8, seed=2)
+    assert_same(
+        lambda x, y: directclr.directclr_loss(x, y, dim=20),
+        lambda x, y: (directclr_reference(x[:, :20], y[:, :20]) + directclr_reference(y[:, :20], x[:, :20])) / 2,
+        a,
+        b,
+    )
+    weights = functools.partial(lightly_mises_fisher_weights, sigma=-0.5)
+    assert_same(lightly.DCLWLoss(0.2, sigma=-0.5), lambda x, y: lightly_dcl_reference(x, y, 0.2, weights), a, b)
 
 
 def test_modules_expose_the_core_options():

@@ -51,19 +51,27 @@ def directclr_loss(r1: Tensor, r2: Tensor, dim: int = 360, temperature: float = 
     """DirectCLR (Jing et al. 2022, https://arxiv.org/abs/2110.09348): symmetric InfoNCE on ``r[:, :dim]``.
 
     Args:
-        r1, r2: ``[N, D]`` representations of the two views, D ≥ ``dim``.
-        dim: prefix length (DirectCLR's ``--dim``).
+        r1, r2: ``[N, D]`` representations of the two views.
+        dim: prefix length (DirectCLR's ``--dim``); ``dim ≥ D`` uses all D features, as DirectCLR's
+            slice ``r[:, :dim]`` does.
         temperature: τ > 0.
 
     Returns:
         ``infoNCE(z1, z2) / 2 + infoNCE(z2, z1) / 2`` (0-dim).
+
+    Raises:
+        ValueError: ``dim`` < 1 (an empty prefix), bad shapes (naming ``r1`` / ``r2``).
 
     Example:
         >>> import torch
         >>> loss = directclr_loss(torch.randn(8, 2048), torch.randn(8, 2048))
     """
     check_rows(("r1", "r2"), (r1, r2), None)
-    return functional.info_nce(r1, r2, temperature, sub_dim=dim, symmetric=True, distributed="auto", check_finite=False)
+    if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
+        raise ValueError(f"dim: expected a prefix length >= 1 (DirectCLR's r[:, :dim]), got {dim!r}")
+    return functional.info_nce(
+        r1, r2, temperature, sub_dim=min(dim, r1.shape[1]), symmetric=True, distributed="auto", check_finite=False
+    )
 
 
 def group_loss(

@@ -315,4 +315,6 @@ class DCLWLoss(DCLLoss):
             weight_fn=partial(negative_mises_fisher_weights, sigma=sigma),
             gather_distributed=gather_distributed,
         )
-        self._sigma = sigma
+        # The fused DCLW takes σ > 0; lightly computes any σ (its softmax of similarities / σ), so any
+        # other value runs lightly's weights through the weight_fn path.
+        self._sigma = float(sigma) if isinstance(sigma, (int, float)) and sigma > 0 else None

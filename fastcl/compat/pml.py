@@ -256,6 +256,7 @@ class SelfSupervisedLoss(nn.Module):
         self.symmetric = symmetric
 
     def forward(self, embeddings: Tensor, ref_emb: Tensor) -> Tensor:
+        check_rows(("embeddings", "ref_emb"), (embeddings, ref_emb), None)
         labels = torch.arange(embeddings.shape[0], device=embeddings.device)
         if self.symmetric:
             return self.loss(torch.cat([embeddings, ref_emb], dim=0), torch.cat([labels, labels], dim=0))
