@@ -561,6 +561,24 @@ def test_open_clip_logit_bias_gradient_is_exactly_zero():
     assert relative_error(loss.detach(), theirs) <= RTOL
 
 
+def test_key_logsumexp_on_the_block_primitive():
+    """The per-anchor log-sum-exp the compat layer takes from the block primitive (lightly's bank,
+    Inf-CL's per-row losses): values and gradients in the anchors, the keys and τ against float64
+    autograd of ``logsumexp(a kᵀ / τ)``, with per-anchor upstream gradients, odd shapes, τ = 0.01."""
+    from fastcl.compat._common import key_logsumexp
+
+    a, k = rows(7, 5, seed=1, scale=False) / 3, rows(13, 5, seed=2, scale=False) / 3
+    upstream = rows(7, 1, seed=3).squeeze(1)
+
+    def ours(a, k, tau):
+        return (key_logsumexp(a, k, tau) * upstream).sum()
+
+    def theirs(a, k, tau):
+        return (torch.logsumexp(a @ k.T / tau, dim=1) * upstream).sum()
+
+    assert_same(ours, theirs, a, k, torch.tensor(0.01, dtype=torch.float64))
+
+
 # --- lightly ----------------------------------------------------------------------------------------
 
 

@@ -10,7 +10,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from fastcl import _validate, dispatch
-from fastcl._blocks import accumulation_dtype
+from fastcl._blocks import Layout, accumulation_dtype
 from fastcl.distributed import _reduce_scatter as reduce_scatter
 from fastcl.distributed import world_size
 from fastcl.engine import block_loss
@@ -122,3 +122,39 @@ def plan_loss(
         mode="local",
         backend=dispatch.resolve_block("auto", device),
     )
+
+
+class _KeyLogSumExp(torch.autograd.Function):
+    """``lse_a = log Σ_c exp(a_a · k_c / τ)`` per anchor on the backend's block primitive (never an A × K
+    matrix), differentiable in the anchors, the keys and τ: the backward is the primitive's with per-anchor
+    coefficients α = the upstream gradient of each lse (docs/block-engine.md)."""
+
+    @staticmethod
+    def forward(ctx, anchors: Tensor, keys: Tensor, tau: Tensor, backend: str) -> Tensor:
+        forward_fn, _ = dispatch.block_primitive(backend)
+        lse, _, _ = forward_fn(anchors, None, keys, None, tau, anchors.shape[1], Layout())
+        ctx.save_for_backward(anchors, keys, tau, lse)
+        ctx.backend = backend
+        return lse
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        anchors, keys, tau, lse = ctx.saved_tensors
+        _, backward_fn = dispatch.block_primitive(ctx.backend)
+        alpha = grad.to(lse.dtype)
+        d_a, d_k, gs = backward_fn(
+            anchors, None, keys, None, tau, anchors.shape[1], Layout(), lse, alpha, torch.zeros_like(alpha)
+        )
+        d_tau = -gs.reshape(-1)[0] / tau if ctx.needs_input_grad[2] else None
+        return d_a.to(anchors.dtype), d_k.to(keys.dtype), d_tau, None
+
+
+def key_logsumexp(anchors: Tensor, keys: Tensor, tau: Union[float, Tensor] = 1.0) -> Tensor:
+    """``[A]``: each anchor row's log-sum-exp over all key rows at temperature τ (rows used as given),
+    in the accumulation dtype, on the backend ``"auto"`` picks: the per-anchor statistic the peers' own
+    formulas need beside the block engine's mean losses (a MoCo-style bank's negatives, Inf-CL's per-row
+    losses)."""
+    acc = accumulation_dtype(anchors.dtype)
+    tau = tau.to(acc) if isinstance(tau, Tensor) else torch.full((), float(tau), dtype=acc, device=anchors.device)
+    backend = dispatch.resolve_block("auto", anchors.device)
+    return _KeyLogSumExp.apply(anchors, keys.to(anchors.dtype), tau, backend)

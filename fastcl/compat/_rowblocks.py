@@ -1,9 +1,10 @@
 """Row-block evaluation of the few peer formulas that fastcl's fused losses do not compute.
 
-Some peers define losses that the block engine's statistics (log-sum-exp, Σ P·s, Σ P per anchor, one
-mean) cannot express: pytorch-metric-learning's per-pair NT-Xent with several positives, solo-learn's
-log of summed positives, lightly's memory bank (a positive outside the negatives' key block) and
-Inf-CL's per-row losses (no per-anchor output). The compat layer evaluates those here: anchors in row
+Two peer formulas are not functions of the block primitive's per-anchor statistics (log-sum-exp over
+the keys a layout keeps, Σ P·s, Σ P): pytorch-metric-learning's NT-Xent with several positives per
+anchor (a softplus per positive pair against the anchor's negatives) and solo-learn's log of the summed
+positives (a log-sum-exp over the positives only, which no layout keeps). The compat layer evaluates
+those two here: anchors in row
 blocks against all keys, each block under activation checkpointing, so no anchors × keys matrix is
 ever held (one ``rows × keys`` block at a time, forward and backward) and the gradient is exact
 autograd of the formula. Reductions run in float32 or wider.
@@ -73,15 +74,3 @@ def masked_logsumexp(s: Tensor, keep: Tensor) -> Tensor:
     nonempty = keep.any(dim=1)
     filled = torch.where(keep & nonempty[:, None], s, torch.where(nonempty[:, None], float("-inf"), 0.0))
     return torch.where(nonempty, torch.logsumexp(filled, dim=1), float("-inf"))
-
-
-def cross_entropy_rows(
-    anchors: Tensor, keys: Tensor, positive: Tensor, tau: Union[float, Tensor], self_index: Optional[Tensor] = None
-) -> Tensor:
-    """``[A]``: ``log Σ_{j ≠ self(i)} exp s_ij − s_{i, positive[i]}`` for each anchor i (cross-entropy
-    against explicit positive key indices)."""
-
-    def term(s: Tensor, rows: slice) -> Tensor:
-        return torch.logsumexp(s, dim=1) - s.gather(1, positive[rows, None]).squeeze(1)
-
-    return block_sum(anchors, keys, tau, term, self_index=self_index, per_row=True)

@@ -16,10 +16,10 @@ Same constructor ``NTXentLoss(temperature=0.5, memory_bank_size=0, gather_distri
 * ``abs(temperature) < 1e-8`` raises lightly's ``ValueError``;
 * ``memory_bank_size=(num_features, dim)`` keeps lightly's MoCo-style queue: the bank is drawn at
   construction exactly as lightly draws it (``torch.randn`` then normalized, so the same seed gives the
-  same bank), the loss of ``out0`` against its positive ``out1`` and the bank's entries runs as row
-  blocks over the bank (the engine has no positive-only key yet: a MoCo queue is issue 24's native
-  part), and ``out1`` is enqueued afterwards when ``out0`` requires grad (gathered from
-  every rank first under ``gather_distributed``), as lightly.
+  same bank), the loss of ``out0`` against its positive ``out1`` and the bank's entries takes each
+  row's log-sum-exp over the bank from the block primitive (never an N × bank matrix), and ``out1`` is
+  enqueued afterwards when ``out0`` requires grad (gathered from every rank first under
+  ``gather_distributed``), as lightly.
 
 ``DCLLoss(temperature=0.1, weight_fn=None, gather_distributed=False)`` and ``DCLWLoss(temperature=0.1,
 sigma=0.5, gather_distributed=False)`` are lightly's decoupled contrastive losses (NT-Xent without the
@@ -42,8 +42,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastcl import functional
-from fastcl.compat._common import all_gather_rows, check_rows, plan_loss
-from fastcl.compat._rowblocks import block_sum
+from fastcl.compat._common import all_gather_rows, check_rows, key_logsumexp, plan_loss
 from fastcl.distributed import world_size
 from fastcl.engine import Pass, Plan
 
@@ -124,13 +123,9 @@ class NTXentLoss(nn.Module):
         bank = self.bank.clone().detach().to(out0.device)
         if out0.requires_grad:
             self._enqueue(out1)
-        positive = (out0 * out1).sum(dim=1) / self.temperature
-
-        def term(s: Tensor, rows: slice) -> Tensor:
-            p = positive[rows].to(s.dtype)
-            return (torch.logaddexp(p, torch.logsumexp(s, dim=1)) - p).sum()
-
-        return block_sum(out0, bank, self.temperature, term) / out0.shape[0]
+        negatives = key_logsumexp(out0, bank, self.temperature)
+        positive = ((out0 * out1).sum(dim=1) / self.temperature).to(negatives.dtype)
+        return (torch.logaddexp(positive, negatives) - positive).mean()
 
     @torch.no_grad()
     def _enqueue(self, batch: Tensor) -> None:
