@@ -16,10 +16,10 @@ Same constructor ``NTXentLoss(temperature=0.5, memory_bank_size=0, gather_distri
 * ``abs(temperature) < 1e-8`` raises lightly's ``ValueError``;
 * ``memory_bank_size=(num_features, dim)`` keeps lightly's MoCo-style queue: the bank is drawn at
   construction exactly as lightly draws it (``torch.randn`` then normalized, so the same seed gives the
-  same bank), the loss of ``out0`` against its positive ``out1`` and the bank's entries takes each
-  row's log-sum-exp over the bank from the block primitive (never an N × bank matrix), and ``out1`` is
-  enqueued afterwards when ``out0`` requires grad (gathered from every rank first under
-  ``gather_distributed``), as lightly.
+  same bank), the loss of ``out0`` against its positive ``out1`` and the bank's entries runs in row
+  blocks over the bank with its gradient computed in the forward (the bank takes none: two GEMMs, as
+  lightly's, never an N × bank matrix), and ``out1`` is enqueued afterwards when ``out0`` requires
+  grad (gathered from every rank first under ``gather_distributed``), as lightly.
 
 ``DCLLoss(temperature=0.1, weight_fn=None, gather_distributed=False)`` and ``DCLWLoss(temperature=0.1,
 sigma=0.5, gather_distributed=False)`` are lightly's decoupled contrastive losses (NT-Xent without the
@@ -42,9 +42,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastcl import functional
-from fastcl.compat._common import all_gather_rows, check_rows, key_logsumexp, plan_loss
+from fastcl._blocks import accumulation_dtype
+from fastcl.compat._common import all_gather_rows, check_rows, plan_loss
 from fastcl.distributed import world_size
 from fastcl.engine import Pass, Plan
+from fastcl.torch_backend._tiles import blocks
 
 __all__ = ["NTXentLoss", "DCLLoss", "DCLWLoss", "negative_mises_fisher_weights"]
 
@@ -123,9 +125,9 @@ class NTXentLoss(nn.Module):
         bank = self.bank.clone().detach().to(out0.device)
         if out0.requires_grad:
             self._enqueue(out1)
-        negatives = key_logsumexp(out0, bank, self.temperature)
-        positive = ((out0 * out1).sum(dim=1) / self.temperature).to(negatives.dtype)
-        return (torch.logaddexp(positive, negatives) - positive).mean()
+        positive = (out0 * out1).sum(dim=1) / self.temperature
+        with_grad = torch.is_grad_enabled() and (out0.requires_grad or positive.requires_grad)
+        return _BankLoss.apply(out0, bank, positive, float(self.temperature), with_grad)
 
     @torch.no_grad()
     def _enqueue(self, batch: Tensor) -> None:
@@ -177,6 +179,41 @@ def _one_pair(out0: Tensor, out1: Tensor, temperature: float) -> Tensor:
     NaN for a non-finite row, as lightly."""
     logit = (F.normalize(out0, dim=1) * F.normalize(out1, dim=1)).sum(dim=1) / temperature
     return (torch.logsumexp(logit[:, None], dim=1) - logit).mean()
+
+
+class _BankLoss(torch.autograd.Function):
+    """mean_i [log(e^{p_i} + Σ_k e^{⟨a_i, b_k⟩/τ}) − p_i] over anchor row blocks against the bank b (no
+    gradient), the anchors' and positives' gradients computed in the forward (Liger-Kernel's fused
+    cross-entropy does the same): one GEMM for the logits and one for dA per block, nothing N × K kept."""
+
+    @staticmethod
+    def forward(ctx, anchors: Tensor, bank: Tensor, positive: Tensor, tau: float, with_grad: bool) -> Tensor:
+        acc = accumulation_dtype(anchors.dtype)
+        a, b, p = anchors.to(acc) / tau, bank.to(acc), positive.to(acc)
+        n = a.shape[0]
+        total = a.new_zeros(())
+        d_a = torch.empty_like(a) if with_grad else None
+        d_p = torch.empty_like(p) if with_grad else None
+        for start, stop in blocks(n, b.shape[0]):
+            s = a[start:stop] @ b.T
+            # torch's fused log_softmax is about twice as fast as logsumexp on CPU; lse from one column.
+            log_probabilities = torch.log_softmax(s, dim=1)
+            lse = s[:, 0] - log_probabilities[:, 0]
+            total += (torch.logaddexp(p[start:stop], lse) - p[start:stop]).sum()
+            if with_grad:
+                # dℓ/dlse = σ(lse − p) (through the softmax over the bank), dℓ/dp = −σ(lse − p)
+                weight = torch.sigmoid(lse - p[start:stop]) / n
+                probabilities = log_probabilities.exp_().mul_(weight[:, None])  # in place: one tile
+                d_a[start:stop] = probabilities @ b / tau
+                d_p[start:stop] = -weight
+        ctx.save_for_backward(d_a, d_p)
+        ctx.dtypes = (anchors.dtype, positive.dtype)
+        return total / n
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        d_a, d_p = ctx.saved_tensors
+        return (grad * d_a).to(ctx.dtypes[0]), None, (grad * d_p).to(ctx.dtypes[1]), None, None
 
 
 def _bank_size(size: Union[int, Sequence[int]]) -> tuple[int, ...]:
