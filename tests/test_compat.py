@@ -1,10 +1,11 @@
 """fastcl.compat: every peer swap gives the peer's loss and gradients (float64, ≤ 1e-9 relative).
 
-The peers are pytorch-metric-learning itself (installed) and, where the peer's package cannot be
-installed or loaded here, transcriptions of the peer's own code below, each naming its file: they
+The peers are pytorch-metric-learning itself (installed), open_clip 3.3.0's own ``loss.py`` (kept in
+``tests/peers``: the package cannot be imported next to this torch) and, for the others,
+transcriptions of the peer's own code below, each naming its file: they
 follow the peer line by line (its N×N logits, its masks, its reductions) and share nothing with fastcl.
 SupContrast's transcription is the one in ``test_parity.py``. The DDP behaviour of the lightly and
-open_clip flags is tested in ``test_compat_ddp.py`` with these same transcriptions.
+open_clip flags is tested in ``test_compat_ddp.py`` with these same peers.
 """
 
 from __future__ import annotations
@@ -61,62 +62,6 @@ def assert_same(ours, theirs, *inputs, rtol: float = RTOL) -> Tensor:
 
 
 # --- transcriptions of the peers' code ----------------------------------------------------------------
-
-
-def open_clip_reference(
-    image_features, text_features, logit_scale, local_loss=False, gather_with_grad=False, rank=0, world_size=1
-):
-    """open_clip ``ClipLoss.forward`` with ``gather_features`` (mlfoundations/open_clip,
-    src/open_clip/loss.py, torch.distributed branch)."""
-    if world_size > 1:
-        if gather_with_grad:
-            all_image = torch.cat(torch.distributed.nn.all_gather(image_features), dim=0)
-            all_text = torch.cat(torch.distributed.nn.all_gather(text_features), dim=0)
-        else:
-            gathered_image = [torch.zeros_like(image_features) for _ in range(world_size)]
-            gathered_text = [torch.zeros_like(text_features) for _ in range(world_size)]
-            dist.all_gather(gathered_image, image_features)
-            dist.all_gather(gathered_text, text_features)
-            if not local_loss:
-                gathered_image[rank] = image_features
-                gathered_text[rank] = text_features
-            all_image, all_text = torch.cat(gathered_image, dim=0), torch.cat(gathered_text, dim=0)
-        if local_loss:
-            logits_per_image = logit_scale * image_features @ all_text.T
-            logits_per_text = logit_scale * text_features @ all_image.T
-        else:
-            logits_per_image = logit_scale * all_image @ all_text.T
-            logits_per_text = logits_per_image.T
-    else:
-        logits_per_image = logit_scale * image_features @ text_features.T
-        logits_per_text = logit_scale * text_features @ image_features.T
-    num_logits = logits_per_image.shape[0]
-    labels = torch.arange(num_logits, dtype=torch.long)
-    if world_size > 1 and local_loss:
-        labels = labels + num_logits * rank
-    return (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)) / 2
-
-
-def open_clip_siglip_reference(image_features, text_features, logit_scale, logit_bias, rank=0, world_size=1):
-    """open_clip ``SigLipLoss.forward`` with ``dist_impl="gather"`` (mlfoundations/open_clip,
-    src/open_clip/loss.py: ``get_ground_truth``, ``get_logits``, ``_loss``)."""
-
-    def _loss(image_features, text_features, negative_only=False):
-        logits = logit_scale * image_features @ text_features.T
-        if logit_bias is not None:
-            logits += logit_bias
-        num_logits = image_features.shape[0]
-        labels = -torch.ones((num_logits, num_logits), dtype=image_features.dtype)
-        if not negative_only:
-            labels = 2 * torch.eye(num_logits, dtype=image_features.dtype) + labels
-        return -F.logsigmoid(labels * logits).sum() / image_features.shape[0]
-
-    loss = _loss(image_features, text_features)
-    if world_size > 1:
-        all_text = torch.distributed.nn.all_gather(text_features)
-        for i in range(world_size):
-            loss += float(i != rank) * _loss(image_features, all_text[i], negative_only=True)
-    return loss
 
 
 class _LightlyGatherLayer(torch.autograd.Function):
@@ -415,7 +360,7 @@ def test_open_clip_values_and_gradients(n, d, tau, scale_shape):
     img, txt = F.normalize(rows(n, d, seed=n), dim=1), F.normalize(rows(n, d, seed=n + 1), dim=1)
     scale = 1 / tau if scale_shape is None else torch.full(scale_shape, 1 / tau, dtype=torch.float64)
     loss_fn = open_clip.ClipLoss()
-    ours = assert_same(loss_fn, open_clip_reference, img, txt, scale)
+    ours = assert_same(loss_fn, open_clip_peer.ClipLoss(), img, txt, scale)
     assert torch.equal(loss_fn(img, txt, scale, output_dict=True)["contrastive_loss"], ours)
 
 
@@ -429,7 +374,7 @@ def test_open_clip_siglip(n, d, scale, bias, shape):
         return v if shape is None or v is None else torch.full(shape, v, dtype=torch.float64)
 
     inputs = [img, txt, as_input(scale), as_input(bias)]
-    ours = assert_same(open_clip.SigLipLoss(), open_clip_siglip_reference, *inputs)
+    ours = assert_same(open_clip.SigLipLoss(), open_clip_peer.SigLipLoss(), *inputs)
     assert torch.equal(open_clip.SigLipLoss()(*inputs, output_dict=True)["contrastive_loss"], ours)
     with pytest.raises(ValueError, match="dist_impl"):
         open_clip.SigLipLoss(dist_impl="ring")
@@ -445,7 +390,7 @@ def test_open_clip_logit_scale_at_call_time_every_step():
         loss_fn(img, txt, logit_scale.exp()).backward()
         ours = logit_scale.grad.clone()
         logit_scale.grad = None
-        open_clip_reference(img, txt, logit_scale.exp()).backward()
+        open_clip_peer.ClipLoss()(img, txt, logit_scale.exp()).backward()
         assert relative_error(ours, logit_scale.grad) <= RTOL
 
 
@@ -942,7 +887,7 @@ def test_float32_and_bfloat16_against_the_float64_peer(peer):
         ),
         "open_clip": (
             lambda x, y: open_clip.ClipLoss()(F.normalize(x, dim=1), F.normalize(y, dim=1), 10.0),
-            lambda x, y: open_clip_reference(F.normalize(x, dim=1), F.normalize(y, dim=1), 10.0),
+            lambda x, y: open_clip_peer.ClipLoss()(F.normalize(x, dim=1), F.normalize(y, dim=1), 10.0),
         ),
         "lightly": (lightly.NTXentLoss(0.1), lambda x, y: lightly_reference(x, y, 0.1)),
         "pml-multi-positive": (

@@ -4,8 +4,9 @@ Two gloo ranks on CPU, equal local batches (the peers assume them). On every ran
 shared by the ranks (as DDP keeps it) maps this rank's inputs to embeddings, and a shared logit scale
 or temperature parameter is used where the peer has one; every rank back-propagates its loss and the
 parameter gradients are averaged over the ranks, as DDP does. The peers are the transcriptions in
-``test_compat.py`` running their own collectives (torch.distributed.nn.all_gather, lightly's
-GatherLayer, plain all_gather), in float64; fastcl must match to 1e-9 relative on every rank.
+``test_compat.py`` and open_clip 3.3.0's own ``loss.py`` (``tests/peers``) running their own
+collectives (torch.distributed.nn.all_gather, open_clip's neighbour exchanges, lightly's GatherLayer,
+plain all_gather), in float64; fastcl must match to 1e-9 relative on every rank.
 """
 
 from __future__ import annotations
@@ -32,8 +33,7 @@ from test_compat import (
     lightly_dcl_reference,
     lightly_mises_fisher_weights,
     lightly_reference,
-    open_clip_reference,
-    open_clip_siglip_reference,
+    open_clip_peer,
     solo_reference,
 )
 
@@ -73,21 +73,24 @@ def _cases():
         for with_grad in (False, True):
             name = f"open_clip-local_loss={local_loss}-gather_with_grad={with_grad}"
             rank = dist.get_rank()
-            ours = open_clip.ClipLoss(local_loss=local_loss, gather_with_grad=with_grad, rank=rank, world_size=WORLD)
+            flags = dict(local_loss=local_loss, gather_with_grad=with_grad, rank=rank, world_size=WORLD)
+            ours, theirs = open_clip.ClipLoss(**flags), open_clip_peer.ClipLoss(**flags)
             cases[name] = (
                 lambda a, b, s, ours=ours: ours(a, b, s),
-                lambda a, b, s, ll=local_loss, wg=with_grad, r=rank: open_clip_reference(a, b, s, ll, wg, r, WORLD),
+                lambda a, b, s, theirs=theirs: theirs(a, b, s),
                 1 / 0.07,
                 True,
             )
     rank = dist.get_rank()
-    ours = open_clip.SigLipLoss(rank=rank, world_size=WORLD)
-    cases["open_clip-SigLipLoss"] = (
-        lambda a, b, s, ours=ours: ours(a, b, s, -2.0),
-        lambda a, b, s: open_clip_siglip_reference(a, b, s, -2.0, rank, WORLD),
-        5.0,
-        True,
-    )
+    for dist_impl in ("gather", "shift", "bidir", "reduce"):  # open_clip's four exchanges: one value
+        ours = open_clip.SigLipLoss(rank=rank, world_size=WORLD, dist_impl=dist_impl)
+        theirs = open_clip_peer.SigLipLoss(rank=rank, world_size=WORLD, dist_impl=dist_impl)
+        cases[f"open_clip-SigLipLoss-{dist_impl}"] = (
+            lambda a, b, s, ours=ours: ours(a, b, s, -2.0),
+            lambda a, b, s, theirs=theirs: theirs(a, b, s, -2.0),
+            5.0,
+            True,
+        )
     for gather in (False, True):
         ours = lightly.NTXentLoss(temperature=0.3, gather_distributed=gather)
         cases[f"lightly-gather_distributed={gather}"] = (
@@ -213,7 +216,7 @@ CASE_NAMES = [
     "solo-learn-supervised",
     "lightly-DCL-gather_distributed=True",
     "lightly-DCLW-gather_distributed=True",
-    "open_clip-SigLipLoss",
+    *(f"open_clip-SigLipLoss-{impl}" for impl in ("gather", "shift", "bidir", "reduce")),
     "lightly-memory-bank-gather_distributed=True",
 ]
 

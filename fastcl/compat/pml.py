@@ -128,6 +128,18 @@ class _PairLoss(nn.Module):
         anchors, keys = F.normalize(embeddings, dim=1), F.normalize(ref_emb, dim=1)
         return self._pair_rows(anchors, keys, ids, ref_ids, None)
 
+    def _supcon(self, embeddings: Tensor, ids: Tensor) -> Tensor:
+        """SupCon L_out with τ_b = τ over the rows as one view (pml's SupCon; its NT-Xent with one positive)."""
+        return functional.supcon(
+            embeddings[:, None],
+            ids,
+            None,
+            self.temperature,
+            base_temperature=self.temperature,
+            distributed="local",
+            check_finite=False,
+        )
+
     def extra_repr(self) -> str:
         return f"temperature={self.temperature}"
 
@@ -166,15 +178,7 @@ class NTXentLoss(_PairLoss):
             return zero_loss(embeddings)  # no positive pair, or no negative pair
         if counts.max() == 2:
             # At most one positive per anchor: each pair's denominator is every other row (SupCon, τ_b = τ).
-            return functional.supcon(
-                embeddings[:, None],
-                ids,
-                None,
-                self.temperature,
-                base_temperature=self.temperature,
-                distributed="local",
-                check_finite=False,
-            )
+            return self._supcon(embeddings, ids)
         z = F.normalize(embeddings, dim=1)
         return self._pair_rows(z, z, ids, ids, torch.arange(z.shape[0], device=z.device))
 
@@ -217,15 +221,7 @@ class SupConLoss(_PairLoss):
         counts = torch.bincount(ids)
         if counts.max() < 2 or counts.max() == embeddings.shape[0]:
             return zero_loss(embeddings)
-        return functional.supcon(
-            embeddings[:, None],
-            ids,
-            None,
-            self.temperature,
-            base_temperature=self.temperature,
-            distributed="local",
-            check_finite=False,
-        )
+        return self._supcon(embeddings, ids)
 
 
 class SelfSupervisedLoss(nn.Module):
