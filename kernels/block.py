@@ -53,7 +53,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from fastcl._blocks import Layout, accumulation_dtype
+from fastcl._blocks import Layout, accumulation_dtype, class_segments, class_sums
 from fastcl.kernels._common import (
     LAUNCH_OPTIONS,
     CompileSpec,
@@ -936,7 +936,7 @@ def _label_positives(a: Tensor, a_inv: Optional[Tensor], k: Tensor, k_inv: Optio
     â·(Σ_{c: y_c = y_a} k̂_c)/τ: one sum of the key rows per class (O(K·D')), one dot per anchor, minus
     the anchor's own entry when it is one of the keys. A class is named by the sorted position of its
     first key (one sort, searchsorted for the anchors): static shapes and no host sync, at the price of a
-    [K, D'] sum buffer (rows of absent positions stay 0)."""
+    few [K, D'] buffers (rows of absent positions stay 0)."""
     acc = accumulation_dtype(a.dtype)
     a_labels, k_labels = (x.to(device=a.device, dtype=torch.int64) for x in (layout.a_labels, layout.k_labels))
     if k.shape[0] == 0:
@@ -944,9 +944,8 @@ def _label_positives(a: Tensor, a_inv: Optional[Tensor], k: Tensor, k_inv: Optio
         return zeros, zeros.clone()
     ordered = k_labels.sort().values
     k_class = torch.searchsorted(ordered, k_labels)
-    sums = torch.zeros(k.shape[0], sub_dim, dtype=acc, device=a.device)
-    for start, stop in _row_chunks(k.shape[0], sub_dim):
-        sums.index_add_(0, k_class[start:stop], _unit_rows(k, k_inv, slice(start, stop), sub_dim, acc))
+    # Ordered class sums (fastcl._blocks.class_sums): deterministic, no atomics.
+    sums = class_sums(_unit_rows(k, k_inv, slice(None), sub_dim, acc), class_segments(k_class, k.shape[0]))
     slot = torch.searchsorted(ordered, a_labels)
     counts = (torch.searchsorted(ordered, a_labels, right=True) - slot).to(acc)
     found = counts > 0

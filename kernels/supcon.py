@@ -40,6 +40,7 @@ import triton.language as tl
 from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
+from fastcl._blocks import class_segments, class_sums
 from fastcl.kernels._common import (
     CompileSpec,
     accumulator,
@@ -193,13 +194,15 @@ def _unit_class_sums(features: Tensor, inv: Optional[Tensor], classes: Tensor, s
     """One [N, sub_dim] tensor per entry v of ``view_counts``: row y holds Σ ẑ over the samples of class id y
     in views 0..v−1 (0 for unused ids). One pass over the features for all of them."""
     n = features.shape[0]
-    sums = [torch.zeros(n, sub_dim, dtype=accumulation_dtype(features.dtype), device=features.device)
-            for _ in view_counts]
+    per_sample = [torch.empty(n, sub_dim, dtype=accumulation_dtype(features.dtype), device=features.device)
+                  for _ in view_counts]
     for start, stop in _chunks(features, sub_dim):
         unit = _unit_views(features, inv, start, stop, sub_dim)
-        for total, views in zip(sums, view_counts):
-            total.index_add_(0, classes[start:stop], unit[:, :views].sum(1))
-    return sums
+        for total, views in zip(per_sample, view_counts):
+            total[start:stop] = unit[:, :views].sum(1)
+    # Ordered class sums (fastcl._blocks.class_sums): deterministic, no atomics.
+    segments = class_segments(classes, n)
+    return [class_sums(total, segments) for total in per_sample]
 
 
 def supcon_forward(

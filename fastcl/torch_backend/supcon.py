@@ -18,6 +18,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from fastcl._blocks import class_segments, class_sums
 from fastcl.torch_backend._tiles import (
     NORM_EPS,
     blocks,
@@ -68,10 +69,6 @@ def _anchor_weights(counts: Tensor, kappa: Tensor) -> Tensor:
     return valid * kappa / valid.sum().clamp(min=1)
 
 
-def _class_sums(values: Tensor, row_class: Tensor, n_classes: int) -> Tensor:
-    return values.new_zeros(n_classes, values.shape[1]).index_add_(0, row_class, values)
-
-
 def _view_major_rows(features: Tensor, sub_dim: int, normalize: bool) -> tuple[Tensor, Tensor]:
     n, views, _ = features.shape
     return prepare_rows(features[:, :, :sub_dim].transpose(0, 1).reshape(views * n, sub_dim), sub_dim, normalize)
@@ -96,7 +93,7 @@ def supcon_forward(
     lse = zc.new_empty(n_anchors)
     if labels is not None:
         row_class = classes.long().repeat(views)
-        others = _class_sums(zc, row_class, n)[row_class[:n_anchors]] - zc[:n_anchors]
+        others = class_sums(zc, class_segments(row_class, n))[row_class[:n_anchors]] - zc[:n_anchors]
         positive_sum = (zs[:n_anchors] * others).sum(dim=1)
     else:
         positive_sum = zc.new_empty(n_anchors)
@@ -155,9 +152,10 @@ def supcon_backward(
         # Σ_{c∈P(r)} (a_r + a_c) ẑ_c with a = positive_weights: class sums minus the row itself.
         n_classes = features.shape[0]
         row_class = classes.long().repeat(features.shape[1])
+        segments = class_segments(row_class, n_classes)
         weighted = positive_weights[:, None] * zc
-        dz -= positive_weights[:, None] * (_class_sums(zc, row_class, n_classes)[row_class] - zc)
-        dz -= _class_sums(weighted, row_class, n_classes)[row_class] - weighted
+        dz -= positive_weights[:, None] * (class_sums(zc, segments)[row_class] - zc)
+        dz -= class_sums(weighted, segments)[row_class] - weighted
     dz *= grad.to(zc.dtype) / tau
     gs = grad_dot_logits([(zc, dz)], 2)
     n, views, _ = features.shape
