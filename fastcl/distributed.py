@@ -78,12 +78,100 @@ def _warn_no_process_group(mode: str) -> None:
     )
 
 
-def local_sizes(part_sizes: list[int], device: torch.device) -> list[list[int]]:
-    """Every rank's part sizes (rows per part), in rank order (one small all_gather)."""
-    mine = torch.tensor(part_sizes, dtype=torch.int64, device=device)
-    every = [torch.empty_like(mine) for _ in range(world_size())]
-    dist.all_gather(every, mine)
-    return [t.tolist() for t in every]
+# --- every rank's batch sizes ------------------------------------------------------------------------------
+
+_equal_batches = False
+
+
+def set_equal_batches(equal: bool = True) -> None:
+    """Declares that every rank passes a batch of the same size (the same rows per part) to every loss call
+    of this process in gather/ring mode, so no rank has to learn the others' sizes: no size exchange and
+    no host sync. ``torch.utils.data.DistributedSampler`` gives exactly this: it pads every rank to the
+    same number of samples, so each step's batch has the same size on every rank (the last one too).
+
+    Without the declaration (the default), sizes may differ between ranks and the forward exchanges them
+    once per step (one all_gather of a few int64 and one device-to-host copy); the backward reuses them.
+    A declared but false promise is caught before any row is exchanged: a device-side assertion after one
+    small all_reduce (an error on every rank rather than a hang).
+
+    Example:
+        >>> set_equal_batches(True)
+        >>> equal_batches()
+        True
+        >>> set_equal_batches(False)
+    """
+    global _equal_batches
+    if not isinstance(equal, bool):
+        raise TypeError(f"equal: expected a bool, got {type(equal).__name__}")
+    _equal_batches = equal
+
+
+def equal_batches() -> bool:
+    """Whether :func:`set_equal_batches` declared equal batch sizes on every rank."""
+    return _equal_batches
+
+
+def _device_ints(values: list[int], device: torch.device) -> Tensor:
+    """An int64 vector on ``device`` made there (fills), not copied from a host list."""
+    return torch.cat([torch.full((1,), v, dtype=torch.int64, device=device) for v in values])
+
+
+def exchange_part_sizes(part_sizes: list[int], device: torch.device) -> Tensor:
+    """Every rank's part sizes, [W, P] int64 on the host: one small all_gather and one device-to-host copy
+    (the single host sync of an uneven-batch step)."""
+    mine = _device_ints(part_sizes, device)
+    every = mine.new_empty((world_size(), len(part_sizes)))
+    dist.all_gather(list(every.unbind(0)), mine)
+    return every.cpu()
+
+
+def _check_equal(part_sizes: list[int], device: torch.device) -> None:
+    """Raises (on the device, no host sync) unless every rank has ``part_sizes``."""
+    bounds = _device_ints(part_sizes + [-s for s in part_sizes], device)
+    dist.all_reduce(bounds, op=dist.ReduceOp.MAX)  # max(s) == s and max(−s) == −s: all equal
+    parts = len(part_sizes)
+    torch._assert_async(
+        (bounds[:parts] == -bounds[parts:]).all(),
+        f"fastcl.distributed.set_equal_batches(True) was declared, but the ranks' batch sizes differ "
+        f"(this rank: {part_sizes})",
+    )
+
+
+def host_sizes_like(parts: int, mode: str, equal: bool) -> Tensor:
+    """The host tensor :func:`rank_part_sizes` returns, empty (its shape; for a fake implementation)."""
+    exchanged = mode != "local" and not equal
+    return torch.empty((world_size(), parts) if exchanged else (0,), dtype=torch.int64)
+
+
+def rank_part_sizes(part_sizes: list[int], device: torch.device, mode: str, equal: bool) -> tuple[list, Tensor]:
+    """(every rank's part sizes in rank order, the host tensor the backward reads them from).
+
+    Local: this process's. Declared equal (:func:`set_equal_batches`): this rank's, W times, checked on
+    the device. Otherwise exchanged (:func:`exchange_part_sizes`) and returned on the host as well, so
+    the backward reads them there instead of exchanging again (:func:`saved_part_sizes`)."""
+    if mode == "local":
+        return [part_sizes], host_sizes_like(len(part_sizes), mode, equal)
+    if equal:
+        _check_equal(part_sizes, device)
+        return [part_sizes] * world_size(), host_sizes_like(len(part_sizes), mode, equal)
+    host = exchange_part_sizes(part_sizes, device)
+    return read_host_sizes(host), host
+
+
+def saved_part_sizes(part_sizes: list[int], host_sizes: Tensor, mode: str, equal: bool) -> list[list[int]]:
+    """The backward's every-rank part sizes: from the forward's host tensor, with no communication."""
+    if mode == "local":
+        return [part_sizes]
+    if equal:
+        return [part_sizes] * world_size()
+    return read_host_sizes(host_sizes)
+
+
+def read_host_sizes(host_sizes: Tensor) -> list[list[int]]:
+    """The values of the host tensor :func:`exchange_part_sizes` made: a memory read that waits for nothing."""
+    if host_sizes.device.type != "cpu":
+        raise ValueError(f"host_sizes: expected a CPU tensor (reading a device tensor syncs), got {host_sizes.device}")
+    return host_sizes.tolist()
 
 
 # torch 2.13 renamed reduce_scatter_tensor (now deprecated) to reduce_scatter_single.

@@ -172,11 +172,12 @@ class _Sweep:
 class _Run:
     """What the forward and the backward share: the exchange, the rows' inverse norms, the layouts."""
 
-    def __init__(self, rows, labels, mask, tau, bias, plan: Plan, part_sizes, normalize, mode, backend):
+    def __init__(self, rows, labels, mask, tau, bias, plan: Plan, sizes: list[list[int]], normalize, mode, backend):
+        """``sizes``: every rank's part sizes (:func:`fastcl.distributed.rank_part_sizes`)."""
         self.plan, self.normalize, self.tau, self.mask, self.backend = plan, normalize, tau, mask, backend
         self.bias = None if bias is None else bias.to(tau.dtype)
         self.forward_fn, self.backward_fn = dispatch.block_primitive(backend)
-        self.sizes = [list(part_sizes)] if mode == "local" else _distributed.local_sizes(list(part_sizes), rows.device)
+        self.sizes = sizes
         self.rank = 0 if mode == "local" else dist.get_rank()
         self.world = len(self.sizes)
         self.row_labels = _row_labels(plan, labels, self.sizes, self.rank, rows.device)
@@ -195,7 +196,7 @@ class _Run:
         shift = logits.max() if n else logits.new_full((), float("-inf"))
         if mode != "local":
             dist.all_reduce(shift, op=dist.ReduceOp.MAX)
-        stats = torch.stack([torch.exp(logits - shift).sum(), logits.new_tensor(float(n))])
+        stats = torch.stack([torch.exp(logits - shift).sum(), logits.new_full((), float(n))])
         if mode != "local":
             dist.all_reduce(stats)
         w = 2.0 - stats[1] * torch.exp(logits - shift) / stats[0]
@@ -277,7 +278,8 @@ def _anchor_terms(
 
 def _forward(rows, labels, mask, tau, bias, anchor_weight, plan_str, part_sizes, normalize, mode, backend, reduction):
     plan = _decode(plan_str)
-    run = _Run(rows, labels, mask, tau, bias, plan, part_sizes, normalize, mode, backend)
+    sizes, host_sizes = _distributed.rank_part_sizes(list(part_sizes), rows.device, mode, equal_batches)
+    run = _Run(rows, labels, mask, tau, bias, plan, sizes, normalize, mode, backend)
     spans = run.anchor_spans()
     acc = tau.dtype
     merged = [
@@ -345,7 +347,8 @@ def _backward(
     reduction,
 ):
     plan = _decode(plan_str)
-    run = _Run(rows, labels, mask, tau, bias, plan, part_sizes, normalize, mode, backend)
+    sizes = _distributed.saved_part_sizes(list(part_sizes), host_sizes, mode, equal_batches)
+    run = _Run(rows, labels, mask, tau, bias, plan, sizes, normalize, mode, backend)
     acc = tau.dtype
     # The upstream gradient of every ℓ_a (before κ): from L (times W, see the gradient contract) and from
     # the per-anchor output. d_weight_a = dL/dw_a.
@@ -524,6 +527,7 @@ def _op_backward(ctx, grad_loss, _grad_lse, _grad_pos_weight, _grad_counts, grad
         d_tau.to(tau.dtype) if ctx.needs_input_grad[3] else None,
         d_bias.to(bias.dtype) if bias is not None and ctx.needs_input_grad[4] else None,
         d_weight if anchor_weight is not None and ctx.needs_input_grad[5] else None,
+        None,
         None,
         None,
         None,
