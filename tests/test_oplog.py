@@ -1,0 +1,308 @@
+"""No atomics and no host syncs, mechanically: every aten op of every loss × mode × backend, forward and
+backward, is logged (tests/oplog.py) and none may be one PyTorch lists as nondeterministic on CUDA or
+one that synchronizes the host.
+
+Losses: SupCon (labels, bool mask, soft mask, no labels, contrast_mode="one", positives_missing="zero"),
+NT-Xent, InfoNCE (symmetric, one-way, explicit targets), DCL, DCLW and SigLIP, with sub_dim where the loss
+takes it and a learnable temperature. Backends: torch; triton (kernel launches through
+``TRITON_INTERPRET=1`` are opaque, as a GPU launch is); cuda (its host code — argument conversion and the
+reduction of the kernels' per-anchor sums — around a stand-in for the compiled ops, which need a GPU).
+Modes: local in this process; gather and ring on a 2-rank gloo group, with equal batches declared
+(``fastcl.distributed.set_equal_batches``: no exchange at all) and with uneven batches (exactly one size
+exchange per step, in the forward; the backward reads the sizes from the host).
+
+``check_finite=False`` everywhere: the finiteness check is an explicit, documented sync (on by default
+on the torch backend only); its default is issue 24's business, not what this test audits.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import socket
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from oplog import NONDETERMINISTIC_ON_CUDA, OpLog
+
+import fastcl.distributed as fdist
+from fastcl import cuda_backend, dispatch, functional
+from fastcl import torch_backend as reference_primitive
+from fastcl._blocks import Layout
+
+D, SUB_DIM = 8, 5
+
+
+def _has_triton() -> bool:
+    return dispatch.unavailable_reason("triton") is None
+
+
+BACKENDS = ["torch", "cuda"] + (["triton"] if _has_triton() else [])
+
+
+def _inputs(n: int, seed: int) -> dict:
+    gen = torch.Generator().manual_seed(seed)
+    leaf = lambda *shape: torch.randn(*shape, generator=gen).requires_grad_()  # noqa: E731
+    labels = torch.tensor([0, 1, 0, 1, 2, 2, 1, 0])[:n]
+    return {
+        "z1": leaf(n, D),
+        "z2": leaf(n, D),
+        "features": leaf(n, 2, D),
+        "labels": labels,
+        "tau": torch.tensor(0.1).requires_grad_(),
+        "bias": torch.tensor(-2.0).requires_grad_(),
+        "mask": labels[:, None] == labels[None, :],
+    }
+
+
+def _losses(local: bool) -> dict:
+    """name -> fn(inputs, **common) -> loss."""
+    f = functional
+    cases = {
+        "nt_xent": lambda x, **c: f.nt_xent(x["z1"], x["z2"], x["tau"], sub_dim=SUB_DIM, **c),
+        "info_nce": lambda x, **c: f.info_nce(x["z1"], x["z2"], x["tau"], sub_dim=SUB_DIM, **c),
+        "info_nce-oneway": lambda x, **c: f.info_nce(x["z1"], x["z2"], x["tau"], symmetric=False, **c),
+        "info_nce-targets": lambda x, **c: f.info_nce(
+            x["z1"], x["z2"], x["tau"], targets=torch.arange(x["z1"].shape[0]).flip(0), symmetric=False, **c
+        ),
+        "supcon-labels": lambda x, **c: f.supcon(
+            x["features"], x["labels"], temperature=x["tau"], sub_dim=SUB_DIM, **c
+        ),
+        "supcon-unlabeled": lambda x, **c: f.supcon(x["features"], temperature=x["tau"], **c),
+        "supcon-one": lambda x, **c: f.supcon(
+            x["features"], x["labels"], temperature=x["tau"], contrast_mode="one", base_temperature=0.2, **c
+        ),
+        "supcon-zero": lambda x, **c: f.supcon(
+            x["features"], x["labels"], temperature=x["tau"], positives_missing="zero", **c
+        ),
+        "dcl": lambda x, **c: f.dcl(x["z1"], x["z2"], x["tau"], sub_dim=SUB_DIM, **c),
+        "dclw": lambda x, **c: f.dcl(x["z1"], x["z2"], x["tau"], weight_sigma=0.5, **c),
+        "siglip": lambda x, **c: f.siglip(x["z1"], x["z2"], 1.0 / x["tau"], x["bias"], sub_dim=SUB_DIM, **c),
+    }
+    if local:  # a per-rank mask is rejected under gather/ring
+        cases["supcon-mask"] = lambda x, **c: f.supcon(x["features"], mask=x["mask"], temperature=x["tau"], **c)
+        cases["supcon-soft-mask"] = lambda x, **c: f.supcon(
+            x["features"], mask=x["mask"].double() * 0.5, temperature=x["tau"], **c
+        )
+    return cases
+
+
+# --- the cuda backend's host code around a stand-in for its compiled ops ---------------------------------
+
+_POSITIVES = {code: name for name, code in cuda_backend._POSITIVES.items()}
+_EPILOGUES = {code: name for name, code in cuda_backend._EPILOGUES.items()}
+
+
+def _stand_in_layout(has_self, self_offset, positives, exclude_positives, epilogue, bias, pos_index, a_labels,
+                     k_labels, mask) -> Layout:  # fmt: skip
+    return Layout(
+        positives=_POSITIVES[positives],
+        self_offset=self_offset if has_self else None,
+        pos_index=pos_index,
+        a_labels=a_labels,
+        k_labels=k_labels,
+        mask=mask,
+        exclude_positives=exclude_positives,
+        epilogue=_EPILOGUES[epilogue],
+        bias=bias,
+    )
+
+
+class _CompiledOpsStandIn:
+    """torch.ops.fastcl_cuda's two ops as the torch backend's primitive (the log treats them as opaque)."""
+
+    @staticmethod
+    def block_forward(a, a_inv, k, k_inv, tau, sub_dim, *layout):
+        return reference_primitive.block_forward(a, a_inv, k, k_inv, tau, sub_dim, _stand_in_layout(*layout))
+
+    @staticmethod
+    def block_backward(a, a_inv, k, k_inv, tau, sub_dim, *rest):
+        *layout, lse, alpha, beta = rest
+        d_a, d_k, gs = reference_primitive.block_backward(
+            a, a_inv, k, k_inv, tau, sub_dim, _stand_in_layout(*layout), lse, alpha, beta
+        )
+        grad_sums = torch.zeros(max(a.shape[0], 1), 2, dtype=d_a.dtype)
+        grad_sums[0, : gs.numel()] = gs.reshape(-1)
+        return d_a, d_k, grad_sums
+
+
+@contextlib.contextmanager
+def _cuda_backend_on_cpu(log: OpLog):
+    """backend="cuda" runs here: dispatch accepts it, and its compiled ops are the opaque stand-in."""
+    stand_in = _CompiledOpsStandIn()
+    original_reason, original_ops = dispatch.unavailable_reason, cuda_backend._ops
+    dispatch.unavailable_reason = lambda backend, device=None: (
+        None if backend == "cuda" else original_reason(backend, device)
+    )
+    cuda_backend._ops = lambda: stand_in
+    try:
+        with log.opaque(stand_in, "block_forward"), log.opaque(stand_in, "block_backward"):
+            yield
+    finally:
+        dispatch.unavailable_reason, cuda_backend._ops = original_reason, original_ops
+
+
+@contextlib.contextmanager
+def _logging(log: OpLog, backend: str):
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(log.patched_methods())
+        if _has_triton():
+            from triton.runtime import interpreter
+
+            stack.enter_context(log.opaque(interpreter.GridExecutor, "__call__"))
+        stack.enter_context(log.opaque(fdist, "exchange_part_sizes", record="size exchange"))
+        stack.enter_context(log.opaque(fdist, "read_host_sizes", record="host read"))
+        if backend == "cuda":
+            stack.enter_context(_cuda_backend_on_cpu(log))
+        yield
+
+
+def run_logged(loss: str, backend: str, mode: str, n: int, seed: int = 0, local: bool = True) -> OpLog:
+    """One forward and backward of ``loss`` under the op log."""
+    inputs = _inputs(n, seed)
+    log = OpLog()
+    with _logging(log, backend):
+        with log:
+            value = _losses(local)[loss](inputs, backend=backend, distributed=mode, check_finite=False)
+        log.phase = "backward"
+        with log:
+            value.backward()
+    assert all(t.grad is not None for k, t in inputs.items() if k in ("tau",)), "the temperature got no gradient"
+    return log
+
+
+# --- local ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("loss", sorted(_losses(local=True)))
+def test_local_has_no_nondeterministic_op_and_no_sync(loss, backend):
+    log = run_logged(loss, backend, "local", n=6)
+    assert len(log.ops) > 20, "the log saw too few ops: the custom ops' insides were not logged"
+    assert log.flagged == []
+    assert log.sanctioned == []
+
+
+def test_the_log_sees_inside_the_kernels_host_code():
+    """The Triton SupCon backward is a triton_op and the block engine a custom op: their insides are logged."""
+    log = run_logged("supcon-labels", "torch", "local", n=6)
+    assert ("backward", "segment_reduce.default") in log.ops  # the class sums of the torch backend's backward
+
+
+def test_detector_fires_on_a_deliberate_index_add(monkeypatch):
+    """The class sums done the atomic way (what the code did before): the log must flag index_add_."""
+
+    def atomic_class_sums(values, segments):
+        ids = torch.empty_like(segments.order)
+        ids[segments.order] = torch.arange(values.shape[0])  # any ids: the op is what is checked
+        return values.new_zeros(segments.tiles.shape[0], values.shape[1]).index_add_(
+            0, ids % segments.tiles.shape[0], values
+        )
+
+    monkeypatch.setattr("fastcl.torch_backend.supcon.class_sums", atomic_class_sums)
+    log = run_logged("supcon-labels", "torch", "local", n=6)
+    assert ("forward", "nondeterministic on CUDA", "index_add_.default") in log.flagged
+
+
+def test_detector_fires_on_deliberate_syncs(monkeypatch):
+    """An .item(), a tensor built from a list on the device, a boolean-mask index and a .tolist()."""
+    from fastcl import engine
+
+    original = engine._weighted_sum
+
+    def syncing(plan, per_pass):
+        weights = torch.tensor([p.weight for p in plan.passes], device=per_pass.device)  # the old code
+        float(per_pass.sum().item())
+        per_pass[per_pass > 0].tolist()
+        return original(plan, per_pass) + 0 * weights.sum()
+
+    monkeypatch.setattr(engine, "_weighted_sum", syncing)
+    log = run_logged("dcl", "torch", "local", n=6)
+    kinds = {op for phase, kind, op in log.flagged if phase == "forward" and kind == "host sync"}
+    assert {"lift_fresh.default", "Tensor.item", "index.Tensor", "Tensor.tolist"} <= kinds
+
+
+def test_nondeterministic_list_covers_torch_docs():
+    """Every op torch.use_deterministic_algorithms documents (this torch's docstring) is mapped in tests/oplog.py."""
+    documented = set(re.findall(r":(?:func|class|meth):`([\w.]+)`", torch.use_deterministic_algorithms.__doc__))
+    documented -= {"torch.set_deterministic_debug_mode", "torch.utils.deterministic.fill_uninitialized_memory"}
+    documented = {name for name in documented if name.startswith("torch.") and not name.startswith("torch.utils.")}
+    assert documented, "the docstring's format changed: update the parser"
+    assert documented <= set(NONDETERMINISTIC_ON_CUDA), sorted(documented - set(NONDETERMINISTIC_ON_CUDA))
+
+
+def test_no_atomics_in_the_kernels_sources():
+    """No Triton atomic in kernels/ and no CUDA atomic in csrc/ (code lines; comments may say "no atomics")."""
+    root = Path(__file__).resolve().parents[1]
+    for path in sorted((root / "kernels").glob("*.py")):
+        assert "tl.atomic" not in path.read_text(), path
+    for path in sorted((root / "csrc").glob("*.c*")) + sorted((root / "csrc").glob("*.h")):
+        code = "\n".join(line.split("//")[0] for line in path.read_text().splitlines())
+        assert not re.search(r"\batomic\w*\s*\(", code, re.IGNORECASE), path
+
+
+# --- gather and ring on a 2-rank gloo group --------------------------------------------------------------
+
+WORLD = 2
+SIZES = {"equal": [6, 6], "uneven": [5, 7]}
+
+
+def _rank_main(rank: int, port: int, out_dir: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    results = {}
+    try:
+        for sizes, n in SIZES.items():
+            fdist.set_equal_batches(sizes == "equal")
+            for mode in ("gather", "ring"):
+                for backend in ["torch"] + (["triton"] if _has_triton() else []):
+                    for loss in _losses(local=False):
+                        log = run_logged(loss, backend, mode, n=n[rank], seed=rank, local=False)
+                        results[(sizes, mode, backend, loss)] = (log.flagged, log.sanctioned, len(log.ops))
+        # A false promise: declared equal, sizes differ. Every rank raises before any row is exchanged.
+        fdist.set_equal_batches(True)
+        try:
+            run_logged("nt_xent", "torch", "gather", n=SIZES["uneven"][rank], seed=rank, local=False)
+            results["false-promise"] = "no error"
+        except RuntimeError as error:
+            results["false-promise"] = str(error)
+    finally:
+        fdist.set_equal_batches(False)
+        torch.save(results, Path(out_dir) / f"rank{rank}.pt")
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def distributed_logs() -> list[dict]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with tempfile.TemporaryDirectory() as out_dir:
+        mp.start_processes(_rank_main, args=(port, out_dir), nprocs=WORLD, join=True, start_method="spawn")
+        return [torch.load(Path(out_dir) / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+
+
+def test_gather_and_ring_have_no_nondeterministic_op_and_no_sync(distributed_logs):
+    for rank, results in enumerate(distributed_logs):
+        cases = [key for key in results if isinstance(key, tuple)]
+        assert len(cases) == 2 * 2 * len(_losses(local=False)) * (2 if _has_triton() else 1)
+        for key in cases:
+            flagged, sanctioned, n_ops = results[key]
+            assert n_ops > 20, (rank, key, "the log saw too few ops")
+            assert flagged == [], (rank, key, flagged)
+            if key[0] == "equal":  # declared equal: nothing exchanged, nothing read
+                assert sanctioned == [], (rank, key, sanctioned)
+            else:  # uneven: one size exchange per step, in the forward; the backward reads the host copy
+                expected = [("forward", "size exchange"), ("forward", "host read"), ("backward", "host read")]
+                assert sanctioned == expected, (rank, key, sanctioned)
+
+
+def test_a_false_equal_batches_declaration_raises(distributed_logs):
+    for results in distributed_logs:
+        assert "set_equal_batches(True) was declared" in results["false-promise"]
