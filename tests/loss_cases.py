@@ -76,18 +76,20 @@ class Result:
     tau_grad: Optional[Tensor]
 
 
-def run(fn: Callable[..., Tensor], batch: Batch, temperature, dtype: torch.dtype, **options) -> Result:
-    """Calls ``fn`` on fresh leaves of ``batch`` in ``dtype`` and back-propagates the loss.
+def run(fn: Callable[..., Tensor], batch: Batch, temperature, dtype: torch.dtype, device=None, **options) -> Result:
+    """Calls ``fn`` on fresh leaves of ``batch`` in ``dtype`` (on ``device``, default: where they are) and
+    back-propagates the loss.
 
     ``temperature`` is a float, or a tensor: then a fresh leaf requiring grad (float64 for float64 runs,
     else float32) is passed and dL/dτ returned.
     """
-    leaves = [t.detach().to(dtype, copy=True).requires_grad_() for t in batch.tensors]
+    leaves = [t.detach().to(device=device, dtype=dtype, copy=True).requires_grad_() for t in batch.tensors]
+    targets = {name: t.to(device) for name, t in batch.targets.items()}
     tau = temperature
     if isinstance(temperature, Tensor):
         tau_dtype = torch.float64 if dtype == torch.float64 else torch.float32
-        tau = temperature.detach().to(tau_dtype).requires_grad_()
-    loss = fn(*leaves, temperature=tau, **batch.targets, **options)
+        tau = temperature.detach().to(device=device, dtype=tau_dtype).requires_grad_()
+    loss = fn(*leaves, temperature=tau, **targets, **options)
     if not loss.requires_grad:  # the reference's constant 0 when no SupCon anchor has a positive
         return Result(
             loss, [torch.zeros_like(x) for x in leaves], torch.zeros_like(tau) if isinstance(tau, Tensor) else None
@@ -140,6 +142,8 @@ def assert_matches_reference(
     rtol: float,
     grad_floor: float = 0.0,
     tau_grad_against_loss: bool = False,
+    fn: Optional[Callable[..., Tensor]] = None,
+    device=None,
     **options,
 ) -> Result:
     """fastcl's torch backend vs the float64 formula: loss dtype, value, input gradients, dL/dτ.
@@ -150,8 +154,12 @@ def assert_matches_reference(
     dL/dτ, a sum of logits of size 1/τ weighted by gradients, is measured against grad_floor/τ).
     ``tau_grad_against_loss``: measure dL/dτ against max(|dL/dτ|, |L|/τ) — the size of the two terms
     of SupCon's dL/dτ = L/τ − Σ G·s/τ, which nearly cancel for peaked softmaxes (small τ, raw rows).
+    ``fn``: the loss to check (default: the torch backend's), run on ``device``.
     """
-    ours = run(OURS[loss], batch, temperature, dtype, **options)
+    ours = run(fn or OURS[loss], batch, temperature, dtype, device=device, **options)
+    ours = Result(
+        ours.loss.cpu(), [g.cpu() for g in ours.grads], None if ours.tau_grad is None else ours.tau_grad.cpu()
+    )
     truth = reference_of(loss, batch, temperature, dtype, **options)
     assert ours.loss.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
     assert ours.loss.shape == ()

@@ -2,9 +2,9 @@
 
 ``kernels._common.dot_precision`` reads PyTorch's fp32 matmul setting (the ``fp32_precision`` API,
 falling back to the legacy ``allow_tf32``): tensor cores by default (``tf32x3``), ``tf32`` / ``ieee`` when
-the user asked for them. The accuracy test emulates Triton's tf32x3 decomposition on the CPU (operands
-rounded to TF32 as ``cvt.rna.tf32`` does, three products, fp32 accumulation) and compares its error vs
-float64 with naive fp32 PyTorch and with plain TF32.
+the user asked for them. The accuracy test emulates Triton's tf32x3 decomposition on the CPU
+(tests/tensor_cores.py) and compares its error vs float64 with naive fp32 PyTorch and with plain TF32;
+tests/test_tf32x3.py runs whole losses through it.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 from loss_cases import relative_error
+from tensor_cores import tf32_matmul, tf32x3_matmul
 
 import fastcl
 
@@ -77,22 +78,6 @@ def test_new_api_tf32_runs_the_triton_backend(triton_device):
     assert relative_error(loss.cpu(), expected) <= 1e-5
 
 
-def _round_to_tf32(x: torch.Tensor) -> torch.Tensor:
-    """x rounded to TF32 (10 mantissa bits), to nearest with ties away from zero (``cvt.rna.tf32.f32``)."""
-    bits = x.contiguous().view(torch.int32)
-    return ((bits + 0x1000) & ~0x1FFF).view(torch.float32)
-
-
-def _tf32x3_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Triton's tf32x3 dot emulated: a·b ≈ a_hi·b_lo + a_lo·b_hi + a_hi·b_hi with a = a_hi + a_lo.
-
-    Products of TF32 values are exact in fp32 (11 + 11 significant bits), so fp32 CPU matmuls reproduce
-    the tensor-core products; only the order of the fp32 accumulation may differ."""
-    a_hi, b_hi = _round_to_tf32(a), _round_to_tf32(b)
-    a_lo, b_lo = a - a_hi, b - b_hi
-    return a_hi @ b_lo + a_lo @ b_hi + a_hi @ b_hi
-
-
 @pytest.mark.parametrize("depth", [17, 128, 2048])
 def test_tf32x3_error_matches_naive_fp32(depth):
     """Error vs float64 of similarity tiles (unit rows, /τ with τ = 0.01): tf32x3 within 4× naive fp32
@@ -102,7 +87,7 @@ def test_tf32x3_error_matches_naive_fp32(depth):
     b = torch.nn.functional.normalize(torch.randn(80, depth, generator=generator), dim=1)
     truth = (a.double() @ b.double().T) / 0.01
     naive = ((a @ b.T) / 0.01 - truth).abs().max().item()
-    tf32x3 = (_tf32x3_matmul(a, b.T) / 0.01 - truth).abs().max().item()
-    tf32 = (_round_to_tf32(a) @ _round_to_tf32(b).T / 0.01 - truth).abs().max().item()
+    tf32x3 = (tf32x3_matmul(a, b.T) / 0.01 - truth).abs().max().item()
+    tf32 = (tf32_matmul(a, b.T) / 0.01 - truth).abs().max().item()
     assert tf32x3 <= 4 * naive
     assert tf32 >= 100 * naive
