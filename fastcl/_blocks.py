@@ -130,10 +130,16 @@ def class_sums(values: Tensor, segments: ClassSegments) -> Tensor:
     floating cumsum is itself nondeterministic on CUDA and cancels against the whole prefix."""
     rows, dim = values.shape
     n_classes = segments.tiles.shape[0]
-    if rows == 0 or dim == 0:
-        return values.new_zeros(n_classes, dim)
-    ordered = values[segments.order]
-    pieces = torch.segment_reduce(ordered, "sum", lengths=segments.pieces, unsafe=True, initial=0.0)
-    sums = torch.segment_reduce(pieces[:: segments.tile], "sum", lengths=segments.tiles, unsafe=True, initial=0.0)
+    out = values.new_zeros(n_classes, dim)
+    if rows == 0:
+        return out
     partial = segments.partial_start >= 0
-    return sums + partial[:, None] * pieces[segments.partial_start.clamp(min=0)]
+    first_pieces = segments.partial_start.clamp(min=0)
+    step = max(1, (1 << 22) // rows)  # feature columns per pass: [K, step] temporaries of ~16 MB
+    for start in range(0, dim, step):
+        ordered = values[segments.order, start : start + step]
+        pieces = torch.segment_reduce(ordered, "sum", lengths=segments.pieces, unsafe=True, initial=0.0)
+        tiles = pieces[:: segments.tile]
+        sums = torch.segment_reduce(tiles, "sum", lengths=segments.tiles, unsafe=True, initial=0.0)
+        out[:, start : start + step] = sums + partial[:, None] * pieces[first_pieces]
+    return out

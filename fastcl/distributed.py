@@ -16,7 +16,9 @@
 Contract (tested with gloo in ``tests/test_distributed.py``): with W ranks each holding N_r rows, when
 every rank backpropagates the returned loss and gradients are averaged across ranks as DDP does, the
 parameter gradients (temperature included) equal single-process training on the rank-major concatenated
-batch, and every rank reports the global loss. Local batch sizes may differ between ranks.
+batch, and every rank reports the global loss. Local batch sizes may differ between ranks: the forward
+then exchanges them once per step (the step's only host sync); :func:`set_equal_batches` declares them
+equal and removes the exchange.
 
 How the gradient is split: rank r's anchors contribute L_r with Σ_r L_r = L. The op returns L (for
 reporting) and backpropagates W·(upstream gradient)·L_r, whose key part reaches the owning ranks, so

@@ -65,6 +65,7 @@ def _losses(local: bool) -> dict:
     f = functional
     cases = {
         "nt_xent": lambda x, **c: f.nt_xent(x["z1"], x["z2"], x["tau"], sub_dim=SUB_DIM, **c),
+        "nt_xent-raw": lambda x, **c: f.nt_xent(x["z1"], x["z2"], x["tau"], normalize=False, **c),
         "info_nce": lambda x, **c: f.info_nce(x["z1"], x["z2"], x["tau"], sub_dim=SUB_DIM, **c),
         "info_nce-oneway": lambda x, **c: f.info_nce(x["z1"], x["z2"], x["tau"], symmetric=False, **c),
         "info_nce-targets": lambda x, **c: f.info_nce(
