@@ -164,7 +164,7 @@ def _logging(log: OpLog, backend: str):
 
 
 def run_logged(loss: str, backend: str, mode: str, n: int, seed: int = 0, local: bool = True) -> OpLog:
-    """One forward and backward of ``loss`` under the op log."""
+    """One forward and backward of ``loss`` under the op log; ``log.result``: the loss and the gradients."""
     inputs = _inputs(n, seed)
     log = OpLog()
     with _logging(log, backend):
@@ -173,7 +173,8 @@ def run_logged(loss: str, backend: str, mode: str, n: int, seed: int = 0, local:
         log.phase = "backward"
         with log:
             value.backward()
-    assert all(t.grad is not None for k, t in inputs.items() if k in ("tau",)), "the temperature got no gradient"
+    assert inputs["tau"].grad is not None, "the temperature got no gradient"
+    log.result = [value.detach()] + [t.grad for t in inputs.values() if t.grad is not None]
     return log
 
 
@@ -265,7 +266,13 @@ def _rank_main(rank: int, port: int, out_dir: str) -> None:
                 for backend in ["torch"] + (["triton"] if _has_triton() else []):
                     for loss in _losses(local=False):
                         log = run_logged(loss, backend, mode, n=n[rank], seed=rank, local=False)
-                        results[(sizes, mode, backend, loss)] = (log.flagged, log.sanctioned, len(log.ops))
+                        same = True
+                        if sizes == "equal":  # the declaration changes no bit of the result
+                            fdist.set_equal_batches(False)
+                            exchanged = run_logged(loss, backend, mode, n=n[rank], seed=rank, local=False)
+                            fdist.set_equal_batches(True)
+                            same = all(map(torch.equal, log.result, exchanged.result))
+                        results[(sizes, mode, backend, loss)] = (log.flagged, log.sanctioned, len(log.ops), same)
         # A false promise: declared equal, sizes differ. Every rank raises before any row is exchanged.
         fdist.set_equal_batches(True)
         try:
@@ -294,8 +301,9 @@ def test_gather_and_ring_have_no_nondeterministic_op_and_no_sync(distributed_log
         cases = [key for key in results if isinstance(key, tuple)]
         assert len(cases) == 2 * 2 * len(_losses(local=False)) * (2 if _has_triton() else 1)
         for key in cases:
-            flagged, sanctioned, n_ops = results[key]
+            flagged, sanctioned, n_ops, same = results[key]
             assert n_ops > 20, (rank, key, "the log saw too few ops")
+            assert same, (rank, key, "declaring equal batches changed the result")
             assert flagged == [], (rank, key, flagged)
             if key[0] == "equal":  # declared equal: nothing exchanged, nothing read
                 assert sanctioned == [], (rank, key, sanctioned)
