@@ -4,7 +4,7 @@ one that synchronizes the host.
 
 Losses: SupCon (labels, bool mask, soft mask, no labels, contrast_mode="one", positives_missing="zero"),
 NT-Xent, InfoNCE (symmetric, one-way, explicit targets), DCL, DCLW and SigLIP, with sub_dim where the loss
-takes it and a learnable temperature. Backends: torch; triton (kernel launches through
+takes it and a learnable temperature, fp32 and (local) bf16 rows. Backends: torch; triton (kernel launches through
 ``TRITON_INTERPRET=1`` are opaque, as a GPU launch is); cuda (its host code — argument conversion and the
 reduction of the kernels' per-anchor sums — around a stand-in for the compiled ops, which need a GPU).
 Modes: local in this process; gather and ring on a 2-rank gloo group, with equal batches declared
@@ -45,9 +45,9 @@ def _has_triton() -> bool:
 BACKENDS = ["torch", "cuda"] + (["triton"] if _has_triton() else [])
 
 
-def _inputs(n: int, seed: int) -> dict:
+def _inputs(n: int, seed: int, dtype: torch.dtype = torch.float32) -> dict:
     gen = torch.Generator().manual_seed(seed)
-    leaf = lambda *shape: torch.randn(*shape, generator=gen).requires_grad_()  # noqa: E731
+    leaf = lambda *shape: torch.randn(*shape, generator=gen).to(dtype).requires_grad_()  # noqa: E731
     labels = torch.tensor([0, 1, 0, 1, 2, 2, 1, 0])[:n]
     return {
         "z1": leaf(n, D),
@@ -163,9 +163,11 @@ def _logging(log: OpLog, backend: str):
         yield
 
 
-def run_logged(loss: str, backend: str, mode: str, n: int, seed: int = 0, local: bool = True) -> OpLog:
+def run_logged(
+    loss: str, backend: str, mode: str, n: int, seed: int = 0, local: bool = True, dtype: torch.dtype = torch.float32
+) -> OpLog:
     """One forward and backward of ``loss`` under the op log; ``log.result``: the loss and the gradients."""
-    inputs = _inputs(n, seed)
+    inputs = _inputs(n, seed, dtype)
     log = OpLog()
     with _logging(log, backend):
         with log:
@@ -183,8 +185,9 @@ def run_logged(loss: str, backend: str, mode: str, n: int, seed: int = 0, local:
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("loss", sorted(_losses(local=True)))
-def test_local_has_no_nondeterministic_op_and_no_sync(loss, backend):
-    log = run_logged(loss, backend, "local", n=6)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_local_has_no_nondeterministic_op_and_no_sync(loss, backend, dtype):
+    log = run_logged(loss, backend, "local", n=6, dtype=dtype)
     assert len(log.ops) > 20, "the log saw too few ops: the custom ops' insides were not logged"
     assert log.flagged == []
     assert log.sanctioned == []
