@@ -276,9 +276,13 @@ def _anchor_terms(
     return terms, counted
 
 
-def _forward(rows, labels, mask, tau, bias, anchor_weight, plan_str, part_sizes, normalize, mode, backend, reduction):
+def _forward(
+    rows, labels, mask, tau, bias, anchor_weight, plan_str, part_sizes, normalize, mode, backend, reduction, equal=False
+):
+    """The loss and what the backward needs; the last output holds every rank's part sizes on the host
+    when they had to be exchanged (uneven batches), else it is empty."""
     plan = _decode(plan_str)
-    sizes, host_sizes = _distributed.rank_part_sizes(list(part_sizes), rows.device, mode, equal_batches)
+    sizes, host_sizes = _distributed.rank_part_sizes(list(part_sizes), rows.device, mode, equal)
     run = _Run(rows, labels, mask, tau, bias, plan, sizes, normalize, mode, backend)
     spans = run.anchor_spans()
     acc = tau.dtype
@@ -314,7 +318,7 @@ def _forward(rows, labels, mask, tau, bias, anchor_weight, plan_str, part_sizes,
     loss = (_pass_coefficients(plan, global_counts, reduction) * totals[:n_passes]).sum()
     lse_all = torch.cat([m[0] for m in merged])
     weight_all = torch.cat([m[2] for m in merged])
-    return loss, lse_all, weight_all, global_counts, torch.cat(all_terms)
+    return loss, lse_all, weight_all, global_counts, torch.cat(all_terms), host_sizes
 
 
 def _pass_coefficients(plan: Plan, counts: Tensor, reduction: str) -> Tensor:
@@ -322,7 +326,8 @@ def _pass_coefficients(plan: Plan, counts: Tensor, reduction: str) -> Tensor:
     returns the ℓ_a, and L is computed as "mean")."""
     if reduction == "sum":
         return torch.ones_like(counts)
-    weights = torch.tensor([p.weight for p in plan.passes], dtype=counts.dtype, device=counts.device)
+    # Filled on the device: a tensor built from a Python list per call is a blocking host-to-device copy.
+    weights = torch.stack([counts.new_full((), p.weight) for p in plan.passes])
     return weights / counts
 
 
@@ -339,15 +344,17 @@ def _backward(
     weight_all,
     counts,
     terms_all,
+    host_sizes,
     plan_str,
     part_sizes,
     normalize,
     mode,
     backend,
     reduction,
+    equal=False,
 ):
     plan = _decode(plan_str)
-    sizes = _distributed.saved_part_sizes(list(part_sizes), host_sizes, mode, equal_batches)
+    sizes = _distributed.saved_part_sizes(list(part_sizes), host_sizes, mode, equal)
     run = _Run(rows, labels, mask, tau, bias, plan, sizes, normalize, mode, backend)
     acc = tau.dtype
     # The upstream gradient of every ℓ_a (before κ): from L (times W, see the gradient contract) and from
@@ -416,12 +423,13 @@ def _block_loss_op(
     mode: str,
     backend: str,
     reduction: str,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Returns (loss, merged per-anchor statistic, pos_weight, counted anchors per pass, ℓ per anchor)."""
+    equal_batches: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Returns (loss, merged per-anchor statistic, pos_weight, counted anchors per pass, ℓ per anchor, every
+    rank's part sizes on the host or an empty host tensor)."""
+    options = (plan, part_sizes, normalize, mode, backend, reduction, equal_batches)
     with torch.autocast(rows.device.type, enabled=False):
-        return _forward(
-            rows, labels, mask, tau, bias, anchor_weight, plan, part_sizes, normalize, mode, backend, reduction
-        )
+        return _forward(rows, labels, mask, tau, bias, anchor_weight, *options)
 
 
 def _anchor_count(plan: str, part_sizes: list[int]) -> int:
@@ -429,7 +437,7 @@ def _anchor_count(plan: str, part_sizes: list[int]) -> int:
 
 
 @_block_loss_op.register_fake
-def _(rows, labels, mask, tau, bias, anchor_weight, plan, part_sizes, normalize, mode, backend, reduction):
+def _(rows, labels, mask, tau, bias, anchor_weight, plan, part_sizes, normalize, mode, backend, reduction, equal):
     anchors = _anchor_count(plan, part_sizes)
     acc = tau.dtype
     return (
@@ -438,6 +446,7 @@ def _(rows, labels, mask, tau, bias, anchor_weight, plan, part_sizes, normalize,
         rows.new_empty((anchors,), dtype=acc),
         rows.new_empty((len(_decode(plan).passes),), dtype=acc),
         rows.new_empty((anchors,), dtype=acc),
+        _distributed.host_sizes_like(len(part_sizes), mode, equal),
     )
 
 
@@ -455,54 +464,41 @@ def _block_loss_backward_op(
     pos_weight: Tensor,
     counts: Tensor,
     terms: Tensor,
+    host_sizes: Tensor,
     plan: str,
     part_sizes: list[int],
     normalize: bool,
     mode: str,
     backend: str,
     reduction: str,
+    equal_batches: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Returns (d_rows, dL/dτ, dL/db, dL/dw per anchor or [0] without weights)."""
+    inputs = (grad, grad_terms, rows, labels, mask, tau, bias, anchor_weight, lse, pos_weight, counts, terms)
+    options = (plan, part_sizes, normalize, mode, backend, reduction, equal_batches)
     with torch.autocast(rows.device.type, enabled=False):
-        return _backward(
-            grad,
-            grad_terms,
-            rows,
-            labels,
-            mask,
-            tau,
-            bias,
-            anchor_weight,
-            lse,
-            pos_weight,
-            counts,
-            terms,
-            plan,
-            part_sizes,
-            normalize,
-            mode,
-            backend,
-            reduction,
-        )
+        return _backward(*inputs, host_sizes, *options)
 
 
 @_block_loss_backward_op.register_fake
-def _(grad, grad_terms, rows, labels, mask, tau, bias, anchor_weight, lse, pos_weight, counts, terms, *options):
+def _(
+    grad, grad_terms, rows, labels, mask, tau, bias, anchor_weight, lse, pos_weight, counts, terms, host_sizes, *options
+):
     weights = terms.numel() if anchor_weight is not None else 0
     return torch.empty_like(rows), tau.new_empty(()), tau.new_empty(()), terms.new_empty((weights,))
 
 
 def _setup(ctx, inputs, output):
     ctx.set_materialize_grads(False)  # the auxiliary outputs never get a gradient: no zero tensors for them
-    rows, labels, mask, tau, bias, anchor_weight, plan, part_sizes, normalize, mode, backend, reduction = inputs
-    ctx.options = (plan, part_sizes, normalize, mode, backend, reduction)
+    rows, labels, mask, tau, bias, anchor_weight, *options = inputs
+    ctx.options = tuple(options)
     ctx.save_for_backward(rows, labels, mask, tau, bias, anchor_weight, *output[1:])
 
 
-def _op_backward(ctx, grad_loss, _grad_lse, _grad_pos_weight, _grad_counts, grad_terms):
+def _op_backward(ctx, grad_loss, _grad_lse, _grad_pos_weight, _grad_counts, grad_terms, _grad_host_sizes):
     if grad_loss is None and grad_terms is None:  # only auxiliary outputs got a gradient: all zero
         return (None,) * len(ctx.needs_input_grad)
-    rows, labels, mask, tau, bias, anchor_weight, lse, pos_weight, counts, terms = ctx.saved_tensors
+    rows, labels, mask, tau, bias, anchor_weight, lse, pos_weight, counts, terms, host_sizes = ctx.saved_tensors
     if grad_loss is None:  # reduction "none": only the per-anchor losses are used
         grad_loss = tau.new_zeros(())
     d_rows, d_tau, d_bias, d_weight = _block_loss_backward_op(
@@ -518,6 +514,7 @@ def _op_backward(ctx, grad_loss, _grad_lse, _grad_pos_weight, _grad_counts, grad
         pos_weight,
         counts,
         terms,
+        host_sizes,
         *ctx.options,
     )
     return (
@@ -604,5 +601,6 @@ def block_loss(
         mode,
         backend,
         reduction,
+        mode != "local" and _distributed.equal_batches(),
     )
     return outputs[4] if reduction == "none" else outputs[0]

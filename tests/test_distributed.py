@@ -227,8 +227,9 @@ def _footprint(scheme: str, rank: int, world: int, n: int = 4) -> dict:
     plan = engine.Plan(passes=(plan,)).encode()
     with _Footprint(D_OUT) as footprint:
         options = (plan, [n, n], True, scheme, "torch", "mean")
-        loss, lse, weight, counts, terms = engine._forward(rows, None, None, tau, None, None, *options)
-        engine._backward(torch.ones(()), None, rows, None, None, tau, None, None, lse, weight, counts, terms, *options)
+        loss, lse, weight, counts, terms, sizes = engine._forward(rows, None, None, tau, None, None, *options)
+        stats = (lse, weight, counts, terms, sizes)
+        engine._backward(torch.ones(()), None, rows, None, None, tau, None, None, *stats, *options)
     return {"rows_held": footprint.rows_held, "sent_bytes": footprint.sent_bytes}
 
 
