@@ -19,6 +19,7 @@ __version__ = "0.1.0"
 
 from fastcl import functional
 from fastcl.dispatch import available_backends
+from fastcl.gradcache import GradCache
 from fastcl.memory_bank import MemoryBank
 from fastcl.modules import CLIPLoss, DCLLoss, DirectCLRLoss, InfoNCELoss, NTXentLoss, SigLIPLoss, SupConLoss
 
@@ -31,6 +32,7 @@ __all__ = [
     "SigLIPLoss",
     "CLIPLoss",
     "MemoryBank",
+    "GradCache",
     "functional",
     "compat",
     "available_backends",
