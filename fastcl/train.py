@@ -42,6 +42,7 @@ from fastcl.checkpoint import rng_state, save_atomic, set_rng_state  # noqa: E40
 from fastcl.data import DATASETS, build_source  # noqa: E402
 from fastcl.distributed import MODES  # noqa: E402
 from fastcl.evaluation import evaluate, plot_spectra  # noqa: E402
+from fastcl.gradcache import GradCache  # noqa: E402
 from fastcl.models import ENCODERS, HEADS, ContrastiveModel, build_encoder  # noqa: E402
 from fastcl.optim import LARS, parameter_groups, warmup_cosine  # noqa: E402
 
@@ -132,6 +133,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="autocast; bare --amp means bf16",
     )
     p.add_argument("--compile", action="store_true", help="torch.compile the model for training")
+    p.add_argument(
+        "--grad-cache",
+        type=int,
+        default=None,
+        metavar="CHUNK",
+        help="gradient caching: encode CHUNK rows at a time, so the encoder's memory no longer grows with the "
+        "batch (one extra forward; BatchNorm normalizes per chunk; docs/gradcache.md)",
+    )
     p.add_argument("--gp-lambda", type=float, default=0.0, help="Foster et al. gradient penalty weight (0 = off)")
     p.add_argument("--gp-draws", type=int, default=100, help="alpha' draws per example for the penalty")
     p.add_argument(
@@ -211,6 +220,8 @@ def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
     if args.batch_size < 2:
         raise ValueError(f"--batch-size must be >= 2 (contrastive losses need negatives), got {args.batch_size}")
+    if args.grad_cache is not None and args.grad_cache < 1:
+        raise ValueError(f"--grad-cache must be >= 1 (rows per chunk), got {args.grad_cache}")
     if args.method == "supcon" and args.dataset == "spirograph":
         raise ValueError("--method supcon needs class labels, but --dataset spirograph has regression targets")
     return args
@@ -256,13 +267,25 @@ def gradient_penalty(encoder, source, idx, draws: int, clamp: float, autocast) -
     return penalty.clamp(max=clamp)
 
 
-def _contrastive_loss(loss_fn, method: str, h, z, labels):
-    """The method's loss on ``h``/``z`` = [view 1; view 2] (view-major); float32 so AMP outputs are accepted."""
-    h1, h2 = h.float().chunk(2)
-    z1, z2 = z.float().chunk(2)
+def _contrastive_loss(loss_fn, method: str, embeddings, labels):
+    """The method's loss on ``embeddings`` = [view 1; view 2] (view-major) of what it reads (h for directclr,
+    else z); float32 so AMP outputs are accepted."""
+    e1, e2 = embeddings.float().chunk(2)
     if registry.get(registry.METHODS[method]).views_input:
-        return loss_fn(torch.stack([z1, z2], 1), labels)
-    return loss_fn(h1, h2) if method == "directclr" else loss_fn(z1, z2)
+        return loss_fn(torch.stack([e1, e2], 1), labels)
+    return loss_fn(e1, e2)
+
+
+class _LossInput(torch.nn.Module):
+    """The model's output that the method's loss reads (h for directclr, else z): GradCache's encoder.
+    A module, so GradCache finds the BatchNorm layers and the DDP wrapper inside."""
+
+    def __init__(self, model: torch.nn.Module, method: str):
+        super().__init__()
+        self.model, self.index = model, 0 if method == "directclr" else 1
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)[self.index]
 
 
 def _setup_distributed(args) -> tuple[int, int, torch.device]:
@@ -392,8 +415,18 @@ class Trainer:
             )
         if args.compile:
             self.train_model = torch.compile(self.train_model)
+        self.grad_cache, self._postfix = None, {}
+        if args.grad_cache is not None:
+            self.grad_cache = GradCache(
+                _LossInput(self.train_model, args.method),
+                self._uncast_loss,
+                args.grad_cache,
+                scaler=self.scaler,
+                batchnorm="accept",  # per-chunk statistics, as per-GPU BatchNorm: docs/gradcache.md
+                progress=self._chunk_progress,
+            )
 
-        self.epoch, self.global_step, self.history = 0, 0, []
+        self.epoch, self.global_step, self.history, self._bar = 0, 0, [], None
         self.metrics_path, self.checkpoint_path = self.out / "metrics.jsonl", self.out / "checkpoint.pt"
         if args.resume is not None:
             self._load(self.checkpoint_path if args.resume == "auto" else Path(args.resume))
@@ -449,20 +482,45 @@ class Trainer:
             f.write(json.dumps(_metrics_line(entry)) + "\n")
         plot_spectra(self.history, self.out / "spectrum.png")
 
+    def _uncast_loss(self, embeddings: torch.Tensor, labels=None) -> torch.Tensor:
+        """The contrastive loss outside autocast, as the uncached step computes it."""
+        with torch.autocast(self.device.type, enabled=False):
+            return _contrastive_loss(self.loss_fn, self.args.method, embeddings, labels)
+
+    def _chunk_progress(self, done: int, total: int) -> None:
+        if self._bar is not None:
+            self._bar.set_postfix(self._postfix | {"chunk": f"{done}/{total}"})
+
+    def _penalty(self, idx: torch.Tensor) -> torch.Tensor:
+        args = self.args
+        penalty = gradient_penalty(self.model.encoder, self.source, idx, args.gp_draws, args.gp_clamp, self.autocast)
+        return args.gp_lambda * penalty
+
     def _train_step(self, idx: torch.Tensor, labels_all) -> torch.Tensor:
         args = self.args
         views = self.source.views(idx)
         x = views.transpose(0, 1).reshape(-1, *views.shape[2:])  # [2B, C, H, W], view-major
+        labels = labels_all[idx] if labels_all is not None else None
+        if self.grad_cache is not None:
+            self.optimizer.zero_grad(set_to_none=True)
+            loss = 0.0
+            if args.gp_lambda > 0:  # first: its local gradients join the all-reduce of GradCache's last chunk
+                penalty = self._penalty(idx)
+                self.scaler.scale(penalty).backward()
+                loss = penalty.detach()
+            with self.autocast:
+                loss = loss + self.grad_cache(x, labels=labels)
+            return self._optimizer_step(loss)
         with self.autocast:
             h, z = self.train_model(x)
-        labels = labels_all[idx] if labels_all is not None else None
-        loss = _contrastive_loss(self.loss_fn, args.method, h, z, labels)
+        loss = _contrastive_loss(self.loss_fn, args.method, h if args.method == "directclr" else z, labels)
         if args.gp_lambda > 0:
-            loss = loss + args.gp_lambda * gradient_penalty(
-                self.model.encoder, self.source, idx, args.gp_draws, args.gp_clamp, self.autocast
-            )
+            loss = loss + self._penalty(idx)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
+        return self._optimizer_step(loss)
+
+    def _optimizer_step(self, loss: torch.Tensor) -> torch.Tensor:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
@@ -490,7 +548,7 @@ class Trainer:
             self.sampler.set_epoch(epoch)
             order = torch.tensor(list(iter(self.sampler)), device=device)
             loss_sum = torch.zeros((), device=device)
-            bar = tqdm(
+            bar = self._bar = tqdm(
                 range(self.steps_per_epoch),
                 desc=f"epoch {epoch}/{args.epochs}",
                 disable=rank != 0 or args.no_progress,
@@ -502,7 +560,8 @@ class Trainer:
                 loss = self._train_step(order[step * self.local_batch : (step + 1) * self.local_batch], labels_all)
                 loss_sum += loss
                 if step % 10 == 0:
-                    bar.set_postfix(loss=f"{loss.item():.4f}")
+                    self._postfix = {"loss": f"{loss.item():.4f}"}
+                    bar.set_postfix(self._postfix)
                 if args.stop_after_steps is not None and self.global_step >= args.stop_after_steps:
                     bar.close()
                     print(f"stopped after {self.global_step} steps (--stop-after-steps); epoch {epoch} not saved")
