@@ -140,7 +140,12 @@ class GradCache:
             # Everything is checked: from here on gradients land. The loss backward fills the embeddings'
             # gradients and accumulates into the loss's own parameters, exactly as the full backward would.
             (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
-            trainable = [_trainable(encoder, x.requires_grad) for encoder, x in zip(encoders, inputs)]
+            # A frozen tower, or an embedding whose gradient is None (the loss reached it through no
+            # differentiable path), gives its encoder nothing to backpropagate: not re-encoded.
+            trainable = [
+                _trainable(encoder, x.requires_grad) and leaf.grad is not None
+                for encoder, x, leaf in zip(encoders, inputs, leaves)
+            ]
             todo = [t for t, (i, _, _) in enumerate(tasks) if trainable[i]]
             self._encode_with_graph(encoders, tasks, todo, [leaf.grad for leaf in leaves], rng_states, rng_devices)
         return loss.detach()
@@ -188,7 +193,7 @@ class GradCache:
         for t in todo:
             for ddp in _ddp_modules(encoders[tasks[t][0]]):
                 last_use[ddp] = t
-        grad_chunks = [g.split(self.chunk_size) for g in grads]
+        grad_chunks = [None if g is None else g.split(self.chunk_size) for g in grads]
         # fork_rng restores the state after the first pass on exit: the replays leave no trace.
         with torch.random.fork_rng(devices=rng_devices):
             for done, t in enumerate(todo, 1):
