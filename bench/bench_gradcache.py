@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import math
 import statistics
 import sys
 import time
@@ -148,6 +149,9 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     )
     mem.set_xticks([r["batch_rows"] for r in cached], [str(r["batch_rows"]) for r in cached])
     mem.minorticks_off()
+    mib = [r["peak_mem_bytes"] / 2**20 for r in rows]
+    ticks = [2**k for k in range(int(math.log2(min(mib))), int(math.log2(max(mib))) + 2)]
+    mem.set_yticks(ticks, [str(t) for t in ticks])
     mem.legend()
     uncached = {r["batch_rows"]: r for r in rows if r["chunk_size"] is None}
     tim.plot(
@@ -308,7 +312,8 @@ def memory_model_markdown(model: dict, command: str) -> str:
         lines.append(f"| {name} | {net['params'] / 1e6:.1f} M | {net['activation_bytes_per_row'] / 2**20:.1f} MiB |")
     lines += [
         "",
-        "| net | setup | rows per GPU | weights + grads + optimizer | activations | embeddings + grads | loss "
+        "| net | setup | rows per GPU | weights + grads + optimizer | activations, uncached → GradCache "
+        "| embeddings + grads | loss "
         "| total, uncached | total, GradCache | loss TFLOP per GPU (FLOP model) |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
