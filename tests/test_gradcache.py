@@ -361,3 +361,46 @@ def test_bad_construction_is_a_clear_error(kwargs, error, message):
     with pytest.raises(error) as raised:
         fastcl.GradCache(arguments.pop("encoders"), arguments.pop("loss_fn"), arguments.pop("chunk_size"), **arguments)
     assert message in str(raised.value)
+
+
+# --------------------------------------------------------------------- CUDA (skipped without a GPU)
+
+
+def _to(step, device):
+    encoders, loss_module, loss_fn, inputs, kwargs = step
+    for module in encoders if isinstance(encoders, list) else [encoders]:
+        module.to(device)
+    loss_module.to(device)
+    return encoders, loss_module, loss_fn, [x.to(device) for x in inputs], {k: v.to(device) for k, v in kwargs.items()}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", list(registry.LOSSES))
+def test_cuda_dropout_replay_with_the_fused_loss(name):
+    """CUDA's generator replayed per chunk (dropout on the GPU), the default (Triton) backend, float32."""
+    enc_ref, loss_ref, fn_ref, inputs, kwargs = _to(make_step(name, torch.float32), "cuda")
+    enc_gc, loss_gc, fn_gc, _, _ = _to(make_step(name, torch.float32), "cuda")
+    torch.manual_seed(123)
+    expected = reference_step(enc_ref, fn_ref, inputs, kwargs)
+    cuda_after_reference = torch.cuda.get_rng_state()
+    torch.manual_seed(123)
+    actual = fastcl.GradCache(enc_gc, fn_gc, CHUNK)(*inputs, **kwargs)
+    assert relative_error(actual, expected, floor=1.0) <= 1e-5
+    assert_same_gradients(parameters(enc_gc, loss_gc), parameters(enc_ref, loss_ref), 1e-5)
+    assert torch.equal(torch.cuda.get_rng_state(), cuda_after_reference)
+
+
+@pytest.mark.gpu
+def test_cuda_fp16_autocast_with_a_grad_scaler():
+    steps = {}
+    scaler = torch.amp.GradScaler("cuda", init_scale=2.0**12)
+    for kind in ("reference", "gc"):
+        encoders, loss_module, loss_fn, inputs, kwargs = _to(make_step("nt_xent", torch.float32), "cuda")
+        with torch.autocast("cuda", dtype=torch.float16, cache_enabled=kind != "reference"):
+            torch.manual_seed(7)
+            if kind == "reference":
+                reference_step(encoders, loss_fn, inputs, kwargs, scale=scaler.get_scale())
+            else:
+                fastcl.GradCache(encoders, loss_fn, CHUNK, scaler=scaler)(*inputs, **kwargs)
+        steps[kind] = parameters(encoders, loss_module)
+    assert_same_gradients(steps["gc"], steps["reference"], 1e-3)
