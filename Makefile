@@ -65,7 +65,7 @@ package-check: $(STAMP)
 
 # Regenerates the committed `fastcl repro --quick` results in docs/repro/ (CPU, minutes per paper).
 repro: $(STAMP)
-	$(VENV)/bin/fastcl repro all --quick --out docs/repro
+	$(VENV)/bin/fastcl repro all --quick --out docs/repro --doc docs/repro.md
 
 clean:
 	rm -rf $(VENV) runs site .pytest_cache dist

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
+import os
 import sys
 import tempfile
 import time
@@ -22,7 +24,16 @@ from pathlib import Path
 
 import torch
 
-from fastcl.repro.common import SIZES, Context, Progress, environment, write_outputs
+from fastcl.repro.common import (
+    SIZES,
+    SMOKE_NOTE,
+    Context,
+    Progress,
+    environment,
+    markdown_table,
+    render_markdown,
+    write_outputs,
+)
 
 EXPERIMENTS = {name: f"fastcl.repro.{name}" for name in ("directclr", "foster", "xue", "cosentino")}
 
@@ -71,19 +82,76 @@ def run_experiment(
     target = Path(out) / name
     dev = resolve_device(device)
     bar = Progress(experiment.units(config), f"{name} --{size}", enabled=progress)
+    load_before = os.getloadavg()[0]
     start, cpu_start = time.perf_counter(), time.process_time()
     with tempfile.TemporaryDirectory(prefix=f"fastcl-repro-{name}-") as work:
         results = experiment.run(config, Context(dev, Path(work), bar, data_dir))
     bar.close()
     wall, cpu = time.perf_counter() - start, time.process_time() - cpu_start
     claims = experiment.claims(results, config)
-    write_outputs(target, experiment, size, config, results, claims, environment(dev), wall, cpu)
+    env = dict(environment(dev), load_average=[load_before, os.getloadavg()[0]])
+    write_outputs(target, experiment, size, config, results, claims, env, wall, cpu)
     print(f"\n{experiment.TITLE} (--{size}, {wall / 60:.1f} min wall, {cpu / 60:.1f} min CPU); files in {target}/")
+    if size == "smoke":
+        print(SMOKE_NOTE.replace("**", ""))
     for claim in claims:
         print(f"  [{claim.verdict}] {claim.statement}\n      {claim.comparison}")
-    import json
-
     return json.loads((target / "results.json").read_text())
+
+
+def _marker(name: str) -> tuple[str, str]:
+    return f"<!-- {name}: generated from results.json by `fastcl repro --doc` -->", f"<!-- /{name} -->"
+
+
+def render_doc(text: str, out: str | Path, doc_dir: str | Path) -> str:
+    """``text`` (docs/repro.md) with its generated sections replaced from ``out/NAME/results.json``.
+
+    Each experiment's section sits between the markers of :func:`_marker`; ``cost`` is the table of
+    measured run times. An experiment without a gated results.json (one whose claims carry no ``gate``)
+    gets a line saying no gated run is committed, never its old verdicts. ``doc_dir``: the directory of the
+    document, so figure links resolve.
+
+    Raises:
+        ValueError: a marker is missing from ``text``.
+    """
+    out, doc_dir = Path(out), Path(doc_dir)
+    cost = []
+    for name in EXPERIMENTS:
+        path = out / name / "results.json"
+        record = json.loads(path.read_text()) if path.is_file() else None
+        if record is None or not all("gate" in c for c in record["claims"]):
+            body = (
+                f"No gated `--quick` run of `{name}` is committed yet: `make repro` (or "
+                f"`fastcl repro {name} --quick --out {out} --doc ...`) writes it."
+            )
+        else:
+            prefix = Path(os.path.relpath(out / name, doc_dir)).as_posix() + "/"
+            body = render_markdown(record, load(name), figure_prefix=prefix)
+            env = record["environment"]
+            load_average = env.get("load_average")
+            cost.append(
+                [
+                    f"`{name}`",
+                    f"{record['wall_s'] / 60:.1f}",
+                    f"{record['cpu_s'] / 60:.1f}",
+                    f"{load_average[0]:.1f} → {load_average[1]:.1f}" if load_average else "not recorded",
+                    env["date"],
+                ]
+            )
+        text = _replace(text, name, body)
+    table = markdown_table(
+        ["experiment", "wall, min", "CPU, min (process, all threads)", "load average (1 min) at start → end", "run"],
+        cost,
+    )
+    return _replace(text, "cost", table)
+
+
+def _replace(text: str, name: str, body: str) -> str:
+    begin, end = _marker(name)
+    if begin not in text or end not in text:
+        raise ValueError(f"the document has no generated section {name!r}: add the lines\n{begin}\n{end}")
+    head, rest = text.split(begin, 1)
+    return f"{head}{begin}\n{body}\n{end}{rest.split(end, 1)[1]}"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -101,6 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:1, ...")
     p.add_argument("--data-dir", default=None, help="CIFAR-10 python-pickle directory (the --full image runs)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--doc", default=None, help="then regenerate this document's measured sections from OUT")
     return p
 
 
@@ -113,10 +182,10 @@ def main(argv: list[str] | None = None) -> int:
             experiment = load(name)
             print(f"{name:<10} {experiment.TITLE}\n{'':<10} {experiment.SUMMARY}")
         return 0
-    if args.name is None:
-        parser.error("name an experiment (or all), or pass --list")
-    names = list(EXPERIMENTS) if args.name == "all" else [args.name]
-    if args.name != "all" and args.name not in EXPERIMENTS:
+    if args.name is None and args.doc is None:
+        parser.error("name an experiment (or all), or pass --list or --doc")
+    names = list(EXPERIMENTS) if args.name == "all" else [args.name] if args.name else []
+    if args.name not in ("all", None) and args.name not in EXPERIMENTS:
         parser.error(f"experiment must be one of {sorted(EXPERIMENTS)} or 'all', got {args.name!r}")
     size = args.size or ("full" if torch.cuda.is_available() else "quick")
     for name in names:
@@ -124,6 +193,13 @@ def main(argv: list[str] | None = None) -> int:
             run_experiment(name, size, args.out, args.device, args.data_dir, progress=not args.no_progress)
         except (ValueError, FileNotFoundError) as error:
             parser.error(str(error))
+    if args.doc is not None:
+        doc = Path(args.doc)
+        try:
+            doc.write_text(render_doc(doc.read_text(), args.out, doc.parent))
+        except (ValueError, FileNotFoundError) as error:
+            parser.error(str(error))
+        print(f"regenerated the measured sections of {doc} from {args.out}/")
     return 0
 
 

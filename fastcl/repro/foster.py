@@ -8,13 +8,18 @@ and the linear probe's MSE on features averaged over M transformations (it shoul
 
 from __future__ import annotations
 
+import math
+
 from fastcl.repro.common import (
     Claim,
     build_encoder,
-    compare_seeds,
+    chance_loss,
+    gate,
+    loss_gate,
     markdown_table,
     mean,
     mean_std,
+    probe_gate,
     save_figure,
     transformation_spread,
 )
@@ -24,22 +29,23 @@ TITLE = "Gradient penalty and feature averaging on Spirograph (Foster et al., IC
 SUMMARY = "the penalty lowers the conditional variance; averaging over M transformations lowers the probe MSE"
 
 _QUICK = dict(
-    seeds=[0, 1],
+    seeds=[0, 1, 2],
     train_size=2048,
     test_size=512,
     encoder="convnet",
     dim=64,
     width=16,
     proj_dim=128,
-    epochs=4,
+    epochs=12,
     batch_size=128,
-    lr=0.5,
+    lr=0.1,
+    temperature=0.5,
     gp_lambda=0.01,
     gp_draws=100,
-    averaging=(1, 2, 4, 8),
-    probe_train=512,
-    probe_test=256,
-    spread_items=128,
+    averaging=(1, 4, 16),
+    probe_train=1024,
+    probe_test=512,
+    spread_items=256,
     spread_draws=8,
 )
 CONFIGS = {
@@ -64,21 +70,25 @@ CONFIGS = {
     # Foster et al.: 100 000 / 20 000 Spirograph items, M up to 30, lambda 0.01 with the clamp at 1000.
     "full": dict(
         _QUICK,
-        seeds=[0, 1, 2],
         train_size=100_000,
         test_size=20_000,
         encoder="resnet18",
         epochs=50,
         batch_size=512,
         lr=None,
-        averaging=(1, 2, 5, 10, 20, 30),
+        averaging=(1, 5, 30),
         probe_train=20_000,
         probe_test=5_000,
         spread_items=2_000,
         spread_draws=30,
     ),
 }
-TEMPERATURE = 0.5  # Foster et al.'s NT-Xent temperature
+# A constant predictor of the four targets (uniform on [0, 1] after scaling) scores 1/12.
+CONSTANT_MSE = 1 / 12
+# Stated margins (ln ratios): the penalty must cut the conditional-variance ratio by 10 %, averaging the
+# probe MSE by 10 %, the penalty the averaged MSE by 5 %; the probe gate: an arm's MSE at the largest M
+# 0.005 below the constant predictor and the random-init encoder.
+RATIO_MARGIN, AVERAGING_MARGIN, PENALTY_MARGIN, PROBE_GATE = math.log(1.1), math.log(1.1), math.log(1.05), 0.005
 
 
 def _arms(config: dict) -> dict[str, float]:
@@ -86,13 +96,31 @@ def _arms(config: dict) -> dict[str, float]:
 
 
 def units(config: dict) -> int:
-    return 2 * len(config["seeds"]) * len(_arms(config))
+    return 2 * len(config["seeds"]) * len(_arms(config)) + len(config["seeds"])
+
+
+def _measure(model, config: dict, ctx, seed: int) -> dict:
+    """Probe MSE with features averaged over M transformations, and the conditional-variance ratio."""
+    from fastcl.data import SpirographSource
+    from fastcl.evaluation import evaluate
+
+    probe_source = SpirographSource(config["probe_train"], config["probe_test"], ctx.device, seed)
+    mse = {
+        str(m): evaluate(model, probe_source, feature_averaging=m, eval_seed=seed)["probe"] for m in config["averaging"]
+    }
+    spread = transformation_spread(model, probe_source, config["spread_items"], config["spread_draws"], seed)
+    return {"probe_mse": mse, **spread}
 
 
 def run(config: dict, ctx) -> dict:
     from fastcl.data import SpirographSource
-    from fastcl.evaluation import evaluate
+    from fastcl.models import ContrastiveModel
 
+    init = []
+    for seed in config["seeds"]:
+        model = ContrastiveModel(build_encoder(config, seed), "mlp", config["proj_dim"]).to(ctx.device)
+        init.append(_measure(model, config, ctx, seed))
+        ctx.progress.step(f"random init, seed {seed}")
     arms = {}
     for label, gp_lambda in _arms(config).items():
         arms[label] = []
@@ -104,7 +132,7 @@ def run(config: dict, ctx) -> dict:
                 proj_dim=config["proj_dim"],
                 epochs=config["epochs"],
                 batch_size=config["batch_size"],
-                temperature=TEMPERATURE,
+                temperature=config["temperature"],
                 gp_lambda=gp_lambda,
                 gp_draws=config["gp_draws"],
                 seed=seed,
@@ -114,37 +142,41 @@ def run(config: dict, ctx) -> dict:
             if config["lr"] is not None:
                 flags["lr"] = config["lr"]
             model, history = ctx.train(f"gp{gp_lambda}-seed{seed}", source, build_encoder(config, seed), **flags)
-            probe_source = SpirographSource(config["probe_train"], config["probe_test"], ctx.device, seed)
-            mse = {
-                str(m): evaluate(model, probe_source, feature_averaging=m, eval_seed=seed)["probe"]
-                for m in config["averaging"]
-            }
-            spread = transformation_spread(model, probe_source, config["spread_items"], config["spread_draws"], seed)
+            measured = _measure(model, config, ctx, seed)
             ctx.progress.step(f"feature averaging, {label}, seed {seed}")
             arms[label].append(
                 {
-                    "probe_mse": mse,
+                    **measured,
                     "loss": history[-1]["loss"],
-                    "probe_mse_init": history[0]["probe"],
-                    "probe_mse_trainer": history[-1]["probe"],
-                    **spread,
+                    "chance": chance_loss("ntxent", config["batch_size"]),
                 }
             )
-    return {"arms": arms}
+    return {"arms": arms, "init": init}
 
 
 def claims(results: dict, config: dict) -> list[Claim]:
-    arms = results["arms"]
+    arms, init = results["arms"], results["init"]
     (plain_label, plain), (gp_label, gp) = arms.items()
     first, last = str(config["averaging"][0]), str(config["averaging"][-1])
+    losses = loss_gate({label: ([r["loss"] for r in runs], runs[0]["chance"]) for label, runs in arms.items()})
+    init_last = [r["probe_mse"][last] for r in init]
+    probes = probe_gate(
+        {label: ([r["probe_mse"][last] for r in runs], init_last) for label, runs in arms.items()},
+        chance=CONSTANT_MSE,
+        margin=PROBE_GATE,
+        higher_is_better=False,
+    )
+    ratio_gp, ratio_plain = [r["ratio_repr"] for r in gp], [r["ratio_repr"] for r in plain]
     out = [
         Claim(
             "penalty_lowers_conditional_variance",
             "The gradient penalty lowers the conditional variance of the normalized representation over "
             "nuisance transformations.",
-            f"E[Var(ĥ | x)] per seed: {gp_label} {[round(r['condvar_repr'], 4) for r in gp]} vs {plain_label} "
-            f"{[round(r['condvar_repr'], 4) for r in plain]}; test penalty < none",
-            compare_seeds([r["condvar_repr"] for r in gp], [r["condvar_repr"] for r in plain], "<"),
+            "ln(no-penalty ratio / penalty ratio); ratio = E[Var(ĥ | x)] / variance of E[ĥ | x] between items",
+            [math.log(a / b) for a, b in zip(ratio_plain, ratio_gp)],
+            RATIO_MARGIN,
+            gate(losses),
+            {f"ratio, {plain_label}": ratio_plain, f"ratio, {gp_label}": ratio_gp},
         )
     ]
     for label, runs in arms.items():
@@ -153,9 +185,11 @@ def claims(results: dict, config: dict) -> list[Claim]:
             Claim(
                 f"averaging_lowers_mse_{'penalty' if runs is gp else 'no_penalty'}",
                 f"Averaging features over M transformations lowers the linear probe's MSE ({label}).",
-                f"probe MSE per seed: M = {last} {[round(v, 5) for v in at_last]} vs M = {first} "
-                f"{[round(v, 5) for v in at_first]}; test M = {last} < M = {first}",
-                compare_seeds(at_last, at_first, "<"),
+                f"ln(probe MSE at M = {first} / at M = {last})",
+                [math.log(a / b) for a, b in zip(at_first, at_last)],
+                AVERAGING_MARGIN,
+                gate(losses, probes),
+                {f"M = {first}": at_first, f"M = {last}": at_last},
             )
         )
     with_gp, without = [r["probe_mse"][last] for r in gp], [r["probe_mse"][last] for r in plain]
@@ -163,33 +197,41 @@ def claims(results: dict, config: dict) -> list[Claim]:
         Claim(
             "penalty_improves_averaged_probe",
             "With feature averaging, the penalty's representation gives a lower probe MSE than training without it.",
-            f"probe MSE at M = {last} per seed: {gp_label} {[round(v, 5) for v in with_gp]} vs {plain_label} "
-            f"{[round(v, 5) for v in without]}; test penalty < none",
-            compare_seeds(with_gp, without, "<"),
+            f"ln(no-penalty MSE / penalty MSE) at M = {last}",
+            [math.log(a / b) for a, b in zip(without, with_gp)],
+            PENALTY_MARGIN,
+            gate(losses, probes),
+            {gp_label: with_gp, plain_label: without},
         )
     )
     return out
 
 
+def _rows(results: dict) -> dict[str, list[dict]]:
+    return {"random init": results["init"], **results["arms"]}
+
+
 def tables(results: dict, config: dict) -> str:
-    arms = results["arms"]
-    headers = ["training", "cond. variance of ĥ", "cond. variance of ẑ", "probe MSE at init"]
+    headers = ["encoder", "final loss / chance", "cond. var. ratio ĥ", "cond. var. ratio ẑ", "cond. var. ĥ"]
     headers += [f"probe MSE, M = {m}" for m in config["averaging"]]
     rows = []
-    for label, runs in arms.items():
+    for label, runs in _rows(results).items():
+        loss = f"{mean_std([r['loss'] for r in runs])} / {runs[0]['chance']:.3f}" if "loss" in runs[0] else "-"
         row = [
             label,
+            loss,
+            mean_std([r["ratio_repr"] for r in runs]),
+            mean_std([r["ratio_proj"] for r in runs]),
             mean_std([r["condvar_repr"] for r in runs], 4),
-            mean_std([r["condvar_proj"] for r in runs], 4),
-            mean_std([r["probe_mse_init"] for r in runs], 4),
         ]
         row += [mean_std([r["probe_mse"][str(m)] for r in runs], 4) for m in config["averaging"]]
         rows.append(row)
     return (
         f"Spirograph, {config['train_size']} training items, {config['encoder']} (dim {config['dim']}), SimCLR "
-        f"τ = {TEMPERATURE}, {config['epochs']} epochs, batch {config['batch_size']}; penalty with "
-        f"{config['gp_draws']} α′ draws, clamp 1000. Conditional variance over {config['spread_draws']} "
-        f"nuisance draws of {config['spread_items']} test items. Probe: ridge on {config['probe_train']} / "
+        f"τ = {config['temperature']}, lr {config['lr']}, {config['epochs']} epochs of batch {config['batch_size']}; "
+        f"penalty with {config['gp_draws']} α′ draws, clamp 1000. Conditional variance ratio: E[Var(ĥ | x)] over "
+        f"{config['spread_draws']} nuisance draws of {config['spread_items']} test items, divided by the variance "
+        f"of the per-item means between items (lower = more invariant). Probe: ridge on {config['probe_train']} / "
         f"{config['probe_test']} items, MSE of the four targets scaled to [0, 1] (a constant predictor scores "
         f"1/12 ≈ 0.083), features averaged over M transformations (M = 1: one fixed draw). Mean ± std over "
         f"seeds {config['seeds']}.\n\n" + markdown_table(headers, rows)
@@ -201,7 +243,7 @@ def figures(results: dict, config: dict, out) -> list[str]:
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     ms = list(config["averaging"])
-    for label, runs in results["arms"].items():
+    for label, runs in _rows(results).items():
         values = [[r["probe_mse"][str(m)] for r in runs] for m in ms]
         axes[0].errorbar(
             ms,
@@ -209,24 +251,27 @@ def figures(results: dict, config: dict, out) -> list[str]:
             yerr=[(max(v) - min(v)) / 2 for v in values],
             marker="o",
             capsize=3,
+            ls=":" if label == "random init" else "-",
             label=label,
         )
+    axes[0].axhline(CONSTANT_MSE, color="black", lw=0.8, ls="--", label="constant predictor")
     axes[0].set_xscale("log", base=2)
     axes[0].set_xlabel("M (transformations averaged)")
     axes[0].set_ylabel("linear probe MSE (mean over seeds; bars: range)")
     axes[0].set_title("feature averaging")
-    axes[0].legend()
-    labels = list(results["arms"])
+    axes[0].legend(fontsize=8)
+    labels = list(_rows(results))
     for offset, space in ((-0.2, "repr"), (0.2, "proj")):
         axes[1].bar(
             [i + offset for i in range(len(labels))],
-            [mean([r[f"condvar_{space}"] for r in results["arms"][label]]) for label in labels],
+            [mean([r[f"ratio_{space}"] for r in _rows(results)[label]]) for label in labels],
             width=0.4,
-            label={"repr": "h (encoder)", "proj": "z (projection)"}[space],
+            label={"repr": "ĥ (encoder)", "proj": "ẑ (projection)"}[space],
         )
     axes[1].set_xticks(range(len(labels)), labels)
-    axes[1].set_ylabel("E[Var(normalized features | x)]")
-    axes[1].set_title("conditional variance over nuisances")
+    axes[1].set_yscale("log")
+    axes[1].set_ylabel("conditional / between-item variance")
+    axes[1].set_title("invariance to the nuisances (lower = more)")
     axes[1].legend()
     for ax in axes:
         ax.grid(alpha=0.3)
