@@ -120,10 +120,7 @@ def render_doc(text: str, out: str | Path, doc_dir: str | Path) -> str:
         path = out / name / "results.json"
         record = json.loads(path.read_text()) if path.is_file() else None
         if record is None or not all("gate" in c for c in record["claims"]):
-            body = (
-                f"No gated `--quick` run of `{name}` is committed yet: `make repro` (or "
-                f"`fastcl repro {name} --quick --out {out} --doc ...`) writes it."
-            )
+            body = f"No gated `--quick` run of `{name}` is committed yet (`make repro` writes it)."
         else:
             prefix = Path(os.path.relpath(out / name, doc_dir)).as_posix() + "/"
             body = render_markdown(record, load(name), figure_prefix=prefix)

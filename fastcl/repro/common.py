@@ -33,6 +33,7 @@ HOLDS, FAILS, INCONCLUSIVE, UNTESTABLE = "holds", "does not hold", "inconclusive
 VERDICTS = (HOLDS, FAILS, INCONCLUSIVE, UNTESTABLE)
 # An arm counts as trained when its final loss is at most this fraction of the loss at chance.
 LOSS_GATE = 0.9
+FEW_LABEL_L2 = 1e-3
 
 
 def chance_loss(loss: str, batch: int) -> float:
@@ -321,7 +322,9 @@ def transformation_spread(model, source, n: int, draws: int, seed: int, batch_si
 def few_label_probe(model, source, per_class: int, draws: int, seed: int) -> dict:
     """Linear probe (logistic regression) on h and z trained on ``per_class`` labelled training items per
     class, tested on the whole test split; mean accuracy over ``draws`` random label draws. With few labels
-    a random-init encoder's features no longer saturate the probe on an easy data set.
+    a random-init encoder's features no longer saturate the probe on an easy data set. The L2 penalty is
+    ``FEW_LABEL_L2`` per sample (with ~10 items per class the features separate them, and the
+    near-unpenalized fit the full probe uses would not converge).
 
     Returns ``{"repr": accuracy, "proj": accuracy}``."""
     from fastcl.evaluation import encode, linear_probe
@@ -353,6 +356,7 @@ def few_label_probe(model, source, per_class: int, draws: int, seed: int) -> dic
                 features["test"][column],
                 source.targets["test"],
                 "classification",
+                l2=FEW_LABEL_L2,
             )
             accuracies.append(result["probe"])
         out[space] = mean(accuracies)
