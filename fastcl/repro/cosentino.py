@@ -37,8 +37,8 @@ SUMMARY = "with stronger augmentation the projector's invariance rises and its r
 
 _QUICK = dict(
     seeds=[0, 1, 2],
-    strengths=(0.25, 0.5, 1.0),
-    eval_strength=1.0,
+    strengths=(0.25, 0.5, 0.7),
+    eval_strength=0.7,
     dataset="digits",
     image_size=16,
     encoder="convnet",
@@ -57,7 +57,7 @@ CONFIGS = {
     "smoke": dict(
         _QUICK,
         seeds=[0],
-        strengths=(0.25, 1.0),
+        strengths=(0.25, 0.7),
         dim=16,
         width=8,
         proj_dim=16,
@@ -73,6 +73,7 @@ CONFIGS = {
     "full": dict(
         _QUICK,
         strengths=(0.1, 0.25, 0.5, 0.75, 1.0),
+        eval_strength=1.0,
         dataset="cifar10",
         image_size=32,
         encoder="resnet18",
