@@ -213,7 +213,7 @@ class Claim:
         self.verdict = judge(self.effect, self.margin, self.gate["passed"])
         numbers = "; ".join(f"{label} {rounded(values, 4)}" for label, values in self.numbers.items())
         text = (
-            f"{self.measure}: {mean_std(self.effect)} (per seed {rounded(self.effect)}; margin {self.margin}). "
+            f"{self.measure}: {mean_std(self.effect)} (per seed {rounded(self.effect)}; margin {self.margin:.3g}). "
             f"Per seed: {numbers}."
         )
         if not self.gate["passed"]:
@@ -542,7 +542,13 @@ def claims_table(claims: list[dict]) -> str:
     for c in claims:
         gate_text = "passed" if c["gate"]["passed"] else "failed: " + _gate_text(c["gate"])
         rows.append(
-            [f"**{c['verdict']}**", c["statement"], f"{c['measure']}: {mean_std(c['effect'])}", c["margin"], gate_text]
+            [
+                f"**{c['verdict']}**",
+                c["statement"],
+                f"{c['measure']}: {mean_std(c['effect'])}",
+                f"{c['margin']:.3g}",
+                gate_text,
+            ]
         )
     return markdown_table(["verdict", "claim", "effect (mean ± std over seeds)", "margin", "gate"], rows)
 

@@ -378,14 +378,14 @@ def claims(results: dict, config: dict) -> list[Claim]:
     none, mlp, direct = "SimCLR, no projector", "SimCLR + MLP projector", "DirectCLR"
     ranks = {label: _values(runs, "effective_rank") for label, runs in image.items()}
     probes = {label: _values(runs, "probe") for label, runs in image.items()}
-    probe_check = probe_gate(
-        {label: (probes[label], _values(runs, "probe_init")) for label, runs in image.items()},
-        chance=0.1,
-        margin=PROBE_GATE,
-        higher_is_better=True,
-    )
     for other in (mlp, direct):
         pair = {none: image[none], other: image[other]}
+        probe_check = probe_gate(  # over the two arms the claim compares
+            {label: (probes[label], _values(runs, "probe_init")) for label, runs in pair.items()},
+            chance=0.1,
+            margin=PROBE_GATE,
+            higher_is_better=True,
+        )
         slug = f"{METHODS[other][0]}_{METHODS[other][1]}"
         out.append(
             Claim(

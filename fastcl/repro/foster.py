@@ -160,12 +160,16 @@ def claims(results: dict, config: dict) -> list[Claim]:
     first, last = str(config["averaging"][0]), str(config["averaging"][-1])
     losses = loss_gate({label: ([r["loss"] for r in runs], runs[0]["chance"]) for label, runs in arms.items()})
     init_last = [r["probe_mse"][last] for r in init]
-    probes = probe_gate(
-        {label: ([r["probe_mse"][last] for r in runs], init_last) for label, runs in arms.items()},
-        chance=CONSTANT_MSE,
-        margin=PROBE_GATE,
-        higher_is_better=False,
-    )
+
+    def probes(labels) -> dict:
+        """The probe gate over the arms a claim compares."""
+        return probe_gate(
+            {label: ([r["probe_mse"][last] for r in arms[label]], init_last) for label in labels},
+            chance=CONSTANT_MSE,
+            margin=PROBE_GATE,
+            higher_is_better=False,
+        )
+
     ratio_gp, ratio_plain = [r["ratio_repr"] for r in gp], [r["ratio_repr"] for r in plain]
     out = [
         Claim(
@@ -188,7 +192,7 @@ def claims(results: dict, config: dict) -> list[Claim]:
                 f"ln(probe MSE at M = {first} / at M = {last})",
                 [math.log(a / b) for a, b in zip(at_first, at_last)],
                 AVERAGING_MARGIN,
-                gate(losses, probes),
+                gate(losses, probes([label])),
                 {f"M = {first}": at_first, f"M = {last}": at_last},
             )
         )
@@ -200,7 +204,7 @@ def claims(results: dict, config: dict) -> list[Claim]:
             f"ln(no-penalty MSE / penalty MSE) at M = {last}",
             [math.log(a / b) for a, b in zip(without, with_gp)],
             PENALTY_MARGIN,
-            gate(losses, probes),
+            gate(losses, probes(arms)),
             {gp_label: with_gp, plain_label: without},
         )
     )
