@@ -158,7 +158,11 @@ def claims(results: dict, config: dict) -> list[Claim]:
     arms, init = results["arms"], results["init"]
     (plain_label, plain), (gp_label, gp) = arms.items()
     first, last = str(config["averaging"][0]), str(config["averaging"][-1])
-    losses = loss_gate({label: ([r["loss"] for r in runs], runs[0]["chance"]) for label, runs in arms.items()})
+
+    def losses(labels) -> dict:
+        """The loss gate over the arms a claim compares."""
+        return loss_gate({label: ([r["loss"] for r in arms[label]], arms[label][0]["chance"]) for label in labels})
+
     init_last = [r["probe_mse"][last] for r in init]
 
     def probes(labels) -> dict:
@@ -179,7 +183,7 @@ def claims(results: dict, config: dict) -> list[Claim]:
             "ln(no-penalty ratio / penalty ratio); ratio = E[Var(ĥ | x)] / variance of E[ĥ | x] between items",
             [math.log(a / b) for a, b in zip(ratio_plain, ratio_gp)],
             RATIO_MARGIN,
-            gate(losses),
+            gate(losses(arms)),
             {f"ratio, {plain_label}": ratio_plain, f"ratio, {gp_label}": ratio_gp},
         )
     ]
@@ -192,7 +196,7 @@ def claims(results: dict, config: dict) -> list[Claim]:
                 f"ln(probe MSE at M = {first} / at M = {last})",
                 [math.log(a / b) for a, b in zip(at_first, at_last)],
                 AVERAGING_MARGIN,
-                gate(losses, probes([label])),
+                gate(losses([label]), probes([label])),
                 {f"M = {first}": at_first, f"M = {last}": at_last},
             )
         )
@@ -204,7 +208,7 @@ def claims(results: dict, config: dict) -> list[Claim]:
             f"ln(no-penalty MSE / penalty MSE) at M = {last}",
             [math.log(a / b) for a, b in zip(without, with_gp)],
             PENALTY_MARGIN,
-            gate(losses, probes(arms)),
+            gate(losses(arms), probes(arms)),
             {gp_label: with_gp, plain_label: without},
         )
     )
