@@ -7,7 +7,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench install clean cuda-check constraints repro
+.PHONY: demo test test-min bench install clean cuda-check constraints repro
 
 # Tests and the demo install from pinned versions (constraints/test.txt), so a registry release cannot
 # change what CI runs; pyproject's ranges stay loose for users. `make constraints` refreshes the pins.
@@ -19,6 +19,27 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 	$(PY) -m pip install -q "$(TORCH)"
 	$(PY) -m pip install -q -c $(CONSTRAINTS) -e ".[dev]"
 	touch $(STAMP)
+
+# The oldest torch and triton that pyproject admits: the suite must pass on them for the lower bounds
+# to mean anything (docs/gpu.md records the last run). Not part of CI: torch 2.11 from PyPI is a CUDA
+# build of several GB (it runs on the CPU here). The pinned test dependencies come from constraints/test.txt
+# minus its triton pin.
+TORCH_MIN ?= torch==2.11.0
+TRITON_MIN ?= triton==3.6.0
+MIN_VENV := .venv-min
+MIN_STAMP := $(MIN_VENV)/.installed
+
+$(MIN_STAMP): pyproject.toml $(CONSTRAINTS)
+	$(PYTHON) -m venv $(MIN_VENV)
+	$(MIN_VENV)/bin/python -m pip install -q --upgrade pip
+	$(MIN_VENV)/bin/python -m pip install -q "$(TORCH_MIN)" "$(TRITON_MIN)"
+	grep -v -i '^triton==' $(CONSTRAINTS) > $(MIN_VENV)/constraints.txt
+	$(MIN_VENV)/bin/python -m pip install -q -c $(MIN_VENV)/constraints.txt "$(TORCH_MIN)" "$(TRITON_MIN)" -e ".[dev]"
+	touch $(MIN_STAMP)
+
+test-min: $(MIN_STAMP)
+	$(MIN_VENV)/bin/python -c "import torch, triton; print('test-min: torch', torch.__version__, 'triton', triton.__version__)"
+	$(MIN_VENV)/bin/python -m pytest -q tests
 
 # Re-resolves the newest versions that pyproject allows in a scratch venv and pins them (torch stays
 # whatever TORCH says). Review the diff, run `make test`, commit.
@@ -63,4 +84,4 @@ repro: $(STAMP)
 	$(VENV)/bin/fastcl repro all --quick --out docs/repro
 
 clean:
-	rm -rf $(VENV) runs site .pytest_cache
+	rm -rf $(VENV) $(MIN_VENV) runs site .pytest_cache

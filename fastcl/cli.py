@@ -1,4 +1,5 @@
-"""The ``fastcl`` command: ``fastcl train ...`` (reference trainer) and ``fastcl bench ...`` (kernel profiler)."""
+"""The ``fastcl`` command: ``fastcl train ...`` (reference trainer), ``fastcl bench ...`` (kernel profiler),
+``fastcl repro ...`` and ``fastcl doctor`` (environment and self-check)."""
 
 from __future__ import annotations
 
@@ -9,11 +10,12 @@ _COMMANDS = {
     "train": ("fastcl.train", "train a SimCLR / SupCon / DirectCLR model (fastcl train --help)"),
     "bench": ("fastcl.profiler", "time and profile the losses side by side (fastcl bench --help)"),
     "repro": ("fastcl.repro", "reproduce a paper's finding, with verdicts (fastcl repro --list)"),
+    "doctor": ("fastcl.doctor", "environment, backends and the fused kernels' self-check (fastcl doctor --help)"),
 }
 
 
 def _usage() -> str:
-    lines = ["usage: fastcl {train,bench,repro} [options]", "", "commands:"]
+    lines = ["usage: fastcl {train,bench,repro,doctor} [options]", "", "commands:"]
     lines += [f"  {name:<6} {help_}" for name, (_, help_) in _COMMANDS.items()]
     return "\n".join(lines)
 

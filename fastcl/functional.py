@@ -56,15 +56,15 @@ def _check_finite_default(check_finite: Optional[bool], backend: str) -> bool:
     return backend == "torch" if check_finite is None else check_finite
 
 
-def _route(backend: str, device: torch.device, on_engine: bool) -> tuple[str, bool]:
+def _route(backend: str, like: Tensor, on_engine: bool, loss: str) -> tuple[str, bool]:
     """(the concrete backend, whether the loss runs on the block engine). Block-only options, the
     distributed modes and a backend that ships only the block primitive (cuda) take the engine; the
-    rest take the backend's fused single-process path."""
+    rest take the backend's fused single-process path. ``like`` and ``loss`` name "auto"'s self-check case."""
     if not on_engine:
-        concrete = dispatch.resolve(backend, device)
+        concrete = dispatch.resolve(backend, like.device, like.dtype, loss)
         if dispatch.has_fused_losses(concrete):
             return concrete, False
-    return dispatch.resolve_block(backend, device), True
+    return dispatch.resolve_block(backend, like.device, like.dtype, loss), True
 
 
 def _check_two_views(names, a: Tensor, b: Tensor, sub_dim, *, paired: bool = True) -> int:
@@ -176,7 +176,7 @@ def nt_xent(
     d = _check_two_views(("z1", "z2"), z1, z2, sub_dim)
     _check_flags(normalize, check_finite)
     mode = _distributed.resolve_mode(distributed)
-    backend, on_engine = _route(backend, z1.device, mode != "local")
+    backend, on_engine = _route(backend, z1, mode != "local", "nt_xent")
     tau = _finish_checks(("z1", "z2"), (z1, z2), temperature, backend, check_finite, z1.device, z1)
     if not on_engine:
         return ops.ntxent(z1, z2, tau, d, normalize, backend)[0]
@@ -248,7 +248,7 @@ def info_nce(
         )
     mode = _distributed.resolve_mode(distributed)
     on_engine = mode != "local" or targets is not None or n_q != n_k
-    backend, on_engine = _route(backend, q.device, on_engine)
+    backend, on_engine = _route(backend, q, on_engine, "info_nce")
     tau = _finish_checks(("q", "k"), (q, k), temperature, backend, check_finite, q.device, q)
     if not on_engine:
         return ops.infonce(q, k, tau, d, normalize, symmetric, backend)[0]
@@ -328,7 +328,7 @@ def supcon(
         )
     soft_mask = mask is not None and mask.is_floating_point()
     on_engine = mode != "local" or soft_mask or positives_missing == "zero"
-    backend, on_engine = _route(backend, features.device, on_engine)
+    backend, on_engine = _route(backend, features, on_engine, "supcon")
     tau = _finish_checks(("features",), (features,), temperature, backend, check_finite, features.device, features)
     n_anchors = n if contrast_mode == "one" else views * n
     if not on_engine:
@@ -397,7 +397,7 @@ def dcl(
         raise ValueError(
             f"z1: DCL needs N >= 2 rows per view (its denominators hold the other samples), got shape {tuple(z1.shape)}"
         )
-    backend, _ = _route(backend, z1.device, True)
+    backend, _ = _route(backend, z1, True, "dcl")
     tau = _finish_checks(("z1", "z2"), (z1, z2), temperature, backend, check_finite, z1.device, z1)
     n = z1.shape[0]
     rows = torch.cat([z1[:, :d], z2[:, :d]])
@@ -448,7 +448,7 @@ def siglip(
     d = _check_two_views(("x", "y"), x, y, sub_dim)
     _check_flags(normalize, check_finite)
     mode = _distributed.resolve_mode(distributed)
-    backend, _ = _route(backend, x.device, True)
+    backend, _ = _route(backend, x, True, "siglip")
     checking = _check_finite_default(check_finite, backend)
     if logit_scale is not None and temperature is not None:
         raise ValueError("logit_scale, temperature: give at most one of them (temperature = 1 / logit_scale), got both")
