@@ -167,10 +167,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         )
     else:
         status = _check(args, devices, report)
-    if args.json:
-        with open(args.json, "w") as out:
-            json.dump(report, out, indent=1)
+    _write(args.json, report)
     return status
+
+
+def _write(path: Optional[str], report: dict) -> None:
+    if path:
+        with open(path, "w") as out:
+            json.dump(report, out, indent=1)
 
 
 def _check(args, devices: list[torch.device], report: dict) -> int:
@@ -189,12 +193,13 @@ def _check(args, devices: list[torch.device], report: dict) -> int:
                     result = selfcheck.check(backend, device, _DTYPES[dtype], loss)
                     print(_row(result), flush=True)
                     results.append(result)
+                    report["results"].append(vars(result) | {"case": result.case})
+                    _write(args.json, report)  # each row as it comes: a run stopped by a time limit keeps them
                     total += 1
                     failed += not result.passed
         if results:
             path = selfcheck.record(device, results)
             print(f"  recorded in {path}")
-        report["results"] += [vars(r) | {"case": r.case} for r in results]
     print(f"self-check: {total - failed} of {total} passed" + (f", {failed} FAILED" if failed else ""))
     return 1 if failed else 0
 
