@@ -137,8 +137,9 @@ first_contact() {
         mkdir -p "$out" && : >"$out/steps.tsv"
     fi
     ensure_fastcl
-    # 1. environment and the self-check of every loss x dtype on the Triton backend (pass/fail table)
-    run doctor 120 "$PYTHON" -m fastcl doctor --backends triton --json "$out/doctor.json"
+    # 1. environment and the self-check of every loss x dtype on the Triton backend (pass/fail table; --warm
+    #    times each check again without compilation: the per-process cost `auto` pays, budget 50 ms)
+    run doctor 120 "$PYTHON" -m fastcl doctor --backends triton --warm --json "$out/doctor.json"
     # 2. correctness on the GPU: every gpu-marked test but the CUDA extension's (float64 comparisons,
     #    determinism, CUDA-graph capture, large-M addressing, memory); -v logs each result as it ends
     run gpu-tests 200 "$PYTHON" -m pytest -v -m gpu -p no:cacheprovider --junitxml "$out/gpu-tests.xml" tests \

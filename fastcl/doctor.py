@@ -119,6 +119,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--losses", type=_names(list(registry.LOSSES), "--losses"), default=list(registry.LOSSES), help="default: all"
     )
     parser.add_argument("--no-check", action="store_true", help="print the environment and backends only")
+    parser.add_argument(
+        "--warm",
+        action="store_true",
+        help="run each check a second time and report that time too: the check's own cost, without the "
+        "first run's kernel compilation and autotuning",
+    )
     parser.add_argument("--json", metavar="PATH", help="also write the environment and every result as JSON")
     return parser
 
@@ -131,11 +137,13 @@ def _devices(requested: Optional[str]) -> list[torch.device]:
     return [torch.device("cuda", i) for i in range(torch.cuda.device_count())]
 
 
-def _row(result: selfcheck.CheckResult) -> str:
+def _row(result: selfcheck.CheckResult, warm: Optional[selfcheck.CheckResult]) -> str:
     worst = max(result.errors.values(), default=float("nan"))
     status = "pass" if result.passed else "FAIL"
     line = f"  {result.backend:<7} {result.device:<7} {result.dtype:<9} {result.loss:<9} {status:<5} "
     line += f"{worst:>10.2e} {result.seconds:>8.2f}"
+    if warm is not None:
+        line += f" {warm.seconds * 1e3:>8.1f}" + ("" if warm.passed == result.passed else " (warm run differs)")
     return line + ("" if result.passed else f"  {result.detail}")
 
 
@@ -180,7 +188,8 @@ def _write(path: Optional[str], report: dict) -> None:
 def _check(args, devices: list[torch.device], report: dict) -> int:
     bars = ", ".join(f"{selfcheck.dtype_name(d)} {t:g}" for d, t in selfcheck.TOLERANCE.items())
     print(f"self-check: each fused backend vs the torch backend in float64 (relative error bars: {bars})")
-    print(f"  {'backend':<7} {'device':<7} {'dtype':<9} {'loss':<9} {'':<5} {'worst err':>10} {'seconds':>8}")
+    header = f"  {'backend':<7} {'device':<7} {'dtype':<9} {'loss':<9} {'':<5} {'worst err':>10} {'seconds':>8}"
+    print(header + (f" {'warm ms':>8}" if args.warm else ""))
     failed = total = 0
     for device in devices:
         backends = args.backends or [b for b in _FUSED if dispatch.unavailable_reason(b, device) is None]
@@ -191,9 +200,11 @@ def _check(args, devices: list[torch.device], report: dict) -> int:
             for dtype in args.dtypes:
                 for loss in args.losses:
                     result = selfcheck.check(backend, device, _DTYPES[dtype], loss)
-                    print(_row(result), flush=True)
+                    warm = selfcheck.check(backend, device, _DTYPES[dtype], loss) if args.warm else None
+                    print(_row(result, warm), flush=True)
                     results.append(result)
-                    report["results"].append(vars(result) | {"case": result.case})
+                    extra = {"case": result.case} | ({"warm_seconds": warm.seconds} if warm else {})
+                    report["results"].append(vars(result) | extra)
                     _write(args.json, report)  # each row as it comes: a run stopped by a time limit keeps them
                     total += 1
                     failed += not result.passed

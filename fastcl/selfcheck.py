@@ -28,8 +28,8 @@ Example:
     >>> from fastcl import selfcheck
     >>> selfcheck.applies(torch.device("cpu"))  # CPU tensors never use a fused backend under "auto"
     False
-    >>> sorted(selfcheck.TOLERANCE)[:2]
-    [torch.bfloat16, torch.float16]
+    >>> selfcheck.TOLERANCE[torch.bfloat16]  # relative error bar against the float64 torch backend
+    0.04
 """
 
 from __future__ import annotations
