@@ -43,7 +43,6 @@ Example (CPU through ``TRITON_INTERPRET=1``, or CUDA tensors):
     ...     print(torch.Size([5]), [1.0] * 5)
     torch.Size([5]) [1.0, 1.0, 1.0, 1.0, 1.0]
 """
-
 from __future__ import annotations
 
 import inspect
@@ -74,13 +73,11 @@ from fastcl.kernels._common import (
 
 # Autotuning of the two backward passes (keyed like the forward) and their even-width flags.
 _BACKWARD_TUNING = triton.autotune(
-    configs=autotune_configs("block_backward"),
-    prune_configs_by=prune("block_backward"),
-    key=["D", "SHAPE_BUCKET", "PRECISION", "NORMALIZE", "POSITIVES", "HAS_SELF", "EXCLUDE_POSITIVES", "SIGMOID"],
-)
-_EVEN_FEATURES = triton.heuristics(
-    {"EVEN_D": lambda args: args["D"] % args["BLOCK_D"] == 0, "EVEN_DO": lambda args: args["D"] % args["BLOCK_DO"] == 0}
-)
+    configs=autotune_configs("block_backward"), prune_configs_by=prune("block_backward"),
+    key=["D", "SHAPE_BUCKET", "PRECISION", "NORMALIZE", "POSITIVES", "HAS_SELF", "EXCLUDE_POSITIVES",
+         "SIGMOID"])
+_EVEN_FEATURES = triton.heuristics({"EVEN_D": lambda args: args["D"] % args["BLOCK_D"] == 0,
+                                    "EVEN_DO": lambda args: args["D"] % args["BLOCK_DO"] == 0})
 _LOG2E = tl.constexpr(math.log2(math.e))
 _LN2 = tl.constexpr(math.log(2.0))
 # Layout.positives → the kernels' POSITIVES constexpr.
@@ -89,20 +86,8 @@ _POSITIVES = {"none": 0, "index": 1, "labels": 2, "mask": 3}
 
 @triton.jit
 def _positive_weights(
-    rows,
-    row_mask,
-    cols,
-    col_mask,
-    pos_rows,
-    a_labels,
-    k_labels_ptr,
-    mask_ptr,
-    stride_mask_a,
-    stride_mask_k,
-    mask_rows,
-    mask_cols,
-    POSITIVES: tl.constexpr,
-    ACC: tl.constexpr,
+    rows, row_mask, cols, col_mask, pos_rows, a_labels, k_labels_ptr, mask_ptr, stride_mask_a, stride_mask_k,
+    mask_rows, mask_cols, POSITIVES: tl.constexpr, ACC: tl.constexpr,
 ):
     """P for the tile (0 outside the valid keys); pos_rows / a_labels: the rows' index or label."""
     if POSITIVES == 1:
@@ -112,9 +97,8 @@ def _positive_weights(
         p = tl.where((a_labels[:, None] == k_labels[None, :]) & col_mask[None, :], 1.0, 0.0).to(ACC)
     elif POSITIVES == 3:
         # int64 offsets: an [N, N] mask passes 2³¹ elements at N ≈ 46 000.
-        offsets = (rows % mask_rows).to(tl.int64)[:, None] * stride_mask_a + (cols % mask_cols).to(tl.int64)[
-            None, :
-        ] * stride_mask_k
+        offsets = (rows % mask_rows).to(tl.int64)[:, None] * stride_mask_a \
+            + (cols % mask_cols).to(tl.int64)[None, :] * stride_mask_k
         p = tl.load(mask_ptr + offsets, mask=row_mask[:, None] & col_mask[None, :], other=0).to(ACC)
     else:
         p = tl.zeros((rows.shape[0], cols.shape[0]), dtype=ACC)
@@ -151,21 +135,9 @@ def _entry_masks(rows, cols, col_mask, p, self_offset, HAS_SELF: tl.constexpr, E
 
 @triton.jit
 def _similarity_chunks(
-    a_ptrs,
-    b_ptrs,
-    row_mask,
-    col_mask,
-    D,
-    stride_ad,
-    stride_kd,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    EVEN_D: tl.constexpr,
-    MASK_ROWS: tl.constexpr,
-    MASK_COLS: tl.constexpr,
-    PRECISION: tl.constexpr,
-    ACC: tl.constexpr,
+    a_ptrs, b_ptrs, row_mask, col_mask, D, stride_ad, stride_kd,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
+    MASK_ROWS: tl.constexpr, MASK_COLS: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
 ):
     """A[rows]·K[cols]ᵀ over D in BLOCK_D chunks from precomputed chunk-0 pointers. Loads are masked only
     where needed: rows when MASK_ROWS, columns when MASK_COLS, features unless EVEN_D."""
@@ -196,25 +168,9 @@ def _similarity_chunks(
 
 @triton.jit
 def _key_tile_logits(
-    start,
-    a_ptrs,
-    b_ptrs0,
-    k_inv_ptr,
-    row_mask,
-    row_scale,
-    K,
-    D,
-    stride_ad,
-    stride_km,
-    stride_kd,
-    NORMALIZE: tl.constexpr,
-    MASKED: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    EVEN_D: tl.constexpr,
-    PRECISION: tl.constexpr,
-    ACC: tl.constexpr,
+    start, a_ptrs, b_ptrs0, k_inv_ptr, row_mask, row_scale, K, D, stride_ad, stride_km, stride_kd,
+    NORMALIZE: tl.constexpr, MASKED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
     SCALE_ROWS: tl.constexpr = True,
 ):
     """(cols, col_mask, t, k_inv) of key tile ``start`` for a fixed anchor block: base-2 logits
@@ -227,23 +183,8 @@ def _key_tile_logits(
     else:
         col_mask = tl.full((BLOCK_N,), 1, tl.int1)
     b_ptrs = b_ptrs0 + tl.cast(start, tl.int64) * stride_km
-    acc = _similarity_chunks(
-        a_ptrs,
-        b_ptrs,
-        row_mask,
-        col_mask,
-        D,
-        stride_ad,
-        stride_kd,
-        BLOCK_M,
-        BLOCK_N,
-        BLOCK_D,
-        EVEN_D,
-        True,
-        MASKED,
-        PRECISION,
-        ACC,
-    )
+    acc = _similarity_chunks(a_ptrs, b_ptrs, row_mask, col_mask, D, stride_ad, stride_kd, BLOCK_M, BLOCK_N,
+                             BLOCK_D, EVEN_D, True, MASKED, PRECISION, ACC)
     if NORMALIZE:
         if MASKED:
             k_inv = tl.load(k_inv_ptr + cols, mask=col_mask, other=1.0)
@@ -288,44 +229,12 @@ def _softplus2(u, ACC: tl.constexpr):
 
 @triton.jit
 def _fold_tile(
-    running_max,
-    running_sum,
-    pos_sum,
-    pos_weight,
-    start,
-    a_ptrs,
-    b_ptrs0,
-    stride_km,
-    stride_kd,
-    k_inv_ptr,
-    rows,
-    row_mask,
-    row_scale,
-    pos_rows,
-    a_labels,
-    k_labels_ptr,
-    mask_ptr,
-    stride_mask_a,
-    stride_mask_k,
-    mask_rows,
-    mask_cols,
-    self_offset,
-    bias2,
-    K,
-    D,
-    stride_ad,
-    NORMALIZE: tl.constexpr,
-    POSITIVES: tl.constexpr,
-    HAS_SELF: tl.constexpr,
-    EXCLUDE_POSITIVES: tl.constexpr,
-    SIGMOID: tl.constexpr,
-    MASKED: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    EVEN_D: tl.constexpr,
-    PRECISION: tl.constexpr,
-    ACC: tl.constexpr,
+    running_max, running_sum, pos_sum, pos_weight, start,
+    a_ptrs, b_ptrs0, stride_km, stride_kd, k_inv_ptr, rows, row_mask, row_scale, pos_rows, a_labels,
+    k_labels_ptr, mask_ptr, stride_mask_a, stride_mask_k, mask_rows, mask_cols, self_offset, bias2, K, D, stride_ad,
+    NORMALIZE: tl.constexpr, POSITIVES: tl.constexpr, HAS_SELF: tl.constexpr, EXCLUDE_POSITIVES: tl.constexpr,
+    SIGMOID: tl.constexpr, MASKED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    EVEN_D: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
 ):
     """Folds key tile ``start`` into the anchors' running statistics. MASKED: the tile may hold padding
     columns or self entries; unmasked tiles (the steady state) skip every mask. SIGMOID: running_sum
@@ -333,27 +242,8 @@ def _fold_tile(
     The tile holds u = t/row_scale (row_scale > 0 keeps the order, so the running max is kept in u); the
     row scale enters the exp2 argument's FFMA and the row sums once per tile."""
     cols, col_mask, t, k_inv = _key_tile_logits(
-        start,
-        a_ptrs,
-        b_ptrs0,
-        k_inv_ptr,
-        row_mask,
-        row_scale,
-        K,
-        D,
-        stride_ad,
-        stride_km,
-        stride_kd,
-        NORMALIZE,
-        MASKED,
-        BLOCK_M,
-        BLOCK_N,
-        BLOCK_D,
-        EVEN_D,
-        PRECISION,
-        ACC,
-        False,
-    )
+        start, a_ptrs, b_ptrs0, k_inv_ptr, row_mask, row_scale, K, D, stride_ad, stride_km, stride_kd, NORMALIZE,
+        MASKED, BLOCK_M, BLOCK_N, BLOCK_D, EVEN_D, PRECISION, ACC, False)
     if POSITIVES == 2:
         # Labels: a compare per element, no weight tile (keeps registers down).
         if MASKED:
@@ -373,22 +263,8 @@ def _fold_tile(
         if EXCLUDE_POSITIVES:
             t = tl.where(same, float("-inf"), t)
     elif POSITIVES == 3 or (POSITIVES == 1 and EXCLUDE_POSITIVES):
-        p = _positive_weights(
-            rows,
-            row_mask,
-            cols,
-            col_mask,
-            pos_rows,
-            a_labels,
-            k_labels_ptr,
-            mask_ptr,
-            stride_mask_a,
-            stride_mask_k,
-            mask_rows,
-            mask_cols,
-            POSITIVES,
-            ACC,
-        )
+        p = _positive_weights(rows, row_mask, cols, col_mask, pos_rows, a_labels, k_labels_ptr, mask_ptr,
+                              stride_mask_a, stride_mask_k, mask_rows, mask_cols, POSITIVES, ACC)
         if MASKED:
             p, kept, denominator = _entry_masks(rows, cols, col_mask, p, self_offset, HAS_SELF, EXCLUDE_POSITIVES)
         elif EXCLUDE_POSITIVES:
@@ -408,9 +284,8 @@ def _fold_tile(
         new_max = tl.maximum(running_max, tl.max(t, axis=1))
         # Rows with no entry yet keep max −inf; shift by 0 there so exp2(−inf − shift) = 0, not NaN.
         shift = tl.where(new_max == float("-inf"), 0.0, new_max * row_scale)
-        running_sum = running_sum * tl.exp2(running_max * row_scale - shift) + tl.sum(
-            tl.exp2(t * row_scale[:, None] - shift[:, None]), axis=1
-        )
+        running_sum = running_sum * tl.exp2(running_max * row_scale - shift) \
+            + tl.sum(tl.exp2(t * row_scale[:, None] - shift[:, None]), axis=1)
     return new_max, running_sum, pos_sum, pos_weight
 
 
@@ -430,43 +305,12 @@ def _tile_ranges(first, extent, offset, n, block, HAS_SELF: tl.constexpr):
 
 @triton.jit
 def _fold_keys(
-    running_max,
-    running_sum,
-    pos_sum,
-    pos_weight,
-    first_row,
-    a_ptrs,
-    k_ptr,
-    stride_km,
-    stride_kd,
-    k_inv_ptr,
-    rows,
-    row_mask,
-    row_scale,
-    pos_rows,
-    a_labels,
-    k_labels_ptr,
-    mask_ptr,
-    stride_mask_a,
-    stride_mask_k,
-    mask_rows,
-    mask_cols,
-    self_offset,
-    bias2,
-    K,
-    D,
-    stride_ad,
-    NORMALIZE: tl.constexpr,
-    POSITIVES: tl.constexpr,
-    HAS_SELF: tl.constexpr,
-    EXCLUDE_POSITIVES: tl.constexpr,
-    SIGMOID: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    EVEN_D: tl.constexpr,
-    PRECISION: tl.constexpr,
-    ACC: tl.constexpr,
+    running_max, running_sum, pos_sum, pos_weight, first_row, a_ptrs, k_ptr, stride_km, stride_kd, k_inv_ptr,
+    rows, row_mask, row_scale, pos_rows, a_labels, k_labels_ptr, mask_ptr, stride_mask_a, stride_mask_k,
+    mask_rows, mask_cols, self_offset, bias2, K, D, stride_ad,
+    NORMALIZE: tl.constexpr, POSITIVES: tl.constexpr, HAS_SELF: tl.constexpr, EXCLUDE_POSITIVES: tl.constexpr,
+    SIGMOID: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
+    PRECISION: tl.constexpr, ACC: tl.constexpr,
 ):
     """Folds all K key rows at ``k_ptr`` into the anchor block's running statistics (see :func:`_fold_tile`).
     Key tiles [0, full) hold no padding; with a self entry, tiles [self_lo, self_hi) hold the anchors' own
@@ -476,152 +320,32 @@ def _fold_keys(
     full, self_lo, self_hi = _tile_ranges(first_row, BLOCK_M, self_offset, K, BLOCK_N, HAS_SELF)
     for tile in range(0, self_lo):
         running_max, running_sum, pos_sum, pos_weight = _fold_tile(
-            running_max,
-            running_sum,
-            pos_sum,
-            pos_weight,
-            tile * BLOCK_N,
-            a_ptrs,
-            b_ptrs0,
-            stride_km,
-            stride_kd,
-            k_inv_ptr,
-            rows,
-            row_mask,
-            row_scale,
-            pos_rows,
-            a_labels,
-            k_labels_ptr,
-            mask_ptr,
-            stride_mask_a,
-            stride_mask_k,
-            mask_rows,
-            mask_cols,
-            self_offset,
-            bias2,
-            K,
-            D,
-            stride_ad,
-            NORMALIZE,
-            POSITIVES,
-            HAS_SELF,
-            EXCLUDE_POSITIVES,
-            SIGMOID,
-            False,
-            BLOCK_M,
-            BLOCK_N,
-            BLOCK_D,
-            EVEN_D,
-            PRECISION,
-            ACC,
-        )
+            running_max, running_sum, pos_sum, pos_weight, tile * BLOCK_N, a_ptrs, b_ptrs0, stride_km, stride_kd,
+            k_inv_ptr, rows, row_mask, row_scale, pos_rows, a_labels, k_labels_ptr, mask_ptr, stride_mask_a,
+            stride_mask_k, mask_rows, mask_cols, self_offset, bias2, K, D, stride_ad, NORMALIZE, POSITIVES,
+            HAS_SELF, EXCLUDE_POSITIVES, SIGMOID, False, BLOCK_M, BLOCK_N, BLOCK_D, EVEN_D, PRECISION, ACC)
     for tile in range(self_hi, full):
         running_max, running_sum, pos_sum, pos_weight = _fold_tile(
-            running_max,
-            running_sum,
-            pos_sum,
-            pos_weight,
-            tile * BLOCK_N,
-            a_ptrs,
-            b_ptrs0,
-            stride_km,
-            stride_kd,
-            k_inv_ptr,
-            rows,
-            row_mask,
-            row_scale,
-            pos_rows,
-            a_labels,
-            k_labels_ptr,
-            mask_ptr,
-            stride_mask_a,
-            stride_mask_k,
-            mask_rows,
-            mask_cols,
-            self_offset,
-            bias2,
-            K,
-            D,
-            stride_ad,
-            NORMALIZE,
-            POSITIVES,
-            HAS_SELF,
-            EXCLUDE_POSITIVES,
-            SIGMOID,
-            False,
-            BLOCK_M,
-            BLOCK_N,
-            BLOCK_D,
-            EVEN_D,
-            PRECISION,
-            ACC,
-        )
+            running_max, running_sum, pos_sum, pos_weight, tile * BLOCK_N, a_ptrs, b_ptrs0, stride_km, stride_kd,
+            k_inv_ptr, rows, row_mask, row_scale, pos_rows, a_labels, k_labels_ptr, mask_ptr, stride_mask_a,
+            stride_mask_k, mask_rows, mask_cols, self_offset, bias2, K, D, stride_ad, NORMALIZE, POSITIVES,
+            HAS_SELF, EXCLUDE_POSITIVES, SIGMOID, False, BLOCK_M, BLOCK_N, BLOCK_D, EVEN_D, PRECISION, ACC)
     # The masked tiles: [self_lo, self_hi), then the tail tile (if K is no multiple of BLOCK_N).
     for step in range(0, self_hi - self_lo + tl.cdiv(K, BLOCK_N) - full):
         tile = tl.where(self_lo + step < self_hi, self_lo + step, full)
         running_max, running_sum, pos_sum, pos_weight = _fold_tile(
-            running_max,
-            running_sum,
-            pos_sum,
-            pos_weight,
-            tile * BLOCK_N,
-            a_ptrs,
-            b_ptrs0,
-            stride_km,
-            stride_kd,
-            k_inv_ptr,
-            rows,
-            row_mask,
-            row_scale,
-            pos_rows,
-            a_labels,
-            k_labels_ptr,
-            mask_ptr,
-            stride_mask_a,
-            stride_mask_k,
-            mask_rows,
-            mask_cols,
-            self_offset,
-            bias2,
-            K,
-            D,
-            stride_ad,
-            NORMALIZE,
-            POSITIVES,
-            HAS_SELF,
-            EXCLUDE_POSITIVES,
-            SIGMOID,
-            True,
-            BLOCK_M,
-            BLOCK_N,
-            BLOCK_D,
-            EVEN_D,
-            PRECISION,
-            ACC,
-        )
+            running_max, running_sum, pos_sum, pos_weight, tile * BLOCK_N, a_ptrs, b_ptrs0, stride_km, stride_kd,
+            k_inv_ptr, rows, row_mask, row_scale, pos_rows, a_labels, k_labels_ptr, mask_ptr, stride_mask_a,
+            stride_mask_k, mask_rows, mask_cols, self_offset, bias2, K, D, stride_ad, NORMALIZE, POSITIVES,
+            HAS_SELF, EXCLUDE_POSITIVES, SIGMOID, True, BLOCK_M, BLOCK_N, BLOCK_D, EVEN_D, PRECISION, ACC)
     return running_max, running_sum, pos_sum, pos_weight
 
 
 @triton.jit
 def _index_positive(
-    a_ptr,
-    stride_am,
-    stride_ad,
-    k_ptr,
-    stride_km,
-    stride_kd,
-    k_inv_ptr,
-    rows,
-    row_mask,
-    row_scale,
-    pos_rows,
-    self_offset,
-    D,
-    NORMALIZE: tl.constexpr,
-    HAS_SELF: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    ACC: tl.constexpr,
+    a_ptr, stride_am, stride_ad, k_ptr, stride_km, stride_kd, k_inv_ptr, rows, row_mask, row_scale, pos_rows,
+    self_offset, D, NORMALIZE: tl.constexpr, HAS_SELF: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr, ACC: tl.constexpr,
 ):
     """(t_{a,pos(a)}, 1) per anchor with a positive in the block, else (0, 0): an O(BLOCK_M·D) row dot
     outside the element loop (products exact in ACC for 16-bit rows)."""
@@ -641,51 +365,19 @@ def _index_positive(
     return tl.where(valid, dot * row_scale, 0.0), tl.where(valid, 1.0, 0.0).to(ACC)
 
 
-@triton.autotune(
-    configs=autotune_configs("block_forward"),
-    key=["D", "SHAPE_BUCKET", "PRECISION", "NORMALIZE", "POSITIVES", "HAS_SELF", "EXCLUDE_POSITIVES", "SIGMOID"],
-    prune_configs_by=prune("block_forward"),
-)
+@triton.autotune(configs=autotune_configs("block_forward"),
+                 key=["D", "SHAPE_BUCKET", "PRECISION", "NORMALIZE", "POSITIVES", "HAS_SELF", "EXCLUDE_POSITIVES",
+                      "SIGMOID"],
+                 prune_configs_by=prune("block_forward"))
 @triton.heuristics({"EVEN_D": lambda args: args["D"] % args["BLOCK_D"] == 0})
 @triton.jit
 def _block_forward_kernel(
-    a_ptr,
-    stride_am,
-    stride_ad,
-    k_ptr,
-    stride_km,
-    stride_kd,
-    a_inv_ptr,
-    k_inv_ptr,
-    tau_ptr,
-    pos_index_ptr,
-    a_labels_ptr,
-    k_labels_ptr,
-    mask_ptr,
-    stride_mask_a,
-    stride_mask_k,
-    mask_rows,
-    mask_cols,
-    self_offset,
-    bias_ptr,
-    lse_ptr,
-    pos_sum_ptr,
-    pos_weight_ptr,
-    A,
-    K,
-    D,
-    SHAPE_BUCKET,
-    NORMALIZE: tl.constexpr,
-    POSITIVES: tl.constexpr,
-    HAS_SELF: tl.constexpr,
-    EXCLUDE_POSITIVES: tl.constexpr,
-    SIGMOID: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    EVEN_D: tl.constexpr,
-    PRECISION: tl.constexpr,
-    ACC: tl.constexpr,
+    a_ptr, stride_am, stride_ad, k_ptr, stride_km, stride_kd, a_inv_ptr, k_inv_ptr, tau_ptr,
+    pos_index_ptr, a_labels_ptr, k_labels_ptr, mask_ptr, stride_mask_a, stride_mask_k, mask_rows, mask_cols,
+    self_offset, bias_ptr, lse_ptr, pos_sum_ptr, pos_weight_ptr, A, K, D, SHAPE_BUCKET,
+    NORMALIZE: tl.constexpr, POSITIVES: tl.constexpr, HAS_SELF: tl.constexpr, EXCLUDE_POSITIVES: tl.constexpr,
+    SIGMOID: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
+    PRECISION: tl.constexpr, ACC: tl.constexpr,
 ):
     first_row = tl.program_id(0) * BLOCK_M
     rows = first_row + tl.arange(0, BLOCK_M)
@@ -699,65 +391,14 @@ def _block_forward_kernel(
     pos_sum = tl.zeros((BLOCK_M,), dtype=ACC)
     pos_weight = tl.zeros((BLOCK_M,), dtype=ACC)
     running_max, running_sum, pos_sum, pos_weight = _fold_keys(
-        running_max,
-        running_sum,
-        pos_sum,
-        pos_weight,
-        first_row,
-        a_ptrs,
-        k_ptr,
-        stride_km,
-        stride_kd,
-        k_inv_ptr,
-        rows,
-        row_mask,
-        row_scale,
-        pos_rows,
-        a_labels,
-        k_labels_ptr,
-        mask_ptr,
-        stride_mask_a,
-        stride_mask_k,
-        mask_rows,
-        mask_cols,
-        self_offset,
-        bias2,
-        K,
-        D,
-        stride_ad,
-        NORMALIZE,
-        POSITIVES,
-        HAS_SELF,
-        EXCLUDE_POSITIVES,
-        SIGMOID,
-        BLOCK_M,
-        BLOCK_N,
-        BLOCK_D,
-        EVEN_D,
-        PRECISION,
-        ACC,
-    )
+        running_max, running_sum, pos_sum, pos_weight, first_row, a_ptrs, k_ptr, stride_km, stride_kd, k_inv_ptr,
+        rows, row_mask, row_scale, pos_rows, a_labels, k_labels_ptr, mask_ptr, stride_mask_a, stride_mask_k,
+        mask_rows, mask_cols, self_offset, bias2, K, D, stride_ad, NORMALIZE, POSITIVES, HAS_SELF, EXCLUDE_POSITIVES,
+        SIGMOID, BLOCK_M, BLOCK_N, BLOCK_D, EVEN_D, PRECISION, ACC)
     if POSITIVES == 1:
-        pos_sum, pos_weight = _index_positive(
-            a_ptr,
-            stride_am,
-            stride_ad,
-            k_ptr,
-            stride_km,
-            stride_kd,
-            k_inv_ptr,
-            rows,
-            row_mask,
-            row_scale,
-            pos_rows,
-            self_offset,
-            D,
-            NORMALIZE,
-            HAS_SELF,
-            BLOCK_M,
-            BLOCK_D,
-            ACC,
-        )
+        pos_sum, pos_weight = _index_positive(a_ptr, stride_am, stride_ad, k_ptr, stride_km, stride_kd, k_inv_ptr,
+                                              rows, row_mask, row_scale, pos_rows, self_offset, D, NORMALIZE,
+                                              HAS_SELF, BLOCK_M, BLOCK_D, ACC)
     if SIGMOID:
         tl.store(lse_ptr + rows, running_sum * _LN2, mask=row_mask)
     else:
@@ -767,9 +408,8 @@ def _block_forward_kernel(
 
 
 @triton.jit
-def _row_coefficients(
-    lse_ptr, alpha_ptr, beta_ptr, bias_ptr, rows, row_mask, PRESCALE: tl.constexpr, SIGMOID: tl.constexpr
-):
+def _row_coefficients(lse_ptr, alpha_ptr, beta_ptr, bias_ptr, rows, row_mask, PRESCALE: tl.constexpr,
+                      SIGMOID: tl.constexpr):
     """(lse2, alpha·PRESCALE, beta·PRESCALE) of the rows. Softmax: lse2 = lse·log2 e; an anchor with
     lse = −inf (no entry anywhere) has no exponential term, so alpha = 0 and lse2 = 0 there (never
     exp2(+inf)). Sigmoid: lse is not read; lse2 = −b·log2 e, so (s + b)·log2 e = t − lse2."""
@@ -787,30 +427,10 @@ def _row_coefficients(
 
 @triton.jit
 def _gradient_tile(
-    t,
-    rows,
-    row_mask,
-    cols,
-    col_mask,
-    lse2,
-    alpha,
-    beta,
-    pos_rows,
-    a_labels,
-    k_labels_ptr,
-    mask_ptr,
-    stride_mask_a,
-    stride_mask_k,
-    mask_rows,
-    mask_cols,
-    self_offset,
-    POSITIVES: tl.constexpr,
-    HAS_SELF: tl.constexpr,
-    EXCLUDE_POSITIVES: tl.constexpr,
-    INDEX_IN_LOOP: tl.constexpr,
-    MASKED: tl.constexpr,
-    ACC: tl.constexpr,
-    SIGMOID: tl.constexpr,
+    t, rows, row_mask, cols, col_mask, lse2, alpha, beta, pos_rows, a_labels, k_labels_ptr, mask_ptr,
+    stride_mask_a, stride_mask_k, mask_rows, mask_cols, self_offset,
+    POSITIVES: tl.constexpr, HAS_SELF: tl.constexpr, EXCLUDE_POSITIVES: tl.constexpr, INDEX_IN_LOOP: tl.constexpr,
+    MASKED: tl.constexpr, ACC: tl.constexpr, SIGMOID: tl.constexpr,
 ):
     """G·PRESCALE for a tile of base-2 logits t. MASKED: padding and self entries are zeroed; unmasked
     tiles have none. Index positives enter only when INDEX_IN_LOOP (the key pass) or for the DCL
@@ -831,22 +451,8 @@ def _gradient_tile(
             e = tl.where(same, 0.0, e)
         g = alpha[:, None] * e - tl.where(same, beta[:, None], 0.0)
     elif POSITIVES == 3:
-        p = _positive_weights(
-            rows,
-            row_mask,
-            cols,
-            col_mask,
-            pos_rows,
-            a_labels,
-            k_labels_ptr,
-            mask_ptr,
-            stride_mask_a,
-            stride_mask_k,
-            mask_rows,
-            mask_cols,
-            POSITIVES,
-            ACC,
-        )
+        p = _positive_weights(rows, row_mask, cols, col_mask, pos_rows, a_labels, k_labels_ptr, mask_ptr,
+                              stride_mask_a, stride_mask_k, mask_rows, mask_cols, POSITIVES, ACC)
         if EXCLUDE_POSITIVES:
             e = tl.where(p == 0.0, e, 0.0)
         g = alpha[:, None] * e - beta[:, None] * p
@@ -870,99 +476,23 @@ def _gradient_tile(
 
 @triton.jit
 def _anchor_tile(
-    d_hat,
-    g_sum,
-    start,
-    a_ptrs,
-    b_ptrs0,
-    slice_ptrs0,
-    stride_km,
-    stride_kd,
-    k_inv_ptr,
-    rows,
-    row_mask,
-    row_scale,
-    lse2,
-    alpha,
-    beta,
-    pos_rows,
-    a_labels,
-    k_labels_ptr,
-    mask_ptr,
-    stride_mask_a,
-    stride_mask_k,
-    mask_rows,
-    mask_cols,
-    self_offset,
-    K,
-    D,
-    stride_ad,
-    out,
-    out_mask,
-    NORMALIZE: tl.constexpr,
-    POSITIVES: tl.constexpr,
-    HAS_SELF: tl.constexpr,
-    EXCLUDE_POSITIVES: tl.constexpr,
-    SIGMOID: tl.constexpr,
-    MASKED: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    EVEN_D: tl.constexpr,
-    EVEN_DO: tl.constexpr,
-    SCALE_OPERAND: tl.constexpr,
-    PRECISION: tl.constexpr,
+    d_hat, g_sum, start, a_ptrs, b_ptrs0, slice_ptrs0, stride_km, stride_kd, k_inv_ptr, rows, row_mask, row_scale,
+    lse2, alpha, beta,
+    pos_rows, a_labels, k_labels_ptr, mask_ptr, stride_mask_a, stride_mask_k, mask_rows, mask_cols, self_offset,
+    K, D, stride_ad, out, out_mask,
+    NORMALIZE: tl.constexpr, POSITIVES: tl.constexpr, HAS_SELF: tl.constexpr, EXCLUDE_POSITIVES: tl.constexpr,
+    SIGMOID: tl.constexpr, MASKED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    EVEN_D: tl.constexpr, EVEN_DO: tl.constexpr, SCALE_OPERAND: tl.constexpr, PRECISION: tl.constexpr,
     ACC: tl.constexpr,
 ):
     """d_hat += G[rows, tile]·k̂[tile, out] (times PRESCALE) for key tile ``start``; SIGMOID: g_sum += Σ_c G
     (times PRESCALE; Σ G is the sigmoid epilogue's dL/db)."""
     cols, col_mask, t, k_inv = _key_tile_logits(
-        start,
-        a_ptrs,
-        b_ptrs0,
-        k_inv_ptr,
-        row_mask,
-        row_scale,
-        K,
-        D,
-        stride_ad,
-        stride_km,
-        stride_kd,
-        NORMALIZE,
-        MASKED,
-        BLOCK_M,
-        BLOCK_N,
-        BLOCK_D,
-        EVEN_D,
-        PRECISION,
-        ACC,
-    )
-    g = _gradient_tile(
-        t,
-        rows,
-        row_mask,
-        cols,
-        col_mask,
-        lse2,
-        alpha,
-        beta,
-        pos_rows,
-        a_labels,
-        k_labels_ptr,
-        mask_ptr,
-        stride_mask_a,
-        stride_mask_k,
-        mask_rows,
-        mask_cols,
-        self_offset,
-        POSITIVES,
-        HAS_SELF,
-        EXCLUDE_POSITIVES,
-        False,
-        MASKED,
-        ACC,
-        SIGMOID,
-    )
+        start, a_ptrs, b_ptrs0, k_inv_ptr, row_mask, row_scale, K, D, stride_ad, stride_km, stride_kd, NORMALIZE,
+        MASKED, BLOCK_M, BLOCK_N, BLOCK_D, EVEN_D, PRECISION, ACC)
+    g = _gradient_tile(t, rows, row_mask, cols, col_mask, lse2, alpha, beta, pos_rows, a_labels, k_labels_ptr,
+                       mask_ptr, stride_mask_a, stride_mask_k, mask_rows, mask_cols, self_offset, POSITIVES,
+                       HAS_SELF, EXCLUDE_POSITIVES, False, MASKED, ACC, SIGMOID)
     if SIGMOID:
         g_sum += tl.sum(g, axis=1)
     k_slice = _load_slice(slice_ptrs0 + tl.cast(start, tl.int64) * stride_km, col_mask, out_mask, MASKED, EVEN_DO)
@@ -976,42 +506,12 @@ def _anchor_tile(
 
 @triton.jit
 def _symmetric_tile(
-    d_hat,
-    radial,
-    start,
-    a_ptrs,
-    b_ptrs0,
-    slice_ptrs0,
-    stride_km,
-    stride_kd,
-    k_inv_ptr,
-    k_lse2_ptr,
-    k_weight_ptr,
-    rows,
-    row_mask,
-    row_scale,
-    lse2_rows,
-    w_rows,
-    mask_ptr,
-    stride_mask_a,
-    stride_mask_k,
-    self_offset,
-    K,
-    D,
-    stride_ad,
-    out_mask,
-    NORMALIZE: tl.constexpr,
-    POSITIVES: tl.constexpr,
-    MASKED: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    EVEN_D: tl.constexpr,
-    EVEN_DO: tl.constexpr,
-    PRECISION: tl.constexpr,
-    ACC: tl.constexpr,
-    PRESCALE: tl.constexpr,
-    SCALE_OPERAND: tl.constexpr,
+    d_hat, radial, start, a_ptrs, b_ptrs0, slice_ptrs0, stride_km, stride_kd, k_inv_ptr, k_lse2_ptr, k_weight_ptr,
+    rows, row_mask, row_scale, lse2_rows, w_rows, mask_ptr, stride_mask_a, stride_mask_k, self_offset, K, D,
+    stride_ad, out_mask,
+    NORMALIZE: tl.constexpr, POSITIVES: tl.constexpr, MASKED: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, EVEN_DO: tl.constexpr,
+    PRECISION: tl.constexpr, ACC: tl.constexpr, PRESCALE: tl.constexpr, SCALE_OPERAND: tl.constexpr,
 ):
     """One key tile of a symmetric (single-loss) backward, where rows and keys are the same rows Z:
     T_rc = 2^{u·c_r − L_r} + 2^{u·c_r − L_c} (both softmax terms of entry (r, c) from one tile; L = lse·log2 e,
@@ -1020,27 +520,8 @@ def _symmetric_tile(
     loop). Other positives are the caller's, outside the loop. MASKED: the tile may hold padding keys or
     the self entry c = r + self_offset."""
     cols, col_mask, u, k_inv = _key_tile_logits(
-        start,
-        a_ptrs,
-        b_ptrs0,
-        k_inv_ptr,
-        row_mask,
-        row_scale,
-        K,
-        D,
-        stride_ad,
-        stride_km,
-        stride_kd,
-        NORMALIZE,
-        MASKED,
-        BLOCK_M,
-        BLOCK_N,
-        BLOCK_D,
-        EVEN_D,
-        PRECISION,
-        ACC,
-        False,
-    )
+        start, a_ptrs, b_ptrs0, k_inv_ptr, row_mask, row_scale, K, D, stride_ad, stride_km, stride_kd, NORMALIZE,
+        MASKED, BLOCK_M, BLOCK_N, BLOCK_D, EVEN_D, PRECISION, ACC, False)
     if MASKED:
         lse2_cols = tl.load(k_lse2_ptr + cols, mask=col_mask, other=float("inf"))
     else:
@@ -1052,38 +533,10 @@ def _symmetric_tile(
         else:
             w_cols = tl.load(k_weight_ptr + cols)
         # P_rc = mask[r, c] and P_cr = mask[c, r] (the mask may be asymmetric).
-        p = _positive_weights(
-            rows,
-            row_mask,
-            cols,
-            col_mask,
-            rows,
-            rows,
-            k_weight_ptr,
-            mask_ptr,
-            stride_mask_a,
-            stride_mask_k,
-            K,
-            K,
-            POSITIVES,
-            ACC,
-        )
-        p_t = _positive_weights(
-            rows,
-            row_mask,
-            cols,
-            col_mask,
-            rows,
-            rows,
-            k_weight_ptr,
-            mask_ptr,
-            stride_mask_k,
-            stride_mask_a,
-            K,
-            K,
-            POSITIVES,
-            ACC,
-        )
+        p = _positive_weights(rows, row_mask, cols, col_mask, rows, rows, k_weight_ptr, mask_ptr, stride_mask_a,
+                              stride_mask_k, K, K, POSITIVES, ACC)
+        p_t = _positive_weights(rows, row_mask, cols, col_mask, rows, rows, k_weight_ptr, mask_ptr, stride_mask_k,
+                                stride_mask_a, K, K, POSITIVES, ACC)
         e -= w_rows[:, None] * p + w_cols[None, :] * p_t
     if MASKED:
         kept = row_mask[:, None] & col_mask[None, :] & (cols[None, :] != rows[:, None] + self_offset)
@@ -1100,41 +553,12 @@ def _symmetric_tile(
 
 @triton.jit
 def _symmetric_keys(
-    d_hat,
-    radial,
-    first_row,
-    a_ptrs,
-    k_ptr,
-    stride_km,
-    stride_kd,
-    k_inv_ptr,
-    k_lse2_ptr,
-    k_weight_ptr,
-    rows,
-    row_mask,
-    row_scale,
-    lse2_rows,
-    w_rows,
-    mask_ptr,
-    stride_mask_a,
-    stride_mask_k,
-    self_offset,
-    K,
-    D,
-    stride_ad,
-    out,
-    out_mask,
-    NORMALIZE: tl.constexpr,
-    POSITIVES: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    EVEN_D: tl.constexpr,
-    EVEN_DO: tl.constexpr,
-    PRECISION: tl.constexpr,
-    ACC: tl.constexpr,
-    PRESCALE: tl.constexpr,
-    SCALE_OPERAND: tl.constexpr,
+    d_hat, radial, first_row, a_ptrs, k_ptr, stride_km, stride_kd, k_inv_ptr, k_lse2_ptr, k_weight_ptr,
+    rows, row_mask, row_scale, lse2_rows, w_rows, mask_ptr, stride_mask_a, stride_mask_k, self_offset, K, D,
+    stride_ad, out, out_mask,
+    NORMALIZE: tl.constexpr, POSITIVES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, EVEN_DO: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
+    PRESCALE: tl.constexpr, SCALE_OPERAND: tl.constexpr,
 ):
     """Walks all K key rows at ``k_ptr`` with :func:`_symmetric_tile`: steady tiles unmasked, then the self
     tiles (entry c = r + self_offset; an offset ≥ K means none) and the tail tile masked."""
@@ -1144,122 +568,23 @@ def _symmetric_keys(
     full, self_lo, self_hi = _tile_ranges(first_row, BLOCK_M, self_offset, K, BLOCK_N, True)
     for tile in range(0, self_lo):
         d_hat, radial = _symmetric_tile(
-            d_hat,
-            radial,
-            tile * BLOCK_N,
-            a_ptrs,
-            b_ptrs0,
-            slice_ptrs0,
-            stride_km,
-            stride_kd,
-            k_inv_ptr,
-            k_lse2_ptr,
-            k_weight_ptr,
-            rows,
-            row_mask,
-            row_scale,
-            lse2_rows,
-            w_rows,
-            mask_ptr,
-            stride_mask_a,
-            stride_mask_k,
-            self_offset,
-            K,
-            D,
-            stride_ad,
-            out_mask,
-            NORMALIZE,
-            POSITIVES,
-            False,
-            BLOCK_M,
-            BLOCK_N,
-            BLOCK_D,
-            EVEN_D,
-            EVEN_DO,
-            PRECISION,
-            ACC,
-            PRESCALE,
-            SCALE_OPERAND,
-        )
+            d_hat, radial, tile * BLOCK_N, a_ptrs, b_ptrs0, slice_ptrs0, stride_km, stride_kd, k_inv_ptr, k_lse2_ptr,
+            k_weight_ptr, rows, row_mask, row_scale, lse2_rows, w_rows, mask_ptr, stride_mask_a, stride_mask_k,
+            self_offset, K, D, stride_ad, out_mask, NORMALIZE, POSITIVES, False, BLOCK_M, BLOCK_N, BLOCK_D, EVEN_D,
+            EVEN_DO, PRECISION, ACC, PRESCALE, SCALE_OPERAND)
     for tile in range(self_hi, full):
         d_hat, radial = _symmetric_tile(
-            d_hat,
-            radial,
-            tile * BLOCK_N,
-            a_ptrs,
-            b_ptrs0,
-            slice_ptrs0,
-            stride_km,
-            stride_kd,
-            k_inv_ptr,
-            k_lse2_ptr,
-            k_weight_ptr,
-            rows,
-            row_mask,
-            row_scale,
-            lse2_rows,
-            w_rows,
-            mask_ptr,
-            stride_mask_a,
-            stride_mask_k,
-            self_offset,
-            K,
-            D,
-            stride_ad,
-            out_mask,
-            NORMALIZE,
-            POSITIVES,
-            False,
-            BLOCK_M,
-            BLOCK_N,
-            BLOCK_D,
-            EVEN_D,
-            EVEN_DO,
-            PRECISION,
-            ACC,
-            PRESCALE,
-            SCALE_OPERAND,
-        )
+            d_hat, radial, tile * BLOCK_N, a_ptrs, b_ptrs0, slice_ptrs0, stride_km, stride_kd, k_inv_ptr, k_lse2_ptr,
+            k_weight_ptr, rows, row_mask, row_scale, lse2_rows, w_rows, mask_ptr, stride_mask_a, stride_mask_k,
+            self_offset, K, D, stride_ad, out_mask, NORMALIZE, POSITIVES, False, BLOCK_M, BLOCK_N, BLOCK_D, EVEN_D,
+            EVEN_DO, PRECISION, ACC, PRESCALE, SCALE_OPERAND)
     for step in range(0, self_hi - self_lo + tl.cdiv(K, BLOCK_N) - full):
         tile = tl.where(self_lo + step < self_hi, self_lo + step, full)
         d_hat, radial = _symmetric_tile(
-            d_hat,
-            radial,
-            tile * BLOCK_N,
-            a_ptrs,
-            b_ptrs0,
-            slice_ptrs0,
-            stride_km,
-            stride_kd,
-            k_inv_ptr,
-            k_lse2_ptr,
-            k_weight_ptr,
-            rows,
-            row_mask,
-            row_scale,
-            lse2_rows,
-            w_rows,
-            mask_ptr,
-            stride_mask_a,
-            stride_mask_k,
-            self_offset,
-            K,
-            D,
-            stride_ad,
-            out_mask,
-            NORMALIZE,
-            POSITIVES,
-            True,
-            BLOCK_M,
-            BLOCK_N,
-            BLOCK_D,
-            EVEN_D,
-            EVEN_DO,
-            PRECISION,
-            ACC,
-            PRESCALE,
-            SCALE_OPERAND,
-        )
+            d_hat, radial, tile * BLOCK_N, a_ptrs, b_ptrs0, slice_ptrs0, stride_km, stride_kd, k_inv_ptr, k_lse2_ptr,
+            k_weight_ptr, rows, row_mask, row_scale, lse2_rows, w_rows, mask_ptr, stride_mask_a, stride_mask_k,
+            self_offset, K, D, stride_ad, out_mask, NORMALIZE, POSITIVES, True, BLOCK_M, BLOCK_N, BLOCK_D, EVEN_D,
+            EVEN_DO, PRECISION, ACC, PRESCALE, SCALE_OPERAND)
     return d_hat, radial
 
 
@@ -1279,49 +604,13 @@ def _load_slice(ptrs, idx_mask, out_mask, MASK_IDX: tl.constexpr, EVEN_DO: tl.co
 @_EVEN_FEATURES
 @triton.jit
 def _block_anchor_kernel(
-    a_ptr,
-    stride_am,
-    stride_ad,
-    k_ptr,
-    stride_km,
-    stride_kd,
-    a_inv_ptr,
-    k_inv_ptr,
-    tau_ptr,
-    pos_index_ptr,
-    a_labels_ptr,
-    k_labels_ptr,
-    mask_ptr,
-    stride_mask_a,
-    stride_mask_k,
-    mask_rows,
-    mask_cols,
-    self_offset,
-    bias_ptr,
-    lse_ptr,
-    alpha_ptr,
-    beta_ptr,
-    da_ptr,
-    gsum_ptr,
-    A,
-    K,
-    D,
-    SHAPE_BUCKET,
-    NORMALIZE: tl.constexpr,
-    POSITIVES: tl.constexpr,
-    HAS_SELF: tl.constexpr,
-    EXCLUDE_POSITIVES: tl.constexpr,
-    SIGMOID: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    BLOCK_DO: tl.constexpr,
-    EVEN_D: tl.constexpr,
-    EVEN_DO: tl.constexpr,
-    PRECISION: tl.constexpr,
-    ACC: tl.constexpr,
-    PRESCALE: tl.constexpr,
-    SCALE_OPERAND: tl.constexpr,
+    a_ptr, stride_am, stride_ad, k_ptr, stride_km, stride_kd, a_inv_ptr, k_inv_ptr, tau_ptr,
+    pos_index_ptr, a_labels_ptr, k_labels_ptr, mask_ptr, stride_mask_a, stride_mask_k, mask_rows, mask_cols,
+    self_offset, bias_ptr, lse_ptr, alpha_ptr, beta_ptr, da_ptr, gsum_ptr, A, K, D, SHAPE_BUCKET,
+    NORMALIZE: tl.constexpr, POSITIVES: tl.constexpr, HAS_SELF: tl.constexpr, EXCLUDE_POSITIVES: tl.constexpr,
+    SIGMOID: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr,
+    EVEN_D: tl.constexpr, EVEN_DO: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
+    PRESCALE: tl.constexpr, SCALE_OPERAND: tl.constexpr,
 ):
     """Anchor owner: dâ[rows, out] = Σ_c G k̂_c / τ into d_a (the normalization backward is the row
     epilogue's, which needs the whole row); SIGMOID: the programs of the first feature slice also store
@@ -1344,152 +633,36 @@ def _block_anchor_kernel(
     full, self_lo, self_hi = _tile_ranges(first_row, BLOCK_M, self_offset, K, BLOCK_N, HAS_SELF)
     for tile in range(0, self_lo):
         d_hat, g_sum = _anchor_tile(
-            d_hat,
-            g_sum,
-            tile * BLOCK_N,
-            a_ptrs,
-            b_ptrs0,
-            slice_ptrs0,
-            stride_km,
-            stride_kd,
-            k_inv_ptr,
-            rows,
-            row_mask,
-            row_scale,
-            lse2,
-            alpha,
-            beta,
-            pos_rows,
-            a_labels,
-            k_labels_ptr,
-            mask_ptr,
-            stride_mask_a,
-            stride_mask_k,
-            mask_rows,
-            mask_cols,
-            self_offset,
-            K,
-            D,
-            stride_ad,
-            out,
-            out_mask,
-            NORMALIZE,
-            POSITIVES,
-            HAS_SELF,
-            EXCLUDE_POSITIVES,
-            SIGMOID,
-            False,
-            BLOCK_M,
-            BLOCK_N,
-            BLOCK_D,
-            EVEN_D,
-            EVEN_DO,
-            SCALE_OPERAND,
-            PRECISION,
-            ACC,
-        )
+            d_hat, g_sum, tile * BLOCK_N, a_ptrs, b_ptrs0, slice_ptrs0, stride_km, stride_kd, k_inv_ptr, rows,
+            row_mask, row_scale, lse2,
+            alpha, beta, pos_rows, a_labels, k_labels_ptr, mask_ptr, stride_mask_a, stride_mask_k, mask_rows,
+            mask_cols, self_offset, K, D, stride_ad, out, out_mask, NORMALIZE, POSITIVES, HAS_SELF,
+            EXCLUDE_POSITIVES, SIGMOID, False, BLOCK_M, BLOCK_N, BLOCK_D, EVEN_D, EVEN_DO, SCALE_OPERAND,
+            PRECISION, ACC)
     for tile in range(self_hi, full):
         d_hat, g_sum = _anchor_tile(
-            d_hat,
-            g_sum,
-            tile * BLOCK_N,
-            a_ptrs,
-            b_ptrs0,
-            slice_ptrs0,
-            stride_km,
-            stride_kd,
-            k_inv_ptr,
-            rows,
-            row_mask,
-            row_scale,
-            lse2,
-            alpha,
-            beta,
-            pos_rows,
-            a_labels,
-            k_labels_ptr,
-            mask_ptr,
-            stride_mask_a,
-            stride_mask_k,
-            mask_rows,
-            mask_cols,
-            self_offset,
-            K,
-            D,
-            stride_ad,
-            out,
-            out_mask,
-            NORMALIZE,
-            POSITIVES,
-            HAS_SELF,
-            EXCLUDE_POSITIVES,
-            SIGMOID,
-            False,
-            BLOCK_M,
-            BLOCK_N,
-            BLOCK_D,
-            EVEN_D,
-            EVEN_DO,
-            SCALE_OPERAND,
-            PRECISION,
-            ACC,
-        )
+            d_hat, g_sum, tile * BLOCK_N, a_ptrs, b_ptrs0, slice_ptrs0, stride_km, stride_kd, k_inv_ptr, rows,
+            row_mask, row_scale, lse2,
+            alpha, beta, pos_rows, a_labels, k_labels_ptr, mask_ptr, stride_mask_a, stride_mask_k, mask_rows,
+            mask_cols, self_offset, K, D, stride_ad, out, out_mask, NORMALIZE, POSITIVES, HAS_SELF,
+            EXCLUDE_POSITIVES, SIGMOID, False, BLOCK_M, BLOCK_N, BLOCK_D, EVEN_D, EVEN_DO, SCALE_OPERAND,
+            PRECISION, ACC)
     for step in range(0, self_hi - self_lo + tl.cdiv(K, BLOCK_N) - full):
         tile = tl.where(self_lo + step < self_hi, self_lo + step, full)
         d_hat, g_sum = _anchor_tile(
-            d_hat,
-            g_sum,
-            tile * BLOCK_N,
-            a_ptrs,
-            b_ptrs0,
-            slice_ptrs0,
-            stride_km,
-            stride_kd,
-            k_inv_ptr,
-            rows,
-            row_mask,
-            row_scale,
-            lse2,
-            alpha,
-            beta,
-            pos_rows,
-            a_labels,
-            k_labels_ptr,
-            mask_ptr,
-            stride_mask_a,
-            stride_mask_k,
-            mask_rows,
-            mask_cols,
-            self_offset,
-            K,
-            D,
-            stride_ad,
-            out,
-            out_mask,
-            NORMALIZE,
-            POSITIVES,
-            HAS_SELF,
-            EXCLUDE_POSITIVES,
-            SIGMOID,
-            True,
-            BLOCK_M,
-            BLOCK_N,
-            BLOCK_D,
-            EVEN_D,
-            EVEN_DO,
-            SCALE_OPERAND,
-            PRECISION,
-            ACC,
-        )
+            d_hat, g_sum, tile * BLOCK_N, a_ptrs, b_ptrs0, slice_ptrs0, stride_km, stride_kd, k_inv_ptr, rows,
+            row_mask, row_scale, lse2,
+            alpha, beta, pos_rows, a_labels, k_labels_ptr, mask_ptr, stride_mask_a, stride_mask_k, mask_rows,
+            mask_cols, self_offset, K, D, stride_ad, out, out_mask, NORMALIZE, POSITIVES, HAS_SELF,
+            EXCLUDE_POSITIVES, SIGMOID, True, BLOCK_M, BLOCK_N, BLOCK_D, EVEN_D, EVEN_DO, SCALE_OPERAND, PRECISION, ACC)
     if POSITIVES == 1:
         # −beta_a·k̂_pos(a): a gather of the positives' rows, outside the loop.
         valid = row_mask & (pos_rows >= 0)
         if HAS_SELF:
             valid = valid & (pos_rows != rows + self_offset)
         pos = tl.where(valid, pos_rows, 0)
-        k_pos = _load_slice(
-            k_ptr + pos.to(tl.int64)[:, None] * stride_km + out[None, :] * stride_kd, valid, out_mask, True, EVEN_DO
-        ).to(ACC)
+        k_pos = _load_slice(k_ptr + pos.to(tl.int64)[:, None] * stride_km + out[None, :] * stride_kd, valid, out_mask,
+                            True, EVEN_DO).to(ACC)
         if NORMALIZE:
             k_pos = k_pos * tl.load(k_inv_ptr + pos, mask=valid, other=1.0)[:, None]
         d_hat -= tl.where(valid, beta, 0.0)[:, None] * k_pos
@@ -1498,60 +671,19 @@ def _block_anchor_kernel(
     if SIGMOID:
         if tl.program_id(1) == 0:
             tl.store(gsum_ptr + rows, g_sum / PRESCALE, mask=row_mask)
-    tl.store(
-        da_ptr + rows.to(tl.int64)[:, None] * D + out[None, :],
-        d_hat / (PRESCALE * tau),
-        mask=row_mask[:, None] & out_mask[None, :],
-    )
+    tl.store(da_ptr + rows.to(tl.int64)[:, None] * D + out[None, :], d_hat / (PRESCALE * tau),
+             mask=row_mask[:, None] & out_mask[None, :])
 
 
 @triton.jit
 def _key_tile(
-    d_hat,
-    start,
-    cols,
-    col_mask,
-    b_ptrs,
-    a_ptrs0,
-    slice_ptrs0,
-    stride_am,
-    stride_ad,
-    a_inv_ptr,
-    k_inv,
-    col_scale_tau,
-    pos_index_ptr,
-    a_labels_ptr,
-    k_labels_ptr,
-    mask_ptr,
-    stride_mask_a,
-    stride_mask_k,
-    mask_rows,
-    mask_cols,
-    self_offset,
-    bias_ptr,
-    lse_ptr,
-    alpha_ptr,
-    beta_ptr,
-    A,
-    D,
-    stride_kd,
-    out,
-    out_mask,
-    NORMALIZE: tl.constexpr,
-    POSITIVES: tl.constexpr,
-    HAS_SELF: tl.constexpr,
-    EXCLUDE_POSITIVES: tl.constexpr,
-    SIGMOID: tl.constexpr,
-    MASKED: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    EVEN_D: tl.constexpr,
-    EVEN_DO: tl.constexpr,
-    PRECISION: tl.constexpr,
-    ACC: tl.constexpr,
-    PRESCALE: tl.constexpr,
-    SCALE_OPERAND: tl.constexpr,
+    d_hat, start, cols, col_mask, b_ptrs, a_ptrs0, slice_ptrs0, stride_am, stride_ad, a_inv_ptr, k_inv, col_scale_tau,
+    pos_index_ptr, a_labels_ptr, k_labels_ptr, mask_ptr, stride_mask_a, stride_mask_k, mask_rows, mask_cols,
+    self_offset, bias_ptr, lse_ptr, alpha_ptr, beta_ptr, A, D, stride_kd, out, out_mask,
+    NORMALIZE: tl.constexpr, POSITIVES: tl.constexpr, HAS_SELF: tl.constexpr, EXCLUDE_POSITIVES: tl.constexpr,
+    SIGMOID: tl.constexpr, MASKED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    EVEN_D: tl.constexpr, EVEN_DO: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
+    PRESCALE: tl.constexpr, SCALE_OPERAND: tl.constexpr,
 ):
     """d_hat += G[tile, cols]ᵀ·â[tile, out] (times PRESCALE) for anchor tile ``start``."""
     rows = start + tl.arange(0, BLOCK_M)
@@ -1561,53 +693,15 @@ def _key_tile(
         row_mask = tl.full((BLOCK_M,), 1, tl.int1)
     # Tile-0 pointers plus one scalar offset per tile: no per-element index math in the loop.
     a_ptrs = a_ptrs0 + tl.cast(start, tl.int64) * stride_am
-    acc = _similarity_chunks(
-        a_ptrs,
-        b_ptrs,
-        row_mask,
-        col_mask,
-        D,
-        stride_ad,
-        stride_kd,
-        BLOCK_M,
-        BLOCK_N,
-        BLOCK_D,
-        EVEN_D,
-        MASKED,
-        True,
-        PRECISION,
-        ACC,
-    )
+    acc = _similarity_chunks(a_ptrs, b_ptrs, row_mask, col_mask, D, stride_ad, stride_kd, BLOCK_M, BLOCK_N,
+                             BLOCK_D, EVEN_D, MASKED, True, PRECISION, ACC)
     a_inv = load_inverse_norms(a_inv_ptr, rows, row_mask, NORMALIZE, ACC)
     t = acc * (a_inv * _LOG2E)[:, None] * col_scale_tau[None, :]
     pos_rows, a_labels = _row_positives(pos_index_ptr, a_labels_ptr, rows, row_mask, POSITIVES)
     lse2, alpha, beta = _row_coefficients(lse_ptr, alpha_ptr, beta_ptr, bias_ptr, rows, row_mask, PRESCALE, SIGMOID)
-    g = _gradient_tile(
-        t,
-        rows,
-        row_mask,
-        cols,
-        col_mask,
-        lse2,
-        alpha,
-        beta,
-        pos_rows,
-        a_labels,
-        k_labels_ptr,
-        mask_ptr,
-        stride_mask_a,
-        stride_mask_k,
-        mask_rows,
-        mask_cols,
-        self_offset,
-        POSITIVES,
-        HAS_SELF,
-        EXCLUDE_POSITIVES,
-        True,
-        MASKED,
-        ACC,
-        SIGMOID,
-    )
+    g = _gradient_tile(t, rows, row_mask, cols, col_mask, lse2, alpha, beta, pos_rows, a_labels, k_labels_ptr,
+                       mask_ptr, stride_mask_a, stride_mask_k, mask_rows, mask_cols, self_offset, POSITIVES,
+                       HAS_SELF, EXCLUDE_POSITIVES, True, MASKED, ACC, SIGMOID)
     a_slice = _load_slice(slice_ptrs0 + tl.cast(start, tl.int64) * stride_am, row_mask, out_mask, MASKED, EVEN_DO)
     if NORMALIZE:
         if SCALE_OPERAND:  # float16: â = a·r as the operand (see _anchor_tile)
@@ -1621,48 +715,13 @@ def _key_tile(
 @_EVEN_FEATURES
 @triton.jit
 def _block_key_kernel(
-    a_ptr,
-    stride_am,
-    stride_ad,
-    k_ptr,
-    stride_km,
-    stride_kd,
-    a_inv_ptr,
-    k_inv_ptr,
-    tau_ptr,
-    pos_index_ptr,
-    a_labels_ptr,
-    k_labels_ptr,
-    mask_ptr,
-    stride_mask_a,
-    stride_mask_k,
-    mask_rows,
-    mask_cols,
-    self_offset,
-    bias_ptr,
-    lse_ptr,
-    alpha_ptr,
-    beta_ptr,
-    dk_ptr,
-    A,
-    K,
-    D,
-    SHAPE_BUCKET,
-    NORMALIZE: tl.constexpr,
-    POSITIVES: tl.constexpr,
-    HAS_SELF: tl.constexpr,
-    EXCLUDE_POSITIVES: tl.constexpr,
-    SIGMOID: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    BLOCK_DO: tl.constexpr,
-    EVEN_D: tl.constexpr,
-    EVEN_DO: tl.constexpr,
-    PRECISION: tl.constexpr,
-    ACC: tl.constexpr,
-    PRESCALE: tl.constexpr,
-    SCALE_OPERAND: tl.constexpr,
+    a_ptr, stride_am, stride_ad, k_ptr, stride_km, stride_kd, a_inv_ptr, k_inv_ptr, tau_ptr,
+    pos_index_ptr, a_labels_ptr, k_labels_ptr, mask_ptr, stride_mask_a, stride_mask_k, mask_rows, mask_cols,
+    self_offset, bias_ptr, lse_ptr, alpha_ptr, beta_ptr, dk_ptr, A, K, D, SHAPE_BUCKET,
+    NORMALIZE: tl.constexpr, POSITIVES: tl.constexpr, HAS_SELF: tl.constexpr, EXCLUDE_POSITIVES: tl.constexpr,
+    SIGMOID: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr,
+    EVEN_D: tl.constexpr, EVEN_DO: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
+    PRESCALE: tl.constexpr, SCALE_OPERAND: tl.constexpr,
 ):
     """Key owner: dk̂[cols, out] = Σ_a G_ac â_a / τ over all anchor tiles (the anchor pass's tile a·kᵀ,
     transposed) into d_k; the normalization backward is the row epilogue's."""
@@ -1685,171 +744,35 @@ def _block_key_kernel(
     full, self_lo, self_hi = _tile_ranges(first_col, BLOCK_N, -self_offset, A, BLOCK_M, HAS_SELF)
     for tile in range(0, self_lo):
         d_hat = _key_tile(
-            d_hat,
-            tile * BLOCK_M,
-            cols,
-            col_mask,
-            b_ptrs,
-            a_ptrs0,
-            slice_ptrs0,
-            stride_am,
-            stride_ad,
-            a_inv_ptr,
-            k_inv,
-            col_scale_tau,
-            pos_index_ptr,
-            a_labels_ptr,
-            k_labels_ptr,
-            mask_ptr,
-            stride_mask_a,
-            stride_mask_k,
-            mask_rows,
-            mask_cols,
-            self_offset,
-            bias_ptr,
-            lse_ptr,
-            alpha_ptr,
-            beta_ptr,
-            A,
-            D,
-            stride_kd,
-            out,
-            out_mask,
-            NORMALIZE,
-            POSITIVES,
-            HAS_SELF,
-            EXCLUDE_POSITIVES,
-            SIGMOID,
-            False,
-            BLOCK_M,
-            BLOCK_N,
-            BLOCK_D,
-            EVEN_D,
-            EVEN_DO,
-            PRECISION,
-            ACC,
-            PRESCALE,
-            SCALE_OPERAND,
-        )
+            d_hat, tile * BLOCK_M, cols, col_mask, b_ptrs, a_ptrs0, slice_ptrs0, stride_am, stride_ad, a_inv_ptr, k_inv,
+            col_scale_tau, pos_index_ptr, a_labels_ptr, k_labels_ptr, mask_ptr, stride_mask_a, stride_mask_k,
+            mask_rows, mask_cols, self_offset, bias_ptr, lse_ptr, alpha_ptr, beta_ptr, A, D, stride_kd, out,
+            out_mask, NORMALIZE, POSITIVES, HAS_SELF, EXCLUDE_POSITIVES, SIGMOID, False, BLOCK_M, BLOCK_N,
+            BLOCK_D, EVEN_D, EVEN_DO, PRECISION, ACC, PRESCALE, SCALE_OPERAND)
     for tile in range(self_hi, full):
         d_hat = _key_tile(
-            d_hat,
-            tile * BLOCK_M,
-            cols,
-            col_mask,
-            b_ptrs,
-            a_ptrs0,
-            slice_ptrs0,
-            stride_am,
-            stride_ad,
-            a_inv_ptr,
-            k_inv,
-            col_scale_tau,
-            pos_index_ptr,
-            a_labels_ptr,
-            k_labels_ptr,
-            mask_ptr,
-            stride_mask_a,
-            stride_mask_k,
-            mask_rows,
-            mask_cols,
-            self_offset,
-            bias_ptr,
-            lse_ptr,
-            alpha_ptr,
-            beta_ptr,
-            A,
-            D,
-            stride_kd,
-            out,
-            out_mask,
-            NORMALIZE,
-            POSITIVES,
-            HAS_SELF,
-            EXCLUDE_POSITIVES,
-            SIGMOID,
-            False,
-            BLOCK_M,
-            BLOCK_N,
-            BLOCK_D,
-            EVEN_D,
-            EVEN_DO,
-            PRECISION,
-            ACC,
-            PRESCALE,
-            SCALE_OPERAND,
-        )
+            d_hat, tile * BLOCK_M, cols, col_mask, b_ptrs, a_ptrs0, slice_ptrs0, stride_am, stride_ad, a_inv_ptr, k_inv,
+            col_scale_tau, pos_index_ptr, a_labels_ptr, k_labels_ptr, mask_ptr, stride_mask_a, stride_mask_k,
+            mask_rows, mask_cols, self_offset, bias_ptr, lse_ptr, alpha_ptr, beta_ptr, A, D, stride_kd, out,
+            out_mask, NORMALIZE, POSITIVES, HAS_SELF, EXCLUDE_POSITIVES, SIGMOID, False, BLOCK_M, BLOCK_N,
+            BLOCK_D, EVEN_D, EVEN_DO, PRECISION, ACC, PRESCALE, SCALE_OPERAND)
     row_tiles = tl.cdiv(A, BLOCK_M)
     for step in range(0, self_hi - self_lo + row_tiles - full):
         tile = tl.where(self_lo + step < self_hi, self_lo + step, full + (step - (self_hi - self_lo)))
         d_hat = _key_tile(
-            d_hat,
-            tile * BLOCK_M,
-            cols,
-            col_mask,
-            b_ptrs,
-            a_ptrs0,
-            slice_ptrs0,
-            stride_am,
-            stride_ad,
-            a_inv_ptr,
-            k_inv,
-            col_scale_tau,
-            pos_index_ptr,
-            a_labels_ptr,
-            k_labels_ptr,
-            mask_ptr,
-            stride_mask_a,
-            stride_mask_k,
-            mask_rows,
-            mask_cols,
-            self_offset,
-            bias_ptr,
-            lse_ptr,
-            alpha_ptr,
-            beta_ptr,
-            A,
-            D,
-            stride_kd,
-            out,
-            out_mask,
-            NORMALIZE,
-            POSITIVES,
-            HAS_SELF,
-            EXCLUDE_POSITIVES,
-            SIGMOID,
-            True,
-            BLOCK_M,
-            BLOCK_N,
-            BLOCK_D,
-            EVEN_D,
-            EVEN_DO,
-            PRECISION,
-            ACC,
-            PRESCALE,
-            SCALE_OPERAND,
-        )
-    tl.store(
-        dk_ptr + cols.to(tl.int64)[:, None] * D + out[None, :],
-        d_hat / (PRESCALE * tau),
-        mask=col_mask[:, None] & out_mask[None, :],
-    )
+            d_hat, tile * BLOCK_M, cols, col_mask, b_ptrs, a_ptrs0, slice_ptrs0, stride_am, stride_ad, a_inv_ptr, k_inv,
+            col_scale_tau, pos_index_ptr, a_labels_ptr, k_labels_ptr, mask_ptr, stride_mask_a, stride_mask_k,
+            mask_rows, mask_cols, self_offset, bias_ptr, lse_ptr, alpha_ptr, beta_ptr, A, D, stride_kd, out,
+            out_mask, NORMALIZE, POSITIVES, HAS_SELF, EXCLUDE_POSITIVES, SIGMOID, True, BLOCK_M, BLOCK_N,
+            BLOCK_D, EVEN_D, EVEN_DO, PRECISION, ACC, PRESCALE, SCALE_OPERAND)
+    tl.store(dk_ptr + cols.to(tl.int64)[:, None] * D + out[None, :], d_hat / (PRESCALE * tau),
+             mask=col_mask[:, None] & out_mask[None, :])
 
 
 @triton.jit
 def _normalization_backward_kernel(
-    x_ptr,
-    stride_m,
-    stride_d,
-    inv_ptr,
-    grad_ptr,
-    radial_ptr,
-    n,
-    D,
-    NORMALIZE: tl.constexpr,
-    BLOCK: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    ACC: tl.constexpr,
+    x_ptr, stride_m, stride_d, inv_ptr, grad_ptr, radial_ptr, n, D,
+    NORMALIZE: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr,
 ):
     """Row epilogue, in place on grad [n, D] (= dx̂): radial = ⟨x̂, dx̂⟩ = Σ_c G s (stored), then
     F.normalize's backward (``_common.store_row_gradient``); without normalization only radial = ⟨x, dx⟩."""
@@ -1871,20 +794,15 @@ def _normalization_backward_kernel(
         for d0 in range(0, D, BLOCK_D):
             d = d0 + tl.arange(0, BLOCK_D)
             d_mask = d < D
-            d_hat = tl.load(
-                grad_ptr + rows.to(tl.int64)[:, None] * D + d[None, :],
-                mask=row_mask[:, None] & d_mask[None, :],
-                other=0.0,
-            )
+            d_hat = tl.load(grad_ptr + rows.to(tl.int64)[:, None] * D + d[None, :],
+                            mask=row_mask[:, None] & d_mask[None, :], other=0.0)
             store_row_gradient(x, grad, rows, row_mask, d, d_mask, inv, d_hat, radial, NORMALIZE, ACC)
 
 
 # --- host side ------------------------------------------------------------------------------------------
 
-
-def _check(
-    a: Tensor, a_inv: Optional[Tensor], k: Tensor, k_inv: Optional[Tensor], tau: Tensor, sub_dim: int, layout: Layout
-) -> None:
+def _check(a: Tensor, a_inv: Optional[Tensor], k: Tensor, k_inv: Optional[Tensor], tau: Tensor, sub_dim: int,
+           layout: Layout) -> None:
     if a.dim() != 2 or k.dim() != 2:
         raise ValueError(f"a, k: expected 2-D [rows, D] tensors, got shapes {tuple(a.shape)} and {tuple(k.shape)}")
     if a.dtype != k.dtype:
@@ -1902,7 +820,7 @@ def _int32_labels(labels: Tensor, device: torch.device) -> Tensor:
     checked on the host for CPU tensors, asynchronously on the device (no sync) for CUDA ones."""
     labels = labels.to(device=device)
     if labels.numel():
-        fits = (labels.min() >= -(2**31)) & (labels.max() < 2**31)
+        fits = (labels.min() >= -2**31) & (labels.max() < 2**31)
         if labels.device.type == "cuda":
             torch._assert_async(fits, "layout labels: class ids must fit in int32")
         elif not bool(fits):
@@ -1912,10 +830,8 @@ def _int32_labels(labels: Tensor, device: torch.device) -> Tensor:
 
 def _check_label_shapes(layout: Layout, a: Tensor, k: Tensor) -> None:
     if layout.a_labels.shape != (a.shape[0],) or layout.k_labels.shape != (k.shape[0],):
-        raise ValueError(
-            f"layout.a_labels, layout.k_labels: expected shapes ({a.shape[0]},) and "
-            f"({k.shape[0]},), got {tuple(layout.a_labels.shape)} and {tuple(layout.k_labels.shape)}"
-        )
+        raise ValueError(f"layout.a_labels, layout.k_labels: expected shapes ({a.shape[0]},) and "
+                         f"({k.shape[0]},), got {tuple(layout.a_labels.shape)} and {tuple(layout.k_labels.shape)}")
 
 
 def _forward_layout(layout: Layout) -> Layout:
@@ -1944,9 +860,8 @@ def _layout_args(layout: Layout, a: Tensor, k: Tensor, placeholder: Tensor) -> t
     elif layout.positives == "mask":
         mask = layout.mask
         if mask.dim() != 2 or mask.device != a.device:
-            raise ValueError(
-                f"layout.mask: expected a 2-D tensor on {a.device}, got shape {tuple(mask.shape)} on {mask.device}"
-            )
+            raise ValueError(f"layout.mask: expected a 2-D tensor on {a.device}, got shape {tuple(mask.shape)} "
+                             f"on {mask.device}")
         mask = mask.view(torch.uint8) if mask.dtype == torch.bool else mask
         stride_mask_a, stride_mask_k = mask.stride()
         mask_rows, mask_cols = mask.shape
@@ -1954,30 +869,13 @@ def _layout_args(layout: Layout, a: Tensor, k: Tensor, placeholder: Tensor) -> t
     bias = placeholder
     if sigmoid:
         acc = accumulation_dtype(a.dtype)
-        bias = (
-            torch.zeros((), dtype=acc, device=a.device)
-            if layout.bias is None
-            else layout.bias.to(device=a.device, dtype=acc).reshape(()).contiguous()
-        )
+        bias = (torch.zeros((), dtype=acc, device=a.device) if layout.bias is None
+                else layout.bias.to(device=a.device, dtype=acc).reshape(()).contiguous())
     has_self = layout.self_offset is not None
-    args = (
-        index,
-        labels_a,
-        labels_k,
-        mask,
-        stride_mask_a,
-        stride_mask_k,
-        mask_rows,
-        mask_cols,
-        layout.self_offset if has_self else 0,
-        bias,
-    )
-    return args, dict(
-        POSITIVES=_POSITIVES[layout.positives],
-        HAS_SELF=has_self,
-        EXCLUDE_POSITIVES=layout.exclude_positives,
-        SIGMOID=sigmoid,
-    )
+    args = (index, labels_a, labels_k, mask, stride_mask_a, stride_mask_k, mask_rows, mask_cols,
+            layout.self_offset if has_self else 0, bias)
+    return args, dict(POSITIVES=_POSITIVES[layout.positives], HAS_SELF=has_self,
+                      EXCLUDE_POSITIVES=layout.exclude_positives, SIGMOID=sigmoid)
 
 
 def _row_args(a: Tensor, a_inv: Optional[Tensor], k: Tensor, k_inv: Optional[Tensor], tau: Tensor) -> tuple:
@@ -2015,19 +913,9 @@ def block_forward(
         _check_label_shapes(layout, a, k)
     layout_args, flags = _layout_args(kernel_layout, a, k, tau)
     _block_forward_kernel[lambda meta: (triton.cdiv(n_anchors, meta["BLOCK_M"]),)](
-        *_row_args(a, a_inv, k, k_inv, tau),
-        *layout_args,
-        lse,
-        pos_sum,
-        pos_weight,
-        n_anchors,
-        n_keys,
-        sub_dim,
+        *_row_args(a, a_inv, k, k_inv, tau), *layout_args, lse, pos_sum, pos_weight, n_anchors, n_keys, sub_dim,
         shape_bucket(max(n_anchors, n_keys)),
-        NORMALIZE=a_inv is not None,
-        PRECISION=dot_precision(a.dtype),
-        ACC=accumulator(a.dtype),
-        **flags,
+        NORMALIZE=a_inv is not None, PRECISION=dot_precision(a.dtype), ACC=accumulator(a.dtype), **flags,
     )
     if class_sums:
         pos_sum, pos_weight = _label_positives(a, a_inv, k, k_inv, tau, sub_dim, layout)
@@ -2046,9 +934,8 @@ def _unit_rows(x: Tensor, inv: Optional[Tensor], index, sub_dim: int, acc) -> Te
     return rows if inv is None else rows * inv[index, None]
 
 
-def _label_positives(
-    a: Tensor, a_inv: Optional[Tensor], k: Tensor, k_inv: Optional[Tensor], tau: Tensor, sub_dim: int, layout: Layout
-) -> tuple[Tensor, Tensor]:
+def _label_positives(a: Tensor, a_inv: Optional[Tensor], k: Tensor, k_inv: Optional[Tensor], tau: Tensor,
+                     sub_dim: int, layout: Layout) -> tuple[Tensor, Tensor]:
     """(pos_sum, pos_weight) of label positives outside the element loop. Σ_{c: y_c = y_a} s_ac =
     â·(Σ_{c: y_c = y_a} k̂_c)/τ: one sum of the key rows per class (O(K·D')), one dot per anchor, minus
     the anchor's own entry when it is one of the keys. A class is named by the sorted position of its
@@ -2086,16 +973,8 @@ def _label_positives(
 
 
 def block_backward(
-    a: Tensor,
-    a_inv: Optional[Tensor],
-    k: Tensor,
-    k_inv: Optional[Tensor],
-    tau: Tensor,
-    sub_dim: int,
-    layout: Layout,
-    lse: Tensor,
-    alpha: Tensor,
-    beta: Tensor,
+    a: Tensor, a_inv: Optional[Tensor], k: Tensor, k_inv: Optional[Tensor], tau: Tensor, sub_dim: int,
+    layout: Layout, lse: Tensor, alpha: Tensor, beta: Tensor,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(d_a [A, sub_dim], d_k [K, sub_dim], gs) of one block: gradients with respect to the RAW rows for
     G_ac = alpha_a·exp(s_ac − lse_a) − beta_a·P_ac (sigmoid: alpha_a·σ(s_ac + b) − beta_a·P_ac), and gs
@@ -2124,21 +1003,13 @@ def block_backward(
     layout_args, flags = _layout_args(layout, a, k, tau)
     # Σ_c G per anchor (sigmoid only; the softmax kernels never touch it).
     g_sum = torch.empty(n_anchors if flags["SIGMOID"] else 1, dtype=acc, device=a.device)
-    meta = dict(
-        NORMALIZE=a_inv is not None,
-        PRECISION=dot_precision(a.dtype),
-        ACC=accumulator(a.dtype),
-        PRESCALE=gradient_prescale(a.dtype),
-        SCALE_OPERAND=a.dtype == torch.float16,
-        **flags,
-    )
+    meta = dict(NORMALIZE=a_inv is not None, PRECISION=dot_precision(a.dtype), ACC=accumulator(a.dtype),
+                PRESCALE=gradient_prescale(a.dtype), SCALE_OPERAND=a.dtype == torch.float16, **flags)
     rows, bucket = _row_args(a, a_inv, k, k_inv, tau), shape_bucket(max(n_anchors, n_keys))
     _block_anchor_kernel[lambda m: (triton.cdiv(n_anchors, m["BLOCK_M"]), triton.cdiv(sub_dim, m["BLOCK_DO"]))](
-        *rows, *layout_args, lse, alpha, beta, d_a, g_sum, n_anchors, n_keys, sub_dim, bucket, **meta
-    )
+        *rows, *layout_args, lse, alpha, beta, d_a, g_sum, n_anchors, n_keys, sub_dim, bucket, **meta)
     _block_key_kernel[lambda m: (triton.cdiv(n_keys, m["BLOCK_N"]), triton.cdiv(sub_dim, m["BLOCK_DO"]))](
-        *rows, *layout_args, lse, alpha, beta, d_k, n_anchors, n_keys, sub_dim, bucket, **meta
-    )
+        *rows, *layout_args, lse, alpha, beta, d_k, n_anchors, n_keys, sub_dim, bucket, **meta)
     radial = _normalization_backward(a, a_inv, d_a, tau)
     _normalization_backward(k, k_inv, d_k, tau)
     if flags["SIGMOID"]:
@@ -2152,19 +1023,9 @@ def _normalization_backward(x: Tensor, inv: Optional[Tensor], grad: Tensor, tau:
     radial = torch.empty(n, dtype=grad.dtype, device=grad.device)
     block = 16 if interpreted() else 64
     _normalization_backward_kernel[(triton.cdiv(n, block),)](
-        x,
-        x.stride(0),
-        x.stride(1),
-        inv if inv is not None else tau,
-        grad,
-        radial,
-        n,
-        sub_dim,
-        NORMALIZE=inv is not None,
-        BLOCK=block,
-        BLOCK_D=max(16, min(64, triton.next_power_of_2(sub_dim))),
-        ACC=accumulator(x.dtype),
-        **LAUNCH_OPTIONS,
+        x, x.stride(0), x.stride(1), inv if inv is not None else tau, grad, radial, n, sub_dim,
+        NORMALIZE=inv is not None, BLOCK=block, BLOCK_D=max(16, min(64, triton.next_power_of_2(sub_dim))),
+        ACC=accumulator(x.dtype), **LAUNCH_OPTIONS,
     )
     return radial
 
@@ -2180,12 +1041,10 @@ def compile_specs(dtype: torch.dtype, precision: str, sub_dim: int, n: int = 409
     rows = (a, a.stride(0), a.stride(1), k, k.stride(0), k.stride(1), vector(), vector(), tau)
     specs = []
     ids = torch.zeros(n, dtype=torch.int64)
-    for name, layout in (
-        ("index", Layout(positives="index", self_offset=0, pos_index=ids)),
-        ("labels", Layout(positives="labels", self_offset=0, a_labels=ids, k_labels=ids)),
-        ("mask", Layout(positives="mask", self_offset=0, mask=torch.empty(n, n, dtype=torch.bool))),
-        ("sigmoid", Layout(positives="index", pos_index=ids, epilogue="sigmoid", bias=tau)),
-    ):
+    for name, layout in (("index", Layout(positives="index", self_offset=0, pos_index=ids)),
+                         ("labels", Layout(positives="labels", self_offset=0, a_labels=ids, k_labels=ids)),
+                         ("mask", Layout(positives="mask", self_offset=0, mask=torch.empty(n, n, dtype=torch.bool))),
+                         ("sigmoid", Layout(positives="index", pos_index=ids, epilogue="sigmoid", bias=tau))):
         layout_args, flags = _layout_args(layout, a, k, tau)
         common = dict(NORMALIZE=True, PRECISION=precision, ACC=accumulator(dtype), **flags)
         # As block_forward launches it (label positives come from class sums, not the element loop).
@@ -2194,45 +1053,13 @@ def compile_specs(dtype: torch.dtype, precision: str, sub_dim: int, n: int = 409
         backward = dict(common, PRESCALE=gradient_prescale(dtype), SCALE_OPERAND=dtype == torch.float16)
         coefficients = (vector(), vector(), vector())
         specs += [
-            CompileSpec(
-                f"block_{name}_forward",
-                "block_forward",
-                _block_forward_kernel.fn,
-                (*rows, *forward_args, vector(), vector(), vector(), n, n, sub_dim, shape_bucket(n)),
-                forward,
-            ),
-            CompileSpec(
-                f"block_{name}_anchor",
-                "block_backward",
-                _block_anchor_kernel.fn,
-                (
-                    *rows,
-                    *layout_args,
-                    *coefficients,
-                    torch.empty(n, sub_dim, dtype=acc),
-                    vector(),
-                    n,
-                    n,
-                    sub_dim,
-                    shape_bucket(n),
-                ),
-                backward,
-            ),
-            CompileSpec(
-                f"block_{name}_key",
-                "block_backward",
-                _block_key_kernel.fn,
-                (
-                    *rows,
-                    *layout_args,
-                    *coefficients,
-                    torch.empty(n, sub_dim, dtype=acc),
-                    n,
-                    n,
-                    sub_dim,
-                    shape_bucket(n),
-                ),
-                backward,
-            ),
+            CompileSpec(f"block_{name}_forward", "block_forward", _block_forward_kernel.fn,
+                        (*rows, *forward_args, vector(), vector(), vector(), n, n, sub_dim, shape_bucket(n)), forward),
+            CompileSpec(f"block_{name}_anchor", "block_backward", _block_anchor_kernel.fn,
+                        (*rows, *layout_args, *coefficients, torch.empty(n, sub_dim, dtype=acc), vector(), n, n,
+                         sub_dim, shape_bucket(n)), backward),
+            CompileSpec(f"block_{name}_key", "block_backward", _block_key_kernel.fn,
+                        (*rows, *layout_args, *coefficients, torch.empty(n, sub_dim, dtype=acc), n, n, sub_dim,
+                         shape_bucket(n)), backward),
         ]
     return specs
