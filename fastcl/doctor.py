@@ -25,6 +25,7 @@ import torch
 
 import fastcl
 from fastcl import dispatch, selfcheck
+from fastcl.profiler.cli import _names  # comma lists of names or `all`, as fastcl bench reads them
 
 __all__ = ["main", "environment_lines", "extension_state"]
 
@@ -87,17 +88,6 @@ def environment_lines() -> list[tuple[str, str]]:
     return rows
 
 
-def _names(allowed: Sequence[str], flag: str):
-    def parse(text: str) -> list[str]:
-        names = [n.strip() for n in text.split(",") if n.strip()]
-        unknown = [n for n in names if n not in allowed]
-        if unknown or not names:
-            raise argparse.ArgumentTypeError(f"{flag}: expected a comma list of {list(allowed)}, got {text!r}")
-        return names
-
-    return parse
-
-
 def build_parser() -> argparse.ArgumentParser:
     from fastcl import registry
 
@@ -111,12 +101,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="check this device only (default: every CUDA device; 'cpu' checks the Triton interpreter and "
         "needs TRITON_INTERPRET=1)",
     )
-    parser.add_argument("--backends", type=_names(_FUSED, "--backends"), help="default: the fused ones that run")
     parser.add_argument(
-        "--dtypes", type=_names(list(_DTYPES), "--dtypes"), default=list(_DEFAULT_DTYPES), help="default: %(default)s"
+        "--backends", type=_names(_FUSED, "--backends"), help="comma list or all (default: the fused ones that run)"
     )
     parser.add_argument(
-        "--losses", type=_names(list(registry.LOSSES), "--losses"), default=list(registry.LOSSES), help="default: all"
+        "--dtypes",
+        type=_names(list(_DTYPES), "--dtypes"),
+        default=list(_DEFAULT_DTYPES),
+        help="comma list or all (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--losses",
+        type=_names(list(registry.LOSSES), "--losses"),
+        default=list(registry.LOSSES),
+        help="comma list or all (default: all)",
     )
     parser.add_argument("--no-check", action="store_true", help="print the environment and backends only")
     parser.add_argument(
