@@ -20,8 +20,9 @@ case and prints the table.
   The first process on a machine also compiles the Triton kernels for the tiny shape.
 - Under ``torch.compile`` the decision is a constant of the traced graph: Dynamo calls :func:`trusted`
   eagerly (it is marked as a constant function), so the check runs outside the graph. During CUDA-graph
-  capture no check can run (it synchronizes): a case without a decision yet uses the fused backend
-  unchecked for that call and is checked on the next call outside capture.
+  capture (it synchronizes) or under a tracing dispatch mode (make_fx, fake tensors) no check can run: a
+  case without a decision yet uses the fused backend unchecked for that call, caches nothing, and is
+  checked on the next ordinary call.
 
 Example:
     >>> import torch
@@ -345,8 +346,13 @@ def _warn(result: CheckResult, path: Path) -> None:
     )
 
 
-def _capturing(device: torch.device) -> bool:
-    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+def _cannot_check_now(device: torch.device) -> bool:
+    """A check runs real kernels and reads their results back: not during CUDA-graph capture, nor under a
+    dispatch mode (make_fx, FakeTensorMode, non-strict export trace with fake tensors)."""
+    from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
+
+    capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+    return capturing or bool(_get_current_dispatch_mode_stack())
 
 
 def trusted(backend: str, device: torch.device, dtype: torch.dtype, loss: str) -> bool:
@@ -372,7 +378,7 @@ def trusted(backend: str, device: torch.device, dtype: torch.dtype, loss: str) -
                 path = cache_path(device)
                 result = _cached_result(path, f"{backend}/{dtype_name(dtype)}/{loss}")
                 if result is None:
-                    if _capturing(device):  # a check synchronizes: not during capture; the next call checks
+                    if _cannot_check_now(device):  # unchecked this once, not cached: the next call checks
                         return True
                     result = check(backend, device, dtype, loss)
                     _write_cache(path, device, [result])

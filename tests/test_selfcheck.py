@@ -234,6 +234,24 @@ def test_torch_compile_fullgraph_takes_the_decision_as_a_constant(on_cpu, monkey
     assert len(checks) == 1 and counter.frame_count == 1
 
 
+def test_no_check_under_a_tracing_dispatch_mode(on_cpu, monkeypatch):
+    """make_fx with fake tensors (as non-strict export traces) cannot run a check: the fused backend is
+    used unchecked for that trace, nothing is cached, and the next ordinary call checks."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    calls = stand_in_triton(monkeypatch, ntxent_forward=wrong_ntxent_forward)
+    monkeypatch.setattr(selfcheck, "check", lambda *a: pytest.fail("checked while tracing"))
+    make_fx(lambda a, b: fastcl.functional.nt_xent(a, b), tracing_mode="fake")(*views())
+    assert "triton" in calls and not list(on_cpu.glob("selfcheck-*"))
+    monkeypatch.undo()
+    monkeypatch.setenv("FASTCL_CACHE_DIR", str(on_cpu))
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(selfcheck, "applies", lambda device: True)
+    stand_in_triton(monkeypatch, ntxent_forward=wrong_ntxent_forward)
+    with pytest.warns(selfcheck.SelfCheckWarning):
+        assert dispatch.resolve("auto", CPU, torch.float32, "nt_xent") == "torch"
+
+
 def test_the_real_triton_kernels_pass(monkeypatch, tmp_path, triton_device):
     """The shipped kernels pass their own check (through the interpreter here; on the GPU there)."""
     monkeypatch.setenv("FASTCL_CACHE_DIR", str(tmp_path))
