@@ -7,7 +7,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-min bench install clean cuda-check constraints repro
+.PHONY: demo test bench install clean cuda-check constraints repro
 
 # Tests and the demo install from pinned versions (constraints/test.txt), so a registry release cannot
 # change what CI runs; pyproject's ranges stay loose for users. `make constraints` refreshes the pins.
@@ -40,6 +40,7 @@ $(MIN_STAMP): pyproject.toml $(CONSTRAINTS)
 		-e ".[dev]"
 	touch $(MIN_STAMP)
 
+.PHONY: test-min
 test-min: $(MIN_STAMP)
 	$(MIN_VENV)/bin/python -c "import numpy, torch, triton; print('test-min:', 'torch', torch.__version__, \
 		'triton', triton.__version__, 'numpy', numpy.__version__)"
@@ -88,4 +89,4 @@ repro: $(STAMP)
 	$(VENV)/bin/fastcl repro all --quick --out docs/repro
 
 clean:
-	rm -rf $(VENV) $(MIN_VENV) runs site .pytest_cache
+	rm -rf $(VENV) runs site .pytest_cache

@@ -1,5 +1,4 @@
-"""The ``fastcl`` command: ``fastcl train ...`` (reference trainer), ``fastcl bench ...`` (kernel profiler),
-``fastcl repro ...`` and ``fastcl doctor`` (environment and self-check)."""
+"""The ``fastcl`` command: ``fastcl train ...`` (reference trainer) and ``fastcl bench ...`` (kernel profiler)."""
 
 from __future__ import annotations
 
@@ -15,7 +14,7 @@ _COMMANDS = {
 
 
 def _usage() -> str:
-    lines = ["usage: fastcl {train,bench,repro,doctor} [options]", "", "commands:"]
+    lines = [f"usage: fastcl {{{','.join(_COMMANDS)}}} [options]", "", "commands:"]
     lines += [f"  {name:<6} {help_}" for name, (_, help_) in _COMMANDS.items()]
     return "\n".join(lines)
 
