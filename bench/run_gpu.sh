@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Every check this project owes a GPU, in one place (docs/gpu.md lists them and what each proves).
+# Every check this project owes a GPU, in one place (docs/gpu.md "GPU checks owed" lists them and what
+# each proves): first-contact's four steps on a short slot, then tests, losses, augment and epoch.
 #
 #   bench/run_gpu.sh first-contact   # ≤ 8 min on one H100/H200, no network: doctor, the gpu tests, the
 #                                    # headline timing; one folder bench/results/<gpu>-<UTC date>-first-contact/

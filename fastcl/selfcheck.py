@@ -164,13 +164,18 @@ def check(backend: str, device: torch.device, dtype: torch.dtype, loss: str) -> 
     errors: dict = {}
     detail = ""
     tolerance = TOLERANCE.get(dtype, TOLERANCE[torch.float32])
-    # The check needs autograd whatever the caller's mode (a first call may come from an eval loop).
-    with torch.inference_mode(False), torch.enable_grad():
-        tensors, targets = entry.make_inputs(CHECK_ROWS, CHECK_DIM, dtype=torch.float64, device=device, seed=CHECK_SEED)
-        tau = entry.default_temperature
+    # The caller's context must not change the check: a first call may come from an eval loop (no grad,
+    # inference mode), under autocast, or with torch.set_default_device("cuda") (CPU generators then fail).
+    with torch.inference_mode(False), torch.enable_grad(), torch.autocast(device.type, enabled=False):
+        with torch.device("cpu"):  # PyTorch's default while the check runs
+            tensors, targets = entry.make_inputs(CHECK_ROWS, CHECK_DIM, dtype=torch.float64, seed=CHECK_SEED)
+            tensors = tuple(t.to(device) for t in tensors)
+            targets = {name: t.to(device) for name, t in targets.items()}
+            tau = entry.default_temperature
         try:
-            got = _run(entry, tensors, targets, tau, backend, dtype)
-            want = _run(entry, tensors, targets, tau, "torch", torch.float64)
+            with torch.device("cpu"):
+                got = _run(entry, tensors, targets, tau, backend, dtype)
+                want = _run(entry, tensors, targets, tau, "torch", torch.float64)
             errors["loss"] = _relative_error(got[0], want[0])
             for i, (g, g_ref) in enumerate(zip(got[1], want[1])):
                 errors[f"grad{i}"] = _relative_error(g, g_ref)

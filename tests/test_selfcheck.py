@@ -209,6 +209,13 @@ def test_the_check_runs_with_gradients_inside_no_grad_and_inference_mode(on_cpu,
         fastcl.functional.nt_xent(*views())
 
 
+def test_the_callers_default_device_and_autocast_do_not_change_the_check(on_cpu, monkeypatch):
+    stand_in_triton(monkeypatch)
+    with torch.device("meta"), torch.autocast("cpu", dtype=torch.bfloat16):  # CPU generators fail on meta
+        result = selfcheck.check("triton", CPU, torch.float32, "supcon")
+    assert result.passed and max(result.errors.values()) < 1e-6, result.detail
+
+
 def test_cpu_tensors_are_not_checked_by_default(monkeypatch):
     monkeypatch.setattr(selfcheck, "check", lambda *a: pytest.fail("checked a CPU case"))
     assert not selfcheck.applies(CPU)
