@@ -20,6 +20,32 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 	$(PY) -m pip install -q -c $(CONSTRAINTS) -e ".[dev]"
 	touch $(STAMP)
 
+# The oldest torch and triton that pyproject admits: the suite must pass on them for the lower bounds
+# to mean anything (docs/gpu.md records the last run). Not part of CI: torch 2.11 from PyPI is a CUDA
+# build of several GB (it runs on the CPU here). The pinned test dependencies come from constraints/test.txt
+# with the oldest triton, and a NumPy that triton 3.6's interpreter works with (it converts 1-element arrays
+# with int(), which NumPy 2.4 rejects; the compiled kernels do not use NumPy).
+TORCH_MIN ?= torch==2.11.0
+TRITON_MIN ?= triton==3.6.0
+NUMPY_MIN ?= numpy==2.3.5
+MIN_VENV := .venv-min
+MIN_STAMP := $(MIN_VENV)/.installed
+
+$(MIN_STAMP): pyproject.toml $(CONSTRAINTS)
+	$(PYTHON) -m venv $(MIN_VENV)
+	$(MIN_VENV)/bin/python -m pip install -q --upgrade pip
+	$(MIN_VENV)/bin/python -m pip install -q "$(TORCH_MIN)" "$(TRITON_MIN)"
+	grep -v -i -E '^(triton|numpy)==' $(CONSTRAINTS) > $(MIN_VENV)/constraints.txt
+	$(MIN_VENV)/bin/python -m pip install -q -c $(MIN_VENV)/constraints.txt "$(TORCH_MIN)" "$(TRITON_MIN)" "$(NUMPY_MIN)" \
+		-e ".[dev]"
+	touch $(MIN_STAMP)
+
+.PHONY: test-min
+test-min: $(MIN_STAMP)
+	$(MIN_VENV)/bin/python -c "import numpy, torch, triton; print('test-min:', 'torch', torch.__version__, \
+		'triton', triton.__version__, 'numpy', numpy.__version__)"
+	$(MIN_VENV)/bin/python -m pytest -q tests
+
 # Re-resolves the newest versions that pyproject allows in a scratch venv and pins them (torch stays
 # whatever TORCH says). Review the diff, run `make test`, commit.
 constraints:

@@ -15,6 +15,7 @@ _COMMANDS = {
     "train": ("fastcl.train", "train a SimCLR / SupCon / DirectCLR model (fastcl train --help)"),
     "bench": ("fastcl.profiler", "time and profile the losses side by side (fastcl bench --help)"),
     "repro": ("fastcl.repro", "reproduce a paper's finding, with verdicts (fastcl repro --list)"),
+    "doctor": ("fastcl.doctor", "environment, backends and the fused kernels' self-check (fastcl doctor --help)"),
 }
 
 

@@ -16,6 +16,8 @@ from types import ModuleType
 
 import torch
 
+from fastcl import selfcheck
+
 BACKENDS = ("torch", "triton", "cuda")
 _CHOICES = BACKENDS + ("auto",)
 
@@ -84,8 +86,20 @@ def available_backends() -> list[str]:
     return [b for b in BACKENDS if unavailable_reason(b) is None]
 
 
-def resolve(backend: str, device: torch.device) -> str:
-    """Maps ``backend`` (possibly "auto", possibly overridden by ``FASTCL_BACKEND``) to a concrete one."""
+@constant_for_compile  # under torch.compile the choice (and a first self-check) runs eagerly, outside the graph
+def _auto_uses_triton(device: torch.device, dtype: torch.dtype | None, loss: str | None) -> bool:
+    """ "auto"'s choice for CUDA tensors: triton where it runs and, for a named (dtype, loss), once it has
+    passed its self-check there (fastcl/selfcheck.py; a failure warns once and the torch backend runs)."""
+    if not selfcheck.applies(device) or unavailable_reason("triton", device) is not None:
+        return False
+    return dtype is None or loss is None or selfcheck.trusted("triton", device, dtype, loss)
+
+
+def resolve(backend: str, device: torch.device, dtype: torch.dtype | None = None, loss: str | None = None) -> str:
+    """Maps ``backend`` (possibly "auto", possibly overridden by ``FASTCL_BACKEND``) to a concrete one.
+
+    ``dtype`` and ``loss`` (a registry name) name the case for "auto"'s self-check; the losses pass both.
+    """
     if not isinstance(backend, str) or backend not in _CHOICES:
         raise ValueError(f"backend: expected one of {list(_CHOICES)}, got {backend!r}")
     if backend == "auto":
@@ -93,9 +107,7 @@ def resolve(backend: str, device: torch.device) -> str:
         if backend not in _CHOICES:
             raise ValueError(f"FASTCL_BACKEND: expected one of {list(_CHOICES)}, got {backend!r}")
     if backend == "auto":
-        if device.type == "cuda" and unavailable_reason("triton", device) is None:
-            return "triton"
-        return "torch"
+        return "triton" if _auto_uses_triton(device, dtype, loss) else "torch"
     reason = unavailable_reason(backend, device)
     if reason is not None:
         available = [b for b in BACKENDS if unavailable_reason(b, device) is None]
@@ -124,14 +136,14 @@ def block_primitive_error(backend: str) -> str | None:
     return None
 
 
-def resolve_block(backend: str, device: torch.device) -> str:
+def resolve_block(backend: str, device: torch.device, dtype: torch.dtype | None = None, loss: str | None = None) -> str:
     """Like :func:`resolve`, for the block engine: the backend must also expose the block primitive.
 
     "auto" on CUDA picks triton when its primitive is there, else torch; an explicit backend without the
     primitive raises a ``RuntimeError`` that says why.
     """
     explicit = backend if backend != "auto" else (os.environ.get("FASTCL_BACKEND", "auto") or "auto")
-    concrete = resolve(backend, device)
+    concrete = resolve(backend, device, dtype, loss)
     reason = block_primitive_error(concrete)
     if reason is None:
         return concrete

@@ -64,15 +64,15 @@ def _checking(check_finite: bool) -> bool:
     return check_finite and not torch.compiler.is_compiling()
 
 
-def _route(backend: str, device: torch.device, on_engine: bool) -> tuple[str, bool]:
+def _route(backend: str, like: Tensor, on_engine: bool, loss: str) -> tuple[str, bool]:
     """(the concrete backend, whether the loss runs on the block engine). Block-only options, the
     distributed modes and a backend that ships only the block primitive (cuda) take the engine; the
-    rest take the backend's fused single-process path."""
+    rest take the backend's fused single-process path. ``like`` and ``loss`` name "auto"'s self-check case."""
     if not on_engine:
-        concrete = dispatch.resolve(backend, device)
+        concrete = dispatch.resolve(backend, like.device, like.dtype, loss)
         if dispatch.has_fused_losses(concrete):
             return concrete, False
-    return dispatch.resolve_block(backend, device), True
+    return dispatch.resolve_block(backend, like.device, like.dtype, loss), True
 
 
 def _check_queue(queue, q: Tensor, n_q: int, n_k: int, symmetric: bool, targets, distributed: str) -> None:
@@ -339,7 +339,7 @@ def nt_xent(
     mode = _distributed.resolve_mode(distributed)
     n = z1.shape[0]
     hard = _check_hard_negatives(beta, tau_plus, mode, 2 * n - 2)
-    backend, on_engine = _route(backend, z1.device, mode != "local" or weighted or hard)
+    backend, on_engine = _route(backend, z1, mode != "local" or weighted or hard, "nt_xent")
     tau = _finish_checks(("z1", "z2"), (z1, z2), temperature, check_finite, z1.device, z1)
     if not on_engine:
         return ops.ntxent(z1, z2, tau, d, normalize, backend)[0]
@@ -442,7 +442,7 @@ def info_nce(
             "beta, tau_plus: the estimators need one positive key per query (Nq = Nk), no targets or queue"
         )
     on_engine = mode != "local" or targets is not None or n_q != n_k or weighted or queue is not None or hard
-    backend, on_engine = _route(backend, q.device, on_engine)
+    backend, on_engine = _route(backend, q, on_engine, "info_nce")
     tau = _finish_checks(("q", "k"), (q, k), temperature, check_finite, q.device, q)
     if hard:
         rows, positive = torch.cat([q[:, :d], k[:, :d]]), _positive_logits(q[:, :d], k[:, :d], tau, normalize)
@@ -546,7 +546,7 @@ def supcon(
     soft_mask = mask is not None and mask.is_floating_point()
     weighted = _check_reduction(reduction, weight)
     on_engine = mode != "local" or soft_mask or positives_missing == "zero" or weighted
-    backend, on_engine = _route(backend, features.device, on_engine)
+    backend, on_engine = _route(backend, features, on_engine, "supcon")
     tau = _finish_checks(("features",), (features,), temperature, check_finite, features.device, features)
     # Reading labels / the mask is free on the CPU; on a device only when check_finite asked for reads.
     readable = features.device.type == "cpu" or (check_finite and features.device.type != "meta")
@@ -644,7 +644,7 @@ def dcl(
             f"z1: DCL needs N >= 2 rows per view (its denominators hold the other samples), got shape {tuple(z1.shape)}"
         )
     _check_reduction(reduction, weight)
-    backend, _ = _route(backend, z1.device, True)
+    backend, _ = _route(backend, z1, True, "dcl")
     tau = _finish_checks(("z1", "z2"), (z1, z2), temperature, check_finite, z1.device, z1)
     n = z1.shape[0]
     rows = torch.cat([z1[:, :d], z2[:, :d]])
@@ -699,7 +699,7 @@ def siglip(
     _check_flags(normalize, check_finite)
     _check_reduction(reduction, weight)
     mode = _distributed.resolve_mode(distributed)
-    backend, _ = _route(backend, x.device, True)
+    backend, _ = _route(backend, x, True, "siglip")
     checking = _checking(check_finite)
     if logit_scale is not None and temperature is not None:
         raise ValueError("logit_scale, temperature: give at most one of them (temperature = 1 / logit_scale), got both")

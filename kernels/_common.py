@@ -480,8 +480,8 @@ def _inverse_norms_kernel(
     if ACC == tl.float32:
         norm = tl.maximum(tl.sqrt_rn(squares), _NORM_EPS)
         inv = tl.div_rn(tl.full(norm.shape, 1.0, ACC), norm)
-    else:
-        inv = 1.0 / tl.maximum(tl.sqrt(squares), _NORM_EPS)
+    else:  # eps as a float64 tensor: triton 3.6's tl.maximum rounds a Python float to float32 first (TTIR)
+        inv = 1.0 / tl.maximum(tl.sqrt(squares), tl.full(squares.shape, _NORM_EPS, ACC))
     tl.store(out_ptr + rows, inv, mask=row_mask)
 
 

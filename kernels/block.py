@@ -45,6 +45,7 @@ Example (CPU through ``TRITON_INTERPRET=1``, or CUDA tensors):
 """
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Optional
 
@@ -200,12 +201,20 @@ def _key_tile_logits(
     return cols, col_mask, t, k_inv
 
 
+# tl.math.fdiv's approx= (div.approx.f32) is newer than triton 3.6, the oldest triton fastcl supports; there
+# a plain fdiv lowers to div.full.f32, also 2 ulp without the IEEE slow path (both read off sm90 PTX).
+_FDIV_HAS_APPROX = tl.constexpr("approx" in inspect.signature(tl.math.fdiv).parameters)
+
+
 @triton.jit
 def _divide(x, y, ACC: tl.constexpr):
     """x / y for a denominator in [1, 2]: the fast (2-ulp) float32 division, no IEEE slow path (whose
     call frame ptxas reports as spill stores); float64 divides exactly."""
     if ACC == tl.float32:
-        return tl.math.fdiv(x, y, approx=True)
+        if _FDIV_HAS_APPROX:
+            return tl.math.fdiv(x, y, approx=True)
+        else:
+            return tl.math.fdiv(x, y)
     else:
         return x / y
 
