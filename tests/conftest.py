@@ -25,7 +25,13 @@ def _installed(module: str) -> bool:
 # network, so no kornia or pytorch-metric-learning unless they travel as wheels) they are left out, and the
 # header says so, instead of failing the collection of every other test (bench/run_gpu.sh first-contact).
 _NEEDS = {
-    "kornia": ("test_augment.py", "test_augment_fused.py", "test_docs.py", "test_trainer.py"),
+    "kornia": (
+        "test_augment.py",
+        "test_augment_fused.py",
+        "test_docs.py",
+        "test_trainer.py",
+        "test_gradcache_trainer.py",
+    ),
     "pytorch_metric_learning": ("test_compat.py", "test_compat_ddp.py", "test_parity.py"),
 }
 _MISSING = sorted(module for module in _NEEDS if not _installed(module))
