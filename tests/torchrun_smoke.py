@@ -8,6 +8,9 @@ the loss of the whole concatenated batch computed in one process, and at the end
 parameters are still identical.
 """
 
+import os
+import sys
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -56,3 +59,9 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    # Every check above has passed. Interpreter teardown after destroy_process_group intermittently aborts
+    # in C++ ("terminate called without an active exception", about 1 run in 5-10 on torch 2.11 and 2.13,
+    # after the success line is printed), so the process leaves without running those destructors.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
