@@ -215,11 +215,7 @@ def _queue_loss(q, k, queue, tau, d, normalize, batch_negatives, reduction, weig
     if batch_negatives:
         return _engine_loss(rows, _queue_plan(True), sizes, tau, (n,), weight, reduction, **options)
     lse_queue = block_loss(rows, _queue_plan(False), sizes, tau, reduction="none", **options)
-    # The positive logit s(q_i, k_i): O(N·D) outside the kernels, with the engine's normalization.
-    unit_q, unit_k = q[:, :d].to(tau.dtype), k[:, :d].to(tau.dtype)
-    if normalize:
-        unit_q, unit_k = F.normalize(unit_q, dim=1, eps=NORM_EPS), F.normalize(unit_k, dim=1, eps=NORM_EPS)
-    positive = (unit_q * unit_k).sum(dim=1) / tau
+    positive = _positive_logits(q[:, :d], k[:, :d], tau, normalize)
     terms = torch.logaddexp(positive, lse_queue) - positive
     return _reduce(terms, _anchor_weight(weight, (n,), False, q.device), reduction)
 
