@@ -1087,3 +1087,39 @@ def test_modules_expose_the_core_options():
     assert_same(
         lambda a, b: one_way(a, b, targets=targets), lambda a, b: inf_cl_reference(a, b, targets, 10.0).mean(), q, k
     )
+
+
+# --- the compat layer's engine layouts on the Triton block primitive (interpreter) ---------------------
+
+_TRITON_CASES = {
+    "siglip-labels-rows": (
+        lambda: open_clip.SigLipLoss(),
+        lambda: open_clip_peer.SigLipLoss(),
+        lambda: [F.normalize(rows(7, 17, seed=7), dim=1), F.normalize(rows(7, 17, seed=8), dim=1), 100.0, -10.0],
+    ),
+    "lightly-dcl-exclude-positives": (
+        lambda: lightly.DCLLoss(0.01),
+        lambda: functools.partial(lightly_dcl_reference, temperature=0.01),
+        lambda: [rows(9, 17, seed=9), rows(9, 17, seed=10)],
+    ),
+    "inf-cl-key-logsumexp": (
+        lambda: lambda q, k, s: inf_cl.cal_flash_loss(q, k, None, s, head_dim=17).sum(),
+        lambda: lambda q, k, s: inf_cl_reference(q, k, None, s).sum(),
+        lambda: [F.normalize(rows(6, 17, seed=6), dim=1), F.normalize(rows(11, 17, seed=11), dim=1), 1 / 0.01],
+    ),
+}
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("case", list(_TRITON_CASES))
+def test_compat_engine_layouts_on_the_triton_primitive(case, monkeypatch):
+    """The layouts the compat layer added to the engine (per-row labels with the sigmoid epilogue, the
+    positive left out under labels, the per-anchor key log-sum-exp) through the Triton block primitive
+    (TRITON_INTERPRET=1, float64) against the peers' float64 code: odd shapes, τ = 0.01."""
+    monkeypatch.setenv("FASTCL_BACKEND", "triton")
+    asked = []
+    primitive = fastcl.dispatch.block_primitive
+    monkeypatch.setattr(fastcl.dispatch, "block_primitive", lambda backend: asked.append(backend) or primitive(backend))
+    ours, theirs, inputs = (make() for make in _TRITON_CASES[case])
+    assert_same(ours, theirs, *inputs, rtol=1e-7)
+    assert asked and set(asked) == {"triton"}, asked
