@@ -1060,7 +1060,12 @@ def compile_specs(dtype: torch.dtype, precision: str, sub_dim: int, n: int = 409
     for name, layout in (("index", Layout(positives="index", self_offset=0, pos_index=ids)),
                          ("labels", Layout(positives="labels", self_offset=0, a_labels=ids, k_labels=ids)),
                          ("mask", Layout(positives="mask", self_offset=0, mask=torch.empty(n, n, dtype=torch.bool))),
-                         ("sigmoid", Layout(positives="index", pos_index=ids, epilogue="sigmoid", bias=tau))):
+                         ("sigmoid", Layout(positives="index", pos_index=ids, epilogue="sigmoid", bias=tau)),
+                         # The compat layer's layouts: lightly's DCL under labels, open_clip's per-rank SigLIP.
+                         ("labels_exclude", Layout(positives="labels", self_offset=0, a_labels=ids, k_labels=ids,
+                                                   exclude_positives=True)),
+                         ("sigmoid_labels", Layout(positives="labels", a_labels=ids, k_labels=ids,
+                                                   epilogue="sigmoid", bias=tau))):
         layout_args, flags = _layout_args(layout, a, k, tau)
         common = dict(NORMALIZE=True, PRECISION=precision, ACC=accumulator(dtype), **flags)
         # As block_forward launches it (label positives come from class sums, not the element loop).
