@@ -23,7 +23,7 @@ struct RowsArg {
   const void* inv;
 };
 
-// fastcl._blocks.Layout as raw pointers (see BlockLayout in block_math.cuh). `mask` is contiguous, in the
+// fastcl.contract.Layout as raw pointers (see BlockLayout in block_math.cuh). `mask` is contiguous, in the
 // accumulation dtype; `bias` a device scalar in the accumulation dtype or nullptr.
 struct LayoutArg {
   int has_self;

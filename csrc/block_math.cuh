@@ -36,7 +36,7 @@ FASTCL_HD acc_t negative_infinity() {
   return -static_cast<acc_t>(INFINITY);
 }
 
-// Which entries of an anchors × keys block are positives and which are left out (fastcl._blocks.Layout
+// Which entries of an anchors × keys block are positives and which are left out (fastcl.contract.Layout
 // with its tensors as raw pointers). Indices a, c are block-local.
 template <typename acc_t>
 struct BlockLayout {

@@ -1,7 +1,7 @@
 // Torch bindings of the block primitive: the ops fastcl_cuda::block_forward / block_backward (TORCH_LIBRARY,
 // so autograd custom ops and torch.compile see them as ordinary operators) and a small pybind11 module,
 // which is what `import fastcl._C` (ahead-of-time build) or torch.utils.cpp_extension.load (just in time)
-// load. fastcl/cuda_backend.py is the Python side: it builds these arguments from a fastcl._blocks.Layout.
+// load. fastcl/cuda_backend.py is the Python side: it builds these arguments from a fastcl.contract.Layout.
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/extension.h>

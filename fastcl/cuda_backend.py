@@ -33,7 +33,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from fastcl._blocks import Layout, accumulation_dtype
+from fastcl.contract import Layout, accumulation_dtype
 
 __all__ = ["block_forward", "block_backward", "layout_arguments", "unavailable_reason"]
 
@@ -160,7 +160,7 @@ def _register_fakes() -> None:
 
 
 def layout_arguments(layout: Layout, like: Tensor) -> tuple:
-    """A :class:`~fastcl._blocks.Layout` as the ops' layout arguments (the same order as their schema).
+    """A :class:`~fastcl.contract.Layout` as the ops' layout arguments (the same order as their schema).
 
     Args:
         layout: the block's layout.
@@ -218,7 +218,7 @@ def block_forward(
 
     Example:
         >>> import torch
-        >>> from fastcl._blocks import Layout
+        >>> from fastcl.contract import Layout
         >>> if unavailable_reason() is None:
         ...     a = torch.randn(4, 8, device="cuda")
         ...     lse, pos_sum, pos_weight = block_forward(a, None, a, None, torch.tensor(0.5, device="cuda"), 8,
@@ -257,7 +257,7 @@ def block_backward(
 
     Example:
         >>> import torch
-        >>> from fastcl._blocks import Layout
+        >>> from fastcl.contract import Layout
         >>> if unavailable_reason() is None:
         ...     a, tau = torch.randn(4, 8, device="cuda"), torch.tensor(0.5, device="cuda")
         ...     lse, _, _ = block_forward(a, None, a, None, tau, 8, Layout(self_offset=0))

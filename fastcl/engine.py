@@ -47,7 +47,7 @@ from torch import Tensor
 
 from fastcl import dispatch
 from fastcl import distributed as _distributed
-from fastcl._blocks import Layout, accumulation_dtype, inverse_norms
+from fastcl.contract import Layout, accumulation_dtype, inverse_norms
 
 __all__ = ["Pass", "Plan", "block_loss"]
 

@@ -36,7 +36,7 @@ from torch import Tensor
 
 from fastcl import _validate, dispatch, ops
 from fastcl import distributed as _distributed
-from fastcl._blocks import NORM_EPS, accumulation_dtype
+from fastcl.contract import NORM_EPS, accumulation_dtype
 from fastcl._validate import Temperature
 from fastcl.engine import Pass, Plan, block_loss
 

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from fastcl import dispatch
-from fastcl._blocks import accumulation_dtype
+from fastcl.contract import accumulation_dtype
 
 
 def _backend(name: str, like: Tensor):

@@ -33,7 +33,7 @@ exponential term 0 on excluded entries), from the recomputed tile:
 
 Example (CPU through ``TRITON_INTERPRET=1``, or CUDA tensors):
     >>> import os, torch
-    >>> from fastcl._blocks import Layout
+    >>> from fastcl.contract import Layout
     >>> if os.environ.get("TRITON_INTERPRET") == "1":
     ...     a, k = torch.randn(5, 8), torch.randn(7, 8)
     ...     lse, pos_sum, pos_weight = block_forward(a, None, k, None, torch.tensor(0.5), 8,
@@ -54,7 +54,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from fastcl._blocks import Layout, accumulation_dtype, class_segments, class_sums
+from fastcl.contract import Layout, accumulation_dtype, class_segments, class_sums
 from fastcl.kernels._common import (
     LAUNCH_OPTIONS,
     CompileSpec,
@@ -953,7 +953,7 @@ def _label_positives(a: Tensor, a_inv: Optional[Tensor], k: Tensor, k_inv: Optio
         return zeros, zeros.clone()
     ordered = k_labels.sort().values
     k_class = torch.searchsorted(ordered, k_labels)
-    # Ordered class sums (fastcl._blocks.class_sums): deterministic, no atomics.
+    # Ordered class sums (fastcl.contract.class_sums): deterministic, no atomics.
     sums = class_sums(_unit_rows(k, k_inv, slice(None), sub_dim, acc), class_segments(k_class, k.shape[0]))
     slot = torch.searchsorted(ordered, a_labels)
     counts = (torch.searchsorted(ordered, a_labels, right=True) - slot).to(acc)

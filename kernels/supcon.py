@@ -40,7 +40,7 @@ import triton.language as tl
 from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
-from fastcl._blocks import class_segments, class_sums
+from fastcl.contract import class_segments, class_sums
 from fastcl.kernels._common import (
     CompileSpec,
     accumulator,
@@ -200,7 +200,7 @@ def _unit_class_sums(features: Tensor, inv: Optional[Tensor], classes: Tensor, s
         unit = _unit_views(features, inv, start, stop, sub_dim)
         for total, views in zip(per_sample, view_counts):
             total[start:stop] = unit[:, :views].sum(1)
-    # Ordered class sums (fastcl._blocks.class_sums): deterministic, no atomics.
+    # Ordered class sums (fastcl.contract.class_sums): deterministic, no atomics.
     segments = class_segments(classes, n)
     return [class_sums(total, segments) for total in per_sample]
 

@@ -29,7 +29,7 @@ pytest.importorskip("triton")
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
-from fastcl._blocks import Layout, inverse_norms  # noqa: E402
+from fastcl.contract import Layout, inverse_norms  # noqa: E402
 from fastcl.kernels.compile_only import address_check, init_worker  # noqa: E402
 
 LIMIT = 2**31

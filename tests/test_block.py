@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from loss_cases import relative_error
 
 from fastcl import dispatch, torch_backend
-from fastcl._blocks import Layout, inverse_norms
+from fastcl.contract import Layout, inverse_norms
 
 
 def _backends():

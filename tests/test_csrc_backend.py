@@ -8,7 +8,7 @@ import torch
 
 import fastcl
 from fastcl import cuda_backend, dispatch
-from fastcl._blocks import Layout
+from fastcl.contract import Layout
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only behaviour")
 

@@ -16,7 +16,7 @@ from test_block import CASES, Case, _inputs, run_primitive
 from test_csrc_host import TILED, check_against_reference
 
 from fastcl import cuda_backend, dispatch
-from fastcl._blocks import Layout, inverse_norms
+from fastcl.contract import Layout, inverse_norms
 
 pytestmark = pytest.mark.gpu
 

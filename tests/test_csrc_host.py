@@ -29,7 +29,7 @@ from loss_cases import relative_error
 from test_block import CASES, Case, _dense_positives, _inputs, _layout, _self_entries, reference
 
 from fastcl import cuda_backend
-from fastcl._blocks import Layout, accumulation_dtype, inverse_norms
+from fastcl.contract import Layout, accumulation_dtype, inverse_norms
 
 ROOT = Path(__file__).resolve().parents[1]
 CSRC = ROOT / "csrc"

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from fastcl import dispatch, functional
-from fastcl._blocks import class_segments, class_sums
+from fastcl.contract import class_segments, class_sums
 
 
 def _float64_class_sums(values: torch.Tensor, classes: torch.Tensor, n_classes: int) -> tuple:

@@ -37,7 +37,7 @@ from torch.utils._pytree import tree_flatten
 
 from fastcl import dispatch, engine, functional, registry
 from fastcl import distributed as fdist
-from fastcl._blocks import Layout
+from fastcl.contract import Layout
 from fastcl.engine import Pass
 
 LOCAL_SIZES = {2: {"even": [4, 4], "uneven": [3, 5]}, 3: {"even": [4, 4, 4], "uneven": [4, 1, 5]}}

@@ -35,7 +35,7 @@ from oplog import NONDETERMINISTIC_ON_CUDA, OpLog
 import fastcl.distributed as fdist
 from fastcl import cuda_backend, dispatch, functional
 from fastcl import torch_backend as reference_primitive
-from fastcl._blocks import Layout
+from fastcl.contract import Layout
 
 D, SUB_DIM = 8, 5
 

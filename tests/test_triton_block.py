@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from loss_cases import relative_error
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from fastcl._blocks import Layout, inverse_norms
+from fastcl.contract import Layout, inverse_norms
 
 pytestmark = pytest.mark.triton
 block = pytest.importorskip("fastcl.kernels.block")

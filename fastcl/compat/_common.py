@@ -10,7 +10,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from fastcl import _validate, dispatch
-from fastcl._blocks import Layout, accumulation_dtype
+from fastcl.contract import Layout, accumulation_dtype
 from fastcl.distributed import _reduce_scatter as reduce_scatter
 from fastcl.distributed import world_size
 from fastcl.engine import block_loss

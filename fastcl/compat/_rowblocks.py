@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from fastcl._blocks import accumulation_dtype
+from fastcl.contract import accumulation_dtype
 
 # Elements of one rows × keys logits block (fp32: 8 MiB), as the torch backend's tiles.
 _BLOCK_ELEMENTS = 1 << 21

@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastcl import functional
-from fastcl._blocks import accumulation_dtype
+from fastcl.contract import accumulation_dtype
 from fastcl.compat._common import all_gather_rows, check_rows, plan_loss
 from fastcl.distributed import world_size
 from fastcl.engine import Pass, Plan

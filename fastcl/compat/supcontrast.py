@@ -35,7 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from fastcl import functional
-from fastcl._blocks import accumulation_dtype
+from fastcl.contract import accumulation_dtype
 from fastcl.torch_backend._tiles import blocks
 
 __all__ = ["SupConLoss"]

@@ -8,7 +8,7 @@ from typing import Iterator, Optional
 import torch
 from torch import Tensor
 
-from fastcl._blocks import NORM_EPS, accumulation_dtype
+from fastcl.contract import NORM_EPS, accumulation_dtype
 
 # A tile of rows × M float32 logits is about 8 MiB; the backward holds ~4 such temporaries.
 _TILE_ELEMENTS = 1 << 21

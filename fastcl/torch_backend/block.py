@@ -5,7 +5,7 @@ largest temporary is a few chunk × K tiles in the accumulation dtype; the key r
 the accumulation dtype (this backend's working set; the fused backends read them in place).
 
     >>> import torch
-    >>> from fastcl._blocks import Layout, inverse_norms
+    >>> from fastcl.contract import Layout, inverse_norms
     >>> a, k = torch.randn(3, 8), torch.randn(5, 8)
     >>> tau = torch.tensor(0.5)
     >>> lse, pos_sum, pos_weight = block_forward(a, inverse_norms(a, 8), k, inverse_norms(k, 8), tau, 8, Layout())
@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from fastcl._blocks import NORM_EPS, Layout, accumulation_dtype
+from fastcl.contract import NORM_EPS, Layout, accumulation_dtype
 from fastcl.torch_backend._tiles import blocks
 
 __all__ = ["block_forward", "block_backward"]

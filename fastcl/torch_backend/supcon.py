@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from fastcl._blocks import class_segments, class_sums
+from fastcl.contract import class_segments, class_sums
 from fastcl.torch_backend._tiles import (
     NORM_EPS,
     blocks,
