@@ -56,6 +56,10 @@ class Layout:
         epilogue: "softmax" (log-sum-exp statistics) or "sigmoid" (SigLIP's per-pair sigmoid, logit
             s_ac + ``bias``).
         bias: 0-dim tensor, the sigmoid epilogue's logit bias b (accumulation dtype); None = 0.
+        own_block: the keys are the anchors themselves (the same rows and inverse norms, A == K, the
+            same lse/alpha/beta per row): the backward returns the rows' whole gradient, the anchor side
+            G k̂/τ and the key side Gᵀ â/τ, as ``d_a`` and ``None`` for ``d_k``, so a backend can make both
+            from one recomputed tile (G_ac and G_ca share s_ac = s_ca).
 
     Raises:
         ValueError: a field that contradicts ``positives`` / ``epilogue`` (named in the message).
@@ -70,6 +74,7 @@ class Layout:
     exclude_positives: bool = False
     epilogue: str = "softmax"
     bias: Optional[Tensor] = None
+    own_block: bool = False
 
     def __post_init__(self):
         if self.positives not in POSITIVES:
