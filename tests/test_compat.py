@@ -506,20 +506,25 @@ def test_open_clip_logit_bias_gradient_is_exactly_zero():
     assert relative_error(loss.detach(), theirs) <= RTOL
 
 
-def test_key_logsumexp_on_the_block_primitive():
-    """The per-anchor log-sum-exp the compat layer takes from the block primitive (lightly's bank,
-    Inf-CL's per-row losses): values and gradients in the anchors, the keys and τ against float64
-    autograd of ``logsumexp(a kᵀ / τ)``, with per-anchor upstream gradients, odd shapes, τ = 0.01."""
-    from fastcl.compat._common import key_logsumexp
+@pytest.mark.parametrize("with_positive", [False, True])
+def test_per_anchor_info_nce_on_the_block_primitive(with_positive):
+    """The per-anchor InfoNCE the compat layer takes from the block primitive (Inf-CL's per-row losses):
+    values and gradients in the anchors, the keys and τ against float64 autograd of
+    ``logsumexp(a kᵀ / τ) − a·k_pos / τ`` (repeated positives included), with per-anchor upstream
+    gradients, odd shapes, τ = 0.01; without positives the log-sum-exp alone."""
+    from fastcl.compat._common import per_anchor_info_nce
 
     a, k = rows(7, 5, seed=1, scale=False) / 3, rows(13, 5, seed=2, scale=False) / 3
     upstream = rows(7, 1, seed=3).squeeze(1)
+    positive = torch.tensor([12, 0, 3, 3, 7, 12, 1]) if with_positive else None
 
     def ours(a, k, tau):
-        return (key_logsumexp(a, k, tau) * upstream).sum()
+        return (per_anchor_info_nce(a, k, positive, tau) * upstream).sum()
 
     def theirs(a, k, tau):
-        return (torch.logsumexp(a @ k.T / tau, dim=1) * upstream).sum()
+        s = a @ k.T / tau
+        pos = 0 if positive is None else s.gather(1, positive[:, None]).squeeze(1)
+        return ((torch.logsumexp(s, dim=1) - pos) * upstream).sum()
 
     assert_same(ours, theirs, a, k, torch.tensor(0.01, dtype=torch.float64))
 
@@ -990,7 +995,12 @@ def _non_finite_cases():
 
 # Where the peer's loss is +Inf, fastcl's is NaN: the positive logit enters fastcl's statistics as Σ P·s,
 # and 0·(±Inf) is NaN there (docs/migration.md). Both are non-finite: GradScaler skips the step either way.
-_INF_BECOMES_NAN = {("open_clip-siglip", "inf"), ("open_clip-siglip", "-inf"), ("inf_cl", "inf")}
+_INF_BECOMES_NAN = {
+    ("open_clip-siglip", "inf"),
+    ("open_clip-siglip", "-inf"),
+    ("inf_cl", "inf"),
+    ("inf_cl-flash", "inf"),
+}
 
 
 def _finiteness(t: Tensor) -> Tensor:

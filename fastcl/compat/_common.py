@@ -91,6 +91,27 @@ def scale_rows(name: str, rows: Tensor, scale: Union[float, Tensor]) -> Tensor:
     return rows * scalar(name, scale)
 
 
+def class_ids(labels: Tensor) -> Tensor:
+    """``[N]`` int64 ids, equal exactly where the labels are equal as ``torch.eq`` compares them (any dtype;
+    a NaN label equals nothing), without a host sync: sort + searchsorted (``torch.unique`` reads the
+    device to size its output). Ids lie in [0, 2N) and need not be consecutive."""
+    flat = labels.reshape(-1)
+    if flat.dtype == torch.bool:
+        flat = flat.to(torch.uint8)
+    ids = torch.searchsorted(flat.sort().values, flat)
+    if flat.is_floating_point():
+        own = torch.arange(flat.shape[0], device=flat.device) + flat.shape[0]
+        ids = torch.where(torch.isnan(flat), own, ids)
+    return ids
+
+
+def matches(values: Tensor, among: Tensor) -> Tensor:
+    """``[len(values)]``: how many entries of ``among`` equal each entry of ``values`` (integer ids such
+    as :func:`class_ids`'), by sort + searchsorted: no ``[len(values), len(among)]`` matrix, no host sync."""
+    ordered = among.sort().values
+    return torch.searchsorted(ordered, values, right=True) - torch.searchsorted(ordered, values)
+
+
 def zero_loss(*rows: Tensor) -> Tensor:
     """An exact 0 connected to the inputs' graph (zero gradients, never NaN even for NaN rows)."""
     return sum(r[:0].sum().to(accumulation_dtype(r.dtype)) for r in rows)
@@ -102,12 +123,14 @@ def plan_loss(
     part_sizes: Sequence[int],
     tau: Union[float, Tensor] = 1.0,
     *,
+    loss: str,
     labels: Optional[Tensor] = None,
     bias: Union[float, Tensor, None] = None,
     normalize: bool = False,
 ) -> Tensor:
     """One process's :func:`fastcl.engine.block_loss` of ``plan`` over ``rows`` (the peers' own gathers
-    come before: a gathered copy is just more rows here), on the backend ``"auto"`` picks for them."""
+    come before: a gathered copy is just more rows here), on the backend ``"auto"`` picks for them and
+    ``loss``, the registry loss whose formula the plan computes (it names "auto"'s self-check)."""
     acc = accumulation_dtype(rows.dtype)
     device = rows.device
     as_tensor = lambda v: v.to(acc) if isinstance(v, Tensor) else torch.full((), float(v), dtype=acc, device=device)  # noqa: E731
@@ -120,41 +143,47 @@ def plan_loss(
         bias=None if bias is None else as_tensor(bias),
         normalize=normalize,
         mode="local",
-        backend=dispatch.resolve_block("auto", device),
+        backend=dispatch.resolve_block("auto", device, rows.dtype, loss),
     )
 
 
-class _KeyLogSumExp(torch.autograd.Function):
-    """``lse_a = log Σ_c exp(a_a · k_c / τ)`` per anchor on the backend's block primitive (never an A × K
-    matrix), differentiable in the anchors, the keys and τ: the backward is the primitive's with per-anchor
-    coefficients α = the upstream gradient of each lse (docs/block-engine.md)."""
+class _PerAnchorInfoNCE(torch.autograd.Function):
+    """``ℓ_a = log Σ_c exp(s_ac) − s_{a, positive_a}`` (``s = a_a · k_c / τ``; no positive: the log-sum-exp
+    alone) for every anchor, on the backend's block primitive: the log-sum-exp and the positive logit are
+    its forward statistics under an ``"index"`` layout (never an A × K matrix, never an indexed gather
+    whose backward would accumulate). Differentiable in the anchors, the keys and τ: the primitive's
+    backward with per-anchor coefficients α = β = the upstream gradient of each ℓ_a (docs/block-engine.md)."""
 
     @staticmethod
-    def forward(ctx, anchors: Tensor, keys: Tensor, tau: Tensor, backend: str) -> Tensor:
+    def forward(ctx, anchors: Tensor, keys: Tensor, tau: Tensor, positive: Optional[Tensor], backend: str) -> Tensor:
+        layout = Layout() if positive is None else Layout(positives="index", pos_index=positive)
         forward_fn, _ = dispatch.block_primitive(backend)
-        lse, _, _ = forward_fn(anchors, None, keys, None, tau, anchors.shape[1], Layout())
+        lse, pos_sum, _ = forward_fn(anchors, None, keys, None, tau, anchors.shape[1], layout)
         ctx.save_for_backward(anchors, keys, tau, lse)
-        ctx.backend = backend
-        return lse
+        ctx.layout, ctx.backend = layout, backend
+        return lse if positive is None else lse - pos_sum
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         anchors, keys, tau, lse = ctx.saved_tensors
         _, backward_fn = dispatch.block_primitive(ctx.backend)
         alpha = grad.to(lse.dtype)
-        d_a, d_k, gs = backward_fn(
-            anchors, None, keys, None, tau, anchors.shape[1], Layout(), lse, alpha, torch.zeros_like(alpha)
-        )
+        beta = torch.zeros_like(alpha) if ctx.layout.positives == "none" else alpha
+        d_a, d_k, gs = backward_fn(anchors, None, keys, None, tau, anchors.shape[1], ctx.layout, lse, alpha, beta)
         d_tau = -gs.reshape(-1)[0] / tau if ctx.needs_input_grad[2] else None
-        return d_a.to(anchors.dtype), d_k.to(keys.dtype), d_tau, None
+        return d_a.to(anchors.dtype), d_k.to(keys.dtype), d_tau, None, None
 
 
-def key_logsumexp(anchors: Tensor, keys: Tensor, tau: Union[float, Tensor] = 1.0) -> Tensor:
-    """``[A]``: each anchor row's log-sum-exp over all key rows at temperature τ (rows used as given),
-    in the accumulation dtype, on the backend ``"auto"`` picks: the per-anchor statistic the peers' own
-    formulas need beside the block engine's mean losses (a MoCo-style bank's negatives, Inf-CL's per-row
-    losses)."""
+def per_anchor_info_nce(
+    anchors: Tensor, keys: Tensor, positive: Optional[Tensor] = None, tau: Union[float, Tensor] = 1.0
+) -> Tensor:
+    """``[A]``: each anchor row's InfoNCE loss ``log Σ_c exp(a_a · k_c / τ) − a_a · k_{positive_a} / τ``
+    against all key rows (rows used as given; ``positive`` [A] int64 key indices, or None for the
+    log-sum-exp alone), in the accumulation dtype, on the backend ``"auto"`` picks for InfoNCE: the
+    per-anchor losses the peers' own formulas need beside the block engine's mean losses (Inf-CL's
+    ``cal_flash_loss``)."""
     acc = accumulation_dtype(anchors.dtype)
     tau = tau.to(acc) if isinstance(tau, Tensor) else torch.full((), float(tau), dtype=acc, device=anchors.device)
-    backend = dispatch.resolve_block("auto", anchors.device)
-    return _KeyLogSumExp.apply(anchors, keys.to(anchors.dtype), tau, backend)
+    backend = dispatch.resolve_block("auto", anchors.device, anchors.dtype, "info_nce")
+    positive = None if positive is None else positive.to(torch.int64)
+    return _PerAnchorInfoNCE.apply(anchors, keys.to(anchors.dtype), tau, positive, backend)

@@ -81,7 +81,8 @@ def group_loss(
 
     Args:
         r1, r2: ``[N, D]`` representations; D must be divisible by ``groups`` (2048 / 8 = 256 in DirectCLR).
-        idx: a permutation of ``range(D)``; ``None`` draws ``np.random.permutation(D)``, the same
+        idx: a permutation of ``range(D)`` (a list or array is checked; a tensor is taken to be one, as
+            checking it would read the device); ``None`` draws ``np.random.permutation(D)``, the same
             permutation as DirectCLR's ``np.random.shuffle(np.arange(D))`` for the same NumPy state.
         groups: number of subsets.
         temperature: τ > 0.
@@ -90,7 +91,7 @@ def group_loss(
         The summed loss (0-dim).
 
     Raises:
-        ValueError: D not divisible by ``groups``, or ``idx`` not of length D.
+        ValueError: D not divisible by ``groups``, or ``idx`` not a permutation of ``range(D)``.
 
     Example:
         >>> import torch
@@ -104,14 +105,37 @@ def group_loss(
         import numpy as np
 
         idx = np.random.permutation(d)
+    if not isinstance(idx, Tensor) and sorted(int(i) for i in idx) != list(range(d)):
+        raise ValueError(f"idx: expected a permutation of range({d}), got {len(idx)} entries that are not one")
     idx = torch.as_tensor(idx, dtype=torch.long, device=r1.device)
     if idx.shape != (d,):
         raise ValueError(f"idx: expected a permutation of range({d}), got shape {tuple(idx.shape)}")
+    p1, p2 = _PermutedColumns.apply(r1, idx), _PermutedColumns.apply(r2, idx)
     size = d // groups
     loss = 0
     for start in range(0, d, size):
-        cols = idx[start : start + size]
         loss = loss + functional.info_nce(
-            r1[:, cols], r2[:, cols], temperature, symmetric=True, distributed="auto", check_finite=False
+            p1[:, start : start + size],
+            p2[:, start : start + size],
+            temperature,
+            symmetric=True,
+            distributed="auto",
+            check_finite=False,
         )
     return loss
+
+
+class _PermutedColumns(torch.autograd.Function):
+    """``x[:, idx]`` for a permutation ``idx``, whose gradient is the upstream's columns in the inverse
+    order: a plain gather, where autograd of the indexing accumulates with ``index_put`` (which PyTorch
+    lists as nondeterministic on CUDA)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, idx: Tensor) -> Tensor:
+        ctx.save_for_backward(idx)
+        return x[:, idx]
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (idx,) = ctx.saved_tensors
+        return grad[:, torch.argsort(idx)], None

@@ -16,8 +16,8 @@ rank's q against the k of every rank (``labels`` index this rank's k, as in Inf-
 gradient summed over ranks and the scale's gradient all-reduced, as Inf-CL's ring does.
 
 The mean losses run on fastcl's cross-view InfoNCE (explicit ``targets`` for labels and more keys);
-``cal_flash_loss``, which returns every row's loss, takes each row's log-sum-exp from the block
-primitive and its positive logit from one row-wise product, as Inf-CL.
+``cal_flash_loss``, which returns every row's loss, takes each row's log-sum-exp and positive logit
+from one block of the block primitive.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from fastcl import _validate, functional
-from fastcl.compat._common import all_gather_rows, check_rows, key_logsumexp, scale_rows
+from fastcl.compat._common import all_gather_rows, check_rows, per_anchor_info_nce, scale_rows
 from fastcl.distributed import world_size
 
 __all__ = ["cal_inf_loss", "cal_ring_loss", "cal_flash_loss"]
@@ -88,9 +88,8 @@ def cal_flash_loss(
         torch.Size([4])
     """
     q, k, positive = _checked(q, k, labels, scale, head_dim)
-    # Inf-CL's −q_i·k_{labels_i} + lse_i: the numerator as one row-wise product, the lse on the block primitive.
-    lse = key_logsumexp(q, k)
-    return lse - (q * k[positive]).sum(dim=1).to(lse.dtype)
+    # Inf-CL's lse_i − q_i·k_{labels_i}: both per-row statistics of one block of the primitive.
+    return per_anchor_info_nce(q, k, positive)
 
 
 def cal_inf_loss(

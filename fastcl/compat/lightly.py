@@ -42,8 +42,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastcl import functional
-from fastcl.contract import accumulation_dtype
 from fastcl.compat._common import all_gather_rows, check_rows, plan_loss
+from fastcl.contract import accumulation_dtype
 from fastcl.distributed import world_size
 from fastcl.engine import Pass, Plan
 from fastcl.torch_backend._tiles import blocks
@@ -95,6 +95,8 @@ class NTXentLoss(nn.Module):
             with torch.no_grad():
                 self.bank = F.normalize(torch.randn(self.size).type_as(self.bank), dim=-1)
                 self.bank_ptr = torch.zeros(1).type_as(self.bank_ptr)
+        # The pointer lives on the host (lightly reads its device copy with int(), a host sync each step).
+        self._bank_pointer = 0
         self.temperature = temperature
         self.memory_bank_size = memory_bank_size
         self.gather_distributed = gather_distributed
@@ -117,7 +119,9 @@ class NTXentLoss(nn.Module):
         """lightly's gather: this rank's 2n rows against [out0 of all ranks; out1 of all ranks], self
         excluded, gradients summed back to every row's owner (lightly's GatherLayer), on the engine."""
         rows, parts, ids = _gathered_views(out0, out1)
-        return plan_loss(rows, _GATHERED_NT_XENT_PLAN, parts, self.temperature, labels=ids, normalize=True)
+        return plan_loss(
+            rows, _GATHERED_NT_XENT_PLAN, parts, self.temperature, loss="nt_xent", labels=ids, normalize=True
+        )
 
     def _with_bank(self, out0: Tensor, out1: Tensor) -> Tensor:
         """out0_i against its positive out1_i and the bank as it was before this call (lightly's order)."""
@@ -134,13 +138,14 @@ class NTXentLoss(nn.Module):
         """lightly's ``_dequeue_and_enqueue``: a ring buffer whose wrap-around drops the batch's tail."""
         if self.gather_distributed and world_size() > 1:
             batch = all_gather_rows(batch, with_grad=False)
-        size, ptr = self.size[0], int(self.bank_ptr)
+        size, ptr = self.size[0], self._bank_pointer
         if ptr + batch.shape[0] >= size:
             self.bank[ptr:] = batch[: size - ptr].detach()
-            self.bank_ptr.zero_()
+            self._bank_pointer = 0
         else:
             self.bank[ptr : ptr + batch.shape[0]] = batch.detach()
-            self.bank_ptr[0] = ptr + batch.shape[0]
+            self._bank_pointer = ptr + batch.shape[0]
+        self.bank_ptr.fill_(self._bank_pointer)  # lightly's buffer, kept current; written, never read
 
     def extra_repr(self) -> str:
         return (
@@ -314,7 +319,7 @@ class DCLLoss(nn.Module):
         rows, parts, ids = _gathered_views(out0, out1) if gather else (torch.cat([out0, out1]), [0, n, 0] * 2, None)
         if ids is None:
             ids = torch.arange(n, device=out0.device).repeat(2)
-        loss = plan_loss(rows, _GATHERED_DCL_PLAN, parts, self.temperature, labels=ids, normalize=True)
+        loss = plan_loss(rows, _GATHERED_DCL_PLAN, parts, self.temperature, loss="dcl", labels=ids, normalize=True)
         if self.weight_fn is None:
             return loss
         unit0, unit1 = F.normalize(out0, dim=1), F.normalize(out1, dim=1)

@@ -267,7 +267,7 @@ class SigLipLoss(nn.Module):
         texts = all_gather_rows(text_features, with_grad=True)
         targets = torch.arange(n, device=scaled_images.device) + n * self.rank
         rows = torch.cat([scaled_images, texts])
-        return plan_loss(rows, _RANK_SIGLIP_PLAN, [n, texts.shape[0]], labels=targets, bias=bias)
+        return plan_loss(rows, _RANK_SIGLIP_PLAN, [n, texts.shape[0]], loss="siglip", labels=targets, bias=bias)
 
     def extra_repr(self) -> str:
         return (

@@ -14,7 +14,11 @@ pml's NT-Xent with labels scores each positive pair against the anchor's negativ
 (instance labels of two views, ``SelfSupervisedLoss``, ``ref_emb`` rows with one positive each) that is
 fastcl's NT-Xent / SupCon / cross-view InfoNCE and runs on the fused losses or the block engine, as does
 SupCon with ``ref_emb``; NT-Xent with several positives per anchor runs as row blocks in PyTorch (pml
-itself builds a positive-pairs × negative-pairs matrix there).
+itself builds a positive-pairs × negative-pairs matrix there). ``NTXentLoss`` with labels picks between
+the two with one read of the largest positive count (one host sync per call, the price of the fused
+path until the engine computes the per-pair formula: docs/migration.md; pml itself reads its label
+matrix with ``torch.where``). ``SupConLoss`` and ``SelfSupervisedLoss`` never read the device
+(tests/test_compat_oplog.py).
 
 pml's keyword options are accepted at their default values: ``distance=None`` or ``CosineSimilarity()``
 (pml's default for both losses; ``power=1``), ``reducer=None`` or the loss's default reducer with default
@@ -27,6 +31,7 @@ Inf in the embeddings gives NaN, as pml, without a raise. Per-rank under DDP, as
 
 from __future__ import annotations
 
+import warnings
 from typing import Optional
 
 import torch
@@ -34,7 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastcl import functional
-from fastcl.compat._common import check_rows, plan_loss, zero_loss
+from fastcl.compat._common import check_rows, class_ids, matches, plan_loss, zero_loss
 from fastcl.compat._rowblocks import block_sum, masked_logsumexp
 from fastcl.engine import Pass, Plan
 
@@ -74,6 +79,21 @@ def _refuse_options(kwargs: dict, loss: str) -> None:
         )
 
 
+def _zero_without_negatives(loss: Tensor, ids: Tensor) -> Tensor:
+    """``loss``, or an exact 0 (zero gradients for finite rows) when every row has the same label: pml's
+    loss without negative pairs. Decided on the device (no host sync)."""
+    has_negative = (ids != ids[:1]).any()
+    return torch.where(has_negative, loss, torch.zeros_like(loss))
+
+
+def _several_positives(ids: Tensor, key_ids: Tensor, own: bool = False) -> bool:
+    """Whether some anchor has two or more positive keys (``own``: the keys are the anchors, the anchor
+    itself not counted). The one host read of pml's NT-Xent with labels: its per-pair formula runs on the
+    fused SupCon with at most one positive per anchor and as row blocks otherwise (see the module
+    docstring; pml itself reads the label matrix with ``torch.where``)."""
+    return bool((matches(ids, key_ids) - int(own)).max() > 1)
+
+
 class _PairLoss(nn.Module):
     def __init__(self, temperature: float, kwargs: dict):
         super().__init__()
@@ -99,46 +119,43 @@ class _PairLoss(nn.Module):
         if labels.dim() != 1 or labels.shape[0] != embeddings.shape[0]:
             raise ValueError(f"labels: expected shape ({embeddings.shape[0]},), got {tuple(labels.shape)}")
         if ref_emb is None:
-            ids = torch.unique(labels.to(embeddings.device), return_inverse=True)[1]
-            return self._same_rows(embeddings, ids)
+            return self._same_rows(embeddings, class_ids(labels.to(embeddings.device)))
         if ref_labels is None or ref_labels.dim() != 1 or ref_labels.shape[0] != ref_emb.shape[0]:
             raise ValueError(f"ref_labels: expected shape ({ref_emb.shape[0]},) with ref_emb")
         device = embeddings.device
-        both = torch.unique(torch.cat([labels.to(device), ref_labels.to(device)]), return_inverse=True)[1]
+        both = class_ids(torch.cat([labels.to(device), ref_labels.to(device)]))
         return self._cross_rows(embeddings, both[: labels.shape[0]], ref_emb, both[labels.shape[0] :])
 
     def _cross_rows(self, embeddings: Tensor, ids: Tensor, ref_emb: Tensor, ref_ids: Tensor) -> Tensor:
-        positive = ids[:, None] == ref_ids[None, :]  # [A, K] bool: small next to the rows, never a float matrix
-        if not positive.any() or positive.all():
-            return zero_loss(embeddings, ref_emb)
-        identity = torch.eye(positive.shape[0], dtype=torch.bool, device=positive.device)
-        if positive.shape[0] == positive.shape[1] and torch.equal(positive, identity):
-            # Each anchor's positive is the ref row of the same index, all others are negatives.
-            return functional.info_nce(
-                embeddings, ref_emb, self.temperature, symmetric=False, distributed="local", check_finite=False
-            )
-        if isinstance(self, SupConLoss) or positive.sum(dim=1).max() == 1:
-            # Anchors against the ref rows, positives by label: SupCon L_out (τ_b = τ), which with one
-            # positive per anchor is also pml's per-pair NT-Xent; anchors without positives left out.
-            rows = torch.cat([embeddings, ref_emb])
-            parts = [embeddings.shape[0], ref_emb.shape[0]]
-            return plan_loss(
-                rows, _CROSS_PLAN, parts, self.temperature, labels=torch.cat([ids, ref_ids]), normalize=True
-            )
-        anchors, keys = F.normalize(embeddings, dim=1), F.normalize(ref_emb, dim=1)
-        return self._pair_rows(anchors, keys, ids, ref_ids, None)
+        if isinstance(self, NTXentLoss) and _several_positives(ids, ref_ids):
+            anchors, keys = F.normalize(embeddings, dim=1), F.normalize(ref_emb, dim=1)
+            return self._pair_rows(anchors, keys, ids, ref_ids, None)
+        # Anchors against the ref rows, positives by label: SupCon L_out (τ_b = τ), which with one
+        # positive per anchor is also pml's per-pair NT-Xent; anchors without positives left out (no
+        # positive pair at all: 0), and 0 where no pair is negative, as pml.
+        rows = torch.cat([embeddings, ref_emb])
+        parts = [embeddings.shape[0], ref_emb.shape[0]]
+        loss = plan_loss(
+            rows, _CROSS_PLAN, parts, self.temperature, loss="supcon", labels=torch.cat([ids, ref_ids]), normalize=True
+        )
+        return _zero_without_negatives(loss, torch.cat([ids, ref_ids]))
 
     def _supcon(self, embeddings: Tensor, ids: Tensor) -> Tensor:
-        """SupCon L_out with τ_b = τ over the rows as one view (pml's SupCon; its NT-Xent with one positive)."""
-        return functional.supcon(
-            embeddings[:, None],
-            ids,
-            None,
-            self.temperature,
-            base_temperature=self.temperature,
-            distributed="local",
-            check_finite=False,
-        )
+        """SupCon L_out with τ_b = τ over the rows as one view (pml's SupCon; its NT-Xent with at most one
+        positive per anchor): 0 without a positive pair (anchors without one are left out of the mean) or
+        without a negative pair, as pml."""
+        with warnings.catch_warnings():  # the core loss's no-positive warning (CPU only); pml returns 0 silently
+            warnings.filterwarnings("ignore", message="supcon: no anchor has a positive")
+            loss = functional.supcon(
+                embeddings[:, None],
+                ids,
+                None,
+                self.temperature,
+                base_temperature=self.temperature,
+                distributed="local",
+                check_finite=False,
+            )
+        return _zero_without_negatives(loss, ids)
 
     def extra_repr(self) -> str:
         return f"temperature={self.temperature}"
@@ -173,10 +190,7 @@ class NTXentLoss(_PairLoss):
         super().__init__(temperature, kwargs)
 
     def _same_rows(self, embeddings: Tensor, ids: Tensor) -> Tensor:
-        counts = torch.bincount(ids)
-        if counts.max() < 2 or counts.max() == embeddings.shape[0]:
-            return zero_loss(embeddings)  # no positive pair, or no negative pair
-        if counts.max() == 2:
+        if not _several_positives(ids, ids, own=True):
             # At most one positive per anchor: each pair's denominator is every other row (SupCon, τ_b = τ).
             return self._supcon(embeddings, ids)
         z = F.normalize(embeddings, dim=1)
@@ -218,9 +232,6 @@ class SupConLoss(_PairLoss):
         super().__init__(temperature, kwargs)
 
     def _same_rows(self, embeddings: Tensor, ids: Tensor) -> Tensor:
-        counts = torch.bincount(ids)
-        if counts.max() < 2 or counts.max() == embeddings.shape[0]:
-            return zero_loss(embeddings)
         return self._supcon(embeddings, ids)
 
 
@@ -252,8 +263,12 @@ class SelfSupervisedLoss(nn.Module):
         self.symmetric = symmetric
 
     def forward(self, embeddings: Tensor, ref_emb: Tensor) -> Tensor:
-        check_rows(("embeddings", "ref_emb"), (embeddings, ref_emb), None)
-        labels = torch.arange(embeddings.shape[0], device=embeddings.device)
-        if self.symmetric:
-            return self.loss(torch.cat([embeddings, ref_emb], dim=0), torch.cat([labels, labels], dim=0))
-        return self.loss(embeddings=embeddings, labels=labels, ref_emb=ref_emb, ref_labels=labels.clone())
+        """pml's labels here are the row indices: every anchor has exactly one positive, known from the
+        shapes alone, so this runs on the fused losses without reading the data (no host sync)."""
+        check_rows(("embeddings", "ref_emb"), (embeddings, ref_emb), self.loss.temperature)
+        if embeddings.shape[0] == 1:
+            return zero_loss(embeddings, ref_emb)  # one pair: no negative pair, pml's 0
+        common = dict(distributed="local", check_finite=False)
+        if self.symmetric:  # NT-Xent over the 2N rows (pml's NT-Xent and SupCon agree with one positive)
+            return functional.nt_xent(embeddings, ref_emb, self.loss.temperature, **common)
+        return functional.info_nce(embeddings, ref_emb, self.loss.temperature, symmetric=False, **common)

@@ -14,7 +14,9 @@ global mean.
 
 Where every row has at most one positive (two crops per sample), this is NT-Xent / SupCon and runs on
 fastcl's block engine; multi-crop or supervised batches (several positives per row, the log of their
-summed exponentials) run as row blocks in PyTorch. One deliberate difference: a row without any positive
+summed exponentials) run as row blocks in PyTorch; one read of the largest index count picks between
+them (one host sync per call, until the engine computes the summed-positives formula:
+docs/migration.md; solo-learn's own loss does not sync: this read is fastcl's). One deliberate difference: a row without any positive
 (a lone crop) makes solo-learn's loss ``inf``; here it is left out of the mean and the loss stays finite.
 NaN or Inf in ``z`` gives NaN, as solo-learn, without a raise.
 """
@@ -26,7 +28,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
-from fastcl.compat._common import all_gather_rows, check_rows, plan_loss, zero_loss
+from fastcl.compat._common import all_gather_rows, check_rows, class_ids, matches, plan_loss
 from fastcl.compat._rowblocks import block_sum, masked_logsumexp
 from fastcl.distributed import world_size
 from fastcl.engine import Pass, Plan
@@ -67,15 +69,14 @@ def simclr_loss_func(z: Tensor, indexes: Tensor, temperature: float = 0.1) -> Te
     distributed = world_size() > 1
     m, rank = z.shape[0], dist.get_rank() if distributed else 0
     all_indexes = all_gather_rows(indexes, with_grad=False) if distributed else indexes
-    ids = torch.unique(all_indexes, return_inverse=True)[1]
-    counts = torch.bincount(ids)
-    if counts.max() < 2:
-        return zero_loss(z)
+    ids = class_ids(all_indexes)
     keys = all_gather_rows(z, with_grad=True) if distributed else z
     parts = [m * rank, m, keys.shape[0] - m * (rank + 1)]
-    if counts.max() == 2:
-        # One positive per row: the log of one positive term is SupCon's L_out with τ_b = τ.
-        return plan_loss(keys, _RANK_PLAN, parts, temperature, labels=ids, normalize=True)
+    # The one host read: the largest class, which picks the formula's algorithm (module docstring).
+    if bool(matches(ids, ids).max() <= 2):
+        # At most one positive per row: the log of one positive term is SupCon's L_out with τ_b = τ
+        # (rows without a positive left out; none at all: 0).
+        return plan_loss(keys, _RANK_PLAN, parts, temperature, loss="supcon", labels=ids, normalize=True)
     own = slice(m * rank, m * (rank + 1))
     return _summed_positives_loss(F.normalize(keys, dim=-1), own, ids, temperature)
 
@@ -90,6 +91,6 @@ def _summed_positives_loss(keys: Tensor, own: slice, ids: Tensor, temperature: f
         per_row = torch.logsumexp(s, dim=1) - masked_logsumexp(s, positive)
         return torch.where(has_positive, per_row, 0.0).sum()
 
-    with_positive = (torch.bincount(ids)[anchor_ids] > 1).sum()
+    with_positive = (matches(anchor_ids, ids) > 1).sum()
     self_index = torch.arange(own.start, own.stop, device=keys.device)
     return block_sum(keys[own], keys, temperature, term, self_index=self_index) / with_positive

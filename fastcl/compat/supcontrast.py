@@ -35,6 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from fastcl import functional
+from fastcl.compat._common import class_ids
 from fastcl.contract import accumulation_dtype
 from fastcl.torch_backend._tiles import blocks
 
@@ -96,8 +97,8 @@ class SupConLoss(nn.Module):
             labels = labels.contiguous().view(-1)
             if labels.shape[0] != n:
                 raise ValueError(f"labels: num of labels ({labels.shape[0]}) does not match num of features ({n})")
-            # Any dtype, compared by equality as SupContrast's torch.eq: dense integer class ids.
-            labels = torch.unique(labels.to(features.device), return_inverse=True)[1]
+            # Any dtype, compared by equality as SupContrast's torch.eq: integer class ids (no host sync).
+            labels = class_ids(labels.to(features.device))
         weights = None if mask is None else mask.to(features.device).float()  # SupContrast's float32 weights
         loss = functional.supcon(
             features,
