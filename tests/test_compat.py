@@ -506,25 +506,20 @@ def test_open_clip_logit_bias_gradient_is_exactly_zero():
     assert relative_error(loss.detach(), theirs) <= RTOL
 
 
-@pytest.mark.parametrize("with_positive", [False, True])
-def test_per_anchor_info_nce_on_the_block_primitive(with_positive):
-    """The per-anchor InfoNCE the compat layer takes from the block primitive (Inf-CL's per-row losses):
-    values and gradients in the anchors, the keys and τ against float64 autograd of
-    ``logsumexp(a kᵀ / τ) − a·k_pos / τ`` (repeated positives included), with per-anchor upstream
-    gradients, odd shapes, τ = 0.01; without positives the log-sum-exp alone."""
-    from fastcl.compat._common import per_anchor_info_nce
+def test_key_logsumexp_on_the_block_primitive():
+    """The per-anchor log-sum-exp the compat layer takes from the block primitive (lightly's bank,
+    Inf-CL's per-row losses): values and gradients in the anchors, the keys and τ against float64
+    autograd of ``logsumexp(a kᵀ / τ)``, with per-anchor upstream gradients, odd shapes, τ = 0.01."""
+    from fastcl.compat._common import key_logsumexp
 
     a, k = rows(7, 5, seed=1, scale=False) / 3, rows(13, 5, seed=2, scale=False) / 3
     upstream = rows(7, 1, seed=3).squeeze(1)
-    positive = torch.tensor([12, 0, 3, 3, 7, 12, 1]) if with_positive else None
 
     def ours(a, k, tau):
-        return (per_anchor_info_nce(a, k, positive, tau) * upstream).sum()
+        return (key_logsumexp(a, k, tau) * upstream).sum()
 
     def theirs(a, k, tau):
-        s = a @ k.T / tau
-        pos = 0 if positive is None else s.gather(1, positive[:, None]).squeeze(1)
-        return ((torch.logsumexp(s, dim=1) - pos) * upstream).sum()
+        return (torch.logsumexp(a @ k.T / tau, dim=1) * upstream).sum()
 
     assert_same(ours, theirs, a, k, torch.tensor(0.01, dtype=torch.float64))
 
@@ -737,8 +732,14 @@ def test_solo_learn_lone_crop_is_left_out_not_inf():
 
 @pytest.mark.parametrize(
     "nq, nk, labels, scale",
-    [(8, 8, None, None), (7, 7, None, 1 / 0.01), (6, 11, "random", 1 / 0.07), (5, 5, "permutation", (1,))],
-    ids=["default", "tau-0.01", "more-keys", "permutation-[1]-scale"],
+    [
+        (8, 8, None, None),
+        (7, 7, None, 1 / 0.01),
+        (6, 11, "random", 1 / 0.07),
+        (6, 11, "shared", 1 / 0.07),
+        (5, 5, "permutation", (1,)),
+    ],
+    ids=["default", "tau-0.01", "more-keys", "shared-positives", "permutation-[1]-scale"],
 )
 def test_inf_cl_values_and_gradients(nq, nk, labels, scale):
     q, k = F.normalize(rows(nq, 16, seed=nq), dim=1), F.normalize(rows(nk, 16, seed=nk + 1), dim=1)
@@ -747,6 +748,7 @@ def test_inf_cl_values_and_gradients(nq, nk, labels, scale):
         None: None,
         "random": torch.randint(0, nk, (nq,), generator=gen),
         "permutation": torch.randperm(nq, generator=gen),
+        "shared": torch.tensor([10, 0, 3, 3, 10, 3]),  # queries sharing a positive key: its gradient sums
     }[labels]
     if isinstance(scale, tuple):
         scale = torch.full(scale, 12.5, dtype=torch.float64)
@@ -993,14 +995,9 @@ def _non_finite_cases():
     }
 
 
-# Where the peer's loss is +Inf, fastcl's is NaN: the positive logit enters fastcl's statistics as Σ P·s,
-# and 0·(±Inf) is NaN there (docs/migration.md). Both are non-finite: GradScaler skips the step either way.
-_INF_BECOMES_NAN = {
-    ("open_clip-siglip", "inf"),
-    ("open_clip-siglip", "-inf"),
-    ("inf_cl", "inf"),
-    ("inf_cl-flash", "inf"),
-}
+# Where the peer's loss is +Inf, fastcl's is NaN: none left on one process (open_clip's SigLipLoss and
+# Inf-CL compute each pair's / row's own term there; docs/migration.md).
+_INF_BECOMES_NAN: set = set()
 
 
 def _finiteness(t: Tensor) -> Tensor:

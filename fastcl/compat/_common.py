@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import numbers
 from typing import Optional, Sequence, Union
 
@@ -147,43 +148,57 @@ def plan_loss(
     )
 
 
-class _PerAnchorInfoNCE(torch.autograd.Function):
-    """``ℓ_a = log Σ_c exp(s_ac) − s_{a, positive_a}`` (``s = a_a · k_c / τ``; no positive: the log-sum-exp
-    alone) for every anchor, on the backend's block primitive: the log-sum-exp and the positive logit are
-    its forward statistics under an ``"index"`` layout (never an A × K matrix, never an indexed gather
-    whose backward would accumulate). Differentiable in the anchors, the keys and τ: the primitive's
-    backward with per-anchor coefficients α = β = the upstream gradient of each ℓ_a (docs/block-engine.md)."""
+class _BlockStatistic(torch.autograd.Function):
+    """The block primitive's per-anchor statistic of one block (softmax epilogue: ``lse_a``; sigmoid:
+    ``Σ_c softplus(s_ac + b)``, over the entries the layout keeps), differentiable in the anchors, the
+    keys, τ and the bias: the primitive's backward with α = the upstream gradient of each statistic and
+    β = 0 (docs/block-engine.md). Never an A × K matrix."""
 
     @staticmethod
-    def forward(ctx, anchors: Tensor, keys: Tensor, tau: Tensor, positive: Optional[Tensor], backend: str) -> Tensor:
-        layout = Layout() if positive is None else Layout(positives="index", pos_index=positive)
+    def forward(ctx, anchors: Tensor, keys: Tensor, tau: Tensor, bias: Optional[Tensor], layout: Layout, backend):
+        layout = layout if bias is None else dataclasses.replace(layout, bias=bias)
         forward_fn, _ = dispatch.block_primitive(backend)
-        lse, pos_sum, _ = forward_fn(anchors, None, keys, None, tau, anchors.shape[1], layout)
-        ctx.save_for_backward(anchors, keys, tau, lse)
+        stat, _, _ = forward_fn(anchors, None, keys, None, tau, anchors.shape[1], layout)
+        ctx.save_for_backward(anchors, keys, tau, stat)
         ctx.layout, ctx.backend = layout, backend
-        return lse if positive is None else lse - pos_sum
+        return stat
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        anchors, keys, tau, lse = ctx.saved_tensors
+        anchors, keys, tau, stat = ctx.saved_tensors
         _, backward_fn = dispatch.block_primitive(ctx.backend)
-        alpha = grad.to(lse.dtype)
-        beta = torch.zeros_like(alpha) if ctx.layout.positives == "none" else alpha
-        d_a, d_k, gs = backward_fn(anchors, None, keys, None, tau, anchors.shape[1], ctx.layout, lse, alpha, beta)
-        d_tau = -gs.reshape(-1)[0] / tau if ctx.needs_input_grad[2] else None
-        return d_a.to(anchors.dtype), d_k.to(keys.dtype), d_tau, None, None
+        alpha = grad.to(stat.dtype)
+        d_a, d_k, gs = backward_fn(
+            anchors, None, keys, None, tau, anchors.shape[1], ctx.layout, stat, alpha, torch.zeros_like(alpha)
+        )
+        gs = gs.reshape(-1)
+        d_tau = -gs[0] / tau if ctx.needs_input_grad[2] else None
+        d_bias = gs[1] if ctx.needs_input_grad[3] else None  # sigmoid: Σ G = dL/db
+        return d_a.to(anchors.dtype), d_k.to(keys.dtype), d_tau, d_bias, None, None
 
 
-def per_anchor_info_nce(
-    anchors: Tensor, keys: Tensor, positive: Optional[Tensor] = None, tau: Union[float, Tensor] = 1.0
-) -> Tensor:
-    """``[A]``: each anchor row's InfoNCE loss ``log Σ_c exp(a_a · k_c / τ) − a_a · k_{positive_a} / τ``
-    against all key rows (rows used as given; ``positive`` [A] int64 key indices, or None for the
-    log-sum-exp alone), in the accumulation dtype, on the backend ``"auto"`` picks for InfoNCE: the
-    per-anchor losses the peers' own formulas need beside the block engine's mean losses (Inf-CL's
-    ``cal_flash_loss``)."""
-    acc = accumulation_dtype(anchors.dtype)
-    tau = tau.to(acc) if isinstance(tau, Tensor) else torch.full((), float(tau), dtype=acc, device=anchors.device)
+def _accumulation_scalar(value: Union[float, Tensor], like: Tensor) -> Tensor:
+    acc = accumulation_dtype(like.dtype)
+    return value.to(acc) if isinstance(value, Tensor) else torch.full((), float(value), dtype=acc, device=like.device)
+
+
+def key_logsumexp(anchors: Tensor, keys: Tensor, tau: Union[float, Tensor] = 1.0) -> Tensor:
+    """``[A]``: each anchor row's log-sum-exp over all key rows at temperature τ (rows used as given),
+    in the accumulation dtype, on the backend ``"auto"`` picks for InfoNCE (whose denominator this is):
+    the per-anchor statistic the peers' own formulas need beside the block engine's mean losses (Inf-CL's
+    per-row losses). A row with a +Inf logit has lse = +Inf, as ``torch.logsumexp``."""
     backend = dispatch.resolve_block("auto", anchors.device, anchors.dtype, "info_nce")
-    positive = None if positive is None else positive.to(torch.int64)
-    return _PerAnchorInfoNCE.apply(anchors, keys.to(anchors.dtype), tau, positive, backend)
+    tau = _accumulation_scalar(tau, anchors)
+    return _BlockStatistic.apply(anchors, keys.to(anchors.dtype), tau, None, Layout(), backend)
+
+
+def sigmoid_negatives(anchors: Tensor, keys: Tensor, bias: Union[float, Tensor]) -> Tensor:
+    """``[A]``: ``Σ_{c ≠ a} softplus(a_a · k_c + b)``, anchor a's SigLIP terms against every key but its own
+    positive (key a), rows used as given (τ = 1), in the accumulation dtype, on the backend ``"auto"``
+    picks for SigLIP; the bias's gradient flows. Each term is a softplus of its own logit, so a +Inf
+    logit gives +Inf (the engine's ``Σ softplus(z) − Σ P·z`` would give Inf − Inf = NaN there)."""
+    backend = dispatch.resolve_block("auto", anchors.device, anchors.dtype, "siglip")
+    own = torch.arange(anchors.shape[0], device=anchors.device)
+    layout = Layout(positives="index", pos_index=own, exclude_positives=True, epilogue="sigmoid")
+    tau, bias = _accumulation_scalar(1.0, anchors), _accumulation_scalar(bias, anchors)
+    return _BlockStatistic.apply(anchors, keys.to(anchors.dtype), tau, bias, layout, backend)

@@ -15,9 +15,9 @@ Under an initialized process group (as Inf-CL checks), ``cal_inf_loss`` / ``cal_
 rank's q against the k of every rank (``labels`` index this rank's k, as in Inf-CL), each rank's key
 gradient summed over ranks and the scale's gradient all-reduced, as Inf-CL's ring does.
 
-The mean losses run on fastcl's cross-view InfoNCE (explicit ``targets`` for labels and more keys);
-``cal_flash_loss``, which returns every row's loss, takes each row's log-sum-exp and positive logit
-from one block of the block primitive.
+Every function computes Inf-CL's per-row losses as Inf-CL does: each row's log-sum-exp from the block
+primitive (never a B × K matrix) and its positive logit from one row-wise product (the positive keys'
+gradient summed per key in a fixed order, without atomics); the mean functions average them.
 """
 
 from __future__ import annotations
@@ -28,8 +28,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from fastcl import _validate, functional
-from fastcl.compat._common import all_gather_rows, check_rows, per_anchor_info_nce, scale_rows
+from fastcl import _validate
+from fastcl.compat._common import all_gather_rows, check_rows, key_logsumexp, scale_rows
+from fastcl.contract import class_segments, class_sums
 from fastcl.distributed import world_size
 
 __all__ = ["cal_inf_loss", "cal_ring_loss", "cal_flash_loss"]
@@ -87,9 +88,32 @@ def cal_flash_loss(
         >>> cal_flash_loss(q, k, labels=torch.tensor([5, 0, 2, 2]), head_dim=16).shape
         torch.Size([4])
     """
-    q, k, positive = _checked(q, k, labels, scale, head_dim)
-    # Inf-CL's lse_i − q_i·k_{labels_i}: both per-row statistics of one block of the primitive.
-    return per_anchor_info_nce(q, k, positive)
+    return _per_row_losses(*_checked(q, k, labels, scale, head_dim))
+
+
+def _per_row_losses(q: Tensor, k: Tensor, positive: Tensor) -> Tensor:
+    """Inf-CL's lse_i − q_i·k_{positive_i}: the lse on the block primitive, the positive logit row-wise (an
+    infinite logit then gives Inf-CL's ±Inf, where a Σ P·s statistic has 0·Inf = NaN)."""
+    lse = key_logsumexp(q, k)
+    acc = lse.dtype
+    return lse - (q.to(acc) * _KeyRows.apply(k, positive).to(acc)).sum(dim=1)
+
+
+class _KeyRows(torch.autograd.Function):
+    """``k[index]``, whose backward sums the gradient rows of each key in a fixed order
+    (:func:`fastcl.contract.class_sums`, no host sync): autograd's ``index_put`` accumulates with
+    atomics on CUDA (nondeterministic by PyTorch's own list), and several queries may share a key."""
+
+    @staticmethod
+    def forward(ctx, k: Tensor, index: Tensor) -> Tensor:
+        ctx.save_for_backward(index)
+        ctx.keys = k.shape[0]
+        return k[index]
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (index,) = ctx.saved_tensors
+        return class_sums(grad, class_segments(index, ctx.keys)), None
 
 
 def cal_inf_loss(
@@ -126,11 +150,7 @@ def cal_inf_loss(
     q, k, positive = _checked(q, k, labels, scale, head_dim)
     if distributed:
         k, positive = all_gather_rows(k, with_grad=True), positive + k.shape[0] * dist.get_rank()
-    elif labels is None and q.shape[0] == k.shape[0]:
-        positive = None  # query i's positive is key i: the fused cross-view InfoNCE
-    return functional.info_nce(
-        q, k, 1.0, targets=positive, normalize=False, symmetric=False, distributed="local", check_finite=False
-    )
+    return _per_row_losses(q, k, positive).mean()
 
 
 def cal_ring_loss(

@@ -46,7 +46,15 @@ import torch
 from torch import Tensor, nn
 
 from fastcl import functional
-from fastcl.compat._common import all_gather_rows, check_rows, plan_loss, scalar, scale_grad, scale_rows
+from fastcl.compat._common import (
+    all_gather_rows,
+    check_rows,
+    plan_loss,
+    scalar,
+    scale_grad,
+    scale_rows,
+    sigmoid_negatives,
+)
 from fastcl.distributed import world_size as process_world_size
 from fastcl.engine import Pass, Plan
 
@@ -255,9 +263,7 @@ class SigLipLoss(nn.Module):
                 )
             loss = self._rank_loss(scaled, text_features, bias)
         else:
-            loss = functional.siglip(
-                scaled, text_features, 1.0, bias, normalize=False, distributed="local", check_finite=False
-            )
+            loss = _one_process_siglip(scaled, text_features, bias)
         return {"contrastive_loss": loss} if output_dict else loss
 
     def _rank_loss(self, scaled_images: Tensor, text_features: Tensor, bias: Scalar) -> Tensor:
@@ -274,3 +280,13 @@ class SigLipLoss(nn.Module):
             f"rank={self.rank}, world_size={self.world_size}, dist_impl={self.dist_impl!r}, "
             f"chunk_size={self.chunk_size}"
         )
+
+
+def _one_process_siglip(scaled_images: Tensor, texts: Tensor, bias: Scalar) -> Tensor:
+    """open_clip's ``−Σ log σ(y_ij z_ij) / N`` as every pair's own softplus: the negatives' on the block
+    primitive, the positives' row-wise, so an infinite logit gives open_clip's ±Inf (the engine's SigLIP,
+    ``Σ softplus(z) − Σ P·z``, gives NaN there: Inf − Inf)."""
+    negatives = sigmoid_negatives(scaled_images, texts, bias)
+    acc = negatives.dtype
+    positive = (scaled_images.to(acc) * texts.to(acc)).sum(dim=1) + (bias.to(acc) if isinstance(bias, Tensor) else bias)
+    return (negatives + torch.logaddexp(-positive, torch.zeros_like(positive))).sum() / scaled_images.shape[0]

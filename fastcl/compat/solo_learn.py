@@ -16,8 +16,10 @@ Where every row has at most one positive (two crops per sample), this is NT-Xent
 fastcl's block engine; multi-crop or supervised batches (several positives per row, the log of their
 summed exponentials) run as row blocks in PyTorch; one read of the largest index count picks between
 them (one host sync per call, until the engine computes the summed-positives formula:
-docs/migration.md; solo-learn's own loss does not sync: this read is fastcl's). One deliberate difference: a row without any positive
-(a lone crop) makes solo-learn's loss ``inf``; here it is left out of the mean and the loss stays finite.
+docs/migration.md; solo-learn's own loss does not sync: this read is fastcl's).
+
+One deliberate difference: a row without any positive (a lone crop) makes solo-learn's loss ``inf``;
+here it is left out of the mean and the loss stays finite.
 NaN or Inf in ``z`` gives NaN, as solo-learn, without a raise.
 """
 
