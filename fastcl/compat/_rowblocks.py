@@ -8,6 +8,10 @@ those two here: anchors in row
 blocks against all keys, each block under activation checkpointing, so no anchors × keys matrix is
 ever held (one ``rows × keys`` block at a time, forward and backward) and the gradient is exact
 autograd of the formula. Reductions run in float32 or wider.
+
+The primitive statistics that would move both onto the engine (a positives-only log-sum-exp for
+solo-learn; a second sweep with the negatives' log-sum-exp as input and a per-pair softplus for pml),
+with their forward statistics and backward G, are in docs/migration.md ("What the engine still lacks").
 """
 
 from __future__ import annotations
