@@ -233,9 +233,9 @@ def markdown(report: dict) -> str:
         f"- versions: {json.dumps(meta.get('versions', meta))[:400]}",
         f"- D = {meta['dim']}, τ = {meta['tau']}; time: {report['repeats']} interleaved rounds per case, the "
         "compat/peer ratio taken within each round, its median and range reported; memory: peak RSS of one "
-        "forward + backward above the RSS before it, each side in a fresh process",
+        "forward + backward above the RSS before it, both sides in the case's own process, the peer first",
         "",
-        "| case | compat ms | peer ms | time ratio (median; range) | compat MiB | peer MiB | memory ratio | load 1-min |",
+        "| case | compat ms | peer ms | time ratio (median; range) | compat MiB | peer MiB | memory ratio | load |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for row in report["results"]:
