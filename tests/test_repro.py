@@ -178,6 +178,37 @@ def test_foster_verdicts_follow_the_numbers():
     assert set(_verdicts("foster", _swap_chance(results), config).values()) == {UNTESTABLE}
 
 
+def test_foster_gate_reads_the_contrastive_loss_alone():
+    """The penalty arm's gate reads NT-Xent without λ·GP: ``_final_losses`` returns the float64 NT-Xent of
+    the same views, and the penalty apart from it, and leaves the model (BatchNorm statistics) unchanged."""
+    import torch
+
+    from fastcl.data import SpirographSource
+    from fastcl.models import ContrastiveModel
+    from fastcl.repro import foster
+    from fastcl.repro.common import build_encoder
+
+    config = dict(foster.CONFIGS["smoke"], batch_size=24, loss_items=24, temperature=0.5)
+    model = ContrastiveModel(build_encoder(config, 0), "mlp", config["proj_dim"]).double()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    source = SpirographSource(32, 8, torch.device("cpu"), seed=3)
+    source.generator.manual_seed(5)
+    measured = foster._final_losses(model.float(), source, config)
+    assert all(torch.equal(v.float(), model.state_dict()[k].float()) for k, v in before.items())
+
+    source.generator.manual_seed(5)  # the same views: the NT-Xent formula in float64
+    views = source.views(torch.arange(24))
+    with torch.no_grad():
+        _, z = model.double().train()(views.transpose(0, 1).reshape(-1, *views.shape[2:]).double())
+    z = torch.nn.functional.normalize(z, dim=1)
+    logits = z @ z.T / config["temperature"]
+    logits.fill_diagonal_(float("-inf"))
+    positive = torch.arange(48).roll(24)
+    reference = float((logits.logsumexp(1) - logits[torch.arange(48), positive]).mean())
+    assert measured["loss"] == pytest.approx(reference, rel=1e-4)
+    assert measured["gp"] > 0
+
+
 def test_xue_verdicts_follow_the_numbers():
     config = {"seeds": [0, 1, 2], "p_drops": (0.0, 0.5, 0.9), "kappa": 1.05}
 

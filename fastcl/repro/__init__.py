@@ -125,19 +125,29 @@ def render_doc(text: str, out: str | Path, doc_dir: str | Path) -> str:
             prefix = Path(os.path.relpath(out / name, doc_dir)).as_posix() + "/"
             body = render_markdown(record, load(name), figure_prefix=prefix)
             env = record["environment"]
-            load_average = env.get("load_average")
+            load_average, threads = env.get("load_average"), env.get("torch_threads")
             cost.append(
                 [
                     f"`{name}`",
                     f"{record['wall_s'] / 60:.1f}",
                     f"{record['cpu_s'] / 60:.1f}",
+                    str(threads) if threads else "not recorded",
+                    f"{record['cpu_s'] / threads / 60:.1f}" if threads else "-",
                     f"{load_average[0]:.1f} → {load_average[1]:.1f}" if load_average else "not recorded",
                     env["date"],
                 ]
             )
         text = _replace(text, name, body)
     table = markdown_table(
-        ["experiment", "wall, min", "CPU, min (process, all threads)", "load average (1 min) at start → end", "run"],
+        [
+            "experiment",
+            "wall, min",
+            "CPU, min (user + system, all threads)",
+            "torch threads",
+            "CPU ÷ threads, min (a quiet run takes at least this)",
+            "load average (1 min) at start → end",
+            "run",
+        ],
         cost,
     )
     return _replace(text, "cost", table)

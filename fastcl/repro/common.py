@@ -20,6 +20,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import os
 import platform
 import sys
 import time
@@ -381,6 +382,8 @@ def environment(device: torch.device) -> dict:
         "machine": machine,
         "platform": platform.platform(),
         "device": str(device),
+        "torch_threads": torch.get_num_threads(),
+        "nice": os.nice(0),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }
 
