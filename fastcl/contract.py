@@ -1,8 +1,8 @@
-"""The block primitive's shared vocabulary: the :class:`Layout` of one block and the constants every
-backend agrees on. A leaf module: it imports torch only, so every backend (``fastcl.torch_backend``,
-``fastcl.kernels``, ``fastcl._C``'s Python side) and the layers above them can import it.
-
-docs/block-engine.md is the contract these names belong to.
+"""The contract every backend implements: the :class:`Layout` of one block, the primitive's signature
+(:class:`BlockForward` / :class:`BlockBackward`, docs/block-engine.md) and the constants the backends and
+the layers above agree on. A leaf module: it imports torch and the standard library only, so every backend
+(``fastcl.torch_backend``, ``fastcl.kernels``, ``fastcl.cuda_backend``) and the layers above them can
+import it; tests/test_architecture.py holds the rule (docs/architecture.md).
 
     >>> import torch
     >>> layout = Layout(positives="index", self_offset=0, pos_index=torch.tensor([1, 0]))
@@ -13,8 +13,9 @@ docs/block-engine.md is the contract these names belong to.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
-from typing import NamedTuple, Optional
+from typing import NamedTuple, Optional, Protocol
 
 import torch
 from torch import Tensor
@@ -22,6 +23,21 @@ from torch import Tensor
 NORM_EPS = 1e-12  # as torch.nn.functional.normalize: ẑ = z / max(‖z‖, NORM_EPS)
 POSITIVES = ("none", "index", "labels", "mask")
 EPILOGUES = ("softmax", "sigmoid")
+
+# NTSC YIQ (rows: Y, I, Q), shared by the augmentation's reference colour ops (fastcl.augment.colour) and
+# its Triton kernel (fastcl.kernels.augment). Y is the 0.299/0.587/0.114 luma of grayscale and contrast.
+RGB_TO_YIQ = (
+    (0.299, 0.587, 0.114),
+    (0.596, -0.274, -0.322),
+    (0.211, -0.523, 0.312),
+)
+# Exact inverse (computed in float64) so that a zero hue rotation returns the input to float rounding.
+YIQ_TO_RGB = tuple(tuple(row) for row in torch.linalg.inv(torch.tensor(RGB_TO_YIQ, dtype=torch.float64)).tolist())
+
+
+def triton_interpreted() -> bool:
+    """True when Triton runs through its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -89,6 +105,48 @@ class Layout:
                 raise ValueError(f"{name}: {state} with positives={self.positives!r}")
         if self.bias is not None and self.epilogue != "sigmoid":
             raise ValueError(f"bias: only the sigmoid epilogue has a logit bias, got epilogue={self.epilogue!r}")
+
+
+class BlockForward(Protocol):
+    """The signature of every backend's ``block_forward`` (the reference: ``fastcl.torch_backend.block``).
+
+    Args:
+        a, k: anchor rows [A, D] and key rows [K, D] (any strides, the same floating dtype and device).
+        a_inv, k_inv: inverse norms [A] / [K] in the accumulation dtype, or None (no normalization).
+        tau: 0-dim temperature in the accumulation dtype.
+        sub_dim: the number of leading features compared, read in place through the strides.
+        layout: positives and exclusions of the block.
+
+    Returns:
+        (stat [A], pos_sum [A], pos_weight [A]) in the accumulation dtype: stat is log Σ exp(s) over the
+        entries not excluded (softmax epilogue) or Σ softplus(s + b) (sigmoid), then Σ_c P_ac s_ac, Σ_c P_ac.
+    """
+
+    def __call__(
+        self, a: Tensor, a_inv: Optional[Tensor], k: Tensor, k_inv: Optional[Tensor], tau: Tensor, sub_dim: int,
+        layout: Layout,
+    ) -> tuple[Tensor, Tensor, Tensor]: ...
+
+
+class BlockBackward(Protocol):
+    """The signature of every backend's ``block_backward``: one block's gradients given the merged statistics.
+
+    Args:
+        a, a_inv, k, k_inv, tau, sub_dim, layout: as :class:`BlockForward`.
+        lse: [A] the anchors' statistic merged over all blocks (unused by the sigmoid epilogue).
+        alpha, beta: [A] coefficients of G_ac = alpha_a·exp(s_ac − lse_a) − beta_a·P_ac (sigmoid:
+            alpha_a·σ(s_ac + b) − beta_a·P_ac).
+
+    Returns:
+        (d_a [A, sub_dim], d_k [K, sub_dim] or None under ``layout.own_block``, gs): gradients with respect
+        to the raw rows' prefix (normalization backward included) in the accumulation dtype, and
+        gs = Σ G·s (0-dim; the sigmoid epilogue returns [Σ G·s, Σ G]).
+    """
+
+    def __call__(
+        self, a: Tensor, a_inv: Optional[Tensor], k: Tensor, k_inv: Optional[Tensor], tau: Tensor, sub_dim: int,
+        layout: Layout, lse: Tensor, alpha: Tensor, beta: Tensor,
+    ) -> tuple[Tensor, Optional[Tensor], Tensor]: ...
 
 
 class ClassSegments(NamedTuple):

@@ -17,6 +17,7 @@ from types import ModuleType
 import torch
 
 from fastcl import selfcheck
+from fastcl.contract import triton_interpreted
 
 BACKENDS = ("torch", "triton", "cuda")
 _CHOICES = BACKENDS + ("auto",)
@@ -28,11 +29,6 @@ def constant_for_compile(fn):
     import would add about a second to every ``import fastcl``."""
     fn._dynamo_marked_constant = True
     return fn
-
-
-def triton_interpreted() -> bool:
-    """True when Triton runs through its CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 @functools.lru_cache(maxsize=None)

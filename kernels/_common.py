@@ -72,8 +72,8 @@ import torch
 import triton
 import triton.language as tl
 
-from fastcl.dispatch import triton_interpreted as interpreted
-from fastcl.torch_backend._tiles import NORM_EPS
+from fastcl.contract import NORM_EPS
+from fastcl.contract import triton_interpreted as interpreted
 
 _INTERPRETED = tl.constexpr(interpreted())
 

@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastcl.augment.colour import RGB_TO_YIQ, YIQ_TO_RGB
+from fastcl.contract import RGB_TO_YIQ, YIQ_TO_RGB
 from fastcl.kernels._common import LAUNCH_OPTIONS, CompileSpec
 
 _TWO_PI = tl.constexpr(6.283185307179586)

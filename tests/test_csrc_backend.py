@@ -7,7 +7,8 @@ import pytest
 import torch
 
 import fastcl
-from fastcl import cuda_backend, dispatch
+from fastcl import dispatch
+from fastcl.cuda_backend import block as cuda_block
 from fastcl.contract import Layout
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only behaviour")
@@ -17,18 +18,18 @@ def test_cpu_only_install_reports_why_and_never_builds(monkeypatch):
     def no_build():
         raise AssertionError("a CPU-only machine must not try to build the extension")
 
-    monkeypatch.setattr(cuda_backend, "_build_just_in_time", no_build)
+    monkeypatch.setattr(cuda_block, "_build_just_in_time", no_build)
     reason = dispatch.unavailable_reason("cuda")
     assert reason is not None and "CUDA device" in reason
     assert "cuda" not in fastcl.available_backends()
     with pytest.raises(RuntimeError, match="backend='cuda' cannot run here: it needs a CUDA device"):
         dispatch.resolve("cuda", torch.device("cpu"))
     with pytest.raises(RuntimeError, match="cannot run here"):
-        cuda_backend.block_forward(torch.randn(2, 3), None, torch.randn(2, 3), None, torch.tensor(0.5), 3, Layout())
+        cuda_block.block_forward(torch.randn(2, 3), None, torch.randn(2, 3), None, torch.tensor(0.5), 3, Layout())
 
 
 def test_sources_for_a_just_in_time_build_are_found():
-    sources = cuda_backend._sources_dir()
+    sources = cuda_block._sources_dir()
     assert sources is not None
     names = {p.name for p in sources.iterdir()}
     assert {"block_ops.cpp", "block_kernels.cu", "block_launch.h", "block_math.cuh"} <= names
@@ -54,7 +55,7 @@ def test_sources_for_a_just_in_time_build_are_found():
 )
 def test_layout_arguments(layout, expected):
     """Flags and enum codes for the ops; weights in the accumulation dtype, indices as contiguous int64."""
-    args = cuda_backend.layout_arguments(layout, torch.zeros(1, 3, dtype=torch.bfloat16))
+    args = cuda_block.layout_arguments(layout, torch.zeros(1, 3, dtype=torch.bfloat16))
     assert args[:5] == expected
     bias, pos_index, a_labels, k_labels, mask = args[5:]
     for tensor in (pos_index, a_labels, k_labels):

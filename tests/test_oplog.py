@@ -33,7 +33,8 @@ import torch.multiprocessing as mp
 from oplog import NONDETERMINISTIC_ON_CUDA, OpLog
 
 import fastcl.distributed as fdist
-from fastcl import cuda_backend, dispatch, functional
+from fastcl import dispatch, functional
+from fastcl.cuda_backend import block as cuda_block
 from fastcl import torch_backend as reference_primitive
 from fastcl.contract import Layout
 
@@ -97,8 +98,8 @@ def _losses(local: bool) -> dict:
 
 # --- the cuda backend's host code around a stand-in for its compiled ops ---------------------------------
 
-_POSITIVES = {code: name for name, code in cuda_backend._POSITIVES.items()}
-_EPILOGUES = {code: name for name, code in cuda_backend._EPILOGUES.items()}
+_POSITIVES = {code: name for name, code in cuda_block._POSITIVES.items()}
+_EPILOGUES = {code: name for name, code in cuda_block._EPILOGUES.items()}
 
 
 def _stand_in_layout(has_self, self_offset, positives, exclude_positives, epilogue, bias, pos_index, a_labels,
@@ -138,16 +139,16 @@ class _CompiledOpsStandIn:
 def _cuda_backend_on_cpu(log: OpLog):
     """backend="cuda" runs here: dispatch accepts it, and its compiled ops are the opaque stand-in."""
     stand_in = _CompiledOpsStandIn()
-    original_reason, original_ops = dispatch.unavailable_reason, cuda_backend._ops
+    original_reason, original_ops = dispatch.unavailable_reason, cuda_block._ops
     dispatch.unavailable_reason = lambda backend, device=None: (
         None if backend == "cuda" else original_reason(backend, device)
     )
-    cuda_backend._ops = lambda: stand_in
+    cuda_block._ops = lambda: stand_in
     try:
         with log.opaque(stand_in, "block_forward"), log.opaque(stand_in, "block_backward"):
             yield
     finally:
-        dispatch.unavailable_reason, cuda_backend._ops = original_reason, original_ops
+        dispatch.unavailable_reason, cuda_block._ops = original_reason, original_ops
 
 
 @contextlib.contextmanager

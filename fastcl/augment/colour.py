@@ -23,14 +23,7 @@ from kornia.enhance import (
     adjust_saturation_with_gray_subtraction,
 )
 
-# NTSC YIQ (rows: Y, I, Q). Y is the 0.299/0.587/0.114 luma used by grayscale and contrast.
-RGB_TO_YIQ = (
-    (0.299, 0.587, 0.114),
-    (0.596, -0.274, -0.322),
-    (0.211, -0.523, 0.312),
-)
-# Exact inverse (computed in float64) so that a zero hue rotation returns the input to float rounding.
-YIQ_TO_RGB = tuple(tuple(row) for row in torch.linalg.inv(torch.tensor(RGB_TO_YIQ, dtype=torch.float64)).tolist())
+from fastcl.contract import RGB_TO_YIQ, YIQ_TO_RGB
 
 
 def _per_sample(factor: torch.Tensor, image: torch.Tensor) -> torch.Tensor:

@@ -47,8 +47,8 @@ _JIT_NAME = "fastcl_cuda_jit"
 
 def _sources_dir() -> Optional[Path]:
     """csrc/ in a source checkout, or the fastcl/csrc package data of an installed wheel."""
-    here = Path(__file__).resolve().parent
-    for candidate in (here / "csrc", here.parent / "csrc"):
+    package = Path(__file__).resolve().parent.parent  # fastcl/
+    for candidate in (package / "csrc", package.parent / "csrc"):
         if all((candidate / name).is_file() for name in _SOURCES):
             return candidate
     return None
