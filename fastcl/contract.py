@@ -123,7 +123,13 @@ class BlockForward(Protocol):
     """
 
     def __call__(
-        self, a: Tensor, a_inv: Optional[Tensor], k: Tensor, k_inv: Optional[Tensor], tau: Tensor, sub_dim: int,
+        self,
+        a: Tensor,
+        a_inv: Optional[Tensor],
+        k: Tensor,
+        k_inv: Optional[Tensor],
+        tau: Tensor,
+        sub_dim: int,
         layout: Layout,
     ) -> tuple[Tensor, Tensor, Tensor]: ...
 
@@ -144,8 +150,17 @@ class BlockBackward(Protocol):
     """
 
     def __call__(
-        self, a: Tensor, a_inv: Optional[Tensor], k: Tensor, k_inv: Optional[Tensor], tau: Tensor, sub_dim: int,
-        layout: Layout, lse: Tensor, alpha: Tensor, beta: Tensor,
+        self,
+        a: Tensor,
+        a_inv: Optional[Tensor],
+        k: Tensor,
+        k_inv: Optional[Tensor],
+        tau: Tensor,
+        sub_dim: int,
+        layout: Layout,
+        lse: Tensor,
+        alpha: Tensor,
+        beta: Tensor,
     ) -> tuple[Tensor, Optional[Tensor], Tensor]: ...
 
 

@@ -38,6 +38,7 @@ from __future__ import annotations
 import datetime as _dt
 import functools
 import hashlib
+import importlib.metadata
 import importlib.util
 import json
 import os
@@ -241,8 +242,6 @@ def nvidia_driver() -> Optional[str]:
 
 def environment(device: torch.device) -> dict:
     """What a cached decision depends on: the device, the driver, CUDA, torch, triton, fastcl, its sources."""
-    import fastcl
-
     try:
         import triton
 
@@ -253,7 +252,7 @@ def environment(device: torch.device) -> dict:
         "device": str(device.type),
         "torch": torch.__version__,
         "triton": triton_version,
-        "fastcl": fastcl.__version__,
+        "fastcl": importlib.metadata.version("fastcl"),
         "sources": _sources_digest(),
         "triton_interpret": os.environ.get("TRITON_INTERPRET", "0"),
     }

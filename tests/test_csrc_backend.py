@@ -8,8 +8,8 @@ import torch
 
 import fastcl
 from fastcl import dispatch
-from fastcl.cuda_backend import block as cuda_block
 from fastcl.contract import Layout
+from fastcl.cuda_backend import block as cuda_block
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only behaviour")
 

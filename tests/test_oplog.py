@@ -34,9 +34,9 @@ from oplog import NONDETERMINISTIC_ON_CUDA, OpLog
 
 import fastcl.distributed as fdist
 from fastcl import dispatch, functional
-from fastcl.cuda_backend import block as cuda_block
 from fastcl import torch_backend as reference_primitive
 from fastcl.contract import Layout
+from fastcl.cuda_backend import block as cuda_block
 
 D, SUB_DIM = 8, 5
 

@@ -76,8 +76,6 @@ def _cpu_name() -> str:
 
 def environment(device: str) -> dict:
     """Provenance of a run: device, versions, date."""
-    import fastcl
-
     peers = {}
     for name in _PEER_DISTRIBUTIONS:
         try:
@@ -94,7 +92,7 @@ def environment(device: str) -> dict:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "cuda": torch.version.cuda if is_cuda else None,
-        "fastcl": getattr(fastcl, "__version__", "unknown"),
+        "fastcl": importlib.metadata.version("fastcl"),
         "platform": platform.platform(),
         "peers": peers,
         "flop_model": FLOP_MODEL,

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import importlib.metadata
 import json
 import math
 import os
@@ -366,9 +367,11 @@ def few_label_probe(model, source, per_class: int, draws: int, seed: int) -> dic
 
 def environment(device: torch.device) -> dict:
     """Versions, machine and date for results.json."""
-    import fastcl
-
-    versions = {"python": platform.python_version(), "torch": torch.__version__, "fastcl": fastcl.__version__}
+    versions = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "fastcl": importlib.metadata.version("fastcl"),
+    }
     for module in ("numpy", "sklearn", "kornia", "matplotlib"):
         with contextlib.suppress(ImportError):
             versions[module] = __import__(module).__version__
