@@ -1,22 +1,19 @@
-"""Drop-in ``nn.Module`` losses: thin wrappers over :mod:`fastcl.functional` (the math is in ``docs/spec.md``).
+"""Drop-in ``nn.Module`` losses: thin wrappers over :mod:`fastcl.functional`.
 
-Every module takes its temperature at construction and, optionally, per call
-(``loss_fn(z1, z2, temperature=tau)``), so a learnable temperature or a CLIP logit scale that changes
-every step needs no new module. The options shared by all of them:
+Each class's formula and defaults are written once, in the docs/spec.md section its docstring names (the
+registry, :mod:`fastcl.registry`, names the same section). Every module takes its temperature at
+construction and, optionally, per call (``loss_fn(z1, z2, temperature=tau)``), so a learnable temperature
+or a CLIP logit scale that changes every step needs no new module. The options shared by all of them,
+each defined once in docs/spec.md:
 
-* ``sub_dim``: use only the first ``sub_dim`` features of every row (DirectCLR); the backends read the
-  prefix through strides and the gradient on the rest of the row is exactly zero.
-* ``normalize``: L2-normalize the rows inside the loss (``True``), or use them as given (``False``).
-* ``backend``: ``"auto"`` (Triton for CUDA tensors, the chunked PyTorch backend otherwise), ``"torch"``
-  or ``"triton"``; ``FASTCL_BACKEND`` overrides ``"auto"``.
-* ``distributed``: ``"auto"`` (the global batch under an initialized process group of world size > 1),
-  ``"local"``, ``"gather"`` or ``"ring"``; see ``docs/distributed.md``.
-* ``reduction``: ``"mean"`` (default), ``"sum"`` or ``"none"`` (the per-anchor losses, shaped as the
-  inputs' anchors); each ``forward`` also takes ``weight``, per-anchor weights ([N] per sample or the
-  per-anchor shape). docs/spec.md, "Reductions and weights".
-* ``check_finite``: raise on NaN/Inf embeddings or a non-finite or non-positive tensor temperature, a
-  debugging aid that costs a device sync. Off by default: NaN/Inf propagate to the loss, as AMP's
-  ``GradScaler`` needs (docs/spec.md, "Non-finite input").
+* ``sub_dim``, ``normalize``: "Notation and conventions" (DirectCLR's prefix, read in place; the
+  normalization and its eps).
+* ``backend``: ``"auto"``, ``"torch"``, ``"triton"`` or ``"cuda"`` ("Names and owned parameters";
+  ``FASTCL_BACKEND`` overrides ``"auto"``).
+* ``distributed``: ``"auto"``, ``"local"``, ``"gather"`` or ``"ring"`` ("Distributed modes",
+  docs/distributed.md).
+* ``reduction`` and each ``forward``'s ``weight``: "Reductions and weights".
+* ``check_finite``: "Non-finite input" (off by default: NaN/Inf propagate, as AMP's ``GradScaler`` needs).
 """
 
 from __future__ import annotations
@@ -89,23 +86,14 @@ class _TemperatureMixin:
 
 
 class NTXentLoss(_TemperatureMixin, nn.Module):
-    """SimCLR's NT-Xent over two views (Chen et al. 2020, https://arxiv.org/abs/2002.05709).
-
-    The rows of ``[z1; z2]`` (M = 2N) are anchors; row i's positive is the other view of the same
-    sample and the other M − 2 rows are its negatives:
-    ``L = mean_i [ −s(i, pos(i)) + log Σ_{j≠i} exp s(i, j) ]`` with ``s = ẑ_i · ẑ_j / τ``.
-    With N = 1 the positive is the only other row: the loss is exactly 0 (a trailing batch of one pair
-    does not stop a training loop).
+    """SimCLR's NT-Xent over two views (Chen et al. 2020, https://arxiv.org/abs/2002.05709): docs/spec.md,
+    "NT-Xent". With N = 1 the loss is exactly 0 (a trailing batch of one pair does not stop a training loop).
 
     Args:
         temperature: τ > 0, a float, a 0-dim tensor, or an ``nn.Parameter`` (learned; registered on the
             module). A tensor computed from other tensors is refused (pass it per call instead).
-        sub_dim: use only the first ``sub_dim`` features (DirectCLR); ``None``: all D.
-        normalize: L2-normalize the rows inside the loss.
-        backend: ``"auto"``, ``"torch"`` or ``"triton"``.
-        distributed: ``"auto"``, ``"local"``, ``"gather"`` or ``"ring"`` (see ``docs/distributed.md``).
-        check_finite: raise on NaN/Inf inputs (a debugging aid; one device sync). Default: they propagate.
-        reduction: ``"mean"``, ``"sum"`` or ``"none"`` (per-anchor losses; docs/spec.md).
+        sub_dim, normalize, backend, distributed, check_finite, reduction: the shared options (module
+            docstring).
         beta, tau_plus: hard negatives (docs/spec.md, "Hard negatives"): HCL's concentration β ≥ 0 and the
             debiased estimator's positive-class prior 0 ≤ τ⁺ < 1; None: off (single process).
 
@@ -187,27 +175,20 @@ class NTXentLoss(_TemperatureMixin, nn.Module):
 
 class InfoNCELoss(_TemperatureMixin, nn.Module):
     """Cross-view InfoNCE (van den Oord et al. 2018, https://arxiv.org/abs/1807.03748), the form of
-    CLIP (Radford et al. 2021, https://arxiv.org/abs/2103.00020) and DirectCLR: ``q_i`` against every
-    ``k_j``, positive ``k_i``, no same-view negatives:
-    ``ℓ(q, k) = mean_i [ −s(q_i, k_i) + log Σ_j exp s(q_i, k_j) ]``; ``symmetric=True`` returns
-    ``(ℓ(q, k) + ℓ(k, q)) / 2``. With ``symmetric=False``, k may have more rows than q and
-    ``targets`` (per call) give each query's positive key index (Inf-CL's labels).
+    CLIP and DirectCLR: docs/spec.md, "Cross-view InfoNCE" (with a ``queue``: "InfoNCE with a queue").
+    With ``symmetric=False``, k may have more rows than q and ``targets`` (per call) give each query's
+    positive key index (Inf-CL's labels).
 
     For CLIP, τ = 1 / logit_scale: pass ``temperature=1 / model.logit_scale.exp()`` per call (the
     gradient reaches the logit scale), or use :class:`fastcl.compat.open_clip.ClipLoss`.
 
     Args:
         temperature: τ > 0, a float, a 0-dim tensor or an ``nn.Parameter``.
-        sub_dim: use only the first ``sub_dim`` features; ``None``: all D.
-        normalize: L2-normalize the rows inside the loss (CLIP models normalize before the loss:
-            ``normalize=False`` then skips the redundant work).
         symmetric: average both directions (``True``) or return ``ℓ(q, k)`` only.
         batch_negatives: with a ``queue`` (MoCo), also use the batch's other keys as negatives.
         beta, tau_plus: hard-negative estimators (HCL's β, the debiased τ⁺), as :class:`NTXentLoss`.
-        backend: ``"auto"``, ``"torch"`` or ``"triton"``.
-        distributed: ``"auto"``, ``"local"``, ``"gather"`` or ``"ring"``.
-        check_finite: raise on NaN/Inf inputs (a debugging aid; one device sync). Default: they propagate.
-        reduction: ``"mean"``, ``"sum"`` or ``"none"`` (per-anchor losses; docs/spec.md).
+        sub_dim, normalize, backend, distributed, check_finite, reduction: the shared options (module
+            docstring); CLIP models normalize before the loss, so ``normalize=False`` skips redundant work.
 
     Shape:
         q: ``[N, D]``; k: ``[N, D]`` (``[K, D]``, K ≥ N, with ``symmetric=False``); targets: ``[N]``
@@ -294,9 +275,8 @@ class InfoNCELoss(_TemperatureMixin, nn.Module):
 
 
 class DirectCLRLoss(InfoNCELoss):
-    """DirectCLR (Jing et al. 2022, https://arxiv.org/abs/2110.09348): symmetric InfoNCE on the first
-    ``sub_dim`` features of the normalized representation prefix, no projector. The backends read the
-    prefix in place; the gradient on features ``sub_dim:`` is exactly zero.
+    """DirectCLR (Jing et al. 2022, https://arxiv.org/abs/2110.09348): symmetric InfoNCE (docs/spec.md,
+    "Cross-view InfoNCE") on the first ``sub_dim`` features of the representation, no projector.
 
     Args:
         sub_dim: length of the prefix d0 (360 in the paper's code).
@@ -341,16 +321,10 @@ class DirectCLRLoss(InfoNCELoss):
 
 
 class SupConLoss(_TemperatureMixin, nn.Module):
-    """Supervised contrastive loss L_out (Khosla et al. 2020, https://arxiv.org/abs/2004.11362).
-
-    ``features`` is ``[N, V, D]`` (V views). Rows are stacked view-major; anchor a's positives P(a)
-    are the other rows with its label (or ``mask[n_a, n_p] != 0``), its contrast set every other row:
-    ``ℓ_a = −(τ/τ_b) · Σ_p w_ap [ s_ap − log Σ_{c≠a} exp s_ac ] / Σ_p w_ap`` (w = 1 for labels and
-    binary masks, the mask's values for a floating mask); the loss is the mean over anchors that have
-    a positive (``positives_missing="drop"``: an anchor without one is left out of the mean, never NaN)
-    or over all anchors, those without positives counting 0 (``"zero"``, SupContrast's convention);
-    with no anchor with a positive the loss is 0. Without labels and mask every sample is its own
-    class (SimCLR with V views). For SupContrast's exact signature and conventions (positional
+    """Supervised contrastive loss L_out (Khosla et al. 2020, https://arxiv.org/abs/2004.11362):
+    docs/spec.md, "Supervised contrastive loss" (positives from ``labels`` or ``mask``, the ``base_temperature``
+    prefactor, ``positives_missing``). Without labels and mask every sample is its own class (SimCLR
+    with V views). For SupContrast's exact signature and conventions (positional
     ``contrast_mode``, unnormalized features, ``[N, 1]`` labels) use
     :class:`fastcl.compat.supcontrast.SupConLoss`.
 
@@ -358,10 +332,10 @@ class SupConLoss(_TemperatureMixin, nn.Module):
         temperature: τ > 0, a float, a 0-dim tensor or an ``nn.Parameter``.
         base_temperature: τ_b > 0, a float (the loss is scaled by τ/τ_b).
         contrast_mode: ``"all"`` (every row is an anchor) or ``"one"`` (view 0 only).
-        sub_dim: use only the first ``sub_dim`` features; ``None``: all D.
-        normalize: L2-normalize the rows inside the loss.
-        backend, distributed, check_finite, reduction: as :class:`NTXentLoss`.
-        positives_missing: ``"drop"`` or ``"zero"`` (see above).
+        sub_dim, normalize, backend, distributed, check_finite, reduction: the shared options (module
+            docstring).
+        positives_missing: ``"drop"`` (anchors without a positive leave the mean) or ``"zero"``
+            (SupContrast's: they count 0).
 
     Shape:
         features: ``[N, V, D]``; labels: ``[N]`` integer; mask: ``[N, N]`` (bool/integer: nonzero =
@@ -440,19 +414,14 @@ class SupConLoss(_TemperatureMixin, nn.Module):
 
 
 class DCLLoss(NTXentLoss):
-    """Decoupled contrastive loss (Yeh et al. 2022, https://arxiv.org/abs/2110.06848) as lightly's
-    ``DCLLoss``: NT-Xent without the positive pair in its denominator. For anchor i of one view,
-    ``ℓ_i = −s(i, pos(i)) + log Σ_{j≠i} exp s(i, j same view) + log Σ_{j≠i} exp s(i, j other view)``;
-    the two views' means are averaged.
+    """Decoupled contrastive loss (Yeh et al. 2022, https://arxiv.org/abs/2110.06848), NT-Xent without
+    the positive pair in its denominator, as lightly's ``DCLLoss``: docs/spec.md, "DCL". DCLW's weights:
+    :func:`fastcl.functional.dcl`'s ``weight_sigma``.
 
     Args:
         temperature: τ > 0, a float, a 0-dim tensor or an ``nn.Parameter``.
-        sub_dim: use only the first ``sub_dim`` features; ``None``: all D.
-        normalize: L2-normalize the rows inside the loss.
-        backend: ``"auto"``, ``"torch"``, ``"triton"`` or ``"cuda"``.
-        distributed: ``"auto"``, ``"local"``, ``"gather"`` or ``"ring"``.
-        check_finite: raise on NaN/Inf inputs (a debugging aid; one device sync). Default: they propagate.
-        reduction: ``"mean"``, ``"sum"`` or ``"none"`` (per-anchor losses; docs/spec.md).
+        sub_dim, normalize, backend, distributed, check_finite, reduction: the shared options (module
+            docstring).
 
     Shape:
         z1, z2: ``[N, D]``, N ≥ 2. Output: ``[]``.
@@ -486,13 +455,14 @@ class DCLLoss(NTXentLoss):
 
 class SigLIPLoss(nn.Module):
     """SigLIP's pairwise sigmoid loss (Zhai et al. 2023, https://arxiv.org/abs/2303.15343), as open_clip's
-    ``SigLipLoss``: ``L = −(1/N) Σ_ij log σ(label_ij (t·⟨x̂_i, ŷ_j⟩ + b))``, label +1 for matching pairs.
+    ``SigLipLoss``: docs/spec.md, "SigLIP".
 
     Args:
         logit_scale: t > 0 (already exponentiated): a float, a 0-dim tensor or an ``nn.Parameter``
             (learned; registered on the module). SigLIP initialises t = 10.
         logit_bias: b: a float, a 0-dim tensor or an ``nn.Parameter``. SigLIP initialises −10.
-        sub_dim, normalize, backend, distributed, check_finite, reduction: as :class:`DCLLoss`.
+        sub_dim, normalize, backend, distributed, check_finite, reduction: the shared options (module
+            docstring).
         learnable: the module owns t and b as parameters, initialised from ``logit_scale`` / ``logit_bias``
             (floats): ``self.logit_scale`` holds log t, as open_clip stores it, clamped like open_clip's to
             t ≤ ``max_logit_scale``; ``self.logit_bias`` holds b.
@@ -572,7 +542,7 @@ class SigLIPLoss(nn.Module):
 
 class CLIPLoss(nn.Module):
     """CLIP's symmetric InfoNCE (Radford et al. 2021, https://arxiv.org/abs/2103.00020) owning its learnable
-    logit scale: ``L = ½ [CE(t·x̂ŷᵀ, I) + CE(t·ŷx̂ᵀ, I)]``, :func:`fastcl.functional.info_nce` with τ = 1/t.
+    logit scale: docs/spec.md, "Cross-view InfoNCE" with τ = 1/t (:func:`fastcl.functional.info_nce`).
 
     ``self.logit_scale`` holds log t as open_clip stores it (initialised to log(1/0.07), as open_clip's
     ``init_logit_scale``); each forward first clamps it in place to [0, ln ``max_logit_scale``], as
@@ -583,7 +553,8 @@ class CLIPLoss(nn.Module):
         logit_scale: the initial t (not its log): open_clip's 1/0.07.
         learnable: own t as a parameter (``True``) or keep it fixed.
         max_logit_scale: the clamp of t (open_clip's 100).
-        sub_dim, normalize, backend, distributed, check_finite, reduction: as :class:`InfoNCELoss`.
+        sub_dim, normalize, backend, distributed, check_finite, reduction: the shared options (module
+            docstring).
 
     Shape:
         image_features, text_features: ``[N, D]`` paired rows. Output: ``[]`` (``[2, N]`` for

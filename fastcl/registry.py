@@ -1,11 +1,13 @@
 """The one registry of losses: what the profiler, the trainer's ``--method`` and the tests iterate.
 
-Each :class:`LossEntry` is keyed by the loss's one spelling, the name of its functional. Adding a loss
-touches the files docs/block-engine.md lists ("Adding a loss touches"); this module gets one entry.
+Each :class:`LossEntry` is keyed by the loss's one spelling, the name of its functional, and names the
+docs/spec.md section that defines its formula and options (``formula``; the module's docstring links it,
+tests/test_docs.py checks both). Adding a loss touches the files docs/block-engine.md lists ("Adding a
+loss touches"); this module gets one entry.
 
     >>> entry = get("nt_xent")
-    >>> entry.module.__name__, entry.default_temperature, entry.method
-    ('NTXentLoss', 0.5, 'simclr')
+    >>> entry.module.__name__, entry.default_temperature, entry.method, entry.formula
+    ('NTXentLoss', 0.5, 'simclr', 'NT-Xent')
     >>> tensors, targets = entry.make_inputs(8, 4)
     >>> [tuple(t.shape) for t in tensors], targets
     ([(4, 4), (4, 4)], {})
@@ -39,7 +41,9 @@ class LossEntry:
         module: its ``nn.Module`` class.
         default_temperature: τ when none is given.
         method: the trainer's ``--method`` that trains with it, or None.
-        gemm_units: GEMM-units of M×M per forward+backward (one unit = 2·M·M·D' FLOPs).
+        gemm_units: GEMM-units of M×M per forward+backward (docs/spec.md, "FLOP model").
+        formula: the name docs/spec.md's section on this loss begins with (where its formula and
+            options are written, once).
         reference: the float64 formula, called like the functional.
         naive: the naive PyTorch loss, ``naive(*tensors, temperature=τ, **targets)``.
         make_inputs: ``make_inputs(m, dim, dtype=float32, device="cpu", seed=0) -> (tensors, targets)``,
@@ -64,6 +68,7 @@ class LossEntry:
     reference: Callable[..., Tensor]
     naive: Callable[..., Tensor]
     make_inputs: Callable[..., tuple[tuple[Tensor, ...], dict]]
+    formula: str
     views_input: bool = False
 
     def flops(self, m: int, dim: int) -> int:
@@ -104,6 +109,7 @@ LOSSES: dict[str, LossEntry] = {
             reference.nt_xent,
             reference.naive_nt_xent,
             _two_views(lambda m: m // 2),
+            formula="NT-Xent",
         ),
         LossEntry(
             "info_nce",
@@ -115,6 +121,7 @@ LOSSES: dict[str, LossEntry] = {
             reference.info_nce,
             reference.naive_info_nce,
             _two_views(lambda m: m),
+            formula="Cross-view InfoNCE",
         ),
         LossEntry(
             "supcon",
@@ -126,10 +133,9 @@ LOSSES: dict[str, LossEntry] = {
             reference.supcon,
             reference.naive_supcon,
             _supcon_inputs,
+            formula="Supervised contrastive loss",
             views_input=True,
         ),
-        # NT-Xent's symmetric S over M = 2N rows: 3 GEMM-units of M×M (the block engine runs 4 — forward,
-        # recompute, dA, dK — so TFLOP/s by this model undercount its work, never overcount it)
         LossEntry(
             "dcl",
             functional.dcl,
@@ -140,8 +146,9 @@ LOSSES: dict[str, LossEntry] = {
             reference.dcl,
             reference.naive_dcl,
             _two_views(lambda m: m // 2),
+            formula="DCL",
         ),
-        # N×N (M = N): forward S, recomputed S, dX, dY; default τ = 1/t with SigLIP's t = 10
+        # default τ = 1/t with SigLIP's t = 10
         LossEntry(
             "siglip",
             functional.siglip,
@@ -152,6 +159,7 @@ LOSSES: dict[str, LossEntry] = {
             reference.siglip,
             reference.naive_siglip,
             _two_views(lambda m: m),
+            formula="SigLIP",
         ),
     )
 }

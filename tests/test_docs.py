@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 import fastcl
+from fastcl import registry
 
 ROOT = Path(__file__).resolve().parent.parent
 # What `make docs` renders (the Makefile passes the same list).
@@ -326,3 +327,34 @@ def test_ci_runs_the_package_check():
     ci = (ROOT / ".ci" / "run").read_text()
     assert "make test" in ci and "make package-check" in ci
     assert "package-check:" in (ROOT / "Makefile").read_text()
+
+
+# --- each formula written once: docs/spec.md's sections, named by the registry, linked by the docstrings ---
+
+_SPEC_HEADINGS = [
+    line.lstrip("#").strip() for line in (ROOT / "docs" / "spec.md").read_text().splitlines() if line.startswith("##")
+]
+_SPEC_CITATION = re.compile(r'docs/spec\.md,\s+"([^"]+)"')
+
+
+def test_every_spec_citation_in_the_code_names_a_section():
+    """``docs/spec.md, "Name"`` in a docstring or comment resolves to a heading that begins with Name."""
+    cited = {}
+    for path in sorted((ROOT / "fastcl").rglob("*.py")) + sorted((ROOT / "kernels").rglob("*.py")):
+        for name in _SPEC_CITATION.findall(path.read_text()):
+            cited.setdefault(name, path.relative_to(ROOT))
+    assert cited, "no citation found: the pattern no longer matches how the docstrings cite docs/spec.md"
+    dangling = {name: str(at) for name, at in cited.items() if not any(h.startswith(name) for h in _SPEC_HEADINGS)}
+    assert not dangling, f"citations of docs/spec.md sections that do not exist: {dangling}"
+
+
+@pytest.mark.parametrize("name", list(registry.LOSSES))
+def test_each_loss_docstring_names_its_registry_formula(name):
+    """The registry names the one spec section that defines a loss; that section names the loss's module and
+    functional, the module's docstring links it, and the functional's docstring begins with its name."""
+    entry = registry.get(name)
+    sections = [h for h in _SPEC_HEADINGS if h.startswith(entry.formula)]
+    assert len(sections) == 1, (entry.formula, sections)
+    assert f"`{entry.module.__name__}`" in sections[0] and f"`functional.{name}`" in sections[0], sections[0]
+    assert entry.formula in _SPEC_CITATION.findall(entry.module.__doc__), entry.module.__name__
+    assert entry.formula in entry.functional.__doc__.splitlines()[0], entry.functional.__doc__.splitlines()[0]

@@ -263,9 +263,9 @@ def negative_mises_fisher_weights(out0: Tensor, out1: Tensor, sigma: float = 0.5
 class DCLLoss(nn.Module):
     """Decoupled contrastive loss (Yeh et al. 2022, https://arxiv.org/abs/2110.06848) with lightly's signature.
 
-    For view u of sample i (v the other view): ``ℓ = −w_i s(u_i, v_i) + log Σ_{j≠i} (e^{s(u_i, u_j)} +
-    e^{s(u_i, v_j)})`` on normalized rows, ``w = weight_fn(u, v)`` (1 without one); the loss is the mean
-    over i of the two views' terms, halved. On one process without weights or with DCLW's weights this is
+    Each anchor's term is docs/spec.md, "DCL" (one log-sum-exp over both views' negatives) on normalized
+    rows, with ``w = weight_fn(u, v)`` (1 without one); the loss is the mean over i of the two views'
+    terms, halved. On one process without weights or with DCLW's weights this is
     :func:`fastcl.functional.dcl`; a custom ``weight_fn`` or ``gather_distributed`` runs the block engine
     here, with lightly's per-rank values.
 
