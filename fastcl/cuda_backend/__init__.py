@@ -3,12 +3,6 @@
 extension in csrc/, and :func:`unavailable_reason`. Housed as the torch backend is (``fastcl.torch_backend``:
 a package whose ``block`` module holds the primitive); how the extension is built or loaded is
 :mod:`fastcl.cuda_backend.block`'s header.
-
-Example:
-    >>> from fastcl import cuda_backend
-    >>> reason = cuda_backend.unavailable_reason()
-    >>> reason is None or isinstance(reason, str)
-    True
 """
 
 from fastcl.cuda_backend.block import block_backward, block_forward, layout_arguments, unavailable_reason
