@@ -36,9 +36,7 @@ _FUSED = tuple(b for b in dispatch.BACKENDS if b != "torch")
 
 def extension_state() -> str:
     """The CUDA extension (csrc/, ``backend="cuda"``): prebuilt, to be built just in time, or why not."""
-    from fastcl import cuda_backend
-
-    reason = cuda_backend.unavailable_reason()
+    reason = dispatch.unavailable_reason("cuda")  # through the one dispatch point, as every caller above it
     if reason is not None:
         return f"not usable: {reason}"
     if importlib.util.find_spec("fastcl._C") is not None:
