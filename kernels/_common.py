@@ -179,6 +179,8 @@ _SYMMETRIC_FORWARD = dict(_FORWARD, sm90=[(64, 128, 64, 4, 4), (64, 128, 32, 4, 
                           sm80=[(64, 128, 32, 4, 3), (64, 128, 64, 4, 3)])
 # Tables that replace a kind's main / small ones when a launch sets the named constexpr.
 _OVERRIDES = {
+    # Own blocks (kernels/block.py, ``Layout.own_block``): the symmetric backward's two exponentials per element.
+    ("block_backward", "OWN"): (_SYMMETRIC_BACKWARD, _SMALL_SYMMETRIC_BACKWARD),
     ("block_forward", "SIGMOID"): (_SIGMOID_BLOCK_FORWARD, _SMALL_FORWARD),
     ("block_backward", "SIGMOID"): (_SIGMOID_BLOCK_BACKWARD, _SIGMOID_SMALL_BACKWARD),
     ("forward", "SYMMETRIC"): (_SYMMETRIC_FORWARD, _SMALL_FORWARD),

@@ -73,11 +73,13 @@ from fastcl.kernels._common import (
     stride_offsets,
 )
 
-# Autotuning of the two backward passes (keyed like the forward) and their even-width flags.
-_BACKWARD_TUNING = triton.autotune(
-    configs=autotune_configs("block_backward"), prune_configs_by=prune("block_backward"),
-    key=["D", "SHAPE_BUCKET", "PRECISION", "NORMALIZE", "POSITIVES", "HAS_SELF", "EXCLUDE_POSITIVES",
-         "SIGMOID"])
+# Autotuning of the two backward passes (keyed like the forward, the anchor pass also on OWN) and their
+# even-width flags.
+_BACKWARD_KEY = ["D", "SHAPE_BUCKET", "PRECISION", "NORMALIZE", "POSITIVES", "HAS_SELF", "EXCLUDE_POSITIVES", "SIGMOID"]
+_ANCHOR_TUNING = triton.autotune(configs=autotune_configs("block_backward"), prune_configs_by=prune("block_backward"),
+                                 key=_BACKWARD_KEY + ["OWN"])
+_BACKWARD_TUNING = triton.autotune(configs=autotune_configs("block_backward"), prune_configs_by=prune("block_backward"),
+                                   key=_BACKWARD_KEY)
 _EVEN_FEATURES = triton.heuristics({"EVEN_D": lambda args: args["D"] % args["BLOCK_D"] == 0,
                                     "EVEN_DO": lambda args: args["D"] % args["BLOCK_DO"] == 0})
 _LOG2E = tl.constexpr(math.log2(math.e))
@@ -89,9 +91,10 @@ _POSITIVES = {"none": 0, "index": 1, "labels": 2, "mask": 3}
 @triton.jit
 def _positive_weights(
     rows, row_mask, cols, col_mask, pos_rows, a_labels, k_labels_ptr, mask_ptr, stride_mask_a, stride_mask_k,
-    mask_rows, mask_cols, POSITIVES: tl.constexpr, ACC: tl.constexpr,
+    mask_rows, mask_cols, POSITIVES: tl.constexpr, ACC: tl.constexpr, TRANSPOSED: tl.constexpr = False,
 ):
-    """P for the tile (0 outside the valid keys); pos_rows / a_labels: the rows' index or label."""
+    """P for the tile (0 outside the valid keys); pos_rows / a_labels: the rows' index or label.
+    TRANSPOSED (mask positives): P_ca = mask[c mod Na, a mod Nk] in the same [rows, cols] orientation."""
     if POSITIVES == 1:
         p = tl.where(cols[None, :] == pos_rows[:, None], 1.0, 0.0).to(ACC)
     elif POSITIVES == 2:
@@ -99,8 +102,12 @@ def _positive_weights(
         p = tl.where((a_labels[:, None] == k_labels[None, :]) & col_mask[None, :], 1.0, 0.0).to(ACC)
     elif POSITIVES == 3:
         # int64 offsets: an [N, N] mask passes 2³¹ elements at N ≈ 46 000.
-        offsets = (rows % mask_rows).to(tl.int64)[:, None] * stride_mask_a \
-            + (cols % mask_cols).to(tl.int64)[None, :] * stride_mask_k
+        if TRANSPOSED:
+            offsets = (cols % mask_rows).to(tl.int64)[None, :] * stride_mask_a \
+                + (rows % mask_cols).to(tl.int64)[:, None] * stride_mask_k
+        else:
+            offsets = (rows % mask_rows).to(tl.int64)[:, None] * stride_mask_a \
+                + (cols % mask_cols).to(tl.int64)[None, :] * stride_mask_k
         p = tl.load(mask_ptr + offsets, mask=row_mask[:, None] & col_mask[None, :], other=0).to(ACC)
     else:
         p = tl.zeros((rows.shape[0], cols.shape[0]), dtype=ACC)
@@ -432,19 +439,25 @@ def _row_coefficients(lse_ptr, alpha_ptr, beta_ptr, bias_ptr, rows, row_mask, PR
 @triton.jit
 def _gradient_tile(
     t, rows, row_mask, cols, col_mask, lse2, alpha, beta, pos_rows, a_labels, k_labels_ptr, mask_ptr,
-    stride_mask_a, stride_mask_k, mask_rows, mask_cols, self_offset,
+    stride_mask_a, stride_mask_k, mask_rows, mask_cols, self_offset, key_rows,
     POSITIVES: tl.constexpr, HAS_SELF: tl.constexpr, EXCLUDE_POSITIVES: tl.constexpr, INDEX_IN_LOOP: tl.constexpr,
-    MASKED: tl.constexpr, ACC: tl.constexpr, SIGMOID: tl.constexpr,
+    MASKED: tl.constexpr, ACC: tl.constexpr, SIGMOID: tl.constexpr, OWN: tl.constexpr = False,
 ):
     """G·PRESCALE for a tile of base-2 logits t. MASKED: padding and self entries are zeroed; unmasked
     tiles have none. Index positives enter only when INDEX_IN_LOOP (the key pass) or for the DCL
-    exclusion; the anchor pass adds −beta·k̂_pos outside the loop. SIGMOID: e = σ(s + b) (lse2 = −b·log2 e)."""
+    exclusion; the anchor pass adds −beta·k̂_pos outside the loop. SIGMOID: e = σ(s + b) (lse2 = −b·log2 e).
+    OWN (an own block): G_ac + G_ca, the key side from the columns' coefficients ``key_rows`` = (lse2,
+    alpha, beta, positive index) of the same rows (t is symmetric: s_ac = s_ca) — see :func:`_key_side`."""
     if SIGMOID:
         u = t - lse2[:, None]  # (s + b)·log2 e
         y = tl.exp2(-tl.abs(u))  # ≤ 1: σ = 1/(1 + y) for u ≥ 0, y/(1 + y) below, no overflow
         e = _divide(tl.where(u >= 0.0, 1.0, y), 1.0 + y, ACC)
     else:
         e = tl.exp2(t - lse2[:, None])
+    if OWN:
+        g_key = _key_side(t, e, rows, row_mask, cols, col_mask, a_labels, k_labels_ptr, mask_ptr, stride_mask_a,
+                          stride_mask_k, mask_rows, mask_cols, key_rows, POSITIVES, EXCLUDE_POSITIVES, MASKED, ACC,
+                          SIGMOID)
     if POSITIVES == 2:
         if MASKED:
             k_labels = tl.load(k_labels_ptr + cols, mask=col_mask, other=0)
@@ -470,6 +483,8 @@ def _gradient_tile(
             g = alpha[:, None] * e
     else:
         g = alpha[:, None] * e
+    if OWN:
+        g += g_key
     if MASKED:
         kept = row_mask[:, None] & col_mask[None, :]
         if HAS_SELF:
@@ -479,24 +494,74 @@ def _gradient_tile(
 
 
 @triton.jit
+def _key_side(
+    t, e_rows, rows, row_mask, cols, col_mask, a_labels, k_labels_ptr, mask_ptr, stride_mask_a, stride_mask_k,
+    mask_rows, mask_cols, key_rows, POSITIVES: tl.constexpr, EXCLUDE_POSITIVES: tl.constexpr, MASKED: tl.constexpr,
+    ACC: tl.constexpr, SIGMOID: tl.constexpr,
+):
+    """G_ca·PRESCALE of an own block in the [rows, cols] orientation: alpha_c·exp(s_ac − lse_c) −
+    beta_c·P_ca from the same tile t (the sigmoid's σ(s + b) is the rows' ``e_rows`` itself). P_ca: the
+    columns' positive index compared with the rows, the same label compare (both sides are the rows'
+    labels), the mask read transposed (it may be asymmetric). Padding and the self entry: the caller's."""
+    lse2, alpha, beta, pos_cols = key_rows
+    if SIGMOID:
+        e = e_rows
+    else:
+        e = tl.exp2(t - lse2[None, :])
+    if POSITIVES == 1:
+        same = rows[:, None] == pos_cols[None, :]
+        if EXCLUDE_POSITIVES:
+            e = tl.where(same, 0.0, e)
+        g = alpha[None, :] * e - tl.where(same, beta[None, :], 0.0)
+    elif POSITIVES == 2:
+        if MASKED:
+            k_labels = tl.load(k_labels_ptr + cols, mask=col_mask, other=0)
+        else:
+            k_labels = tl.load(k_labels_ptr + cols)
+        same = a_labels[:, None] == k_labels[None, :]
+        if EXCLUDE_POSITIVES:
+            e = tl.where(same, 0.0, e)
+        g = alpha[None, :] * e - tl.where(same, beta[None, :], 0.0)
+    elif POSITIVES == 3:
+        p = _positive_weights(rows, row_mask, cols, col_mask, rows, a_labels, k_labels_ptr, mask_ptr, stride_mask_a,
+                              stride_mask_k, mask_rows, mask_cols, POSITIVES, ACC, True)
+        if EXCLUDE_POSITIVES:
+            e = tl.where(p == 0.0, e, 0.0)
+        g = alpha[None, :] * e - beta[None, :] * p
+    else:
+        g = alpha[None, :] * e
+    return g
+
+
+@triton.jit
 def _anchor_tile(
     d_hat, g_sum, start, a_ptrs, b_ptrs0, slice_ptrs0, stride_km, stride_kd, k_inv_ptr, rows, row_mask, row_scale,
     lse2, alpha, beta,
     pos_rows, a_labels, k_labels_ptr, mask_ptr, stride_mask_a, stride_mask_k, mask_rows, mask_cols, self_offset,
-    K, D, stride_ad, out, out_mask,
+    K, D, stride_ad, out, out_mask, coefficient_ptrs,
     NORMALIZE: tl.constexpr, POSITIVES: tl.constexpr, HAS_SELF: tl.constexpr, EXCLUDE_POSITIVES: tl.constexpr,
     SIGMOID: tl.constexpr, MASKED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     EVEN_D: tl.constexpr, EVEN_DO: tl.constexpr, SCALE_OPERAND: tl.constexpr, PRECISION: tl.constexpr,
-    ACC: tl.constexpr,
+    ACC: tl.constexpr, PRESCALE: tl.constexpr, OWN: tl.constexpr,
 ):
     """d_hat += G[rows, tile]·k̂[tile, out] (times PRESCALE) for key tile ``start``; SIGMOID: g_sum += Σ_c G
-    (times PRESCALE; Σ G is the sigmoid epilogue's dL/db)."""
+    (times PRESCALE; Σ G is the sigmoid epilogue's dL/db). OWN: G + Gᵀ (the keys are the rows;
+    ``coefficient_ptrs`` = (lse, alpha, beta, bias, positive index) pointers give the columns' terms)."""
     cols, col_mask, t, k_inv = _key_tile_logits(
         start, a_ptrs, b_ptrs0, k_inv_ptr, row_mask, row_scale, K, D, stride_ad, stride_km, stride_kd, NORMALIZE,
         MASKED, BLOCK_M, BLOCK_N, BLOCK_D, EVEN_D, PRECISION, ACC)
+    key_rows = (lse2, alpha, beta, pos_rows)  # unread unless OWN
+    if OWN:
+        lse_ptr, alpha_ptr, beta_ptr, bias_ptr, pos_index_ptr = coefficient_ptrs
+        lse2_cols, alpha_cols, beta_cols = _row_coefficients(lse_ptr, alpha_ptr, beta_ptr, bias_ptr, cols, col_mask,
+                                                             PRESCALE, SIGMOID)
+        pos_cols = pos_rows  # read only for index positives
+        if POSITIVES == 1:
+            pos_cols = tl.load(pos_index_ptr + cols, mask=col_mask, other=-1)
+        key_rows = (lse2_cols, alpha_cols, beta_cols, pos_cols)
     g = _gradient_tile(t, rows, row_mask, cols, col_mask, lse2, alpha, beta, pos_rows, a_labels, k_labels_ptr,
-                       mask_ptr, stride_mask_a, stride_mask_k, mask_rows, mask_cols, self_offset, POSITIVES,
-                       HAS_SELF, EXCLUDE_POSITIVES, False, MASKED, ACC, SIGMOID)
+                       mask_ptr, stride_mask_a, stride_mask_k, mask_rows, mask_cols, self_offset, key_rows, POSITIVES,
+                       HAS_SELF, EXCLUDE_POSITIVES, False, MASKED, ACC, SIGMOID, OWN)
     if SIGMOID:
         g_sum += tl.sum(g, axis=1)
     k_slice = _load_slice(slice_ptrs0 + tl.cast(start, tl.int64) * stride_km, col_mask, out_mask, MASKED, EVEN_DO)
@@ -604,7 +669,7 @@ def _load_slice(ptrs, idx_mask, out_mask, MASK_IDX: tl.constexpr, EVEN_DO: tl.co
     return x
 
 
-@_BACKWARD_TUNING
+@_ANCHOR_TUNING
 @_EVEN_FEATURES
 @triton.jit
 def _block_anchor_kernel(
@@ -614,11 +679,12 @@ def _block_anchor_kernel(
     NORMALIZE: tl.constexpr, POSITIVES: tl.constexpr, HAS_SELF: tl.constexpr, EXCLUDE_POSITIVES: tl.constexpr,
     SIGMOID: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr,
     EVEN_D: tl.constexpr, EVEN_DO: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
-    PRESCALE: tl.constexpr, SCALE_OPERAND: tl.constexpr,
+    PRESCALE: tl.constexpr, SCALE_OPERAND: tl.constexpr, OWN: tl.constexpr,
 ):
     """Anchor owner: dâ[rows, out] = Σ_c G k̂_c / τ into d_a (the normalization backward is the row
     epilogue's, which needs the whole row); SIGMOID: the programs of the first feature slice also store
-    Σ_c G per anchor into gsum."""
+    Σ_c G per anchor into gsum. OWN (an own block, keys = anchors): G + Gᵀ from the same tile, so d_a is
+    the rows' whole gradient (no key pass) and gsum holds Σ_c (G + Gᵀ)."""
     first_row = tl.program_id(0) * BLOCK_M
     rows = first_row + tl.arange(0, BLOCK_M)
     row_mask = rows < A
@@ -634,31 +700,33 @@ def _block_anchor_kernel(
     slice_ptrs0 = k_ptr + tile_cols[:, None] * stride_km + stride_offsets(out, stride_kd)[None, :]
     d_hat = tl.zeros((BLOCK_M, BLOCK_DO), dtype=ACC)
     g_sum = tl.zeros((BLOCK_M,), dtype=ACC)
+    coefficient_ptrs = (lse_ptr, alpha_ptr, beta_ptr, bias_ptr, pos_index_ptr)
     full, self_lo, self_hi = _tile_ranges(first_row, BLOCK_M, self_offset, K, BLOCK_N, HAS_SELF)
     for tile in range(0, self_lo):
         d_hat, g_sum = _anchor_tile(
             d_hat, g_sum, tile * BLOCK_N, a_ptrs, b_ptrs0, slice_ptrs0, stride_km, stride_kd, k_inv_ptr, rows,
             row_mask, row_scale, lse2,
             alpha, beta, pos_rows, a_labels, k_labels_ptr, mask_ptr, stride_mask_a, stride_mask_k, mask_rows,
-            mask_cols, self_offset, K, D, stride_ad, out, out_mask, NORMALIZE, POSITIVES, HAS_SELF,
+            mask_cols, self_offset, K, D, stride_ad, out, out_mask, coefficient_ptrs, NORMALIZE, POSITIVES, HAS_SELF,
             EXCLUDE_POSITIVES, SIGMOID, False, BLOCK_M, BLOCK_N, BLOCK_D, EVEN_D, EVEN_DO, SCALE_OPERAND,
-            PRECISION, ACC)
+            PRECISION, ACC, PRESCALE, OWN)
     for tile in range(self_hi, full):
         d_hat, g_sum = _anchor_tile(
             d_hat, g_sum, tile * BLOCK_N, a_ptrs, b_ptrs0, slice_ptrs0, stride_km, stride_kd, k_inv_ptr, rows,
             row_mask, row_scale, lse2,
             alpha, beta, pos_rows, a_labels, k_labels_ptr, mask_ptr, stride_mask_a, stride_mask_k, mask_rows,
-            mask_cols, self_offset, K, D, stride_ad, out, out_mask, NORMALIZE, POSITIVES, HAS_SELF,
+            mask_cols, self_offset, K, D, stride_ad, out, out_mask, coefficient_ptrs, NORMALIZE, POSITIVES, HAS_SELF,
             EXCLUDE_POSITIVES, SIGMOID, False, BLOCK_M, BLOCK_N, BLOCK_D, EVEN_D, EVEN_DO, SCALE_OPERAND,
-            PRECISION, ACC)
+            PRECISION, ACC, PRESCALE, OWN)
     for step in range(0, self_hi - self_lo + tl.cdiv(K, BLOCK_N) - full):
         tile = tl.where(self_lo + step < self_hi, self_lo + step, full)
         d_hat, g_sum = _anchor_tile(
             d_hat, g_sum, tile * BLOCK_N, a_ptrs, b_ptrs0, slice_ptrs0, stride_km, stride_kd, k_inv_ptr, rows,
             row_mask, row_scale, lse2,
             alpha, beta, pos_rows, a_labels, k_labels_ptr, mask_ptr, stride_mask_a, stride_mask_k, mask_rows,
-            mask_cols, self_offset, K, D, stride_ad, out, out_mask, NORMALIZE, POSITIVES, HAS_SELF,
-            EXCLUDE_POSITIVES, SIGMOID, True, BLOCK_M, BLOCK_N, BLOCK_D, EVEN_D, EVEN_DO, SCALE_OPERAND, PRECISION, ACC)
+            mask_cols, self_offset, K, D, stride_ad, out, out_mask, coefficient_ptrs, NORMALIZE, POSITIVES, HAS_SELF,
+            EXCLUDE_POSITIVES, SIGMOID, True, BLOCK_M, BLOCK_N, BLOCK_D, EVEN_D, EVEN_DO, SCALE_OPERAND, PRECISION, ACC,
+            PRESCALE, OWN)
     if POSITIVES == 1:
         # −beta_a·k̂_pos(a): a gather of the positives' rows, outside the loop.
         valid = row_mask & (pos_rows >= 0)
@@ -704,7 +772,7 @@ def _key_tile(
     pos_rows, a_labels = _row_positives(pos_index_ptr, a_labels_ptr, rows, row_mask, POSITIVES)
     lse2, alpha, beta = _row_coefficients(lse_ptr, alpha_ptr, beta_ptr, bias_ptr, rows, row_mask, PRESCALE, SIGMOID)
     g = _gradient_tile(t, rows, row_mask, cols, col_mask, lse2, alpha, beta, pos_rows, a_labels, k_labels_ptr,
-                       mask_ptr, stride_mask_a, stride_mask_k, mask_rows, mask_cols, self_offset, POSITIVES,
+                       mask_ptr, stride_mask_a, stride_mask_k, mask_rows, mask_cols, self_offset, None, POSITIVES,
                        HAS_SELF, EXCLUDE_POSITIVES, True, MASKED, ACC, SIGMOID)
     a_slice = _load_slice(slice_ptrs0 + tl.cast(start, tl.int64) * stride_am, row_mask, out_mask, MASKED, EVEN_DO)
     if NORMALIZE:
@@ -818,6 +886,13 @@ def _check(a: Tensor, a_inv: Optional[Tensor], k: Tensor, k_inv: Optional[Tensor
         raise ValueError("a_inv, k_inv: give both inverse norms or neither")
     if tau.dim() != 0:
         raise ValueError(f"tau: expected a 0-dim tensor, got shape {tuple(tau.shape)}")
+    if layout.own_block:
+        if a.shape != k.shape:
+            raise ValueError(f"layout.own_block: the keys are the anchors, expected k of shape {tuple(a.shape)}, "
+                             f"got {tuple(k.shape)}")
+        if layout.self_offset not in (None, 0):
+            raise ValueError(f"layout.self_offset: an own block's self entry is the diagonal (0 or None), got "
+                             f"{layout.self_offset}")
 
 
 def _int32_labels(labels: Tensor, device: torch.device) -> Tensor:
@@ -991,6 +1066,8 @@ def block_backward(
 
     Returns:
         d_a, d_k in the accumulation dtype and gs: Σ G·s, a 0-dim tensor (sigmoid: [Σ G·s, Σ G], shape [2]).
+        ``layout.own_block``: d_a is the rows' whole gradient (G k̂/τ + Gᵀ â/τ, one pass: G_ac and G_ca from
+        the same recomputed tile) and d_k is None.
 
     Raises:
         ValueError: as :func:`block_forward`; lse/alpha/beta of the wrong shape.
@@ -1003,7 +1080,6 @@ def block_backward(
     acc = accumulation_dtype(a.dtype)
     lse, alpha, beta = (v.to(acc).contiguous() for v in (lse, alpha, beta))
     d_a = torch.empty(n_anchors, sub_dim, dtype=acc, device=a.device)
-    d_k = torch.empty(n_keys, sub_dim, dtype=acc, device=a.device)
     layout_args, flags = _layout_args(layout, a, k, tau)
     # Σ_c G per anchor (sigmoid only; the softmax kernels never touch it).
     g_sum = torch.empty(n_anchors if flags["SIGMOID"] else 1, dtype=acc, device=a.device)
@@ -1011,10 +1087,16 @@ def block_backward(
                 PRESCALE=gradient_prescale(a.dtype), SCALE_OPERAND=a.dtype == torch.float16, **flags)
     rows, bucket = _row_args(a, a_inv, k, k_inv, tau), shape_bucket(max(n_anchors, n_keys))
     _block_anchor_kernel[lambda m: (triton.cdiv(n_anchors, m["BLOCK_M"]), triton.cdiv(sub_dim, m["BLOCK_DO"]))](
-        *rows, *layout_args, lse, alpha, beta, d_a, g_sum, n_anchors, n_keys, sub_dim, bucket, **meta)
+        *rows, *layout_args, lse, alpha, beta, d_a, g_sum, n_anchors, n_keys, sub_dim, bucket, OWN=layout.own_block,
+        **meta)
+    radial = _normalization_backward(a, a_inv, d_a, tau)
+    if layout.own_block:
+        # Σ_r ⟨ẑ_r, dẑ_r⟩ and Σ_r Σ_c (G + Gᵀ)_rc count every entry twice.
+        g_sums = torch.stack([radial.sum(), g_sum.sum()]) if flags["SIGMOID"] else radial.sum()
+        return d_a, None, g_sums / 2
+    d_k = torch.empty(n_keys, sub_dim, dtype=acc, device=a.device)
     _block_key_kernel[lambda m: (triton.cdiv(n_keys, m["BLOCK_N"]), triton.cdiv(sub_dim, m["BLOCK_DO"]))](
         *rows, *layout_args, lse, alpha, beta, d_k, n_anchors, n_keys, sub_dim, bucket, **meta)
-    radial = _normalization_backward(a, a_inv, d_a, tau)
     _normalization_backward(k, k_inv, d_k, tau)
     if flags["SIGMOID"]:
         return d_a, d_k, torch.stack([radial.sum(), g_sum.sum()])
@@ -1049,7 +1131,9 @@ def compile_specs(dtype: torch.dtype, precision: str, sub_dim: int, n: int = 409
                   layout: str = "contiguous") -> list[CompileSpec]:
     """The three block kernels for the compile-only report: [n, sub_dim] anchors and keys in ``layout``,
     normalized, self entry, with labels or a bool sample mask (SupCon's blocks) and with a positive index
-    (NT-Xent's); and SigLIP's sigmoid epilogue (images × texts, index positives, no self entry)."""
+    (NT-Xent's); and SigLIP's sigmoid epilogue (images × texts, index positives, no self entry). Own blocks
+    (``Layout.own_block``: the local losses' one-pass symmetric backward) compile only the anchor kernel,
+    as ``block_own_<kind>_backward``; their forward is the regular one."""
     acc = accumulation_dtype(dtype)
     a, k = (example_rows((n, sub_dim), dtype, layout) for _ in range(2))
     vector = lambda: torch.empty(n, dtype=acc)  # noqa: E731
@@ -1065,7 +1149,17 @@ def compile_specs(dtype: torch.dtype, precision: str, sub_dim: int, n: int = 409
                          ("labels_exclude", Layout(positives="labels", self_offset=0, a_labels=ids, k_labels=ids,
                                                    exclude_positives=True)),
                          ("sigmoid_labels", Layout(positives="labels", a_labels=ids, k_labels=ids,
-                                                   epilogue="sigmoid", bias=tau))):
+                                                   epilogue="sigmoid", bias=tau)),
+                         # Own blocks: local NT-Xent (index), SupCon (labels, mask), DCL, SigLIP on one tensor.
+                         ("own_index", Layout(positives="index", self_offset=0, pos_index=ids, own_block=True)),
+                         ("own_labels", Layout(positives="labels", self_offset=0, a_labels=ids, k_labels=ids,
+                                               own_block=True)),
+                         ("own_mask", Layout(positives="mask", self_offset=0, mask=torch.empty(n, n, dtype=torch.bool),
+                                             own_block=True)),
+                         ("own_index_exclude", Layout(positives="index", self_offset=0, pos_index=ids,
+                                                      exclude_positives=True, own_block=True)),
+                         ("own_sigmoid", Layout(positives="index", self_offset=0, pos_index=ids, epilogue="sigmoid",
+                                                bias=tau, own_block=True))):
         layout_args, flags = _layout_args(layout, a, k, tau)
         common = dict(NORMALIZE=True, PRECISION=precision, ACC=accumulator(dtype), **flags)
         # As block_forward launches it (label positives come from class sums, not the element loop).
@@ -1073,12 +1167,17 @@ def compile_specs(dtype: torch.dtype, precision: str, sub_dim: int, n: int = 409
         forward = dict(common, **forward_flags)
         backward = dict(common, PRESCALE=gradient_prescale(dtype), SCALE_OPERAND=dtype == torch.float16)
         coefficients = (vector(), vector(), vector())
+        anchor = CompileSpec(f"block_{name}_backward" if layout.own_block else f"block_{name}_anchor",
+                             "block_backward", _block_anchor_kernel.fn,
+                             (*rows, *layout_args, *coefficients, torch.empty(n, sub_dim, dtype=acc), vector(), n, n,
+                              sub_dim, shape_bucket(n)), dict(backward, OWN=layout.own_block))
+        if layout.own_block:
+            specs.append(anchor)
+            continue
         specs += [
             CompileSpec(f"block_{name}_forward", "block_forward", _block_forward_kernel.fn,
                         (*rows, *forward_args, vector(), vector(), vector(), n, n, sub_dim, shape_bucket(n)), forward),
-            CompileSpec(f"block_{name}_anchor", "block_backward", _block_anchor_kernel.fn,
-                        (*rows, *layout_args, *coefficients, torch.empty(n, sub_dim, dtype=acc), vector(), n, n,
-                         sub_dim, shape_bucket(n)), backward),
+            anchor,
             CompileSpec(f"block_{name}_key", "block_backward", _block_key_kernel.fn,
                         (*rows, *layout_args, *coefficients, torch.empty(n, sub_dim, dtype=acc), n, n, sub_dim,
                          shape_bucket(n)), backward),

@@ -279,3 +279,129 @@ def test_bad_input_names_the_argument():
         block.block_forward(
             a, None, k, None, tau, 8, Layout(positives="index", pos_index=torch.zeros(3, dtype=torch.long))
         )
+
+
+# --- own blocks (Layout.own_block): the keys are the anchors, the backward returns the rows' whole gradient ---
+
+N_OWN, D_OWN, SUB_OWN = 37, 19, 13
+
+
+def _own_layout(kind: str, self_offset, exclude: bool, sigmoid: bool, generator: torch.Generator) -> Layout:
+    """A layout on N_OWN rows against themselves; the mask is soft and NOT symmetric (a 7 × 11 pattern)."""
+    extra = dict(self_offset=self_offset, exclude_positives=exclude, own_block=True,
+                 epilogue="sigmoid" if sigmoid else "softmax",
+                 bias=torch.tensor(-3.0) if sigmoid else None)
+    if kind == "index":
+        index = torch.randint(0, N_OWN, (N_OWN,), generator=generator)
+        index[::6] = -1
+        if self_offset is not None:
+            index = torch.where(index == torch.arange(N_OWN), -1, index)
+        return Layout(positives="index", pos_index=index, **extra)
+    if kind == "labels":
+        labels = torch.randint(0, 5, (N_OWN,), generator=generator)
+        return Layout(positives="labels", a_labels=labels, k_labels=labels, **extra)
+    if kind == "mask":
+        weights = torch.rand(7, 11, generator=generator) * (torch.rand(7, 11, generator=generator) < 0.4)
+        return Layout(positives="mask", mask=weights, **extra)
+    return Layout(positives="none", **extra)
+
+
+def _own_float64(z, tau, layout, lse, alpha, beta):
+    """float64 by autograd through the definition, z the anchors AND the keys: (d_rows, Σ G·s, Σ G) for
+    G_ac = alpha_a·e_ac − beta_a·P_ac held constant (e: exp(s − lse) or σ(s + b) on the entries kept)."""
+    z64 = z.detach().double().requires_grad_()
+    unit = F.normalize(z64[:, :SUB_OWN], dim=1, eps=1e-12)
+    s = unit @ unit.T / tau
+    n = z.shape[0]
+    rows = torch.arange(n)
+    if layout.positives == "index":
+        p = (rows[None, :] == layout.pos_index[:, None]).double()
+    elif layout.positives == "labels":
+        p = (layout.a_labels[:, None] == layout.k_labels[None, :]).double()
+    elif layout.positives == "mask":
+        p = layout.mask.double()[rows % 7][:, rows % 11]
+    else:
+        p = torch.zeros(n, n, dtype=torch.float64)
+    kept = torch.ones(n, n, dtype=torch.bool)
+    if layout.self_offset is not None:
+        kept[rows, rows] = False
+    p = p * kept
+    denominator = kept & (p == 0) if layout.exclude_positives else kept
+    if layout.epilogue == "sigmoid":
+        e = torch.sigmoid(s.detach() + layout.bias.double())
+    else:
+        e = torch.exp(s.detach() - lse.double()[:, None])
+    g = (alpha.double()[:, None] * e * denominator - beta.double()[:, None] * p) * kept
+    (g * s).sum().backward()
+    return z64.grad[:, :SUB_OWN], (g * s.detach()).sum(), g.sum()
+
+
+OWN_CASES = [  # (kind, self_offset, exclude_positives, sigmoid)
+    ("index", 0, False, False),
+    ("index", None, True, False),
+    ("labels", 0, False, False),
+    ("labels", 0, True, False),
+    ("mask", 0, False, False),
+    ("mask", None, True, False),
+    ("none", 0, False, False),
+    ("index", 0, False, True),
+    ("labels", None, True, True),
+    ("mask", 0, False, True),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize(
+    "kind,self_offset,exclude,sigmoid", OWN_CASES,
+    ids=[f"{c[0]}-self{c[1]}-dcl{int(c[2])}-{'sigmoid' if c[3] else 'softmax'}" for c in OWN_CASES],
+)
+def test_own_block_is_the_rows_whole_gradient(kind, self_offset, exclude, sigmoid, dtype):
+    """An own block's one-pass backward (G + Gᵀ from one tile) against (1) float64 autograd through the
+    definition with the rows as both anchors and keys and (2) the torch backend's regular block with
+    keys = anchors, d_rows = d_a + d_k: 37 rows (no multiple of a tile), D = 19, sub_dim = 13, τ = 0.01,
+    strided rows, a global lse that differs from the block's own. bf16: G is rounded to bf16 before the
+    second GEMM (2⁻⁹ relative per entry), so 2e-2 (fp32: 1e-5)."""
+    generator = torch.Generator().manual_seed(7)
+    wide = torch.randn(N_OWN, 2 * D_OWN, generator=generator, dtype=torch.float64)
+    wide[4] *= 1e-3  # a short row: its normalization backward is ~1e3 larger
+    z = wide.to(dtype)[:, ::2]  # strided rows, read in place
+    layout = _own_layout(kind, self_offset, exclude, sigmoid, generator)
+    acc = torch.float32
+    tau = torch.tensor(0.01, dtype=acc)
+    inv = inverse_norms(z, SUB_OWN)
+    regular = dataclasses.replace(layout, own_block=False)
+    lse = torch_block.block_forward(z.double(), inverse_norms(z.double(), SUB_OWN), z.double(),
+                                    inverse_norms(z.double(), SUB_OWN), tau.double(), SUB_OWN, regular)[0]
+    lse = lse + torch.rand(N_OWN, generator=generator, dtype=torch.float64) * 0.5
+    alpha = torch.rand(N_OWN, generator=generator, dtype=torch.float64)
+    beta = torch.rand(N_OWN, generator=generator, dtype=torch.float64)
+    kernel_layout = layout if not sigmoid else dataclasses.replace(layout, bias=layout.bias.to(acc))
+    d_rows, none, gs = block.block_backward(z, inv, z, inv, tau, SUB_OWN, kernel_layout, lse.to(acc), alpha.to(acc),
+                                           beta.to(acc))
+    assert none is None and d_rows.shape == (N_OWN, SUB_OWN) and d_rows.dtype == acc
+    want, want_gs, want_g = _own_float64(z, tau.item(), layout, lse, alpha, beta)  # τ as the kernel reads it
+    z64, inv64 = z.double(), inverse_norms(z.double(), SUB_OWN)
+    bias64 = dict(bias=layout.bias.double()) if sigmoid else {}
+    d_a, d_k, regular_gs = torch_block.block_backward(z64, inv64, z64, inv64, tau.double(), SUB_OWN,
+                                                      dataclasses.replace(regular, **bias64), lse, alpha, beta)
+    _close(d_a + d_k, want, 1e-10)  # the two references agree
+    rtol = 1e-5 if dtype == torch.float32 else 2e-2
+    _close(d_rows, want, rtol)
+    if sigmoid:
+        assert gs.shape == (2,)
+        assert abs(gs[0].item() - want_gs.item()) <= rtol * max(1.0, abs(want_gs.item()))
+        assert abs(gs[1].item() - want_g.item()) <= rtol * max(1.0, abs(want_g.item()))
+        assert abs(regular_gs[1].item() - want_g.item()) <= 1e-10 * max(1.0, abs(want_g.item()))
+    else:
+        assert gs.dim() == 0
+        assert abs(gs.item() - want_gs.item()) <= rtol * max(1.0, abs(want_gs.item()))
+
+
+def test_own_block_rejects_other_keys():
+    z, tau = torch.randn(6, 8), torch.tensor(0.1)
+    own = Layout(positives="none", self_offset=0, own_block=True)
+    lse, alpha = torch.zeros(6), torch.ones(6)
+    with pytest.raises(ValueError, match="own_block"):
+        block.block_backward(z, None, torch.randn(7, 8), None, tau, 8, own, lse, alpha, alpha)
+    with pytest.raises(ValueError, match="self_offset"):
+        block.block_backward(z, None, z, None, tau, 8, dataclasses.replace(own, self_offset=2), lse, alpha, alpha)
