@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
+from enum import IntEnum
 from typing import NamedTuple, Optional, Protocol
 
 import torch
@@ -221,3 +222,21 @@ def class_sums(values: Tensor, segments: ClassSegments) -> Tensor:
         sums = torch.segment_reduce(tiles, "sum", lengths=segments.tiles, unsafe=True, initial=0.0)
         out[:, start : start + step] = sums + partial[:, None] * pieces[first_pieces]
     return out
+
+
+class PositiveKind(IntEnum):
+    """``Layout.positives`` as the integer a compiled kernel specializes on (its ``POSITIVES`` constexpr).
+
+    Example:
+        >>> PositiveKind.of(Layout(positives="labels", a_labels=torch.zeros(1), k_labels=torch.zeros(1)))
+        <PositiveKind.LABELS: 2>
+    """
+
+    NONE = 0
+    INDEX = 1
+    LABELS = 2
+    MASK = 3
+
+    @classmethod
+    def of(cls, layout: Layout) -> "PositiveKind":
+        return cls[layout.positives.upper()]

@@ -72,7 +72,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastcl.contract import NORM_EPS
+from fastcl.contract import NORM_EPS, PositiveKind
 from fastcl.contract import triton_interpreted as interpreted
 
 _INTERPRETED = tl.constexpr(interpreted())
@@ -213,8 +213,9 @@ def needs_small_tiles(kind: str, dtype: torch.dtype, constexprs: dict) -> bool:
     mask positives (a weight read per element), or label positives inside a forward element loop (only
     with EXCLUDE_POSITIVES; otherwise they come from class sums outside it): their per-element weights
     and extra row sums spill in 128-row tiles. The block backwards' label compares fit the main tiles."""
-    positives = constexprs.get("POSITIVES", 0)
-    return dtype.itemsize >= 4 or positives == 3 or (positives == 2 and kind.endswith("forward"))
+    positives = constexprs.get("POSITIVES", PositiveKind.NONE)
+    return dtype.itemsize >= 4 or positives == PositiveKind.MASK or (positives == PositiveKind.LABELS
+                                                                       and kind.endswith("forward"))
 
 
 def tile_configs(kind: str, arch: str, dtype: torch.dtype | None = None, constexprs: dict | None = None) -> list:
@@ -293,6 +294,7 @@ def _prune_wide_tiles(kind, configs, named_args, **kwargs):
     wider than D needs (they only add masked work)."""
     if interpreted():
         return configs
+    named_args = {**named_args, **kwargs}  # launches by keyword: the autotuner's named_args holds the positional ones
     rows = next(v for v in named_args.values() if isinstance(v, torch.Tensor))
     entry = lambda c: (*c.kwargs.values(), c.num_warps, c.num_stages)  # noqa: E731
     allowed = {entry(c) for c in tile_configs(kind, _architecture(), rows.dtype, kwargs)}

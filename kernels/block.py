@@ -54,7 +54,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from fastcl.contract import Layout, accumulation_dtype, class_segments, class_sums
+from fastcl.contract import Layout, PositiveKind, accumulation_dtype, class_segments, class_sums
 from fastcl.kernels._common import (
     LAUNCH_OPTIONS,
     CompileSpec,
@@ -84,8 +84,14 @@ _EVEN_FEATURES = triton.heuristics({"EVEN_D": lambda args: args["D"] % args["BLO
                                     "EVEN_DO": lambda args: args["D"] % args["BLOCK_DO"] == 0})
 _LOG2E = tl.constexpr(math.log2(math.e))
 _LN2 = tl.constexpr(math.log(2.0))
-# Layout.positives → the kernels' POSITIVES constexpr.
-_POSITIVES = {"none": 0, "index": 1, "labels": 2, "mask": 3}
+# The kernels' POSITIVES constexpr: Layout.positives as fastcl.contract.PositiveKind, named in the kernels.
+_INDEX = tl.constexpr(int(PositiveKind.INDEX))
+_LABELS = tl.constexpr(int(PositiveKind.LABELS))
+_MASK = tl.constexpr(int(PositiveKind.MASK))
+_POSITIVES = {kind.name.lower(): int(kind) for kind in PositiveKind}  # kernels/supcon.py's, until #22 deletes it
+# The tile walk (_tile_schedule): two unmasked phases, then the masked one.
+_PHASES = tl.constexpr(3)
+_MASKED_PHASE = tl.constexpr(2)
 
 
 @triton.jit
@@ -95,12 +101,12 @@ def _positive_weights(
 ):
     """P for the tile (0 outside the valid keys); pos_rows / a_labels: the rows' index or label.
     TRANSPOSED (mask positives): P_ca = mask[c mod Na, a mod Nk] in the same [rows, cols] orientation."""
-    if POSITIVES == 1:
+    if POSITIVES == _INDEX:
         p = tl.where(cols[None, :] == pos_rows[:, None], 1.0, 0.0).to(ACC)
-    elif POSITIVES == 2:
+    elif POSITIVES == _LABELS:
         k_labels = tl.load(k_labels_ptr + cols, mask=col_mask, other=0)
         p = tl.where((a_labels[:, None] == k_labels[None, :]) & col_mask[None, :], 1.0, 0.0).to(ACC)
-    elif POSITIVES == 3:
+    elif POSITIVES == _MASK:
         # int64 offsets: an [N, N] mask passes 2³¹ elements at N ≈ 46 000.
         if TRANSPOSED:
             offsets = (cols % mask_rows).to(tl.int64)[None, :] * stride_mask_a \
@@ -117,11 +123,11 @@ def _positive_weights(
 @triton.jit
 def _row_positives(pos_index_ptr, a_labels_ptr, rows, row_mask, POSITIVES: tl.constexpr):
     """The rows' positive index (−1: none) and label, loaded once per anchor block (zeros when unused)."""
-    if POSITIVES == 1:
+    if POSITIVES == _INDEX:
         pos_rows = tl.load(pos_index_ptr + rows, mask=row_mask, other=-1)
     else:
         pos_rows = tl.zeros(rows.shape, dtype=tl.int64) - 1
-    if POSITIVES == 2:
+    if POSITIVES == _LABELS:
         a_labels = tl.load(a_labels_ptr + rows, mask=row_mask, other=0)
     else:
         a_labels = tl.zeros(rows.shape, dtype=tl.int32)
@@ -253,7 +259,7 @@ def _fold_tile(
     cols, col_mask, t, k_inv = _key_tile_logits(
         start, a_ptrs, b_ptrs0, k_inv_ptr, row_mask, row_scale, K, D, stride_ad, stride_km, stride_kd, NORMALIZE,
         MASKED, BLOCK_M, BLOCK_N, BLOCK_D, EVEN_D, PRECISION, ACC, False)
-    if POSITIVES == 2:
+    if POSITIVES == _LABELS:
         # Labels: a compare per element, no weight tile (keeps registers down).
         if MASKED:
             k_labels = tl.load(k_labels_ptr + cols, mask=col_mask, other=0)
@@ -271,14 +277,14 @@ def _fold_tile(
             t = tl.where(kept, t, float("-inf"))
         if EXCLUDE_POSITIVES:
             t = tl.where(same, float("-inf"), t)
-    elif POSITIVES == 3 or (POSITIVES == 1 and EXCLUDE_POSITIVES):
+    elif POSITIVES == _MASK or (POSITIVES == _INDEX and EXCLUDE_POSITIVES):
         p = _positive_weights(rows, row_mask, cols, col_mask, pos_rows, a_labels, k_labels_ptr, mask_ptr,
                               stride_mask_a, stride_mask_k, mask_rows, mask_cols, POSITIVES, ACC)
         if MASKED:
             p, kept, denominator = _entry_masks(rows, cols, col_mask, p, self_offset, HAS_SELF, EXCLUDE_POSITIVES)
         elif EXCLUDE_POSITIVES:
             denominator = p == 0.0
-        if POSITIVES == 3:  # index positives are summed outside the loop
+        if POSITIVES == _MASK:  # index positives are summed outside the loop
             pos_sum += tl.sum(p * t, axis=1) * row_scale
             pos_weight += tl.sum(p, axis=1)
         if MASKED or EXCLUDE_POSITIVES:
@@ -299,17 +305,43 @@ def _fold_tile(
 
 
 @triton.jit
-def _tile_ranges(first, extent, offset, n, block, HAS_SELF: tl.constexpr):
-    """(full, self_lo, self_hi) for walking n rows in tiles of ``block``: tiles [0, full) hold no padding;
-    [self_lo, self_hi) (clipped to [0, full)) hold indices first + offset .. first + extent − 1 + offset,
-    where the block's self entries lie (an empty range without HAS_SELF)."""
+def _tile_schedule(first, extent, offset, n, block, HAS_SELF: tl.constexpr):
+    """The order every program walks the other side's n rows in tiles of ``block`` — the one tile walk of
+    this file, in :data:`_PHASES` phases (:func:`_phase_steps`, :func:`_phase_tile`): the steady tiles
+    [0, self_lo), then [self_hi, full) (no padding, no self entry: unmasked), then masked: [self_lo,
+    self_hi), the tiles holding indices first + offset .. first + extent − 1 + offset where the program's
+    self entries lie (empty without HAS_SELF), and the tail tile when n is no multiple of ``block``.
+    Returns (full, self_lo, self_hi, tiles)."""
     full = n // block
     self_lo = full
     self_hi = full
     if HAS_SELF:
         self_lo = tl.minimum(tl.maximum((first + offset) // block, 0), full)
         self_hi = tl.minimum(tl.maximum(tl.cdiv(first + extent + offset, block), self_lo), full)
-    return full, self_lo, self_hi
+    return full, self_lo, self_hi, tl.cdiv(n, block)
+
+
+@triton.jit
+def _phase_steps(phase: tl.constexpr, schedule):
+    """(lo, hi): the loop range of a walk phase (see :func:`_tile_schedule`)."""
+    full, self_lo, self_hi, tiles = schedule
+    if phase == 0:
+        lo, hi = 0, self_lo
+    elif phase == 1:
+        lo, hi = self_hi, full
+    else:
+        lo, hi = 0, self_hi - self_lo + tiles - full
+    return lo, hi
+
+
+@triton.jit
+def _phase_tile(phase: tl.constexpr, step, schedule):
+    """The tile index of loop step ``step`` of a walk phase (the masked phase: self tiles, then the tail)."""
+    full, self_lo, self_hi, tiles = schedule
+    tile = step
+    if phase == _MASKED_PHASE:
+        tile = tl.where(self_lo + step < self_hi, self_lo + step, full)
+    return tile
 
 
 @triton.jit
@@ -321,32 +353,21 @@ def _fold_keys(
     SIGMOID: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
     PRECISION: tl.constexpr, ACC: tl.constexpr,
 ):
-    """Folds all K key rows at ``k_ptr`` into the anchor block's running statistics (see :func:`_fold_tile`).
-    Key tiles [0, full) hold no padding; with a self entry, tiles [self_lo, self_hi) hold the anchors' own
-    rows. Those and the tail tile go through the masked fold, the rest through the unmasked one."""
+    """Folds all K key rows at ``k_ptr`` into the anchor block's running statistics (:func:`_fold_tile`, in
+    the order of :func:`_tile_schedule`: the tiles holding the anchors' own rows and the tail tile through the
+    masked fold, the rest through the unmasked one)."""
     tile_cols = tl.arange(0, BLOCK_N).to(tl.int64)
     b_ptrs0 = k_ptr + tile_cols[:, None] * stride_km + stride_offsets(tl.arange(0, BLOCK_D), stride_kd)[None, :]
-    full, self_lo, self_hi = _tile_ranges(first_row, BLOCK_M, self_offset, K, BLOCK_N, HAS_SELF)
-    for tile in range(0, self_lo):
-        running_max, running_sum, pos_sum, pos_weight = _fold_tile(
-            running_max, running_sum, pos_sum, pos_weight, tile * BLOCK_N, a_ptrs, b_ptrs0, stride_km, stride_kd,
-            k_inv_ptr, rows, row_mask, row_scale, pos_rows, a_labels, k_labels_ptr, mask_ptr, stride_mask_a,
-            stride_mask_k, mask_rows, mask_cols, self_offset, bias2, K, D, stride_ad, NORMALIZE, POSITIVES,
-            HAS_SELF, EXCLUDE_POSITIVES, SIGMOID, False, BLOCK_M, BLOCK_N, BLOCK_D, EVEN_D, PRECISION, ACC)
-    for tile in range(self_hi, full):
-        running_max, running_sum, pos_sum, pos_weight = _fold_tile(
-            running_max, running_sum, pos_sum, pos_weight, tile * BLOCK_N, a_ptrs, b_ptrs0, stride_km, stride_kd,
-            k_inv_ptr, rows, row_mask, row_scale, pos_rows, a_labels, k_labels_ptr, mask_ptr, stride_mask_a,
-            stride_mask_k, mask_rows, mask_cols, self_offset, bias2, K, D, stride_ad, NORMALIZE, POSITIVES,
-            HAS_SELF, EXCLUDE_POSITIVES, SIGMOID, False, BLOCK_M, BLOCK_N, BLOCK_D, EVEN_D, PRECISION, ACC)
-    # The masked tiles: [self_lo, self_hi), then the tail tile (if K is no multiple of BLOCK_N).
-    for step in range(0, self_hi - self_lo + tl.cdiv(K, BLOCK_N) - full):
-        tile = tl.where(self_lo + step < self_hi, self_lo + step, full)
-        running_max, running_sum, pos_sum, pos_weight = _fold_tile(
-            running_max, running_sum, pos_sum, pos_weight, tile * BLOCK_N, a_ptrs, b_ptrs0, stride_km, stride_kd,
-            k_inv_ptr, rows, row_mask, row_scale, pos_rows, a_labels, k_labels_ptr, mask_ptr, stride_mask_a,
-            stride_mask_k, mask_rows, mask_cols, self_offset, bias2, K, D, stride_ad, NORMALIZE, POSITIVES,
-            HAS_SELF, EXCLUDE_POSITIVES, SIGMOID, True, BLOCK_M, BLOCK_N, BLOCK_D, EVEN_D, PRECISION, ACC)
+    schedule = _tile_schedule(first_row, BLOCK_M, self_offset, K, BLOCK_N, HAS_SELF)
+    for phase in tl.static_range(_PHASES):
+        lo, hi = _phase_steps(phase, schedule)
+        for step in range(lo, hi):
+            running_max, running_sum, pos_sum, pos_weight = _fold_tile(
+                running_max, running_sum, pos_sum, pos_weight, _phase_tile(phase, step, schedule) * BLOCK_N, a_ptrs,
+                b_ptrs0, stride_km, stride_kd, k_inv_ptr, rows, row_mask, row_scale, pos_rows, a_labels, k_labels_ptr,
+                mask_ptr, stride_mask_a, stride_mask_k, mask_rows, mask_cols, self_offset, bias2, K, D, stride_ad,
+                NORMALIZE, POSITIVES, HAS_SELF, EXCLUDE_POSITIVES, SIGMOID, phase == _MASKED_PHASE, BLOCK_M, BLOCK_N,
+                BLOCK_D, EVEN_D, PRECISION, ACC)
     return running_max, running_sum, pos_sum, pos_weight
 
 
@@ -406,7 +427,7 @@ def _block_forward_kernel(
         rows, row_mask, row_scale, pos_rows, a_labels, k_labels_ptr, mask_ptr, stride_mask_a, stride_mask_k,
         mask_rows, mask_cols, self_offset, bias2, K, D, stride_ad, NORMALIZE, POSITIVES, HAS_SELF, EXCLUDE_POSITIVES,
         SIGMOID, BLOCK_M, BLOCK_N, BLOCK_D, EVEN_D, PRECISION, ACC)
-    if POSITIVES == 1:
+    if POSITIVES == _INDEX:
         pos_sum, pos_weight = _index_positive(a_ptr, stride_am, stride_ad, k_ptr, stride_km, stride_kd, k_inv_ptr,
                                               rows, row_mask, row_scale, pos_rows, self_offset, D, NORMALIZE,
                                               HAS_SELF, BLOCK_M, BLOCK_D, ACC)
@@ -458,7 +479,7 @@ def _gradient_tile(
         g_key = _key_side(t, e, rows, row_mask, cols, col_mask, a_labels, k_labels_ptr, mask_ptr, stride_mask_a,
                           stride_mask_k, mask_rows, mask_cols, key_rows, POSITIVES, EXCLUDE_POSITIVES, MASKED, ACC,
                           SIGMOID)
-    if POSITIVES == 2:
+    if POSITIVES == _LABELS:
         if MASKED:
             k_labels = tl.load(k_labels_ptr + cols, mask=col_mask, other=0)
         else:
@@ -467,13 +488,13 @@ def _gradient_tile(
         if EXCLUDE_POSITIVES:
             e = tl.where(same, 0.0, e)
         g = alpha[:, None] * e - tl.where(same, beta[:, None], 0.0)
-    elif POSITIVES == 3:
+    elif POSITIVES == _MASK:
         p = _positive_weights(rows, row_mask, cols, col_mask, pos_rows, a_labels, k_labels_ptr, mask_ptr,
                               stride_mask_a, stride_mask_k, mask_rows, mask_cols, POSITIVES, ACC)
         if EXCLUDE_POSITIVES:
             e = tl.where(p == 0.0, e, 0.0)
         g = alpha[:, None] * e - beta[:, None] * p
-    elif POSITIVES == 1 and (INDEX_IN_LOOP or EXCLUDE_POSITIVES):
+    elif POSITIVES == _INDEX and (INDEX_IN_LOOP or EXCLUDE_POSITIVES):
         same = cols[None, :] == pos_rows[:, None]
         if EXCLUDE_POSITIVES:
             e = tl.where(same, 0.0, e)
@@ -508,12 +529,12 @@ def _key_side(
         e = e_rows
     else:
         e = tl.exp2(t - lse2[None, :])
-    if POSITIVES == 1:
+    if POSITIVES == _INDEX:
         same = rows[:, None] == pos_cols[None, :]
         if EXCLUDE_POSITIVES:
             e = tl.where(same, 0.0, e)
         g = alpha[None, :] * e - tl.where(same, beta[None, :], 0.0)
-    elif POSITIVES == 2:
+    elif POSITIVES == _LABELS:
         if MASKED:
             k_labels = tl.load(k_labels_ptr + cols, mask=col_mask, other=0)
         else:
@@ -522,7 +543,7 @@ def _key_side(
         if EXCLUDE_POSITIVES:
             e = tl.where(same, 0.0, e)
         g = alpha[None, :] * e - tl.where(same, beta[None, :], 0.0)
-    elif POSITIVES == 3:
+    elif POSITIVES == _MASK:
         p = _positive_weights(rows, row_mask, cols, col_mask, rows, a_labels, k_labels_ptr, mask_ptr, stride_mask_a,
                               stride_mask_k, mask_rows, mask_cols, POSITIVES, ACC, True)
         if EXCLUDE_POSITIVES:
@@ -556,7 +577,7 @@ def _anchor_tile(
         lse2_cols, alpha_cols, beta_cols = _row_coefficients(lse_ptr, alpha_ptr, beta_ptr, bias_ptr, cols, col_mask,
                                                              PRESCALE, SIGMOID)
         pos_cols = pos_rows  # read only for index positives
-        if POSITIVES == 1:
+        if POSITIVES == _INDEX:
             pos_cols = tl.load(pos_index_ptr + cols, mask=col_mask, other=-1)
         key_rows = (lse2_cols, alpha_cols, beta_cols, pos_cols)
     g = _gradient_tile(t, rows, row_mask, cols, col_mask, lse2, alpha, beta, pos_rows, a_labels, k_labels_ptr,
@@ -584,7 +605,7 @@ def _symmetric_tile(
 ):
     """One key tile of a symmetric (single-loss) backward, where rows and keys are the same rows Z:
     T_rc = 2^{u·c_r − L_r} + 2^{u·c_r − L_c} (both softmax terms of entry (r, c) from one tile; L = lse·log2 e,
-    +inf for a row with no term) minus, for mask positives (POSITIVES == 3), w_r·P_rc + w_c·P_cr.
+    +inf for a row with no term) minus, for mask positives (POSITIVES == _MASK), w_r·P_rc + w_c·P_cr.
     d_hat += T·PRESCALE·ẑ[tile, out]; radial += Σ_c T_rc·u_rc (u = s·τ/r_r: the row scale once, after the
     loop). Other positives are the caller's, outside the loop. MASKED: the tile may hold padding keys or
     the self entry c = r + self_offset."""
@@ -596,7 +617,7 @@ def _symmetric_tile(
     else:
         lse2_cols = tl.load(k_lse2_ptr + cols)
     e = tl.exp2(u * row_scale[:, None] - lse2_rows[:, None]) + tl.exp2(u * row_scale[:, None] - lse2_cols[None, :])
-    if POSITIVES == 3:
+    if POSITIVES == _MASK:
         if MASKED:
             w_cols = tl.load(k_weight_ptr + cols, mask=col_mask, other=0.0)
         else:
@@ -634,26 +655,16 @@ def _symmetric_keys(
     tile_cols = tl.arange(0, BLOCK_N).to(tl.int64)
     b_ptrs0 = k_ptr + tile_cols[:, None] * stride_km + stride_offsets(tl.arange(0, BLOCK_D), stride_kd)[None, :]
     slice_ptrs0 = k_ptr + tile_cols[:, None] * stride_km + stride_offsets(out, stride_kd)[None, :]
-    full, self_lo, self_hi = _tile_ranges(first_row, BLOCK_M, self_offset, K, BLOCK_N, True)
-    for tile in range(0, self_lo):
-        d_hat, radial = _symmetric_tile(
-            d_hat, radial, tile * BLOCK_N, a_ptrs, b_ptrs0, slice_ptrs0, stride_km, stride_kd, k_inv_ptr, k_lse2_ptr,
-            k_weight_ptr, rows, row_mask, row_scale, lse2_rows, w_rows, mask_ptr, stride_mask_a, stride_mask_k,
-            self_offset, K, D, stride_ad, out_mask, NORMALIZE, POSITIVES, False, BLOCK_M, BLOCK_N, BLOCK_D, EVEN_D,
-            EVEN_DO, PRECISION, ACC, PRESCALE, SCALE_OPERAND)
-    for tile in range(self_hi, full):
-        d_hat, radial = _symmetric_tile(
-            d_hat, radial, tile * BLOCK_N, a_ptrs, b_ptrs0, slice_ptrs0, stride_km, stride_kd, k_inv_ptr, k_lse2_ptr,
-            k_weight_ptr, rows, row_mask, row_scale, lse2_rows, w_rows, mask_ptr, stride_mask_a, stride_mask_k,
-            self_offset, K, D, stride_ad, out_mask, NORMALIZE, POSITIVES, False, BLOCK_M, BLOCK_N, BLOCK_D, EVEN_D,
-            EVEN_DO, PRECISION, ACC, PRESCALE, SCALE_OPERAND)
-    for step in range(0, self_hi - self_lo + tl.cdiv(K, BLOCK_N) - full):
-        tile = tl.where(self_lo + step < self_hi, self_lo + step, full)
-        d_hat, radial = _symmetric_tile(
-            d_hat, radial, tile * BLOCK_N, a_ptrs, b_ptrs0, slice_ptrs0, stride_km, stride_kd, k_inv_ptr, k_lse2_ptr,
-            k_weight_ptr, rows, row_mask, row_scale, lse2_rows, w_rows, mask_ptr, stride_mask_a, stride_mask_k,
-            self_offset, K, D, stride_ad, out_mask, NORMALIZE, POSITIVES, True, BLOCK_M, BLOCK_N, BLOCK_D, EVEN_D,
-            EVEN_DO, PRECISION, ACC, PRESCALE, SCALE_OPERAND)
+    schedule = _tile_schedule(first_row, BLOCK_M, self_offset, K, BLOCK_N, True)
+    for phase in tl.static_range(_PHASES):
+        lo, hi = _phase_steps(phase, schedule)
+        for step in range(lo, hi):
+            d_hat, radial = _symmetric_tile(
+                d_hat, radial, _phase_tile(phase, step, schedule) * BLOCK_N, a_ptrs, b_ptrs0, slice_ptrs0, stride_km,
+                stride_kd, k_inv_ptr, k_lse2_ptr, k_weight_ptr, rows, row_mask, row_scale, lse2_rows, w_rows,
+                mask_ptr, stride_mask_a, stride_mask_k, self_offset, K, D, stride_ad, out_mask, NORMALIZE, POSITIVES,
+                phase == _MASKED_PHASE, BLOCK_M, BLOCK_N, BLOCK_D, EVEN_D, EVEN_DO, PRECISION, ACC, PRESCALE,
+                SCALE_OPERAND)
     return d_hat, radial
 
 
@@ -701,33 +712,18 @@ def _block_anchor_kernel(
     d_hat = tl.zeros((BLOCK_M, BLOCK_DO), dtype=ACC)
     g_sum = tl.zeros((BLOCK_M,), dtype=ACC)
     coefficient_ptrs = (lse_ptr, alpha_ptr, beta_ptr, bias_ptr, pos_index_ptr)
-    full, self_lo, self_hi = _tile_ranges(first_row, BLOCK_M, self_offset, K, BLOCK_N, HAS_SELF)
-    for tile in range(0, self_lo):
-        d_hat, g_sum = _anchor_tile(
-            d_hat, g_sum, tile * BLOCK_N, a_ptrs, b_ptrs0, slice_ptrs0, stride_km, stride_kd, k_inv_ptr, rows,
-            row_mask, row_scale, lse2,
-            alpha, beta, pos_rows, a_labels, k_labels_ptr, mask_ptr, stride_mask_a, stride_mask_k, mask_rows,
-            mask_cols, self_offset, K, D, stride_ad, out, out_mask, coefficient_ptrs, NORMALIZE, POSITIVES, HAS_SELF,
-            EXCLUDE_POSITIVES, SIGMOID, False, BLOCK_M, BLOCK_N, BLOCK_D, EVEN_D, EVEN_DO, SCALE_OPERAND,
-            PRECISION, ACC, PRESCALE, OWN)
-    for tile in range(self_hi, full):
-        d_hat, g_sum = _anchor_tile(
-            d_hat, g_sum, tile * BLOCK_N, a_ptrs, b_ptrs0, slice_ptrs0, stride_km, stride_kd, k_inv_ptr, rows,
-            row_mask, row_scale, lse2,
-            alpha, beta, pos_rows, a_labels, k_labels_ptr, mask_ptr, stride_mask_a, stride_mask_k, mask_rows,
-            mask_cols, self_offset, K, D, stride_ad, out, out_mask, coefficient_ptrs, NORMALIZE, POSITIVES, HAS_SELF,
-            EXCLUDE_POSITIVES, SIGMOID, False, BLOCK_M, BLOCK_N, BLOCK_D, EVEN_D, EVEN_DO, SCALE_OPERAND,
-            PRECISION, ACC, PRESCALE, OWN)
-    for step in range(0, self_hi - self_lo + tl.cdiv(K, BLOCK_N) - full):
-        tile = tl.where(self_lo + step < self_hi, self_lo + step, full)
-        d_hat, g_sum = _anchor_tile(
-            d_hat, g_sum, tile * BLOCK_N, a_ptrs, b_ptrs0, slice_ptrs0, stride_km, stride_kd, k_inv_ptr, rows,
-            row_mask, row_scale, lse2,
-            alpha, beta, pos_rows, a_labels, k_labels_ptr, mask_ptr, stride_mask_a, stride_mask_k, mask_rows,
-            mask_cols, self_offset, K, D, stride_ad, out, out_mask, coefficient_ptrs, NORMALIZE, POSITIVES, HAS_SELF,
-            EXCLUDE_POSITIVES, SIGMOID, True, BLOCK_M, BLOCK_N, BLOCK_D, EVEN_D, EVEN_DO, SCALE_OPERAND, PRECISION, ACC,
-            PRESCALE, OWN)
-    if POSITIVES == 1:
+    schedule = _tile_schedule(first_row, BLOCK_M, self_offset, K, BLOCK_N, HAS_SELF)
+    for phase in tl.static_range(_PHASES):
+        lo, hi = _phase_steps(phase, schedule)
+        for step in range(lo, hi):
+            d_hat, g_sum = _anchor_tile(
+                d_hat, g_sum, _phase_tile(phase, step, schedule) * BLOCK_N, a_ptrs, b_ptrs0, slice_ptrs0, stride_km,
+                stride_kd, k_inv_ptr, rows, row_mask, row_scale, lse2, alpha, beta, pos_rows, a_labels, k_labels_ptr,
+                mask_ptr, stride_mask_a, stride_mask_k, mask_rows, mask_cols, self_offset, K, D, stride_ad, out,
+                out_mask, coefficient_ptrs, NORMALIZE, POSITIVES, HAS_SELF, EXCLUDE_POSITIVES, SIGMOID,
+                phase == _MASKED_PHASE, BLOCK_M, BLOCK_N, BLOCK_D, EVEN_D, EVEN_DO, SCALE_OPERAND, PRECISION, ACC,
+                PRESCALE, OWN)
+    if POSITIVES == _INDEX:
         # −beta_a·k̂_pos(a): a gather of the positives' rows, outside the loop.
         valid = row_mask & (pos_rows >= 0)
         if HAS_SELF:
@@ -813,30 +809,17 @@ def _block_key_kernel(
     # Padding keys (the last key block) only feed their own rows of d_hat, which are never stored: no
     # anchor tile needs a key mask. Masked tiles: the anchors' self entries and the last anchor tile.
     # Anchor a is key a + self_offset: the anchors first_col − self_offset ... hold this block's self entries.
-    full, self_lo, self_hi = _tile_ranges(first_col, BLOCK_N, -self_offset, A, BLOCK_M, HAS_SELF)
-    for tile in range(0, self_lo):
-        d_hat = _key_tile(
-            d_hat, tile * BLOCK_M, cols, col_mask, b_ptrs, a_ptrs0, slice_ptrs0, stride_am, stride_ad, a_inv_ptr, k_inv,
-            col_scale_tau, pos_index_ptr, a_labels_ptr, k_labels_ptr, mask_ptr, stride_mask_a, stride_mask_k,
-            mask_rows, mask_cols, self_offset, bias_ptr, lse_ptr, alpha_ptr, beta_ptr, A, D, stride_kd, out,
-            out_mask, NORMALIZE, POSITIVES, HAS_SELF, EXCLUDE_POSITIVES, SIGMOID, False, BLOCK_M, BLOCK_N,
-            BLOCK_D, EVEN_D, EVEN_DO, PRECISION, ACC, PRESCALE, SCALE_OPERAND)
-    for tile in range(self_hi, full):
-        d_hat = _key_tile(
-            d_hat, tile * BLOCK_M, cols, col_mask, b_ptrs, a_ptrs0, slice_ptrs0, stride_am, stride_ad, a_inv_ptr, k_inv,
-            col_scale_tau, pos_index_ptr, a_labels_ptr, k_labels_ptr, mask_ptr, stride_mask_a, stride_mask_k,
-            mask_rows, mask_cols, self_offset, bias_ptr, lse_ptr, alpha_ptr, beta_ptr, A, D, stride_kd, out,
-            out_mask, NORMALIZE, POSITIVES, HAS_SELF, EXCLUDE_POSITIVES, SIGMOID, False, BLOCK_M, BLOCK_N,
-            BLOCK_D, EVEN_D, EVEN_DO, PRECISION, ACC, PRESCALE, SCALE_OPERAND)
-    row_tiles = tl.cdiv(A, BLOCK_M)
-    for step in range(0, self_hi - self_lo + row_tiles - full):
-        tile = tl.where(self_lo + step < self_hi, self_lo + step, full + (step - (self_hi - self_lo)))
-        d_hat = _key_tile(
-            d_hat, tile * BLOCK_M, cols, col_mask, b_ptrs, a_ptrs0, slice_ptrs0, stride_am, stride_ad, a_inv_ptr, k_inv,
-            col_scale_tau, pos_index_ptr, a_labels_ptr, k_labels_ptr, mask_ptr, stride_mask_a, stride_mask_k,
-            mask_rows, mask_cols, self_offset, bias_ptr, lse_ptr, alpha_ptr, beta_ptr, A, D, stride_kd, out,
-            out_mask, NORMALIZE, POSITIVES, HAS_SELF, EXCLUDE_POSITIVES, SIGMOID, True, BLOCK_M, BLOCK_N,
-            BLOCK_D, EVEN_D, EVEN_DO, PRECISION, ACC, PRESCALE, SCALE_OPERAND)
+    schedule = _tile_schedule(first_col, BLOCK_N, -self_offset, A, BLOCK_M, HAS_SELF)
+    for phase in tl.static_range(_PHASES):
+        lo, hi = _phase_steps(phase, schedule)
+        for step in range(lo, hi):
+            d_hat = _key_tile(
+                d_hat, _phase_tile(phase, step, schedule) * BLOCK_M, cols, col_mask, b_ptrs, a_ptrs0, slice_ptrs0,
+                stride_am, stride_ad, a_inv_ptr, k_inv, col_scale_tau, pos_index_ptr, a_labels_ptr, k_labels_ptr,
+                mask_ptr, stride_mask_a, stride_mask_k, mask_rows, mask_cols, self_offset, bias_ptr, lse_ptr,
+                alpha_ptr, beta_ptr, A, D, stride_kd, out, out_mask, NORMALIZE, POSITIVES, HAS_SELF,
+                EXCLUDE_POSITIVES, SIGMOID, phase == _MASKED_PHASE, BLOCK_M, BLOCK_N, BLOCK_D, EVEN_D, EVEN_DO,
+                PRECISION, ACC, PRESCALE, SCALE_OPERAND)
     tl.store(dk_ptr + cols.to(tl.int64)[:, None] * D + out[None, :], d_hat / (PRESCALE * tau),
              mask=col_mask[:, None] & out_mask[None, :])
 
@@ -923,10 +906,10 @@ def _forward_layout(layout: Layout) -> Layout:
     return Layout(self_offset=layout.self_offset, epilogue=layout.epilogue, bias=layout.bias)
 
 
-def _layout_args(layout: Layout, a: Tensor, k: Tensor, placeholder: Tensor) -> tuple[tuple, dict]:
-    """(kernel arguments from pos_index to the bias, layout constexprs). Absent tensors get a valid
-    placeholder buffer the kernel never reads; the sigmoid epilogue's bias is a 0-dim accumulation-dtype
-    tensor (0 when None)."""
+def _layout_args(layout: Layout, a: Tensor, k: Tensor, placeholder: Tensor) -> tuple[dict, dict]:
+    """(the layout's kernel arguments by name, from pos_index_ptr to bias_ptr; its constexprs). Absent tensors
+    get a valid placeholder buffer the kernel never reads; the sigmoid epilogue's bias is a 0-dim
+    accumulation-dtype tensor (0 when None)."""
     index = labels_a = labels_k = mask = placeholder
     stride_mask_a = stride_mask_k = 0
     mask_rows = mask_cols = 1
@@ -952,16 +935,24 @@ def _layout_args(layout: Layout, a: Tensor, k: Tensor, placeholder: Tensor) -> t
         bias = (torch.zeros((), dtype=acc, device=a.device) if layout.bias is None
                 else layout.bias.to(device=a.device, dtype=acc).reshape(()).contiguous())
     has_self = layout.self_offset is not None
-    args = (index, labels_a, labels_k, mask, stride_mask_a, stride_mask_k, mask_rows, mask_cols,
-            layout.self_offset if has_self else 0, bias)
-    return args, dict(POSITIVES=_POSITIVES[layout.positives], HAS_SELF=has_self,
+    args = dict(pos_index_ptr=index, a_labels_ptr=labels_a, k_labels_ptr=labels_k, mask_ptr=mask,
+                stride_mask_a=stride_mask_a, stride_mask_k=stride_mask_k, mask_rows=mask_rows, mask_cols=mask_cols,
+                self_offset=layout.self_offset if has_self else 0, bias_ptr=bias)
+    return args, dict(POSITIVES=int(PositiveKind.of(layout)), HAS_SELF=has_self,
                       EXCLUDE_POSITIVES=layout.exclude_positives, SIGMOID=sigmoid)
 
 
-def _row_args(a: Tensor, a_inv: Optional[Tensor], k: Tensor, k_inv: Optional[Tensor], tau: Tensor) -> tuple:
+def _row_args(a: Tensor, a_inv: Optional[Tensor], k: Tensor, k_inv: Optional[Tensor], tau: Tensor) -> dict:
+    """The rows' kernel arguments by name (a_ptr to tau_ptr)."""
     # Without normalization the kernels never read the inverse norms; they get a valid buffer instead.
-    norms = (a_inv, k_inv) if a_inv is not None else (tau, tau)
-    return (a, a.stride(0), a.stride(1), k, k.stride(0), k.stride(1), *norms, tau)
+    a_norms, k_norms = (a_inv, k_inv) if a_inv is not None else (tau, tau)
+    return dict(a_ptr=a, stride_am=a.stride(0), stride_ad=a.stride(1), k_ptr=k, stride_km=k.stride(0),
+                stride_kd=k.stride(1), a_inv_ptr=a_norms, k_inv_ptr=k_norms, tau_ptr=tau)
+
+
+def _positional(kernel, arguments: dict) -> tuple:
+    """A launch's named arguments in ``kernel``'s order (a compile spec's argument tuple)."""
+    return tuple(arguments[name] for name in kernel.arg_names if name in arguments)
 
 
 def block_forward(
@@ -993,8 +984,8 @@ def block_forward(
         _check_label_shapes(layout, a, k)
     layout_args, flags = _layout_args(kernel_layout, a, k, tau)
     _block_forward_kernel[lambda meta: (triton.cdiv(n_anchors, meta["BLOCK_M"]),)](
-        *_row_args(a, a_inv, k, k_inv, tau), *layout_args, lse, pos_sum, pos_weight, n_anchors, n_keys, sub_dim,
-        shape_bucket(max(n_anchors, n_keys)),
+        **_row_args(a, a_inv, k, k_inv, tau), **layout_args, lse_ptr=lse, pos_sum_ptr=pos_sum,
+        pos_weight_ptr=pos_weight, A=n_anchors, K=n_keys, D=sub_dim, SHAPE_BUCKET=shape_bucket(max(n_anchors, n_keys)),
         NORMALIZE=a_inv is not None, PRECISION=dot_precision(a.dtype), ACC=accumulator(a.dtype), **flags,
     )
     if class_sums:
@@ -1085,10 +1076,11 @@ def block_backward(
     g_sum = torch.empty(n_anchors if flags["SIGMOID"] else 1, dtype=acc, device=a.device)
     meta = dict(NORMALIZE=a_inv is not None, PRECISION=dot_precision(a.dtype), ACC=accumulator(a.dtype),
                 PRESCALE=gradient_prescale(a.dtype), SCALE_OPERAND=a.dtype == torch.float16, **flags)
-    rows, bucket = _row_args(a, a_inv, k, k_inv, tau), shape_bucket(max(n_anchors, n_keys))
+    # The arguments both passes share, by name.
+    shared = dict(_row_args(a, a_inv, k, k_inv, tau), **layout_args, lse_ptr=lse, alpha_ptr=alpha, beta_ptr=beta,
+                  A=n_anchors, K=n_keys, D=sub_dim, SHAPE_BUCKET=shape_bucket(max(n_anchors, n_keys)), **meta)
     _block_anchor_kernel[lambda m: (triton.cdiv(n_anchors, m["BLOCK_M"]), triton.cdiv(sub_dim, m["BLOCK_DO"]))](
-        *rows, *layout_args, lse, alpha, beta, d_a, g_sum, n_anchors, n_keys, sub_dim, bucket, OWN=layout.own_block,
-        **meta)
+        **shared, da_ptr=d_a, gsum_ptr=g_sum, OWN=layout.own_block)
     radial = _normalization_backward(a, a_inv, d_a, tau)
     if layout.own_block:
         # Σ_r ⟨ẑ_r, dẑ_r⟩ and Σ_r Σ_c (G + Gᵀ)_rc count every entry twice.
@@ -1096,7 +1088,7 @@ def block_backward(
         return d_a, None, g_sums / 2
     d_k = torch.empty(n_keys, sub_dim, dtype=acc, device=a.device)
     _block_key_kernel[lambda m: (triton.cdiv(n_keys, m["BLOCK_N"]), triton.cdiv(sub_dim, m["BLOCK_DO"]))](
-        *rows, *layout_args, lse, alpha, beta, d_k, n_anchors, n_keys, sub_dim, bucket, **meta)
+        **shared, dk_ptr=d_k)
     _normalization_backward(k, k_inv, d_k, tau)
     if flags["SIGMOID"]:
         return d_a, d_k, torch.stack([radial.sum(), g_sum.sum()])
@@ -1138,7 +1130,7 @@ def compile_specs(dtype: torch.dtype, precision: str, sub_dim: int, n: int = 409
     a, k = (example_rows((n, sub_dim), dtype, layout) for _ in range(2))
     vector = lambda: torch.empty(n, dtype=acc)  # noqa: E731
     tau = torch.empty((), dtype=acc)
-    rows = (a, a.stride(0), a.stride(1), k, k.stride(0), k.stride(1), vector(), vector(), tau)
+    rows = dict(_row_args(a, vector(), k, vector(), tau), K=n, A=n, D=sub_dim, SHAPE_BUCKET=shape_bucket(n))
     specs = []
     ids = torch.zeros(n, dtype=torch.int64)
     for name, layout in (("index", Layout(positives="index", self_offset=0, pos_index=ids)),
@@ -1164,22 +1156,22 @@ def compile_specs(dtype: torch.dtype, precision: str, sub_dim: int, n: int = 409
         common = dict(NORMALIZE=True, PRECISION=precision, ACC=accumulator(dtype), **flags)
         # As block_forward launches it (label positives come from class sums, not the element loop).
         forward_args, forward_flags = _layout_args(_forward_layout(layout), a, k, tau)
-        forward = dict(common, **forward_flags)
         backward = dict(common, PRESCALE=gradient_prescale(dtype), SCALE_OPERAND=dtype == torch.float16)
-        coefficients = (vector(), vector(), vector())
+        shared = dict(rows, **layout_args, lse_ptr=vector(), alpha_ptr=vector(), beta_ptr=vector())
+        gradient = torch.empty(n, sub_dim, dtype=acc)
         anchor = CompileSpec(f"block_{name}_backward" if layout.own_block else f"block_{name}_anchor",
                              "block_backward", _block_anchor_kernel.fn,
-                             (*rows, *layout_args, *coefficients, torch.empty(n, sub_dim, dtype=acc), vector(), n, n,
-                              sub_dim, shape_bucket(n)), dict(backward, OWN=layout.own_block))
+                             _positional(_block_anchor_kernel, dict(shared, da_ptr=gradient, gsum_ptr=vector())),
+                             dict(backward, OWN=layout.own_block))
         if layout.own_block:
             specs.append(anchor)
             continue
+        forward = dict(rows, **forward_args, lse_ptr=vector(), pos_sum_ptr=vector(), pos_weight_ptr=vector())
         specs += [
             CompileSpec(f"block_{name}_forward", "block_forward", _block_forward_kernel.fn,
-                        (*rows, *forward_args, vector(), vector(), vector(), n, n, sub_dim, shape_bucket(n)), forward),
+                        _positional(_block_forward_kernel, forward), dict(common, **forward_flags)),
             anchor,
             CompileSpec(f"block_{name}_key", "block_backward", _block_key_kernel.fn,
-                        (*rows, *layout_args, *coefficients, torch.empty(n, sub_dim, dtype=acc), n, n, sub_dim,
-                         shape_bucket(n)), backward),
+                        _positional(_block_key_kernel, dict(shared, dk_ptr=gradient)), backward),
         ]
     return specs
