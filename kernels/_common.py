@@ -178,13 +178,25 @@ _TABLES = {"forward": (_FORWARD, _SMALL_FORWARD), "backward": (_BACKWARD, _SMALL
 _SYMMETRIC_FORWARD = dict(_FORWARD, sm90=[(64, 128, 64, 4, 4), (64, 128, 32, 4, 3)],
                           sm80=[(64, 128, 32, 4, 3), (64, 128, 64, 4, 3)])
 # Tables that replace a kind's main / small ones when a launch sets the named constexpr.
+# Own blocks (kernels/block.py, ``Layout.own_block``: G + Gᵀ from one tile, two exponentials and the columns'
+# coefficients per element) take 8 warps on sm90 too: at 4 warps (bf16, D' = 128) index positives left out of
+# the denominator spilled (64x64x64x64: 255 registers, 16 B; 64x64x32x64: 255, 4 B); at 8 warps they hold 216
+# / 174 registers and labels 169 (64x64x64x64), no spills. sm80: the symmetric table, 169-225, no spills.
+_OWN_BACKWARD = dict(_SYMMETRIC_BACKWARD, sm90=_BACKWARD["sm90"])
 _OVERRIDES = {
-    # Own blocks (kernels/block.py, ``Layout.own_block``): the symmetric backward's two exponentials per element.
-    ("block_backward", "OWN"): (_SYMMETRIC_BACKWARD, _SMALL_SYMMETRIC_BACKWARD),
+    ("block_backward", "OWN"): (_OWN_BACKWARD, _SMALL_SYMMETRIC_BACKWARD),
     ("block_forward", "SIGMOID"): (_SIGMOID_BLOCK_FORWARD, _SMALL_FORWARD),
     ("block_backward", "SIGMOID"): (_SIGMOID_BLOCK_BACKWARD, _SIGMOID_SMALL_BACKWARD),
     ("forward", "SYMMETRIC"): (_SYMMETRIC_FORWARD, _SMALL_FORWARD),
 }
+# Entries a table keeps for most launches but that spill for one launch shape, by the compile-only report:
+# (kind, arch, the launch's constexprs → bool, entries dropped). SigLIP's sigmoid epilogue with label
+# positives (the compat layer's per-rank SigLIP) held 255 registers and spilled 44 B (anchor pass) / 28 B
+# (key pass) at 64x64x64x64/w4/s3 on sm90 with 16-bit rows; 64x64x32x32/w4/s3 stays at 181/187 registers.
+_SPILLING = [
+    ("block_backward", "sm90",
+     lambda flags: flags.get("SIGMOID") and flags.get("POSITIVES") == PositiveKind.LABELS, {(64, 64, 64, 64, 4, 3)}),
+]
 _INTERPRETER = {"forward": (16, 16, 16, 1, 1), "backward": (16, 16, 16, 16, 1, 1),
                 "block_forward": (16, 16, 16, 1, 1), "block_backward": (16, 16, 16, 16, 1, 1),
                 "symmetric_backward": (16, 16, 16, 16, 1, 1)}
@@ -235,7 +247,8 @@ def tile_configs(kind: str, arch: str, dtype: torch.dtype | None = None, constex
         raise ValueError(f"arch: expected one of {list(table)}, got {arch!r}")
     if dtype is not None and needs_small_tiles(kind, dtype, flags):
         table = small
-    return [_config(kind, e) for e in table[arch]]
+    dropped = set().union(*(e for k, a, applies, e in _SPILLING if (k, a) == (kind, arch) and applies(flags)))
+    return [_config(kind, e) for e in table[arch] if e not in dropped]
 
 
 @functools.lru_cache(maxsize=None)

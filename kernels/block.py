@@ -27,6 +27,10 @@ exponential term 0 on excluded entries), from the recomputed tile:
   add −beta_a·k̂_pos(a) after the loop (a gather);
 - key pass: a program owns BLOCK_N keys × BLOCK_DO features and walks the anchor tiles: dk̂ += Gᵀ·â from
   the same tile a·kᵀ (the result is transposed, not the operands); index positives are a compare here.
+- own blocks (``Layout.own_block``: the keys are the anchors): the anchor pass alone (OWN constexpr), with
+  G_ac + G_ca from the same tile — the columns' lse/alpha/beta, P_ca as the columns' positive index
+  compared with the rows, the same label compare, or the mask read transposed — so d_a is the rows' whole
+  gradient: forward, recompute and dZ, 3 GEMM-units instead of 4 (``_key_side``);
 - a row epilogue per side (O(rows·D')): radial = ⟨x̂, dx̂⟩ = Σ G·s (so no per-element Σ G·s in the
   loops), F.normalize's backward in place (``_common.store_row_gradient``); gs = Σ_a radial_a (a torch
   sum: deterministic).
@@ -84,6 +88,7 @@ _EVEN_FEATURES = triton.heuristics({"EVEN_D": lambda args: args["D"] % args["BLO
                                     "EVEN_DO": lambda args: args["D"] % args["BLOCK_DO"] == 0})
 _LOG2E = tl.constexpr(math.log2(math.e))
 _LN2 = tl.constexpr(math.log(2.0))
+SUPPORTS_OWN_BLOCK = True  # block_backward honours Layout.own_block (fastcl.dispatch.supports_own_block)
 # The kernels' POSITIVES constexpr: Layout.positives as fastcl.contract.PositiveKind, named in the kernels.
 _INDEX = tl.constexpr(int(PositiveKind.INDEX))
 _LABELS = tl.constexpr(int(PositiveKind.LABELS))
@@ -244,9 +249,8 @@ def _softplus2(u, ACC: tl.constexpr):
 
 @triton.jit
 def _fold_tile(
-    running_max, running_sum, pos_sum, pos_weight, start,
-    a_ptrs, b_ptrs0, stride_km, stride_kd, k_inv_ptr, rows, row_mask, row_scale, pos_rows, a_labels,
-    k_labels_ptr, mask_ptr, stride_mask_a, stride_mask_k, mask_rows, mask_cols, self_offset, bias2, K, D, stride_ad,
+    stats, start, a_ptrs, b_ptrs0, stride_km, stride_kd, k_inv_ptr, anchors, row_scale, entries, stride_mask_a,
+    stride_mask_k, bias2, K, D, stride_ad,
     NORMALIZE: tl.constexpr, POSITIVES: tl.constexpr, HAS_SELF: tl.constexpr, EXCLUDE_POSITIVES: tl.constexpr,
     SIGMOID: tl.constexpr, MASKED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     EVEN_D: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
@@ -255,7 +259,11 @@ def _fold_tile(
     columns or self entries; unmasked tiles (the steady state) skip every mask. SIGMOID: running_sum
     accumulates Σ log2(1 + 2^(t + b·log2 e)) (excluded entries are t = −inf → 0); running_max is unused.
     The tile holds u = t/row_scale (row_scale > 0 keeps the order, so the running max is kept in u); the
-    row scale enters the exp2 argument's FFMA and the row sums once per tile."""
+    row scale enters the exp2 argument's FFMA and the row sums once per tile. ``stats``: (running_max,
+    running_sum, pos_sum, pos_weight); ``anchors``, ``entries``: see :func:`_fold_keys`."""
+    running_max, running_sum, pos_sum, pos_weight = stats
+    rows, row_mask, pos_rows, a_labels = anchors
+    k_labels_ptr, mask_ptr, mask_rows, mask_cols, self_offset = entries
     cols, col_mask, t, k_inv = _key_tile_logits(
         start, a_ptrs, b_ptrs0, k_inv_ptr, row_mask, row_scale, K, D, stride_ad, stride_km, stride_kd, NORMALIZE,
         MASKED, BLOCK_M, BLOCK_N, BLOCK_D, EVEN_D, PRECISION, ACC, False)
@@ -311,33 +319,33 @@ def _tile_schedule(first, extent, offset, n, block, HAS_SELF: tl.constexpr):
     [0, self_lo), then [self_hi, full) (no padding, no self entry: unmasked), then masked: [self_lo,
     self_hi), the tiles holding indices first + offset .. first + extent − 1 + offset where the program's
     self entries lie (empty without HAS_SELF), and the tail tile when n is no multiple of ``block``.
-    Returns (full, self_lo, self_hi, tiles)."""
+    Returns (full, self_lo, self_hi); the tail is counted when the masked phase starts (:func:`_phase_steps`)."""
     full = n // block
     self_lo = full
     self_hi = full
     if HAS_SELF:
         self_lo = tl.minimum(tl.maximum((first + offset) // block, 0), full)
         self_hi = tl.minimum(tl.maximum(tl.cdiv(first + extent + offset, block), self_lo), full)
-    return full, self_lo, self_hi, tl.cdiv(n, block)
+    return full, self_lo, self_hi
 
 
 @triton.jit
-def _phase_steps(phase: tl.constexpr, schedule):
-    """(lo, hi): the loop range of a walk phase (see :func:`_tile_schedule`)."""
-    full, self_lo, self_hi, tiles = schedule
+def _phase_steps(phase: tl.constexpr, schedule, n, BLOCK: tl.constexpr):
+    """(lo, hi): the loop range of a walk phase over n rows in tiles of BLOCK (see :func:`_tile_schedule`)."""
+    full, self_lo, self_hi = schedule
     if phase == 0:
         lo, hi = 0, self_lo
     elif phase == 1:
         lo, hi = self_hi, full
     else:
-        lo, hi = 0, self_hi - self_lo + tiles - full
+        lo, hi = 0, self_hi - self_lo + tl.cdiv(n, BLOCK) - full
     return lo, hi
 
 
 @triton.jit
 def _phase_tile(phase: tl.constexpr, step, schedule):
     """The tile index of loop step ``step`` of a walk phase (the masked phase: self tiles, then the tail)."""
-    full, self_lo, self_hi, tiles = schedule
+    full, self_lo, self_hi = schedule
     tile = step
     if phase == _MASKED_PHASE:
         tile = tl.where(self_lo + step < self_hi, self_lo + step, full)
@@ -355,20 +363,25 @@ def _fold_keys(
 ):
     """Folds all K key rows at ``k_ptr`` into the anchor block's running statistics (:func:`_fold_tile`, in
     the order of :func:`_tile_schedule`: the tiles holding the anchors' own rows and the tail tile through the
-    masked fold, the rest through the unmasked one)."""
+    masked fold, the rest through the unmasked one). Inside, the values travel in small tuples: ``stats``,
+    ``anchors`` = (rows, row_mask, pos_rows, a_labels) and ``entries`` = (k_labels_ptr, mask_ptr, mask_rows,
+    mask_cols, self_offset); strides stay separate arguments (a unit stride is a compile-time constant only
+    as an argument of its own)."""
+    stats = (running_max, running_sum, pos_sum, pos_weight)
+    anchors = (rows, row_mask, pos_rows, a_labels)
+    entries = (k_labels_ptr, mask_ptr, mask_rows, mask_cols, self_offset)
     tile_cols = tl.arange(0, BLOCK_N).to(tl.int64)
     b_ptrs0 = k_ptr + tile_cols[:, None] * stride_km + stride_offsets(tl.arange(0, BLOCK_D), stride_kd)[None, :]
     schedule = _tile_schedule(first_row, BLOCK_M, self_offset, K, BLOCK_N, HAS_SELF)
     for phase in tl.static_range(_PHASES):
-        lo, hi = _phase_steps(phase, schedule)
+        lo, hi = _phase_steps(phase, schedule, K, BLOCK_N)
         for step in range(lo, hi):
-            running_max, running_sum, pos_sum, pos_weight = _fold_tile(
-                running_max, running_sum, pos_sum, pos_weight, _phase_tile(phase, step, schedule) * BLOCK_N, a_ptrs,
-                b_ptrs0, stride_km, stride_kd, k_inv_ptr, rows, row_mask, row_scale, pos_rows, a_labels, k_labels_ptr,
-                mask_ptr, stride_mask_a, stride_mask_k, mask_rows, mask_cols, self_offset, bias2, K, D, stride_ad,
-                NORMALIZE, POSITIVES, HAS_SELF, EXCLUDE_POSITIVES, SIGMOID, phase == _MASKED_PHASE, BLOCK_M, BLOCK_N,
-                BLOCK_D, EVEN_D, PRECISION, ACC)
-    return running_max, running_sum, pos_sum, pos_weight
+            stats = _fold_tile(
+                stats, _phase_tile(phase, step, schedule) * BLOCK_N, a_ptrs, b_ptrs0, stride_km, stride_kd, k_inv_ptr,
+                anchors, row_scale, entries, stride_mask_a, stride_mask_k, bias2, K, D, stride_ad, NORMALIZE,
+                POSITIVES, HAS_SELF, EXCLUDE_POSITIVES, SIGMOID, phase == _MASKED_PHASE, BLOCK_M, BLOCK_N, BLOCK_D,
+                EVEN_D, PRECISION, ACC)
+    return stats
 
 
 @triton.jit
@@ -459,8 +472,7 @@ def _row_coefficients(lse_ptr, alpha_ptr, beta_ptr, bias_ptr, rows, row_mask, PR
 
 @triton.jit
 def _gradient_tile(
-    t, rows, row_mask, cols, col_mask, lse2, alpha, beta, pos_rows, a_labels, k_labels_ptr, mask_ptr,
-    stride_mask_a, stride_mask_k, mask_rows, mask_cols, self_offset, key_rows,
+    t, anchors, cols, col_mask, coefficients, entries, stride_mask_a, stride_mask_k, key_rows,
     POSITIVES: tl.constexpr, HAS_SELF: tl.constexpr, EXCLUDE_POSITIVES: tl.constexpr, INDEX_IN_LOOP: tl.constexpr,
     MASKED: tl.constexpr, ACC: tl.constexpr, SIGMOID: tl.constexpr, OWN: tl.constexpr = False,
 ):
@@ -468,7 +480,11 @@ def _gradient_tile(
     tiles have none. Index positives enter only when INDEX_IN_LOOP (the key pass) or for the DCL
     exclusion; the anchor pass adds −beta·k̂_pos outside the loop. SIGMOID: e = σ(s + b) (lse2 = −b·log2 e).
     OWN (an own block): G_ac + G_ca, the key side from the columns' coefficients ``key_rows`` = (lse2,
-    alpha, beta, positive index) of the same rows (t is symmetric: s_ac = s_ca) — see :func:`_key_side`."""
+    alpha, beta, positive index) of the same rows (t is symmetric: s_ac = s_ca) — see :func:`_key_side`.
+    ``anchors``, ``entries``: as :func:`_fold_keys`; ``coefficients``: the rows' (lse2, alpha, beta)."""
+    rows, row_mask, pos_rows, a_labels = anchors
+    k_labels_ptr, mask_ptr, mask_rows, mask_cols, self_offset = entries
+    lse2, alpha, beta = coefficients
     if SIGMOID:
         u = t - lse2[:, None]  # (s + b)·log2 e
         y = tl.exp2(-tl.abs(u))  # ≤ 1: σ = 1/(1 + y) for u ≥ 0, y/(1 + y) below, no overflow
@@ -476,9 +492,8 @@ def _gradient_tile(
     else:
         e = tl.exp2(t - lse2[:, None])
     if OWN:
-        g_key = _key_side(t, e, rows, row_mask, cols, col_mask, a_labels, k_labels_ptr, mask_ptr, stride_mask_a,
-                          stride_mask_k, mask_rows, mask_cols, key_rows, POSITIVES, EXCLUDE_POSITIVES, MASKED, ACC,
-                          SIGMOID)
+        g_key = _key_side(t, e, anchors, cols, col_mask, entries, stride_mask_a, stride_mask_k, key_rows, POSITIVES,
+                          EXCLUDE_POSITIVES, MASKED, ACC, SIGMOID)
     if POSITIVES == _LABELS:
         if MASKED:
             k_labels = tl.load(k_labels_ptr + cols, mask=col_mask, other=0)
@@ -516,14 +531,15 @@ def _gradient_tile(
 
 @triton.jit
 def _key_side(
-    t, e_rows, rows, row_mask, cols, col_mask, a_labels, k_labels_ptr, mask_ptr, stride_mask_a, stride_mask_k,
-    mask_rows, mask_cols, key_rows, POSITIVES: tl.constexpr, EXCLUDE_POSITIVES: tl.constexpr, MASKED: tl.constexpr,
+    t, e_rows, anchors, cols, col_mask, entries, stride_mask_a, stride_mask_k, key_rows, POSITIVES: tl.constexpr, EXCLUDE_POSITIVES: tl.constexpr, MASKED: tl.constexpr,
     ACC: tl.constexpr, SIGMOID: tl.constexpr,
 ):
     """G_ca·PRESCALE of an own block in the [rows, cols] orientation: alpha_c·exp(s_ac − lse_c) −
     beta_c·P_ca from the same tile t (the sigmoid's σ(s + b) is the rows' ``e_rows`` itself). P_ca: the
     columns' positive index compared with the rows, the same label compare (both sides are the rows'
     labels), the mask read transposed (it may be asymmetric). Padding and the self entry: the caller's."""
+    rows, row_mask, _, a_labels = anchors
+    k_labels_ptr, mask_ptr, mask_rows, mask_cols, _ = entries
     lse2, alpha, beta, pos_cols = key_rows
     if SIGMOID:
         e = e_rows
@@ -556,10 +572,8 @@ def _key_side(
 
 @triton.jit
 def _anchor_tile(
-    d_hat, g_sum, start, a_ptrs, b_ptrs0, slice_ptrs0, stride_km, stride_kd, k_inv_ptr, rows, row_mask, row_scale,
-    lse2, alpha, beta,
-    pos_rows, a_labels, k_labels_ptr, mask_ptr, stride_mask_a, stride_mask_k, mask_rows, mask_cols, self_offset,
-    K, D, stride_ad, out, out_mask, coefficient_ptrs,
+    d_hat, g_sum, start, a_ptrs, b_ptrs0, slice_ptrs0, stride_km, stride_kd, k_inv_ptr, anchors, row_scale,
+    coefficients, entries, stride_mask_a, stride_mask_k, K, D, stride_ad, out_mask, coefficient_ptrs,
     NORMALIZE: tl.constexpr, POSITIVES: tl.constexpr, HAS_SELF: tl.constexpr, EXCLUDE_POSITIVES: tl.constexpr,
     SIGMOID: tl.constexpr, MASKED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     EVEN_D: tl.constexpr, EVEN_DO: tl.constexpr, SCALE_OPERAND: tl.constexpr, PRECISION: tl.constexpr,
@@ -568,9 +582,11 @@ def _anchor_tile(
     """d_hat += G[rows, tile]·k̂[tile, out] (times PRESCALE) for key tile ``start``; SIGMOID: g_sum += Σ_c G
     (times PRESCALE; Σ G is the sigmoid epilogue's dL/db). OWN: G + Gᵀ (the keys are the rows;
     ``coefficient_ptrs`` = (lse, alpha, beta, bias, positive index) pointers give the columns' terms)."""
+    rows, row_mask, pos_rows, a_labels = anchors
     cols, col_mask, t, k_inv = _key_tile_logits(
         start, a_ptrs, b_ptrs0, k_inv_ptr, row_mask, row_scale, K, D, stride_ad, stride_km, stride_kd, NORMALIZE,
         MASKED, BLOCK_M, BLOCK_N, BLOCK_D, EVEN_D, PRECISION, ACC)
+    lse2, alpha, beta = coefficients
     key_rows = (lse2, alpha, beta, pos_rows)  # unread unless OWN
     if OWN:
         lse_ptr, alpha_ptr, beta_ptr, bias_ptr, pos_index_ptr = coefficient_ptrs
@@ -580,9 +596,8 @@ def _anchor_tile(
         if POSITIVES == _INDEX:
             pos_cols = tl.load(pos_index_ptr + cols, mask=col_mask, other=-1)
         key_rows = (lse2_cols, alpha_cols, beta_cols, pos_cols)
-    g = _gradient_tile(t, rows, row_mask, cols, col_mask, lse2, alpha, beta, pos_rows, a_labels, k_labels_ptr,
-                       mask_ptr, stride_mask_a, stride_mask_k, mask_rows, mask_cols, self_offset, key_rows, POSITIVES,
-                       HAS_SELF, EXCLUDE_POSITIVES, False, MASKED, ACC, SIGMOID, OWN)
+    g = _gradient_tile(t, anchors, cols, col_mask, coefficients, entries, stride_mask_a, stride_mask_k, key_rows,
+                       POSITIVES, HAS_SELF, EXCLUDE_POSITIVES, False, MASKED, ACC, SIGMOID, OWN)
     if SIGMOID:
         g_sum += tl.sum(g, axis=1)
     k_slice = _load_slice(slice_ptrs0 + tl.cast(start, tl.int64) * stride_km, col_mask, out_mask, MASKED, EVEN_DO)
@@ -657,7 +672,7 @@ def _symmetric_keys(
     slice_ptrs0 = k_ptr + tile_cols[:, None] * stride_km + stride_offsets(out, stride_kd)[None, :]
     schedule = _tile_schedule(first_row, BLOCK_M, self_offset, K, BLOCK_N, True)
     for phase in tl.static_range(_PHASES):
-        lo, hi = _phase_steps(phase, schedule)
+        lo, hi = _phase_steps(phase, schedule, K, BLOCK_N)
         for step in range(lo, hi):
             d_hat, radial = _symmetric_tile(
                 d_hat, radial, _phase_tile(phase, step, schedule) * BLOCK_N, a_ptrs, b_ptrs0, slice_ptrs0, stride_km,
@@ -712,15 +727,17 @@ def _block_anchor_kernel(
     d_hat = tl.zeros((BLOCK_M, BLOCK_DO), dtype=ACC)
     g_sum = tl.zeros((BLOCK_M,), dtype=ACC)
     coefficient_ptrs = (lse_ptr, alpha_ptr, beta_ptr, bias_ptr, pos_index_ptr)
+    anchors = (rows, row_mask, pos_rows, a_labels)
+    coefficients = (lse2, alpha, beta)
+    entries = (k_labels_ptr, mask_ptr, mask_rows, mask_cols, self_offset)
     schedule = _tile_schedule(first_row, BLOCK_M, self_offset, K, BLOCK_N, HAS_SELF)
     for phase in tl.static_range(_PHASES):
-        lo, hi = _phase_steps(phase, schedule)
+        lo, hi = _phase_steps(phase, schedule, K, BLOCK_N)
         for step in range(lo, hi):
             d_hat, g_sum = _anchor_tile(
                 d_hat, g_sum, _phase_tile(phase, step, schedule) * BLOCK_N, a_ptrs, b_ptrs0, slice_ptrs0, stride_km,
-                stride_kd, k_inv_ptr, rows, row_mask, row_scale, lse2, alpha, beta, pos_rows, a_labels, k_labels_ptr,
-                mask_ptr, stride_mask_a, stride_mask_k, mask_rows, mask_cols, self_offset, K, D, stride_ad, out,
-                out_mask, coefficient_ptrs, NORMALIZE, POSITIVES, HAS_SELF, EXCLUDE_POSITIVES, SIGMOID,
+                stride_kd, k_inv_ptr, anchors, row_scale, coefficients, entries, stride_mask_a, stride_mask_k, K, D,
+                stride_ad, out_mask, coefficient_ptrs, NORMALIZE, POSITIVES, HAS_SELF, EXCLUDE_POSITIVES, SIGMOID,
                 phase == _MASKED_PHASE, BLOCK_M, BLOCK_N, BLOCK_D, EVEN_D, EVEN_DO, SCALE_OPERAND, PRECISION, ACC,
                 PRESCALE, OWN)
     if POSITIVES == _INDEX:
@@ -767,9 +784,9 @@ def _key_tile(
     t = acc * (a_inv * _LOG2E)[:, None] * col_scale_tau[None, :]
     pos_rows, a_labels = _row_positives(pos_index_ptr, a_labels_ptr, rows, row_mask, POSITIVES)
     lse2, alpha, beta = _row_coefficients(lse_ptr, alpha_ptr, beta_ptr, bias_ptr, rows, row_mask, PRESCALE, SIGMOID)
-    g = _gradient_tile(t, rows, row_mask, cols, col_mask, lse2, alpha, beta, pos_rows, a_labels, k_labels_ptr,
-                       mask_ptr, stride_mask_a, stride_mask_k, mask_rows, mask_cols, self_offset, None, POSITIVES,
-                       HAS_SELF, EXCLUDE_POSITIVES, True, MASKED, ACC, SIGMOID)
+    g = _gradient_tile(t, (rows, row_mask, pos_rows, a_labels), cols, col_mask, (lse2, alpha, beta),
+                       (k_labels_ptr, mask_ptr, mask_rows, mask_cols, self_offset), stride_mask_a, stride_mask_k, None,
+                       POSITIVES, HAS_SELF, EXCLUDE_POSITIVES, True, MASKED, ACC, SIGMOID)
     a_slice = _load_slice(slice_ptrs0 + tl.cast(start, tl.int64) * stride_am, row_mask, out_mask, MASKED, EVEN_DO)
     if NORMALIZE:
         if SCALE_OPERAND:  # float16: â = a·r as the operand (see _anchor_tile)
@@ -811,7 +828,7 @@ def _block_key_kernel(
     # Anchor a is key a + self_offset: the anchors first_col − self_offset ... hold this block's self entries.
     schedule = _tile_schedule(first_col, BLOCK_N, -self_offset, A, BLOCK_M, HAS_SELF)
     for phase in tl.static_range(_PHASES):
-        lo, hi = _phase_steps(phase, schedule)
+        lo, hi = _phase_steps(phase, schedule, A, BLOCK_M)
         for step in range(lo, hi):
             d_hat = _key_tile(
                 d_hat, _phase_tile(phase, step, schedule) * BLOCK_M, cols, col_mask, b_ptrs, a_ptrs0, slice_ptrs0,
