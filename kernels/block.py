@@ -531,8 +531,9 @@ def _gradient_tile(
 
 @triton.jit
 def _key_side(
-    t, e_rows, anchors, cols, col_mask, entries, stride_mask_a, stride_mask_k, key_rows, POSITIVES: tl.constexpr, EXCLUDE_POSITIVES: tl.constexpr, MASKED: tl.constexpr,
-    ACC: tl.constexpr, SIGMOID: tl.constexpr,
+    t, e_rows, anchors, cols, col_mask, entries, stride_mask_a, stride_mask_k, key_rows,
+    POSITIVES: tl.constexpr, EXCLUDE_POSITIVES: tl.constexpr, MASKED: tl.constexpr, ACC: tl.constexpr,
+    SIGMOID: tl.constexpr,
 ):
     """G_ca·PRESCALE of an own block in the [rows, cols] orientation: alpha_c·exp(s_ac − lse_c) −
     beta_c·P_ca from the same tile t (the sigmoid's σ(s + b) is the rows' ``e_rows`` itself). P_ca: the

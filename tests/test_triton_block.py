@@ -288,9 +288,13 @@ N_OWN, D_OWN, SUB_OWN = 37, 19, 13
 
 def _own_layout(kind: str, self_offset, exclude: bool, sigmoid: bool, generator: torch.Generator) -> Layout:
     """A layout on N_OWN rows against themselves; the mask is soft and NOT symmetric (a 7 × 11 pattern)."""
-    extra = dict(self_offset=self_offset, exclude_positives=exclude, own_block=True,
-                 epilogue="sigmoid" if sigmoid else "softmax",
-                 bias=torch.tensor(-3.0) if sigmoid else None)
+    extra = dict(
+        self_offset=self_offset,
+        exclude_positives=exclude,
+        own_block=True,
+        epilogue="sigmoid" if sigmoid else "softmax",
+        bias=torch.tensor(-3.0) if sigmoid else None,
+    )
     if kind == "index":
         index = torch.randint(0, N_OWN, (N_OWN,), generator=generator)
         index[::6] = -1
@@ -352,7 +356,8 @@ OWN_CASES = [  # (kind, self_offset, exclude_positives, sigmoid)
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize(
-    "kind,self_offset,exclude,sigmoid", OWN_CASES,
+    "kind,self_offset,exclude,sigmoid",
+    OWN_CASES,
     ids=[f"{c[0]}-self{c[1]}-dcl{int(c[2])}-{'sigmoid' if c[3] else 'softmax'}" for c in OWN_CASES],
 )
 def test_own_block_is_the_rows_whole_gradient(kind, self_offset, exclude, sigmoid, dtype):
@@ -370,20 +375,29 @@ def test_own_block_is_the_rows_whole_gradient(kind, self_offset, exclude, sigmoi
     tau = torch.tensor(0.01, dtype=acc)
     inv = inverse_norms(z, SUB_OWN)
     regular = dataclasses.replace(layout, own_block=False)
-    lse = torch_block.block_forward(z.double(), inverse_norms(z.double(), SUB_OWN), z.double(),
-                                    inverse_norms(z.double(), SUB_OWN), tau.double(), SUB_OWN, regular)[0]
+    lse = torch_block.block_forward(
+        z.double(),
+        inverse_norms(z.double(), SUB_OWN),
+        z.double(),
+        inverse_norms(z.double(), SUB_OWN),
+        tau.double(),
+        SUB_OWN,
+        regular,
+    )[0]
     lse = lse + torch.rand(N_OWN, generator=generator, dtype=torch.float64) * 0.5
     alpha = torch.rand(N_OWN, generator=generator, dtype=torch.float64)
     beta = torch.rand(N_OWN, generator=generator, dtype=torch.float64)
     kernel_layout = layout if not sigmoid else dataclasses.replace(layout, bias=layout.bias.to(acc))
-    d_rows, none, gs = block.block_backward(z, inv, z, inv, tau, SUB_OWN, kernel_layout, lse.to(acc), alpha.to(acc),
-                                           beta.to(acc))
+    d_rows, none, gs = block.block_backward(
+        z, inv, z, inv, tau, SUB_OWN, kernel_layout, lse.to(acc), alpha.to(acc), beta.to(acc)
+    )
     assert none is None and d_rows.shape == (N_OWN, SUB_OWN) and d_rows.dtype == acc
     want, want_gs, want_g = _own_float64(z, tau.item(), layout, lse, alpha, beta)  # τ as the kernel reads it
     z64, inv64 = z.double(), inverse_norms(z.double(), SUB_OWN)
     bias64 = dict(bias=layout.bias.double()) if sigmoid else {}
-    d_a, d_k, regular_gs = torch_block.block_backward(z64, inv64, z64, inv64, tau.double(), SUB_OWN,
-                                                      dataclasses.replace(regular, **bias64), lse, alpha, beta)
+    d_a, d_k, regular_gs = torch_block.block_backward(
+        z64, inv64, z64, inv64, tau.double(), SUB_OWN, dataclasses.replace(regular, **bias64), lse, alpha, beta
+    )
     _close(d_a + d_k, want, 1e-10)  # the two references agree
     rtol = 1e-5 if dtype == torch.float32 else 2e-2
     _close(d_rows, want, rtol)
