@@ -1,9 +1,8 @@
 """The one place that decides which backend computes a loss, and looks up its implementation.
 
 A backend is a module exposing the block primitive ``block_forward`` / ``block_backward`` (docs/block-
-engine.md; the engine runs it in every distributed mode) and, for the local fast paths, each loss's
-``*_forward`` / ``*_backward`` pair (``fastcl/torch_backend/__init__.py``). Nothing else imports a
-backend module by name.
+engine.md; the engine runs it for every loss in every distributed mode) and, when its backward honours
+``Layout.own_block``, ``SUPPORTS_OWN_BLOCK = True``. Nothing else imports a backend module by name.
 """
 
 from __future__ import annotations
@@ -145,19 +144,15 @@ def resolve_block(backend: str, device: torch.device, dtype: torch.dtype | None 
         return concrete
     if explicit == "auto":
         return "torch"
-    raise RuntimeError(
-        f"backend={concrete!r} cannot run this loss as blocks (gather/ring mode or a block-only option): {reason}"
-    )
-
-
-@constant_for_compile
-def has_fused_losses(backend: str) -> bool:
-    """Whether ``backend`` ships the fused single-process losses (``ntxent_forward`` ...); a backend with only
-    the block primitive (``cuda``) runs every loss on the block engine."""
-    return hasattr(module(backend), "ntxent_forward")
+    raise RuntimeError(f"backend={concrete!r} cannot run the losses (the block engine needs its primitive): {reason}")
 
 
 def block_primitive(backend: str):
     """(block_forward, block_backward) of a backend that :func:`resolve_block` accepted."""
     impl = module(backend)
     return impl.block_forward, impl.block_backward
+
+
+def supports_own_block(backend: str) -> bool:
+    """Whether ``backend``'s block backward honours ``Layout.own_block`` (its module's ``SUPPORTS_OWN_BLOCK``)."""
+    return bool(getattr(module(backend), "SUPPORTS_OWN_BLOCK", False))

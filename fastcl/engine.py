@@ -39,7 +39,7 @@ from __future__ import annotations
 import functools
 import json
 from dataclasses import asdict, dataclass
-from typing import Optional
+from typing import Optional, Sequence, Union
 
 import torch
 import torch.distributed as dist
@@ -50,9 +50,6 @@ from fastcl import distributed as _distributed
 from fastcl.contract import Layout, accumulation_dtype, inverse_norms
 
 __all__ = ["Pass", "Plan", "block_loss"]
-
-ROW_LABELS = ("none", "given", "samples", "targets", "rows")
-REDUCTIONS = ("mean", "sum", "none")
 
 
 @dataclass(frozen=True)
@@ -129,70 +126,82 @@ def _layout(
     plan: Plan,
     p: Pass,
     own: bool,
-    local_sizes: list[int],
-    block_sizes: list[int],
-    anchor_labels: Optional[Tensor],
-    key_labels: Optional[Tensor],
+    anchor_part: int,
+    key_part: int,
+    n_anchors: int,
+    labels: tuple[Optional[Tensor], Optional[Tensor]],
     mask: Optional[Tensor],
     bias: Optional[Tensor],
+    own_block: bool,
     device: torch.device,
 ) -> Layout:
-    """The primitive's layout for pass ``p`` against one block (``own``: this rank's own rows)."""
-    a0, a1 = _rows_of(local_sizes, p.anchors)
-    k0, _ = _rows_of(block_sizes, p.keys)
+    """The primitive's layout for pass ``p`` on one part pair of one block: anchors from this rank's part
+    ``anchor_part`` (``n_anchors`` rows), keys from the block's part ``key_part`` (``own``: this rank's
+    own block). ``own_block``: the backend can return a part against itself as the rows' whole gradient."""
+    same_part = own and anchor_part == key_part
     common = dict(
         exclude_positives=plan.exclude_positives,
         epilogue=plan.epilogue,
         bias=bias,
-        self_offset=a0 - k0 if own and p.exclude_self else None,
+        self_offset=0 if same_part and p.exclude_self else None,
+        own_block=same_part and own_block,
     )
     if p.positives == "labels":
-        return Layout(positives="labels", a_labels=anchor_labels, k_labels=key_labels, **common)
+        return Layout(positives="labels", a_labels=labels[0], k_labels=labels[1], **common)
     if p.positives == "mask":
         return Layout(positives="mask", mask=mask, **common)
-    if own and p.positives == "pairs":
-        rows = sum(local_sizes)
-        index = (torch.arange(rows, device=device) + local_sizes[0]) % rows
-        return Layout(positives="index", pos_index=index, **common)
-    if own and p.positives == "diagonal":
-        return Layout(positives="index", pos_index=torch.arange(a1 - a0, device=device), **common)
+    # "pairs": row i of one part ↔ row i of the other; "diagonal": row i of the anchor part ↔ key i.
+    if own and ((p.positives == "pairs" and not same_part) or p.positives == "diagonal"):
+        return Layout(positives="index", pos_index=torch.arange(n_anchors, device=device), **common)
     return Layout(**common)
 
 
 @dataclass(frozen=True)
 class _Sweep:
-    """One pass against one block: the primitive's arguments and where its outputs go."""
+    """One pass on one part pair of one block: the primitive's arguments and where its outputs go."""
 
-    index: int
-    anchors: tuple[int, int]  # row span of the local rows
+    index: int  # the pass
+    anchor_part: int
+    key_part: int
+    anchors: tuple[int, int]  # row span of the local rows (the parts one after the other)
     keys: tuple[int, int]  # row span of the block's rows
     layout: Layout
 
 
 class _Run:
-    """What the forward and the backward share: the exchange, the rows' inverse norms, the layouts."""
+    """What the forward and the backward share: the exchange, the rows' inverse norms, the layouts.
 
-    def __init__(self, rows, labels, mask, tau, bias, plan: Plan, sizes: list[list[int]], normalize, mode, backend):
+    The rows stay the caller's parts (any strides, full width): the primitive reads each part's first
+    ``sub_dim`` features in place, so a pass over several parts runs one sweep per part pair. Only
+    gather/ring pack the prefixes once, into the buffer the exchange sends."""
+
+    def __init__(self, parts, labels, mask, tau, bias, plan: Plan, sizes, sub_dim, normalize, mode, backend):
         """``sizes``: every rank's part sizes (:func:`fastcl.distributed.rank_part_sizes`)."""
-        self.plan, self.normalize, self.tau, self.mask, self.backend = plan, normalize, tau, mask, backend
+        self.plan, self.tau, self.mask, self.backend, self.sub_dim = plan, tau, mask, backend, sub_dim
+        self.normalize = normalize
         self.bias = None if bias is None else bias.to(tau.dtype)
         self.forward_fn, self.backward_fn = dispatch.block_primitive(backend)
+        self.own_block = dispatch.supports_own_block(backend)
         self.sizes = sizes
         self.rank = 0 if mode == "local" else dist.get_rank()
         self.world = len(self.sizes)
-        self.row_labels = _row_labels(plan, labels, self.sizes, self.rank, rows.device)
-        self.rows = rows
-        self.exchange = _distributed.EXCHANGES[mode](rows, self.row_labels, [sum(s) for s in self.sizes])
-        self.inv = self._inv(rows)
+        device = parts[0].device
+        self.row_labels = _row_labels(plan, labels, self.sizes, self.rank, device)
+        self.parts = parts
+        self.part_inv = [self._inv(part) for part in parts]
+        # Own blocks are read from the parts; gather/ring send this rank's prefixes as one buffer.
+        packed = None if mode == "local" else torch.cat([part[:, :sub_dim] for part in parts])
+        self.exchange = _distributed.EXCHANGES[mode](packed, self.row_labels, [sum(s) for s in self.sizes])
         self.pair_weights = None if plan.pair_weight_sigma is None else self._pair_weights(mode)
+
+    def _unit(self, part: int) -> Tensor:
+        rows = self.parts[part][:, : self.sub_dim].to(self.tau.dtype)
+        return rows if self.part_inv[part] is None else rows * self.part_inv[part][:, None]
 
     def _pair_weights(self, mode: str) -> Tensor:
         """DCLW's w per row (pair i's weight on both of its rows), from the global batch of pairs."""
         n = self.sizes[self.rank][0]
-        unit = self.rows if self.inv is None else self.rows * self.inv[:, None]
-        logits = (unit[:n].to(self.tau.dtype) * unit[n : 2 * n].to(self.tau.dtype)).sum(
-            dim=1
-        ) / self.plan.pair_weight_sigma
+        logits = (self._unit(0) * self._unit(1)).sum(dim=1) / self.plan.pair_weight_sigma
         shift = logits.max() if n else logits.new_full((), float("-inf"))
         if mode != "local":
             dist.all_reduce(shift, op=dist.ReduceOp.MAX)
@@ -203,7 +212,7 @@ class _Run:
         return torch.cat([w, w])
 
     def _inv(self, rows: Tensor) -> Optional[Tensor]:
-        return inverse_norms(rows, rows.shape[1]) if self.normalize else None
+        return inverse_norms(rows, self.sub_dim) if self.normalize else None
 
     def positive_scale(self, start: int, stop: int):
         """The weight of the positive term of anchor rows start..stop (DCLW), else 1.0."""
@@ -213,49 +222,48 @@ class _Run:
         return [_rows_of(self.sizes[self.rank], p.anchors) for p in self.plan.passes]
 
     def blocks(self):
-        """(owner, block rows, their inverse norms, the sweeps of every pass), block by block."""
+        """(owner, the block's key parts, their inverse norms, the sweeps of every pass), block by block."""
         mine = self.sizes[self.rank]
         for owner, block_rows, block_labels in self.exchange.blocks():
             own = owner == self.rank
+            if own:
+                key_parts, key_inv = self.parts, self.part_inv
+            else:
+                key_parts = list(block_rows.split(self.sizes[owner]))
+                block_inv = self._inv(block_rows)
+                key_inv = [None] * len(key_parts) if block_inv is None else list(block_inv.split(self.sizes[owner]))
             sweeps = []
             for i, p in enumerate(self.plan.passes):
-                a0, a1 = _rows_of(mine, p.anchors)
-                k0, k1 = _rows_of(self.sizes[owner], p.keys)
-                layout = _layout(
-                    self.plan,
-                    p,
-                    own,
-                    mine,
-                    self.sizes[owner],
-                    None if self.row_labels is None else self.row_labels[a0:a1],
-                    None if block_labels is None else block_labels[k0:k1],
-                    self.mask,
-                    self.bias,
-                    self.rows.device,
-                )
-                sweeps.append(_Sweep(i, (a0, a1), (k0, k1), layout))
-            yield owner, block_rows, self.inv if own else self._inv(block_rows), sweeps
+                for anchor_part in range(*p.anchors):
+                    for key_part in range(*p.keys):
+                        a0, a1 = _rows_of(mine, (anchor_part, anchor_part + 1))
+                        k0, k1 = _rows_of(self.sizes[owner], (key_part, key_part + 1))
+                        labels = (
+                            None if self.row_labels is None else self.row_labels[a0:a1],
+                            None if block_labels is None else block_labels[k0:k1],
+                        )
+                        layout = _layout(
+                            self.plan, p, own, anchor_part, key_part, a1 - a0, labels, self.mask, self.bias,
+                            self.own_block, self.parts[0].device,
+                        )  # fmt: skip
+                        sweeps.append(_Sweep(i, anchor_part, key_part, (a0, a1), (k0, k1), layout))
+            yield owner, key_parts, key_inv, sweeps
 
-    def primitive(self, fn, sweep: _Sweep, block_rows: Tensor, block_inv: Optional[Tensor], *extra):
+    def primitive(self, fn, sweep: _Sweep, key_parts: list[Tensor], key_inv: list, *extra):
         """Runs the forward or backward primitive on one sweep; a layout the backend lacks is a RuntimeError."""
-        (a0, a1), (k0, k1) = sweep.anchors, sweep.keys
         try:
             return fn(
-                self.rows[a0:a1],
-                _slice(self.inv, a0, a1),
-                block_rows[k0:k1],
-                _slice(block_inv, k0, k1),
+                self.parts[sweep.anchor_part],
+                self.part_inv[sweep.anchor_part],
+                key_parts[sweep.key_part],
+                key_inv[sweep.key_part],
                 self.tau,
-                self.rows.shape[1],
+                self.sub_dim,
                 sweep.layout,
                 *extra,
             )
         except NotImplementedError as error:
             raise RuntimeError(f"backend={self.backend!r} cannot run this block: {error}") from error
-
-
-def _slice(x: Optional[Tensor], start: int, stop: int) -> Optional[Tensor]:
-    return None if x is None else x[start:stop]
 
 
 def _anchor_terms(
@@ -277,30 +285,45 @@ def _anchor_terms(
 
 
 def _forward(
-    rows, labels, mask, tau, bias, anchor_weight, plan_str, part_sizes, normalize, mode, backend, reduction, equal=False
+    parts,
+    labels,
+    mask,
+    tau,
+    bias,
+    anchor_weight,
+    plan_str,
+    part_sizes,
+    sub_dim,
+    normalize,
+    mode,
+    backend,
+    reduction,
+    equal=False,
 ):
     """The loss and what the backward needs; the last output holds every rank's part sizes on the host
     when they had to be exchanged (uneven batches), else it is empty."""
     plan = _decode(plan_str)
-    sizes, host_sizes = _distributed.rank_part_sizes(list(part_sizes), rows.device, mode, equal)
-    run = _Run(rows, labels, mask, tau, bias, plan, sizes, normalize, mode, backend)
+    like = parts[0]
+    sizes, host_sizes = _distributed.rank_part_sizes(list(part_sizes), like.device, mode, equal)
+    run = _Run(parts, labels, mask, tau, bias, plan, sizes, sub_dim, normalize, mode, backend)
     spans = run.anchor_spans()
     acc = tau.dtype
     merged = [
         [
-            rows.new_full((s1 - s0,), float("-inf") if plan.epilogue == "softmax" else 0.0, dtype=acc),
-            rows.new_zeros((s1 - s0,), dtype=acc),
-            rows.new_zeros((s1 - s0,), dtype=acc),
+            like.new_full((s1 - s0,), float("-inf") if plan.epilogue == "softmax" else 0.0, dtype=acc),
+            like.new_zeros((s1 - s0,), dtype=acc),
+            like.new_zeros((s1 - s0,), dtype=acc),
         ]
         for s0, s1 in spans
     ]
-    for _, block_rows, block_inv, sweeps in run.blocks():
+    for _, key_parts, key_inv, sweeps in run.blocks():
         for sweep in sweeps:
-            lse, pos_sum, pos_weight = run.primitive(run.forward_fn, sweep, block_rows, block_inv)
+            lse, pos_sum, pos_weight = run.primitive(run.forward_fn, sweep, key_parts, key_inv)
             m = merged[sweep.index]
-            m[0] = torch.logaddexp(m[0], lse) if plan.epilogue == "softmax" else m[0] + lse
-            m[1] += pos_sum
-            m[2] += pos_weight
+            at = slice(sweep.anchors[0] - spans[sweep.index][0], sweep.anchors[1] - spans[sweep.index][0])
+            m[0][at] = torch.logaddexp(m[0][at], lse) if plan.epilogue == "softmax" else m[0][at] + lse
+            m[1][at] += pos_sum
+            m[2][at] += pos_weight
     kappa = tau / plan.base_temperature if plan.base_temperature is not None else 1.0
     sums, counts, all_terms = [], [], []
     for p, (s0, s1), (lse, pos_sum, pos_weight) in zip(plan.passes, spans, merged):
@@ -334,7 +357,7 @@ def _pass_coefficients(plan: Plan, counts: Tensor, reduction: str) -> Tensor:
 def _backward(
     grad,
     grad_terms,
-    rows,
+    parts,
     labels,
     mask,
     tau,
@@ -347,6 +370,7 @@ def _backward(
     host_sizes,
     plan_str,
     part_sizes,
+    sub_dim,
     normalize,
     mode,
     backend,
@@ -355,7 +379,7 @@ def _backward(
 ):
     plan = _decode(plan_str)
     sizes = _distributed.saved_part_sizes(list(part_sizes), host_sizes, mode, equal)
-    run = _Run(rows, labels, mask, tau, bias, plan, sizes, normalize, mode, backend)
+    run = _Run(parts, labels, mask, tau, bias, plan, sizes, sub_dim, normalize, mode, backend)
     acc = tau.dtype
     # The upstream gradient of every ℓ_a (before κ): from L (times W, see the gradient contract) and from
     # the per-anchor output. d_weight_a = dL/dw_a.
@@ -385,25 +409,39 @@ def _backward(
         alphas.append(alpha)
         betas.append(beta)
         lses.append(lse)
-    d_rows = rows.new_zeros(rows.shape, dtype=acc)
-    gs = rows.new_zeros((2,), dtype=acc)  # Σ G·s and, for the sigmoid epilogue, Σ G
-    for owner, block_rows, block_inv, sweeps in run.blocks():
-        d_block = rows.new_zeros(block_rows.shape, dtype=acc)
+    like = parts[0]
+    d_parts = [like.new_zeros((part.shape[0], sub_dim), dtype=acc) for part in parts]
+    gs = like.new_zeros((2,), dtype=acc)  # Σ G·s and, for the sigmoid epilogue, Σ G
+    for owner, key_parts, key_inv, sweeps in run.blocks():
+        d_block = like.new_zeros((sum(sizes[owner]), sub_dim), dtype=acc)
         for sweep in sweeps:
             i = sweep.index
+            at = slice(sweep.anchors[0] - spans[i][0], sweep.anchors[1] - spans[i][0])
             d_a, d_k, block_gs = run.primitive(
-                run.backward_fn, sweep, block_rows, block_inv, lses[i], alphas[i], betas[i]
+                run.backward_fn, sweep, key_parts, key_inv, lses[i][at], alphas[i][at], betas[i][at]
             )
-            d_rows[sweep.anchors[0] : sweep.anchors[1]] += d_a
-            d_block[sweep.keys[0] : sweep.keys[1]] += d_k
+            d_parts[sweep.anchor_part] += d_a
+            if d_k is not None:  # None: an own block, whose d_a is the rows' whole gradient
+                d_block[sweep.keys[0] : sweep.keys[1]] += d_k
             gs[: block_gs.numel()] += block_gs.reshape(-1)
         run.exchange.push_key_grad(owner, d_block)
-    d_rows += run.exchange.collect_key_grad()
+    for d_part, key_grad in zip(d_parts, run.exchange.collect_key_grad().split(sizes[run.rank])):
+        d_part += key_grad
     d_tau = -gs[0] / tau
     if plan.base_temperature is not None:
         d_tau = d_tau + (upstream * terms_all).sum() / tau  # ℓ_a = (τ/τ_b)·F_a(S): the prefactor's share
     d_bias = gs[1] if plan.epilogue == "sigmoid" else torch.zeros_like(gs[1])
-    return d_rows.to(rows.dtype), d_tau, d_bias, d_weight
+    return [_full_width(d_part, part) for d_part, part in zip(d_parts, parts)], d_tau, d_bias, d_weight
+
+
+def _full_width(d_prefix: Tensor, part: Tensor) -> Tensor:
+    """A part's gradient, shaped and typed like the part: ``d_prefix`` on the first features, exactly zero
+    after them."""
+    if d_prefix.shape[1] == part.shape[1]:
+        return d_prefix.to(part.dtype)
+    grad = part.new_zeros(part.shape)
+    grad[:, : d_prefix.shape[1]] = d_prefix
+    return grad
 
 
 # --- the custom ops ---------------------------------------------------------------------------------------
@@ -411,7 +449,7 @@ def _backward(
 
 @torch.library.custom_op("fastcl::block_loss", mutates_args=())
 def _block_loss_op(
-    rows: Tensor,
+    parts: list[Tensor],
     labels: Optional[Tensor],
     mask: Optional[Tensor],
     tau: Tensor,
@@ -419,6 +457,7 @@ def _block_loss_op(
     anchor_weight: Optional[Tensor],
     plan: str,
     part_sizes: list[int],
+    sub_dim: int,
     normalize: bool,
     mode: str,
     backend: str,
@@ -427,9 +466,9 @@ def _block_loss_op(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Returns (loss, merged per-anchor statistic, pos_weight, counted anchors per pass, ℓ per anchor, every
     rank's part sizes on the host or an empty host tensor)."""
-    options = (plan, part_sizes, normalize, mode, backend, reduction, equal_batches)
-    with torch.autocast(rows.device.type, enabled=False):
-        return _forward(rows, labels, mask, tau, bias, anchor_weight, *options)
+    options = (plan, part_sizes, sub_dim, normalize, mode, backend, reduction, equal_batches)
+    with torch.autocast(parts[0].device.type, enabled=False):
+        return _forward(parts, labels, mask, tau, bias, anchor_weight, *options)
 
 
 def _anchor_count(plan: str, part_sizes: list[int]) -> int:
@@ -437,16 +476,17 @@ def _anchor_count(plan: str, part_sizes: list[int]) -> int:
 
 
 @_block_loss_op.register_fake
-def _(rows, labels, mask, tau, bias, anchor_weight, plan, part_sizes, normalize, mode, backend, reduction, equal):
+def _(parts, labels, mask, tau, bias, anchor_weight, plan, part_sizes, sub_dim, normalize, mode, backend, *rest):
     anchors = _anchor_count(plan, part_sizes)
     acc = tau.dtype
+    like = parts[0]
     return (
-        rows.new_empty((), dtype=acc),
-        rows.new_empty((anchors,), dtype=acc),
-        rows.new_empty((anchors,), dtype=acc),
-        rows.new_empty((len(_decode(plan).passes),), dtype=acc),
-        rows.new_empty((anchors,), dtype=acc),
-        _distributed.host_sizes_like(len(part_sizes), mode, equal),
+        like.new_empty((), dtype=acc),
+        like.new_empty((anchors,), dtype=acc),
+        like.new_empty((anchors,), dtype=acc),
+        like.new_empty((len(_decode(plan).passes),), dtype=acc),
+        like.new_empty((anchors,), dtype=acc),
+        _distributed.host_sizes_like(len(part_sizes), mode, rest[-1]),
     )
 
 
@@ -454,7 +494,7 @@ def _(rows, labels, mask, tau, bias, anchor_weight, plan, part_sizes, normalize,
 def _block_loss_backward_op(
     grad: Tensor,
     grad_terms: Optional[Tensor],
-    rows: Tensor,
+    parts: list[Tensor],
     labels: Optional[Tensor],
     mask: Optional[Tensor],
     tau: Tensor,
@@ -467,44 +507,62 @@ def _block_loss_backward_op(
     host_sizes: Tensor,
     plan: str,
     part_sizes: list[int],
+    sub_dim: int,
     normalize: bool,
     mode: str,
     backend: str,
     reduction: str,
     equal_batches: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Returns (d_rows, dL/dτ, dL/db, dL/dw per anchor or [0] without weights)."""
-    inputs = (grad, grad_terms, rows, labels, mask, tau, bias, anchor_weight, lse, pos_weight, counts, terms)
-    options = (plan, part_sizes, normalize, mode, backend, reduction, equal_batches)
-    with torch.autocast(rows.device.type, enabled=False):
+) -> tuple[list[Tensor], Tensor, Tensor, Tensor]:
+    """Returns (the parts' gradients, dL/dτ, dL/db, dL/dw per anchor or [0] without weights)."""
+    inputs = (grad, grad_terms, parts, labels, mask, tau, bias, anchor_weight, lse, pos_weight, counts, terms)
+    options = (plan, part_sizes, sub_dim, normalize, mode, backend, reduction, equal_batches)
+    with torch.autocast(parts[0].device.type, enabled=False):
         return _backward(*inputs, host_sizes, *options)
 
 
 @_block_loss_backward_op.register_fake
 def _(
-    grad, grad_terms, rows, labels, mask, tau, bias, anchor_weight, lse, pos_weight, counts, terms, host_sizes, *options
+    grad,
+    grad_terms,
+    parts,
+    labels,
+    mask,
+    tau,
+    bias,
+    anchor_weight,
+    lse,
+    pos_weight,
+    counts,
+    terms,
+    host_sizes,
+    *options,
 ):
     weights = terms.numel() if anchor_weight is not None else 0
-    return torch.empty_like(rows), tau.new_empty(()), tau.new_empty(()), terms.new_empty((weights,))
+    d_parts = [torch.empty_like(part) for part in parts]
+    return d_parts, tau.new_empty(()), tau.new_empty(()), terms.new_empty((weights,))
 
 
 def _setup(ctx, inputs, output):
     ctx.set_materialize_grads(False)  # the auxiliary outputs never get a gradient: no zero tensors for them
-    rows, labels, mask, tau, bias, anchor_weight, *options = inputs
+    parts, labels, mask, tau, bias, anchor_weight, *options = inputs
     ctx.options = tuple(options)
-    ctx.save_for_backward(rows, labels, mask, tau, bias, anchor_weight, *output[1:])
+    ctx.n_parts = len(parts)
+    ctx.save_for_backward(*parts, labels, mask, tau, bias, anchor_weight, *output[1:])
 
 
 def _op_backward(ctx, grad_loss, _grad_lse, _grad_pos_weight, _grad_counts, grad_terms, _grad_host_sizes):
     if grad_loss is None and grad_terms is None:  # only auxiliary outputs got a gradient: all zero
-        return (None,) * len(ctx.needs_input_grad)
-    rows, labels, mask, tau, bias, anchor_weight, lse, pos_weight, counts, terms, host_sizes = ctx.saved_tensors
+        return ([None] * ctx.n_parts, *(None,) * (len(ctx.needs_input_grad) - 1))
+    saved = ctx.saved_tensors
+    parts = list(saved[: ctx.n_parts])
+    labels, mask, tau, bias, anchor_weight, lse, pos_weight, counts, terms, host_sizes = saved[ctx.n_parts :]
     if grad_loss is None:  # reduction "none": only the per-anchor losses are used
         grad_loss = tau.new_zeros(())
-    d_rows, d_tau, d_bias, d_weight = _block_loss_backward_op(
+    d_parts, d_tau, d_bias, d_weight = _block_loss_backward_op(
         grad_loss,
         grad_terms,
-        rows,
+        parts,
         labels,
         mask,
         tau,
@@ -518,12 +576,13 @@ def _op_backward(ctx, grad_loss, _grad_lse, _grad_pos_weight, _grad_counts, grad
         *ctx.options,
     )
     return (
-        d_rows,
+        d_parts,
         None,
         None,
         d_tau.to(tau.dtype) if ctx.needs_input_grad[3] else None,
         d_bias.to(bias.dtype) if bias is not None and ctx.needs_input_grad[4] else None,
         d_weight if anchor_weight is not None and ctx.needs_input_grad[5] else None,
+        None,
         None,
         None,
         None,
@@ -538,11 +597,12 @@ torch.library.register_autograd("fastcl::block_loss", _op_backward, setup_contex
 
 
 def block_loss(
-    rows: Tensor,
+    rows: Union[Tensor, Sequence[Tensor]],
     plan: Plan | str,
     part_sizes: list[int],
     tau: Tensor,
     *,
+    sub_dim: Optional[int] = None,
     labels: Optional[Tensor] = None,
     mask: Optional[Tensor] = None,
     bias: Optional[Tensor] = None,
@@ -552,16 +612,19 @@ def block_loss(
     backend: str = "torch",
     reduction: str = "mean",
 ) -> Tensor:
-    """The loss of ``plan`` over ``rows`` (this rank's parts, stacked), its anchors against every block.
+    """The loss of ``plan`` over this rank's parts, its anchors against every block.
 
     Args:
-        rows: [R, D'] this rank's rows, the parts of ``part_sizes`` one after the other; every feature
-            is used (slice ``sub_dim`` before).
+        rows: this rank's parts, a sequence of [part_sizes[i], D] tensors (any strides: z1 and z2, or
+            SupCon's views ``features[:, v]``), or one [R, D] tensor holding them one after the other.
+            Nothing is copied: the primitive reads the first ``sub_dim`` features of each part in place.
         plan: the loss's passes, a :class:`Plan` or its :meth:`Plan.encode` string (what a function
             traced by torch.compile passes: build it in a ``torch.compiler.assume_constant_result``
             function).
         part_sizes: rows per part on this rank.
         tau: 0-dim temperature in the accumulation dtype.
+        sub_dim: the number of leading features the loss uses (None: all D); the gradient is exactly
+            zero after them.
         labels: per-sample labels (``plan.labels`` "given") or per-anchor global key indices ("targets").
         mask: [N, N] floating positive weights (passes with positives="mask"; single process).
         bias: 0-dim logit bias of the sigmoid epilogue.
@@ -577,19 +640,20 @@ def block_loss(
         rank's per-anchor ℓ_a (the passes' anchors in order, 0 for anchors without a positive).
 
     Example:
-        >>> z = torch.randn(6, 4)
+        >>> z1, z2 = torch.randn(3, 4), torch.randn(3, 4)
         >>> plan = Plan(passes=(Pass((0, 2), (0, 2), "pairs", exclude_self=True),))
-        >>> float(block_loss(z, plan, [3, 3], torch.tensor(0.5))) > 0
+        >>> float(block_loss([z1, z2], plan, [3, 3], torch.tensor(0.5), sub_dim=2)) > 0
         True
     """
-    acc = accumulation_dtype(rows.dtype)
+    parts = list(rows.split(list(part_sizes))) if isinstance(rows, Tensor) else list(rows)
+    acc = accumulation_dtype(parts[0].dtype)
     if bias is not None:
         bias = bias.to(acc)
     if anchor_weight is not None:
         anchor_weight = anchor_weight.to(acc)
     encoded = plan.encode() if isinstance(plan, Plan) else plan
     outputs = _block_loss_op(
-        rows,
+        parts,
         labels,
         mask,
         tau.to(acc),
@@ -597,6 +661,7 @@ def block_loss(
         anchor_weight,
         encoded,
         list(part_sizes),
+        parts[0].shape[1] if sub_dim is None else sub_dim,
         normalize,
         mode,
         backend,

@@ -3,7 +3,7 @@
 Options every loss takes:
 
 * ``sub_dim``: use only the first ``sub_dim`` features of each row (DirectCLR); the gradient on the rest
-  of the row is exactly zero. The fused backends read the prefix through strides.
+  of the row is exactly zero. Every backend reads the prefix through strides: nothing copies it.
 * ``normalize``: L2-normalize the rows inside the loss, ẑ = z / max(‖z[:sub_dim]‖, 1e-12).
 * ``backend``: "auto" (Triton for CUDA tensors, the chunked PyTorch backend otherwise; ``FASTCL_BACKEND``
   overrides it), "torch", "triton" or "cuda". A backend that cannot run here raises ``RuntimeError``.
@@ -17,10 +17,9 @@ Options every loss takes:
   (docs/spec.md, "Non-finite input"): NaN/Inf propagate to the loss and its gradients, as AMP's
   ``GradScaler`` needs to skip the step, and nothing syncs the host.
 
-Which code runs (docs/block-engine.md): a single-process call the fused local fast paths cover runs
-:mod:`fastcl.ops`; gather/ring mode and the options only the block engine has (soft masks,
-``positives_missing="zero"``, explicit InfoNCE targets or more keys than queries) run
-:func:`fastcl.engine.block_loss` on the backend's block primitive.
+Which code runs (docs/block-engine.md): every loss, in every mode, is :func:`fastcl.engine.block_loss`
+on the backend's block primitive, given the user's tensors as its parts (z1 and z2, q and k, SupCon's
+views ``features[:, v]``).
 """
 
 from __future__ import annotations
@@ -28,16 +27,17 @@ from __future__ import annotations
 import math
 import numbers
 import warnings
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fastcl import _validate, dispatch, ops
+from fastcl import _validate, dispatch
 from fastcl import distributed as _distributed
-from fastcl.contract import NORM_EPS, accumulation_dtype
 from fastcl._validate import Temperature
+from fastcl.contract import NORM_EPS, accumulation_dtype
 from fastcl.engine import Pass, Plan, block_loss
 
 __all__ = ["nt_xent", "info_nce", "supcon", "dcl", "siglip"]
@@ -64,15 +64,33 @@ def _checking(check_finite: bool) -> bool:
     return check_finite and not torch.compiler.is_compiling()
 
 
-def _route(backend: str, like: Tensor, on_engine: bool, loss: str) -> tuple[str, bool]:
-    """(the concrete backend, whether the loss runs on the block engine). Block-only options, the
-    distributed modes and a backend that ships only the block primitive (cuda) take the engine; the
-    rest take the backend's fused single-process path. ``like`` and ``loss`` name "auto"'s self-check case."""
-    if not on_engine:
-        concrete = dispatch.resolve(backend, like.device, like.dtype, loss)
-        if dispatch.has_fused_losses(concrete):
-            return concrete, False
-    return dispatch.resolve_block(backend, like.device, like.dtype, loss), True
+@dataclass(frozen=True)
+class _Call:
+    """A validated call: what a loss hands the engine, decided once."""
+
+    backend: str  # the concrete backend (resolved once per call)
+    mode: str  # "local", "gather" or "ring"
+    sub_dim: int  # D', the leading features the loss reads
+    tau: Tensor  # 0-dim temperature in the accumulation dtype
+
+    def engine_options(self, **extra) -> dict:
+        return dict(sub_dim=self.sub_dim, mode=self.mode, backend=self.backend, **extra)
+
+
+def _settle_call(
+    loss: str, named: dict, temperature, *, sub_dim: int, mode: str, backend: str, check_finite, name="temperature"
+) -> _Call:
+    """The checks every loss ends with (the temperature, called ``name``; NaN/Inf when ``check_finite``), the
+    backend resolved to a concrete one (``loss`` and the first tensor name "auto"'s self-check case) and
+    τ as a tensor."""
+    like = next(iter(named.values()))
+    concrete = dispatch.resolve_block(backend, like.device, like.dtype, loss)
+    checking = _checking(check_finite)
+    _validate.temperature(name, temperature, like.device, checking)
+    if checking:
+        for name, t in named.items():
+            _validate.finite(name, t)
+    return _Call(concrete, mode, sub_dim, _temperature_tensor(temperature, like, checking))
 
 
 def _check_queue(queue, q: Tensor, n_q: int, n_k: int, symmetric: bool, targets, distributed: str) -> None:
@@ -110,11 +128,8 @@ def _check_flags(normalize, check_finite) -> None:
     _validate.flag("check_finite", check_finite)
 
 
-def _check_reduction(reduction: str, weight: Optional[Tensor]) -> bool:
-    """Validates ``reduction``; True when it or ``weight`` asks for the block engine (the fused local
-    paths compute the unweighted mean only)."""
+def _check_reduction(reduction: str) -> None:
     _validate.choice("reduction", reduction, REDUCTIONS)
-    return reduction != "mean" or weight is not None
 
 
 def _anchor_weight(weight: Optional[Tensor], grid: tuple[int, ...], transposed: bool, device) -> Optional[Tensor]:
@@ -130,12 +145,18 @@ def _anchor_weight(weight: Optional[Tensor], grid: tuple[int, ...], transposed: 
     return weight.expand(grid).reshape(-1)
 
 
-def _engine_loss(rows, plan, part_sizes, tau, grid, weight, reduction, *, transposed=False, **options) -> Tensor:
-    """block_loss with ``reduction`` and ``weight``; "none" gives w_a·ℓ_a in the user's per-anchor shape."""
-    w = _anchor_weight(weight, grid, transposed, rows.device)
+def _part_sizes(parts: list[Tensor]) -> list[int]:
+    return [part.shape[0] for part in parts]
+
+
+def _engine_loss(parts, plan, tau, grid, weight, reduction, *, transposed=False, **options) -> Tensor:
+    """block_loss of the user's tensors ``parts`` with ``reduction`` and ``weight``; "none" gives w_a·ℓ_a in
+    the user's per-anchor shape."""
+    w = _anchor_weight(weight, grid, transposed, parts[0].device)
+    sizes = _part_sizes(parts)
     if reduction != "none":
-        return block_loss(rows, plan, part_sizes, tau, anchor_weight=w, reduction=reduction, **options)
-    terms = block_loss(rows, plan, part_sizes, tau, reduction="none", **options)
+        return block_loss(parts, plan, sizes, tau, anchor_weight=w, reduction=reduction, **options)
+    terms = block_loss(parts, plan, sizes, tau, reduction="none", **options)
     if w is not None:
         terms = terms * w.to(terms.dtype)
     terms = terms.view(grid)
@@ -180,7 +201,7 @@ def _positive_logits(a: Tensor, b: Tensor, tau: Tensor, normalize: bool) -> Tens
     return (a * b).sum(dim=1) / tau
 
 
-def _hard_negative_loss(rows, plan, part_sizes, tau, grid, positive, negatives, beta, tau_plus, weight, **options):
+def _hard_negative_loss(parts, plan, tau, grid, positive, negatives, beta, tau_plus, weight, **options):
     """Per-anchor loss of the hard-negative estimators (docs/spec.md, "Hard negatives"), reduced.
 
     ``plan`` leaves self and the positive out of the denominator, so the engine's per-anchor output at
@@ -188,7 +209,7 @@ def _hard_negative_loss(rows, plan, part_sizes, tau, grid, positive, negatives, 
     reduction = options.pop("reduction")
 
     def log_sum_neg(scale: float) -> Tensor:  # log Σ_{j neg} exp(scale·s_ij)
-        terms = block_loss(rows, plan, part_sizes, tau / scale, reduction="none", mode="local", **options)
+        terms = block_loss(parts, plan, _part_sizes(parts), tau / scale, reduction="none", **options)
         return terms + scale * positive
 
     beta, tau_plus = float(beta or 0.0), float(tau_plus or 0.0)
@@ -202,31 +223,21 @@ def _hard_negative_loss(rows, plan, part_sizes, tau, grid, positive, negatives, 
     estimate = (torch.exp(log_reweighted - shift) - tau_plus * negatives * torch.exp(positive - shift)) / (1 - tau_plus)
     estimate = torch.clamp(estimate, min=negatives * torch.exp(-1.0 / tau.detach() - shift))
     terms = shift + torch.log(torch.exp(positive - shift) + estimate) - positive
-    w = _anchor_weight(weight, grid, False, rows.device)
+    w = _anchor_weight(weight, grid, False, parts[0].device)
     return _reduce(terms, w, reduction).view(grid) if reduction == "none" else _reduce(terms, w, reduction)
 
 
-def _queue_loss(q, k, queue, tau, d, normalize, batch_negatives, reduction, weight, backend) -> Tensor:
+def _queue_loss(q, k, queue, call: _Call, normalize, batch_negatives, reduction, weight) -> Tensor:
     """One-directional InfoNCE of q against key k_i and the queue's rows (MoCo), on the block engine."""
-    n = q.shape[0]
-    rows = torch.cat([q[:, :d], k[:, :d], queue[:, :d].to(q.dtype)])
-    sizes = [n, n, queue.shape[0]]
-    options = dict(normalize=normalize, mode="local", backend=backend)
+    n, d, tau = q.shape[0], call.sub_dim, call.tau
+    parts = [q, k, queue.to(q.dtype)]
+    options = call.engine_options(normalize=normalize)
     if batch_negatives:
-        return _engine_loss(rows, _queue_plan(True), sizes, tau, (n,), weight, reduction, **options)
-    lse_queue = block_loss(rows, _queue_plan(False), sizes, tau, reduction="none", **options)
+        return _engine_loss(parts, _queue_plan(True), tau, (n,), weight, reduction, **options)
+    lse_queue = block_loss(parts, _queue_plan(False), _part_sizes(parts), tau, reduction="none", **options)
     positive = _positive_logits(q[:, :d], k[:, :d], tau, normalize)
     terms = torch.logaddexp(positive, lse_queue) - positive
     return _reduce(terms, _anchor_weight(weight, (n,), False, q.device), reduction)
-
-
-def _finish_checks(names, tensors, temperature, check_finite, device, like):
-    checking = _checking(check_finite)
-    _validate.temperature("temperature", temperature, device, checking)
-    if checking:
-        for name, t in zip(names, tensors):
-            _validate.finite(name, t)
-    return _temperature_tensor(temperature, like, checking)
 
 
 # The plans are built outside the traced graph (torch.compile sees their encoded strings as constants).
@@ -331,23 +342,21 @@ def nt_xent(
     """
     d = _check_two_views(("z1", "z2"), z1, z2, sub_dim)
     _check_flags(normalize, check_finite)
-    weighted = _check_reduction(reduction, weight)
+    _check_reduction(reduction)
     mode = _distributed.resolve_mode(distributed)
     n = z1.shape[0]
     hard = _check_hard_negatives(beta, tau_plus, mode, 2 * n - 2)
-    backend, on_engine = _route(backend, z1, mode != "local" or weighted or hard, "nt_xent")
-    tau = _finish_checks(("z1", "z2"), (z1, z2), temperature, check_finite, z1.device, z1)
-    if not on_engine:
-        return ops.ntxent(z1, z2, tau, d, normalize, backend)[0]
-    rows = torch.cat([z1[:, :d], z2[:, :d]])
+    call = _settle_call(
+        "nt_xent", {"z1": z1, "z2": z2}, temperature, sub_dim=d, mode=mode, backend=backend, check_finite=check_finite
+    )
+    options = call.engine_options(normalize=normalize)
     if hard:
-        positive = _positive_logits(z1[:, :d], z2[:, :d], tau, normalize).repeat(2)
+        positive = _positive_logits(z1[:, :d], z2[:, :d], call.tau, normalize).repeat(2)
         return _hard_negative_loss(
-            rows, _dcl_plan(None), [n, n], tau, (2, n), positive, 2 * n - 2, beta, tau_plus, weight,
-            reduction=reduction, normalize=normalize, backend=backend,
+            [z1, z2], _dcl_plan(None), call.tau, (2, n), positive, 2 * n - 2, beta, tau_plus, weight,
+            reduction=reduction, **options,
         )  # fmt: skip
-    options = dict(normalize=normalize, mode=mode, backend=backend)
-    return _engine_loss(rows, _nt_xent_plan(), [n, n], tau, (2, n), weight, reduction, **options)
+    return _engine_loss([z1, z2], _nt_xent_plan(), call.tau, (2, n), weight, reduction, **options)
 
 
 def info_nce(
@@ -430,34 +439,29 @@ def info_nce(
         raise ValueError(
             f"k: query i's positive is key i, so Nk >= Nq is needed; got Nq = {n_q}, Nk = {n_k} (or pass targets)"
         )
-    weighted = _check_reduction(reduction, weight)
+    _check_reduction(reduction)
     mode = "local" if queue is not None else _distributed.resolve_mode(distributed)
     hard = _check_hard_negatives(beta, tau_plus, mode, n_q - 1)
     if hard and (targets is not None or queue is not None or n_q != n_k):
         raise ValueError(
             "beta, tau_plus: the estimators need one positive key per query (Nq = Nk), no targets or queue"
         )
-    on_engine = mode != "local" or targets is not None or n_q != n_k or weighted or queue is not None or hard
-    backend, on_engine = _route(backend, q, on_engine, "info_nce")
-    tau = _finish_checks(("q", "k"), (q, k), temperature, check_finite, q.device, q)
+    named = {"q": q, "k": k} if queue is None else {"q": q, "k": k, "queue": queue}
+    call = _settle_call(
+        "info_nce", named, temperature, sub_dim=d, mode=mode, backend=backend, check_finite=check_finite
+    )
+    grid = (2, n_q) if symmetric else (n_q,)
     if hard:
-        rows, positive = torch.cat([q[:, :d], k[:, :d]]), _positive_logits(q[:, :d], k[:, :d], tau, normalize)
-        grid = (2, n_q) if symmetric else (n_q,)
+        positive = _positive_logits(q[:, :d], k[:, :d], call.tau, normalize)
         return _hard_negative_loss(
-            rows, _info_nce_plan(False, symmetric, True), [n_q, n_k], tau, grid, positive.repeat(len(grid)),
-            n_q - 1, beta, tau_plus, weight, reduction=reduction, normalize=normalize, backend=backend,
+            [q, k], _info_nce_plan(False, symmetric, True), call.tau, grid, positive.repeat(len(grid)),
+            n_q - 1, beta, tau_plus, weight, reduction=reduction, **call.engine_options(normalize=normalize),
         )  # fmt: skip
     if queue is not None:
-        if _checking(check_finite):
-            _validate.finite("queue", queue)
-        return _queue_loss(q, k, queue.detach(), tau, d, normalize, batch_negatives, reduction, weight, backend)
-    if not on_engine:
-        return ops.infonce(q, k, tau, d, normalize, symmetric, backend)[0]
-    rows = torch.cat([q[:, :d], k[:, :d]])
+        return _queue_loss(q, k, queue.detach(), call, normalize, batch_negatives, reduction, weight)
     plan = _info_nce_plan(targets is not None, symmetric)
-    grid = (2, n_q) if symmetric else (n_q,)
-    options = dict(labels=targets, normalize=normalize, mode=mode, backend=backend)
-    return _engine_loss(rows, plan, [n_q, n_k], tau, grid, weight, reduction, **options)
+    options = call.engine_options(labels=targets, normalize=normalize)
+    return _engine_loss([q, k], plan, call.tau, grid, weight, reduction, **options)
 
 
 def supcon(
@@ -539,30 +543,24 @@ def supcon(
             f"only supported with distributed='local' (got distributed={mode!r}); pass global class ids "
             f"as labels instead, or distributed='local'"
         )
-    soft_mask = mask is not None and mask.is_floating_point()
-    weighted = _check_reduction(reduction, weight)
-    on_engine = mode != "local" or soft_mask or positives_missing == "zero" or weighted
-    backend, on_engine = _route(backend, features, on_engine, "supcon")
-    tau = _finish_checks(("features",), (features,), temperature, check_finite, features.device, features)
+    _check_reduction(reduction)
+    call = _settle_call(
+        "supcon", {"features": features}, temperature, sub_dim=d, mode=mode, backend=backend,
+        check_finite=check_finite,
+    )  # fmt: skip
     # Reading labels / the mask is free on the CPU; on a device only when check_finite asked for reads.
     readable = features.device.type == "cpu" or (check_finite and features.device.type != "meta")
     if mode == "local" and readable and not torch.compiler.is_compiling():
         _warn_if_no_positive(n, views, labels, mask)
-    n_anchors = n if contrast_mode == "one" else views * n
-    if not on_engine:
-        if labels is None and mask is None:
-            labels = torch.arange(n, device=features.device)
-        if mask is not None:
-            mask = mask != 0
-        return ops.supcon(features, labels, mask, tau, float(base_temperature), n_anchors, d, normalize, backend)[0]
-    rows = features[:, :, :d].transpose(0, 1).reshape(views * n, d)
-    if mask is not None:
-        mask = mask.to(accumulation_dtype(features.dtype))
+    if mask is not None:  # a bool or integer mask is a set (nonzero = positive); a floating one, weights
+        mask = (mask if mask.is_floating_point() else mask != 0).to(accumulation_dtype(features.dtype))
     given = "mask" if mask is not None else "labels" if labels is not None else "none"
     plan = _supcon_plan(views, contrast_mode, given, float(base_temperature), positives_missing)
     grid = (n,) if contrast_mode == "one" else (views, n)
-    options = dict(labels=labels, mask=mask, normalize=normalize, mode=mode, backend=backend)
-    out = _engine_loss(rows, plan, [n] * views, tau, grid, weight, reduction, transposed=len(grid) == 2, **options)
+    # The rows are view-major: part v is features[:, v] (a strided view of the user's tensor).
+    parts = list(features.unbind(1))
+    options = call.engine_options(labels=labels, mask=mask, normalize=normalize)
+    out = _engine_loss(parts, plan, call.tau, grid, weight, reduction, transposed=len(grid) == 2, **options)
     return out.squeeze(1) if one_view and reduction == "none" and out.dim() == 2 else out
 
 
@@ -639,13 +637,12 @@ def dcl(
         raise ValueError(
             f"z1: DCL needs N >= 2 rows per view (its denominators hold the other samples), got shape {tuple(z1.shape)}"
         )
-    _check_reduction(reduction, weight)
-    backend, _ = _route(backend, z1, True, "dcl")
-    tau = _finish_checks(("z1", "z2"), (z1, z2), temperature, check_finite, z1.device, z1)
-    n = z1.shape[0]
-    rows = torch.cat([z1[:, :d], z2[:, :d]])
-    options = dict(normalize=normalize, mode=mode, backend=backend)
-    return _engine_loss(rows, _dcl_plan(weight_sigma), [n, n], tau, (2, n), weight, reduction, **options)
+    _check_reduction(reduction)
+    call = _settle_call(
+        "dcl", {"z1": z1, "z2": z2}, temperature, sub_dim=d, mode=mode, backend=backend, check_finite=check_finite
+    )
+    options = call.engine_options(normalize=normalize)
+    return _engine_loss([z1, z2], _dcl_plan(weight_sigma), call.tau, (2, z1.shape[0]), weight, reduction, **options)
 
 
 def siglip(
@@ -693,17 +690,10 @@ def siglip(
     """
     d = _check_two_views(("x", "y"), x, y, sub_dim)
     _check_flags(normalize, check_finite)
-    _check_reduction(reduction, weight)
+    _check_reduction(reduction)
     mode = _distributed.resolve_mode(distributed)
-    backend, _ = _route(backend, x, True, "siglip")
-    checking = _checking(check_finite)
     if logit_scale is not None and temperature is not None:
         raise ValueError("logit_scale, temperature: give at most one of them (temperature = 1 / logit_scale), got both")
-    if temperature is not None:
-        _validate.temperature("temperature", temperature, x.device, checking)
-    else:
-        logit_scale = 10.0 if logit_scale is None else logit_scale
-        _validate.temperature("logit_scale", logit_scale, x.device, checking)
     if isinstance(logit_bias, Tensor):
         if logit_bias.dim() != 0 or not logit_bias.is_floating_point():
             raise ValueError(
@@ -712,15 +702,13 @@ def siglip(
             )
     elif isinstance(logit_bias, bool) or not isinstance(logit_bias, numbers.Real):
         raise TypeError(f"logit_bias: expected a float or a 0-dim tensor, got {type(logit_bias).__name__}")
-    if checking:
-        for name, t in (("x", x), ("y", y)):
-            _validate.finite(name, t)
     if temperature is not None:
-        tau = _temperature_tensor(temperature, x, checking)
+        name, value = "temperature", temperature
     else:
-        tau = 1.0 / _temperature_tensor(logit_scale, x, checking)
-    bias = _temperature_tensor(logit_bias, x, True)
-    rows = torch.cat([x[:, :d], y[:, :d]])
-    n = x.shape[0]
-    options = dict(bias=bias, normalize=normalize, mode=mode, backend=backend)
-    return _engine_loss(rows, _siglip_plan(), [n, n], tau, (n,), weight, reduction, **options)
+        name, value = "logit_scale", 10.0 if logit_scale is None else logit_scale
+    call = _settle_call(
+        "siglip", {"x": x, "y": y}, value, sub_dim=d, mode=mode, backend=backend, check_finite=check_finite, name=name
+    )
+    tau = call.tau if temperature is not None else 1.0 / call.tau  # τ = 1/t
+    options = call.engine_options(bias=_temperature_tensor(logit_bias, x, True), normalize=normalize)
+    return _engine_loss([x, y], _siglip_plan(), tau, (x.shape[0],), weight, reduction, **options)

@@ -1,41 +1,28 @@
 """Triton kernels, installed as ``fastcl.kernels`` (the ``triton`` backend of :mod:`fastcl.dispatch`).
 
-Each loss's file holds its kernels, host launchers and backward; this package re-exports the backend
-contract (``<loss>_forward`` / ``<loss>_backward``, see ``fastcl/torch_backend/__init__.py``) and the block
-primitive (``block_forward`` / ``block_backward``, docs/block-engine.md) lazily, so
-that importing it does not import triton.
+One loss-kernel family: ``block.py`` holds the block primitive (``block_forward`` / ``block_backward``,
+docs/block-engine.md) that the engine runs for every loss in every mode; this package re-exports it (and
+``SUPPORTS_OWN_BLOCK``, once ``block.py`` defines it) lazily, so that importing it does not import triton.
 """
+
 import importlib
 
-_EXPORTS = {
-    "ntxent_forward": "ntxent",
-    "ntxent_backward": "ntxent",
-    "infonce_forward": "infonce",
-    "infonce_backward": "infonce",
-    "supcon_forward": "supcon",
-    "supcon_backward": "supcon",
-    "block_forward": "block",
-    "block_backward": "block",
-}
+_EXPORTS = {"block_forward": "block", "block_backward": "block", "SUPPORTS_OWN_BLOCK": "block"}
 
 
 def compile_specs(dtype, precision: str, sub_dim: int, layout: str = "contiguous") -> list:
     """Every shipped tile kernel as ``kernels._common.CompileSpec`` rows, for the compile-only report
     (``fastcl.profiler.compile_report``): rows of ``dtype`` in ``layout`` (``_common.LAYOUTS``), dots in
     ``precision``, width ``sub_dim``."""
-    specs = []
-    for module in ("ntxent", "supcon", "infonce", "block"):
-        specs += importlib.import_module(f"{__name__}.{module}").compile_specs(dtype, precision, sub_dim,
-                                                                               layout=layout)
-    return specs
+    return importlib.import_module(f"{__name__}.block").compile_specs(dtype, precision, sub_dim, layout=layout)
 
 
 def auxiliary_specs(dtype, sub_dim: int, layout: str = "contiguous") -> list:
-    """The kernels outside the tile tables (the inverse-norm pre-pass, row epilogues, InfoNCE's finish, the
-    augmentation kernels) as ``CompileSpec`` rows of kind ``"launch"`` (compiled with their launch's own
-    block sizes and 4 warps), for the address check (``compile_only.address_check``)."""
+    """The kernels outside the tile tables (the inverse-norm pre-pass, row epilogues, the augmentation
+    kernels) as ``CompileSpec`` rows of kind ``"launch"`` (compiled with their launch's own block sizes
+    and 4 warps), for the address check (``compile_only.address_check``)."""
     specs = []
-    for module in ("_common", "infonce", "block", "augment"):
+    for module in ("_common", "block", "augment"):
         specs += importlib.import_module(f"{__name__}.{module}").auxiliary_specs(dtype, sub_dim, layout=layout)
     return specs
 

@@ -99,13 +99,13 @@ def test_every_backend_name_resolves_or_explains():
 
 
 def test_block_engine_honours_an_explicit_backend_without_the_primitive(monkeypatch):
-    """gather/ring and block-only options need block_forward/block_backward: a backend whose module lacks
-    them is a RuntimeError that says so; "auto" falls back to torch."""
+    """Every loss needs block_forward/block_backward: a backend whose module lacks them is a RuntimeError
+    that says so; "auto" falls back to torch."""
     monkeypatch.setattr(
         dispatch, "block_primitive_error", lambda backend: None if backend == "torch" else "no primitive"
     )
     monkeypatch.setattr(dispatch, "unavailable_reason", lambda backend, device=None: None)
-    with pytest.raises(RuntimeError, match="backend='triton' cannot run this loss as blocks.*no primitive"):
+    with pytest.raises(RuntimeError, match="backend='triton' cannot run the losses.*no primitive"):
         dispatch.resolve_block("triton", torch.device("cpu"))
     assert dispatch.resolve_block("auto", torch.device("cuda")) == "torch"
 
@@ -116,42 +116,53 @@ def test_block_primitives_are_found_through_dispatch():
     assert dispatch.block_primitive_error("torch") is None
 
 
-def test_block_only_options_run_the_chosen_backend(monkeypatch):
-    """A single-process call with a block-only option (soft mask) runs the block primitive of the backend."""
+@pytest.mark.parametrize("loss", ["nt_xent", "info_nce", "supcon"])
+def test_every_single_process_loss_runs_the_chosen_backends_block_primitive(monkeypatch, loss):
+    """One route: a local call runs the block primitive, one sweep per part pair of each pass (NT-Xent and
+    SupCon with 2 views: 2 × 2; symmetric InfoNCE: its two directions)."""
     calls = []
     forward = fastcl.torch_backend.block_forward
     monkeypatch.setattr(fastcl.torch_backend, "block_forward", lambda *args: calls.append(1) or forward(*args))
-    features = torch.randn(5, 2, 4)
-    fastcl.functional.supcon(features, mask=torch.rand(5, 5), backend="torch")
-    assert calls == [1]
-
-
-@pytest.mark.parametrize("loss", ["nt_xent", "info_nce", "supcon"])
-def test_a_backend_with_only_the_block_primitive_runs_single_process_losses_on_the_engine(monkeypatch, loss):
-    # The cuda backend ships only block_forward / block_backward; stand the torch backend in for it.
-    import fastcl.torch_backend as torch_backend
-
-    calls = []
-    real_forward = torch_backend.block_forward
-
-    def counting_forward(*args, **kwargs):
-        calls.append(1)
-        return real_forward(*args, **kwargs)
-
     g = torch.Generator().manual_seed(3)
     if loss == "supcon":
-        args = (torch.randn(5, 2, 7, generator=g, dtype=torch.float64), torch.tensor([0, 1, 0, 2, 1]))
+        args = (torch.randn(5, 2, 7, generator=g), torch.tensor([0, 1, 0, 2, 1]))
     else:
-        args = (
-            torch.randn(5, 7, generator=g, dtype=torch.float64),
-            torch.randn(5, 7, generator=g, dtype=torch.float64),
-        )
-    fused = getattr(fastcl.functional, loss)(*args, backend="torch")
-    monkeypatch.setattr(dispatch, "has_fused_losses", lambda backend: False)
-    monkeypatch.setattr(torch_backend, "block_forward", counting_forward)
-    on_engine = getattr(fastcl.functional, loss)(*args, backend="torch")
-    assert calls, "the block primitive did not run"
-    torch.testing.assert_close(on_engine, fused, rtol=1e-12, atol=1e-12)
+        args = (torch.randn(5, 7, generator=g), torch.randn(5, 7, generator=g))
+    getattr(fastcl.functional, loss)(*args, backend="torch")
+    assert len(calls) == {"nt_xent": 4, "info_nce": 2, "supcon": 4}[loss]
+
+
+@pytest.mark.parametrize("loss", ["nt_xent", "info_nce", "supcon", "dcl"])
+def test_a_backend_without_own_blocks_gets_the_same_gradients(monkeypatch, loss):
+    """A backend without SUPPORTS_OWN_BLOCK (the engine then takes d_a and d_k of the own block apart)
+    gives the values and gradients of one with it (the own block's whole gradient as d_a), and the engine
+    asks for own blocks only where the backend has them."""
+    g = torch.Generator().manual_seed(5)
+    if loss == "supcon":
+        inputs = [torch.randn(6, 3, 9, generator=g, dtype=torch.float64, requires_grad=True)]
+        extra = (torch.tensor([0, 1, 0, 2, 1, 2]),)
+    else:
+        inputs = [torch.randn(6, 9, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(2)]
+        extra = ()
+    tau = torch.tensor(0.05, dtype=torch.float64, requires_grad=True)
+    layouts = []
+    backward = fastcl.torch_backend.block_backward
+
+    def recording_backward(*args):
+        layouts.append(args[6])
+        return backward(*args)
+
+    monkeypatch.setattr(fastcl.torch_backend, "block_backward", recording_backward)
+    results = {}
+    for supported in (True, False):
+        monkeypatch.setattr(fastcl.torch_backend, "SUPPORTS_OWN_BLOCK", supported)
+        layouts.clear()
+        value = getattr(fastcl.functional, loss)(*inputs, *extra, temperature=tau, sub_dim=7, backend="torch")
+        results[supported] = [value, *torch.autograd.grad(value, [*inputs, tau])]
+        own = [layout.own_block for layout in layouts]
+        assert any(own) == (supported and loss != "info_nce")  # InfoNCE's passes have no part against itself
+    for with_own, without in zip(results[True], results[False]):
+        torch.testing.assert_close(with_own, without, rtol=1e-12, atol=1e-12)
 
 
 def test_dispatch_decisions_are_constants_for_torch_compile_without_importing_dynamo():
@@ -160,7 +171,7 @@ def test_dispatch_decisions_are_constants_for_torch_compile_without_importing_dy
 
     code = (
         "import sys, fastcl; "
-        "print('torch._dynamo' in sys.modules, fastcl.dispatch.has_fused_losses._dynamo_marked_constant)"
+        "print('torch._dynamo' in sys.modules, fastcl.dispatch.block_primitive_error._dynamo_marked_constant)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out == ["False", "True"]

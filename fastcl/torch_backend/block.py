@@ -23,7 +23,9 @@ from torch import Tensor
 from fastcl.contract import NORM_EPS, Layout, accumulation_dtype
 from fastcl.torch_backend._tiles import blocks
 
-__all__ = ["block_forward", "block_backward"]
+__all__ = ["block_forward", "block_backward", "SUPPORTS_OWN_BLOCK"]
+
+SUPPORTS_OWN_BLOCK = True  # block_backward honours Layout.own_block (one tile per chunk, d_k None)
 
 
 def _unit_rows(x: Tensor, inv: Optional[Tensor], sub_dim: int) -> Tensor:
@@ -32,45 +34,45 @@ def _unit_rows(x: Tensor, inv: Optional[Tensor], sub_dim: int) -> Tensor:
     return rows if inv is None else rows * inv[:, None]
 
 
-def _positive_weights(layout: Layout, start: int, stop: int, n_keys: int, like: Tensor) -> Optional[Tensor]:
-    """P for anchors start..stop against all keys (self entry cleared), or None when the block has none."""
+def _positive_weights(layout: Layout, anchors: slice, keys: slice, like: Tensor) -> Optional[Tensor]:
+    """P for the ``anchors`` × ``keys`` entries of the block (self entry cleared), or None when it has none."""
     device = like.device
     if layout.positives == "none":
         return None
+    a_rows = torch.arange(anchors.start, anchors.stop, device=device)
+    k_rows = torch.arange(keys.start, keys.stop, device=device)
     if layout.positives == "index":
-        p = layout.pos_index[start:stop, None] == torch.arange(n_keys, device=device)[None, :]
+        p = layout.pos_index[anchors, None] == k_rows[None, :]
     elif layout.positives == "labels":
-        p = layout.a_labels[start:stop, None] == layout.k_labels[None, :]
+        p = layout.a_labels[anchors, None] == layout.k_labels[None, keys]
     else:
         na, nk = layout.mask.shape
-        rows = torch.arange(start, stop, device=device) % na
-        cols = torch.arange(n_keys, device=device) % nk
-        p = layout.mask[rows][:, cols]
+        p = layout.mask[a_rows % na][:, k_rows % nk]
     p = p.to(like.dtype)
     if layout.self_offset is not None:
-        p.diagonal(offset=start + layout.self_offset).zero_()
+        p.diagonal(offset=anchors.start + layout.self_offset - keys.start).zero_()
     return p
 
 
-def _excluded(
-    layout: Layout, start: int, stop: int, n_keys: int, p: Optional[Tensor], like: Tensor
-) -> Optional[Tensor]:
+def _excluded(layout: Layout, anchors: slice, keys: slice, p: Optional[Tensor], like: Tensor) -> Optional[Tensor]:
     """Entries left out of the denominator: the self entry, and the positives when ``exclude_positives``."""
     excluded = None
     if layout.exclude_positives and p is not None:
         excluded = p != 0
     if layout.self_offset is not None:
         if excluded is None:
-            excluded = torch.zeros(stop - start, n_keys, dtype=torch.bool, device=like.device)
-        excluded.diagonal(offset=start + layout.self_offset).fill_(True)
+            shape = (anchors.stop - anchors.start, keys.stop - keys.start)
+            excluded = torch.zeros(shape, dtype=torch.bool, device=like.device)
+        excluded.diagonal(offset=anchors.start + layout.self_offset - keys.start).fill_(True)
     return excluded
 
 
 def _tile(layout, a_hat, k_hat, tau, start, stop):
-    """Logits, positive weights and exclusions of one anchor chunk."""
+    """Logits, positive weights and exclusions of anchors start..stop against every key."""
     s = (a_hat[start:stop] / tau) @ k_hat.T
-    p = _positive_weights(layout, start, stop, k_hat.shape[0], s)
-    return s, p, _excluded(layout, start, stop, k_hat.shape[0], p, s)
+    anchors, keys = slice(start, stop), slice(0, k_hat.shape[0])
+    p = _positive_weights(layout, anchors, keys, s)
+    return s, p, _excluded(layout, anchors, keys, p, s)
 
 
 def _bias(layout: Layout, like: Tensor) -> Tensor:
@@ -118,6 +120,16 @@ def _raw_gradient(d_hat: Tensor, hat: Tensor, inv: Optional[Tensor]) -> Tensor:
     return (d_hat - hat * radial[:, None]) * inv[:, None]
 
 
+def _gradient_tile(layout, s, p, excluded, bias, finite_lse, alpha, beta) -> Tensor:
+    """G of one tile from its logits: alpha·exp(s − lse) (sigmoid: alpha·σ(s + b)), 0 on excluded entries,
+    minus beta·P. ``finite_lse``, ``alpha``, ``beta`` broadcast over the tile's anchor axis."""
+    g = torch.sigmoid(s + bias) if layout.epilogue == "sigmoid" else torch.exp(s - finite_lse)
+    if excluded is not None:
+        g = g.masked_fill(excluded, 0.0)
+    g = g * alpha
+    return g if p is None else g - beta * p
+
+
 def block_backward(
     a: Tensor,
     a_inv: Optional[Tensor],
@@ -129,11 +141,15 @@ def block_backward(
     lse: Tensor,
     alpha: Tensor,
     beta: Tensor,
-) -> tuple[Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Optional[Tensor], Tensor]:
     """Gradients of one block given the global per-anchor statistics.
 
     With G_ac = alpha_a·exp(s_ac − lse_a) − beta_a·P_ac (sigmoid epilogue: alpha_a·σ(s_ac + b) − beta_a·P_ac;
     0 on excluded entries' first term and on the self entry), dâ = G k̂/τ and dk̂ = Gᵀ â/τ.
+
+    ``layout.own_block`` (the keys are the anchors): one recomputed tile of anchors r against all rows c
+    gives both G_rc (the anchor side) and, since s_cr = s_rc, G_cr (the key side, read with the
+    statistics of row c), so each chunk owns its rows' whole gradient: 3 GEMM-units instead of 4.
 
     Args:
         a, a_inv, k, k_inv, tau, sub_dim, layout: as :func:`block_forward`.
@@ -141,32 +157,37 @@ def block_backward(
         alpha, beta: [A] per-anchor coefficients (accumulation dtype).
 
     Returns:
-        (d_a [A, sub_dim], d_k [K, sub_dim], gs): gradients with respect to the raw rows' prefix in the
-        accumulation dtype, and gs = Σ G·s (0-dim; the sigmoid epilogue returns [Σ G·s, Σ G]).
+        (d_a [A, sub_dim], d_k [K, sub_dim] or None for an own block, gs): gradients with respect to the
+        raw rows' prefix in the accumulation dtype (an own block's d_a is the rows' whole gradient), and
+        gs = Σ G·s (0-dim; the sigmoid epilogue returns [Σ G·s, Σ G]).
     """
     a_hat, k_hat = _unit_rows(a, a_inv, sub_dim), _unit_rows(k, k_inv, sub_dim)
     n_anchors = a_hat.shape[0]
-    d_a_hat, d_k_hat = torch.empty_like(a_hat), torch.zeros_like(k_hat)
+    d_a_hat = torch.empty_like(a_hat)
+    d_k_hat = None if layout.own_block else torch.zeros_like(k_hat)
     gs = a_hat.new_zeros(2 if layout.epilogue == "sigmoid" else 1)
     bias = _bias(layout, a_hat)
     # An anchor that the block leaves nothing has lse = −inf; its excluded entries must give exp(−inf) = 0.
     finite_lse = torch.where(torch.isneginf(lse), 0.0, lse)
+    every = slice(0, n_anchors)
     for start, stop in blocks(n_anchors, k_hat.shape[0]):
         s, p, excluded = _tile(layout, a_hat, k_hat, tau, start, stop)
-        if layout.epilogue == "sigmoid":
-            g = torch.sigmoid(s + bias)
-        else:
-            g = torch.exp(s - finite_lse[start:stop, None])
-        if excluded is not None:
-            g = g.masked_fill(excluded, 0.0)
-        g = g * alpha[start:stop, None]
-        if p is not None:
-            g = g - beta[start:stop, None] * p
-        d_a_hat[start:stop] = g @ k_hat / tau
-        d_k_hat += g.T @ a_hat[start:stop] / tau
+        rows = slice(start, stop)
+        g = _gradient_tile(layout, s, p, excluded, bias, finite_lse[rows, None], alpha[rows, None], beta[rows, None])
         gs[0] += (g * s).sum()
         if layout.epilogue == "sigmoid":
             gs[1] += g.sum()
+        if layout.own_block:
+            # G_cr for every row c (as anchor) and the chunk's rows r (as keys), laid out [r, c].
+            p_t = _positive_weights(layout, every, rows, s)
+            excluded_t = _excluded(layout, every, rows, p_t, s)
+            g = g + _gradient_tile(
+                layout, s, None if p_t is None else p_t.T, None if excluded_t is None else excluded_t.T,
+                bias, finite_lse[None, :], alpha[None, :], beta[None, :],
+            )  # fmt: skip
+        else:
+            d_k_hat += g.T @ a_hat[rows] / tau
+        d_a_hat[rows] = g @ k_hat / tau
     d_a = _raw_gradient(d_a_hat, a_hat, a_inv)
-    d_k = _raw_gradient(d_k_hat, k_hat, k_inv)
+    d_k = None if layout.own_block else _raw_gradient(d_k_hat, k_hat, k_inv)
     return d_a, d_k, gs if layout.epilogue == "sigmoid" else gs[0]
