@@ -3,7 +3,8 @@
 - The address check (``fastcl.kernels.compile_only.address_check``, a def-use walk over the TTIR) passes on
   every shipped Triton kernel in every input layout and flags deliberately 32-bit variants.
 - The largest sizes the docs promise (M = 4 Mi rows at D' = 128; 1 Mi rows at D' = 4096, column-major):
-  every launch the fused ops make for them goes through kernels the check proves 64-bit.
+  every launch the block primitive (every loss's kernel) makes for them goes through kernels the check
+  proves 64-bit.
 - The kernels themselves read and write rows past 2³¹ elements: the Triton kernels through the interpreter
   (which wraps int32 arithmetic as the GPU does) and the CUDA kernels' host build, on sparse buffers (pages
   nothing writes are never allocated), matching the same rows packed densely.
@@ -74,13 +75,11 @@ def test_address_check_passes_on_every_shipped_kernel_and_layout():
         verdicts = sum(pool.map(shipped_verdicts, *zip(*cases)), [])
     names = {name for name, _, _ in verdicts}
     assert {
-        "ntxent_backward",
-        "supcon_mask_forward",
-        "infonce_dk",
+        "block_index_forward",
+        "block_labels_anchor",
+        "block_mask_forward",
         "block_sigmoid_key",
-        "inverse_norms_views",
         "block_normalization_backward",
-        "infonce_finish",
         "augment_view",
     } <= names
     assert len(verdicts) == 2 * 3 * len(names)
@@ -183,15 +182,12 @@ def test_address_check_follows_loop_carried_offsets():
 # --- the sizes the docs promise -------------------------------------------------------------------------
 
 # (loss, rows M, D', column-major): docs/kernels.md, "Addressing".
+# Every loss runs the block primitive: index positives (NT-Xent, InfoNCE, DCL, SigLIP) and labels (SupCon).
 PROMISED = [
-    ("ntxent", 4 * 2**20, 128, False),
-    ("ntxent", 2**20, 4096, True),
-    ("supcon", 4 * 2**20, 128, False),
-    ("supcon", 2**20, 4096, True),
-    ("infonce", 4 * 2**20, 128, False),
-    ("infonce", 2**20, 4096, True),
-    ("block", 4 * 2**20, 128, False),
-    ("block", 2**20, 4096, True),
+    ("index", 4 * 2**20, 128, False),
+    ("index", 2**20, 4096, True),
+    ("labels", 4 * 2**20, 128, False),
+    ("labels", 2**20, 4096, True),
 ]
 
 
@@ -203,31 +199,20 @@ def _meta_rows(shape: tuple, dtype: torch.dtype, column_major: bool) -> torch.Te
     return torch.empty(shape, dtype=dtype, device="meta")
 
 
-def _call_ops(loss: str, m: int, d: int, column_major: bool) -> None:
-    """Forward and backward of ``loss``'s fused ops on meta tensors of M rows (launches are recorded)."""
-    from fastcl.kernels import block, infonce, ntxent, supcon
+def _call_ops(positives: str, m: int, d: int, column_major: bool) -> None:
+    """Forward and backward of the block primitive on meta tensors of M anchor and key rows, with ``positives``
+    ("index" or "labels"), as the engine calls it on an own block (launches are recorded)."""
+    from fastcl.kernels import block
 
     dtype, acc = torch.bfloat16, torch.float32
-    tau, grad = torch.tensor(0.1, device="meta"), torch.tensor(1.0, device="meta")
-    if loss == "ntxent":
-        z1, z2 = (_meta_rows((m // 2, d), dtype, column_major) for _ in range(2))
-        _, lse, inv = ntxent.ntxent_forward(z1, z2, tau, d, True)
-        ntxent.ntxent_backward._init_fn(grad, z1, z2, tau, d, True, lse, inv)
-    elif loss == "supcon":
-        features = _meta_rows((m // 2, 2, d), dtype, column_major)
-        labels = torch.empty(m // 2, dtype=torch.int64, device="meta")
-        _, lse, counts, classes, inv = supcon.supcon_forward(features, labels, None, tau, 0.1, m, d, True)
-        supcon.supcon_backward._init_fn(grad, features, labels, None, tau, 0.1, m, d, True, lse, counts, classes, inv)
-    elif loss == "infonce":
-        q, k = (_meta_rows((m, d), dtype, column_major) for _ in range(2))
-        _, lse_rows, lse_cols, inv_q, inv_k = infonce.infonce_forward(q, k, tau, d, True, True)
-        infonce.infonce_backward._init_fn(grad, q, k, tau, d, True, True, lse_rows, lse_cols, inv_q, inv_k)
-    else:
-        a, k = (_meta_rows((m, d), dtype, column_major) for _ in range(2))
-        inv = torch.empty(m, dtype=acc, device="meta")
-        layout = Layout(positives="index", self_offset=0, pos_index=torch.empty(m, dtype=torch.int64, device="meta"))
-        lse, _, _ = block.block_forward(a, inv, k, inv, tau, d, layout)
-        block.block_backward(a, inv, k, inv, tau, d, layout, lse, lse, lse)
+    tau = torch.tensor(0.1, device="meta")
+    a, k = (_meta_rows((m, d), dtype, column_major) for _ in range(2))
+    inv = torch.empty(m, dtype=acc, device="meta")
+    ids = torch.empty(m, dtype=torch.int64, device="meta")
+    fields = dict(pos_index=ids) if positives == "index" else dict(a_labels=ids, k_labels=ids)
+    layout = Layout(positives=positives, self_offset=0, **fields)
+    lse, _, _ = block.block_forward(a, inv, k, inv, tau, d, layout)
+    block.block_backward(a, inv, k, inv, tau, d, layout, lse, lse, lse)
 
 
 def promised_launch_verdicts() -> dict[str, list[tuple[str, str]]]:
@@ -269,9 +254,9 @@ def _launch_verdict(m: int, kernel, args: tuple, kwargs: dict) -> tuple[str, str
 
 
 def test_promised_sizes_launch_only_64_bit_kernels():
-    """NT-Xent, SupCon (labels), InfoNCE and the block primitive at M·D' = 2²⁹ (row-major) and 2³²
-    (column-major) elements: the fused ops' every launch (pre-pass, forward, backward, epilogues), compiled
-    for the real strides, passes the address check."""
+    """The block primitive (index and label positives: every loss's blocks) at M·D' = 2²⁹ (row-major) and
+    2³² (column-major) elements: its every launch (forward, both backward kernels, epilogues), compiled for
+    the real strides, passes the address check."""
     verdicts = in_compiler_process(promised_launch_verdicts)
     assert len(verdicts) == len(PROMISED)
     for case, launches in verdicts.items():
@@ -321,26 +306,25 @@ def interpreted(triton_device):
 
 
 def test_interpreted_triton_kernels_address_rows_past_2_31(interpreted):
-    """NT-Xent, SupCon (labels), InfoNCE and the block primitive (index and label positives) forward and
-    backward on column-major and wide-row inputs whose last elements lie past 2³¹, bf16, sub_dim < D: the
-    results of densely packed copies. The interpreter wraps int32 products like the GPU, so a 32-bit
-    offset reads the wrong element or faults."""
-    from fastcl.kernels import block, infonce, ntxent, supcon
+    """The block primitive (index and label positives) and, through the engine (which hands the primitive
+    the user's tensors as they are), NT-Xent, InfoNCE and SupCon (labels), forward and backward on
+    column-major and wide-row inputs whose last elements lie past 2³¹, bf16, sub_dim < D: the results of
+    densely packed copies. The interpreter wraps int32 products like the GPU, so a 32-bit offset reads
+    the wrong element or faults."""
+    from fastcl import functional
+    from fastcl.kernels import block
 
     generator = torch.Generator().manual_seed(0)
     n, d, sub_dim = 24, 20, 19
-    tau, grad = torch.tensor(0.1), torch.tensor(1.0)
+    tau = torch.tensor(0.1)
     x, y = (torch.randn(n, d, generator=generator).to(torch.bfloat16) for _ in range(2))
     far_x, far_y = far_layouts(x)[0], far_layouts(y)[1]
     assert far_x.stride(1) * (d - 1) >= LIMIT and far_y.stride(0) * (n - 1) >= LIMIT
 
-    def ntxent_run(z1, z2):
-        loss, lse, inv = ntxent.ntxent_forward(z1, z2, tau, sub_dim, True)
-        return (loss, lse, *ntxent.ntxent_backward(grad, z1, z2, tau, sub_dim, True, lse, inv))
-
-    def infonce_run(q, k):
-        loss, *saved = infonce.infonce_forward(q, k, tau, sub_dim, True, True)
-        return (loss, *saved, *infonce.infonce_backward(grad, q, k, tau, sub_dim, True, True, *saved))
+    def loss_run(loss, *inputs, **options):
+        leaves = [t.detach().requires_grad_() for t in inputs]
+        value = getattr(functional, loss)(*leaves, temperature=0.1, sub_dim=sub_dim, backend="triton", **options)
+        return (value, *torch.autograd.grad(value, leaves))
 
     def block_run(a, k, positives):
         fields = (
@@ -354,21 +338,19 @@ def test_interpreted_triton_kernels_address_rows_past_2_31(interpreted):
         coefficients = (stats[0], torch.full((n,), 0.5), torch.full((n,), 0.25))
         return (*stats, *block.block_backward(a, a_inv, k, k_inv, tau, sub_dim, layout, *coefficients))
 
-    for run in (ntxent_run, infonce_run, lambda a, k: block_run(a, k, "index"), lambda a, k: block_run(a, k, "labels")):
+    runs = (
+        lambda a, k: loss_run("nt_xent", a, k),
+        lambda a, k: loss_run("info_nce", a, k),
+        lambda a, k: block_run(a, k, "index"),
+        lambda a, k: block_run(a, k, "labels"),
+    )
+    for run in runs:
         assert_same_results(run(far_x, far_y), run(x, y))
 
     features = torch.randn(n, 2, d, generator=generator).to(torch.bfloat16)
     labels = torch.arange(n) % 7
     for far in far_layouts(features):
-
-        def supcon_run(f):
-            loss, lse, counts, classes, inv = supcon.supcon_forward(f, labels, None, tau, 0.1, 2 * n, sub_dim, True)
-            backward = supcon.supcon_backward(
-                grad, f, labels, None, tau, 0.1, 2 * n, sub_dim, True, lse, counts, classes, inv
-            )
-            return (loss, lse, *backward)
-
-        assert_same_results(supcon_run(far), supcon_run(features))
+        assert_same_results(loss_run("supcon", far, labels), loss_run("supcon", features, labels))
 
 
 def test_emulated_cuda_kernels_address_rows_past_2_31():
@@ -420,20 +402,21 @@ def test_ntxent_addresses_past_2_31_match_torch_backend_on_gpu():
 @pytest.mark.gpu
 def test_ntxent_forward_at_m_times_d_past_2_31_on_gpu():
     """The docs' promise at full size: M = 1 Mi rows (2 × 2¹⁹), D' = 4096, z1 column-major, bf16 (M·D' = 2³²):
-    the fused forward's per-row log-sum-exp of the last 64 rows of each view (their addresses past 2³¹)
+    the per-anchor losses ℓ = lse − s_pos of the last 64 rows of each view (their addresses past 2³¹)
     against float32 torch on the same rows. Those rows' positives are copies of them (s = 1/τ = 20), so their
     lse (≈ 20) stands far from any other row's (≈ log M ≈ 14): rows read from a wrapped address would miss."""
-    from fastcl.kernels import ntxent
+    import fastcl.functional
 
     n, d, tau = 2**19, 4096, 0.05
     generator = torch.Generator(device="cuda").manual_seed(0)
     z1 = torch.randn(d, n, device="cuda", generator=generator, dtype=torch.bfloat16).T
     z2 = torch.randn(n, d, device="cuda", generator=generator, dtype=torch.bfloat16)
     z2[n - 64 :] = z1[n - 64 :]
-    _, lse, _ = ntxent.ntxent_forward(z1, z2, torch.tensor(tau, device="cuda"), d, True)
+    terms = fastcl.functional.nt_xent(z1, z2, tau, backend="triton", reduction="none").reshape(-1)
     rows = torch.cat([torch.arange(n - 64, n), torch.arange(2 * n - 64, 2 * n)]).cuda()
     stacked = lambda index: torch.where(index[:, None] < n, z1[index % n], z2[index % n])  # noqa: E731
     anchors = torch.nn.functional.normalize(stacked(rows).float(), dim=1)
+    positives = torch.nn.functional.normalize(stacked((rows + n) % (2 * n)).float(), dim=1)
     sums = torch.zeros(len(rows), device="cuda")
     chunk = 65536
     for start in range(0, 2 * n, chunk):
@@ -441,6 +424,7 @@ def test_ntxent_forward_at_m_times_d_past_2_31_on_gpu():
         s = anchors @ torch.nn.functional.normalize(stacked(columns).float(), dim=1).T / tau
         s[rows[:, None] == columns[None, :]] = float("-inf")
         sums += torch.exp(s - 1 / tau).sum(1)  # s ≤ 1/τ: no overflow
-    expected = torch.log(sums) + 1 / tau
-    assert (expected > 19).all()
-    assert torch.allclose(lse[rows], expected, rtol=0, atol=1e-3), (lse[rows] - expected).abs().max()
+    lse = torch.log(sums) + 1 / tau
+    assert (lse > 19).all()
+    expected = lse - (anchors * positives).sum(1) / tau
+    assert torch.allclose(terms[rows], expected, rtol=0, atol=1e-3), (terms[rows] - expected).abs().max()

@@ -11,6 +11,7 @@ Triton runs through TRITON_INTERPRET=1 as soon as ``fastcl.kernels`` exposes the
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import FrozenInstanceError, dataclass, field, replace
 from typing import Optional
 
@@ -179,7 +180,7 @@ def reference(case: Case, a, k, fields, alpha, beta, dtype=torch.float64):
     return (stat.detach(), pos_sum.detach(), pos_weight.detach()), (a64.grad[:, :d], k64.grad[:, :d], gs)
 
 
-def run_primitive(backend: str, case: Case, a, k, fields, alpha, beta, dtype: torch.dtype, device):
+def run_primitive(backend: str, case: Case, a, k, fields, alpha, beta, dtype: torch.dtype, device, own_block=False):
     forward, backward = dispatch.block_primitive(backend)
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     a, k = a.to(device=device, dtype=dtype), k.to(device=device, dtype=dtype)
@@ -187,7 +188,7 @@ def run_primitive(backend: str, case: Case, a, k, fields, alpha, beta, dtype: to
     a_inv = inverse_norms(a, d) if case.normalize else None
     k_inv = inverse_norms(k, d) if case.normalize else None
     tau = torch.tensor(case.tau, dtype=acc, device=device)
-    layout = _layout(case, {n: t.to(device) for n, t in fields.items()}, dtype, acc)
+    layout = replace(_layout(case, {n: t.to(device) for n, t in fields.items()}, dtype, acc), own_block=own_block)
     stats = forward(a, a_inv, k, k_inv, tau, d, layout)
     grads = backward(a, a_inv, k, k_inv, tau, d, layout, stats[0], alpha.to(device, acc), beta.to(device, acc))
     return stats, grads
@@ -222,6 +223,38 @@ def test_primitive_matches_float64(backend, case, dtype, request):
         # 16-bit: within rtol, or no worse than naive PyTorch in that dtype plus 1e-2 (the project's bar).
         tolerance = rtol if naive is None else max(rtol, relative_error(naive[i].detach(), want, floor) + 1e-2)
         assert error <= tolerance, (name, error, tolerance)
+
+
+# Own blocks (Layout.own_block: the keys are the anchors): every square case whose self entry, if any, is
+# the diagonal, and a few more at τ = 0.01, with sub_dim and SupCon's labels.
+OWN_CASES = [c for c in CASES if c.a_rows == c.k_rows and c.self_offset in (0, None) and c.a_rows > 1] + [
+    Case("own-labels-tau001", 11, 11, 7, sub_dim=5, tau=0.01, positives="labels", self_offset=0),
+    Case("own-mask-subdim", 9, 9, 6, sub_dim=4, tau=0.05, positives="mask", self_offset=0),
+    Case("own-strided-none", 7, 7, 17, sub_dim=13, self_offset=0, strided=True, tau=0.01),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", OWN_CASES, ids=[c.name for c in OWN_CASES])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+@pytest.mark.parametrize("chunk", [None, 4], ids=["one-chunk", "chunks-of-4"])
+def test_own_block_returns_the_rows_whole_gradient(backend, case, dtype, chunk):
+    """With own_block the backward returns d_k = None and as d_a the rows' whole gradient: the dense
+    float64 d_a + d_k of the same block with the anchors as keys (same rows, labels and coefficients)."""
+    if not dispatch.supports_own_block(backend):
+        pytest.skip(f"{backend}: no SUPPORTS_OWN_BLOCK yet (the engine adds d_a + d_k itself)")
+    if chunk is not None and backend != "torch":
+        pytest.skip("chunk_size is the torch backend's")
+    a, _, fields, alpha, beta = _inputs(case, seed=7)
+    if "k_labels" in fields:
+        fields["k_labels"] = fields["a_labels"]
+    ref_stats, (ref_d_a, ref_d_k, ref_gs) = reference(case, a, a, fields, alpha, beta)
+    with torch_backend.chunk_size(chunk) if chunk else contextlib.nullcontext():
+        stats, (d_a, d_k, gs) = run_primitive(backend, case, a, a, fields, alpha, beta, dtype, "cpu", own_block=True)
+    rtol = 1e-9 if dtype == torch.float64 else 1e-5
+    assert d_k is None
+    for name, got, want in (("stat", stats[0], ref_stats[0]), ("d_a", d_a, ref_d_a + ref_d_k), ("gs", gs, ref_gs)):
+        assert relative_error(got, want, 1.0 if name == "stat" else 0.0) <= rtol, name
 
 
 def test_torch_primitive_chunks_anchors():
@@ -270,37 +303,31 @@ def test_layout_is_frozen():
     assert replace(layout, self_offset=2).self_offset == 2
 
 
-# --- the engine's single-process mode equals the fused local fast paths ------------------------------
+# --- the engine takes the rows as one stacked tensor or as the caller's parts: the same numbers ------------
 
 
-def _loss_and_grads(loss: str, through_engine: bool, seed: int):
-    """Loss and gradients (inputs and τ) of the fused local path, or of the engine in "local" mode with
-    the functional's own plan, on the same float64 inputs."""
+def _loss_and_grads(loss: str, stacked: bool, seed: int):
+    """Loss and gradients (inputs and τ) of the engine in "local" mode with the functional's own plan, its
+    rows given as the caller's parts (strided views, sub_dim read in place) or as one stacked copy."""
     from fastcl import engine, functional
 
     gen = torch.Generator().manual_seed(seed)
-    n, d = 7, 5
+    n, d, sub_dim = 7, 8, 5
     tau = torch.tensor(0.3, dtype=torch.float64, requires_grad=True)
+    views = 3 if loss == "supcon" else 2
+    features = torch.randn(n, views, d, generator=gen, dtype=torch.float64).requires_grad_()
+    labels = torch.randint(0, 3, (n,), generator=gen) if loss == "supcon" else None
     if loss == "supcon":
-        leaves = [torch.randn(n, 3, d, generator=gen, dtype=torch.float64).requires_grad_()]
-        labels = torch.randint(0, 3, (n,), generator=gen)
-        if through_engine:
-            rows = leaves[0].transpose(0, 1).reshape(3 * n, d)
-            plan = functional._supcon_plan(3, "all", "labels", 0.07, "drop")
-            value = engine.block_loss(rows, plan, [n] * 3, tau, labels=labels)
-        else:
-            value = functional.supcon(leaves[0], labels, temperature=tau, backend="torch")
+        plan = functional._supcon_plan(views, "all", "labels", 0.07, "drop")
     else:
-        leaves = [torch.randn(n, d, generator=gen, dtype=torch.float64).requires_grad_() for _ in range(2)]
-        if through_engine:
-            plan = functional._nt_xent_plan() if loss == "nt_xent" else functional._info_nce_plan(False, True)
-            value = engine.block_loss(torch.cat(leaves), plan, [n, n], tau)
-        else:
-            value = getattr(functional, loss)(*leaves, tau, backend="torch")
-    return [value.detach(), *torch.autograd.grad(value, [*leaves, tau])]
+        plan = functional._nt_xent_plan() if loss == "nt_xent" else functional._info_nce_plan(False, True)
+    parts = list(features.unbind(1))
+    rows = torch.cat([part[:, :sub_dim] for part in parts]) if stacked else parts
+    value = engine.block_loss(rows, plan, [n] * views, tau, sub_dim=None if stacked else sub_dim, labels=labels)
+    return [value.detach(), *torch.autograd.grad(value, [features, tau])]
 
 
 @pytest.mark.parametrize("loss", ["nt_xent", "info_nce", "supcon"])
-def test_engine_local_mode_equals_the_fast_path(loss):
-    for ours, fast in zip(_loss_and_grads(loss, True, seed=5), _loss_and_grads(loss, False, seed=5)):
-        assert relative_error(ours, fast) <= 1e-12
+def test_engine_parts_equal_one_stacked_tensor(loss):
+    for parts, stacked in zip(_loss_and_grads(loss, False, seed=5), _loss_and_grads(loss, True, seed=5)):
+        assert relative_error(parts, stacked) <= 1e-12

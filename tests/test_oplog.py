@@ -199,6 +199,55 @@ def test_local_has_no_nondeterministic_op_and_no_sync(loss, backend, dtype):
     assert log.sanctioned == []
 
 
+class _PrefixCopyLog(OpLog):
+    """The op log, also listing every op that copies (cat, stack, clone — what ``.contiguous()`` calls —
+    or copy_) a tensor sharing storage with the user's embeddings: a copy of the rows' prefix."""
+
+    COPIES = ("cat", "stack", "clone", "copy_")
+
+    def __init__(self, embeddings: list[torch.Tensor]):
+        super().__init__()
+        self.storages = {t.untyped_storage().data_ptr() for t in embeddings}
+        self.copies = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.__name__.split(".")[0] in self.COPIES:
+            leaves = torch.utils._pytree.tree_leaves((args, kwargs or {}))
+            if any(isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() in self.storages for t in leaves):
+                self.copies.append((self.phase, func.__name__))
+        return super().__torch_dispatch__(func, types, args, kwargs)
+
+
+def test_prefix_copy_log_fires_on_deliberate_copies():
+    z = torch.randn(4, 8)
+    log = _PrefixCopyLog([z])
+    with log:
+        torch.cat([z[:, :3], z[:, :3]])
+        z[:, :3].contiguous()
+        torch.randn(4, 3).copy_(z[:, :3])
+    assert [name.split(".")[0] for _, name in log.copies] == ["cat", "clone", "copy_"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("loss", sorted(_losses(local=True)))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_local_losses_never_copy_the_rows_prefix(loss, backend, dtype):
+    """One route for sub_dim (issue 23): every loss hands the engine the user's tensors as they are and the
+    primitive reads the first sub_dim features through strides: no cat/stack/clone/copy_ of the embeddings
+    in the forward or the backward (the torch backend's own working set is a multiply by the inverse norms,
+    or a cast to float32 for 16-bit rows, not a copy of the rows)."""
+    inputs = _inputs(6, 0, dtype)
+    log = _PrefixCopyLog([inputs["z1"], inputs["z2"], inputs["features"]])
+    with _logging(log, backend):
+        with log:
+            value = _losses(True)[loss](inputs, backend=backend, distributed="local", check_finite=False)
+        log.phase = "backward"
+        with log:
+            value.backward()
+    assert len(log.ops) > 20, "the log saw too few ops"
+    assert log.copies == []
+
+
 @pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "cuda"])
 def test_the_log_sees_inside_the_custom_ops(backend):
     """The losses are custom ops (the Triton SupCon backward a triton_op): the ops inside them are logged,

@@ -35,7 +35,7 @@ from torch import Tensor
 
 from fastcl.contract import Layout, accumulation_dtype
 
-__all__ = ["block_forward", "block_backward", "layout_arguments", "unavailable_reason"]
+__all__ = ["block_forward", "block_backward", "layout_arguments", "unavailable_reason", "SUPPORTS_OWN_BLOCK"]
 
 # The Positives and Epilogue enums of csrc/block_math.cuh (tests/test_csrc_host.py runs the kernels with
 # these very codes, through layout_arguments).
@@ -195,6 +195,9 @@ def layout_arguments(layout: Layout, like: Tensor) -> tuple:
     )
 
 
+SUPPORTS_OWN_BLOCK = True  # block_backward honours Layout.own_block (as d_a + d_k of the regular kernels)
+
+
 def block_forward(
     a: Tensor, a_inv: Optional[Tensor], k: Tensor, k_inv: Optional[Tensor], tau: Tensor, sub_dim: int, layout: Layout
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -248,7 +251,8 @@ def block_backward(
         alpha, beta: [A] per-anchor coefficients of G = alpha·exp(s − lse) − beta·P (sigmoid: alpha·σ(s + b)).
 
     Returns:
-        (d_a [A, sub_dim], d_k [K, sub_dim], gs) in the accumulation dtype; gs is 0-dim (Σ G·s) for the
+        (d_a [A, sub_dim], d_k [K, sub_dim] or None for ``layout.own_block``, whose d_a is the rows' whole
+        gradient, gs) in the accumulation dtype; gs is 0-dim (Σ G·s) for the
         softmax epilogue and [2] (Σ G·s, Σ G) for the sigmoid epilogue. Deterministic: every output is
         summed in a fixed order.
 
@@ -270,4 +274,9 @@ def block_backward(
     layout_args = layout_arguments(layout, a)
     d_a, d_k, grad_sums = _ops().block_backward(a, a_inv, k, k_inv, tau, sub_dim, *layout_args, lse, alpha, beta)
     sums = grad_sums.sum(0)
-    return d_a, d_k, (sums if layout.epilogue == "sigmoid" else sums[0])
+    gs = sums if layout.epilogue == "sigmoid" else sums[0]
+    if layout.own_block:
+        # The rows' whole gradient from the regular two-sided backward (4 GEMM-units, not the 3 an own
+        # block allows): the key side of a block whose keys are its anchors lands on the same rows.
+        return d_a + d_k, None, gs
+    return d_a, d_k, gs
