@@ -9,6 +9,7 @@ milliseconds. One test runs the real Triton kernels (the interpreter on CPU, the
 from __future__ import annotations
 
 import json
+import re
 import types
 import warnings
 
@@ -55,11 +56,16 @@ def stand_in_triton(monkeypatch, **overrides):
 
 
 def wrong_ntxent_forward(*args):
-    loss, lse, norms = torch_backend.ntxent_forward(*args)
-    return loss * 1.5, lse, norms
+    """The block forward, off by 1 in the log-sum-exp of NT-Xent's same-view blocks only (a self entry,
+    no positive, no exclusion: no other loss has that layout)."""
+    lse, pos_sum, pos_weight = torch_backend.block_forward(*args)
+    layout = args[6]
+    if layout.self_offset is not None and layout.positives == "none" and not layout.exclude_positives:
+        lse = lse + 1.0
+    return lse, pos_sum, pos_weight
 
 
-def raising_ntxent_backward(*args):
+def raising_block_backward(*args):
     raise RuntimeError("illegal memory access (planted)")
 
 
@@ -73,7 +79,7 @@ def selfcheck_warnings(record):
 
 
 def test_a_wrong_backend_warns_once_and_auto_falls_back_to_torch(on_cpu, monkeypatch):
-    calls = stand_in_triton(monkeypatch, ntxent_forward=wrong_ntxent_forward)
+    calls = stand_in_triton(monkeypatch, block_forward=wrong_ntxent_forward)
     z1, z2 = views()
     expected = fastcl.functional.nt_xent(z1, z2, backend="torch")
     with warnings.catch_warnings(record=True) as record:
@@ -87,14 +93,14 @@ def test_a_wrong_backend_warns_once_and_auto_falls_back_to_torch(on_cpu, monkeyp
     [warning] = selfcheck_warnings(record)
     message = str(warning.message)
     assert "backend='triton' failed its self-check for nt_xent with float32" in message
-    assert "loss relative error 0.5 > 0.002" in message and "torch backend" in message
+    assert re.search(r"loss relative error [0-9.]+ > 0\.002", message) and "torch backend" in message
     [cache] = on_cpu.glob("selfcheck-*.json")
     case = json.loads(cache.read_text())["cases"]["triton/float32/nt_xent"]
-    assert case["passed"] is False and case["errors"]["loss"] == pytest.approx(0.5)
+    assert case["passed"] is False and case["errors"]["loss"] > 0.01
 
 
 def test_a_raising_backend_is_a_failed_check(on_cpu, monkeypatch):
-    stand_in_triton(monkeypatch, ntxent_backward=raising_ntxent_backward)
+    stand_in_triton(monkeypatch, block_backward=raising_block_backward)
     z1, z2 = (t.requires_grad_() for t in views())
     with pytest.warns(selfcheck.SelfCheckWarning, match="raised RuntimeError: illegal memory access"):
         loss = fastcl.functional.nt_xent(z1, z2)
@@ -104,7 +110,7 @@ def test_a_raising_backend_is_a_failed_check(on_cpu, monkeypatch):
 
 def test_the_check_is_per_loss_and_dtype(on_cpu, monkeypatch):
     """A wrong NT-Xent leaves the other losses, and NT-Xent in another dtype, on the fused backend."""
-    stand_in_triton(monkeypatch, ntxent_forward=wrong_ntxent_forward)
+    stand_in_triton(monkeypatch, block_forward=wrong_ntxent_forward)
     with pytest.warns(selfcheck.SelfCheckWarning):
         fastcl.functional.nt_xent(*views())
     assert dispatch.resolve("auto", CPU, torch.float32, "nt_xent") == "torch"
@@ -132,7 +138,7 @@ def test_a_correct_backend_is_used_and_the_pass_cached(on_cpu, monkeypatch):
 def test_a_decision_is_reused_without_checking_again(on_cpu, monkeypatch):
     """After the first call the hot path is a dictionary lookup (no check, no cache read, no sync); a new
     process (forget()) reads the disk cache instead of checking; a cached failure still warns once."""
-    stand_in_triton(monkeypatch, ntxent_forward=wrong_ntxent_forward)
+    stand_in_triton(monkeypatch, block_forward=wrong_ntxent_forward)
     with pytest.warns(selfcheck.SelfCheckWarning):
         fastcl.functional.nt_xent(*views())
 
@@ -184,7 +190,7 @@ def test_an_unwritable_cache_folder_only_loses_the_cache(on_cpu, monkeypatch):
 
 
 def test_fastcl_selfcheck_0_skips_the_check(on_cpu, monkeypatch):
-    calls = stand_in_triton(monkeypatch, ntxent_forward=wrong_ntxent_forward)
+    calls = stand_in_triton(monkeypatch, block_forward=wrong_ntxent_forward)
     monkeypatch.setenv("FASTCL_SELFCHECK", "0")
     monkeypatch.setattr(selfcheck, "check", lambda *a: pytest.fail("checked although FASTCL_SELFCHECK=0"))
     fastcl.functional.nt_xent(*views())
@@ -192,7 +198,7 @@ def test_fastcl_selfcheck_0_skips_the_check(on_cpu, monkeypatch):
 
 
 def test_an_explicit_backend_is_honoured_without_a_check(on_cpu, monkeypatch):
-    stand_in_triton(monkeypatch, ntxent_forward=wrong_ntxent_forward)
+    stand_in_triton(monkeypatch, block_forward=wrong_ntxent_forward)
     monkeypatch.setattr(selfcheck, "check", lambda *a: pytest.fail("an explicit backend was checked"))
     z1, z2 = views()
     wrong = fastcl.functional.nt_xent(z1, z2, backend="triton")
@@ -201,7 +207,7 @@ def test_an_explicit_backend_is_honoured_without_a_check(on_cpu, monkeypatch):
 
 def test_the_check_runs_with_gradients_inside_no_grad_and_inference_mode(on_cpu, monkeypatch):
     """A first call from an evaluation loop still checks the backward."""
-    stand_in_triton(monkeypatch, ntxent_backward=raising_ntxent_backward)
+    stand_in_triton(monkeypatch, block_backward=raising_block_backward)
     with torch.inference_mode(), pytest.warns(selfcheck.SelfCheckWarning, match="raised RuntimeError"):
         fastcl.functional.nt_xent(*views())
     selfcheck.forget()
@@ -225,7 +231,7 @@ def test_cpu_tensors_are_not_checked_by_default(monkeypatch):
 def test_torch_compile_fullgraph_takes_the_decision_as_a_constant(on_cpu, monkeypatch):
     """Dynamo calls trusted() eagerly while tracing (the check runs outside the graph, once); the graph
     runs the backend it chose, with no graph break."""
-    stand_in_triton(monkeypatch, ntxent_forward=wrong_ntxent_forward)
+    stand_in_triton(monkeypatch, block_forward=wrong_ntxent_forward)
     checks = []
     real_check = selfcheck.check
     monkeypatch.setattr(selfcheck, "check", lambda *a: checks.append(a) or real_check(*a))
@@ -246,7 +252,7 @@ def test_no_check_under_a_tracing_dispatch_mode(on_cpu, monkeypatch):
     used unchecked for that trace, nothing is cached, and the next ordinary call checks."""
     from torch.fx.experimental.proxy_tensor import make_fx
 
-    calls = stand_in_triton(monkeypatch, ntxent_forward=wrong_ntxent_forward)
+    calls = stand_in_triton(monkeypatch, block_forward=wrong_ntxent_forward)
     monkeypatch.setattr(selfcheck, "check", lambda *a: pytest.fail("checked while tracing"))
     make_fx(lambda a, b: fastcl.functional.nt_xent(a, b), tracing_mode="fake")(*views())
     assert "triton" in calls and not list(on_cpu.glob("selfcheck-*"))
@@ -254,7 +260,7 @@ def test_no_check_under_a_tracing_dispatch_mode(on_cpu, monkeypatch):
     monkeypatch.setenv("FASTCL_CACHE_DIR", str(on_cpu))
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     monkeypatch.setattr(selfcheck, "applies", lambda device: True)
-    stand_in_triton(monkeypatch, ntxent_forward=wrong_ntxent_forward)
+    stand_in_triton(monkeypatch, block_forward=wrong_ntxent_forward)
     with pytest.warns(selfcheck.SelfCheckWarning):
         assert dispatch.resolve("auto", CPU, torch.float32, "nt_xent") == "torch"
 

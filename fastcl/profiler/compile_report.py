@@ -34,7 +34,7 @@ Results are cached per compiled kernel (Triton's hash) next to Triton's cache, s
 Example:
     >>> args = parse_args(["--quick"])
     >>> args.arch, args.dtypes, args.kernels
-    (['sm90'], ['bf16'], ['ntxent'])
+    (['sm90'], ['bf16'], ['block_index'])
 """
 
 from __future__ import annotations
@@ -81,7 +81,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument(
         "--quick",
         action="store_true",
-        help="CI set: sm90, bf16, D' = 128, the first config of the NT-Xent kernels (or --kernels)",
+        help="CI set: sm90, bf16, D' = 128, the first config of the block_index kernels (or --kernels)",
     )
     parser.add_argument("--jobs", type=int, default=1, help="parallel compile processes")
     parser.add_argument("--json", dest="json_path", help="write the rows and metadata as JSON")
@@ -89,7 +89,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.quick:
         args.arch, args.dtypes, args.dims, args.configs = "sm90", "bf16", "128", args.configs or 1
-        args.kernels = args.kernels or "ntxent"
+        args.kernels = args.kernels or "block_index"
     args.arch = _split(args.arch, ARCHES, "--arch")
     args.dtypes = _split(args.dtypes, DTYPES, "--dtypes")
     args.dims = [int(d) for d in args.dims.split(",") if d]
