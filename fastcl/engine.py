@@ -2,8 +2,11 @@
 
 A :class:`Plan` says which of a rank's rows are anchors and keys (``passes`` over consecutive *parts* of
 the rows, e.g. [z1; z2] or SupCon's views), how positives are given, and how per-anchor statistics make
-the loss. :func:`block_loss` runs it: ``"local"`` as one block of this process's rows, ``"gather"`` against
-every rank's rows after one all-gather, ``"ring"`` against key blocks rotating around the ranks
+the loss. The parts are the caller's tensors as they are (any strides, full width, ``sub_dim`` read in
+place): a pass runs one sweep of the primitive per part pair, and a part against itself on this rank's
+own block is an own block (``Layout.own_block``, where the backend has ``SUPPORTS_OWN_BLOCK``).
+:func:`block_loss` runs it: ``"local"`` as one block of this process's rows, ``"gather"`` against every
+rank's rows after one all-gather, ``"ring"`` against key blocks rotating around the ranks
 (:mod:`fastcl.distributed` holds the exchanges). The backend comes from :func:`fastcl.dispatch.block_primitive`.
 
 The op is a ``torch.library`` custom op pair (forward and backward), so ``torch.compile(fullgraph=True)``
@@ -56,7 +59,7 @@ __all__ = ["Pass", "Plan", "block_loss"]
 class Pass:
     """One anchors × keys sweep over [first, last) part ranges of the local rows / of every block.
 
-    ``positives``: "pairs" (NT-Xent: row i's positive is row (i + n) mod 2n of the own block), "diagonal"
+    ``positives``: "pairs" (NT-Xent: row i of part 0 ↔ row i of part 1, own block), "diagonal"
     (row i of the anchor part ↔ row i of the key part, own block), "labels" (row labels equal), "mask"
     (SupCon's [N, N] sample mask, single process only) or "none". ``exclude_self``: on the own block
     the anchor row is also a key row and is left out.
