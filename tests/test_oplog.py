@@ -250,23 +250,23 @@ def test_local_losses_never_copy_the_rows_prefix(loss, backend, dtype):
 
 @pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "cuda"])
 def test_the_log_sees_inside_the_custom_ops(backend):
-    """The losses are custom ops (the Triton SupCon backward a triton_op): the ops inside them are logged,
-    e.g. the class sums of SupCon's backward."""
+    """The losses are the engine's custom ops: the ops inside them are logged, e.g. the merge of the
+    blocks' log-sum-exps in the forward and the per-anchor coefficients in the backward."""
     log = run_logged("supcon-labels", backend, "local", n=6)
-    assert ("backward", "segment_reduce.default") in log.ops
+    assert ("forward", "logaddexp.default") in log.ops and ("backward", "where.ScalarOther") in log.ops
 
 
 def test_detector_fires_on_a_deliberate_index_add(monkeypatch):
-    """The class sums done the atomic way (what the code did before): the log must flag index_add_."""
+    """The positive weights of a tile summed the atomic way: the log must flag index_add_."""
+    from fastcl.torch_backend import block
 
-    def atomic_class_sums(values, segments):
-        ids = torch.empty_like(segments.order)
-        ids[segments.order] = torch.arange(values.shape[0])  # any ids: the op is what is checked
-        return values.new_zeros(segments.tiles.shape[0], values.shape[1]).index_add_(
-            0, ids % segments.tiles.shape[0], values
-        )
+    real = block._positive_weights
 
-    monkeypatch.setattr("fastcl.torch_backend.supcon.class_sums", atomic_class_sums)
+    def atomic_positive_weights(layout, anchors, keys, like):
+        p = real(layout, anchors, keys, like)
+        return None if p is None else p.new_zeros(p.shape).index_add_(0, torch.arange(p.shape[0]), p)
+
+    monkeypatch.setattr(block, "_positive_weights", atomic_positive_weights)
     log = run_logged("supcon-labels", "torch", "local", n=6)
     assert ("forward", "nondeterministic on CUDA", "index_add_.default") in log.flagged
 

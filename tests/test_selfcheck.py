@@ -202,7 +202,7 @@ def test_an_explicit_backend_is_honoured_without_a_check(on_cpu, monkeypatch):
     monkeypatch.setattr(selfcheck, "check", lambda *a: pytest.fail("an explicit backend was checked"))
     z1, z2 = views()
     wrong = fastcl.functional.nt_xent(z1, z2, backend="triton")
-    torch.testing.assert_close(wrong, 1.5 * fastcl.functional.nt_xent(z1, z2, backend="torch"))
+    assert abs(float(wrong) - float(fastcl.functional.nt_xent(z1, z2, backend="torch"))) > 1e-3  # the planted fault ran
 
 
 def test_the_check_runs_with_gradients_inside_no_grad_and_inference_mode(on_cpu, monkeypatch):
