@@ -54,25 +54,21 @@ def _positive_weights(layout: Layout, anchors: slice, keys: slice, like: Tensor)
     return p
 
 
-def _excluded(layout: Layout, anchors: slice, keys: slice, p: Optional[Tensor], like: Tensor) -> Optional[Tensor]:
-    """Entries left out of the denominator: the self entry, and the positives when ``exclude_positives``."""
-    excluded = None
+def _exclude_(layout: Layout, x: Tensor, p: Optional[Tensor], self_diagonal: int, value: float) -> Tensor:
+    """Sets the entries left out of the denominator to ``value`` in place: the self entry (the diagonal
+    ``self_diagonal`` of the tile), and the positives when ``exclude_positives``."""
     if layout.exclude_positives and p is not None:
-        excluded = p != 0
+        x.masked_fill_(p != 0, value)
     if layout.self_offset is not None:
-        if excluded is None:
-            shape = (anchors.stop - anchors.start, keys.stop - keys.start)
-            excluded = torch.zeros(shape, dtype=torch.bool, device=like.device)
-        excluded.diagonal(offset=anchors.start + layout.self_offset - keys.start).fill_(True)
-    return excluded
+        x.diagonal(offset=self_diagonal).fill_(value)
+    return x
 
 
 def _tile(layout, a_hat, k_hat, tau, start, stop):
-    """Logits, positive weights and exclusions of anchors start..stop against every key."""
+    """Logits and positive weights of anchors start..stop against every key, and the tile's self diagonal."""
     s = (a_hat[start:stop] / tau) @ k_hat.T
-    anchors, keys = slice(start, stop), slice(0, k_hat.shape[0])
-    p = _positive_weights(layout, anchors, keys, s)
-    return s, p, _excluded(layout, anchors, keys, p, s)
+    p = _positive_weights(layout, slice(start, stop), slice(0, k_hat.shape[0]), s)
+    return s, p, start + (layout.self_offset or 0)
 
 
 def _bias(layout: Layout, like: Tensor) -> Tensor:
@@ -100,15 +96,15 @@ def block_forward(
     stat, pos_sum, pos_weight = (a_hat.new_zeros(n_anchors) for _ in range(3))
     bias = _bias(layout, a_hat)
     for start, stop in blocks(n_anchors, k_hat.shape[0]):
-        s, p, excluded = _tile(layout, a_hat, k_hat, tau, start, stop)
+        s, p, self_diagonal = _tile(layout, a_hat, k_hat, tau, start, stop)
         if p is not None:
             pos_sum[start:stop] = (p * s).sum(dim=1)
             pos_weight[start:stop] = p.sum(dim=1)
         if layout.epilogue == "sigmoid":
             per_pair = torch.logaddexp(s + bias, torch.zeros_like(s))  # softplus, exact for any |s + b|
-            stat[start:stop] = (per_pair if excluded is None else per_pair.masked_fill(excluded, 0.0)).sum(dim=1)
+            stat[start:stop] = _exclude_(layout, per_pair, p, self_diagonal, 0.0).sum(dim=1)
         else:
-            stat[start:stop] = torch.logsumexp(s if excluded is None else s.masked_fill(excluded, float("-inf")), dim=1)
+            stat[start:stop] = torch.logsumexp(_exclude_(layout, s, p, self_diagonal, float("-inf")), dim=1)
     return stat, pos_sum, pos_weight
 
 
@@ -120,14 +116,12 @@ def _raw_gradient(d_hat: Tensor, hat: Tensor, inv: Optional[Tensor]) -> Tensor:
     return (d_hat - hat * radial[:, None]) * inv[:, None]
 
 
-def _gradient_tile(layout, s, p, excluded, bias, finite_lse, alpha, beta) -> Tensor:
+def _gradient_tile(layout, s, p, self_diagonal, bias, finite_lse, alpha, beta) -> Tensor:
     """G of one tile from its logits: alpha·exp(s − lse) (sigmoid: alpha·σ(s + b)), 0 on excluded entries,
     minus beta·P. ``finite_lse``, ``alpha``, ``beta`` broadcast over the tile's anchor axis."""
-    g = torch.sigmoid(s + bias) if layout.epilogue == "sigmoid" else torch.exp(s - finite_lse)
-    if excluded is not None:
-        g = g.masked_fill(excluded, 0.0)
-    g = g * alpha
-    return g if p is None else g - beta * p
+    g = torch.sigmoid(s + bias) if layout.epilogue == "sigmoid" else torch.sub(s, finite_lse).exp_()
+    _exclude_(layout, g, p, self_diagonal, 0.0).mul_(alpha)
+    return g if p is None else g.sub_(beta * p)
 
 
 def block_backward(
@@ -171,23 +165,27 @@ def block_backward(
     finite_lse = torch.where(torch.isneginf(lse), 0.0, lse)
     every = slice(0, n_anchors)
     for start, stop in blocks(n_anchors, k_hat.shape[0]):
-        s, p, excluded = _tile(layout, a_hat, k_hat, tau, start, stop)
+        s, p, self_diagonal = _tile(layout, a_hat, k_hat, tau, start, stop)
         rows = slice(start, stop)
-        g = _gradient_tile(layout, s, p, excluded, bias, finite_lse[rows, None], alpha[rows, None], beta[rows, None])
-        gs[0] += (g * s).sum()
+        g = _gradient_tile(
+            layout, s, p, self_diagonal, bias, finite_lse[rows, None], alpha[rows, None], beta[rows, None]
+        )
         if layout.epilogue == "sigmoid":
             gs[1] += g.sum()
         if layout.own_block:
-            # G_cr for every row c (as anchor) and the chunk's rows r (as keys), laid out [r, c].
+            # G_cr for every row c (as anchor) and the chunk's rows r (as keys), laid out [r, c]; there the
+            # self entry (c + self_offset = r) is the diagonal start − self_offset.
             p_t = _positive_weights(layout, every, rows, s)
-            excluded_t = _excluded(layout, every, rows, p_t, s)
-            g = g + _gradient_tile(
-                layout, s, None if p_t is None else p_t.T, None if excluded_t is None else excluded_t.T,
-                bias, finite_lse[None, :], alpha[None, :], beta[None, :],
+            g += _gradient_tile(
+                layout, s, None if p_t is None else p_t.T, start - (layout.self_offset or 0), bias, finite_lse[None, :],
+                alpha[None, :], beta[None, :],
             )  # fmt: skip
         else:
             d_k_hat += g.T @ a_hat[rows] / tau
         d_a_hat[rows] = g @ k_hat / tau
+    # Σ_ac G_ac s_ac = Σ_a ⟨â_a, (G k̂)_a⟩/τ: O(A·D') instead of a pass over the tiles; an own block's
+    # d_a holds G and Gᵀ, so there every entry is counted twice.
+    gs[0] = (a_hat * d_a_hat).sum() / (2 if layout.own_block else 1)
     d_a = _raw_gradient(d_a_hat, a_hat, a_inv)
     d_k = None if layout.own_block else _raw_gradient(d_k_hat, k_hat, k_inv)
     return d_a, d_k, gs if layout.epilogue == "sigmoid" else gs[0]
