@@ -85,7 +85,7 @@ def test_fp32_default_uses_tensor_cores_on_sm80(tmp_path):
                 "--configs",
                 "1",
                 "--kernels",
-                "ntxent_forward",
+                "block_index_forward",
                 "--json",
                 str(json_path),
             ]
