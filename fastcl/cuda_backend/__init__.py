@@ -5,6 +5,12 @@ a package whose ``block`` module holds the primitive); how the extension is buil
 :mod:`fastcl.cuda_backend.block`'s header.
 """
 
-from fastcl.cuda_backend.block import block_backward, block_forward, layout_arguments, unavailable_reason
+from fastcl.cuda_backend.block import (
+    SUPPORTS_OWN_BLOCK,
+    block_backward,
+    block_forward,
+    layout_arguments,
+    unavailable_reason,
+)
 
-__all__ = ["block_forward", "block_backward", "layout_arguments", "unavailable_reason"]
+__all__ = ["block_forward", "block_backward", "SUPPORTS_OWN_BLOCK", "layout_arguments", "unavailable_reason"]
