@@ -226,10 +226,11 @@ def _footprint(scheme: str, rank: int, world: int, n: int = 4) -> dict:
     plan = Pass((0, 2), (0, 2), "pairs", exclude_self=True)
     plan = engine.Plan(passes=(plan,)).encode()
     with _Footprint(D_OUT) as footprint:
-        options = (plan, [n, n], True, scheme, "torch", "mean")
-        loss, lse, weight, counts, terms, sizes = engine._forward(rows, None, None, tau, None, None, *options)
+        parts = [rows[:n], rows[n:]]
+        options = (plan, [n, n], D_OUT, True, scheme, "torch", "mean")
+        loss, lse, weight, counts, terms, sizes = engine._forward(parts, None, None, tau, None, None, *options)
         stats = (lse, weight, counts, terms, sizes)
-        engine._backward(torch.ones(()), None, rows, None, None, tau, None, None, *stats, *options)
+        engine._backward(torch.ones(()), None, parts, None, None, tau, None, None, *stats, *options)
     return {"rows_held": footprint.rows_held, "sent_bytes": footprint.sent_bytes}
 
 
