@@ -84,6 +84,7 @@ COLUMNS = (
     "static_ex2_per_element",
     "address_check",
 )
+KIND = "compile-time (not measured): ptxas and SASS figures, static and whole-pass counts; no kernel ran"
 MODEL_COLUMNS = (
     "title",
     "arch",
@@ -120,6 +121,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="CI set: sm90, bf16, D' = 128, the first config of the kernels NT-Xent runs (or --losses / --kernels)",
     )
     parser.add_argument("--jobs", type=int, default=1, help="parallel compile processes")
+    parser.add_argument(
+        "--rows-from",
+        help="compile nothing: take the rows and metadata of this report's JSON, recompute the model and targets",
+    )
     parser.add_argument("--json", dest="json_path", help="write the rows and metadata as JSON")
     parser.add_argument("--markdown", dest="markdown_path", help="write a markdown table")
     args = parser.parse_args(argv)
@@ -204,7 +209,7 @@ def metadata() -> dict:
         for name, arch in ARCHES.items()
     }
     return dict(
-        kind="compile-time (not measured): static SASS/ptxas figures, no kernel ran",
+        kind=KIND,
         date=datetime.date.today().isoformat(),
         triton=triton.__version__,
         torch=torch.__version__,
@@ -224,6 +229,7 @@ def to_markdown(rows: list[dict], meta: dict, models: list[dict] = (), targets: 
     lines = [
         f"# Compile-only kernel report ({meta['date']})",
         "",
+        *([f"Command: `{meta['command']}` (on a CPU machine, no GPU).", ""] if meta.get("command") else []),
         f"**{meta['kind']}.** Triton {meta['triton']}, ptxas {meta['ptxas']['sm90']}. "
         "`dynamic_*` and `l2_bytes_per_element` count whole passes per similarity element (every trip of the "
         "feature-chunk loop, every output slice); `static_*` one element-loop body (not totals); `gemm_units` "
@@ -335,8 +341,12 @@ def main(argv: list[str]) -> int:
                 flush=True,
             )
 
-    rows = run_report(args, progress)
-    meta = metadata()
+    if args.rows_from:
+        previous = json.loads(Path(args.rows_from).read_text())
+        rows, meta = previous["rows"], dict(previous["meta"], kind=KIND, model_assumptions=kernel_model.assumptions())
+    else:
+        rows, meta = run_report(args, progress), metadata()
+        meta["command"] = " ".join(["python -m fastcl.profiler.compile_report", *argv])
     models = kernel_model.models(rows)
     targets = kernel_model.evaluate_targets(models, rows)
     if args.json_path:
