@@ -8,6 +8,7 @@ is not in interpreter mode (the report spawns fresh workers). :func:`analyze_sas
 :func:`address_check` walks a kernel's TTIR for 32-bit pointer offsets (:func:`layout_address_check`: in
 every input layout of ``_common.LAYOUTS``, the other layouts compiled to TTIR only by :func:`ttir`).
 """
+
 from __future__ import annotations
 
 import json
@@ -41,31 +42,115 @@ def init_worker() -> None:
 def _nvdisasm() -> str:
     """Triton's bundled nvdisasm (next to its ptxas)."""
     from triton.backends.nvidia.compiler import get_ptxas
+
     return str(Path(get_ptxas(90).path).with_name("nvdisasm"))
 
 
 def _ptxas_resources(ptx: str, arch: int) -> dict:
     """Registers and spill bytes from ``ptxas -v`` with Triton's flags."""
     from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
+
     with tempfile.TemporaryDirectory() as tmp:
         source = Path(tmp, "kernel.ptx")
         source.write_text(ptx)
         log = subprocess.run(
-            [get_ptxas(arch).path, "-lineinfo", "-v", "--regAllocOptLevel=2",
-             f"--gpu-name={sm_arch_from_capability(arch)}", str(source), "-o", str(source.with_suffix(".o"))],
-            check=True, capture_output=True, text=True).stderr
+            [
+                get_ptxas(arch).path,
+                "-lineinfo",
+                "-v",
+                "--regAllocOptLevel=2",
+                f"--gpu-name={sm_arch_from_capability(arch)}",
+                str(source),
+                "-o",
+                str(source.with_suffix(".o")),
+            ],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stderr
     registers = re.search(r"Used (\d+) registers", log)
     spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
-    return dict(registers=int(registers.group(1)), spill_stores=int(spills.group(1)),
-                spill_loads=int(spills.group(2)))
+    return dict(registers=int(registers.group(1)), spill_stores=int(spills.group(1)), spill_loads=int(spills.group(2)))
 
 
-_INSTRUCTION = re.compile(r"/\*([0-9a-f]+)\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)([^;]*);")
+_INSTRUCTION = re.compile(r"/\*([0-9a-f]+)\*/\s+(?:@!?U?P\w+\s+)?([A-Z][\w.]*)([^;]*);")
 _BRANCH_TARGET = re.compile(r"`\((\.L_x_\d+)\)")
+# mma.sync shapes (m, n, k) by their SASS suffix; HGMMA names its own (m x n x k, one warpgroup = 4 warps).
+_HMMA_SHAPES = {"16816": (16, 8, 16), "1688": (16, 8, 8), "884": (8, 8, 4), "16832": (16, 8, 32)}
+_WIDTH_BYTES = {"128": 16, "64": 8, "U16": 2, "S16": 2, "U8": 1, "S8": 1}
+# Per-region totals of the SASS (per warp; see :func:`analyze_sass`).
+REGION_FIELDS = (
+    "instructions",
+    "ex2",
+    "mufu",
+    "mma",
+    "mma_flops",
+    "async_bytes",
+    "tile_ldg_bytes",
+    "vector_ldg_bytes",
+    "tma_loads",
+)
+
+
+def _mma_flops(op: str) -> float:
+    """FLOPs one warp's instance of an MMA instruction does (0 for other instructions). A warpgroup's HGMMA
+    appears in each of its 4 warps' streams, so each instance carries a quarter of m·n·k·2."""
+    match = re.match(r"HGMMA\.(\d+)x(\d+)x(\d+)", op)
+    if match:
+        m, n, k = (int(g) for g in match.groups())
+        return m * n * k * 2 / 4
+    match = re.match(r"[HD]MMA\.(\d+)", op)
+    if match and match.group(1) in _HMMA_SHAPES:
+        m, n, k = _HMMA_SHAPES[match.group(1)]
+        return m * n * k * 2
+    return 0.0
+
+
+def _load_bytes(op: str) -> int:
+    """Bytes per lane of a global load (LDG / LDGSTS): its width suffix, 4 without one."""
+    return next((_WIDTH_BYTES[part] for part in op.split(".")[1:] if part in _WIDTH_BYTES), 4)
+
+
+def _region(opcodes: list[str]) -> dict:
+    """Totals of a run of SASS opcodes, per warp: instructions (NOPs excluded), MUFU.EX2 and all MUFU ops,
+    MMA instructions and their FLOPs, and global-load lane bytes by kind — ``async_bytes``: LDGSTS
+    (cp.async; ``.BYPASS`` = cp.async.cg, L1 bypassed), ``tile_ldg_bytes``: 128-bit LDG (vectorized tile
+    operands, distinct addresses per lane), ``vector_ldg_bytes``: narrower LDG (per-row / per-column
+    vectors, replicated across lanes, L1-cached), ``tma_loads``: TMA copies (UTMALDG / UBLKCP: their size
+    is in a descriptor, not the instruction)."""
+    totals = dict.fromkeys(REGION_FIELDS, 0)
+    for op in opcodes:
+        if op == "NOP":
+            continue
+        totals["instructions"] += 1
+        totals["ex2"] += op.startswith("MUFU.EX2")
+        totals["mufu"] += op.startswith("MUFU.")
+        flops = _mma_flops(op)
+        totals["mma"] += flops > 0
+        totals["mma_flops"] += flops
+        if op.startswith("LDGSTS"):
+            totals["async_bytes"] += 32 * _load_bytes(op)
+        elif op.startswith("LDG."):
+            width = _load_bytes(op)
+            totals["tile_ldg_bytes" if width >= 16 else "vector_ldg_bytes"] += 32 * width
+        elif op.startswith(("UTMALDG", "UBLKCP")):
+            totals["tma_loads"] += 1
+    return totals
+
+
+def _subtract(total: dict, parts: list[dict]) -> dict:
+    return {key: total[key] - sum(part[key] for part in parts) for key in total}
 
 
 def analyze_sass(sass: str) -> dict:
-    """MMA kind and the element loop's static counts from ``nvdisasm -c`` output (see module docstring).
+    """MMA kind and the element loop's structure from ``nvdisasm -c`` output (see module docstring).
+
+    The element loop is the innermost SASS loop (a backward branch and its target) holding a
+    ``MUFU.EX2``: the walk over similarity tiles. Returned: its static counts (``loop_instructions``,
+    ``loop_ex2``, ``loop_mma``, nested loops counted once), and for the whole-pass counts ``loop_outside``
+    (the totals of :func:`_region` of the element loop without the loops nested in it) and ``loop_nested``
+    (one :func:`_region` per loop nested directly in it: the feature-chunk loops, whose trips the caller
+    supplies). All counts are per warp.
 
     Example:
         >>> sass = '''
@@ -75,8 +160,11 @@ def analyze_sass(sass: str) -> dict:
         ...         /*0020*/              @!P0 BRA `(.L_x_1) ;
         ...         /*0030*/                   EXIT ;
         ... '''
-        >>> analyze_sass(sass)
-        {'mma': 'wgmma', 'loop_instructions': 3, 'loop_ex2': 1, 'loop_mma': 1}
+        >>> found = analyze_sass(sass)
+        >>> found["mma"], found["loop_instructions"], found["loop_ex2"], found["loop_nested"]
+        ('wgmma', 3, 1, [])
+        >>> found["loop_outside"]["mma_flops"]  # 64·128·16·2 per warpgroup, a quarter per warp
+        65536.0
     """
     instructions, labels, pending = [], {}, []
     for line in sass.splitlines():
@@ -109,16 +197,70 @@ def analyze_sass(sass: str) -> dict:
     ex2 = [i for i, op in enumerate(opcodes) if op.startswith("MUFU.EX2")]
     holding = [(start, end) for start, end in loops if any(start <= i <= end for i in ex2)]
     if not holding:
-        return dict(mma=mma, loop_instructions=None, loop_ex2=None, loop_mma=None)
+        return dict(mma=mma, loop_instructions=None, loop_ex2=None, loop_mma=None, loop_outside=None, loop_nested=None)
     start, end = min(holding, key=lambda loop: loop[1] - loop[0])
-    body = [op for op in opcodes[start:end + 1] if op != "NOP"]
-    return dict(mma=mma, loop_instructions=len(body), loop_ex2=sum(op.startswith("MUFU.EX2") for op in body),
-                loop_mma=sum(op.startswith(("HGMMA", "HMMA", "DMMA")) for op in body))
+    inside = sorted({loop for loop in loops if start <= loop[0] and loop[1] <= end and loop != (start, end)})
+    direct = [loop for loop in inside if not any(o != loop and o[0] <= loop[0] and loop[1] <= o[1] for o in inside)]
+    body = _region(opcodes[start : end + 1])
+    nested = [_region(opcodes[a : b + 1]) for a, b in direct]
+    return dict(
+        mma=mma,
+        loop_instructions=body["instructions"],
+        loop_ex2=body["ex2"],
+        loop_mma=body["mma"],
+        loop_outside=_subtract(body, nested),
+        loop_nested=nested,
+    )
+
+
+def whole_pass(measured: dict, config, D: int, precision: str) -> dict:
+    """The whole-pass figures of a compiled kernel per similarity element (everything a program does for
+    one element, over every trip and every output slice), from :func:`analyze_sass`'s element loop:
+
+    - trips: the loops nested in the element loop are the feature-chunk loops
+      (``for d0 in range(0, D, BLOCK_D)``): ⌈D'/BLOCK_D⌉ trips each — the formula, from the kernel's loop
+      structure; ``gemm_units`` checks it against the SASS (the first unit must come out exactly 1);
+    - slices: a config with ``BLOCK_DO`` is a backward whose grid has ⌈D'/BLOCK_DO⌉ output slices, each
+      walking every tile again: the per-visit figures times the slices;
+    - per element: per-warp counts × num_warps (× 32 lanes for instructions) / (BLOCK_M × BLOCK_N).
+
+    ``l2_bytes_per_element`` counts the loads that reach L2: LDGSTS (cp.async.cg bypasses L1) minus the
+    (num_stages − 1) chunks the pipeliner's prologue issued ahead of the loop and its body then issues
+    again predicated off past the end, plus 128-bit LDG tile loads; narrower LDG (per-row / column vectors
+    that lanes share, L1 hits after the first) are ``vector_load_lane_bytes_per_element``, not counted.
+    ``gemm_units``: SASS MMA FLOPs per element / (2·D'), tf32x3's three products counted once — 1 for a
+    forward, 1 + BLOCK_DO·slices/D' for a backward pass that recomputes the tile and multiplies it into one
+    operand slice per slice."""
+    outside, nested = measured.get("loop_outside"), measured.get("loop_nested")
+    if outside is None:
+        return {}
+    kwargs = config.kwargs
+    trips = -(-D // kwargs["BLOCK_D"])
+    slices = -(-D // kwargs["BLOCK_DO"]) if "BLOCK_DO" in kwargs else 1
+    dynamic = {key: outside[key] + trips * sum(loop[key] for loop in nested) for key in outside}
+    prologue = (config.num_stages - 1) * sum(loop["async_bytes"] for loop in nested)
+    if 0 < prologue <= outside["async_bytes"]:
+        dynamic["async_bytes"] -= prologue
+    per_element = config.num_warps * slices / (kwargs["BLOCK_M"] * kwargs["BLOCK_N"])
+    products = 3 if precision == "tf32x3" else 1
+    return dict(
+        feature_trips=trips if nested else 1,
+        output_slices=slices,
+        dynamic_instructions_per_element=round(32 * dynamic["instructions"] * per_element, 2),
+        dynamic_ex2_per_element=round(32 * dynamic["ex2"] * per_element, 3),
+        dynamic_mufu_per_element=round(32 * dynamic["mufu"] * per_element, 3),
+        l2_bytes_per_element=round((dynamic["async_bytes"] + dynamic["tile_ldg_bytes"]) * per_element, 3),
+        vector_load_lane_bytes_per_element=round(dynamic["vector_ldg_bytes"] * per_element, 3),
+        tma_loads=dynamic["tma_loads"],
+        mma_flops_per_element=round(dynamic["mma_flops"] * per_element, 2),
+        gemm_units=round(dynamic["mma_flops"] * per_element / (2 * D * products), 3),
+    )
 
 
 def _cache_path(kernel_hash: str) -> Path:
     from triton import knobs
-    return Path(knobs.cache.dir) / "fastcl-compile-report" / f"{kernel_hash}.json"
+
+    return Path(knobs.cache.dir) / "fastcl-compile-report-v2" / f"{kernel_hash}.json"
 
 
 def _source(spec, config, arch: int):
@@ -155,8 +297,9 @@ def ttir(spec, config, arch: int = 90) -> str:
     backend.load_dialects(context)
     stages = {}
     backend.add_stages(stages, options, source.language)
-    module = source.make_ir(target, options, backend.get_codegen_implementation(options), backend.get_module_map(),
-                            context)
+    module = source.make_ir(
+        target, options, backend.get_codegen_implementation(options), backend.get_module_map(), context
+    )
     return str(stages["ttir"](module, {}))
 
 
@@ -204,13 +347,21 @@ def compile_one(task: dict) -> dict:
     from fastcl.kernels._common import tile_configs
 
     dtype_name, precision = DTYPES[task["dtype"]]
-    spec = next(s for s in compile_specs(getattr(torch, dtype_name), precision, task["D"])
-                if s.name == task["kernel"])
-    config = tile_configs(spec.kind, task["arch_name"], getattr(torch, dtype_name),
-                          spec.constexprs)[task["config_index"]]
-    row = dict(kernel=spec.name, arch=task["arch_name"], dtype=task["dtype"], precision=precision, D=task["D"],
-               config=_config_name(config), num_warps=config.num_warps, num_stages=config.num_stages,
-               **{k.lower(): v for k, v in config.kwargs.items() if k.startswith("BLOCK")})
+    spec = next(s for s in compile_specs(getattr(torch, dtype_name), precision, task["D"]) if s.name == task["kernel"])
+    config = tile_configs(spec.kind, task["arch_name"], getattr(torch, dtype_name), spec.constexprs)[
+        task["config_index"]
+    ]
+    row = dict(
+        kernel=spec.name,
+        arch=task["arch_name"],
+        dtype=task["dtype"],
+        precision=precision,
+        D=task["D"],
+        config=_config_name(config),
+        num_warps=config.num_warps,
+        num_stages=config.num_stages,
+        **{k.lower(): v for k, v in config.kwargs.items() if k.startswith("BLOCK")},
+    )
     arch = ARCHES[task["arch_name"]]
     source, options, target = _source(spec, config, arch)
     started = time.perf_counter()
@@ -226,10 +377,12 @@ def compile_one(task: dict) -> dict:
         with tempfile.TemporaryDirectory() as tmp:
             cubin = Path(tmp, "kernel.cubin")
             cubin.write_bytes(compiled.asm["cubin"])
-            sass = subprocess.run([_nvdisasm(), "-c", str(cubin)], check=True, capture_output=True,
-                                  text=True).stdout
-        measured = {**_ptxas_resources(compiled.asm["ptx"], arch), **analyze_sass(sass),
-                    "shared_bytes": compiled.metadata.shared}
+            sass = subprocess.run([_nvdisasm(), "-c", str(cubin)], check=True, capture_output=True, text=True).stdout
+        measured = {
+            **_ptxas_resources(compiled.asm["ptx"], arch),
+            **analyze_sass(sass),
+            "shared_bytes": compiled.metadata.shared,
+        }
         cache.parent.mkdir(parents=True, exist_ok=True)
         cache.write_text(json.dumps(measured))
     row.update(measured)
@@ -238,8 +391,15 @@ def compile_one(task: dict) -> dict:
     row["address_check"] = layout_address_check(task, compiled.asm["ttir"])
     elements = config.kwargs["BLOCK_M"] * config.kwargs["BLOCK_N"]
     threads = 32 * config.num_warps
-    for key, count in (("instructions_per_element", "loop_instructions"), ("ex2_per_element", "loop_ex2")):
+    # Static: one element-loop body, nested loops once, one output slice (not a total; see whole_pass).
+    row["static_loop_instructions"] = row.pop("loop_instructions")
+    for key, count in (
+        ("static_instructions_per_element", "static_loop_instructions"),
+        ("static_ex2_per_element", "loop_ex2"),
+    ):
         row[key] = None if row[count] is None else round(row[count] * threads / elements, 2)
+    row.update(whole_pass(row, config, task["D"], precision))
+    del row["loop_outside"], row["loop_nested"]
     return row
 
 
@@ -266,8 +426,10 @@ def list_tasks(arches: list[str], dtypes: list[str], dims: list[int], kernels: l
                         continue
                     table = tile_configs(spec.kind, arch_name, getattr(torch, dtype_name), spec.constexprs)
                     count = min(len(table), configs) if configs else len(table)
-                    tasks += [dict(kernel=spec.name, arch_name=arch_name, dtype=dtype, D=d, config_index=i)
-                              for i in range(count)]
+                    tasks += [
+                        dict(kernel=spec.name, arch_name=arch_name, dtype=dtype, D=d, config_index=i)
+                        for i in range(count)
+                    ]
     return tasks
 
 
@@ -280,8 +442,16 @@ _FOR = re.compile(r"scf\.for (%[\w.$-]+) = ")
 _ITER_ARGS = re.compile(r"iter_args\(([^)]*)\)")
 _I32 = re.compile(r":\s*(?:tensor<[\dx]*x)?i32>?$")
 # Ops that only move, reshape or widen a value: a constant / an argument stays one through them.
-_PASS_THROUGH = ("tt.splat", "tt.broadcast", "tt.expand_dims", "tt.reshape", "arith.extsi", "arith.extui",
-                 "arith.trunci", "arith.index_cast")
+_PASS_THROUGH = (
+    "tt.splat",
+    "tt.broadcast",
+    "tt.expand_dims",
+    "tt.reshape",
+    "arith.extsi",
+    "arith.extui",
+    "arith.trunci",
+    "arith.index_cast",
+)
 # Integer products (shli: a product by a power of two).
 _PRODUCTS = ("arith.muli", "arith.shli")
 
@@ -295,7 +465,7 @@ def _strip_locations(line: str) -> tuple[str, str | None]:
             depth += {"(": 1, ")": -1}.get(line[end], 0)
             if depth == 0:
                 break
-        last, line = line[begin + 5:end], line[:begin] + line[end + 1:]
+        last, line = line[begin + 5 : end], line[:begin] + line[end + 1 :]
     return line.rstrip(), last
 
 
@@ -308,7 +478,7 @@ def _source_line(reference: str | None, locations: dict) -> str:
         if reference.startswith("#loc"):
             reference = locations.get(reference)
         elif reference.startswith("callsite("):
-            reference = reference[len("callsite("):].split(" at ")[0]
+            reference = reference[len("callsite(") :].split(" at ")[0]
         elif reference.startswith('"'):
             name, _, rest = reference[1:].partition('"')
             if rest.startswith(":"):
@@ -386,12 +556,15 @@ def _parse_ttir(ttir: str) -> tuple[list[_Node], list[int], dict]:
             iterated = _ITER_ARGS.search(rhs)
             pairs = [p.split(" = ") for p in iterated.group(1).split(", ")] if iterated else []
             inits = [resolve(init.strip()) for _, init in pairs]
-            result_ids = [define(name, _Node(op, line, location, [inits[k]]))
-                          for k, name in enumerate(result_names(lhs))]
+            result_ids = [
+                define(name, _Node(op, line, location, [inits[k]])) for k, name in enumerate(result_names(lhs))
+            ]
             scopes.append({})
             define(_FOR.search(rhs).group(1), _Node("iv", line, location, []))
-            iter_ids = [define(name.strip(), _Node("block-arg", line, location, [inits[k]]))
-                        for k, (name, _) in enumerate(pairs)]
+            iter_ids = [
+                define(name.strip(), _Node("block-arg", line, location, [inits[k]]))
+                for k, (name, _) in enumerate(pairs)
+            ]
             owners.append((op, result_ids, iter_ids))
             continue
         operands = [i for i in (resolve(n) for n in _VALUE.findall(rhs)) if i is not None]
