@@ -322,9 +322,9 @@ def test_interpreted_triton_kernels_address_rows_past_2_31(interpreted):
     assert far_x.stride(1) * (d - 1) >= LIMIT and far_y.stride(0) * (n - 1) >= LIMIT
 
     def loss_run(loss, *inputs, **options):
-        leaves = [t.detach().requires_grad_() for t in inputs]
-        value = getattr(functional, loss)(*leaves, temperature=0.1, sub_dim=sub_dim, backend="triton", **options)
-        return (value, *torch.autograd.grad(value, leaves))
+        args = [t.detach().requires_grad_() if t.is_floating_point() else t for t in inputs]
+        value = getattr(functional, loss)(*args, temperature=0.1, sub_dim=sub_dim, backend="triton", **options)
+        return (value, *torch.autograd.grad(value, [t for t in args if t.requires_grad]))
 
     def block_run(a, k, positives):
         fields = (
