@@ -18,11 +18,11 @@ def compile_specs(dtype, precision: str, sub_dim: int, layout: str = "contiguous
 
 
 def auxiliary_specs(dtype, sub_dim: int, layout: str = "contiguous") -> list:
-    """The kernels outside the tile tables (the inverse-norm pre-pass, row epilogues, the augmentation
-    kernels) as ``CompileSpec`` rows of kind ``"launch"`` (compiled with their launch's own block sizes
-    and 4 warps), for the address check (``compile_only.address_check``)."""
+    """The kernels outside the tile tables (the row epilogues, the augmentation kernels) as ``CompileSpec``
+    rows of kind ``"launch"`` (compiled with their launch's own block sizes and 4 warps), for the address
+    check (``compile_only.address_check``)."""
     specs = []
-    for module in ("_common", "block", "augment"):
+    for module in ("block", "augment"):
         specs += importlib.import_module(f"{__name__}.{module}").auxiliary_specs(dtype, sub_dim, layout=layout)
     return specs
 

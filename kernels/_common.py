@@ -1,4 +1,4 @@
-"""Helpers shared by the similarity kernels (the block primitive, NT-Xent, SupCon, cross-view InfoNCE).
+"""Helpers of the Triton block primitive (kernels/block.py).
 
 Host side (plain Python, stable names):
 
@@ -9,9 +9,8 @@ Host side (plain Python, stable names):
 - :func:`accumulator` — the Triton accumulation dtype (``tl.float64`` for float64 rows, else fp32).
 - :func:`autotune_configs` — ``triton.Config`` lists for ``*forward`` kinds (meta-parameters
   ``BLOCK_M``, ``BLOCK_N``, ``BLOCK_D``) and ``*backward`` kinds (adds ``BLOCK_DO``, the width of the
-  slice of output features one program accumulates): ``forward`` / ``backward`` (InfoNCE's tiles),
-  ``block_forward`` / ``block_backward`` (the block primitive, NT-Xent's and SupCon's forwards) and
-  ``symmetric_backward`` (NT-Xent's and SupCon's one-pass backwards). Entries for sm90 (H100/H200), sm80 (A100) and a
+  slice of output features one program accumulates): ``block_forward`` / ``block_backward`` (the block
+  primitive's passes). Entries for sm90 (H100/H200), sm80 (A100) and a
   small fallback; under the interpreter ONE small config (16×16 tiles), since autotuning there is
   far too slow. Use with ``triton.autotune(configs=..., key=["D", "SHAPE_BUCKET", ...],
   prune_configs_by=prune(kind))``: Triton adds the dtypes of all tensor arguments to the key, so the tuning is
@@ -24,38 +23,19 @@ Host side (plain Python, stable names):
   result by it (it is a power of two: exact).
 - :func:`prune` — the ``prune_configs_by`` dict of a kind: keeps the table a launch uses (small tiles,
   the sigmoid epilogue's tables) and drops feature tiles far wider than D.
-- :func:`pair_rows` / :func:`view_major_rows` (device side: :func:`single_rows`) — a *stacked-rows
-  descriptor*: the 8 kernel arguments
-  ``(first, first_stride_m, first_stride_d, rest, rest_stride_block, rest_stride_m, rest_stride_d, N)``
-  of a virtual [M, D] matrix whose row r = b·N + n is ``first[n]`` for b = 0, else ``rest[n]`` shifted by
-  b·rest_stride_block elements: ``[z1; z2]`` from two tensors, or SupCon's view-major rows of
-  features [N, V, D], read in place through the user's strides (no cat, no reshape copy); one matrix x
-  is ``pair_rows(x, x)`` with m = N (InfoNCE's q and k). The inverse-norm pre-pass and the row
-  epilogues use it; the element loops take one [rows, D] matrix per launch instead (no per-element
-  pointer selects).
-- :func:`inverse_norms` — the fused normalization's O(M·D') pre-pass: 1/max(‖row[:D']‖, 1e-12) per
-  stacked row (one launch), in the accumulation dtype.
 - :func:`shape_bucket` — the size bucket every autotune key holds (``SHAPE_BUCKET`` kernel argument).
 
 Device side (``@triton.jit``):
 
-- :func:`similarity_tile` — ``A[rows] · B[cols]ᵀ`` in the accumulator dtype, looping over D in
-  ``BLOCK_D`` chunks; every load is masked on rows, columns and D, rows may have any strides (row
-  offsets in int64: M × stride may pass 2³¹). Forward
-  and backward call it with the same operands so the recomputed tile matches the forward's bits
-  (for the same config).
 - :func:`mma` — ``tl.dot(a, b, acc)`` with the given precision and accumulator. Triton 3.9's
   interpreter multiplies bfloat16 operands as their raw uint16 bits, so under the interpreter (only)
   bfloat16 operands are widened to float32 first — exact, and the same products and fp32 accumulation
   the GPU's bf16 MMA computes. Use it for every dot.
-- :func:`online_logsumexp` / :func:`finish_logsumexp` — the running (max, sum) update of one tile
-  along axis 1, safe for rows whose columns so far are all −inf, and the final ``max + log(sum)``.
-- :func:`stacked_pointers` / :func:`load_stacked` — element pointers / masked loads of rows × features
-  of a stacked-rows descriptor ``src`` (a tuple; rows int64).
+- :func:`single_rows` / :func:`stacked_pointers` / :func:`load_stacked` — a stacked-rows descriptor of one
+  [n, D] matrix (a tuple) and element pointers / masked loads of its rows × features (rows int64).
 - :func:`load_inverse_norms` — stored inverse norms, or ones when the loss does not normalize.
 - :func:`store_row_gradient` — dL/dz from dL/dẑ for ẑ = z·r: F.normalize's backward
   r·(dẑ − ẑ⟨ẑ, dẑ⟩), only r·dẑ where the norm was clamped, identity without normalization.
-- :func:`finish_row_gradient` — a backward program's epilogue (scales, ⟨ẑ, dẑ⟩ store, dL/dz store).
 
 Example (host side):
     >>> import torch
@@ -129,8 +109,7 @@ def gradient_prescale(dtype: torch.dtype) -> float:
 
 
 # (BLOCK_M, BLOCK_N, BLOCK_D, num_warps, num_stages); backward entries add BLOCK_DO before num_warps.
-# Chosen by the compile-only report (docs/kernels.md): no spills, shared memory within the limit. The
-# symmetric backwards keep 64-row tiles at 8 warps (128-row ones sit at 255 registers and spill).
+# Chosen by the compile-only report (docs/kernels.md): no spills, shared memory within the limit.
 _FORWARD = {
     "sm90": [(128, 128, 64, 8, 3), (128, 64, 64, 8, 3), (64, 128, 64, 4, 4), (64, 64, 32, 4, 3)],
     "sm80": [(128, 128, 32, 8, 3), (128, 64, 64, 8, 3), (64, 64, 64, 8, 3), (64, 64, 32, 8, 3)],
@@ -143,12 +122,11 @@ _BACKWARD = {
 }
 # The block primitive's forward (kernels/block.py) folds the row scale into its exp2 and keeps only the
 # running (max, sum) per row: its 128×64 tile fits 4 warps (one warpgroup, 64 elements per thread, half
-# the per-tile row work per element of 8 warps); the local kernels' SupCon-with-mask spilled there.
+# the per-tile row work per element of 8 warps).
 _BLOCK_FORWARD = dict(_FORWARD, sm90=[(128, 128, 64, 8, 3), (128, 64, 64, 4, 3), (64, 128, 64, 4, 4),
                                       (64, 64, 32, 4, 3)])
-# The block primitive's backward passes (kernels/block.py) carry less per tile than the symmetric
-# backwards: at 4 warps they stay below 255 registers without spills on sm90 and halve the per-tile
-# overhead per element.
+# The block primitive's backward passes (kernels/block.py): at 4 warps they stay below 255 registers without
+# spills on sm90 and halve the per-tile overhead per element.
 _BLOCK_BACKWARD = dict(_BACKWARD, sm90=[(64, 64, 64, 64, 4, 3), (64, 64, 32, 64, 4, 3)])
 # Small tiles, the only ones for 4-byte rows (fp32 dots: tf32x3 holds high and low parts of both
 # operands in registers) and for the block kernels' per-element positives (:func:`needs_small_tiles`).
@@ -161,33 +139,21 @@ _SMALL_BACKWARD = {"sm90": [(64, 64, 32, 64, 8, 3)], "sm80": [(32, 32, 32, 32, 4
 _SIGMOID_BLOCK_FORWARD = dict(_BLOCK_FORWARD, sm90=[e for e in _BLOCK_FORWARD["sm90"] if e != (64, 128, 64, 4, 4)])
 _SIGMOID_BLOCK_BACKWARD = dict(_BLOCK_BACKWARD, sm90=[(64, 64, 64, 64, 4, 3), (64, 64, 32, 32, 4, 3)])
 _SIGMOID_SMALL_BACKWARD = dict(_SMALL_BACKWARD, sm90=[(64, 64, 32, 32, 8, 3)])
-# The symmetric backwards of NT-Xent and SupCon (kernels/block.py ``_symmetric_keys``: two exponentials per
-# element and a column lse per tile) on the block backward's sm90 tiles; on sm80 the 64x64x32x32 / 8-warp
-# entry spilled 12-80 B (ptxas held it at 128 registers). Small tiles: 64x32x16x32 / 4 warps was the one
-# candidate without spills in every small-tile launch on sm90 (tf32x3 and mask positives: 64x64 tiles spilled
-# 4 B-1.2 KB), 32x32x16x32 on sm80 (32x32x32x32 spilled 32 B with a mask in tf32x3).
-_SYMMETRIC_BACKWARD = dict(_BLOCK_BACKWARD, sm80=[(64, 64, 64, 64, 8, 3), (64, 64, 32, 64, 8, 3)])
-_SMALL_SYMMETRIC_BACKWARD = dict(_SMALL_BACKWARD, sm90=[(64, 32, 16, 32, 4, 3)], sm80=[(32, 32, 16, 32, 4, 2)])
-_TABLES = {"forward": (_FORWARD, _SMALL_FORWARD), "backward": (_BACKWARD, _SMALL_BACKWARD),
-           "block_forward": (_BLOCK_FORWARD, _SMALL_FORWARD), "block_backward": (_BLOCK_BACKWARD, _SMALL_BACKWARD),
-           "symmetric_backward": (_SYMMETRIC_BACKWARD, _SMALL_SYMMETRIC_BACKWARD)}
-# Symmetric InfoNCE's one-pass forward also folds each tile's column log-sum-exp into a partial: per
-# column work, repeated by every warp that holds a slice of the column. 64-row tiles at 4 warps (one
-# warpgroup) keep that near 0.06-0.16 ex2 per element; the 8-warp and 64×64 entries paid 0.4-1.1 more
-# (sm90: 3.03 ex2 and 75 instructions per element at 128×128 / 8 warps vs 2.06 and 52-55 here).
-_SYMMETRIC_FORWARD = dict(_FORWARD, sm90=[(64, 128, 64, 4, 4), (64, 128, 32, 4, 3)],
-                          sm80=[(64, 128, 32, 4, 3), (64, 128, 64, 4, 3)])
+_TABLES = {"block_forward": (_BLOCK_FORWARD, _SMALL_FORWARD), "block_backward": (_BLOCK_BACKWARD, _SMALL_BACKWARD)}
 # Tables that replace a kind's main / small ones when a launch sets the named constexpr.
 # Own blocks (kernels/block.py, ``Layout.own_block``: G + Gᵀ from one tile, two exponentials and the columns'
 # coefficients per element) take 8 warps on sm90 too: at 4 warps (bf16, D' = 128) index positives left out of
 # the denominator spilled (64x64x64x64: 255 registers, 16 B; 64x64x32x64: 255, 4 B); at 8 warps they hold 216
-# / 174 registers and labels 169 (64x64x64x64), no spills. sm80: the symmetric table, 169-225, no spills.
-_OWN_BACKWARD = dict(_SYMMETRIC_BACKWARD, sm90=_BACKWARD["sm90"])
+# / 174 registers and labels 169 (64x64x64x64), no spills. sm80: 169-225 registers, no spills (the 64x64x32x32
+# / 8-warp entry of the block backward spilled 12-80 B in the retired one-pass symmetric backwards, which
+# did the same per-element work). Small tiles: 64x32x16x32 / 4 warps on sm90 (64x64 ones spilled 4 B-1.2 KB
+# there with tf32x3 and mask positives), 32x32x16x32 on sm80 (32x32x32x32 spilled 32 B with a mask in tf32x3).
+_OWN_BACKWARD = dict(_BLOCK_BACKWARD, sm90=_BACKWARD["sm90"], sm80=[(64, 64, 64, 64, 8, 3), (64, 64, 32, 64, 8, 3)])
+_SMALL_OWN_BACKWARD = dict(_SMALL_BACKWARD, sm90=[(64, 32, 16, 32, 4, 3)], sm80=[(32, 32, 16, 32, 4, 2)])
 _OVERRIDES = {
-    ("block_backward", "OWN"): (_OWN_BACKWARD, _SMALL_SYMMETRIC_BACKWARD),
+    ("block_backward", "OWN"): (_OWN_BACKWARD, _SMALL_OWN_BACKWARD),
     ("block_forward", "SIGMOID"): (_SIGMOID_BLOCK_FORWARD, _SMALL_FORWARD),
     ("block_backward", "SIGMOID"): (_SIGMOID_BLOCK_BACKWARD, _SIGMOID_SMALL_BACKWARD),
-    ("forward", "SYMMETRIC"): (_SYMMETRIC_FORWARD, _SMALL_FORWARD),
 }
 # Entries a table keeps for most launches but that spill for one launch shape, by the compile-only report:
 # (kind, arch, the launch's constexprs → bool, entries dropped). SigLIP's sigmoid epilogue with label
@@ -197,9 +163,7 @@ _SPILLING = [
     ("block_backward", "sm90",
      lambda flags: flags.get("SIGMOID") and flags.get("POSITIVES") == PositiveKind.LABELS, {(64, 64, 64, 64, 4, 3)}),
 ]
-_INTERPRETER = {"forward": (16, 16, 16, 1, 1), "backward": (16, 16, 16, 16, 1, 1),
-                "block_forward": (16, 16, 16, 1, 1), "block_backward": (16, 16, 16, 16, 1, 1),
-                "symmetric_backward": (16, 16, 16, 16, 1, 1)}
+_INTERPRETER = {"block_forward": (16, 16, 16, 1, 1), "block_backward": (16, 16, 16, 16, 1, 1)}
 
 
 def _architecture() -> str:
@@ -236,7 +200,7 @@ def tile_configs(kind: str, arch: str, dtype: torch.dtype | None = None, constex
     :func:`needs_small_tiles`). The compile-only report compiles exactly these.
 
     Example:
-        >>> [c.kwargs["BLOCK_M"] for c in tile_configs("forward", "fallback")]
+        >>> [c.kwargs["BLOCK_M"] for c in tile_configs("block_forward", "fallback")]
         [64, 32]
     """
     if kind not in _TABLES:
@@ -253,8 +217,7 @@ def tile_configs(kind: str, arch: str, dtype: torch.dtype | None = None, constex
 
 @functools.lru_cache(maxsize=None)
 def autotune_configs(kind: str) -> list:
-    """Configs for ``kind`` (a key of ``_TABLES``: "forward", "backward", "block_forward", "block_backward",
-    "symmetric_backward") on this machine:
+    """Configs for ``kind`` (a key of ``_TABLES``: "block_forward", "block_backward") on this machine:
     the architecture's tables, small tiles and sigmoid tables (:func:`prune` keeps the ones a launch may
     use; see the module docstring)."""
     if kind not in _TABLES:
@@ -323,28 +286,6 @@ def prune(kind: str) -> dict:
 
 
 @triton.jit
-def similarity_tile(
-    a_ptr, stride_am, stride_ad, rows, row_mask,
-    b_ptr, stride_bm, stride_bd, cols, col_mask,
-    D,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    PRECISION: tl.constexpr, ACC: tl.constexpr,
-):
-    """[BLOCK_M, BLOCK_N] tile of A[rows] · B[cols]ᵀ (not divided by τ), accumulated in ACC."""
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
-    offs_d = tl.arange(0, BLOCK_D)
-    for d0 in range(0, D, BLOCK_D):
-        d = d0 + offs_d
-        d_mask = d < D
-        a = tl.load(a_ptr + rows.to(tl.int64)[:, None] * stride_am + stride_offsets(d, stride_ad)[None, :],
-                    mask=row_mask[:, None] & d_mask[None, :], other=0.0)
-        b = tl.load(b_ptr + cols.to(tl.int64)[:, None] * stride_bm + stride_offsets(d, stride_bd)[None, :],
-                    mask=col_mask[:, None] & d_mask[None, :], other=0.0)
-        acc = mma(a, tl.trans(b), acc, PRECISION, ACC)
-    return acc
-
-
-@triton.jit
 def stride_offsets(index, stride):
     """index × stride as a pointer offset, in int64 (a feature index times a transposed view's stride passes
     2³¹ at N·D ≥ 2³¹). Triton specializes a stride equal to 1 into the constant 1 (a contiguous feature
@@ -365,61 +306,23 @@ def mma(a, b, acc, PRECISION: tl.constexpr, ACC: tl.constexpr):
     return tl.dot(a, b, acc, input_precision=PRECISION, out_dtype=ACC)
 
 
-@triton.jit
-def online_logsumexp(running_max, running_sum, s):
-    """Folds tile ``s`` ([rows, cols], −inf = excluded) into the per-row running (max, sum)."""
-    new_max = tl.maximum(running_max, tl.max(s, axis=1))
-    # Rows with no finite entry yet keep max −inf; shift by 0 there so exp(−inf − shift) = 0, not NaN.
-    shift = tl.where(new_max == float("-inf"), 0.0, new_max)
-    running_sum = running_sum * tl.exp(running_max - shift) + tl.sum(tl.exp(s - shift[:, None]), axis=1)
-    return new_max, running_sum
+# --- stacked rows and the fused normalization's backward ------------------------------------------------
 
-
-@triton.jit
-def finish_logsumexp(running_max, running_sum):
-    """log Σ exp from the running (max, sum); −inf for rows that saw no finite entry."""
-    return running_max + tl.log(running_sum)
-
-
-# --- stacked rows, fused normalization, forward/backward tile configs ---------------------------------
-
-_NORM_EPS = tl.constexpr(NORM_EPS)
 # 1/max(‖z‖, eps) equals this exactly (fp32 and fp64) iff the norm was clamped.
 _CLAMPED_INV_NORM = tl.constexpr(1.0 / NORM_EPS)
 
 
-def pair_rows(first: torch.Tensor, second: torch.Tensor) -> tuple:
-    """Stacked-rows descriptor of [first; second] for two [N, D] tensors with any strides.
-
-    Example:
-        >>> z1, z2 = torch.randn(4, 8), torch.randn(8, 4).T  # z2: a transposed view
-        >>> pair_rows(z1, z2)[1:3], pair_rows(z1, z2)[4:]
-        ((8, 1), (0, 1, 4, 4))
-    """
-    return (first, first.stride(0), first.stride(1), second, 0, second.stride(0), second.stride(1), first.shape[0])
-
-
-def view_major_rows(features: torch.Tensor) -> tuple:
-    """Stacked-rows descriptor of features [N, V, D] in view-major order (row v·N + n = features[n, v]).
-
-    Example:
-        >>> rows = view_major_rows(torch.randn(5, 2, 8))
-        >>> rows[1:3], rows[4:]  # row v·5 + n at n·16 + v·8
-        ((16, 1), (8, 16, 1, 5))
-    """
-    stride_n, stride_v, stride_d = features.stride()
-    return (features, stride_n, stride_d, features, stride_v, stride_n, stride_d, features.shape[0])
-
-
 @triton.jit
 def single_rows(ptr, stride_m, stride_d, n):
-    """Device-side stacked-rows descriptor of one [n, D] matrix: the host's ``pair_rows(x, x)`` (m = n)."""
+    """Stacked-rows descriptor (see :func:`stacked_pointers`) of one [n, D] matrix: every row in block 0."""
     return (ptr, stride_m, stride_d, ptr, 0, stride_m, stride_d, n)
 
 
 @triton.jit
 def stacked_pointers(src, rows, d):
-    """Pointers to the [rows, d] elements of the stacked rows ``src`` (see :func:`pair_rows`). Every
+    """Pointers to the [rows, d] elements of the stacked rows ``src`` = (first, first_stride_m,
+    first_stride_d, rest, rest_stride_block, rest_stride_m, rest_stride_d, n): row r = b·n + i is first[i]
+    for b = 0, else rest[i] shifted by b·rest_stride_block elements. Every
     index × stride product is int64 (rows × stride or d × a transposed view's stride may pass 2³¹); the
     block / local split stays in the rows' own width (no 64-bit division for int32 rows)."""
     first_ptr, first_stride_m, first_stride_d, rest_ptr, rest_stride_block, rest_stride_m, rest_stride_d, n = src
@@ -463,67 +366,6 @@ def store_row_gradient(
         dz = d_hat * inv[:, None] - (radial * inv * inv)[:, None] * z
     tl.store(stacked_pointers(dst, rows, out_d), dz.to(dst[0].dtype.element_ty),
              mask=row_mask[:, None] & out_mask[None, :])
-
-
-@triton.jit
-def finish_row_gradient(
-    src, dst, rows, row_mask, out_d, out_mask, inv_rows, d_hat, radial, scale_ptr, radial_scale_ptr, radial_ptr,
-    NORMALIZE: tl.constexpr, ACC: tl.constexpr,
-):
-    """Scales dẑ by *scale_ptr and ⟨ẑ, dẑ⟩ by *radial_scale_ptr, stores the latter (output slice 0 only:
-    the host sums it for dL/dτ) and dL/dz through :func:`store_row_gradient`."""
-    radial *= tl.load(radial_scale_ptr)
-    if tl.program_id(1) == 0:
-        tl.store(radial_ptr + rows, radial, mask=row_mask)
-    store_row_gradient(src, dst, rows, row_mask, out_d, out_mask, inv_rows, d_hat * tl.load(scale_ptr), radial,
-                       NORMALIZE, ACC)
-
-
-@triton.jit
-def _inverse_norms_kernel(
-    first_ptr, first_stride_m, first_stride_d, rest_ptr, rest_stride_block, rest_stride_m, rest_stride_d, N,
-    out_ptr, M, D, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr,
-):
-    src = (first_ptr, first_stride_m, first_stride_d, rest_ptr, rest_stride_block, rest_stride_m, rest_stride_d, N)
-    rows = (tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)).to(tl.int64)
-    row_mask = rows < M
-    squares = tl.zeros((BLOCK,), dtype=ACC)
-    for d0 in range(0, D, BLOCK_D):
-        d = d0 + tl.arange(0, BLOCK_D)
-        z = load_stacked(src, rows, row_mask, d, d < D).to(ACC)
-        squares += tl.sum(z * z, axis=1)
-    # Correctly rounded sqrt and division (the defaults are approximate on the GPU): a clamped row's r is
-    # then exactly 1/eps, which the gradient epilogue tests for (O(M) work, so the cost is nil).
-    if ACC == tl.float32:
-        norm = tl.maximum(tl.sqrt_rn(squares), _NORM_EPS)
-        inv = tl.div_rn(tl.full(norm.shape, 1.0, ACC), norm)
-    else:  # eps as a float64 tensor: triton 3.6's tl.maximum rounds a Python float to float32 first (TTIR)
-        inv = 1.0 / tl.maximum(tl.sqrt(squares), tl.full(squares.shape, _NORM_EPS, ACC))
-    tl.store(out_ptr + rows, inv, mask=row_mask)
-
-
-def inverse_norms(rows: tuple, m: int, sub_dim: int) -> torch.Tensor:
-    """1/max(‖row[:sub_dim]‖, 1e-12) for the m stacked rows ``rows``, float32 (float64 for float64 rows)."""
-    like = rows[0]
-    dtype = torch.float64 if like.dtype == torch.float64 else torch.float32
-    out = torch.empty(m, dtype=dtype, device=like.device)
-    block = 16 if interpreted() else 128
-    _inverse_norms_kernel[(triton.cdiv(m, block),)](
-        *rows, out, m, sub_dim,
-        BLOCK=block, BLOCK_D=max(16, min(64, triton.next_power_of_2(sub_dim))), ACC=accumulator(like.dtype),
-        **LAUNCH_OPTIONS,
-    )
-    return out
-
-
-def auxiliary_specs(dtype: torch.dtype, sub_dim: int, n: int = 4096, layout: str = "contiguous") -> list[CompileSpec]:
-    """The inverse-norm pre-pass as NT-Xent ([z1; z2]) and SupCon (view-major [n, 2, sub_dim]) launch it."""
-    out = torch.empty(2 * n, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
-    meta = dict(BLOCK=128, BLOCK_D=max(16, min(64, triton.next_power_of_2(sub_dim))), ACC=accumulator(dtype))
-    pair = pair_rows(example_rows((n, sub_dim), dtype, layout), example_rows((n, sub_dim), dtype, layout))
-    views = view_major_rows(example_rows((n, 2, sub_dim), dtype, layout))
-    return [CompileSpec(f"inverse_norms_{name}", "launch", _inverse_norms_kernel, (*rows, out, 2 * n, sub_dim), meta)
-            for name, rows in (("pair", pair), ("views", views))]
 
 
 def shape_bucket(rows: int) -> int:

@@ -93,7 +93,6 @@ SUPPORTS_OWN_BLOCK = True  # block_backward honours Layout.own_block (fastcl.dis
 _INDEX = tl.constexpr(int(PositiveKind.INDEX))
 _LABELS = tl.constexpr(int(PositiveKind.LABELS))
 _MASK = tl.constexpr(int(PositiveKind.MASK))
-_POSITIVES = {kind.name.lower(): int(kind) for kind in PositiveKind}  # kernels/supcon.py's, until #22 deletes it
 # The tile walk (_tile_schedule): two unmasked phases, then the masked one.
 _PHASES = tl.constexpr(3)
 _MASKED_PHASE = tl.constexpr(2)
@@ -608,80 +607,6 @@ def _anchor_tile(
         else:
             g = g * k_inv[None, :]
     return mma(g.to(k_slice.dtype), k_slice, d_hat, PRECISION, ACC), g_sum
-
-
-@triton.jit
-def _symmetric_tile(
-    d_hat, radial, start, a_ptrs, b_ptrs0, slice_ptrs0, stride_km, stride_kd, k_inv_ptr, k_lse2_ptr, k_weight_ptr,
-    rows, row_mask, row_scale, lse2_rows, w_rows, mask_ptr, stride_mask_a, stride_mask_k, self_offset, K, D,
-    stride_ad, out_mask,
-    NORMALIZE: tl.constexpr, POSITIVES: tl.constexpr, MASKED: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, EVEN_DO: tl.constexpr,
-    PRECISION: tl.constexpr, ACC: tl.constexpr, PRESCALE: tl.constexpr, SCALE_OPERAND: tl.constexpr,
-):
-    """One key tile of a symmetric (single-loss) backward, where rows and keys are the same rows Z:
-    T_rc = 2^{u·c_r − L_r} + 2^{u·c_r − L_c} (both softmax terms of entry (r, c) from one tile; L = lse·log2 e,
-    +inf for a row with no term) minus, for mask positives (POSITIVES == _MASK), w_r·P_rc + w_c·P_cr.
-    d_hat += T·PRESCALE·ẑ[tile, out]; radial += Σ_c T_rc·u_rc (u = s·τ/r_r: the row scale once, after the
-    loop). Other positives are the caller's, outside the loop. MASKED: the tile may hold padding keys or
-    the self entry c = r + self_offset."""
-    cols, col_mask, u, k_inv = _key_tile_logits(
-        start, a_ptrs, b_ptrs0, k_inv_ptr, row_mask, row_scale, K, D, stride_ad, stride_km, stride_kd, NORMALIZE,
-        MASKED, BLOCK_M, BLOCK_N, BLOCK_D, EVEN_D, PRECISION, ACC, False)
-    if MASKED:
-        lse2_cols = tl.load(k_lse2_ptr + cols, mask=col_mask, other=float("inf"))
-    else:
-        lse2_cols = tl.load(k_lse2_ptr + cols)
-    e = tl.exp2(u * row_scale[:, None] - lse2_rows[:, None]) + tl.exp2(u * row_scale[:, None] - lse2_cols[None, :])
-    if POSITIVES == _MASK:
-        if MASKED:
-            w_cols = tl.load(k_weight_ptr + cols, mask=col_mask, other=0.0)
-        else:
-            w_cols = tl.load(k_weight_ptr + cols)
-        # P_rc = mask[r, c] and P_cr = mask[c, r] (the mask may be asymmetric).
-        p = _positive_weights(rows, row_mask, cols, col_mask, rows, rows, k_weight_ptr, mask_ptr, stride_mask_a,
-                              stride_mask_k, K, K, POSITIVES, ACC)
-        p_t = _positive_weights(rows, row_mask, cols, col_mask, rows, rows, k_weight_ptr, mask_ptr, stride_mask_k,
-                                stride_mask_a, K, K, POSITIVES, ACC)
-        e -= w_rows[:, None] * p + w_cols[None, :] * p_t
-    if MASKED:
-        kept = row_mask[:, None] & col_mask[None, :] & (cols[None, :] != rows[:, None] + self_offset)
-        e = tl.where(kept, e, 0.0)
-    radial += tl.sum(e * u, axis=1)
-    k_slice = _load_slice(slice_ptrs0 + tl.cast(start, tl.int64) * stride_km, col_mask, out_mask, MASKED, EVEN_DO)
-    if NORMALIZE and SCALE_OPERAND:  # float16: ẑ = z·r (|ẑ| ≤ 1) as the operand, so T·r·PRESCALE cannot overflow
-        k_slice = (k_slice.to(ACC) * k_inv[:, None]).to(k_slice.dtype)
-        g = e * PRESCALE
-    else:
-        g = e * (k_inv * PRESCALE)[None, :]
-    return mma(g.to(k_slice.dtype), k_slice, d_hat, PRECISION, ACC), radial
-
-
-@triton.jit
-def _symmetric_keys(
-    d_hat, radial, first_row, a_ptrs, k_ptr, stride_km, stride_kd, k_inv_ptr, k_lse2_ptr, k_weight_ptr,
-    rows, row_mask, row_scale, lse2_rows, w_rows, mask_ptr, stride_mask_a, stride_mask_k, self_offset, K, D,
-    stride_ad, out, out_mask,
-    NORMALIZE: tl.constexpr, POSITIVES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, EVEN_DO: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
-    PRESCALE: tl.constexpr, SCALE_OPERAND: tl.constexpr,
-):
-    """Walks all K key rows at ``k_ptr`` with :func:`_symmetric_tile`: steady tiles unmasked, then the self
-    tiles (entry c = r + self_offset; an offset ≥ K means none) and the tail tile masked."""
-    tile_cols = tl.arange(0, BLOCK_N).to(tl.int64)
-    b_ptrs0 = k_ptr + tile_cols[:, None] * stride_km + stride_offsets(tl.arange(0, BLOCK_D), stride_kd)[None, :]
-    slice_ptrs0 = k_ptr + tile_cols[:, None] * stride_km + stride_offsets(out, stride_kd)[None, :]
-    schedule = _tile_schedule(first_row, BLOCK_M, self_offset, K, BLOCK_N, True)
-    for phase in tl.static_range(_PHASES):
-        lo, hi = _phase_steps(phase, schedule, K, BLOCK_N)
-        for step in range(lo, hi):
-            d_hat, radial = _symmetric_tile(
-                d_hat, radial, _phase_tile(phase, step, schedule) * BLOCK_N, a_ptrs, b_ptrs0, slice_ptrs0, stride_km,
-                stride_kd, k_inv_ptr, k_lse2_ptr, k_weight_ptr, rows, row_mask, row_scale, lse2_rows, w_rows,
-                mask_ptr, stride_mask_a, stride_mask_k, self_offset, K, D, stride_ad, out_mask, NORMALIZE, POSITIVES,
-                phase == _MASKED_PHASE, BLOCK_M, BLOCK_N, BLOCK_D, EVEN_D, EVEN_DO, PRECISION, ACC, PRESCALE,
-                SCALE_OPERAND)
-    return d_hat, radial
 
 
 @triton.jit

@@ -5,8 +5,6 @@ from __future__ import annotations
 import contextlib
 from typing import Iterator, Optional
 
-from fastcl.contract import NORM_EPS  # noqa: F401  (kernels/_common.py still imports it from here)
-
 # A tile of rows × M float32 logits is about 8 MiB; the backward holds ~4 such temporaries.
 _TILE_ELEMENTS = 1 << 21
 _override: Optional[int] = None
