@@ -18,6 +18,7 @@ import importlib
 __version__ = "0.1.0"
 
 from fastcl import functional
+from fastcl import selfcheck as _selfcheck  # noqa: F401  (sets "auto"'s self-checked choice in fastcl.dispatch)
 from fastcl.dispatch import available_backends
 from fastcl.gradcache import GradCache
 from fastcl.memory_bank import MemoryBank

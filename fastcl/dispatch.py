@@ -3,6 +3,10 @@
 A backend is a module exposing the block primitive ``block_forward`` / ``block_backward`` (docs/block-
 engine.md; the engine runs it for every loss in every distributed mode) and, when its backward honours
 ``Layout.own_block``, ``SUPPORTS_OWN_BLOCK = True``. Nothing else imports a backend module by name.
+
+"auto"'s choice for CUDA tensors is fastcl/selfcheck.py's: the self-check runs losses from the registry, which
+resolve their backend here, so it sits above this module and hands its verdict down (:func:`set_auto_choice`;
+``import fastcl`` imports it).
 """
 
 from __future__ import annotations
@@ -12,10 +16,10 @@ import importlib
 import importlib.util
 import os
 from types import ModuleType
+from typing import Callable, Optional
 
 import torch
 
-from fastcl import selfcheck
 from fastcl.contract import triton_interpreted
 
 BACKENDS = ("torch", "triton", "cuda")
@@ -81,13 +85,15 @@ def available_backends() -> list[str]:
     return [b for b in BACKENDS if unavailable_reason(b) is None]
 
 
-@constant_for_compile  # under torch.compile the choice (and a first self-check) runs eagerly, outside the graph
-def _auto_uses_triton(device: torch.device, dtype: torch.dtype | None, loss: str | None) -> bool:
-    """ "auto"'s choice for CUDA tensors: triton where it runs and, for a named (dtype, loss), once it has
-    passed its self-check there (fastcl/selfcheck.py; a failure warns once and the torch backend runs)."""
-    if not selfcheck.applies(device) or unavailable_reason("triton", device) is not None:
-        return False
-    return dtype is None or loss is None or selfcheck.trusted("triton", device, dtype, loss)
+# (device, dtype, loss) -> whether "auto" runs triton: fastcl.selfcheck.auto_uses_triton, set when fastcl is imported.
+AutoChoice = Callable[[torch.device, Optional[torch.dtype], Optional[str]], bool]
+_auto_uses_triton: AutoChoice = lambda device, dtype, loss: False  # noqa: E731  (until the self-check sets it)
+
+
+def set_auto_choice(choice: AutoChoice) -> None:
+    """Installs "auto"'s choice for the triton backend (fastcl.selfcheck does, once; tests may override it)."""
+    global _auto_uses_triton
+    _auto_uses_triton = choice
 
 
 def resolve(backend: str, device: torch.device, dtype: torch.dtype | None = None, loss: str | None = None) -> str:

@@ -53,11 +53,14 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from fastcl import dispatch, registry
+
 __all__ = [
     "CheckResult",
     "SelfCheckWarning",
     "TOLERANCE",
     "applies",
+    "auto_uses_triton",
     "cache_path",
     "check",
     "dtype_name",
@@ -158,8 +161,6 @@ def check(backend: str, device: torch.device, dtype: torch.dtype, loss: str) -> 
         >>> result.passed, sorted(result.errors)
         (True, ['dtau', 'grad0', 'grad1', 'loss'])
     """
-    from fastcl import registry  # the layer above dispatch: imported when a check runs
-
     entry = registry.get(loss)
     start = time.perf_counter()
     errors: dict = {}
@@ -396,6 +397,18 @@ def trusted(backend: str, device: torch.device, dtype: torch.dtype, loss: str) -
 # torch.compile: Dynamo calls the function eagerly and bakes its answer into the graph (this attribute is
 # what torch.compiler.assume_constant_result sets; fastcl.dispatch explains why it is set by hand).
 trusted._dynamo_marked_constant = True
+
+
+@dispatch.constant_for_compile  # under torch.compile the choice (and a first check) runs eagerly, outside the graph
+def auto_uses_triton(device: torch.device, dtype: Optional[torch.dtype], loss: Optional[str]) -> bool:
+    """ "auto"'s choice for CUDA tensors (fastcl.dispatch asks it): triton where it runs and, for a named
+    (dtype, loss), once it has passed its self-check there (a failure warns once and the torch backend runs)."""
+    if not applies(device) or dispatch.unavailable_reason("triton", device) is not None:
+        return False
+    return dtype is None or loss is None or trusted("triton", device, dtype, loss)
+
+
+dispatch.set_auto_choice(auto_uses_triton)
 
 
 def forget() -> None:

@@ -33,14 +33,6 @@ EXTENSIONS = {"fastcl.cuda_backend": "fastcl._C"}  # compiled modules (csrc/) a 
 
 # (importer, imported): imports that break the rule today, each with the change that removes it.
 KNOWN_VIOLATIONS: dict[tuple[str, str], str] = {}
-# (importer, imported): imports that close a cycle today, each with why and what removes it.
-KNOWN_CYCLE_EDGES = {
-    ("fastcl.selfcheck", "fastcl.registry"): (
-        "dispatch's 'auto' choice runs the self-check, which runs a loss from the registry (dispatch -> "
-        "selfcheck -> registry -> functional -> dispatch); removed when the caller above dispatch runs the "
-        "check and hands dispatch its verdict"
-    ),
-}
 
 
 def _module_name(package: str, root: Path, path: Path) -> str:
@@ -202,13 +194,15 @@ def test_backends_import_only_torch_triton_the_contract_and_their_own_package():
 
 
 def test_no_import_cycles():
-    known = KNOWN_VIOLATIONS.keys() | KNOWN_CYCLE_EDGES.keys()
-    gone = sorted(edge for edge in KNOWN_CYCLE_EDGES if edge[1] not in GRAPH[edge[0]])
-    assert not gone, f"fixed, so delete these entries of KNOWN_CYCLE_EDGES: {gone}"
+    known = KNOWN_VIOLATIONS.keys()
     graph = {name: imports - {b for a, b in known if a == name} for name, imports in GRAPH.items()}
     assert _cycles(graph) == []
-    for importer, imported in KNOWN_CYCLE_EDGES:  # each entry still closes a cycle: it names a real one
-        assert _cycles({**graph, importer: graph[importer] | {imported}}), (importer, imported)
+
+
+def test_the_self_check_sits_above_dispatch_and_the_registry():
+    """dispatch asks "auto"'s choice of the layer that runs the self-check (it runs losses from the registry)."""
+    assert "fastcl.selfcheck" not in GRAPH["fastcl.dispatch"]
+    assert {"fastcl.dispatch", "fastcl.registry"} <= GRAPH["fastcl.selfcheck"]
 
 
 def _parameters(path: Path, function: str) -> list[str]:

@@ -8,6 +8,7 @@ milliseconds. One test runs the real Triton kernels (the interpreter on CPU, the
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import re
 import types
@@ -174,9 +175,12 @@ def test_a_corrupt_cache_file_is_ignored_and_rewritten(on_cpu, monkeypatch):
 
 def test_the_cache_file_depends_on_the_versions(on_cpu, monkeypatch):
     before = selfcheck.cache_path(CPU)
-    monkeypatch.setattr(fastcl, "__version__", "0.0.0-other")
+    installed = importlib.metadata.version  # the installed fastcl's version, as the cache reads it
+    monkeypatch.setattr(
+        importlib.metadata, "version", lambda name: "0.0.0-other" if name == "fastcl" else installed(name)
+    )
     assert selfcheck.cache_path(CPU) != before
-    monkeypatch.setattr(fastcl, "__version__", fastcl.__version__)
+    monkeypatch.setattr(importlib.metadata, "version", installed)
     monkeypatch.setattr(torch, "__version__", "0.0-other")
     assert selfcheck.cache_path(CPU) != before
 
