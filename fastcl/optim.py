@@ -81,3 +81,11 @@ def warmup_cosine(step: int, warmup_steps: int, total_steps: int) -> float:
         return (step + 1) / warmup_steps
     progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
     return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def penalty_ramp(step: int, warmup_steps: int, ramp_steps: int) -> float:
+    """Penalty multiplier: 0 for ``warmup_steps``, then linear to 1 over ``ramp_steps`` (1 at once if 0):
+    min(1, max(0, (step - warmup_steps) / ramp_steps))."""
+    if ramp_steps == 0:
+        return float(step >= warmup_steps)
+    return min(1.0, max(0.0, (step - warmup_steps) / ramp_steps))

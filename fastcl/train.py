@@ -44,7 +44,7 @@ from fastcl.distributed import MODES  # noqa: E402
 from fastcl.evaluation import evaluate, plot_spectra  # noqa: E402
 from fastcl.gradcache import GradCache  # noqa: E402
 from fastcl.models import ENCODERS, HEADS, ContrastiveModel, build_encoder  # noqa: E402
-from fastcl.optim import LARS, parameter_groups, warmup_cosine  # noqa: E402
+from fastcl.optim import LARS, parameter_groups, penalty_ramp, warmup_cosine  # noqa: E402
 
 # --method names come from the loss registry: each names the registered loss it trains with.
 METHODS = tuple(registry.METHODS)
@@ -68,6 +68,8 @@ RESUME_MUST_MATCH = (
     "aug_strength",
     "temperature",
     "gp_lambda",
+    "gp_warmup_epochs",
+    "gp_ramp_epochs",
 )
 
 
@@ -142,6 +144,12 @@ def build_parser() -> argparse.ArgumentParser:
         "batch (one extra forward; BatchNorm normalizes per chunk; docs/gradcache.md)",
     )
     p.add_argument("--gp-lambda", type=float, default=0.0, help="Foster et al. gradient penalty weight (0 = off)")
+    p.add_argument(
+        "--gp-warmup-epochs", type=float, default=0.0, help="epochs without the penalty before its ramp starts"
+    )
+    p.add_argument(
+        "--gp-ramp-epochs", type=float, default=0.0, help="epochs over which the penalty weight rises 0 -> gp-lambda"
+    )
     p.add_argument("--gp-draws", type=int, default=100, help="alpha' draws per example for the penalty")
     p.add_argument(
         "--gp-clamp", type=float, default=None, help="clamp on the penalty (default 1000 spirograph, else 1)"
@@ -215,7 +223,16 @@ def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
     for name, value in positive.items():
         if not value > 0:
             raise ValueError(f"--{name.replace('_', '-')} must be > 0, got {value}")
-    for name in ("gp_lambda", "eval_every", "weight_decay", "warmup_epochs", "momentum", "aug_strength"):
+    for name in (
+        "gp_lambda",
+        "gp_warmup_epochs",
+        "gp_ramp_epochs",
+        "eval_every",
+        "weight_decay",
+        "warmup_epochs",
+        "momentum",
+        "aug_strength",
+    ):
         if getattr(args, name) < 0:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
     if args.batch_size < 2:
@@ -393,6 +410,8 @@ class Trainer:
             )
         total_steps = self.steps_per_epoch * args.epochs
         warmup_steps = round(args.warmup_epochs * self.steps_per_epoch)
+        self.gp_warmup_steps = round(args.gp_warmup_epochs * self.steps_per_epoch)
+        self.gp_ramp_steps = round(args.gp_ramp_epochs * self.steps_per_epoch)
 
         groups = parameter_groups(self.model, args.weight_decay)
         if args.optimizer == "lars":
@@ -491,21 +510,26 @@ class Trainer:
         if self._bar is not None:
             self._bar.set_postfix(self._postfix | {"chunk": f"{done}/{total}"})
 
-    def _penalty(self, idx: torch.Tensor) -> torch.Tensor:
+    def _penalty_weight(self) -> float:
+        """λ at this step: --gp-lambda times the ramp (optim.penalty_ramp); 0 skips the penalty's work."""
+        return self.args.gp_lambda * penalty_ramp(self.global_step, self.gp_warmup_steps, self.gp_ramp_steps)
+
+    def _penalty(self, idx: torch.Tensor, weight: float) -> torch.Tensor:
         args = self.args
         penalty = gradient_penalty(self.model.encoder, self.source, idx, args.gp_draws, args.gp_clamp, self.autocast)
-        return args.gp_lambda * penalty
+        return weight * penalty
 
     def _train_step(self, idx: torch.Tensor, labels_all) -> torch.Tensor:
         args = self.args
         views = self.source.views(idx)
         x = views.transpose(0, 1).reshape(-1, *views.shape[2:])  # [2B, C, H, W], view-major
         labels = labels_all[idx] if labels_all is not None else None
+        gp_weight = self._penalty_weight()
         if self.grad_cache is not None:
             self.optimizer.zero_grad(set_to_none=True)
             loss = 0.0
-            if args.gp_lambda > 0:  # first: its local gradients join the all-reduce of GradCache's last chunk
-                penalty = self._penalty(idx)
+            if gp_weight > 0:  # first: its local gradients join the all-reduce of GradCache's last chunk
+                penalty = self._penalty(idx, gp_weight)
                 self.scaler.scale(penalty).backward()
                 loss = penalty.detach()
             with self.autocast:
@@ -514,8 +538,8 @@ class Trainer:
         with self.autocast:
             h, z = self.train_model(x)
         loss = _contrastive_loss(self.loss_fn, args.method, h if args.method == "directclr" else z, labels)
-        if args.gp_lambda > 0:
-            loss = loss + self._penalty(idx)
+        if gp_weight > 0:
+            loss = loss + self._penalty(idx, gp_weight)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         return self._optimizer_step(loss)

@@ -10,7 +10,7 @@ import torch
 
 import fastcl
 from fastcl.data import SpirographSource
-from fastcl.optim import LARS, parameter_groups, warmup_cosine
+from fastcl.optim import LARS, parameter_groups, penalty_ramp, warmup_cosine
 from fastcl.train import Trainer, build_parser, gradient_penalty, main
 
 TINY = ["--train-size", "64", "--test-size", "24", "--batch-size", "32", "--epochs", "1", "--no-progress"]
@@ -300,3 +300,22 @@ def test_warmup_cosine_schedule():
     assert values[:4] == [0.25, 0.5, 0.75, 1.0]
     assert values[4] == 1.0 and values[8] == pytest.approx(0.5) and values[12] == pytest.approx(0.0)
     assert all(a >= b for a, b in zip(values[4:], values[5:]))
+
+
+def test_penalty_ramp_schedule():
+    """λ(t) / λ = min(1, max(0, (t - warmup) / ramp)): off during warm-up, linear, then constant."""
+    values = [penalty_ramp(s, warmup_steps=3, ramp_steps=4) for s in range(10)]
+    assert values == [0.0, 0.0, 0.0, 0.0, 0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+    assert [penalty_ramp(s, warmup_steps=2, ramp_steps=0) for s in range(4)] == [0.0, 0.0, 1.0, 1.0]
+    assert penalty_ramp(0, warmup_steps=0, ramp_steps=0) == 1.0  # the defaults: the constant λ of the paper
+
+
+def test_trainer_ramps_the_penalty_in_epochs(tmp_path):
+    """--gp-warmup-epochs / --gp-ramp-epochs count epochs: 64 items in batches of 32 are 2 steps an epoch."""
+    flags = [*TINY, "--gp-lambda", "0.4", "--gp-warmup-epochs", "1", "--gp-ramp-epochs", "2", "--out", str(tmp_path)]
+    trainer = Trainer(build_parser().parse_args(flags))
+    weights = []
+    for step in range(8):
+        trainer.global_step = step
+        weights.append(trainer._penalty_weight())
+    assert weights == pytest.approx([0.0, 0.0, 0.0, 0.1, 0.2, 0.3, 0.4, 0.4])
