@@ -60,7 +60,7 @@ class Pass:
     """One anchors × keys sweep over [first, last) part ranges of the local rows / of every block.
 
     ``positives``: "pairs" (NT-Xent: row i of part 0 ↔ row i of part 1, own block), "diagonal"
-    (row i of the anchor part ↔ row i of the key part, own block), "labels" (row labels equal), "mask"
+    (row i of the anchor part ↔ row i of the first key part, own block), "labels" (row labels equal), "mask"
     (SupCon's [N, N] sample mask, single process only) or "none". ``exclude_self``: on the own block
     the anchor row is also a key row and is left out.
     """
@@ -153,8 +153,10 @@ def _layout(
         return Layout(positives="labels", a_labels=labels[0], k_labels=labels[1], **common)
     if p.positives == "mask":
         return Layout(positives="mask", mask=mask, **common)
-    # "pairs": row i of one part ↔ row i of the other; "diagonal": row i of the anchor part ↔ key i.
-    if own and ((p.positives == "pairs" and not same_part) or p.positives == "diagonal"):
+    # "pairs": row i of one part ↔ row i of the other; "diagonal": row i of the anchor part ↔ row i of the
+    # pass's first key part (later key parts, e.g. a MoCo queue, hold negatives only).
+    diagonal = p.positives == "diagonal" and key_part == p.keys[0]
+    if own and ((p.positives == "pairs" and not same_part) or diagonal):
         return Layout(positives="index", pos_index=torch.arange(n_anchors, device=device), **common)
     return Layout(**common)
 

@@ -230,7 +230,8 @@ def _hard_negative_loss(parts, plan, tau, grid, positive, negatives, beta, tau_p
 def _queue_loss(q, k, queue, call: _Call, normalize, batch_negatives, reduction, weight) -> Tensor:
     """One-directional InfoNCE of q against key k_i and the queue's rows (MoCo), on the block engine."""
     n, d, tau = q.shape[0], call.sub_dim, call.tau
-    parts = [q, k, queue.to(q.dtype)]
+    # The queue as it is at the call (MoCo clones it too): callers enqueue the new keys before backward.
+    parts = [q, k, queue.detach().to(q.dtype, copy=True)]
     options = call.engine_options(normalize=normalize)
     if batch_negatives:
         return _engine_loss(parts, _queue_plan(True), tau, (n,), weight, reduction, **options)
